@@ -1,0 +1,168 @@
+"""Object boxes -> the image positions (ViT patches) they cover, through LLaVA's preprocessing.
+
+A box is pushed through the same geometry as the image (pad / resize / centre-crop) and a patch
+counts as *related* if any of its pixels lies in the box (the paper's rule). All intervals are
+half-open, ``[x, x + w)``, and the arithmetic is exact (``Fraction``), so a box that ends exactly
+on a patch border never spills into the next patch.
+
+Two preprocessing modes, for a ``(W, H)`` image and ``crop_size`` c:
+
+- ``"resize_crop"`` (Hugging Face ``CLIPImageProcessor``): resize so the shortest edge is c, the
+  other edge ``int(c * long / short)``, then centre-crop c x c with offset
+  ``(new - c) // 2``.
+- ``"pad"`` (original LLaVA-1.5, ``expand2square``): paste the image centred on a square of side
+  ``max(W, H)`` at offset ``(max - W) // 2, (max - H) // 2``, then resize to c x c.
+
+For anyres tiles, compose ``corner_box`` -> ``scale_and_shift`` (once per step: resize, pad, tile
+origin) -> ``canvas_patch_mask`` on each tile's canvas.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from fractions import Fraction
+from numbers import Real
+from typing import Literal
+
+import torch
+
+from mmlens.data.example import Box
+
+Mode = Literal["resize_crop", "pad"]
+MODES: tuple[str, ...] = ("resize_crop", "pad")
+
+CornerBox = tuple[Fraction, Fraction, Fraction, Fraction]
+"""A box as exact half-open corners ``(x0, y0, x1, y1)``: it covers ``[x0, x1) x [y0, y1)``."""
+
+
+def corner_box(box: Box) -> CornerBox:
+    """GQA's ``(x, y, w, h)`` as exact corners ``(x0, y0, x1, y1)``."""
+    x, y, w, h = (Fraction(v) for v in box)
+    if w < 0 or h < 0:
+        raise ValueError(f"box {tuple(box)} has a negative width or height: boxes are (x, y, w, h)")
+    return (x, y, x + w, y + h)
+
+
+def scale_and_shift(
+    box: CornerBox, scale: tuple[Real, Real], shift: tuple[Real, Real] = (0, 0)
+) -> CornerBox:
+    """Map corners with ``x -> x * scale_x + shift_x`` (same for y).
+
+    Pass ``scale`` as ``Fraction(new_size, old_size)`` to keep patch borders exact.
+    """
+    sx, sy = Fraction(scale[0]), Fraction(scale[1])
+    ox, oy = Fraction(shift[0]), Fraction(shift[1])
+    x0, y0, x1, y1 = box
+    return (x0 * sx + ox, y0 * sy + oy, x1 * sx + ox, y1 * sy + oy)
+
+
+def canvas_patch_mask(
+    boxes: Iterable[CornerBox], canvas_size: tuple[int, int], patch_size: int = 14
+) -> torch.BoolTensor:
+    """Patches of a ``(W, H)`` canvas that overlap any box given in canvas coordinates.
+
+    Boxes are clipped to the canvas; a box wholly outside it marks nothing.
+    Returns a row-major mask of shape ``[grid_h * grid_w]`` (``grid = size // patch_size``).
+    """
+    width, height = canvas_size
+    if width % patch_size or height % patch_size:
+        raise ValueError(
+            f"canvas {width}x{height} is not a whole number of {patch_size}-pixel patches: "
+            "pass the size of the cropped/tiled canvas the vision tower sees"
+        )
+    grid_w, grid_h = width // patch_size, height // patch_size
+    mask = torch.zeros(grid_h, grid_w, dtype=torch.bool)
+    for x0, y0, x1, y1 in boxes:
+        x0, x1 = max(x0, 0), min(x1, width)
+        y0, y1 = max(y0, 0), min(y1, height)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        # half-open: the last covered patch is the one holding the pixel just left of x1
+        cols = slice(math.floor(x0 / patch_size), math.ceil(x1 / patch_size))
+        rows = slice(math.floor(y0 / patch_size), math.ceil(y1 / patch_size))
+        mask[rows, cols] = True
+    return mask.flatten()
+
+
+def preprocess_transform(
+    image_size: tuple[int, int], crop_size: int = 336, mode: Mode = "resize_crop"
+) -> tuple[tuple[Fraction, Fraction], tuple[Fraction, Fraction]]:
+    """``(scale, shift)`` taking original-image pixels to pixels of the ``crop_size`` square."""
+    width, height = image_size
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size {image_size} must be positive (width, height)")
+    if mode == "resize_crop":
+        short, long = min(width, height), max(width, height)
+        new_long = int(crop_size * long / short)  # Hugging Face's rounding of the long edge
+        new_w, new_h = (crop_size, new_long) if width <= height else (new_long, crop_size)
+        scale = (Fraction(new_w, width), Fraction(new_h, height))
+        shift = (Fraction(-((new_w - crop_size) // 2)), Fraction(-((new_h - crop_size) // 2)))
+        return scale, shift
+    if mode == "pad":
+        side = max(width, height)
+        scale = Fraction(crop_size, side)
+        pad_x, pad_y = (side - width) // 2, (side - height) // 2
+        return (scale, scale), (pad_x * scale, pad_y * scale)
+    raise ValueError(f"unknown preprocessing mode {mode!r}: use one of {MODES}")
+
+
+def boxes_to_patch_mask(
+    boxes: Iterable[Box],
+    image_size: tuple[int, int],
+    crop_size: int = 336,
+    patch_size: int = 14,
+    mode: Mode = "resize_crop",
+) -> torch.BoolTensor:
+    """Which of the ``(crop_size // patch_size) ** 2`` patches any box touches.
+
+    ``boxes`` are ``(x, y, w, h)`` in pixels of the original ``image_size = (W, H)`` image.
+    Returns a row-major bool mask ``[grid * grid]`` (576 for LLaVA-1.5's 336 px, 14 px patches).
+    """
+    scale, shift = preprocess_transform(image_size, crop_size, mode)
+    corners = [scale_and_shift(corner_box(box), scale, shift) for box in boxes]
+    return canvas_patch_mask(corners, (crop_size, crop_size), patch_size)
+
+
+def _as_positions(
+    image_positions: int | Sequence[int] | torch.Tensor, n_patches: int
+) -> torch.Tensor:
+    if isinstance(image_positions, int):
+        return torch.arange(image_positions, image_positions + n_patches)
+    positions = torch.as_tensor(image_positions, dtype=torch.long).flatten()
+    if positions.numel() != n_patches:
+        raise ValueError(
+            f"{positions.numel()} image positions given but the grid has {n_patches} patches: "
+            "pass the positions of the base image's features in row-major patch order"
+        )
+    return positions
+
+
+def related_image_positions(
+    boxes: Iterable[Box],
+    image_size: tuple[int, int],
+    image_positions: int | Sequence[int] | torch.Tensor,
+    *,
+    crop_size: int = 336,
+    patch_size: int = 14,
+    mode: Mode = "resize_crop",
+) -> torch.LongTensor:
+    """Sequence positions of the patches the boxes touch.
+
+    ``image_positions`` is either the first image position (the patches follow contiguously) or
+    the positions of every patch feature in row-major order. Returns a sorted ``[n_related]``.
+    """
+    mask = boxes_to_patch_mask(boxes, image_size, crop_size, patch_size, mode)
+    return _as_positions(image_positions, mask.numel())[mask]
+
+
+def other_image_positions(
+    image_positions: Sequence[int] | torch.Tensor, related_positions: Sequence[int] | torch.Tensor
+) -> torch.LongTensor:
+    """Image positions that are not related, in their given order.
+
+    Leave newline positions out of ``image_positions`` (the paper's "other" excludes them).
+    """
+    positions = torch.as_tensor(image_positions, dtype=torch.long).flatten()
+    related = torch.as_tensor(related_positions, dtype=torch.long).flatten()
+    return positions[~torch.isin(positions, related)]
