@@ -1,0 +1,76 @@
+"""Pre-norm transformer blocks: ``resid_pre -> attn -> resid_mid -> mlp -> resid_post``."""
+
+from __future__ import annotations
+
+from jaxtyping import Bool, Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from mmlens.components.attention import Attention, KeyValue
+from mmlens.components.mlp import GatedMLP, VisionMLP
+from mmlens.components.norms import LayerNorm, RMSNorm
+from mmlens.config import LanguageConfig, VisionConfig
+
+
+class _Block(nn.Module):
+    ln1: nn.Module
+    ln2: nn.Module
+    attn: Attention
+    mlp: nn.Module
+
+    def _register(self, ln1: nn.Module, attn: Attention, ln2: nn.Module, mlp: nn.Module) -> None:
+        # Registered in data-flow order, which is the order of the model's hook names.
+        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        self.ln1 = ln1
+        self.attn = attn
+        self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
+        self.ln2 = ln2
+        self.mlp = mlp
+        self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
+
+    def forward(
+        self,
+        resid_pre: Float[Tensor, "batch pos d_model"],
+        *,
+        mask: Bool[Tensor, "batch 1 q_pos k_pos"] | None = None,
+        causal: bool = False,
+        rotary: tuple[Tensor, Tensor] | None = None,
+        past_key_value: KeyValue | None = None,
+    ) -> tuple[Float[Tensor, "batch pos d_model"], KeyValue]:
+        resid_pre = self.hook_resid_pre(resid_pre)
+        attn_out, present = self.attn(
+            self.ln1(resid_pre),
+            mask=mask, causal=causal, rotary=rotary, past_key_value=past_key_value,
+        )
+        resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
+        return self.hook_resid_post(resid_mid + mlp_out), present
+
+
+class LanguageBlock(_Block):
+    """A Llama decoder layer: RMSNorm, rotary grouped-query attention, gated SiLU MLP."""
+
+    def __init__(self, cfg: LanguageConfig):
+        super().__init__()
+        self._register(
+            RMSNorm(cfg.d_model, cfg.eps),
+            Attention(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.n_key_value_heads,
+                      qkv_bias=cfg.attention_bias, out_bias=cfg.attention_bias, rotary=True),
+            RMSNorm(cfg.d_model, cfg.eps),
+            GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, bias=cfg.mlp_bias),
+        )
+
+
+class VisionBlock(_Block):
+    """A CLIP encoder layer: LayerNorm, full (non-causal) attention with biases, quick-GELU MLP."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self._register(
+            LayerNorm(cfg.d_model, cfg.eps),
+            Attention(cfg.d_model, cfg.n_heads, cfg.d_head, qkv_bias=True, out_bias=True),
+            LayerNorm(cfg.d_model, cfg.eps),
+            VisionMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn),
+        )

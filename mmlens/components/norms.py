@@ -1,0 +1,50 @@
+"""Normalisation layers: RMSNorm (Llama) and LayerNorm (CLIP), each with a hooked scale."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+
+class RMSNorm(nn.Module):
+    """``y = w * x / sqrt(mean(x^2) + eps)``, computed in float32 as Llama does.
+
+    ``hook_scale`` is the divisor ``sqrt(mean(x^2) + eps)``, ``[batch, pos, 1]``, the name
+    TransformerLens's cache helpers read for ``apply_ln=True``.
+    """
+
+    def __init__(self, d_model: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(d_model))
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        dtype = x.dtype
+        x = x.float()
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        normalized = self.hook_normalized((x / scale).to(dtype))
+        return self.w * normalized
+
+
+class LayerNorm(nn.Module):
+    """``y = w * (x - mean(x)) / sqrt(var(x) + eps) + b``; ``hook_scale`` is the divisor."""
+
+    def __init__(self, d_model: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.w = nn.Parameter(torch.ones(d_model))
+        self.b = nn.Parameter(torch.zeros(d_model))
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
+        self.hook_normalized = HookPoint()  # [batch, pos, d_model]
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        dtype = x.dtype
+        x = x.float()
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        normalized = self.hook_normalized((x / scale).to(dtype))
+        return normalized * self.w + self.b

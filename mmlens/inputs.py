@@ -1,0 +1,121 @@
+"""``prepare``: images and questions -> a MultimodalBatch with named spans.
+
+Spans come from the tokenizer's character offsets, never from string search over decoded
+tokens: the question span is exactly the tokens whose characters overlap the question string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+from mmlens.batch import MultimodalBatch
+from mmlens.templates import IMAGE_PLACEHOLDER, PromptTemplate, get_template
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _spans_for(ids: list[int], offsets: list[tuple[int, int]], question_range: tuple[int, int],
+               image_token_id: int, bos_id: int | None) -> dict[str, torch.Tensor]:
+    q_start, q_end = question_range
+    image = [i for i, t in enumerate(ids) if t == image_token_id]
+    if not image:
+        raise ValueError("the prompt holds no image token after processing: does the template "
+                         "contain <image>?")
+    question = [i for i, (a, b) in enumerate(offsets)
+                if b > a and a < q_end and b > q_start and ids[i] != image_token_id]
+    if not question:
+        raise ValueError("no token of the question was found in the prompt: is it empty?")
+    last = len(ids) - 1
+    has_bos = bos_id is not None and ids[0] == bos_id
+    spans = {
+        "image": image,
+        "question": question,
+        "last": [last],
+        "bos": [0] if has_bos else [],
+        "system": list(range(1 if has_bos else 0, image[0])),
+        "suffix": list(range(question[-1] + 1, last)),
+        "text": [i for i, t in enumerate(ids) if t != image_token_id],
+    }
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in spans.items()}
+
+
+def encode_prompt(processor: Any, image: Image.Image, question: str, template: PromptTemplate,
+                  image_token_id: int) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    """Process one image + question; returns processor outputs, spans and the prompt."""
+    prompt = template.format(question)
+    out = processor(images=[image], text=[prompt], return_tensors="pt")
+    ids = out["input_ids"][0].tolist()
+    n_image = sum(1 for t in ids if t == image_token_id)
+    image_str = processor.tokenizer.convert_ids_to_tokens(image_token_id)
+    expanded_prefix = template.prefix.replace(IMAGE_PLACEHOLDER, image_str * n_image)
+    expanded = expanded_prefix + question + template.suffix
+    tok = processor.tokenizer(expanded, return_offsets_mapping=True)
+    if tok["input_ids"] != ids:
+        raise ValueError("the tokenizer's offsets do not match the processor's tokens for this "
+                         "prompt; spans cannot be located exactly")
+    q_range = (len(expanded_prefix), len(expanded_prefix) + len(question))
+    spans = _spans_for(ids, tok["offset_mapping"], q_range, image_token_id,
+                       processor.tokenizer.bos_token_id)
+    return out, spans, prompt
+
+
+def prepare(model: Any, images: Any, questions: Any, *, template: str | PromptTemplate | None = None,
+            boxes: Sequence[Sequence[tuple[float, float, float, float]]] | None = None,
+            examples: Sequence[Any] | None = None) -> MultimodalBatch:
+    """Build a left-padded batch with spans from PIL images and question strings.
+
+    ``boxes`` (per example, ``(x, y, w, h)`` in original-image pixels) add the spans
+    ``related`` and ``other`` image patches.
+    """
+    processor = model.processor
+    if processor is None:
+        raise ValueError("this model has no processor: load it with from_pretrained, or pass "
+                         "processor= to from_hf_model")
+    images, questions = _as_list(images), _as_list(questions)
+    if len(images) != len(questions):
+        raise ValueError(f"got {len(images)} images but {len(questions)} questions: give one "
+                         "image per question")
+    if any(img is None for img in images):
+        raise ValueError("an image is missing (None): every question needs its image")
+    template = get_template(template, processor.tokenizer)
+    image_token_id = model.cfg.image_token_id
+    encoded = [encode_prompt(processor, img.convert("RGB"), q, template, image_token_id)
+               for img, q in zip(images, questions, strict=True)]
+    width = max(out["input_ids"].shape[1] for out, _, _ in encoded)
+    pad_id = processor.tokenizer.pad_token_id
+    pad_id = 0 if pad_id is None else pad_id
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    spans = []
+    for row, (out, span, _) in enumerate(encoded):
+        n = out["input_ids"].shape[1]
+        input_ids[row, width - n:] = out["input_ids"][0]
+        attention_mask[row, width - n:] = 1
+        spans.append({k: v + (width - n) for k, v in span.items()})
+    pixel_values = torch.cat([out["pixel_values"] for out, _, _ in encoded])
+    image_sizes = None
+    if "image_sizes" in encoded[0][0]:
+        image_sizes = torch.cat([out["image_sizes"] for out, _, _ in encoded])
+    batch = MultimodalBatch(
+        input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+        spans=spans, image_sizes=image_sizes, prompts=[p for _, _, p in encoded],
+        examples=list(examples) if examples is not None else None,
+    )
+    if boxes is not None:
+        from mmlens.spans import add_patch_spans
+
+        add_patch_spans(model, batch, images, boxes)
+    return batch
+
+
+def prepare_examples(model: Any, examples: Sequence[Any], **kwargs: Any) -> MultimodalBatch:
+    """``prepare`` for dataset examples: their images, questions and object boxes."""
+    examples = list(examples)
+    return prepare(model, [e.load_image() for e in examples], [e.question for e in examples],
+                   boxes=[e.boxes for e in examples], examples=examples, **kwargs)

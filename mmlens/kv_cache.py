@@ -1,0 +1,66 @@
+"""A key/value cache for the language stack: resume a run from cached earlier positions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mmlens.components.attention import KeyValue
+
+
+@dataclass
+class KeyValueCache:
+    """Rotated keys and values per layer, each ``[batch, n_kv_heads, pos, d_head]``.
+
+    ``attention_mask`` ``[batch, pos]`` marks the cached positions that are real (not padding).
+    A ``frozen`` cache is read but never extended: many runs can resume from the same prefix
+    (the information-flow sweep uses this); an unfrozen one grows with each forward
+    (generation).
+    """
+
+    layers: list[KeyValue | None]
+    attention_mask: Tensor | None = None
+    frozen: bool = False
+
+    @classmethod
+    def empty(cls, n_layers: int) -> KeyValueCache:
+        return cls(layers=[None] * n_layers)
+
+    @property
+    def length(self) -> int:
+        first = next((kv for kv in self.layers if kv is not None), None)
+        return 0 if first is None else first[0].shape[2]
+
+    def update(self, layer: int, present: KeyValue) -> None:
+        if not self.frozen:
+            self.layers[layer] = present
+
+    def extend_mask(self, new_mask: Tensor) -> Tensor:
+        """The mask over cached + new positions; stored unless frozen."""
+        if self.attention_mask is None:
+            past = torch.ones(new_mask.shape[0], self.length, dtype=new_mask.dtype,
+                              device=new_mask.device)
+        else:
+            past = self.attention_mask.to(new_mask.device, new_mask.dtype)
+        full = torch.cat([past, new_mask], dim=1)
+        if not self.frozen:
+            self.attention_mask = full
+        return full
+
+    def expand(self, batch: int) -> KeyValueCache:
+        """A frozen view of a batch-1 cache repeated ``batch`` times (no copy)."""
+        layers = [
+            None if kv is None else (kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1))
+            for kv in self.layers
+        ]
+        mask = None if self.attention_mask is None else self.attention_mask.expand(batch, -1)
+        return KeyValueCache(layers=layers, attention_mask=mask, frozen=True)
+
+    def truncate(self, length: int) -> KeyValueCache:
+        """A frozen cache of the first ``length`` positions."""
+        layers = [None if kv is None else (kv[0][:, :, :length], kv[1][:, :, :length])
+                  for kv in self.layers]
+        mask = None if self.attention_mask is None else self.attention_mask[:, :length]
+        return KeyValueCache(layers=layers, attention_mask=mask, frozen=True)

@@ -1,0 +1,83 @@
+"""Running the Llama decoder blocks: masks, positions, start/stop layers, key/value cache."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from mmlens.components import LanguageBlock, RotaryEmbedding
+from mmlens.components.attention import default_mask
+from mmlens.config import LanguageConfig
+from mmlens.kv_cache import KeyValueCache
+
+
+def positions_from_mask(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:
+    """Position ids that skip left padding: the first real token of every row is position 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def build_mask(
+    attention_mask: Int[Tensor, "batch k_pos"], q_len: int
+) -> Tensor | None:
+    """The boolean "may attend" mask ``[batch, 1, q_pos, k_pos]``, or None for plain causal.
+
+    Padding queries may attend everywhere: their outputs are never read, and this keeps their
+    softmax finite.
+    """
+    batch, k_len = attention_mask.shape
+    has_padding = not bool(attention_mask.all())
+    if not has_padding and q_len == k_len:
+        return None
+    allowed = default_mask(batch, q_len, k_len, True, attention_mask.device)
+    if has_padding:
+        key_ok = attention_mask.bool()[:, None, None, :]
+        query_pad = ~attention_mask.bool()[:, None, -q_len:, None]
+        allowed = (allowed & key_ok) | query_pad
+    return allowed
+
+
+class LanguageStack:
+    """Runs the decoder blocks: ``resid [batch, pos, d_model]`` in and out.
+
+    The blocks themselves are registered on the model as ``model.blocks`` (TransformerLens's
+    hook names ``blocks.{l}.*``); this object holds the loop around them.
+    """
+
+    def __init__(self, cfg: LanguageConfig, blocks: nn.ModuleList):
+        self.cfg = cfg
+        self.blocks = blocks
+        self.rotary = RotaryEmbedding(cfg.rope_inv_freq, cfg.rope_attention_scaling)
+
+    @staticmethod
+    def build_blocks(cfg: LanguageConfig) -> nn.ModuleList:
+        return nn.ModuleList([LanguageBlock(cfg) for _ in range(cfg.n_layers)])
+
+    def __call__(
+        self,
+        resid: Float[Tensor, "batch pos d_model"],
+        *,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        position_ids: Int[Tensor, "batch pos"] | None = None,
+        start_at_layer: int = 0,
+        stop_at_layer: int | None = None,
+        past_kv_cache: KeyValueCache | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        batch, q_len, _ = resid.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, q_len, dtype=torch.long, device=resid.device)
+        if past_kv_cache is not None:
+            attention_mask = past_kv_cache.extend_mask(attention_mask)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask)[:, -q_len:]
+        rotary = self.rotary(position_ids, resid.dtype)
+        mask = build_mask(attention_mask, q_len)
+        stop = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
+        for layer in range(start_at_layer, stop):
+            past = None if past_kv_cache is None else past_kv_cache.layers[layer]
+            resid, present = self.blocks[layer](
+                resid, mask=mask, causal=True, rotary=rotary, past_key_value=past
+            )
+            if past_kv_cache is not None:
+                past_kv_cache.update(layer, present)
+        return resid

@@ -1,0 +1,90 @@
+"""Name resolution and loading: bundled short names, local folders and hub names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmlens.config import SUPPORTED_MODEL_TYPES, from_hf_config
+from mmlens.loading.convert import convert_llava_state_dict
+
+SUPPORTED_CHECKPOINTS = (
+    "llava-hf/llava-1.5-7b-hf",
+    "llava-hf/llava-1.5-13b-hf",
+    "llava-hf/llava-v1.6-vicuna-7b-hf",
+    "llava-hf/llama3-llava-next-8b-hf",
+    "shapes-llava (bundled)",
+)
+
+
+def _resolve(name_or_path: str) -> str:
+    from mmlens.zoo.registry import resolve_bundled
+
+    bundled = resolve_bundled(name_or_path)
+    return str(bundled) if bundled is not None else name_or_path
+
+
+def _hf_model_class(model_type: str) -> Any:
+    import transformers
+
+    if model_type == "llava":
+        return transformers.LlavaForConditionalGeneration
+    if model_type == "llava_next":
+        return transformers.LlavaNextForConditionalGeneration
+    raise ValueError(
+        f"checkpoint of model_type {model_type!r} is not a supported LLaVA: mmlens supports "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}, e.g. {', '.join(SUPPORTED_CHECKPOINTS)}"
+    )
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+                "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r} is not one of float32, float16, bfloat16") from None
+
+
+def convert_hf_model(cls: type, hf_model: Any, processor: Any = None) -> Any:
+    """Build ours from an in-memory HF model; weights are shared, not copied."""
+    cfg = from_hf_config(hf_model.config)
+    state = convert_llava_state_dict(hf_model.state_dict(), cfg)
+    first = next(iter(state.values()))
+    with torch.device("meta"):
+        model = cls(cfg, processor=processor)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(first.dtype)
+
+
+def load_pretrained(cls: type, name_or_path: str, *, dtype: torch.dtype | str | None = None,
+                    device: str | torch.device | None = None,
+                    trust_remote_code: bool = False, **hf_kwargs: Any) -> Any:
+    """Load via Hugging Face (safetensors weights), then convert."""
+    import transformers
+
+    path = _resolve(name_or_path)
+    config_file = Path(path) / "config.json"
+    if config_file.is_file():
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    else:
+        model_type = transformers.AutoConfig.from_pretrained(
+            path, trust_remote_code=trust_remote_code).model_type
+    hf_cls = _hf_model_class(model_type)
+    hf_model = hf_cls.from_pretrained(
+        path, dtype=_as_dtype(dtype) or "auto", use_safetensors=True,
+        trust_remote_code=trust_remote_code, **hf_kwargs,
+    )
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(
+            path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        processor = None
+    model = convert_hf_model(cls, hf_model, processor)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()

@@ -1,0 +1,238 @@
+"""HookedMultimodalTransformer: a LLaVA vision tower, projector and Llama decoder with hooks.
+
+    pixel_values ─▶ vision.* ─▶ projector.hook_in ─▶ projector.hook_out (image features)
+    input_ids ─▶ hook_token_embed ──┴─ merge at image tokens ─▶ hook_embed
+        ─▶ blocks.{l}.hook_resid_pre ─▶ ... ─▶ blocks.{l}.hook_resid_post ─▶ ln_final ─▶ logits
+
+``hook_embed`` is the merged embedding, i.e. what the embedding contributes to the residual
+stream, so TransformerLens's ``decompose_resid`` / ``accumulated_resid`` add up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import ActivationCache
+from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from mmlens.components import Embed, Projector, RMSNorm, Unembed
+from mmlens.config import MultimodalConfig
+from mmlens.image_merge import merge_image_features
+from mmlens.inputs import MultimodalBatch
+from mmlens.kv_cache import KeyValueCache
+from mmlens.language import LanguageStack
+from mmlens.vision import VisionTower
+
+
+class HookedMultimodalTransformer(HookedRootModule):
+    """A LLaVA model whose every activation is a named, editable hook point.
+
+    Build it with ``from_pretrained`` (hub name, local folder or bundled short name such as
+    ``"shapes-llava"``) or ``from_hf_model``; prepare inputs with ``prepare``.
+    """
+
+    def __init__(self, cfg: MultimodalConfig, processor: Any = None):
+        super().__init__()
+        self.cfg = cfg
+        self.processor = processor
+        self.vision = VisionTower(cfg)
+        self.projector = Projector(
+            cfg.vision.d_model * len(cfg.feature_layers), cfg.text.d_model,
+            cfg.projector_act, cfg.projector_bias,
+        )
+        if cfg.is_anyres:
+            from mmlens.anyres import AnyresPacker
+
+            self.anyres = AnyresPacker(cfg)
+        self.embed = Embed(cfg.text.d_vocab, cfg.text.d_model)
+        self.hook_token_embed = HookPoint()  # [batch, pos, d_model], before the merge
+        self.hook_embed = HookPoint()  # [batch, pos, d_model], image features merged in
+        self.blocks = LanguageStack.build_blocks(cfg.text)
+        self.language = LanguageStack(cfg.text, self.blocks)
+        self.ln_final = RMSNorm(cfg.text.d_model, cfg.text.eps)
+        self.unembed = Unembed(cfg.text.d_model, cfg.text.d_vocab)
+        self._bound_images: dict[str, Any] | None = None
+        self.setup()
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype | str | None = None,
+                        device: str | torch.device | None = None,
+                        **kwargs: Any) -> HookedMultimodalTransformer:
+        """Load a LLaVA / LLaVA-NeXT checkpoint: a hub name, a local folder or a bundled name."""
+        from mmlens.loading import load_pretrained
+
+        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, **kwargs)
+
+    @classmethod
+    def from_hf_model(cls, hf_model: Any, processor: Any = None) -> HookedMultimodalTransformer:
+        """Convert an in-memory ``LlavaForConditionalGeneration`` (or LLaVA-NeXT) model."""
+        from mmlens.loading import convert_hf_model
+
+        return convert_hf_model(cls, hf_model, processor)
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", None)
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.unembed.W_U
+
+    # ----------------------------------------------------------------- running
+    def forward(
+        self,
+        input: Int[Tensor, "batch pos"] | MultimodalBatch | Float[Tensor, "batch pos d_model"],
+        pixel_values: Float[Tensor, "images channels height width"] | None = None,
+        *,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        position_ids: Int[Tensor, "batch pos"] | None = None,
+        image_sizes: Int[Tensor, "images 2"] | None = None,
+        return_type: str | None = "logits",
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+        past_kv_cache: KeyValueCache | None = None,
+    ) -> Tensor | None:
+        """Run the model.
+
+        ``input`` is ``input_ids [batch, pos]``, a ``MultimodalBatch`` from ``prepare``, or,
+        with ``start_at_layer``, the residual stream ``[batch, pos, d_model]`` entering that
+        layer. Returns logits ``[batch, pos, d_vocab]``, the residual stream entering
+        ``stop_at_layer`` when given, or None for ``return_type=None``.
+        """
+        if isinstance(input, MultimodalBatch):
+            attention_mask = input.attention_mask if attention_mask is None else attention_mask
+            pixel_values = input.pixel_values if pixel_values is None else pixel_values
+            image_sizes = input.image_sizes if image_sizes is None else image_sizes
+            input = input.input_ids
+        if start_at_layer is None:
+            if self._bound_images is not None and pixel_values is None:
+                pixel_values = self._bound_images["pixel_values"]
+                image_sizes = self._bound_images.get("image_sizes")
+            resid = self.embed_inputs(input, pixel_values, image_sizes=image_sizes)
+        else:
+            resid = input
+        if attention_mask is not None and attention_mask.shape[0] != resid.shape[0]:
+            raise ValueError(f"attention_mask has batch size {attention_mask.shape[0]} but the "
+                             f"input has {resid.shape[0]}: give one mask row per example")
+        resid = self.language(
+            resid, attention_mask=attention_mask, position_ids=position_ids,
+            start_at_layer=start_at_layer or 0, stop_at_layer=stop_at_layer,
+            past_kv_cache=past_kv_cache,
+        )
+        if stop_at_layer is not None:
+            return resid
+        if return_type is None:
+            return None
+        if return_type != "logits":
+            raise ValueError(f"return_type {return_type!r} is not supported: use 'logits' or None")
+        return self.unembed(self.ln_final(resid))
+
+    def encode_images(
+        self, pixel_values: Tensor, image_sizes: Tensor | None = None
+    ) -> Float[Tensor, "n_image_tokens d_model"]:
+        """Image features in text width, one row per image token, in input order."""
+        features = self.projector(self.vision(pixel_values.to(self.embed.W_E.dtype)))
+        if self.cfg.is_anyres:
+            return self.anyres(features, image_sizes)
+        return features.reshape(-1, features.shape[-1])
+
+    def embed_inputs(
+        self,
+        input_ids: Int[Tensor, "batch pos"],
+        pixel_values: Tensor | None = None,
+        *,
+        image_sizes: Tensor | None = None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Token embeddings with the image features merged in at the image-token positions."""
+        if input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int):
+            raise ValueError("input_ids must be an integer tensor [batch, pos]; to resume from a "
+                             "residual stream pass start_at_layer")
+        embeds = self.hook_token_embed(self.embed(input_ids))
+        features = None
+        if pixel_values is not None:
+            features = self.encode_images(pixel_values.to(input_ids.device), image_sizes)
+        merged = merge_image_features(input_ids, embeds, features, self.cfg.image_token_id)
+        return self.hook_embed(merged)
+
+    @contextlib.contextmanager
+    def bind_images(self, pixel_values: Tensor, image_sizes: Tensor | None = None) -> Iterator[None]:
+        """Within the block, calls that pass only ``input_ids`` use these images.
+
+        This is how functions that call ``model(tokens)`` or ``run_with_hooks(tokens, ...)``
+        (TransformerLens's ``patching``) run on a multimodal prompt.
+        """
+        previous = self._bound_images
+        self._bound_images = {"pixel_values": pixel_values, "image_sizes": image_sizes}
+        try:
+            yield
+        finally:
+            self._bound_images = previous
+
+    def run_with_cache(self, *model_args: Any, **kwargs: Any) -> tuple[Any, ActivationCache]:
+        """Run and cache every (or the selected) activation; returns ``(out, ActivationCache)``."""
+        out, cache = super().run_with_cache(*model_args, **kwargs)
+        if isinstance(cache, ActivationCache):
+            return out, cache
+        return out, ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim"))
+
+    def check_hook_names(self, names: list[str]) -> None:
+        """Raise a helpful error for any name that is not a hook point of this model."""
+        for name in names:
+            if name not in self.hook_dict:
+                close = difflib.get_close_matches(name, list(self.hook_dict), n=3, cutoff=0.5)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                raise KeyError(f"unknown hook name {name!r}.{hint} model.hook_dict lists them all")
+
+    def add_hook(self, name: Any, hook: Any, dir: str = "fwd", is_permanent: bool = False,
+                 **kwargs: Any) -> None:
+        if isinstance(name, str):
+            self.check_hook_names([name])
+        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, **kwargs)
+
+    # ----------------------------------------------------------------- helpers
+    def prepare(self, images: Any, questions: Any, **kwargs: Any) -> MultimodalBatch:
+        """Prompts, pixel values and named position spans for images and questions."""
+        from mmlens.inputs import prepare
+
+        return prepare(self, images, questions, **kwargs)
+
+    def generate(self, input: Any, **kwargs: Any) -> Any:
+        """Greedy or sampled continuation with images, a key/value cache and active hooks."""
+        from mmlens.generation import generate
+
+        return generate(self, input, **kwargs)
+
+    def to_tokens(self, text: str | list[str]) -> Tensor:
+        tok = self._require_tokenizer()
+        return tok(text, return_tensors="pt", padding=True)["input_ids"]
+
+    def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
+        tok = self._require_tokenizer()
+        if isinstance(tokens, Tensor) and tokens.ndim == 2:
+            return tok.batch_decode(tokens)
+        return tok.decode(tokens)
+
+    def to_single_token(self, text: str) -> int:
+        ids = self._require_tokenizer()(text, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{text!r} is {len(ids)} tokens, not one: {ids}")
+        return ids[0]
+
+    def tokens_to_residual_directions(self, tokens: Tensor | int) -> Tensor:
+        """Unembedding directions ``[..., d_model]``, with ``ln_final``'s weight folded in so that
+        ``(resid / ln_final.hook_scale) @ direction`` is the token's logit."""
+        return (self.unembed.W_U * self.ln_final.w[:, None]).T[tokens]
+
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: load it with from_pretrained or pass "
+                             "processor= to from_hf_model")
+        return self.tokenizer

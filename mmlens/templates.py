@@ -1,0 +1,66 @@
+"""Prompt templates: the paper's Vicuna v1 prompt and the Llama-3 chat prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A prompt with one ``<image>`` and one ``{question}`` placeholder.
+
+    ``prefix`` is everything before the question (image included), ``suffix`` everything after.
+    """
+
+    name: str
+    text: str
+
+    def __post_init__(self) -> None:
+        if self.text.count("{question}") != 1 or self.text.count(IMAGE_PLACEHOLDER) != 1:
+            raise ValueError(f"template {self.name!r} must hold exactly one {{question}} and one "
+                             f"{IMAGE_PLACEHOLDER}")
+
+    @property
+    def prefix(self) -> str:
+        return self.text.split("{question}")[0]
+
+    @property
+    def suffix(self) -> str:
+        return self.text.split("{question}")[1]
+
+    def format(self, question: str) -> str:
+        return self.prefix + question + self.suffix
+
+
+VICUNA_V1 = PromptTemplate(
+    "vicuna_v1",
+    "A chat between a curious user and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the user's questions. USER: <image>\n"
+    "{question}\nAnswer the question using a single word or phrase. ASSISTANT:",
+)
+
+LLAMA3 = PromptTemplate(
+    "llama3",
+    "<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful language and vision "
+    "assistant. You are able to understand the visual content that the user provides, and "
+    "assist the user with a variety of tasks using natural language.<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\n<image>\n{question}\nAnswer the question "
+    "using a single word or phrase.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+)
+
+TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3)}
+
+
+def get_template(template: str | PromptTemplate | None, tokenizer: object = None) -> PromptTemplate:
+    """A template by name, or the default for a tokenizer (Llama-3 vocabularies get LLAMA3)."""
+    if isinstance(template, PromptTemplate):
+        return template
+    if template is None:
+        vocab = getattr(tokenizer, "get_vocab", dict)()
+        return LLAMA3 if "<|start_header_id|>" in vocab else VICUNA_V1
+    if template not in TEMPLATES:
+        raise KeyError(f"unknown template {template!r}: use one of {', '.join(TEMPLATES)} or a "
+                       "PromptTemplate")
+    return TEMPLATES[template]

@@ -1,0 +1,230 @@
+"""Train the bundled shapes-llava model from scratch on freshly generated shapes questions.
+
+    python -m mmlens.zoo.train --out mmlens/zoo/shapes-llava            # about 35 min, 2 CPU cores
+    python -m mmlens.zoo.train --out runs/x --device cuda --workers 8   # a few minutes on a GPU
+
+Every step draws new examples (index ``step * batch_size + j`` of the training seed), the
+model is initialised from ``--seed``, so a run is reproducible. The loss is on the answer
+tokens only: the capitalised answer word and ``</s>``. ``--init-from model.safetensors
+--steps 0`` only evaluates given weights and saves them in this transformers version's format.
+Needs only torch, transformers, tokenizers, PIL and safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset
+from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
+
+from mmlens.data.example import TASKS
+from mmlens.data.shapes import generate_one
+from mmlens.zoo.build import (
+    CLIP_MEAN,
+    CLIP_STD,
+    PROMPT_TEMPLATE,
+    build_config,
+    build_processor,
+)
+
+TRAIN_SEED, EVAL_SEED = 1000, 2000
+
+
+class ShapesQuestions(Dataset):
+    """Item ``i``: example ``i // 6`` of task ``i % 6`` of ``seed``, encoded for LLaVA.
+
+    Returns ``(pixels [3, H, W] uint8, input_ids [T] with the image tokens expanded, answer)``.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, seed: int, size: int, n_image: int):
+        self.tokenizer, self.seed, self.size, self.n_image = tokenizer, seed, size, n_image
+        self.image_id = tokenizer.convert_tokens_to_ids("<image>")
+
+    def __len__(self) -> int:
+        return 10**9
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, list[int], str]:
+        example = generate_one(TASKS[i % len(TASKS)], i // len(TASKS), self.seed, self.size)
+        ids = self.tokenizer(PROMPT_TEMPLATE.format(question=example.question)).input_ids
+        at = ids.index(self.image_id)
+        ids = ids[:at] + [self.image_id] * self.n_image + ids[at + 1 :]
+        pixels = torch.from_numpy(np.asarray(example.image, dtype=np.uint8)).permute(2, 0, 1)
+        return pixels, ids, example.answer
+
+
+def pixel_values(pixels: torch.Tensor) -> torch.Tensor:
+    """CLIP normalisation ``[B, 3, H, W]`` uint8 -> float, as the saved processor does it."""
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.float() / 255 - mean) / std
+
+
+def collate(items: list, pad_id: int, answer_ids: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Right-padded batch; ``answer_at [B]`` is the position whose next token is the answer."""
+    pixels, ids, answers = zip(*items, strict=True)
+    length = max(len(x) for x in ids) + 1
+    input_ids = torch.full((len(ids), length), pad_id)
+    mask = torch.zeros((len(ids), length), dtype=torch.long)
+    answer = torch.tensor([answer_ids[a] for a in answers])
+    for row, x in enumerate(ids):
+        input_ids[row, : len(x)] = torch.tensor(x)
+        input_ids[row, len(x)] = answer[row]
+        mask[row, : len(x) + 1] = 1
+    answer_at = torch.tensor([len(x) - 1 for x in ids])
+    return {
+        "pixels": torch.stack(pixels),
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "answer_at": answer_at,
+        "answer": answer,
+    }
+
+
+def answer_logits(model, batch: dict, device: str) -> torch.Tensor:
+    """Logits ``[B, 2, vocab]``: at the answer position and at the answer token."""
+    out = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        pixel_values=pixel_values(batch["pixels"].to(device)),
+    )
+    at = batch["answer_at"].to(device)
+    rows = torch.arange(len(at), device=device)
+    return torch.stack([out.logits[rows, at], out.logits[rows, at + 1]], dim=1)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, n_per_task: int, device: str, seed: int = EVAL_SEED) -> dict:
+    """Greedy first-token exact match per task on fresh questions of ``seed``."""
+    model.eval()
+    config = model.config
+    n_image = config.image_seq_length
+    data = ShapesQuestions(tokenizer, seed, config.vision_config.image_size, n_image)
+    answer_ids = _answer_ids(tokenizer)
+    correct = dict.fromkeys(TASKS, 0)
+    items = [data[i] for i in range(n_per_task * len(TASKS))]
+    for start in range(0, len(items), 64):
+        chunk = items[start : start + 64]
+        batch = collate(chunk, tokenizer.pad_token_id, answer_ids)
+        predicted = answer_logits(model, batch, device)[:, 0].argmax(-1).tolist()
+        for offset, token in enumerate(predicted):
+            gold = chunk[offset][2]
+            task = TASKS[(start + offset) % len(TASKS)]
+            correct[task] += tokenizer.decode([token]).strip().lower() == gold
+    model.train()
+    return {task: correct[task] / n_per_task for task in TASKS}
+
+
+def _answer_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    vocab = tokenizer.get_vocab()
+    return {w: vocab[w.capitalize()] for w in vocab if w.capitalize() in vocab and w.islower()}
+
+
+def train(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    processor = build_processor(args.image_size)
+    tokenizer = processor.tokenizer
+    config = build_config(len(tokenizer), args.image_size)
+    model = LlavaForConditionalGeneration(config).to(args.device)
+    if args.init_from:
+        model.load_state_dict(load_file(args.init_from), strict=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{n_params / 1e6:.2f}M parameters on {args.device}", flush=True)
+
+    answer_ids = _answer_ids(tokenizer)
+    data = ShapesQuestions(tokenizer, TRAIN_SEED, args.image_size, config.image_seq_length)
+    loader = DataLoader(
+        data,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        collate_fn=functools.partial(
+            collate, pad_id=tokenizer.pad_token_id, answer_ids=answer_ids
+        ),
+        sampler=range(args.steps * args.batch_size),
+        persistent_workers=args.workers > 0,
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    warmup = max(1, args.steps // 20)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    eos = torch.tensor(tokenizer.eos_token_id, device=args.device)
+    model.train()
+    start, running = time.time(), 0.0
+    for step, batch in enumerate(loader):
+        logits = answer_logits(model, batch, args.device)
+        answer = batch["answer"].to(args.device)
+        targets = torch.stack([answer, eos.expand_as(answer)], dim=1)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            elapsed = time.time() - start
+            print(f"step {step + 1}/{args.steps} loss {running:.4f} {elapsed:.0f}s", flush=True)
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            print("  eval", _fmt(evaluate(model, tokenizer, 20, args.device)), flush=True)
+
+    accuracy = evaluate(model, tokenizer, args.eval_per_task, args.device)
+    print("held-out accuracy", _fmt(accuracy), flush=True)
+    save(model, processor, Path(args.out), accuracy, args, time.time() - start)
+
+
+def save(model, processor, out: Path, accuracy: dict, args, seconds: float) -> None:
+    """Save weights (float32 safetensors), processor and the accuracy log under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.to("cpu").float().save_pretrained(out)
+    processor.save_pretrained(out)
+    log = {
+        "accuracy": accuracy,
+        "eval_per_task": args.eval_per_task,
+        "eval_seed": EVAL_SEED,
+        "train_seed": TRAIN_SEED,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "device": args.device,
+        "seconds": round(seconds),
+    }
+    (out / "training_log.json").write_text(json.dumps(log, indent=1))
+
+
+def _fmt(accuracy: dict) -> str:
+    return " ".join(f"{task}={value:.3f}" for task, value in accuracy.items())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="folder to save the HF model into")
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", default=default_device)
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
+    parser.add_argument("--image-size", type=int, default=112)
+    parser.add_argument("--workers", type=int, default=1, help="data loader processes")
+    parser.add_argument("--eval-per-task", type=int, default=200)
+    parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--init-from", help="start from these weights (model.safetensors)")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    train(parse_args())
