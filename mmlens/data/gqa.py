@@ -187,8 +187,8 @@ def _build_example(qid: str, task: str, entry: Any, graphs: dict, files: _GqaFil
     )
 
 
-def _question_objects(entry: dict, path: Path, qid: str) -> list[str | None]:
-    """Object ids the question is about, first object first; ``None`` for an absent object."""
+def _question_objects(entry: dict, path: Path, qid: str) -> list[str]:
+    """Ids of the objects the question is about, object 1 first; absent objects are left out."""
     program = entry.get("semantic")
     if isinstance(program, list) and program:
 
