@@ -207,32 +207,25 @@ def _question_objects(entry: dict, path: Path, qid: str) -> list[str]:
         else:
             objects = [object_of(d) for d in deps]
         return [obj for obj in objects if obj is not None]
-    annotations = _field(entry, "annotations", path, qid).get("question", {})
-
-    def start_token(span: str) -> int:
-        return int(span.split(":")[0])
-
-    ordered = [str(annotations[span]) for span in sorted(annotations, key=start_token)]
-    return list(dict.fromkeys(ordered))
+    spans = _field(_field(entry, "annotations", path, qid), "question", path, qid)
+    in_question_order = sorted(spans, key=lambda span: int(span.split(":")[0]))  # "3", "5:7"
+    return list(dict.fromkeys(str(spans[span]) for span in in_question_order))
 
 
 def _wrong_from_program(program: Any, answer: str) -> str | None:
-    if not isinstance(program, list) or not program:
-        return None
-    final = program[-1]
-    if not str(final.get("operation", "")).startswith("choose"):
-        return None
-    argument = str(final.get("argument", ""))
-    if final.get("operation") == "choose rel":  # "surfer,to the right of|to the left of,s (1)"
-        argument = argument.split(",")[1] if argument.count(",") >= 2 else ""
+    """The other option of the final ``choose`` step ("empty|full"), if it has exactly two."""
+    final = program[-1] if isinstance(program, list) and program else {}
+    operation, argument = str(final.get("operation", "")), str(final.get("argument", ""))
+    options = [o.strip() for o in argument.split("|")]
+    if operation == "choose rel":  # "surfer,to the right of|to the left of,s (1)" -> right, left
+        middle = argument.split(",")[1] if argument.count(",") >= 2 else ""
         options = [
-            " ".join(w for w in o.split() if w not in _RELATION_FILLERS)
-            for o in argument.split("|")
+            " ".join(w for w in o.split() if w not in _RELATION_FILLERS) for o in middle.split("|")
         ]
-    else:
-        options = [o.strip() for o in argument.split("|")]
     others = [o for o in options if o != answer]
-    return others[0] if len(options) == 2 and len(others) == 1 else None
+    if not operation.startswith("choose") or len(options) != 2 or len(others) != 1:
+        return None
+    return others[0]
 
 
 def _object_box(graphs: dict, graphs_path: Path, image_id: str, obj: str, qid: str) -> Box:
@@ -288,7 +281,7 @@ def _read_json_object(path: Path) -> dict:
 def _resolve_files(root_or_files, questions, scene_graphs, images) -> tuple[Path, Path, Path]:
     root = Path(root_or_files) if root_or_files is not None else None
     if root is not None and root.is_file():
-        questions, root = questions or root, root.parent
+        questions, root = questions or root.resolve(), root.parent
     if root is not None and not root.is_dir():
         raise FileNotFoundError(
             f"{root} does not exist: pass a GQA folder or a questions JSON file"
