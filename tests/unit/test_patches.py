@@ -103,7 +103,7 @@ def test_positions_related_and_other():
     assert other.numel() == 574 and not torch.isin(other, related).any()
 
 
-def test_canvas_helper_for_tiles():
+def test_canvas_mask_for_anyres_tiles():
     # a 672 x 672 canvas cut into four 336 tiles; the box straddles the tile border at x = 336
     box = scale_and_shift(corner_box((330, 0, 25, 14)), scale=(1, 1))
     left = canvas_patch_mask([box], (336, 336))
