@@ -45,6 +45,18 @@ def _spans_for(ids: list[int], offsets: list[tuple[int, int]], question_range: t
     return {k: torch.tensor(v, dtype=torch.long) for k, v in spans.items()}
 
 
+def pad_to_square(image: Image.Image, processor: Any) -> Image.Image:
+    """Original LLaVA-1.5's preprocessing: centre the image on a square of the mean colour."""
+    width, height = image.size
+    if width == height:
+        return image
+    mean = getattr(processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), tuple(int(round(c * 255)) for c in mean))
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
 def encode_prompt(processor: Any, image: Image.Image, question: str, template: PromptTemplate,
                   image_token_id: int) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
     """Process one image + question; returns processor outputs, spans and the prompt."""
@@ -67,11 +79,13 @@ def encode_prompt(processor: Any, image: Image.Image, question: str, template: P
 
 def prepare(model: Any, images: Any, questions: Any, *, template: str | PromptTemplate | None = None,
             boxes: Sequence[Sequence[tuple[float, float, float, float]]] | None = None,
-            examples: Sequence[Any] | None = None) -> MultimodalBatch:
+            examples: Sequence[Any] | None = None,
+            preprocessing: str | None = None) -> MultimodalBatch:
     """Build a left-padded batch with spans from PIL images and question strings.
 
     ``boxes`` (per example, ``(x, y, w, h)`` in original-image pixels) add the spans
-    ``related`` and ``other`` image patches.
+    ``related`` and ``other`` image patches, mapped through ``preprocessing``
+    (``"resize_crop"`` or ``"pad"``; default: what the checkpoint's processor does).
     """
     processor = model.processor
     if processor is None:
@@ -85,8 +99,12 @@ def prepare(model: Any, images: Any, questions: Any, *, template: str | PromptTe
         raise ValueError("an image is missing (None): every question needs its image")
     template = get_template(template, processor.tokenizer)
     image_token_id = model.cfg.image_token_id
-    encoded = [encode_prompt(processor, img.convert("RGB"), q, template, image_token_id)
-               for img, q in zip(images, questions, strict=True)]
+    images = [img.convert("RGB") for img in images]
+    model_images = images
+    if preprocessing == "pad":
+        model_images = [pad_to_square(img, processor) for img in images]
+    encoded = [encode_prompt(processor, img, q, template, image_token_id)
+               for img, q in zip(model_images, questions, strict=True)]
     width = max(out["input_ids"].shape[1] for out, _, _ in encoded)
     pad_id = processor.tokenizer.pad_token_id
     pad_id = 0 if pad_id is None else pad_id
@@ -110,7 +128,7 @@ def prepare(model: Any, images: Any, questions: Any, *, template: str | PromptTe
     if boxes is not None:
         from mmlens.spans import add_patch_spans
 
-        add_patch_spans(model, batch, images, boxes)
+        add_patch_spans(model, batch, images, boxes, mode=preprocessing)
     return batch
 
 

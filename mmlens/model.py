@@ -197,6 +197,18 @@ class HookedMultimodalTransformer(HookedRootModule):
             self.check_hook_names([name])
         super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, **kwargs)
 
+    def run_with_hooks(self, *model_args: Any, fwd_hooks: list = (), bwd_hooks: list = (),
+                       **kwargs: Any) -> Any:
+        """Run with temporary ``(name or filter, fn)`` hooks; unknown names raise first."""
+        self.check_hook_names([n for n, _ in [*fwd_hooks, *bwd_hooks] if isinstance(n, str)])
+        return super().run_with_hooks(*model_args, fwd_hooks=list(fwd_hooks),
+                                      bwd_hooks=list(bwd_hooks), **kwargs)
+
+    def hooks(self, fwd_hooks: list = (), bwd_hooks: list = (), *args: Any, **kwargs: Any) -> Any:
+        """Context manager adding hooks for its block; unknown names raise first."""
+        self.check_hook_names([n for n, _ in [*fwd_hooks, *bwd_hooks] if isinstance(n, str)])
+        return super().hooks(list(fwd_hooks), list(bwd_hooks), *args, **kwargs)
+
     # ----------------------------------------------------------------- helpers
     def prepare(self, images: Any, questions: Any, **kwargs: Any) -> MultimodalBatch:
         """Prompts, pixel values and named position spans for images and questions."""
@@ -204,11 +216,12 @@ class HookedMultimodalTransformer(HookedRootModule):
 
         return prepare(self, images, questions, **kwargs)
 
-    def generate(self, input: Any, **kwargs: Any) -> Any:
-        """Greedy or sampled continuation with images, a key/value cache and active hooks."""
+    def generate(self, input: Any, pixel_values: Tensor | None = None, **kwargs: Any) -> Any:
+        """Greedy or sampled continuation with images, a key/value cache and active hooks;
+        see ``mmlens.generation.generate``."""
         from mmlens.generation import generate
 
-        return generate(self, input, **kwargs)
+        return generate(self, input, pixel_values, **kwargs)
 
     def to_tokens(self, text: str | list[str]) -> Tensor:
         tok = self._require_tokenizer()

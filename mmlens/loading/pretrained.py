@@ -58,7 +58,7 @@ def convert_hf_model(cls: type, hf_model: Any, processor: Any = None) -> Any:
     with torch.device("meta"):
         model = cls(cfg, processor=processor)
     model.load_state_dict(state, strict=True, assign=True)
-    return model.to(first.dtype)
+    return model.to(first.dtype).eval()
 
 
 def load_pretrained(cls: type, name_or_path: str, *, dtype: torch.dtype | str | None = None,

@@ -1,0 +1,55 @@
+"""Spans derived from object boxes: ``related`` and ``other`` image patches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mmlens.data.example import Box
+from mmlens.data.patches import MODES, other_image_positions, related_image_positions
+
+
+def default_preprocessing(processor: Any) -> str:
+    """``"resize_crop"`` for a processor that centre-crops, ``"pad"`` for one that pads."""
+    image_processor = getattr(processor, "image_processor", None)
+    if getattr(image_processor, "do_pad_to_square", False) or getattr(
+            image_processor, "mmlens_preprocessing", None) == "pad":
+        return "pad"
+    return "resize_crop"
+
+
+def add_patch_spans(model: Any, batch: Any, images: Sequence[Any], boxes: Sequence[Sequence[Box]],
+                    *, mode: str | None = None) -> None:
+    """Add ``related`` (patches any box touches) and ``other`` (the remaining patches) spans.
+
+    ``boxes[i]`` are ``(x, y, w, h)`` in pixels of ``images[i]`` as given to ``prepare``.
+    """
+    if len(boxes) != len(batch):
+        raise ValueError(f"got boxes for {len(boxes)} examples but the batch has {len(batch)}")
+    mode = mode or default_preprocessing(model.processor)
+    if mode not in MODES:
+        raise ValueError(f"unknown preprocessing mode {mode!r}: use one of {MODES}")
+    related, other = [], []
+    for i, (image, example_boxes) in enumerate(zip(images, boxes, strict=True)):
+        image_positions = batch.positions("image", i)
+        if model.cfg.is_anyres:
+            from mmlens.spans_anyres import anyres_related_positions
+
+            rel_local, other_local = anyres_related_positions(
+                example_boxes, image.size, model.cfg, mode=mode)
+            related.append(image_positions[0] + torch.as_tensor(rel_local, dtype=torch.long))
+            other.append(image_positions[0] + torch.as_tensor(other_local, dtype=torch.long))
+            continue
+        if model.cfg.feature_select_strategy == "full":
+            image_positions = image_positions[1:]  # the CLS feature covers no patch
+        rel = related_image_positions(
+            example_boxes, image.size, image_positions,
+            crop_size=model.cfg.vision.image_size, patch_size=model.cfg.vision.patch_size,
+            mode=mode,
+        )
+        related.append(rel)
+        other.append(other_image_positions(image_positions, rel))
+    batch.add_span("related", related)
+    batch.add_span("other", other)

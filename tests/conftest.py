@@ -1,0 +1,8 @@
+import sys
+from pathlib import Path
+
+import torch
+
+# tests/tiny.py (tiny random HF models) is imported as a plain module by the tests.
+sys.path.insert(0, str(Path(__file__).parent))
+torch.set_num_threads(2)

@@ -1,0 +1,73 @@
+"""Bad input gets a clear error that says what to do."""
+
+import json
+
+import pytest
+import torch
+from tiny import IMAGE_TOKEN, tiny_inputs, tiny_llava
+
+from mmlens import HookedMultimodalTransformer
+from mmlens.config import from_hf_config
+
+
+@pytest.fixture(scope="module")
+def model_and_inputs():
+    hf = tiny_llava()
+    return HookedMultimodalTransformer.from_hf_model(hf), tiny_inputs(hf.config, batch=2)
+
+
+def test_image_tokens_without_pixel_values(model_and_inputs):
+    model, inputs = model_and_inputs
+    with pytest.raises(ValueError, match="image tokens but no pixel_values"):
+        model(inputs["input_ids"])
+
+
+def test_image_token_count_mismatch(model_and_inputs):
+    model, inputs = model_and_inputs
+    ids = inputs["input_ids"].clone()
+    ids[:, -1] = IMAGE_TOKEN
+    with pytest.raises(ValueError, match="image tokens in input_ids but the images give"):
+        model(ids, inputs["pixel_values"])
+
+
+def test_pixel_values_without_image_token(model_and_inputs):
+    model, inputs = model_and_inputs
+    ids = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN, 5)
+    with pytest.raises(ValueError, match="no image token"):
+        model(ids, inputs["pixel_values"])
+
+
+def test_mismatched_batch_sizes(model_and_inputs):
+    model, inputs = model_and_inputs
+    with pytest.raises(ValueError, match="image tokens in input_ids but the images give"):
+        model(inputs["input_ids"], inputs["pixel_values"][:1])
+    with pytest.raises(ValueError, match="attention_mask has batch size 1"):
+        model(inputs["input_ids"], inputs["pixel_values"],
+              attention_mask=inputs["attention_mask"][:1])
+
+
+def test_unknown_hook_name_suggests_close_matches(model_and_inputs):
+    model, inputs = model_and_inputs
+    with pytest.raises(KeyError, match="Did you mean blocks.0.hook_resid_pre"):
+        model.run_with_hooks(inputs["input_ids"], inputs["pixel_values"],
+                             fwd_hooks=[("blocks.0.hook_resid_pr", lambda x, hook: x)])
+
+
+def test_unsupported_checkpoint_names_what_is_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="not a supported LLaVA.*llava-hf/llava-1.5-7b-hf"):
+        HookedMultimodalTransformer.from_pretrained(str(tmp_path))
+
+
+def test_unsupported_text_tower():
+    from transformers import CLIPVisionConfig, LlavaConfig, MistralConfig
+
+    config = LlavaConfig(vision_config=CLIPVisionConfig(), text_config=MistralConfig())
+    with pytest.raises(ValueError, match="text model 'mistral' is not supported"):
+        from_hf_config(config)
+
+
+def test_residual_input_needs_start_at_layer(model_and_inputs):
+    model, _ = model_and_inputs
+    with pytest.raises(ValueError, match="pass start_at_layer"):
+        model(torch.randn(1, 4, model.cfg.d_model))
