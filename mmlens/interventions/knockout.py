@@ -1,0 +1,234 @@
+"""Attention knockout: block attention edges by editing ``hook_mask``.
+
+``block_attention(src, dst, layers)`` returns ``(hook_name, fn)`` pairs for
+``blocks.{l}.attn.hook_mask`` (or ``vision.blocks.{l}.attn.hook_mask``). Each fn sets the
+"may attend" mask to False on every edge from a ``dst`` position (query) to a ``src`` position
+(key), so the attention keeps its ``scaled_dot_product_attention`` fast path and a blocked
+pre-softmax score is SET to the dtype minimum on the explicit path, never added to.
+
+Positions are absolute positions in the (left padded) batch. With a key/value cache the
+queries of a call are the last ``q_len`` key positions: destinations already in the cache are
+skipped (their outputs were computed before), and positions past a run's last key are not in
+that run (a prefix run that fills a cache). ``batch=`` checks positions against the batch
+before anything runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from numbers import Integral
+from typing import Any
+
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
+from mmlens.batch import MultimodalBatch
+
+PositionSpec = str | int | Sequence[int] | Tensor | Sequence[Sequence[int] | Tensor]
+"""A span name, one position, positions shared by every example, or one list per example."""
+
+Hook = tuple[str, Callable[[Tensor, Any], Tensor | None]]
+
+TOWERS = ("language", "vision")
+
+
+def resolve_positions(
+    spec: PositionSpec, batch: MultimodalBatch | None = None, *, role: str = "positions"
+) -> Tensor | list[Tensor]:
+    """The positions ``spec`` names: one LongTensor shared by all examples, or one per example.
+
+    Span names are looked up in ``batch`` (``"image"``, ``"question"``, ``"last"``, ``"related"``,
+    user spans). Raises for unknown names (suggesting close ones), empty spans, negative
+    positions and per-example lists whose length does not match ``batch``.
+    """
+    if isinstance(spec, str):
+        if batch is None:
+            raise ValueError(f"{role}={spec!r} is a span name: pass batch= (the MultimodalBatch "
+                             "whose spans it names), or give explicit positions")
+        per_example = batch.span(spec)
+        for i, positions in enumerate(per_example):
+            if positions.numel() == 0:
+                raise ValueError(f"{role}: span {spec!r} is empty in example {i}: there is "
+                                 "nothing to select; drop that example or choose another span")
+        return per_example
+    if isinstance(spec, Integral) or (isinstance(spec, Tensor) and spec.ndim == 0):
+        spec = [int(spec)]
+    if isinstance(spec, Tensor) and spec.ndim == 1:
+        spec = spec.tolist()
+    items = list(spec)
+    if not items:
+        raise ValueError(f"{role} is empty: give at least one position")
+    if all(isinstance(p, Integral) for p in items):
+        return _checked(torch.tensor([int(p) for p in items], dtype=torch.long), role, None)
+    per_example = [_checked(torch.as_tensor(p, dtype=torch.long).reshape(-1), role, i)
+                   for i, p in enumerate(items)]
+    if batch is not None and len(per_example) != len(batch):
+        raise ValueError(f"{role} gives positions for {len(per_example)} examples but the batch "
+                         f"has {len(batch)}: give one list per example")
+    return per_example
+
+
+def _vision_positions(
+    spec: PositionSpec, role: str, n_positions: int | None
+) -> Tensor | list[Tensor]:
+    """Patch indices on the vision tower (0 = CLS); ``"cls"`` and ``"patches"`` name them."""
+    if not isinstance(spec, str):
+        return resolve_positions(spec, None, role=role)
+    if spec == "cls":
+        return torch.tensor([0])
+    if spec == "patches" and n_positions is not None:
+        return torch.arange(1, n_positions)
+    if spec == "patches":
+        raise ValueError(f"{role}='patches' needs model= to know the number of patches")
+    raise ValueError(f"{role}={spec!r}: on the vision tower give patch indices (0 = CLS) or "
+                     "'cls' / 'patches'; text spans such as 'image' name language positions")
+
+
+def _checked(positions: Tensor, role: str, example: int | None) -> Tensor:
+    where = "" if example is None else f" of example {example}"
+    if positions.numel() == 0:
+        raise ValueError(f"{role}{where} is empty: give at least one position")
+    if int(positions.min()) < 0:
+        raise IndexError(f"{role}{where} has a negative position {int(positions.min())}: "
+                         "positions are absolute indices into the padded batch")
+    return positions.unique(sorted=True)
+
+
+def _check_range(positions: Tensor | list[Tensor], role: str, limit: int, what: str) -> None:
+    for i, pos in enumerate([positions] if isinstance(positions, Tensor) else positions):
+        if int(pos.max()) >= limit:
+            raise IndexError(f"{role} has position {int(pos.max())} (example {i}) but {what} "
+                             f"has only {limit} positions (0..{limit - 1})")
+
+
+def block_attention(
+    src: PositionSpec,
+    dst: PositionSpec,
+    layers: int | Sequence[int],
+    *,
+    batch: MultimodalBatch | None = None,
+    heads: int | Sequence[int] | None = None,
+    tower: str = "language",
+    model: Any = None,
+) -> list[Hook]:
+    """Hooks that stop ``dst`` positions from attending to ``src`` positions in ``layers``.
+
+    ``src`` / ``dst``: a span name of ``batch`` (``"image"``, ``"question"``, ``"last"``...),
+    explicit positions for every example (``[3, 4]``), or one list per example. On the vision
+    tower positions are patch indices with CLS at 0 (``"cls"`` / ``"patches"`` name them).
+    ``heads`` limits the block to these heads (the mask becomes ``[batch, n_heads, q, k]``;
+    this needs ``model=`` for the head count). ``model`` also lets layers, heads and vision
+    positions be checked before anything runs. Compose with ``+``::
+
+        hooks = block_attention("image", "last", window_layers(l, 9, n), batch=batch)
+        model.run_with_hooks(batch, fwd_hooks=hooks)
+    """
+    if tower not in TOWERS:
+        raise ValueError(f"tower={tower!r} is not known: use 'language' or 'vision'")
+    n_layers = n_heads = n_positions = None
+    if model is not None:
+        n_layers = model.cfg.n_layers if tower == "language" else model.cfg.vision.n_layers
+        n_heads = model.cfg.n_heads if tower == "language" else model.cfg.vision.n_heads
+        if tower == "vision":
+            n_positions = model.cfg.vision.n_patches + 1
+    layers = _check_layers(layers, n_layers, tower)
+    head_list = _check_heads(heads, n_heads)
+    if tower == "vision":
+        src_pos = _vision_positions(src, "src", n_positions)
+        dst_pos = _vision_positions(dst, "dst", n_positions)
+    else:
+        src_pos = resolve_positions(src, batch, role="src")
+        dst_pos = resolve_positions(dst, batch, role="dst")
+    limit, what = None, ""
+    if tower == "language" and batch is not None:
+        limit, what = batch.input_ids.shape[1], "the batch"
+    elif tower == "vision" and n_positions is not None:
+        limit, what = n_positions, "the vision tower (CLS + patches)"
+    if limit is not None:
+        _check_range(src_pos, "src", limit, what)
+        _check_range(dst_pos, "dst", limit, what)
+    prefix = "vision." if tower == "vision" else ""
+    return [(f"{prefix}blocks.{layer}.attn.hook_mask",
+             _mask_editor(src_pos, dst_pos, head_list, n_heads, layer)) for layer in layers]
+
+
+def _check_layers(layers: int | Sequence[int], n_layers: int | None, tower: str) -> list[int]:
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    for layer in layers:
+        if not isinstance(layer, int) or isinstance(layer, bool):
+            raise TypeError(f"layers must be integers, got {layer!r}")
+        if layer < 0 or (n_layers is not None and layer >= n_layers):
+            bound = "" if n_layers is None else f" of {n_layers} (0..{n_layers - 1})"
+            raise ValueError(f"layer {layer} is outside the {tower} tower's layers{bound}: "
+                             "window_layers(center, k, n_layers) gives valid windows")
+    return sorted(set(layers))
+
+
+def _check_heads(heads: int | Sequence[int] | None, n_heads: int | None) -> list[int] | None:
+    if heads is None:
+        return None
+    heads = [heads] if isinstance(heads, int) else list(heads)
+    if not heads:
+        raise ValueError("heads is empty: pass None to block every head")
+    if n_heads is None:
+        raise ValueError("heads= needs model= to know the number of heads: "
+                         "block_attention(..., heads=[1, 3], model=model)")
+    bad = [h for h in heads if not 0 <= h < n_heads]
+    if bad:
+        raise ValueError(f"heads {bad} are outside 0..{n_heads - 1}")
+    return sorted(set(heads))
+
+
+def _mask_editor(
+    src: Tensor | list[Tensor], dst: Tensor | list[Tensor], heads: list[int] | None,
+    n_heads: int | None, layer: int,
+) -> Callable[[Tensor, Any], Tensor]:
+    def block_edges(mask: Bool[Tensor, "batch h q_pos k_pos"], hook: Any) -> Tensor:
+        blocked = _blocked_edges(mask, src, dst, getattr(hook, "name", f"layer {layer}"))
+        if heads is not None:
+            per_head = torch.zeros(mask.shape[0], n_heads, *mask.shape[2:], dtype=torch.bool,
+                                   device=mask.device)
+            per_head[:, heads] = blocked
+            blocked = per_head
+            mask = mask.expand(mask.shape[0], n_heads, *mask.shape[2:])
+        allowed = mask & ~blocked
+        _check_no_empty_rows(allowed, mask.shape[3] - mask.shape[2], hook)
+        return allowed
+
+    return block_edges
+
+
+def _blocked_edges(
+    mask: Tensor, src: Tensor | list[Tensor], dst: Tensor | list[Tensor], where: str
+) -> Bool[Tensor, "batch 1 q_pos k_pos"]:
+    """True at every (dst query, src key) edge to block, in the mask's coordinates."""
+    n, _, q_len, k_len = mask.shape
+    first_query = k_len - q_len  # with a key/value cache the queries are the last keys
+    per_example = [isinstance(p, list) for p in (src, dst)]
+    for name, positions in (("src", src), ("dst", dst)):
+        if isinstance(positions, list) and len(positions) != n:
+            raise ValueError(f"block_attention at {where}: {name} was built for a batch of "
+                             f"{len(positions)} examples but the model runs {n}: build the hooks "
+                             "with the batch you run")
+    blocked = torch.zeros(n if any(per_example) else 1, 1, q_len, k_len, dtype=torch.bool,
+                          device=mask.device)
+    for i in range(blocked.shape[0]):
+        keys = src[i] if isinstance(src, list) else src
+        queries = dst[i] if isinstance(dst, list) else dst
+        # Positions past this run's keys are not in it (a prefix run for a key/value cache).
+        keys = keys[keys < k_len].to(mask.device)
+        queries = queries[(queries >= first_query) & (queries < k_len)] - first_query
+        blocked[i, 0, queries.to(mask.device)[:, None], keys[None, :]] = True
+    return blocked
+
+
+def _check_no_empty_rows(allowed: Tensor, first_query: int, hook: Any) -> None:
+    """A query left with no key would have an undefined softmax: refuse instead."""
+    empty = ~allowed.any(-1)
+    if bool(empty.any()):
+        example, head, row = (int(i) for i in empty.nonzero()[0])
+        raise ValueError(
+            f"block_attention at {getattr(hook, 'name', 'hook_mask')}: position "
+            f"{first_query + row} of example {example} (head {head}) would attend to nothing "
+            "after the block; keep at least one key it may attend to (e.g. leave it out of dst)")
