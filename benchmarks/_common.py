@@ -1,0 +1,119 @@
+"""Shared pieces of the benchmark scripts: model shapes, timing, peak memory."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import threading
+import time
+from collections.abc import Callable
+
+import psutil
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+IMAGE_TOKEN = 32000
+
+
+def llava_config(real_shapes: bool, n_text_layers: int | None = None) -> LlavaConfig:
+    """LLaVA-1.5-7B's layout (CLIP 336/14 -> 576 image tokens); widths scaled down unless real."""
+    if real_shapes:
+        vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                      num_attention_heads=16)
+        text = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=32)
+    else:
+        vision = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                      num_attention_heads=4)
+        text = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                    num_attention_heads=8, num_key_value_heads=8)
+    if n_text_layers is not None:
+        text["num_hidden_layers"] = n_text_layers
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768,
+                                       **vision),
+        text_config=LlamaConfig(vocab_size=32064, max_position_embeddings=4096, **text),
+        image_token_index=IMAGE_TOKEN, vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
+def build_hf(config: LlavaConfig, dtype: torch.dtype, device: str,
+             attn: str = "sdpa") -> LlavaForConditionalGeneration:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn,
+                                                           dtype=dtype)
+    return model.eval()
+
+
+def llava_inputs(batch: int = 1, n_text: int = 40, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``[bos, 34 system tokens, 576 image tokens, n_text - 35 question/suffix tokens]``."""
+    gen = torch.Generator().manual_seed(seed)
+    before = 35
+    ids = torch.cat([torch.tensor([1]), torch.randint(3, 32000, (before - 1,), generator=gen),
+                     torch.full((576,), IMAGE_TOKEN),
+                     torch.randint(3, 32000, (n_text - before,), generator=gen)])
+    ids = ids[None].expand(batch, -1).clone()
+    pixels = torch.randn(batch, 3, 336, 336, generator=gen)
+    return {"input_ids": ids.to(device), "pixel_values": pixels.to(device, dtype)}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class PeakMemory:
+    """Peak memory above the starting point: CUDA allocator on GPU, sampled RSS on CPU."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.proc = psutil.Process()
+            self.start = self.proc.memory_info().rss
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss - self.start)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.startswith("cuda"):
+            self.peak = torch.cuda.max_memory_allocated() - self.start
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.proc.memory_info().rss - self.start)
+
+
+def measure(fn: Callable[[], object], device: str, repeats: int = 5,
+            warmup: int = 1) -> tuple[float, float]:
+    """Median seconds per call and peak extra memory (MiB) of one call."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        sync(device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        with PeakMemory(device) as mem:
+            fn()
+            sync(device)
+    return statistics.median(times), mem.peak / 2**20

@@ -1,0 +1,93 @@
+"""Forward and full run_with_cache: mmlens vs Hugging Face (sdpa, eager) vs TL's TransformerBridge.
+
+Same random weights, LLaVA-1.5's token layout (576 image tokens + a 40-token prompt), measured
+side by side in one run. Widths are scaled down on CPU; ``--real-shapes`` uses LLaVA-1.5-7B's.
+
+    python benchmarks/bench_model.py                      # CPU, scaled-down widths, float32
+    python benchmarks/bench_model.py --device cuda --dtype bfloat16 --real-shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import torch
+from _common import build_hf, llava_config, llava_inputs, measure
+
+from mmlens import HookedMultimodalTransformer
+
+
+def bridge_for(hf_model, dtype, device):
+    """TransformerLens 4's bridge around the same in-memory HF model, or None if unavailable."""
+    try:
+        from tokenizers import Tokenizer, models
+        from transformer_lens.model_bridge import TransformerBridge
+        from transformers import PreTrainedTokenizerFast
+    except ImportError as err:
+        print(f"TransformerBridge unavailable: {err}")
+        return None
+    vocab = {f"t{i}": i for i in range(hf_model.config.text_config.vocab_size)}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, "t0")),
+                                        unk_token="t0", pad_token="t0")
+    folder = tempfile.mkdtemp()
+    hf_model.config.architectures = [type(hf_model).__name__]
+    hf_model.config.save_pretrained(folder)
+    try:
+        return TransformerBridge.boot_transformers(folder, hf_model=hf_model, tokenizer=tokenizer,
+                                                   dtype=dtype, device=device)
+    except Exception as err:  # the bridge is a peer to compare with, not a requirement
+        print(f"TransformerBridge could not wrap the model: {type(err).__name__}: {err}")
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--real-shapes", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-bridge", action="store_true")
+    args = parser.parse_args()
+    dtype, device = getattr(torch, args.dtype), args.device
+    torch.set_grad_enabled(False)
+    config = llava_config(args.real_shapes)
+    inputs = llava_inputs(device=device, dtype=dtype)
+    ids, pixels = inputs["input_ids"], inputs["pixel_values"]
+
+    hf = build_hf(config, dtype, device, attn="sdpa")
+    ours = HookedMultimodalTransformer.from_hf_model(hf)  # shares hf's weights
+    rows = {}
+    rows["mmlens forward"] = measure(lambda: ours(ids, pixels), device, args.repeats)
+    rows["HF sdpa forward"] = measure(lambda: hf(**inputs), device, args.repeats)
+    rows["mmlens run_with_cache (all hooks)"] = measure(
+        lambda: ours.run_with_cache(ids, pixels), device, args.repeats)
+    hf.set_attn_implementation("eager")
+    rows["HF eager forward"] = measure(lambda: hf(**inputs), device, args.repeats)
+    rows["HF eager + hidden states + attentions"] = measure(
+        lambda: hf(**inputs, output_hidden_states=True, output_attentions=True), device,
+        args.repeats)
+    bridge = None if args.no_bridge else bridge_for(hf, dtype, device)
+    if bridge is not None:
+        rows["TL bridge forward"] = measure(lambda: bridge(ids, pixel_values=pixels), device,
+                                            args.repeats)
+        rows["TL bridge run_with_cache"] = measure(
+            lambda: bridge.run_with_cache(ids, pixel_values=pixels), device, args.repeats)
+
+    shapes = "LLaVA-1.5-7B shapes" if args.real_shapes else "scaled-down widths"
+    print(f"\n{shapes}, {device}, {args.dtype}, {ids.shape[1]} tokens (576 image)")
+    print(f"{'':42s} {'seconds':>9s} {'peak MiB':>9s}")
+    for name, (seconds, mib) in rows.items():
+        print(f"{name:42s} {seconds:9.4f} {mib:9.1f}")
+    ratios = [("mmlens forward / HF sdpa forward", "mmlens forward", "HF sdpa forward")]
+    if bridge is not None:
+        ratios += [("mmlens run_with_cache / TL bridge run_with_cache",
+                    "mmlens run_with_cache (all hooks)", "TL bridge run_with_cache"),
+                   ("HF eager forward / TL bridge run_with_cache", "HF eager forward",
+                    "TL bridge run_with_cache")]
+    for label, a, b in ratios:
+        print(f"{label:58s} {rows[a][0] / rows[b][0]:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()
