@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mmlens.anyres import pad_tiles
 from mmlens.batch import MultimodalBatch
+from mmlens.spans_anyres import add_anyres_spans
 from mmlens.templates import IMAGE_PLACEHOLDER, PromptTemplate, get_template
 
 
@@ -116,7 +118,8 @@ def prepare(model: Any, images: Any, questions: Any, *, template: str | PromptTe
         input_ids[row, width - n:] = out["input_ids"][0]
         attention_mask[row, width - n:] = 1
         spans.append({k: v + (width - n) for k, v in span.items()})
-    pixel_values = torch.cat([out["pixel_values"] for out, _, _ in encoded])
+    pixel_values = [out["pixel_values"] for out, _, _ in encoded]
+    pixel_values = pad_tiles(pixel_values) if model.cfg.is_anyres else torch.cat(pixel_values)
     image_sizes = None
     if "image_sizes" in encoded[0][0]:
         image_sizes = torch.cat([out["image_sizes"] for out, _, _ in encoded])
@@ -125,6 +128,8 @@ def prepare(model: Any, images: Any, questions: Any, *, template: str | PromptTe
         spans=spans, image_sizes=image_sizes, prompts=[p for _, _, p in encoded],
         examples=list(examples) if examples is not None else None,
     )
+    if model.cfg.is_anyres:
+        add_anyres_spans(model, batch)
     if boxes is not None:
         from mmlens.spans import add_patch_spans
 

@@ -138,7 +138,12 @@ class HookedMultimodalTransformer(HookedRootModule):
     def encode_images(
         self, pixel_values: Tensor, image_sizes: Tensor | None = None
     ) -> Float[Tensor, "n_image_tokens d_model"]:
-        """Image features in text width, one row per image token, in input order."""
+        """Image features in text width, one row per image token, in input order.
+
+        LLaVA-NeXT takes ``[images, tiles, 3, H, W]`` and ``image_sizes [images, 2]``.
+        """
+        if self.cfg.is_anyres:
+            pixel_values = self.anyres.select_tiles(pixel_values, image_sizes)
         features = self.projector(self.vision(pixel_values.to(self.embed.W_E.dtype)))
         if self.cfg.is_anyres:
             return self.anyres(features, image_sizes)
