@@ -6,7 +6,7 @@ Imported explicitly by those test files (``from conftest_interventions import ..
 from __future__ import annotations
 
 import torch
-from tiny import IMAGE_TOKEN, tiny_inputs, tiny_llava
+from tiny import IMAGE_TOKEN, VOCAB, tiny_inputs, tiny_llava
 
 from mmlens import HookedMultimodalTransformer, MultimodalBatch
 
@@ -47,3 +47,20 @@ def hf_logits(hf, batch: MultimodalBatch, pixel_values: torch.Tensor | None = No
         return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                   pixel_values=batch.pixel_values if pixel_values is None else pixel_values,
                   position_ids=positions).logits
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny vocabulary: ``w{i}`` for id i, with ``yes`` (10),
+    ``Yes`` (11), ``no`` (12), ``<image>`` (99)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(VOCAB)}
+    words.update({"<unk>": 0, "<s>": 1, "</s>": 2, "yes": 10, "Yes": 11, "no": 12,
+                  "<image>": IMAGE_TOKEN})
+    vocab = {word: i for word, i in words.items() if f"w{i}" != word or i not in (
+        0, 1, 2, 10, 11, 12, IMAGE_TOKEN)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>")
