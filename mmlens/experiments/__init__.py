@@ -1,0 +1,27 @@
+"""Experiments: the information-flow knockout sweep, answer emergence, resumable results.
+
+    from mmlens.experiments import information_flow, answer_emergence
+    df = information_flow(model, examples)        # one row per example x flow x centre layer
+"""
+
+from mmlens.experiments.flows import (
+    DEFAULT_FLOWS,
+    Flow,
+    Knockout,
+    default_window,
+    parse_flows,
+)
+from mmlens.experiments.store import ResultStore
+from mmlens.experiments.sweep import dropped_examples, information_flow, results_frame
+
+__all__ = [
+    "DEFAULT_FLOWS",
+    "Flow",
+    "Knockout",
+    "ResultStore",
+    "default_window",
+    "dropped_examples",
+    "information_flow",
+    "parse_flows",
+    "results_frame",
+]

@@ -1,0 +1,103 @@
+"""Answer emergence: when does the answer appear at the last position, and in which case?
+
+    df = answer_emergence(model, examples)
+    df.groupby(["variant", "ln", "layer"]).prob.mean()
+
+The residual stream at the last position after every layer is read through the unembedding
+(a logit lens), with and without the final norm. Tracked tokens: the gold answer's first
+token in lowercase (``lower``) and capitalised (``capitalised``) form, and for choose-questions
+the wrong option (``wrong``, ``wrong_capitalised``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from mmlens.batch import MultimodalBatch
+from mmlens.experiments.examples import ExampleSource
+from mmlens.experiments.flow import clean_run
+from mmlens.experiments.sweep import model_answer
+
+COLUMNS = ["example_id", "task", "layer", "variant", "token", "ln", "prob", "rank"]
+
+
+def first_token_id(tokenizer: Any, text: str) -> int:
+    """The first token of ``text`` written as the answer (no special tokens)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"answer {text!r} gives no token: check the example's answer text")
+    return ids[0]
+
+
+def answer_variants(tokenizer: Any, answer: str, wrong: str | None) -> dict[str, int]:
+    """First tokens of the answer (and wrong option) in lowercase and capitalised form."""
+    variants = {"lower": answer.strip().lower(), "capitalised": answer.strip().capitalize()}
+    if wrong:
+        variants["wrong"] = wrong.strip().lower()
+        variants["wrong_capitalised"] = wrong.strip().capitalize()
+    return {name: first_token_id(tokenizer, text) for name, text in variants.items()}
+
+
+@torch.no_grad()
+def layer_logits(model, resid_after: torch.Tensor) -> dict[bool, torch.Tensor]:
+    """Logits ``[layers, d_vocab]`` (float32) from residuals ``[layers, d_model]``.
+
+    ``True``: through the final norm (the usual logit lens); ``False``: the raw stream times the
+    unembedding, as the paper's authors read intermediate layers.
+    """
+    with_norm = model.unembed(model.ln_final(resid_after[None]))[0].float()
+    raw = resid_after.float() @ model.unembed.W_U.float() + model.unembed.b_U.float()
+    return {True: with_norm, False: raw}
+
+
+def answer_emergence(
+    model,
+    examples: Sequence[Any] | MultimodalBatch,
+    *,
+    only_correct: bool = True,
+    progress: bool = True,
+    max_new_tokens: int = 8,
+) -> pd.DataFrame:
+    """The answer's probability and rank at the last position after every layer.
+
+    One row per example x layer x variant x ``ln`` (final norm applied or not); ``rank`` 1 is
+    the top token. ``examples`` are ``Example`` records (or a batch built from them); with
+    ``only_correct`` the examples the model gets wrong are left out and listed in
+    ``df.attrs["dropped"]``.
+    """
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise ValueError("answer emergence tracks answer words, but this model has no "
+                         "tokenizer: load it with from_pretrained")
+    source = ExampleSource(model, examples)
+    source.check_gold_answers()
+    rows, dropped = [], []
+    for index in tqdm(range(len(source)), disable=not progress, desc="answer emergence",
+                      unit="ex"):
+        example_id, task, gold = source.example_id(index), source.task(index), source.gold(index)
+        clean = clean_run(model, source.prepare(index))
+        if only_correct:
+            token = clean.prediction(exclude=model.cfg.image_token_id)
+            said = model_answer(model, clean, token, gold, max_new_tokens)
+            if said.strip().lower() != gold.strip().lower():
+                dropped.append({"example_id": example_id, "task": task,
+                                "reason": f"wrong answer {said.strip()!r} (gold {gold!r})"})
+                continue
+        wrong = getattr(source.records[index], "wrong_answer", None)
+        variants = answer_variants(tokenizer, gold, wrong)
+        resid_after = torch.stack([r[0, -1] for r in clean.resid[1:]])  # [layers, d_model]
+        for ln, logits in layer_logits(model, resid_after).items():
+            probs = logits.softmax(-1)
+            for variant, token in variants.items():
+                ranks = (logits > logits[:, token:token + 1]).sum(-1) + 1
+                for layer in range(len(logits)):
+                    rows.append([example_id, task, layer, variant, token, ln,
+                                 float(probs[layer, token]), int(ranks[layer])])
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame.attrs["dropped"] = dropped
+    return frame

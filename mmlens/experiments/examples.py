@@ -1,0 +1,117 @@
+"""What the experiments iterate over: examples prepared one at a time, with extra spans.
+
+``ExampleSource`` takes dataset ``Example`` records (each prepared only when reached, so a
+long run holds one image at a time) or a ready ``MultimodalBatch``, and hands out unpadded
+single-example batches. ``model_fingerprint`` identifies a model for resumable stores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from mmlens.batch import MultimodalBatch
+from mmlens.experiments.flow import single_example
+
+
+class ExampleSource:
+    """Examples by index: id, task, gold answer and the prepared single-example batch."""
+
+    def __init__(self, model, examples: Sequence[Any] | MultimodalBatch,
+                 spans: Mapping[str, Mapping[str, Any]] | Callable[..., Any] | None = None):
+        self.model = model
+        self.batch = examples if isinstance(examples, MultimodalBatch) else None
+        if self.batch is not None:
+            self.records = list(self.batch.examples) if self.batch.examples else None
+            n = len(self.batch)
+        else:
+            self.records = list(examples)
+            n = len(self.records)
+        if n == 0:
+            raise ValueError("no examples given: pass at least one example")
+        self.ids = ([str(r.example_id) for r in self.records] if self.records is not None
+                    else [str(i) for i in range(n)])
+        repeated = sorted({i for i in self.ids if self.ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"example ids {repeated[:5]} occur more than once: give every "
+                             "example its own example_id")
+        self.extra_spans = spans
+        self._last: tuple[int, MultimodalBatch] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def example_id(self, index: int) -> str:
+        return self.ids[index]
+
+    def task(self, index: int) -> str:
+        return str(getattr(self.records[index], "task", "")) if self.records else ""
+
+    def gold(self, index: int) -> str:
+        return str(self.records[index].answer)
+
+    def check_gold_answers(self) -> None:
+        """Refuse the correctness filter where it cannot run."""
+        if self.records is None or not all(hasattr(r, "answer") for r in self.records):
+            raise ValueError("only_correct=True needs gold answers: pass Example records (or a "
+                             "batch from prepare_examples), or set only_correct=False")
+        if self.model.tokenizer is None:
+            raise ValueError("only_correct=True decodes the model's answer, but this model has "
+                             "no tokenizer: load it with from_pretrained, or only_correct=False")
+
+    def prepare(self, index: int) -> MultimodalBatch:
+        """Example ``index`` as an unpadded batch of one, extra spans added."""
+        if self._last is not None and self._last[0] == index:
+            return self._last[1]
+        if self.batch is not None:
+            example = single_example(self.batch, index)
+        else:
+            from mmlens.inputs import prepare_examples
+
+            example = single_example(prepare_examples(self.model, [self.records[index]]))
+        example = example.to(self.model.embed.W_E.device)
+        self._add_extra_spans(index, example)
+        self._last = (index, example)
+        return example
+
+    def _add_extra_spans(self, index: int, example: MultimodalBatch) -> None:
+        if self.extra_spans is None:
+            return
+        if callable(self.extra_spans):
+            record = self.records[index] if self.records else None
+            extra = self.extra_spans(record, example.spans[0])
+        else:
+            extra = self.extra_spans.get(self.ids[index], {})
+        if not isinstance(extra, Mapping):
+            raise TypeError(f"extra spans for example {self.ids[index]!r} must be a mapping "
+                            f"{{name: positions}}, got {type(extra).__name__}")
+        for name, positions in extra.items():
+            example.add_span(name, [positions])
+
+    def fingerprint(self) -> str:
+        """A digest of the examples' ids, questions, answers and tasks."""
+        digest = hashlib.sha1()
+        for index, example_id in enumerate(self.ids):
+            record = self.records[index] if self.records else None
+            fields = [example_id, getattr(record, "question", ""), getattr(record, "answer", ""),
+                      getattr(record, "task", "")]
+            digest.update("\x1f".join(map(str, fields)).encode() + b"\x1e")
+        if self.records is None:
+            digest.update(self.batch.input_ids.cpu().numpy().tobytes())
+        return f"{len(self.ids)} examples, sha1 {digest.hexdigest()[:16]}"
+
+
+def model_fingerprint(model) -> str:
+    """Name, shape, dtype and a digest of a few weights: enough to tell checkpoints apart."""
+    hf_config = getattr(model.cfg, "hf_config", None)
+    name = getattr(hf_config, "_name_or_path", "") or "unnamed"
+    digest = hashlib.sha1()
+    samples = (model.embed.W_E[:8], model.unembed.W_U[:, :8], model.blocks[-1].attn.o_weight[:8])
+    for tensor in samples:
+        digest.update(tensor.detach().to("cpu", torch.float32).numpy().tobytes())
+    dtype = str(model.embed.W_E.dtype).replace("torch.", "")
+    return (f"{name} ({model.cfg.n_layers} layers, d_model {model.cfg.d_model}, {dtype}, "
+            f"weights {digest.hexdigest()[:12]})")

@@ -1,0 +1,182 @@
+"""The fast, exact knockout engine: one clean pass, then only what a knockout can change.
+
+A knockout in layers ``[a, b)`` whose targets start at position ``p`` leaves every position
+before ``p`` (causal attention) and every layer before ``a`` exactly as in the clean run. So
+the clean pass keeps the residual stream entering every layer and every layer's keys/values;
+each knockout then recomputes positions ``p..`` from layer ``a`` on, attending to the cached
+clean keys/values of positions ``< p``:
+
+    clean run ─▶ resid[a][:, p:] ─▶ blocks a..L-1 (keys/values < p from the cache,
+                                     edges target→source masked in [a, b)) ─▶ logits[-1]
+
+Knockouts with the same ``p`` share a batch (``* -> last``: one-token suffixes; ``* ->
+question``: the prompt from the question on). Rows of a batch are sorted by their first
+layer and run from the smallest one: layers before a row's window recompute clean values.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mmlens.batch import MultimodalBatch
+from mmlens.experiments.flows import Knockout
+from mmlens.kv_cache import KeyValueCache
+
+
+@dataclass
+class CleanRun:
+    """The unmodified run of one (unpadded) example.
+
+    ``resid[l]`` is the residual stream entering layer ``l`` ``[1, pos, d_model]``; ``resid[L]``
+    is the stream after the last layer. ``cache`` holds every layer's keys/values of the prompt
+    (and of any tokens decoded after it). ``logits`` ``[d_vocab]`` (float32) is the prediction
+    at the last prompt position.
+    """
+
+    resid: list[Tensor]
+    cache: KeyValueCache
+    logits: Float[Tensor, " d_vocab"]
+    n_positions: int
+
+    def prediction(self, exclude: int | None = None) -> int:
+        """The argmax token at the last position, never ``exclude`` (the image token)."""
+        logits = self.logits.clone()
+        if exclude is not None:
+            logits[exclude] = float("-inf")
+        return int(logits.argmax())
+
+    def prob(self, token: int) -> float:
+        return float(self.logits.softmax(-1)[token])
+
+
+def single_example(batch: MultimodalBatch, index: int = 0) -> MultimodalBatch:
+    """Example ``index`` of ``batch`` on its own, without padding; refuses inner padding."""
+    one = batch.select(index)
+    if not bool(one.attention_mask.all()):
+        raise ValueError(f"example {index} has padding inside its prompt: the knockout engine "
+                         "needs left padding only, as model.prepare produces")
+    return one
+
+
+@torch.no_grad()
+def clean_run(model, example: MultimodalBatch) -> CleanRun:
+    """Run one unpadded example once, keeping per-layer residuals and keys/values."""
+    n_layers = model.cfg.n_layers
+    resid: list[Tensor | None] = [None] * (n_layers + 1)
+
+    def keep(layer: int):
+        def hook(tensor: Tensor, hook) -> None:
+            resid[layer] = tensor.detach()
+
+        return hook
+
+    hooks = [(f"blocks.{layer}.hook_resid_pre", keep(layer)) for layer in range(n_layers)]
+    hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", keep(n_layers)))
+    cache = KeyValueCache.empty(n_layers)
+    with model.hooks(fwd_hooks=hooks):
+        logits = model(example.input_ids, example.pixel_values, image_sizes=example.image_sizes,
+                       past_kv_cache=cache)
+    return CleanRun(resid=resid, cache=cache, logits=logits[0, -1].float(),
+                    n_positions=example.input_ids.shape[1])
+
+
+@torch.no_grad()
+def greedy_continue(model, clean: CleanRun, first_token: int, *, max_new_tokens: int,
+                    eos_token_id: int | None, stop=None) -> list[int]:
+    """Greedy decoding from the clean run's cache: ``first_token`` then more argmax tokens.
+
+    Stops at ``eos_token_id``, after ``max_new_tokens`` tokens, or when ``stop(tokens)`` says
+    so (e.g. once the text can no longer match the gold answer). Extends ``clean.cache``.
+    """
+    tokens = [first_token]
+    device = clean.logits.device
+    while len(tokens) < max_new_tokens and tokens[-1] != eos_token_id:
+        if stop is not None and stop(tokens):
+            break
+        step = torch.tensor([[tokens[-1]]], device=clean.resid[0].device)
+        logits = model(step, past_kv_cache=clean.cache)[0, -1].float().to(device)
+        logits[model.cfg.image_token_id] = float("-inf")
+        tokens.append(int(logits.argmax()))
+    return tokens
+
+
+def _start(knockout: Knockout, n_positions: int, n_layers: int) -> tuple[int, int]:
+    """(first position, first layer) the knockout can change; no layers: only the final norm."""
+    position = int(knockout.target.min()) if len(knockout.target) else n_positions - 1
+    layer = knockout.layers[0] if knockout.layers else n_layers
+    return position, layer
+
+
+def _edge_masks(knockouts: Sequence[Knockout], position: int, n_keys: int,
+                device: torch.device) -> Tensor:
+    """Per row, the edges to block ``[rows, q_len, k_len]`` (True = blocked)."""
+    q_len = n_keys - position
+    blocked = torch.zeros(len(knockouts), q_len, n_keys, dtype=torch.bool)
+    for row, knockout in enumerate(knockouts):
+        if len(knockout.source) and len(knockout.target):
+            blocked[row, (knockout.target - position)[:, None], knockout.source[None, :]] = True
+    return blocked.to(device)
+
+
+def _mask_hook(blocked: Tensor):
+    """A ``hook_mask`` edit: rows' blocked edges set to "may not attend"."""
+
+    def hook(mask: Tensor, hook) -> Tensor:
+        allowed = mask & ~blocked[:, None]
+        if not bool(allowed.any(-1).all()):
+            raise ValueError(f"knockout at {hook.name}: a target position would attend to "
+                             "nothing; keep at least one key it may attend to (a flow whose "
+                             "source covers every earlier position cannot be knocked out)")
+        return allowed
+
+    return hook
+
+
+@torch.no_grad()
+def _run_rows(model, clean: CleanRun, knockouts: Sequence[Knockout], position: int,
+              token: int) -> Float[Tensor, " rows"]:
+    n_layers, n = model.cfg.n_layers, len(knockouts)
+    first_layer = min(_start(k, clean.n_positions, n_layers)[1] for k in knockouts)
+    device = clean.resid[0].device
+    blocked = _edge_masks(knockouts, position, clean.n_positions, device)
+    hooks = []
+    for layer in range(first_layer, n_layers):
+        active = torch.tensor([layer in k.layers for k in knockouts], device=device)
+        if bool(active.any()):
+            hooks.append((f"blocks.{layer}.attn.hook_mask",
+                          _mask_hook(blocked & active[:, None, None])))
+    suffix = clean.resid[first_layer][:, position:clean.n_positions].expand(n, -1, -1)
+    frozen = clean.cache.truncate(position).expand(n)
+    ones = torch.ones(n, suffix.shape[1], dtype=torch.long, device=device)
+    with model.hooks(fwd_hooks=hooks):
+        logits = model(suffix, start_at_layer=first_layer, past_kv_cache=frozen,
+                       attention_mask=ones)
+    return logits[:, -1].float().softmax(-1)[:, token]
+
+
+def fast_knockout_probs(model, clean: CleanRun, knockouts: Sequence[Knockout], token: int, *,
+                        batch_size: int = 64) -> Float[Tensor, " knockouts"]:
+    """``p(token)`` at the last position under each knockout, from one clean run.
+
+    Exact: the same numbers as a full forward per knockout (``naive_knockout_probs``) up to
+    floating-point rounding. ``batch_size`` bounds the rows run together.
+    """
+    n_layers = model.cfg.n_layers
+    groups: dict[int, list[int]] = defaultdict(list)
+    for index, knockout in enumerate(knockouts):
+        groups[_start(knockout, clean.n_positions, n_layers)[0]].append(index)
+    probs = torch.empty(len(knockouts))
+    for position, indices in groups.items():
+        indices.sort(key=lambda i: _start(knockouts[i], clean.n_positions, n_layers)[1])
+        for chunk_start in range(0, len(indices), batch_size):
+            chunk = indices[chunk_start:chunk_start + batch_size]
+            rows = [knockouts[i] for i in chunk]
+            probs[chunk] = _run_rows(model, clean, rows, position, token).cpu()
+    return probs
+

@@ -1,0 +1,156 @@
+"""Flows ("SRC->DST" between named spans), layer windows, and the knockouts they expand to.
+
+    >>> parse_flows(["image->question", "question->last"])
+    [Flow(source='image', target='question'), Flow(source='question', target='last')]
+    >>> default_window(32), default_window(40), default_window(8)
+    (7, 9, 3)
+
+A flow names two spans of a ``MultimodalBatch`` (``image``, ``question``, ``last``,
+``related``, ``other``, or any span you add); a knockout of that flow at centre layer ``l``
+blocks every attention edge from a target position to a source position in the layers
+``window_layers(l, k, n_layers)``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mmlens.interventions.windows import window_layers
+
+DEFAULT_FLOWS: tuple[str, ...] = (
+    "image->question",
+    "image->last",
+    "question->last",
+    "last->last",
+    "related->question",
+    "other->question",
+)
+"""The six flows of the paper."""
+
+
+@dataclass(frozen=True)
+class Flow:
+    """Information flowing from the ``source`` span to the ``target`` span."""
+
+    source: str
+    target: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.source}->{self.target}"
+
+
+@dataclass(frozen=True)
+class Knockout:
+    """Block attention from ``target`` to ``source`` positions in ``layers``.
+
+    ``source`` / ``target`` are LongTensors of absolute positions in one example's prompt.
+    """
+
+    source: Tensor
+    target: Tensor
+    layers: tuple[int, ...]
+
+    @property
+    def is_empty(self) -> bool:
+        return not (len(self.source) and len(self.target) and self.layers)
+
+
+@dataclass(frozen=True)
+class WindowKnockout:
+    """One cell of the sweep: a flow knocked out in the window around a centre layer."""
+
+    flow: str
+    layer: int
+    knockout: Knockout
+
+    @property
+    def window_start(self) -> int:
+        return self.knockout.layers[0]
+
+    @property
+    def window_end(self) -> int:
+        return self.knockout.layers[-1] + 1
+
+
+def parse_flow(flow: str | Flow | tuple[str, str]) -> Flow:
+    """A ``Flow`` from ``"SRC->DST"``, ``(src, dst)`` or a ``Flow``."""
+    if isinstance(flow, Flow):
+        return flow
+    if isinstance(flow, tuple) and len(flow) == 2:
+        source, target = flow
+    elif isinstance(flow, str) and flow.count("->") == 1:
+        source, target = (part.strip() for part in flow.split("->"))
+    else:
+        raise ValueError(f"cannot read flow {flow!r}: write it as 'SOURCE->TARGET' with span "
+                         f"names, e.g. 'image->question'")
+    if not source or not target:
+        raise ValueError(f"flow {flow!r} misses a span name: write 'SOURCE->TARGET'")
+    return Flow(str(source), str(target))
+
+
+def parse_flows(flows: str | Iterable[str | Flow | tuple[str, str]]) -> list[Flow]:
+    """Flows from a list, or from one comma-separated string ``"image->last,question->last"``."""
+    if isinstance(flows, str):
+        flows = [part for part in flows.split(",") if part.strip()]
+    parsed = [parse_flow(flow) for flow in flows]
+    if not parsed:
+        raise ValueError("no flows given: pass at least one 'SOURCE->TARGET'")
+    names = [flow.name for flow in parsed]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"flows {duplicates} are given more than once: list each flow once")
+    return parsed
+
+
+def check_flow_spans(flows: Iterable[Flow], span_names: Iterable[str]) -> None:
+    """Raise for a flow naming a span the examples do not have."""
+    known = sorted(set(span_names))
+    for flow in flows:
+        for span in (flow.source, flow.target):
+            if span not in known:
+                close = difflib.get_close_matches(span, known, n=3, cutoff=0.5)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                raise ValueError(f"flow {flow.name!r} names an unknown span {span!r}.{hint} "
+                                 f"Known spans: {', '.join(known)}; add your own with spans=...")
+
+
+def default_window(n_layers: int) -> int:
+    """The paper's window: 9 for 40 layers, 7 for 32; about 7/32 of the depth, odd, otherwise."""
+    if n_layers == 40:
+        return 9
+    if n_layers == 32:
+        return 7
+    k = max(1, round(n_layers * 7 / 32))
+    return k if k % 2 else k + 1
+
+
+def check_window(window: int | None, n_layers: int) -> int:
+    """The window size to use, refusing sizes the model cannot hold."""
+    if window is None:
+        return min(default_window(n_layers), n_layers)
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive number of layers, got {window!r}")
+    if window > n_layers:
+        raise ValueError(f"window {window} is larger than the model's {n_layers} layers: pass "
+                         f"a window of at most {n_layers}")
+    return window
+
+
+def window_knockouts(
+    flows: Iterable[Flow], spans: Mapping[str, Tensor], window: int, n_layers: int
+) -> list[WindowKnockout]:
+    """Every (flow, centre layer) knockout of one example, flows outer, layers inner."""
+    cells = []
+    for flow in flows:
+        source = torch.as_tensor(spans[flow.source], dtype=torch.long).cpu()
+        target = torch.as_tensor(spans[flow.target], dtype=torch.long).cpu()
+        for centre in range(n_layers):
+            layers = tuple(window_layers(centre, window, n_layers))
+            cells.append(WindowKnockout(flow.name, centre, Knockout(source, target, layers)))
+    return cells

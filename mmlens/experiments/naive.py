@@ -1,0 +1,44 @@
+"""The reference knockout path: one full forward per knockout, as the paper's code does.
+
+Every knockout re-encodes the image and recomputes the whole prompt. Slow, but with nothing
+clever in it, so it is what the fast engine (``mmlens.experiments.flow``) is tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mmlens.batch import MultimodalBatch
+from mmlens.experiments.flows import Knockout
+
+
+def knockout_hooks(knockout: Knockout) -> list[tuple[str, object]]:
+    """``hook_mask`` edits blocking every target→source edge in the knockout's layers."""
+    if knockout.is_empty:
+        return []
+    target, source = knockout.target, knockout.source
+
+    def block(mask: Tensor, hook) -> Tensor:
+        # A full forward: queries are all positions, so positions index the mask directly.
+        mask[:, :, target[:, None].to(mask.device), source[None, :].to(mask.device)] = False
+        return mask
+
+    return [(f"blocks.{layer}.attn.hook_mask", block) for layer in knockout.layers]
+
+
+@torch.no_grad()
+def naive_knockout_probs(model, example: MultimodalBatch, knockouts: Sequence[Knockout],
+                         token: int) -> Float[Tensor, " knockouts"]:
+    """``p(token)`` at the last position under each knockout, one full forward each."""
+    probs = torch.empty(len(knockouts))
+    for row, knockout in enumerate(knockouts):
+        logits = model.run_with_hooks(
+            example.input_ids, example.pixel_values, attention_mask=example.attention_mask,
+            image_sizes=example.image_sizes, fwd_hooks=knockout_hooks(knockout),
+        )
+        probs[row] = logits[0, -1].float().softmax(-1)[token].cpu()
+    return probs

@@ -1,0 +1,190 @@
+"""``information_flow``: the paper's attention-knockout sweep over examples, flows and layers.
+
+    df = information_flow(model, examples)                 # the six flows, every centre layer
+    df.groupby(["flow", "layer"]).rel_change.mean()
+    dropped_examples(df)                                   # examples left out, and why
+
+Per example: one clean run (the image encoded once), the correctness filter (greedy decode,
+``strip().lower()`` equal to the gold answer), then every (flow, centre layer) knockout by the
+fast engine (``method="fast"``) or one full forward each (``method="naive"``). With ``store``
+the results are appended to disk per example and a restarted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from mmlens.batch import MultimodalBatch
+from mmlens.experiments.examples import ExampleSource, model_fingerprint
+from mmlens.experiments.flow import (
+    CleanRun,
+    clean_run,
+    fast_knockout_probs,
+    greedy_continue,
+)
+from mmlens.experiments.flows import (
+    DEFAULT_FLOWS,
+    Flow,
+    check_flow_spans,
+    check_window,
+    parse_flows,
+    window_knockouts,
+)
+from mmlens.experiments.naive import naive_knockout_probs
+from mmlens.experiments.store import ResultStore
+from mmlens.interventions.windows import window_layers
+
+METHODS = ("fast", "naive")
+ExtraSpans = Mapping[str, Mapping[str, Sequence[int]]] | Callable[..., Mapping[str, Any]]
+
+
+def information_flow(
+    model,
+    examples: Sequence[Any] | MultimodalBatch,
+    *,
+    flows: Iterable[str | Flow] | str = DEFAULT_FLOWS,
+    window: int | None = None,
+    only_correct: bool = True,
+    method: str = "fast",
+    store: str | Path | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    spans: ExtraSpans | None = None,
+    max_new_tokens: int = 8,
+) -> pd.DataFrame:
+    """Knock out each flow in the window around each centre layer; one row per example x flow
+    x centre layer.
+
+    ``examples``: dataset ``Example`` records (prepared one at a time) or a ``MultimodalBatch``
+    (then ``only_correct=False`` unless it carries ``examples``). ``flows``: ``"SRC->DST"`` of
+    span names. ``window``: layers per knockout (default ``default_window``). ``spans``: extra
+    spans per example, ``{example_id: {name: positions}}`` or a callable
+    ``(example, spans) -> {name: positions}``; positions index the example's unpadded prompt.
+
+    Columns: ``example_id, task, flow, layer, window_start, window_end, answer_token, answer,
+    p_base, p_block, rel_change`` (percent). The examples left out (wrong answer, an empty span
+    of a flow) are in ``df.attrs["dropped"]``; ``dropped_examples(df)`` gives them as a table
+    ``example_id, task, reason``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    flows = parse_flows(flows)
+    n_layers = model.cfg.n_layers
+    window = check_window(window, n_layers)
+    source = ExampleSource(model, examples, spans)
+    if only_correct:
+        source.check_gold_answers()
+    check_flow_spans(flows, source.prepare(0).spans[0])
+    results = None
+    if store is not None:
+        signature = {
+            "kind": "information_flow", "model": model_fingerprint(model),
+            "flows": [f.name for f in flows], "window": window, "only_correct": only_correct,
+            "examples": source.fingerprint(), "extra_spans": spans is not None,
+            "max_new_tokens": max_new_tokens,
+        }
+        results = ResultStore.open(store, signature)
+    done = {} if results is None else results.done
+    records = []
+    bar = tqdm(total=len(source), disable=not progress, desc="information flow", unit="ex")
+    for index in range(len(source)):
+        example_id = source.example_id(index)
+        if example_id not in done:
+            record = _one_example(model, source, index, flows, window, only_correct, method,
+                                  batch_size, max_new_tokens)
+            if results is not None:
+                results.append(record)
+        else:
+            record = done[example_id]
+        records.append(record)
+        bar.update(1)
+    bar.close()
+    return results_frame(records, flows, window, n_layers)
+
+
+def _one_example(model, source: ExampleSource, index: int, flows: list[Flow], window: int,
+                 only_correct: bool, method: str, batch_size: int,
+                 max_new_tokens: int) -> dict[str, Any]:
+    example_id, task = source.example_id(index), source.task(index)
+    example = source.prepare(index)
+    spans = example.spans[0]
+    for flow in flows:
+        for name in (flow.source, flow.target):
+            if name not in spans:
+                check_flow_spans([flow], spans)
+            if len(spans[name]) == 0:
+                return {"example_id": example_id, "task": task, "dropped": f"empty span {name!r}"}
+    clean = clean_run(model, example)
+    token = clean.prediction(exclude=model.cfg.image_token_id)
+    if only_correct:
+        said = model_answer(model, clean, token, source.gold(index), max_new_tokens)
+        if said.strip().lower() != source.gold(index).strip().lower():
+            return {"example_id": example_id, "task": task,
+                    "dropped": f"wrong answer {said.strip()!r} (gold {source.gold(index)!r})"}
+    cells = window_knockouts(flows, spans, window, model.cfg.n_layers)
+    knockouts = [cell.knockout for cell in cells]
+    if method == "fast":
+        probs = fast_knockout_probs(model, clean, knockouts, token, batch_size=batch_size)
+    else:
+        probs = naive_knockout_probs(model, example, knockouts, token)
+    p_block: dict[str, list[float]] = {flow.name: [] for flow in flows}
+    for cell, prob in zip(cells, probs.tolist(), strict=True):
+        p_block[cell.flow].append(prob)
+    answer = model.tokenizer.decode([token]) if model.tokenizer is not None else str(token)
+    return {"example_id": example_id, "task": task, "answer_token": token, "answer": answer,
+            "p_base": clean.prob(token), "p_block": p_block}
+
+
+def model_answer(model, clean: CleanRun, token: int, gold: str, max_new_tokens: int) -> str:
+    """The greedy answer text, decoding no further once it cannot equal ``gold``."""
+    tokenizer = model.tokenizer
+    target = gold.strip().lower()
+
+    def hopeless(tokens: list[int]) -> bool:
+        text = tokenizer.decode(tokens, skip_special_tokens=True).strip().lower()
+        return not text.endswith("\ufffd") and not target.startswith(text)
+
+    tokens = greedy_continue(model, clean, token, max_new_tokens=max_new_tokens,
+                             eos_token_id=tokenizer.eos_token_id, stop=hopeless)
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def results_frame(records: Sequence[Mapping[str, Any]], flows: Sequence[Flow], window: int,
+                  n_layers: int) -> pd.DataFrame:
+    """The long table of stored records; ``attrs["dropped"]`` lists the dropped examples."""
+    windows = [window_layers(layer, window, n_layers) for layer in range(n_layers)]
+    rows, dropped = [], []
+    for record in records:
+        if record.get("dropped"):
+            dropped.append({"example_id": record["example_id"], "task": record["task"],
+                            "reason": record["dropped"]})
+            continue
+        p_base = record["p_base"]
+        for flow in flows:
+            for layer, p_block in enumerate(record["p_block"][flow.name]):
+                rows.append({
+                    "example_id": record["example_id"], "task": record["task"],
+                    "flow": flow.name, "layer": layer, "window_start": windows[layer][0],
+                    "window_end": windows[layer][-1] + 1, "answer_token": record["answer_token"],
+                    "answer": record["answer"], "p_base": p_base, "p_block": p_block,
+                    "rel_change": (p_block - p_base) / p_base * 100.0,
+                })
+    columns = ["example_id", "task", "flow", "layer", "window_start", "window_end",
+               "answer_token", "answer", "p_base", "p_block", "rel_change"]
+    frame = pd.DataFrame(rows, columns=columns)
+    # Plain records, not a DataFrame: pandas compares attrs with == in concat and merges.
+    frame.attrs["dropped"] = dropped
+    frame.attrs["window"] = window
+    return frame
+
+
+def dropped_examples(frame: pd.DataFrame) -> pd.DataFrame:
+    """The examples an ``information_flow`` result left out: ``example_id, task, reason``."""
+    return pd.DataFrame(frame.attrs.get("dropped", []), columns=["example_id", "task", "reason"])
