@@ -19,10 +19,10 @@ def tiny_pair(seed: int = 0, **kwargs) -> tuple[object, HookedMultimodalTransfor
 
 
 def tiny_batch(config, batch: int = 1, pad: list[int] | None = None, seed: int = 1,
-               suffix: int = 6) -> MultimodalBatch:
+               prefix: int = 3, suffix: int = 6) -> MultimodalBatch:
     """``[pad, bos, prefix, image, suffix]`` rows with spans ``image``, ``question`` (the suffix
     but its last token), ``last``, ``bos``, ``text``."""
-    inputs = tiny_inputs(config, batch=batch, pad=pad, seed=seed, suffix=suffix)
+    inputs = tiny_inputs(config, batch=batch, pad=pad, seed=seed, prefix=prefix, suffix=suffix)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     spans = []
     for row in range(batch):

@@ -1,0 +1,256 @@
+"""Activation patching from a clean run into a corrupted run, on multimodal batches.
+
+A patch copies clean activations into the corrupted run at chosen positions (and heads) of
+one hook; the metric on the patched logits says how much of the clean behaviour they carry.
+
+    clean, corrupted = batch, corrupt_image(batch, noise=0.5)
+    metric = logit_diff_metric(answer_ids, wrong_ids)
+    scores = patch_positions(model, clean, corrupted, metric, component="resid_pre")  # [layer, pos]
+    patching_frame(scores, ("layer", "position"))
+
+Clean and corrupted prompts of different lengths are patched by span: ``positions="question"``
+pairs the j-th question token of each (``[layer, j]``), ``patch_spans`` patches whole spans.
+TransformerLens's ``transformer_lens.patching`` functions run too, inside
+``with model.bind_images(corrupted.pixel_values):`` with equal-length, unpadded prompts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mmlens.batch import MultimodalBatch
+
+COMPONENTS = {
+    "resid_pre": "blocks.{}.hook_resid_pre",
+    "resid_mid": "blocks.{}.hook_resid_mid",
+    "resid_post": "blocks.{}.hook_resid_post",
+    "attn_out": "blocks.{}.hook_attn_out",
+    "mlp_out": "blocks.{}.hook_mlp_out",
+    "z": "blocks.{}.attn.hook_z",
+}
+"""Patchable components: the residual stream, the sublayer outputs, per-head outputs (``z``)."""
+
+Metric = Callable[[Tensor], Tensor]
+"""``logits [batch, pos, d_vocab] -> scalar`` (the TransformerLens convention)."""
+
+Pairs = list[tuple[Tensor, Tensor]]
+"""Per example: (positions in the corrupted run, the clean positions copied into them)."""
+
+
+def logit_diff_metric(answer: int | Sequence[int], wrong: int | Sequence[int]) -> Metric:
+    """Mean over the batch of ``logit[answer] - logit[wrong]`` at the last position."""
+    def metric(logits: Tensor) -> Tensor:
+        last = logits[:, -1].float()
+        return (_pick(last, answer) - _pick(last, wrong)).mean()
+
+    return metric
+
+
+def answer_prob_metric(answer: int | Sequence[int]) -> Metric:
+    """Mean over the batch of the answer token's probability at the last position."""
+    def metric(logits: Tensor) -> Tensor:
+        return _pick(logits[:, -1].float().softmax(-1), answer).mean()
+
+    return metric
+
+
+def _pick(values: Tensor, tokens: int | Sequence[int]) -> Tensor:
+    index = torch.as_tensor(tokens, device=values.device).reshape(-1)
+    if len(index) not in (1, values.shape[0]):
+        raise ValueError(f"got {len(index)} answer tokens for a batch of {values.shape[0]}: give "
+                         "one token, or one per example")
+    return values.gather(-1, index.expand(values.shape[0])[:, None])[:, 0]
+
+
+def corrupt_image(batch: MultimodalBatch, noise: float = 1.0, seed: int = 0) -> MultimodalBatch:
+    """The same prompts with Gaussian noise of std ``noise`` added to the pixel values."""
+    _require_images(batch, "batch")
+    gen = torch.Generator().manual_seed(seed)
+    pixels = batch.pixel_values
+    noised = pixels + noise * torch.randn(pixels.shape, generator=gen).to(pixels)
+    return dataclasses.replace(batch, pixel_values=noised)
+
+
+def patch_activation(
+    hook_name: str, clean_activation: Tensor, pairs: Pairs | None = None, *,
+    head: int | None = None,
+) -> list[tuple[str, Callable[[Tensor, Any], Tensor]]]:
+    """A hook that copies ``clean_activation`` into the run at ``hook_name``.
+
+    ``pairs`` (per example: corrupted positions, clean positions) limits the copy; None copies
+    everything (the shapes must match). ``head`` limits it to one head of a ``[batch, pos,
+    head, d_head]`` activation such as ``hook_z``.
+    """
+    def patch(activation: Tensor, hook: Any) -> Tensor:
+        if pairs is None and activation.shape != clean_activation.shape:
+            raise ValueError(f"{hook_name}: the corrupted activation is "
+                             f"{tuple(activation.shape)} but the clean one "
+                             f"{tuple(clean_activation.shape)}: patch by span instead")
+        patched = activation.clone()
+        heads = slice(None) if head is None else head
+        if pairs is None:
+            patched[:, :, heads] = clean_activation[:, :, heads].to(patched)
+            return patched
+        for i, (target, source) in enumerate(pairs):
+            patched[i, target, heads] = clean_activation[i, source, heads].to(patched)
+        return patched
+
+    return [(hook_name, patch)]
+
+
+def patch_positions(
+    model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric, *,
+    component: str = "resid_pre", layers: Sequence[int] | None = None,
+    positions: str | None = None,
+) -> Float[Tensor, "layer pos"]:
+    """Patch one position at a time: ``[layer, pos]``, TransformerLens's layout.
+
+    ``positions=None`` walks every position (clean and corrupted must have the same length);
+    a span name walks that span's tokens, pairing the j-th of clean and corrupted (examples
+    whose span is shorter than j are left unpatched at j). ``component="z"`` patches all heads
+    together; ``patch_heads`` patches them one by one.
+    """
+    layers = _check(model, clean, corrupted, component, layers)
+    if positions is None:
+        _require_equal_lengths(clean, corrupted)
+        columns = [_same_position(clean, p) for p in range(clean.input_ids.shape[1])]
+    else:
+        span = _span_pairs(clean, corrupted, positions)
+        width = max(len(target) for target, _ in span)
+        columns = [[(t[j:j + 1], s[j:j + 1]) for t, s in span] for j in range(width)]
+    return _sweep(model, clean, corrupted, metric, component, layers, columns)
+
+
+def patch_spans(
+    model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric, *,
+    spans: Sequence[str], component: str = "resid_pre", layers: Sequence[int] | None = None,
+) -> Float[Tensor, "layer span"]:
+    """Patch all positions of each span at once: ``[layer, span]`` (spans may sit at different
+    positions in clean and corrupted, but must be as long in both)."""
+    layers = _check(model, clean, corrupted, component, layers)
+    columns = [_span_pairs(clean, corrupted, name) for name in spans]
+    return _sweep(model, clean, corrupted, metric, component, layers, columns)
+
+
+def patch_heads(
+    model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric, *,
+    layers: Sequence[int] | None = None, positions: str | None = None,
+) -> Float[Tensor, "layer head"]:
+    """Patch each head's output (``hook_z``) at every position, or at a span: ``[layer, head]``."""
+    layers = _check(model, clean, corrupted, "z", layers)
+    if positions is None:
+        _require_equal_lengths(clean, corrupted)
+        pairs = None
+    else:
+        pairs = _span_pairs(clean, corrupted, positions)
+    clean_cache = _clean_cache(model, clean, "z", layers)
+    scores = torch.zeros(len(layers), model.cfg.n_heads)
+    for row, layer in enumerate(layers):
+        name = COMPONENTS["z"].format(layer)
+        for head in range(model.cfg.n_heads):
+            hooks = patch_activation(name, clean_cache[name], pairs, head=head)
+            scores[row, head] = _score(model, corrupted, metric, hooks)
+    return scores
+
+
+def patching_frame(scores: Tensor, dims: Sequence[str] = ("layer", "position"),
+                   labels: dict[str, Sequence[Any]] | None = None,
+                   value: str = "metric") -> pd.DataFrame:
+    """A tidy frame of a patching result: one row per cell, one column per dimension.
+
+    ``labels`` names a dimension's entries (``{"span": ["image", "question"]}``, or the
+    ``{"layer": layers}`` a sweep ran over); otherwise they are numbered from 0.
+    """
+    if len(dims) != scores.ndim:
+        raise ValueError(f"scores have {scores.ndim} dimensions but dims names {len(dims)}")
+    labels = labels or {}
+    axes = [list(labels.get(dim, range(size))) for dim, size in zip(dims, scores.shape,
+                                                                    strict=True)]
+    index = pd.MultiIndex.from_product(axes, names=list(dims))
+    return pd.DataFrame({value: scores.detach().cpu().reshape(-1).tolist()},
+                        index=index).reset_index()
+
+
+# ----------------------------------------------------------------- internals
+def _check(model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch, component: str,
+           layers: Sequence[int] | None) -> list[int]:
+    if component not in COMPONENTS:
+        raise ValueError(f"component {component!r} is not patchable: use one of "
+                         f"{', '.join(COMPONENTS)}")
+    for role, batch in (("clean", clean), ("corrupted", corrupted)):
+        if not isinstance(batch, MultimodalBatch):
+            raise TypeError(f"the {role} input must be a MultimodalBatch (model.prepare(...)); "
+                            "for token tensors use transformer_lens.patching inside "
+                            "model.bind_images(pixel_values)")
+        _require_images(batch, role)
+    if len(clean) != len(corrupted):
+        raise ValueError(f"clean has {len(clean)} examples but corrupted has {len(corrupted)}: "
+                         "pair every clean example with one corrupted example")
+    n_layers = model.cfg.n_layers
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} are outside the model's layers 0..{n_layers - 1}")
+    return layers
+
+
+def _require_images(batch: MultimodalBatch, role: str) -> None:
+    if batch.pixel_values is None:
+        raise ValueError(f"the {role} batch has no pixel_values: a multimodal prompt needs its "
+                         "image; build the batch with model.prepare(images, questions)")
+
+
+def _require_equal_lengths(clean: MultimodalBatch, corrupted: MultimodalBatch) -> None:
+    if clean.input_ids.shape != corrupted.input_ids.shape:
+        raise ValueError(f"clean prompts have {clean.input_ids.shape[1]} positions but corrupted "
+                         f"ones {corrupted.input_ids.shape[1]}: patch by span "
+                         "(positions='question', or patch_spans) or use prompts of equal length")
+
+
+def _same_position(batch: MultimodalBatch, position: int) -> Pairs:
+    at = torch.tensor([position])
+    return [(at, at)] * len(batch)
+
+
+def _span_pairs(clean: MultimodalBatch, corrupted: MultimodalBatch, name: str) -> Pairs:
+    pairs = []
+    for i, (source, target) in enumerate(zip(clean.span(name), corrupted.span(name),
+                                             strict=True)):
+        if len(source) != len(target):
+            raise ValueError(f"span {name!r} of example {i} has {len(source)} positions in the "
+                             f"clean prompt but {len(target)} in the corrupted one: patch spans "
+                             "of equal length, or a shorter span both share")
+        pairs.append((target, source))
+    return pairs
+
+
+def _clean_cache(model: Any, clean: MultimodalBatch, component: str,
+                 layers: list[int]) -> Any:
+    names = {COMPONENTS[component].format(layer) for layer in layers}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean, names_filter=lambda name: name in names)
+    return cache
+
+
+def _score(model: Any, corrupted: MultimodalBatch, metric: Metric, hooks: list) -> float:
+    with torch.no_grad():
+        return float(metric(model.run_with_hooks(corrupted, fwd_hooks=hooks)))
+
+
+def _sweep(model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric,
+           component: str, layers: list[int], columns: list[Pairs]) -> Tensor:
+    clean_cache = _clean_cache(model, clean, component, layers)
+    scores = torch.zeros(len(layers), len(columns))
+    for row, layer in enumerate(layers):
+        name = COMPONENTS[component].format(layer)
+        for column, pairs in enumerate(columns):
+            hooks = patch_activation(name, clean_cache[name], pairs)
+            scores[row, column] = _score(model, corrupted, metric, hooks)
+    return scores
