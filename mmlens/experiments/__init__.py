@@ -4,6 +4,7 @@
     df = information_flow(model, examples)        # one row per example x flow x centre layer
 """
 
+from mmlens.experiments.emergence import answer_emergence
 from mmlens.experiments.flows import (
     DEFAULT_FLOWS,
     Flow,
@@ -19,6 +20,7 @@ __all__ = [
     "Flow",
     "Knockout",
     "ResultStore",
+    "answer_emergence",
     "default_window",
     "dropped_examples",
     "information_flow",

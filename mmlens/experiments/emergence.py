@@ -4,7 +4,8 @@
     df.groupby(["variant", "ln", "layer"]).prob.mean()
 
 The residual stream at the last position after every layer is read through the unembedding
-(a logit lens), with and without the final norm. Tracked tokens: the gold answer's first
+(``mmlens.lens``), with and without the final norm; the residuals come from the same clean
+run the knockout engine uses. Tracked tokens: the gold answer's first
 token in lowercase (``lower``) and capitalised (``capitalised``) form, and for choose-questions
 the wrong option (``wrong``, ``wrong_capitalised``).
 """
@@ -22,39 +23,21 @@ from mmlens.batch import MultimodalBatch
 from mmlens.experiments.examples import ExampleSource
 from mmlens.experiments.flow import clean_run
 from mmlens.experiments.sweep import model_answer
+from mmlens.lens import decode, first_token_ids
 
 COLUMNS = ["example_id", "task", "layer", "variant", "token", "ln", "prob", "rank"]
 
 
-def first_token_id(tokenizer: Any, text: str) -> int:
-    """The first token of ``text`` written as the answer (no special tokens)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"answer {text!r} gives no token: check the example's answer text")
-    return ids[0]
-
-
-def answer_variants(tokenizer: Any, answer: str, wrong: str | None) -> dict[str, int]:
+def answer_variants(model, answer: str, wrong: str | None) -> dict[str, int]:
     """First tokens of the answer (and wrong option) in lowercase and capitalised form."""
     variants = {"lower": answer.strip().lower(), "capitalised": answer.strip().capitalize()}
     if wrong:
         variants["wrong"] = wrong.strip().lower()
         variants["wrong_capitalised"] = wrong.strip().capitalize()
-    return {name: first_token_id(tokenizer, text) for name, text in variants.items()}
+    return {name: first_token_ids(model, text) for name, text in variants.items()}
 
 
 @torch.no_grad()
-def layer_logits(model, resid_after: torch.Tensor) -> dict[bool, torch.Tensor]:
-    """Logits ``[layers, d_vocab]`` (float32) from residuals ``[layers, d_model]``.
-
-    ``True``: through the final norm (the usual logit lens); ``False``: the raw stream times the
-    unembedding, as the paper's authors read intermediate layers.
-    """
-    with_norm = model.unembed(model.ln_final(resid_after[None]))[0].float()
-    raw = resid_after.float() @ model.unembed.W_U.float() + model.unembed.b_U.float()
-    return {True: with_norm, False: raw}
-
-
 def answer_emergence(
     model,
     examples: Sequence[Any] | MultimodalBatch,
@@ -89,15 +72,15 @@ def answer_emergence(
                                 "reason": f"wrong answer {said.strip()!r} (gold {gold!r})"})
                 continue
         wrong = getattr(source.records[index], "wrong_answer", None)
-        variants = answer_variants(tokenizer, gold, wrong)
+        variants = answer_variants(model, gold, wrong)
         resid_after = torch.stack([r[0, -1] for r in clean.resid[1:]])  # [layers, d_model]
-        for ln, logits in layer_logits(model, resid_after).items():
+        for ln in (False, True):
+            logits = decode(model, resid_after, apply_ln=ln).float()
             probs = logits.softmax(-1)
             for variant, token in variants.items():
-                ranks = (logits > logits[:, token:token + 1]).sum(-1) + 1
-                for layer in range(len(logits)):
-                    rows.append([example_id, task, layer, variant, token, ln,
-                                 float(probs[layer, token]), int(ranks[layer])])
+                ranks = ((logits > logits[:, token:token + 1]).sum(-1) + 1).tolist()
+                for layer, prob in enumerate(probs[:, token].tolist()):
+                    rows.append([example_id, task, layer, variant, token, ln, prob, ranks[layer]])
     frame = pd.DataFrame(rows, columns=COLUMNS)
     frame.attrs["dropped"] = dropped
     return frame

@@ -1,7 +1,8 @@
 """The reference knockout path: one full forward per knockout, as the paper's code does.
 
-Every knockout re-encodes the image and recomputes the whole prompt. Slow, but with nothing
-clever in it, so it is what the fast engine (``mmlens.experiments.flow``) is tested against.
+Every knockout re-encodes the image and recomputes the whole prompt with ``block_attention``
+hooks. Slow, but with nothing clever in it, so it is what the fast engine
+(``mmlens.experiments.flow``) is tested against.
 """
 
 from __future__ import annotations
@@ -14,20 +15,14 @@ from torch import Tensor
 
 from mmlens.batch import MultimodalBatch
 from mmlens.experiments.flows import Knockout
+from mmlens.interventions import block_attention
 
 
-def knockout_hooks(knockout: Knockout) -> list[tuple[str, object]]:
-    """``hook_mask`` edits blocking every target→source edge in the knockout's layers."""
+def knockout_hooks(knockout: Knockout) -> list:
+    """``block_attention`` hooks for one knockout; none when it blocks nothing."""
     if knockout.is_empty:
         return []
-    target, source = knockout.target, knockout.source
-
-    def block(mask: Tensor, hook) -> Tensor:
-        # A full forward: queries are all positions, so positions index the mask directly.
-        mask[:, :, target[:, None].to(mask.device), source[None, :].to(mask.device)] = False
-        return mask
-
-    return [(f"blocks.{layer}.attn.hook_mask", block) for layer in knockout.layers]
+    return block_attention(knockout.source, knockout.target, list(knockout.layers))
 
 
 @torch.no_grad()
