@@ -117,7 +117,7 @@ def image_sizes_list(image_sizes: Any, n_images: int | None = None) -> list[tupl
                          "(height, width): pass the processor's image_sizes, or build the inputs "
                          "with model.prepare(images, questions)")
     sizes = torch.as_tensor(image_sizes)
-    if sizes.ndim != 2 or sizes.shape[1] != 2:
+    if sizes.ndim != 2 or sizes.shape[1] != 2 or sizes.shape[0] == 0:
         raise ValueError(f"image_sizes has shape {list(sizes.shape)}; it must be [images, 2], "
                          "each image's original (height, width)")
     if n_images is not None and sizes.shape[0] != n_images:
