@@ -254,3 +254,17 @@ def test_errors_at_hook_time(models, batch):
         model.run_with_hooks(one, fwd_hooks=block_attention([0], [0, 5], [1]))
     with pytest.raises(KeyError, match="unknown hook name 'blocks.7.attn.hook_mask'"):
         model.run_with_hooks(one, fwd_hooks=block_attention([1], [3], [7]))
+
+
+def test_attention_mass_is_zero_on_blocked_edges(models, batch):
+    from mmlens.plotting import attention_mass, image_attention
+
+    _, model = models
+    with torch.no_grad(), model.hooks(fwd_hooks=block_attention("image", "last", [1],
+                                                                batch=batch)):
+        _, cache = model.run_with_cache(batch)
+    mass = attention_mass(cache, batch, "image", "last")
+    assert (mass[mass["layer"] == 1]["mass"] == 0).all()
+    assert (mass[mass["layer"] != 1]["mass"] > 0).all()
+    figure = image_attention(cache, batch, model.cfg.vision.grid_size, layer=0, example=1)
+    assert torch.tensor(figure.data[0].z).shape == (4, 4)

@@ -1,0 +1,19 @@
+"""Figures (plotly) for knockouts, the logit lens, patching and attention between spans."""
+
+from mmlens.plotting.attention import attention_mass, attention_mass_heatmap, image_attention
+from mmlens.plotting.curves import (
+    knockout_curves,
+    layer_span_heatmap,
+    lens_trajectories,
+    mean_with_band,
+)
+
+__all__ = [
+    "attention_mass",
+    "attention_mass_heatmap",
+    "image_attention",
+    "knockout_curves",
+    "layer_span_heatmap",
+    "lens_trajectories",
+    "mean_with_band",
+]

@@ -1,0 +1,114 @@
+"""Attention between spans: a tidy table of attention mass, a layer x head heatmap, and
+attention from one position laid over the image's patch grid."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+
+from mmlens.batch import MultimodalBatch
+from mmlens.interventions.knockout import PositionSpec, resolve_positions
+
+
+def attention_mass(
+    cache: Any, batch: MultimodalBatch, src: PositionSpec, dst: PositionSpec, *,
+    layers: list[int] | None = None,
+) -> pd.DataFrame:
+    """How much attention ``dst`` positions pay to ``src`` positions, per layer and head.
+
+    ``mass`` is the attention summed over the src keys and averaged over the dst queries (1 =
+    every dst position attends only to src). Reads ``blocks.{l}.attn.hook_pattern`` from a
+    ``run_with_cache`` cache. Columns: ``example, layer, head, src, dst, mass``.
+    """
+    if layers is None:
+        layers = sorted(int(name.split(".")[1]) for name in cache.keys()
+                        if name.startswith("blocks.") and name.endswith("attn.hook_pattern"))
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in layers]
+    missing = [name for name in names if name not in cache]
+    if missing or not names:
+        raise KeyError(f"the cache has no {missing[0] if missing else 'attention pattern'}: run "
+                       "model.run_with_cache(batch) (or names_filter with 'hook_pattern')")
+    sources, targets = (_per_example(resolve_positions(spec, batch, role=role), len(batch))
+                        for spec, role in ((src, "src"), (dst, "dst")))
+    rows = []
+    for layer, name in zip(layers, names, strict=True):
+        pattern = cache[name]  # [batch, head, q_pos, k_pos]
+        for i in range(len(batch)):
+            block = pattern[i][:, targets[i][:, None], sources[i][None, :]]
+            for head, mass in enumerate(block.sum(-1).mean(-1).tolist()):
+                rows.append((i, layer, head, mass))
+    frame = pd.DataFrame(rows, columns=["example", "layer", "head", "mass"])
+    frame.insert(3, "src", _label(src))
+    frame.insert(4, "dst", _label(dst))
+    return frame
+
+
+def attention_mass_heatmap(frame: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """Layer x head heatmap of ``attention_mass`` (mean over examples)."""
+    table = frame.pivot_table(index="layer", columns="head", values="mass", aggfunc="mean")
+    figure = go.Figure(go.Heatmap(z=table.to_numpy(), x=list(table.columns), y=list(table.index),
+                                  colorscale="Blues", colorbar={"title": "mass"}))
+    flow = f"{frame['src'].iloc[0]} → {frame['dst'].iloc[0]}"
+    figure.update_layout(title=title or f"attention mass {flow}", xaxis_title="head",
+                         yaxis_title="layer")
+    return figure
+
+
+def image_attention(
+    cache: Any, batch: MultimodalBatch, grid_size: int, *, layer: int, example: int = 0,
+    query: PositionSpec = "last", head: int | None = None, image: Any = None,
+    opacity: float = 0.6,
+) -> go.Figure:
+    """Attention from ``query`` to the image patches as a heatmap over the patch grid.
+
+    ``grid_size`` is ``model.cfg.vision.grid_size``; the first ``grid_size**2`` image positions
+    (after CLS when the features keep it) are the (base) image's patches in row-major order.
+    ``head=None`` averages the heads; several query positions are averaged. With ``image`` (a
+    PIL image or ``[H, W, 3]`` array, ideally the model's resized view) the heatmap is laid over
+    it with ``opacity``.
+    """
+    name = f"blocks.{layer}.attn.hook_pattern"
+    if name not in cache:
+        raise KeyError(f"the cache has no {name}: run model.run_with_cache(batch)")
+    queries = _per_example(resolve_positions(query, batch, role="query"), len(batch))[example]
+    image_positions = batch.positions("image", example)
+    n_patches = grid_size**2
+    if len(image_positions) < n_patches:
+        raise ValueError(f"example {example} has {len(image_positions)} image positions but a "
+                         f"{grid_size}x{grid_size} grid needs {n_patches}: pass "
+                         "model.cfg.vision.grid_size")
+    if len(image_positions) == n_patches + 1:
+        image_positions = image_positions[1:]  # the "full" feature strategy keeps CLS first
+    pattern = cache[name][example]  # [head, q_pos, k_pos]
+    pattern = pattern.mean(0) if head is None else pattern[head]
+    weights = pattern[queries][:, image_positions[:n_patches]].float().mean(0)
+    grid = weights.reshape(grid_size, grid_size).detach().cpu().numpy()
+    figure = go.Figure()
+    height = width = grid_size
+    if image is not None:
+        pixels = np.asarray(image)[..., :3]
+        height, width = pixels.shape[:2]
+        figure.add_trace(go.Image(z=pixels, name="image"))
+    centres_x = (np.arange(grid_size) + 0.5) * width / grid_size
+    centres_y = (np.arange(grid_size) + 0.5) * height / grid_size
+    figure.add_trace(go.Heatmap(z=grid, x=centres_x, y=centres_y, colorscale="Inferno",
+                                opacity=opacity if image is not None else 1.0,
+                                colorbar={"title": "attention"}, name="attention"))
+    heads = "mean over heads" if head is None else f"head {head}"
+    figure.update_layout(title=f"attention from {_label(query)} to the image, layer {layer}, "
+                               f"{heads}")
+    figure.update_yaxes(autorange="reversed", scaleanchor="x", showticklabels=False)
+    figure.update_xaxes(showticklabels=False)
+    return figure
+
+
+def _per_example(positions: torch.Tensor | list[torch.Tensor], n: int) -> list[torch.Tensor]:
+    return positions if isinstance(positions, list) else [positions] * n
+
+
+def _label(spec: PositionSpec) -> str:
+    return spec if isinstance(spec, str) else "positions"
