@@ -1,6 +1,17 @@
-"""Interventions as composable hooks: attention knockout and the paper's layer windows."""
+"""Interventions as composable hooks: attention knockout, position ablation, layer windows."""
 
-from mmlens.interventions.knockout import PositionSpec, block_attention, resolve_positions
+from mmlens.interventions.knockout import (
+    PositionSpec,
+    ablate_positions,
+    block_attention,
+    resolve_positions,
+)
 from mmlens.interventions.windows import window_layers
 
-__all__ = ["PositionSpec", "block_attention", "resolve_positions", "window_layers"]
+__all__ = [
+    "PositionSpec",
+    "ablate_positions",
+    "block_attention",
+    "resolve_positions",
+    "window_layers",
+]

@@ -11,6 +11,8 @@ queries of a call are the last ``q_len`` key positions: destinations already in 
 skipped (their outputs were computed before), and positions past a run's last key are not in
 that run (a prefix run that fills a cache). ``batch=`` checks positions against the batch
 before anything runs.
+
+``ablate_positions`` replaces activations at positions with zero or a mean.
 """
 
 from __future__ import annotations
@@ -232,3 +234,40 @@ def _check_no_empty_rows(allowed: Tensor, first_query: int, hook: Any) -> None:
             f"block_attention at {getattr(hook, 'name', 'hook_mask')}: position "
             f"{first_query + row} of example {example} (head {head}) would attend to nothing "
             "after the block; keep at least one key it may attend to (e.g. leave it out of dst)")
+
+
+def ablate_positions(
+    hook_names: str | Sequence[str],
+    positions: PositionSpec,
+    *,
+    batch: MultimodalBatch | None = None,
+    means: dict[str, Tensor] | None = None,
+) -> list[Hook]:
+    """Hooks that replace activations ``[batch, pos, ...]`` at ``positions`` with zero, or with
+    ``means[hook_name]`` (broadcastable to one position's activation, e.g. ``[d_model]``).
+
+    Positions index the activation's position axis, so use these in runs without a key/value
+    cache. ``positions`` is resolved as in ``block_attention``.
+    """
+    names = [hook_names] if isinstance(hook_names, str) else list(hook_names)
+    missing = [name for name in names if means is not None and name not in means]
+    if missing:
+        raise KeyError(f"means has no entry for {missing[0]}: give one per hook name, or "
+                       "means=None to ablate with zero")
+    resolved = resolve_positions(positions, batch, role="positions")
+
+    def ablate(activation: Tensor, hook: Any) -> Tensor:
+        per_example = resolved if isinstance(resolved, list) else [resolved] * len(activation)
+        if len(per_example) != len(activation):
+            raise ValueError(f"ablate_positions at {hook.name}: positions were given for "
+                             f"{len(per_example)} examples but the model runs {len(activation)}")
+        value = 0.0 if means is None else means[hook.name].to(activation)
+        ablated = activation.clone()
+        for i, pos in enumerate(per_example):
+            if int(pos.max()) >= activation.shape[1]:
+                raise IndexError(f"ablate_positions at {hook.name}: position {int(pos.max())} "
+                                 f"is past the activation's {activation.shape[1]} positions")
+            ablated[i, pos] = value
+        return ablated
+
+    return [(name, ablate) for name in names]

@@ -268,3 +268,32 @@ def test_attention_mass_is_zero_on_blocked_edges(models, batch):
     assert (mass[mass["layer"] != 1]["mass"] > 0).all()
     figure = image_attention(cache, batch, model.cfg.vision.grid_size, layer=0, example=1)
     assert torch.tensor(figure.data[0].z).shape == (4, 4)
+
+
+def test_zero_and_mean_ablation(models, batch):
+    from mmlens.interventions import ablate_positions
+
+    _, model = models
+    zero = ablate_positions("hook_embed", "image", batch=batch)
+    with torch.no_grad():
+        first = model.run_with_hooks(batch, fwd_hooks=zero)
+        second = model.run_with_hooks(batch.input_ids, torch.randn_like(batch.pixel_values),
+                                      attention_mask=batch.attention_mask, fwd_hooks=zero)
+        _, cache = model.run_with_cache(batch)
+    real = batch.attention_mask.bool()
+    assert torch.allclose(first[real], second[real], atol=1e-5)  # the image is gone
+    name = "blocks.1.hook_resid_pre"
+    means = {name: cache[name].mean((0, 1))}
+    seen = []
+    mean = ablate_positions(name, "question", batch=batch, means=means)
+    with torch.no_grad():
+        model.run_with_hooks(batch, fwd_hooks=mean + [(name, lambda x, hook: seen.append(x))])
+    for i in range(len(batch)):
+        question = batch.positions("question", i)
+        assert torch.equal(seen[0][i, question], means[name].expand(len(question), -1))
+        before = torch.arange(int(question[0]))
+        assert torch.allclose(seen[0][i, before], cache[name][i, before], atol=1e-6)
+    with pytest.raises(KeyError, match="means has no entry for hook_embed"):
+        ablate_positions("hook_embed", "image", batch=batch, means=means)
+    with pytest.raises(ValueError, match="given for 2 examples but the model runs 1"):
+        model.run_with_hooks(batch.select([0]), fwd_hooks=zero)
