@@ -1,8 +1,9 @@
-"""TransformerLens's ActivationCache helpers and patching functions work on the model."""
+"""TransformerLens's ActivationCache helpers work on the model (its `patching` functions are
+checked in test_patching.py)."""
 
 import torch
 from tiny import tiny_inputs, tiny_llava
-from transformer_lens import ActivationCache, patching
+from transformer_lens import ActivationCache
 
 from mmlens import HookedMultimodalTransformer
 
@@ -42,28 +43,3 @@ def test_logit_attrs_sum_to_the_logit_difference():
                               pos_slice=-1)
     expected = logits[0, -1, a] - logits[0, -1, b]
     torch.testing.assert_close(attrs.sum(0).squeeze(), expected, atol=1e-4, rtol=1e-4)
-
-
-def test_transformer_lens_patching_runs_with_bound_images():
-    model, inputs = _model_and_inputs()
-    ids, pixels = inputs["input_ids"], inputs["pixel_values"]
-    corrupted_pixels = torch.randn_like(pixels)
-    answer = 11
-
-    def metric(logits):
-        return logits[0, -1, answer]
-
-    with torch.no_grad():
-        _, clean_cache = model.run_with_cache(ids, pixels)
-        with model.bind_images(corrupted_pixels):
-            result = patching.get_act_patch_resid_pre(model, ids, clean_cache, metric)
-        expected = torch.zeros(model.cfg.n_layers, ids.shape[1])
-        for layer in range(model.cfg.n_layers):
-            for pos in range(ids.shape[1]):
-                def patch(resid, hook, pos=pos):
-                    resid[:, pos] = clean_cache[hook.name][:, pos]
-                    return resid
-                out = model.run_with_hooks(ids, corrupted_pixels,
-                                           fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", patch)])
-                expected[layer, pos] = metric(out)
-    torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,64 @@
+"""Per-model settings of the paper's study: prompt template, window, preprocessing, flows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mmlens.templates import LLAMA3, VICUNA_V1, PromptTemplate
+
+PAPER_FLOWS = (
+    "image->question",
+    "image->last",
+    "question->last",
+    "last->last",
+    "related->question",
+    "other->question",
+)
+
+
+@dataclass(frozen=True)
+class StudyPreset:
+    """How the paper ran one model.
+
+    ``preprocessing`` is how images (and so boxes) reach the vision tower: ``"pad"`` (original
+    LLaVA-1.5: pad to a square with the mean colour, then resize), ``"resize_crop"`` (what a
+    Hugging Face CLIP processor does) or ``"anyres"`` (LLaVA-NeXT tiling, fixed by the model).
+    """
+
+    model: str
+    template: PromptTemplate
+    window: int
+    preprocessing: str
+    n_layers: int
+    flows: tuple[str, ...] = PAPER_FLOWS
+    only_correct: bool = True
+    notes: str = field(default="", compare=False)
+
+
+PAPER_PRESETS: dict[str, StudyPreset] = {
+    p.model: p
+    for p in (
+        StudyPreset("llava-hf/llava-1.5-7b-hf", VICUNA_V1, 7, "pad", 32,
+                    notes="trained with images padded to a square"),
+        StudyPreset("llava-hf/llava-1.5-13b-hf", VICUNA_V1, 9, "pad", 40,
+                    notes="trained with images padded to a square"),
+        StudyPreset("llava-hf/llava-v1.6-vicuna-7b-hf", VICUNA_V1, 7, "anyres", 32),
+        StudyPreset("llava-hf/llama3-llava-next-8b-hf", LLAMA3, 7, "anyres", 32,
+                    notes="Llama-3 chat template with a system prompt"),
+        StudyPreset("shapes-llava", VICUNA_V1, 3, "resize_crop", 8,
+                    notes="the bundled toy model; square images, so both modes agree"),
+    )
+}
+
+
+def preset_for(model_name: str, n_layers: int | None = None) -> StudyPreset:
+    """The paper's preset for a known model; for others, the Vicuna prompt, the processor's
+    preprocessing and a window scaled like the paper's (7 of 32 layers)."""
+    if model_name in PAPER_PRESETS:
+        return PAPER_PRESETS[model_name]
+    if n_layers is None:
+        raise ValueError(f"no preset for {model_name!r}: known presets are "
+                         f"{', '.join(PAPER_PRESETS)}; pass n_layers to derive one")
+    window = max(1, round(n_layers * 7 / 32))
+    window += 1 - window % 2  # odd, so the window is centred
+    return StudyPreset(model_name, VICUNA_V1, window, "resize_crop", n_layers)
