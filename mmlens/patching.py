@@ -118,13 +118,7 @@ def patch_positions(
     together; ``patch_heads`` patches them one by one.
     """
     layers = _check(model, clean, corrupted, component, layers)
-    if positions is None:
-        _require_equal_lengths(clean, corrupted)
-        columns = [_same_position(clean, p) for p in range(clean.input_ids.shape[1])]
-    else:
-        span = _span_pairs(clean, corrupted, positions)
-        width = max(len(target) for target, _ in span)
-        columns = [[(t[j:j + 1], s[j:j + 1]) for t, s in span] for j in range(width)]
+    columns = _position_columns(clean, corrupted, positions)
     return _sweep(model, clean, corrupted, metric, component, layers, columns)
 
 
@@ -142,22 +136,28 @@ def patch_spans(
 def patch_heads(
     model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric, *,
     layers: Sequence[int] | None = None, positions: str | None = None,
-) -> Float[Tensor, "layer head"]:
-    """Patch each head's output (``hook_z``) at every position, or at a span: ``[layer, head]``."""
+    by_position: bool = False,
+) -> Float[Tensor, "layer head"] | Float[Tensor, "layer pos head"]:
+    """Patch each head's output (``hook_z``): ``[layer, head]`` over all positions (or all
+    positions of the span ``positions``); ``by_position=True`` patches one position at a time
+    as ``patch_positions`` does, giving ``[layer, pos, head]``."""
     layers = _check(model, clean, corrupted, "z", layers)
-    if positions is None:
+    if by_position:
+        columns = _position_columns(clean, corrupted, positions)
+    elif positions is None:
         _require_equal_lengths(clean, corrupted)
-        pairs = None
+        columns = [None]
     else:
-        pairs = _span_pairs(clean, corrupted, positions)
+        columns = [_span_pairs(clean, corrupted, positions)]
     clean_cache = _clean_cache(model, clean, "z", layers)
-    scores = torch.zeros(len(layers), model.cfg.n_heads)
+    scores = torch.zeros(len(layers), len(columns), model.cfg.n_heads)
     for row, layer in enumerate(layers):
         name = COMPONENTS["z"].format(layer)
-        for head in range(model.cfg.n_heads):
-            hooks = patch_activation(name, clean_cache[name], pairs, head=head)
-            scores[row, head] = _score(model, corrupted, metric, hooks)
-    return scores
+        for column, pairs in enumerate(columns):
+            for head in range(model.cfg.n_heads):
+                hooks = patch_activation(name, clean_cache[name], pairs, head=head)
+                scores[row, column, head] = _score(model, corrupted, metric, hooks)
+    return scores if by_position else scores[:, 0]
 
 
 def patching_frame(scores: Tensor, dims: Sequence[str] = ("layer", "position"),
@@ -212,6 +212,17 @@ def _require_equal_lengths(clean: MultimodalBatch, corrupted: MultimodalBatch) -
         raise ValueError(f"clean prompts have {clean.input_ids.shape[1]} positions but corrupted "
                          f"ones {corrupted.input_ids.shape[1]}: patch by span "
                          "(positions='question', or patch_spans) or use prompts of equal length")
+
+
+def _position_columns(clean: MultimodalBatch, corrupted: MultimodalBatch,
+                      positions: str | None) -> list[Pairs]:
+    """One patch per position: every position (equal lengths), or the j-th of a span."""
+    if positions is None:
+        _require_equal_lengths(clean, corrupted)
+        return [_same_position(clean, p) for p in range(clean.input_ids.shape[1])]
+    span = _span_pairs(clean, corrupted, positions)
+    width = max(len(target) for target, _ in span)
+    return [[(t[j:j + 1], s[j:j + 1]) for t, s in span] for j in range(width)]
 
 
 def _same_position(batch: MultimodalBatch, position: int) -> Pairs:

@@ -89,6 +89,18 @@ def test_transformer_lens_patching_under_bind_images(setup):
     assert torch.allclose(patch_heads(model, clean, corrupted, metric), heads.cpu(), atol=1e-5)
 
 
+def test_heads_by_position(setup):
+    model, clean, corrupted, _, metric, _, _ = setup
+    by_position = patch_heads(model, clean, corrupted, metric, layers=[1], positions="question",
+                              by_position=True)
+    assert by_position.shape == (1, len(clean.positions("question", 0)), model.cfg.n_heads)
+    at_last = patch_heads(model, clean, corrupted, metric, layers=[1, 2], positions="last")
+    last_by_position = patch_heads(model, clean, corrupted, metric, layers=[1, 2],
+                                   positions="last", by_position=True)
+    assert torch.allclose(at_last, last_by_position[:, 0])
+    assert at_last.std() > 1e-4
+
+
 def test_prompts_of_different_lengths_patch_by_span(setup):
     model, clean, _, _, _, _, _ = setup
     longer = tiny_batch(model.cfg.hf_config, batch=2, seed=5, prefix=6)
