@@ -87,7 +87,9 @@ class MultimodalBatch:
         )
 
     def to(self, device: str | torch.device) -> MultimodalBatch:
-        move = (lambda t: None if t is None else t.to(device))
+        def move(tensor: Tensor | None) -> Tensor | None:
+            return None if tensor is None else tensor.to(device)
+
         return replace(self, input_ids=move(self.input_ids),
                        attention_mask=move(self.attention_mask),
                        pixel_values=move(self.pixel_values), image_sizes=move(self.image_sizes))

@@ -47,7 +47,9 @@ def generate(
         attention_mask = torch.ones_like(tokens)
     if eos_token_id is None and model.tokenizer is not None:
         eos_token_id = model.tokenizer.eos_token_id
-    generator = torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=tokens.device).manual_seed(seed)
     cache = KeyValueCache.empty(model.cfg.n_layers) if use_past_kv_cache else None
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     step_input, step_mask, step_pixels = tokens, attention_mask, pixel_values

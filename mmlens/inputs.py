@@ -79,7 +79,8 @@ def encode_prompt(processor: Any, image: Image.Image, question: str, template: P
     return out, spans, prompt
 
 
-def prepare(model: Any, images: Any, questions: Any, *, template: str | PromptTemplate | None = None,
+def prepare(model: Any, images: Any, questions: Any, *,
+            template: str | PromptTemplate | None = None,
             boxes: Sequence[Sequence[tuple[float, float, float, float]]] | None = None,
             examples: Sequence[Any] | None = None,
             preprocessing: str | None = None) -> MultimodalBatch:

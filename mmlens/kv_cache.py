@@ -52,7 +52,8 @@ class KeyValueCache:
     def expand(self, batch: int) -> KeyValueCache:
         """A frozen view of a batch-1 cache repeated ``batch`` times (no copy)."""
         layers = [
-            None if kv is None else (kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1))
+            None if kv is None
+            else (kv[0].expand(batch, -1, -1, -1), kv[1].expand(batch, -1, -1, -1))
             for kv in self.layers
         ]
         mask = None if self.attention_mask is None else self.attention_mask.expand(batch, -1)

@@ -18,8 +18,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import ActivationCache
-from transformer_lens import HookedRootModule
+from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from mmlens.components import Embed, Projector, RMSNorm, Unembed
@@ -168,7 +167,9 @@ class HookedMultimodalTransformer(HookedRootModule):
         return self.hook_embed(merged)
 
     @contextlib.contextmanager
-    def bind_images(self, pixel_values: Tensor, image_sizes: Tensor | None = None) -> Iterator[None]:
+    def bind_images(
+        self, pixel_values: Tensor, image_sizes: Tensor | None = None
+    ) -> Iterator[None]:
         """Within the block, calls that pass only ``input_ids`` use these images.
 
         This is how functions that call ``model(tokens)`` or ``run_with_hooks(tokens, ...)``

@@ -16,7 +16,7 @@ from mmlens.config import MultimodalConfig
 
 
 class VisionTower(nn.Module):
-    """``pixel_values [images, 3, H, W] -> features [images, n_features, d_vision * n_layers_used]``.
+    """``pixel_values [images, 3, H, W] -> features [images, n_features, d_vision * n_used]``.
 
     Hooks: ``embed.hook_patch_embed``, ``embed.hook_pos_embed``, ``hook_embed`` (class + patches
     + positions, ``[images, 1 + n_patches, d]``), ``ln_pre.*``, ``blocks.{l}.*`` as on the

@@ -43,7 +43,9 @@ def tiny_llava_config(
     )
 
 
-def tiny_llava(seed: int = 0, dtype: torch.dtype = torch.float32, **kwargs) -> LlavaForConditionalGeneration:
+def tiny_llava(
+    seed: int = 0, dtype: torch.dtype = torch.float32, **kwargs
+) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(tiny_llava_config(**kwargs))
     # Random init leaves norms at 1 and biases at 0: perturb every weight so parity is a real test.

@@ -139,7 +139,9 @@ class Attention(nn.Module):
         out = F.linear(z.reshape(batch, q_len, -1), self.o_weight, self.o_bias)
         return out, present
 
-    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool) -> Tensor:
+    def _explicit(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool
+    ) -> Tensor:
         repeats = self.n_heads // self.n_kv_heads
         if repeats > 1:
             k = k.repeat_interleave(repeats, dim=1)

@@ -21,7 +21,7 @@ class Embed(nn.Module):
 
 
 class Unembed(nn.Module):
-    """``logits = x W_U``; stored as ``[d_vocab, d_model]``, ``W_U`` is the ``[d_model, d_vocab]`` view."""
+    """``logits = x W_U``; stored as ``[d_vocab, d_model]``, ``W_U`` is the transposed view."""
 
     def __init__(self, d_model: int, d_vocab: int):
         super().__init__()

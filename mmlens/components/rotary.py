@@ -1,4 +1,4 @@
-"""Rotary position embeddings with the checkpoint's own inverse frequencies (Llama-3 scaling too)."""
+"""Rotary position embeddings with the checkpoint's own inverse frequencies (Llama-3 too)."""
 
 from __future__ import annotations
 

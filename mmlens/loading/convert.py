@@ -2,13 +2,17 @@
 
 The HF module tree they read (transformers >= 5)::
 
-    model.vision_tower[.vision_model].embeddings.{class_embedding, patch_embedding, position_embedding}
-    model.vision_tower[.vision_model].pre_layrnorm
-    model.vision_tower[.vision_model].encoder.layers.{i}.{self_attn.{q,k,v,out}_proj, layer_norm{1,2}, mlp.fc{1,2}}
+    model.vision_tower[.vision_model]
+        .embeddings.{class_embedding, patch_embedding, position_embedding}
+        .pre_layrnorm
+        .encoder.layers.{i}.{self_attn.{q,k,v,out}_proj, layer_norm{1,2}, mlp.fc{1,2}}
     model.multi_modal_projector.linear_{1,2}
     model.image_newline                                   (LLaVA-NeXT only)
-    model.language_model.{embed_tokens, layers.{i}.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj,
-                          input_layernorm, post_attention_layernorm}, norm}
+    model.language_model
+        .embed_tokens
+        .layers.{i}.{self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj,
+                     input_layernorm, post_attention_layernorm}
+        .norm
     lm_head
 
 Our weights keep HF's ``[out, in]`` layout (the TransformerLens-shaped ``W_Q``... are views),

@@ -28,19 +28,18 @@ def _compare(hf, inputs, dtype_tol):
             inputs["input_ids"], inputs["pixel_values"], attention_mask=mask)
         fast = model(inputs["input_ids"], inputs["pixel_values"], attention_mask=mask)
     real = mask.bool()
+    features = cache["projector.hook_out"]
     diffs = {
         "logits": (ref.logits - logits)[real].abs().max().item(),
         "fast_vs_cached": (fast - logits)[real].abs().max().item(),
         "softmax": (ref.logits.float().softmax(-1) - logits.float().softmax(-1))[real]
         .abs().max().item(),
-        "image_features": (ref.image_hidden_states.reshape(-1, logits.shape[0] and
-                           cache["projector.hook_out"].shape[-1]) -
-                           cache["projector.hook_out"].reshape(-1, cache["projector.hook_out"]
-                           .shape[-1])).abs().max().item(),
+        "image_features": (ref.image_hidden_states.reshape(features.shape) - features)
+        .abs().max().item(),
     }
     for layer in range(model.cfg.n_layers):
-        diffs[f"resid_pre.{layer}"] = (
-            ref.hidden_states[layer] - cache[f"blocks.{layer}.hook_resid_pre"])[real].abs().max().item()
+        ours = cache[f"blocks.{layer}.hook_resid_pre"]
+        diffs[f"resid_pre.{layer}"] = (ref.hidden_states[layer] - ours)[real].abs().max().item()
     return diffs
 
 
