@@ -44,6 +44,8 @@ def answer_emergence(
     *,
     only_correct: bool = True,
     progress: bool = True,
+    template: Any = None,
+    preprocessing: str | None = None,
     max_new_tokens: int = 8,
 ) -> pd.DataFrame:
     """The answer's probability and rank at the last position after every layer.
@@ -51,13 +53,13 @@ def answer_emergence(
     One row per example x layer x variant x ``ln`` (final norm applied or not); ``rank`` 1 is
     the top token. ``examples`` are ``Example`` records (or a batch built from them); with
     ``only_correct`` the examples the model gets wrong are left out and listed in
-    ``df.attrs["dropped"]``.
+    ``df.attrs["dropped"]``. ``template`` / ``preprocessing`` as in ``information_flow``.
     """
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError("answer emergence tracks answer words, but this model has no "
                          "tokenizer: load it with from_pretrained")
-    source = ExampleSource(model, examples)
+    source = ExampleSource(model, examples, template=template, preprocessing=preprocessing)
     source.check_gold_answers()
     rows, dropped = [], []
     for index in tqdm(range(len(source)), disable=not progress, desc="answer emergence",

@@ -21,8 +21,11 @@ class ExampleSource:
     """Examples by index: id, task, gold answer and the prepared single-example batch."""
 
     def __init__(self, model, examples: Sequence[Any] | MultimodalBatch,
-                 spans: Mapping[str, Mapping[str, Any]] | Callable[..., Any] | None = None):
+                 spans: Mapping[str, Mapping[str, Any]] | Callable[..., Any] | None = None,
+                 *, template: Any = None, preprocessing: str | None = None):
         self.model = model
+        # passed to prepare_examples: the prompt template and how images reach the tower
+        self.prepare_options = {"template": template, "preprocessing": preprocessing}
         self.batch = examples if isinstance(examples, MultimodalBatch) else None
         if self.batch is not None:
             self.records = list(self.batch.examples) if self.batch.examples else None
@@ -71,7 +74,8 @@ class ExampleSource:
         else:
             from mmlens.inputs import prepare_examples
 
-            example = single_example(prepare_examples(self.model, [self.records[index]]))
+            example = single_example(
+                prepare_examples(self.model, [self.records[index]], **self.prepare_options))
         example = example.to(self.model.embed.W_E.device)
         self._add_extra_spans(index, example)
         self._last = (index, example)

@@ -80,10 +80,16 @@ def clean_run(model, example: MultimodalBatch) -> CleanRun:
     hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", keep(n_layers)))
     cache = KeyValueCache.empty(n_layers)
     with model.hooks(fwd_hooks=hooks):
-        logits = model(example.input_ids, example.pixel_values, image_sizes=example.image_sizes,
-                       past_kv_cache=cache)
-    return CleanRun(resid=resid, cache=cache, logits=logits[0, -1].float(),
+        final = model(example.input_ids, example.pixel_values, image_sizes=example.image_sizes,
+                      past_kv_cache=cache, stop_at_layer=n_layers)
+    return CleanRun(resid=resid, cache=cache, logits=last_logits(model, final)[0],
                     n_positions=example.input_ids.shape[1])
+
+
+def last_logits(model, final_resid: Float[Tensor, "batch pos d_model"]
+                ) -> Float[Tensor, "batch d_vocab"]:
+    """Float32 logits at the last position only (the sweep never reads the others)."""
+    return model.unembed(model.ln_final(final_resid[:, -1:]))[:, -1].float()
 
 
 @torch.no_grad()
@@ -113,27 +119,32 @@ def _start(knockout: Knockout, n_positions: int, n_layers: int) -> tuple[int, in
     return position, layer
 
 
-def _edge_masks(knockouts: Sequence[Knockout], position: int, n_keys: int,
-                device: torch.device) -> Tensor:
-    """Per row, the edges to block ``[rows, q_len, k_len]`` (True = blocked)."""
+def _edge_masks(knockouts: Sequence[Knockout], position: int, n_keys: int) -> Tensor:
+    """Per row, the edges to block ``[rows, q_len, k_len]`` (True = blocked).
+
+    Raises when a row would leave a query with no key to attend to (its softmax would be
+    undefined), as ``block_attention`` does.
+    """
     q_len = n_keys - position
     blocked = torch.zeros(len(knockouts), q_len, n_keys, dtype=torch.bool)
     for row, knockout in enumerate(knockouts):
         if len(knockout.source) and len(knockout.target):
             blocked[row, (knockout.target - position)[:, None], knockout.source[None, :]] = True
-    return blocked.to(device)
+    causal = torch.arange(n_keys)[None, :] <= torch.arange(position, n_keys)[:, None]
+    stranded = (blocked | ~causal).all(-1).nonzero()
+    if len(stranded):
+        row, query = (int(i) for i in stranded[0])
+        raise ValueError(f"knockout {row}: position {position + query} would attend to nothing; "
+                         "keep at least one key it may attend to (a source covering every "
+                         "earlier position and itself cannot be knocked out)")
+    return blocked
 
 
-def _mask_hook(blocked: Tensor):
-    """A ``hook_mask`` edit: rows' blocked edges set to "may not attend"."""
+def _mask_hook(blocked: Tensor, active: Tensor):
+    """A ``hook_mask`` edit: the active rows' blocked edges set to "may not attend"."""
 
     def hook(mask: Tensor, hook) -> Tensor:
-        allowed = mask & ~blocked[:, None]
-        if not bool(allowed.any(-1).all()):
-            raise ValueError(f"knockout at {hook.name}: a target position would attend to "
-                             "nothing; keep at least one key it may attend to (a flow whose "
-                             "source covers every earlier position cannot be knocked out)")
-        return allowed
+        return mask & ~(blocked & active[:, None, None])[:, None]
 
     return hook
 
@@ -144,20 +155,18 @@ def _run_rows(model, clean: CleanRun, knockouts: Sequence[Knockout], position: i
     n_layers, n = model.cfg.n_layers, len(knockouts)
     first_layer = min(_start(k, clean.n_positions, n_layers)[1] for k in knockouts)
     device = clean.resid[0].device
-    blocked = _edge_masks(knockouts, position, clean.n_positions, device)
-    hooks = []
-    for layer in range(first_layer, n_layers):
-        active = torch.tensor([layer in k.layers for k in knockouts], device=device)
-        if bool(active.any()):
-            hooks.append((f"blocks.{layer}.attn.hook_mask",
-                          _mask_hook(blocked & active[:, None, None])))
+    # Built on the host and moved once: no device sync inside the layer loop.
+    blocked = _edge_masks(knockouts, position, clean.n_positions).to(device)
+    active = torch.tensor([[layer in k.layers for k in knockouts] for layer in range(n_layers)])
+    hooks = [(f"blocks.{layer}.attn.hook_mask", _mask_hook(blocked, active[layer].to(device)))
+             for layer in range(first_layer, n_layers) if bool(active[layer].any())]
     suffix = clean.resid[first_layer][:, position:clean.n_positions].expand(n, -1, -1)
     frozen = clean.cache.truncate(position).expand(n)
     ones = torch.ones(n, suffix.shape[1], dtype=torch.long, device=device)
     with model.hooks(fwd_hooks=hooks):
-        logits = model(suffix, start_at_layer=first_layer, past_kv_cache=frozen,
-                       attention_mask=ones)
-    return logits[:, -1].float().softmax(-1)[:, token]
+        final = model(suffix, start_at_layer=first_layer, stop_at_layer=n_layers,
+                      past_kv_cache=frozen, attention_mask=ones)
+    return last_logits(model, final).softmax(-1)[:, token]
 
 
 def fast_knockout_probs(model, clean: CleanRun, knockouts: Sequence[Knockout], token: int, *,

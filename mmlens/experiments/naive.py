@@ -14,6 +14,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mmlens.batch import MultimodalBatch
+from mmlens.experiments.flow import last_logits
 from mmlens.experiments.flows import Knockout
 from mmlens.interventions import block_attention
 
@@ -31,9 +32,10 @@ def naive_knockout_probs(model, example: MultimodalBatch, knockouts: Sequence[Kn
     """``p(token)`` at the last position under each knockout, one full forward each."""
     probs = torch.empty(len(knockouts))
     for row, knockout in enumerate(knockouts):
-        logits = model.run_with_hooks(
+        final = model.run_with_hooks(
             example.input_ids, example.pixel_values, attention_mask=example.attention_mask,
-            image_sizes=example.image_sizes, fwd_hooks=knockout_hooks(knockout),
+            image_sizes=example.image_sizes, stop_at_layer=model.cfg.n_layers,
+            fwd_hooks=knockout_hooks(knockout),
         )
-        probs[row] = logits[0, -1].float().softmax(-1)[token].cpu()
+        probs[row] = last_logits(model, final)[0].softmax(-1)[token].cpu()
     return probs

@@ -55,6 +55,8 @@ def information_flow(
     batch_size: int = 64,
     progress: bool = True,
     spans: ExtraSpans | None = None,
+    template: Any = None,
+    preprocessing: str | None = None,
     max_new_tokens: int = 8,
 ) -> pd.DataFrame:
     """Knock out each flow in the window around each centre layer; one row per example x flow
@@ -65,11 +67,14 @@ def information_flow(
     span names. ``window``: layers per knockout (default ``default_window``). ``spans``: extra
     spans per example, ``{example_id: {name: positions}}`` or a callable
     ``(example, spans) -> {name: positions}``; positions index the example's unpadded prompt.
+    ``template`` / ``preprocessing``: how ``Example`` records are prepared (see
+    ``mmlens.presets`` for the paper's per-model choices; default: the processor's own).
 
     Columns: ``example_id, task, flow, layer, window_start, window_end, answer_token, answer,
-    p_base, p_block, rel_change`` (percent). The examples left out (wrong answer, an empty span
-    of a flow) are in ``df.attrs["dropped"]``; ``dropped_examples(df)`` gives them as a table
-    ``example_id, task, reason``.
+    p_base, p_block, rel_change`` (percent). What was left out is in ``df.attrs["dropped"]``;
+    ``dropped_examples(df)`` gives it as a table ``example_id, task, flow, reason``: examples
+    answered wrongly (``flow="all"``), and an example's flows with an empty span (e.g. no
+    ``related`` patches when the question's objects are absent), which only that flow skips.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
@@ -78,7 +83,8 @@ def information_flow(
     flows = parse_flows(flows)
     n_layers = model.cfg.n_layers
     window = check_window(window, n_layers)
-    source = ExampleSource(model, examples, spans)
+    source = ExampleSource(model, examples, spans, template=template,
+                           preprocessing=preprocessing)
     if only_correct:
         source.check_gold_answers()
     check_flow_spans(flows, source.prepare(0).spans[0])
@@ -88,6 +94,7 @@ def information_flow(
             "kind": "information_flow", "model": model_fingerprint(model),
             "flows": [f.name for f in flows], "window": window, "only_correct": only_correct,
             "examples": source.fingerprint(), "extra_spans": spans is not None,
+            "template": getattr(template, "name", template), "preprocessing": preprocessing,
             "max_new_tokens": max_new_tokens,
         }
         results = ResultStore.open(store, signature)
@@ -115,12 +122,15 @@ def _one_example(model, source: ExampleSource, index: int, flows: list[Flow], wi
     example_id, task = source.example_id(index), source.task(index)
     example = source.prepare(index)
     spans = example.spans[0]
-    for flow in flows:
-        for name in (flow.source, flow.target):
-            if name not in spans:
-                check_flow_spans([flow], spans)
-            if len(spans[name]) == 0:
-                return {"example_id": example_id, "task": task, "dropped": f"empty span {name!r}"}
+    check_flow_spans(flows, spans)
+    # A flow with an empty span (no related patches: the objects are absent) skips this
+    # example; the other flows keep it.
+    skipped = {flow.name: f"empty span {name!r}" for flow in flows
+               for name in (flow.target, flow.source) if len(spans[name]) == 0}
+    flows = [flow for flow in flows if flow.name not in skipped]
+    if not flows:
+        return {"example_id": example_id, "task": task,
+                "dropped": "; ".join(sorted(set(skipped.values())))}
     clean = clean_run(model, example)
     token = clean.prediction(exclude=model.cfg.image_token_id)
     if only_correct:
@@ -139,7 +149,7 @@ def _one_example(model, source: ExampleSource, index: int, flows: list[Flow], wi
         p_block[cell.flow].append(prob)
     answer = model.tokenizer.decode([token]) if model.tokenizer is not None else str(token)
     return {"example_id": example_id, "task": task, "answer_token": token, "answer": answer,
-            "p_base": clean.prob(token), "p_block": p_block}
+            "p_base": clean.prob(token), "p_block": p_block, "skipped": skipped}
 
 
 def model_answer(model, clean: CleanRun, token: int, gold: str, max_new_tokens: int) -> str:
@@ -164,11 +174,14 @@ def results_frame(records: Sequence[Mapping[str, Any]], flows: Sequence[Flow], w
     for record in records:
         if record.get("dropped"):
             dropped.append({"example_id": record["example_id"], "task": record["task"],
-                            "reason": record["dropped"]})
+                            "flow": "all", "reason": record["dropped"]})
             continue
+        for flow, reason in record.get("skipped", {}).items():
+            dropped.append({"example_id": record["example_id"], "task": record["task"],
+                            "flow": flow, "reason": reason})
         p_base = record["p_base"]
         for flow in flows:
-            for layer, p_block in enumerate(record["p_block"][flow.name]):
+            for layer, p_block in enumerate(record["p_block"].get(flow.name, [])):
                 rows.append({
                     "example_id": record["example_id"], "task": record["task"],
                     "flow": flow.name, "layer": layer, "window_start": windows[layer][0],
@@ -186,5 +199,10 @@ def results_frame(records: Sequence[Mapping[str, Any]], flows: Sequence[Flow], w
 
 
 def dropped_examples(frame: pd.DataFrame) -> pd.DataFrame:
-    """The examples an ``information_flow`` result left out: ``example_id, task, reason``."""
-    return pd.DataFrame(frame.attrs.get("dropped", []), columns=["example_id", "task", "reason"])
+    """What an ``information_flow`` result left out: ``example_id, task, flow, reason``.
+
+    ``flow`` is ``"all"`` for an example left out entirely (e.g. answered wrongly), else the
+    one flow it could not take part in (e.g. an empty ``related`` span).
+    """
+    return pd.DataFrame(frame.attrs.get("dropped", []),
+                        columns=["example_id", "task", "flow", "reason"])

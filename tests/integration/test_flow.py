@@ -110,15 +110,21 @@ def test_user_spans_and_flows(model_and_batch):
     assert len(by_callable) == len(fast)
 
 
-def test_empty_span_drops_the_example(model_and_batch):
+def test_an_empty_span_skips_only_its_flow(model_and_batch):
     model, batch = model_and_batch
     batch = MultimodalBatch(batch.input_ids, batch.attention_mask, batch.pixel_values,
                             [dict(s) for s in batch.spans])
     batch.spans[1]["related"] = torch.tensor([], dtype=torch.long)
     df = information_flow(model, batch, window=3, only_correct=False, progress=False)
-    assert set(df.example_id) == {"0", "2"}
+    assert set(df[df.flow == "related->question"].example_id) == {"0", "2"}
+    assert set(df[df.flow == "other->question"].example_id) == {"0", "1", "2"}
     dropped = dropped_examples(df)
-    assert dropped.example_id.tolist() == ["1"] and "related" in dropped.reason[0]
+    assert dropped[["example_id", "flow"]].values.tolist() == [["1", "related->question"]]
+    assert "related" in dropped.reason[0]
+    only_related = information_flow(model, batch, flows=["related->question"], window=3,
+                                    only_correct=False, progress=False)
+    assert dropped_examples(only_related)[["example_id", "flow"]].values.tolist() == [
+        ["1", "all"]]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -183,3 +189,15 @@ def test_correctness_filter_and_emergence(model_and_batch):
                                            dtype=torch.float32), atol=1e-6)
     finally:
         model.processor = None
+
+
+def test_a_knockout_leaving_a_query_nothing_to_attend_to_is_refused(model_and_batch):
+    model, batch = model_and_batch
+    example = single_example(batch, 0)
+    everything = torch.arange(example.input_ids.shape[1])
+    knockouts = [Knockout(everything, example.spans[0]["last"], (1,))]
+    clean = clean_run(model, example)
+    with pytest.raises(ValueError, match="attend to nothing"):
+        fast_knockout_probs(model, clean, knockouts, 0)
+    with pytest.raises(ValueError, match="attend to nothing"):
+        naive_knockout_probs(model, example, knockouts, 0)

@@ -1,0 +1,88 @@
+"""The ``mmlens`` command: ``mmlens flow``, ``mmlens report DIR``, ``mmlens hooks``.
+
+    mmlens flow                                  # the study on shapes-llava and fresh shapes data
+    mmlens flow --data path/to/gqa --model llava-hf/llava-1.5-7b-hf --device cuda --per-task 1000
+    mmlens flow --flows "image->last,question->last" --window 3 --out runs/small
+    mmlens report runs/small                     # rebuild report.html from the saved tables
+    mmlens hooks --model shapes-llava            # every hook point and its shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mmlens.data.example import TASKS
+from mmlens.experiments.flows import DEFAULT_FLOWS
+from mmlens.experiments.study import DEFAULT_MODEL, DEFAULT_PER_TASK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmlens", description="Hooked LLaVA models: the "
+                                     "information-flow study and friends.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    flow = commands.add_parser("flow", help="run the attention-knockout study and write a report")
+    flow.add_argument("--model", default=DEFAULT_MODEL,
+                      help="bundled short name, local folder or hub name (default %(default)s)")
+    flow.add_argument("--data", default="shapes",
+                      help="'shapes' (fresh synthetic questions) or a GQA folder")
+    flow.add_argument("--tasks", default=None,
+                      help=f"comma-separated tasks (default all: {','.join(TASKS)})")
+    flow.add_argument("--per-task", type=int, default=DEFAULT_PER_TASK,
+                      help="questions per task (default %(default)s)")
+    flow.add_argument("--flows", default=",".join(DEFAULT_FLOWS),
+                      help="comma-separated 'SOURCE->TARGET' span pairs; quote them in the "
+                      "shell (default: the paper's six)")
+    flow.add_argument("--window", type=int, default=None,
+                      help="layers per knockout (default 9 for 40 layers, 7 for 32, ~7/32)")
+    flow.add_argument("--device", default=None, help="e.g. cpu, cuda (default cpu)")
+    flow.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    flow.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
+    flow.add_argument("--no-filter", action="store_true",
+                      help="keep examples the model answers wrongly")
+    flow.add_argument("--batch-size", type=int, default=64, help="knockouts run together")
+    flow.add_argument("--out", default=None,
+                      help="output folder (default runs/flow-<timestamp>); rerun with the same "
+                      "folder and arguments to resume")
+    flow.add_argument("--quiet", action="store_true", help="no progress bars")
+    report = commands.add_parser("report", help="rebuild report.html from a run's tables")
+    report.add_argument("dir", help="output folder of `mmlens flow`")
+    hooks = commands.add_parser("hooks", help="list hook names and activation shapes")
+    hooks.add_argument("--model", default=DEFAULT_MODEL)
+    hooks.add_argument("--device", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "flow":
+            from mmlens.experiments.study import run_study
+
+            tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+            out = run_study(
+                args.out, model=args.model, data=args.data, tasks=tasks, per_task=args.per_task,
+                flows=args.flows, window=args.window, device=args.device, dtype=args.dtype,
+                seed=args.seed, only_correct=not args.no_filter, batch_size=args.batch_size,
+                progress=not args.quiet,
+            )
+            print(f"results in {out}: flow.csv, dropped.csv, emergence.csv, report.html")
+        elif args.command == "report":
+            from mmlens.report import build_report
+
+            print(f"report written to {build_report(args.dir)}")
+        else:
+            from mmlens.experiments.study import hook_shapes
+            from mmlens.model import HookedMultimodalTransformer
+
+            model = HookedMultimodalTransformer.from_pretrained(args.model, device=args.device)
+            for name, shape in hook_shapes(model):
+                print(f"{name:45} {list(shape)}")
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"mmlens {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The whole study in one call, as ``mmlens flow`` runs it: data, model, sweep, emergence, report.
+
+    out = run_study("runs/flow", model="shapes-llava", data="shapes", per_task=30)
+
+writes into ``out``: ``run.json`` (the arguments), ``flow.jsonl`` (the resumable store),
+``flow.csv`` (one row per example x flow x centre layer), ``dropped.csv``, ``emergence.csv``
+and ``report.html``. Running it again with the same arguments and folder resumes the sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mmlens.experiments.emergence import answer_emergence
+from mmlens.experiments.flows import DEFAULT_FLOWS, parse_flows
+from mmlens.experiments.sweep import dropped_examples, information_flow
+from mmlens.presets import PAPER_PRESETS
+
+DEFAULT_MODEL = "shapes-llava"
+DEFAULT_PER_TASK = 40
+
+
+def default_out_dir() -> Path:
+    return Path("runs") / time.strftime("flow-%Y%m%d-%H%M%S")
+
+
+def load_examples(data: str, *, tasks: Sequence[str] | None, per_task: int,
+                  seed: int) -> list[Any]:
+    """Fresh synthetic shapes (``"shapes"``) or a GQA folder, ``per_task`` questions per task."""
+    from mmlens.data.gqa import check_tasks, is_gqa_folder, load_gqa
+
+    tasks = list(check_tasks(tasks))
+    if not isinstance(per_task, int) or per_task < 1:
+        raise ValueError(f"per_task must be a positive integer, got {per_task!r}")
+    if data == "shapes":
+        from mmlens.data.shapes import generate_per_task
+
+        return generate_per_task(per_task, seed=seed, tasks=tasks)
+    if not Path(data).exists():
+        raise FileNotFoundError(f"data {data!r} is neither 'shapes' nor an existing folder: "
+                                "pass --data shapes or the path of a GQA folder")
+    if not is_gqa_folder(data):
+        raise ValueError(f"{data} is not a GQA folder: it needs a questions JSON file "
+                         "(e.g. val_balanced_questions.json), a scene graphs JSON file and "
+                         "images/ in it or one folder down")
+    examples = load_gqa(data, tasks=tasks, n_per_task=per_task, seed=seed)
+    if not examples:
+        raise ValueError(f"{data} holds no question of the tasks {tasks}")
+    missing = [e for e in examples if e.image is None and not Path(e.image_path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} images are missing, e.g. {missing[0].image_path}"
+                                ": put the GQA images in the folder's images/")
+    return examples
+
+
+def run_study(
+    out: str | Path | None = None,
+    *,
+    model: str = DEFAULT_MODEL,
+    data: str = "shapes",
+    tasks: Sequence[str] | None = None,
+    per_task: int = DEFAULT_PER_TASK,
+    flows: Sequence[str] | str = DEFAULT_FLOWS,
+    window: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    seed: int = 0,
+    only_correct: bool = True,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> Path:
+    """Run the information-flow study and write its tables and report into ``out``."""
+    from mmlens.model import HookedMultimodalTransformer
+    from mmlens.report import build_report
+
+    flow_names = [flow.name for flow in parse_flows(flows)]
+    examples = load_examples(data, tasks=tasks, per_task=per_task, seed=seed)
+    out = Path(out) if out is not None else default_out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    hooked = HookedMultimodalTransformer.from_pretrained(model, dtype=dtype, device=device)
+    # The paper's per-model prompt and image preprocessing; other models: their processor's.
+    preset = PAPER_PRESETS.get(model)
+    options = {"template": preset.template if preset else None, "preprocessing": None}
+    if preset is not None and preset.preprocessing != "anyres":  # anyres: fixed by the model
+        options["preprocessing"] = preset.preprocessing
+    if window is None and preset is not None:
+        window = preset.window
+    arguments = {"model": model, "data": data, "tasks": tasks, "per_task": per_task,
+                 "flows": flow_names, "window": window, "device": device, "dtype": dtype,
+                 "seed": seed, "only_correct": only_correct}
+    started = time.time()
+    frame = information_flow(
+        hooked, examples, flows=flow_names, window=window, only_correct=only_correct,
+        store=out / "flow.jsonl", batch_size=batch_size, progress=progress, **options,
+    )
+    frame.to_csv(out / "flow.csv", index=False)
+    dropped = dropped_examples(frame)
+    dropped.to_csv(out / "dropped.csv", index=False)
+    kept = set(frame.example_id)
+    emergence = answer_emergence(hooked, [e for e in examples if e.example_id in kept],
+                                 only_correct=False, progress=progress, **options)
+    emergence.to_csv(out / "emergence.csv", index=False)
+    summary = {
+        "arguments": arguments, "window": frame.attrs["window"], "n_layers": hooked.cfg.n_layers,
+        "n_examples": len(examples), "n_kept": len(kept),
+        "n_dropped": int((dropped["flow"] == "all").sum()),
+        "seconds": round(time.time() - started, 1),
+    }
+    (out / "run.json").write_text(json.dumps(summary, indent=1))
+    build_report(out)
+    return out
+
+
+def hook_shapes(model) -> list[tuple[str, tuple[int, ...]]]:
+    """Every hook point of ``model`` with its activation's shape on a one-example prompt."""
+    from PIL import Image
+
+    size = model.cfg.vision.image_size
+    batch = model.prepare(Image.new("RGB", (size, size), (128, 128, 128)),
+                          "What is in the image?")
+    _, cache = model.run_with_cache(batch)
+    return [(name, tuple(cache[name].shape)) for name in model.hook_dict if name in cache]
