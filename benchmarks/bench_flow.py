@@ -5,7 +5,7 @@ the image, 576 image tokens, 30 after: a 12-token question, the instruction, the
 position), random weights, side by side in one run: wall time, peak extra memory, and the
 largest |p_block| difference between the two paths.
 
-    python benchmarks/bench_flow.py                                   # CPU, scaled-down widths
+    python benchmarks/bench_flow.py --threads 1                       # CPU, scaled-down widths
     python benchmarks/bench_flow.py --device cuda --dtype bfloat16 --real-shapes --naive-layers 4
 
 ``--naive-layers N`` runs the naive path for N centre layers only (spread over the depth) and
@@ -113,8 +113,12 @@ def main() -> None:
     parser.add_argument("--naive-layers", type=int, default=None,
                         help="run the naive path on this many centre layers, extrapolate")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (1 avoids stalls when other work shares the cores)")
     parser.add_argument("--path", choices=["fast", "naive"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.path:
         print(json.dumps(run_path(args)))
         return

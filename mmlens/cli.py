@@ -57,11 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "flow":
-            from mmlens.experiments.study import run_study
+            from mmlens.experiments.study import default_out_dir, run_study
 
             tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+            out = args.out or default_out_dir()
+            print(f"mmlens flow: writing to {out} (if stopped, the same command with --out {out} "
+                  "resumes)", file=sys.stderr)
             out = run_study(
-                args.out, model=args.model, data=args.data, tasks=tasks, per_task=args.per_task,
+                out, model=args.model, data=args.data, tasks=tasks, per_task=args.per_task,
                 flows=args.flows, window=args.window, device=args.device, dtype=args.dtype,
                 seed=args.seed, only_correct=not args.no_filter, batch_size=args.batch_size,
                 progress=not args.quiet,

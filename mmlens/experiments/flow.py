@@ -11,11 +11,13 @@ clean keys/values of positions ``< p``:
 
 Knockouts with the same ``p`` share a batch (``* -> last``: one-token suffixes; ``* ->
 question``: the prompt from the question on). Rows of a batch are sorted by their first
-layer and run from the smallest one: layers before a row's window recompute clean values.
+layer and each joins the batch there with the clean residual, so no row runs a layer its
+knockout cannot change.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -141,10 +143,14 @@ def _edge_masks(knockouts: Sequence[Knockout], position: int, n_keys: int) -> Te
 
 
 def _mask_hook(blocked: Tensor, active: Tensor):
-    """A ``hook_mask`` edit: the active rows' blocked edges set to "may not attend"."""
+    """A ``hook_mask`` edit: the active rows' blocked edges set to "may not attend".
+
+    The batch at a layer is a prefix of the rows (rows join as their window starts).
+    """
 
     def hook(mask: Tensor, hook) -> Tensor:
-        return mask & ~(blocked & active[:, None, None])[:, None]
+        n = mask.shape[0]
+        return mask & ~(blocked[:n] & active[:n, None, None])[:, None]
 
     return hook
 
@@ -152,21 +158,32 @@ def _mask_hook(blocked: Tensor, active: Tensor):
 @torch.no_grad()
 def _run_rows(model, clean: CleanRun, knockouts: Sequence[Knockout], position: int,
               token: int) -> Float[Tensor, " rows"]:
-    n_layers, n = model.cfg.n_layers, len(knockouts)
-    first_layer = min(_start(k, clean.n_positions, n_layers)[1] for k in knockouts)
+    """Rows sorted by first layer; each joins the batch at its first layer with the clean
+    residual there, so every row runs exactly the layers its knockout can change."""
+    n_layers = model.cfg.n_layers
+    starts = [_start(k, clean.n_positions, n_layers)[1] for k in knockouts]
     device = clean.resid[0].device
     # Built on the host and moved once: no device sync inside the layer loop.
     blocked = _edge_masks(knockouts, position, clean.n_positions).to(device)
     active = torch.tensor([[layer in k.layers for k in knockouts] for layer in range(n_layers)])
     hooks = [(f"blocks.{layer}.attn.hook_mask", _mask_hook(blocked, active[layer].to(device)))
-             for layer in range(first_layer, n_layers) if bool(active[layer].any())]
-    suffix = clean.resid[first_layer][:, position:clean.n_positions].expand(n, -1, -1)
-    frozen = clean.cache.truncate(position).expand(n)
-    ones = torch.ones(n, suffix.shape[1], dtype=torch.long, device=device)
+             for layer in range(starts[0], n_layers) if bool(active[layer].any())]
+    prefix = clean.cache.truncate(position)
+    resid = clean.resid[0].new_empty(0, clean.n_positions - position, model.cfg.d_model)
     with model.hooks(fwd_hooks=hooks):
-        final = model(suffix, start_at_layer=first_layer, stop_at_layer=n_layers,
-                      past_kv_cache=frozen, attention_mask=ones)
-    return last_logits(model, final).softmax(-1)[:, token]
+        for layer in range(starts[0], n_layers + 1):
+            joining = bisect_right(starts, layer) - resid.shape[0]
+            if joining:
+                clean_suffix = clean.resid[layer][:, position:clean.n_positions]
+                resid = torch.cat([resid, clean_suffix.expand(joining, -1, -1)])
+            if layer == n_layers:
+                break
+            n = resid.shape[0]
+            resid = model(resid, start_at_layer=layer, stop_at_layer=layer + 1,
+                          past_kv_cache=prefix.expand(n),
+                          attention_mask=torch.ones(n, resid.shape[1], dtype=torch.long,
+                                                    device=device))
+    return last_logits(model, resid).softmax(-1)[:, token]
 
 
 def fast_knockout_probs(model, clean: CleanRun, knockouts: Sequence[Knockout], token: int, *,
