@@ -1,0 +1,38 @@
+"""The per-task summary finds the peak drop and its half-height range on hand-made curves."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from mmlens.experiments.summary import flow_summary
+
+
+def _frame(curves: dict[tuple[str, str], list[float]]) -> pd.DataFrame:
+    rows = []
+    for (task, flow), values in curves.items():
+        for example in ("a", "b"):
+            for layer, value in enumerate(values):
+                # the two examples straddle the curve, so the mean is the curve itself
+                offset = 1.0 if example == "a" else -1.0
+                rows.append({"example_id": f"{task}-{example}", "task": task, "flow": flow,
+                             "layer": layer, "rel_change": value + offset})
+    return pd.DataFrame(rows)
+
+
+def test_peak_and_half_range():
+    frame = _frame({("ChooseAttr", "question->last"): [0, -5, -30, -60, -35, -10, 0],
+                    ("ChooseAttr", "last->last"): [1, 2, 0.5, 3, 1, 0, 2]})
+    summary = flow_summary(frame).set_index(["task", "flow"])
+    row = summary.loc[("ChooseAttr", "question->last")]
+    assert row.peak_layer == 3 and row.peak_change == pytest.approx(-60)
+    assert (row.half_start, row.half_end) == (2, 4)  # -30 and -35 are at least half of -60
+    flat = summary.loc[("ChooseAttr", "last->last")]
+    assert flat.peak_change >= 0 and math.isnan(flat.half_start)
+    assert ("all", "question->last") in summary.index
+    assert summary.loc[("ChooseAttr", "question->last")].n_examples == 2
+
+
+def test_missing_columns_raise():
+    with pytest.raises(ValueError, match="lacks columns"):
+        flow_summary(pd.DataFrame({"flow": [], "layer": []}))
