@@ -27,6 +27,7 @@ from mmlens.data.shapes_questions import (
     QUESTION_WORDS,
     SHAPES,
     SIZES,
+    Layout,
     ShapeObject,
     ask,
 )
@@ -48,6 +49,7 @@ __all__ = [
 ]
 
 DEFAULT_IMAGE_SIZE = 112
+DEFAULT_N_OBJECTS = (3, 5)
 
 GQA_TYPES: dict[str, dict[str, str]] = {
     "ChooseAttr": {"structural": "choose", "semantic": "attr", "detailed": "chooseAttr"},
@@ -99,14 +101,21 @@ def _image_id(seed: int, task: str, index: int) -> str:
 
 
 def generate_one(
-    task: str, index: int, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE
+    task: str,
+    index: int,
+    seed: int = 0,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    n_objects: tuple[int, int] = DEFAULT_N_OBJECTS,
 ) -> ShapesExample:
-    """The ``index``-th ``task`` example of ``seed``; answers cycle through ``ANSWERS[task]``."""
+    """The ``index``-th ``task`` example of ``seed``; answers cycle through ``ANSWERS[task]``.
+
+    Scenes hold ``n_objects`` (low, high) objects, or more where the question needs them.
+    """
     if task not in ANSWERS:
         raise ValueError(f"unknown task {task!r}: choose from {TASKS}")
     rng = random.Random(f"mmlens-shapes/{seed}/{task}/{index}")
     answer = ANSWERS[task][index % len(ANSWERS[task])]
-    objects, question = ask(task, answer, rng, image_size)
+    objects, question = ask(task, answer, rng, Layout(image_size, *n_objects))
     gray = rng.randint(235, 255)
     image_id = _image_id(seed, task, index)
     return ShapesExample(

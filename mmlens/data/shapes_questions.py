@@ -40,7 +40,14 @@ _GLUE_WORDS = (
 QUESTION_WORDS: tuple[str, ...] = (*SHAPES, *COLORS, *SIZES, *_GLUE_WORDS.split(), "?")
 """Every word and punctuation mark a question can contain."""
 
-MIN_OBJECTS, MAX_OBJECTS = 3, 5
+
+@dataclass(frozen=True)
+class Layout:
+    """Image side in pixels and the range of objects a scene holds (tasks may need more)."""
+
+    image_size: int
+    min_objects: int = 3
+    max_objects: int = 5
 
 
 @dataclass(frozen=True)
@@ -119,14 +126,16 @@ def _place(rng: random.Random, specs: list[Spec], image_size: int) -> list[Shape
 def _compose(
     rng: random.Random,
     required: list[Spec],
-    image_size: int,
+    layout: Layout,
     allow: Callable[[Spec], bool] = lambda spec: True,
+    at_least: int = 1,
 ) -> tuple[list[ShapeObject], list[int]] | None:
     """A shuffled scene holding ``required`` plus random extras that pass ``allow``.
 
     Returns the objects and the indices of the required ones, in the order given.
     """
-    n_objects = rng.randint(max(MIN_OBJECTS, len(required)), MAX_OBJECTS)
+    fewest = max(layout.min_objects, len(required), at_least)
+    n_objects = rng.randint(fewest, max(layout.max_objects, fewest))
     specs = list(required)
     for _ in range(100 * n_objects):
         if len(specs) == n_objects:
@@ -134,7 +143,7 @@ def _compose(
         spec = _random_spec(rng)
         if allow(spec):
             specs.append(spec)
-    objects = _place(rng, specs, image_size)
+    objects = _place(rng, specs, layout.image_size)
     if objects is None:
         return None
     order = list(range(len(objects)))
@@ -157,11 +166,11 @@ def _two_options(rng: random.Random, answer: str, wrong: str) -> tuple[str, str]
     return (answer, wrong) if rng.random() < 0.5 else (wrong, answer)
 
 
-def _choose_attr(rng: random.Random, answer: str, image_size: int) -> tuple | None:
+def _choose_attr(rng: random.Random, answer: str, layout: Layout) -> tuple | None:
     attribute, other = ("color", "size") if answer in COLORS else ("size", "color")
     values = list(COLORS) if attribute == "color" else list(SIZES)
     wrong = rng.choice([v for v in values if v != answer])
-    composed = _compose(rng, [_random_spec(rng, **{attribute: answer})], image_size)
+    composed = _compose(rng, [_random_spec(rng, **{attribute: answer})], layout)
     if composed is None:
         return None
     objects, (target,) = composed
@@ -173,9 +182,9 @@ def _choose_attr(rng: random.Random, answer: str, image_size: int) -> tuple | No
     return objects, Question("ChooseAttr", text, answer, wrong, (target,), ((ref, target),))
 
 
-def _choose_cat(rng: random.Random, answer: str, image_size: int) -> tuple | None:
+def _choose_cat(rng: random.Random, answer: str, layout: Layout) -> tuple | None:
     wrong = rng.choice([s for s in SHAPES if s != answer])
-    composed = _compose(rng, [_random_spec(rng, shape=answer)], image_size)
+    composed = _compose(rng, [_random_spec(rng, shape=answer)], layout)
     if composed is None:
         return None
     objects, (target,) = composed
@@ -191,8 +200,8 @@ def _choose_cat(rng: random.Random, answer: str, image_size: int) -> tuple | Non
     return objects, Question("ChooseCat", text, answer, wrong, (target,), ((ref, target),))
 
 
-def _choose_rel(rng: random.Random, answer: str, image_size: int) -> tuple | None:
-    composed = _compose(rng, [], image_size)
+def _choose_rel(rng: random.Random, answer: str, layout: Layout) -> tuple | None:
+    composed = _compose(rng, [], layout, at_least=2)
     if composed is None:
         return None
     objects, _ = composed
@@ -222,7 +231,7 @@ def _choose_rel(rng: random.Random, answer: str, image_size: int) -> tuple | Non
     return None
 
 
-def _compare_attr(rng: random.Random, answer: str, image_size: int) -> tuple | None:
+def _compare_attr(rng: random.Random, answer: str, layout: Layout) -> tuple | None:
     shape_a, shape_b = rng.sample(SHAPES, 2)
     if answer == "color":
         color_a = color_b = rng.choice(list(COLORS))
@@ -231,7 +240,7 @@ def _compare_attr(rng: random.Random, answer: str, image_size: int) -> tuple | N
         color_a, color_b = rng.sample(list(COLORS), 2)
         size_a = size_b = rng.choice(list(SIZES))
     required = [(shape_a, color_a, size_a), (shape_b, color_b, size_b)]
-    composed = _compose(rng, required, image_size, lambda s: s[0] not in (shape_a, shape_b))
+    composed = _compose(rng, required, layout, lambda s: s[0] not in (shape_a, shape_b))
     if composed is None:
         return None
     objects, (a, b) = composed
@@ -240,14 +249,14 @@ def _compare_attr(rng: random.Random, answer: str, image_size: int) -> tuple | N
     return objects, Question("CompareAttr", text, answer, None, (a, b), mentions)
 
 
-def _logical_obj(rng: random.Random, answer: str, image_size: int) -> tuple | None:
+def _logical_obj(rng: random.Random, answer: str, layout: Layout) -> tuple | None:
     (color_a, color_b), (shape_a, shape_b) = rng.sample(list(COLORS), 2), rng.choices(SHAPES, k=2)
     described = [(shape_a, color_a), (shape_b, color_b)]
     present = rng.choice([(0,), (1,), (0, 1)]) if answer == "yes" else ()
     required = [_random_spec(rng, shape=described[k][0], color=described[k][1]) for k in present]
     if rng.random() < 0.5:  # a near miss: one description's colour on the other's shape
         required.append(_random_spec(rng, shape=shape_b, color=color_a))
-    composed = _compose(rng, required, image_size, lambda s: (s[0], s[1]) not in described)
+    composed = _compose(rng, required, layout, lambda s: (s[0], s[1]) not in described)
     if composed is None:
         return None
     objects, indices = composed
@@ -264,12 +273,12 @@ def _logical_obj(rng: random.Random, answer: str, image_size: int) -> tuple | No
     return objects, Question("LogicalObj", text, answer, None, subjects, mentions)
 
 
-def _query_attr(rng: random.Random, answer: str, image_size: int) -> tuple | None:
-    composed = _compose(rng, [], image_size)
+def _query_attr(rng: random.Random, answer: str, layout: Layout) -> tuple | None:
+    composed = _compose(rng, [], layout)
     if composed is None:
         return None
     objects, _ = composed
-    half, margin = image_size / 2, round(0.03 * image_size)
+    half, margin = layout.image_size / 2, round(0.03 * layout.image_size)
     candidates = [
         i
         for i, o in enumerate(objects)
@@ -295,7 +304,7 @@ BUILDERS = {
 
 
 def ask(
-    task: str, answer: str, rng: random.Random, image_size: int
+    task: str, answer: str, rng: random.Random, layout: Layout
 ) -> tuple[list[ShapeObject], Question]:
     """A scene and a ``task`` question about it whose gold answer is ``answer``."""
     if task not in BUILDERS:
@@ -303,9 +312,9 @@ def ask(
     if answer not in ANSWERS[task]:
         raise ValueError(f"{answer!r} is no answer of {task}: choose from {ANSWERS[task]}")
     for _ in range(1000):
-        built = BUILDERS[task](rng, answer, image_size)
+        built = BUILDERS[task](rng, answer, layout)
         if built is not None:
             return built
     raise RuntimeError(
-        f"could not compose a {task} scene at image_size={image_size}: use a larger image"
+        f"could not compose a {task} scene in {layout}: use a larger image or fewer objects"
     )
