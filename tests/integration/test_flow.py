@@ -44,6 +44,15 @@ def tiny_batch(config, pad=(0, 2, 1)) -> MultimodalBatch:
                            inputs["pixel_values"], spans)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run many small ops: one thread avoids stalls when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=[2, 4], ids=["gqa-heads", "mha"])
 def model_and_batch(request):
     model, config = tiny_model(request.param)
@@ -69,6 +78,7 @@ def test_fast_equals_naive_for_every_default_flow(model_and_batch):
 
 def test_fast_equals_naive_in_one_batch_and_windows_of_one(model_and_batch):
     model, batch = model_and_batch
+    batch = batch.select([1, 2])
     kwargs = dict(window=1, only_correct=False, progress=False)
     fast = information_flow(model, batch, batch_size=1000, **kwargs)
     naive = information_flow(model, batch, method="naive", **kwargs)
