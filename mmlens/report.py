@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mmlens.experiments.summary import flow_summary
 from mmlens.plotting import knockout_curves, lens_trajectories
 
 SECTIONS = (
@@ -105,12 +106,11 @@ def _header(summary: dict, flow: pd.DataFrame, dropped: pd.DataFrame) -> str:
 def _tables(flow: pd.DataFrame, dropped: pd.DataFrame) -> str:
     parts = []
     if not flow.empty:
-        means = flow.groupby(["flow", "layer"])["rel_change"].mean().reset_index()
-        strongest = means.loc[means.groupby("flow")["rel_change"].idxmin()]
-        strongest = strongest.rename(columns={"layer": "centre layer of the largest drop",
-                                              "rel_change": "mean relative change (%)"})
-        parts.append("<h2>Largest drop per flow</h2>"
-                     + strongest.to_html(index=False, float_format="%.1f"))
+        peaks = flow_summary(flow).sort_values(["flow", "task"])
+        parts.append("<h2>Largest drop per flow and task</h2><p>peak_layer: centre layer of "
+                     "the largest mean drop; peak_change: that drop (%); half_start..half_end: "
+                     "the layers around it where the drop is at least half as large.</p>"
+                     + peaks.to_html(index=False, float_format="%.1f"))
     if not dropped.empty:
         kinds = dropped.assign(reason=dropped["reason"].str.split(" ").str[:2].str.join(" "))
         counts = (kinds.groupby(["task", "flow", "reason"]).size().rename("examples")
