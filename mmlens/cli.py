@@ -41,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     flow.add_argument("--no-filter", action="store_true",
                       help="keep examples the model answers wrongly")
     flow.add_argument("--batch-size", type=int, default=64, help="knockouts run together")
+    flow.add_argument("--threads", type=int, default=None,
+                      help="CPU threads (default: 1 for small models on the CPU)")
     flow.add_argument("--out", default=None,
                       help="output folder (default runs/flow-<timestamp>); rerun with the same "
                       "folder and arguments to resume")
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 out, model=args.model, data=args.data, tasks=tasks, per_task=args.per_task,
                 flows=args.flows, window=args.window, device=args.device, dtype=args.dtype,
                 seed=args.seed, only_correct=not args.no_filter, batch_size=args.batch_size,
-                progress=not args.quiet,
+                progress=not args.quiet, threads=args.threads,
             )
             print(f"results in {out}: flow.csv, dropped.csv, emergence.csv, report.html")
         elif args.command == "report":

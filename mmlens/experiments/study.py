@@ -9,11 +9,14 @@ and ``report.html``. Running it again with the same arguments and folder resumes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from mmlens.experiments.emergence import answer_emergence
 from mmlens.experiments.flows import DEFAULT_FLOWS, parse_flows
@@ -22,6 +25,19 @@ from mmlens.presets import PAPER_PRESETS
 
 DEFAULT_MODEL = "shapes-llava"
 DEFAULT_PER_TASK = 40
+SMALL_WIDTH = 1024
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block on ``threads`` CPU threads (None: unchanged), then restore the count."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def default_out_dir() -> Path:
@@ -72,8 +88,14 @@ def run_study(
     only_correct: bool = True,
     batch_size: int = 64,
     progress: bool = True,
+    threads: int | None = None,
 ) -> Path:
-    """Run the information-flow study and write its tables and report into ``out``."""
+    """Run the information-flow study and write its tables and report into ``out``.
+
+    ``threads``: CPU threads for torch. By default a small model (``d_model`` up to 1024) on
+    the CPU runs on one thread: its many small operations gain little from more, and stall
+    badly when other work shares the cores.
+    """
     from mmlens.model import HookedMultimodalTransformer
     from mmlens.report import build_report
 
@@ -82,6 +104,9 @@ def run_study(
     out = Path(out) if out is not None else default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     hooked = HookedMultimodalTransformer.from_pretrained(model, dtype=dtype, device=device)
+    on_cpu = hooked.embed.W_E.device.type == "cpu"
+    if threads is None and on_cpu and hooked.cfg.d_model <= SMALL_WIDTH:
+        threads = 1
     # The paper's per-model prompt and image preprocessing; other models: their processor's.
     preset = PAPER_PRESETS.get(model)
     options = {"template": preset.template if preset else None, "preprocessing": None}
@@ -91,26 +116,27 @@ def run_study(
         window = preset.window
     arguments = {"model": model, "data": data, "tasks": tasks, "per_task": per_task,
                  "flows": flow_names, "window": window, "device": device, "dtype": dtype,
-                 "seed": seed, "only_correct": only_correct}
-    started = time.time()
-    frame = information_flow(
-        hooked, examples, flows=flow_names, window=window, only_correct=only_correct,
-        store=out / "flow.jsonl", batch_size=batch_size, progress=progress, **options,
-    )
-    frame.to_csv(out / "flow.csv", index=False)
-    dropped = dropped_examples(frame)
-    dropped.to_csv(out / "dropped.csv", index=False)
-    kept = set(frame.example_id)
-    emergence = answer_emergence(hooked, [e for e in examples if e.example_id in kept],
-                                 only_correct=False, progress=progress, **options)
-    emergence.to_csv(out / "emergence.csv", index=False)
-    summary = {
-        "arguments": arguments, "window": frame.attrs["window"], "n_layers": hooked.cfg.n_layers,
-        "n_examples": len(examples), "n_kept": len(kept),
-        "n_dropped": int((dropped["flow"] == "all").sum()),
-        "seconds": round(time.time() - started, 1),
-    }
-    (out / "run.json").write_text(json.dumps(summary, indent=1))
+                 "seed": seed, "only_correct": only_correct, "threads": threads}
+    with torch_threads(threads):
+        started = time.time()
+        frame = information_flow(
+            hooked, examples, flows=flow_names, window=window, only_correct=only_correct,
+            store=out / "flow.jsonl", batch_size=batch_size, progress=progress, **options,
+        )
+        frame.to_csv(out / "flow.csv", index=False)
+        dropped = dropped_examples(frame)
+        dropped.to_csv(out / "dropped.csv", index=False)
+        kept = set(frame.example_id)
+        emergence = answer_emergence(hooked, [e for e in examples if e.example_id in kept],
+                                     only_correct=False, progress=progress, **options)
+        emergence.to_csv(out / "emergence.csv", index=False)
+        summary = {
+            "arguments": arguments, "window": frame.attrs["window"],
+            "n_layers": hooked.cfg.n_layers, "n_examples": len(examples), "n_kept": len(kept),
+            "n_dropped": int((dropped["flow"] == "all").sum()),
+            "seconds": round(time.time() - started, 1),
+        }
+        (out / "run.json").write_text(json.dumps(summary, indent=1))
     build_report(out)
     return out
 
