@@ -24,7 +24,7 @@ from mmlens.experiments.sweep import dropped_examples, information_flow
 from mmlens.presets import PAPER_PRESETS
 
 DEFAULT_MODEL = "shapes-llava"
-DEFAULT_PER_TASK = 40
+DEFAULT_PER_TASK = 60
 SMALL_WIDTH = 1024
 
 
