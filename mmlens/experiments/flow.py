@@ -117,7 +117,7 @@ def greedy_continue(model, clean: CleanRun, first_token: int, *, max_new_tokens:
 def _start(knockout: Knockout, n_positions: int, n_layers: int) -> tuple[int, int]:
     """(first position, first layer) the knockout can change; no layers: only the final norm."""
     position = int(knockout.target.min()) if len(knockout.target) else n_positions - 1
-    layer = knockout.layers[0] if knockout.layers else n_layers
+    layer = min(knockout.layers) if knockout.layers else n_layers
     return position, layer
 
 
