@@ -1,6 +1,8 @@
 """The ``mmlens`` command end to end: flow, report, hooks, and its refusals."""
 
 import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -117,3 +119,32 @@ def test_hooks_lists_names_and_shapes(model_dir, capsys):
     mask = next(line for line in lines if line.startswith("blocks.0.attn.hook_mask "))
     assert mask.split(None, 1)[1].startswith("[1, 1, ")
     assert any(line.startswith("vision.blocks.0.attn.hook_pattern ") for line in lines)
+
+
+def _bundled_model_present() -> bool:
+    from mmlens.zoo import BUNDLED
+
+    return (BUNDLED["shapes-llava"] / "config.json").is_file()
+
+
+@pytest.mark.skipif(not _bundled_model_present(), reason="shapes-llava is not bundled here")
+def test_the_default_study_on_shapes_llava(tmp_path):
+    """What `mmlens flow` does with its defaults, on fewer questions, as a user runs it."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "mmlens.cli", "flow", "--per-task", "4", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "information flow" in done.stderr  # the progress bar
+    flow = pd.read_csv(out / "flow.csv")
+    dropped = pd.read_csv(out / "dropped.csv")
+    run = json.loads((out / "run.json").read_text())
+    assert run["window"] == 3 and run["n_layers"] == 8 and run["n_examples"] == 24
+    assert flow.example_id.nunique() == run["n_kept"] > 0
+    wrong = dropped[dropped.flow == "all"]
+    assert wrong.reason.str.startswith("wrong answer").all()
+    assert not set(wrong.example_id) & set(flow.example_id)
+    assert flow.answer.str[0].str.isupper().all()  # shapes-llava answers "Yes", "Red"...
+    emergence = pd.read_csv(out / "emergence.csv")
+    final = emergence[(emergence.layer == 7) & emergence.ln & (emergence.variant == "capitalised")]
+    assert (final["rank"] == 1).all()  # the model's own answer at its output
+    assert "Answer emergence" in (out / "report.html").read_text()
