@@ -3,6 +3,8 @@
     mmlens flow                                  # the study on shapes-llava and fresh shapes data
     mmlens flow --data path/to/gqa --model llava-hf/llava-1.5-7b-hf --device cuda --per-task 1000
     mmlens flow --flows "image->last,question->last" --window 3 --out runs/small
+    mmlens reproduce --model llava-hf/llava-1.5-7b-hf --gqa-images gqa/images \
+        --subsets paper-subsets --out runs/llava-1.5-7b --device cuda --dtype float16
     mmlens report runs/small                     # rebuild report.html from the saved tables
     mmlens hooks --model shapes-llava            # every hook point and its shape
 """
@@ -47,6 +49,22 @@ def _parser() -> argparse.ArgumentParser:
                       help="output folder (default runs/flow-<timestamp>); rerun with the same "
                       "folder and arguments to resume")
     flow.add_argument("--quiet", action="store_true", help="no progress bars")
+    reproduce = commands.add_parser(
+        "reproduce", help="the paper's study on its released GQA question subsets")
+    reproduce.add_argument("--model", required=True,
+                           help="one of the paper's checkpoints (e.g. llava-hf/llava-1.5-7b-hf), "
+                           "a local folder, or shapes-llava")
+    reproduce.add_argument("--gqa-images", required=True, help="folder of GQA images {img_id}.jpg")
+    reproduce.add_argument("--subsets", required=True,
+                           help="folder of the paper's six subset CSV files")
+    reproduce.add_argument("--out", required=True, help="output folder (rerun to resume)")
+    reproduce.add_argument("--tasks", default=None, help="comma-separated tasks (default all)")
+    reproduce.add_argument("--per-task", type=int, default=None,
+                           help="questions per task (default: every question in the files)")
+    reproduce.add_argument("--device", default=None, help="e.g. cuda")
+    reproduce.add_argument("--dtype", default=None, help="float16, bfloat16 or float32")
+    reproduce.add_argument("--batch-size", type=int, default=64, help="knockouts run together")
+    reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
     report = commands.add_parser("report", help="rebuild report.html from a run's tables")
     report.add_argument("dir", help="output folder of `mmlens flow`")
     hooks = commands.add_parser("hooks", help="list hook names and activation shapes")
@@ -55,13 +73,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tasks(value: str | None) -> list[str] | None:
+    return [t.strip() for t in value.split(",") if t.strip()] if value else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "flow":
             from mmlens.experiments.study import default_out_dir, run_study
 
-            tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+            tasks = _tasks(args.tasks)
             out = args.out or default_out_dir()
             print(f"mmlens flow: writing to {out} (if stopped, the same command with --out {out} "
                   "resumes)", file=sys.stderr)
@@ -72,6 +94,15 @@ def main(argv: list[str] | None = None) -> int:
                 progress=not args.quiet, threads=args.threads,
             )
             print(f"results in {out}: flow.csv, dropped.csv, emergence.csv, report.html")
+        elif args.command == "reproduce":
+            from mmlens.experiments.reproduce import reproduce
+
+            out = reproduce(
+                args.out, model=args.model, gqa_images=args.gqa_images, subsets=args.subsets,
+                tasks=_tasks(args.tasks), per_task=args.per_task, device=args.device,
+                dtype=args.dtype, batch_size=args.batch_size, progress=not args.quiet,
+            )
+            print(f"results in {out}: flow.csv, summary.csv, emergence.csv, report.html")
         elif args.command == "report":
             from mmlens.report import build_report
 

@@ -20,6 +20,7 @@ import torch
 
 from mmlens.experiments.emergence import answer_emergence
 from mmlens.experiments.flows import DEFAULT_FLOWS, parse_flows
+from mmlens.experiments.summary import flow_summary
 from mmlens.experiments.sweep import dropped_examples, information_flow
 from mmlens.presets import PAPER_PRESETS
 
@@ -44,12 +45,19 @@ def default_out_dir() -> Path:
     return Path("runs") / time.strftime("flow-%Y%m%d-%H%M%S")
 
 
-def load_examples(data: str, *, tasks: Sequence[str] | None, per_task: int,
-                  seed: int) -> list[Any]:
+def is_paper_subsets_folder(path: str | Path) -> bool:
+    """A folder holding the paper's released question subsets (one CSV per task)."""
+    return Path(path).is_dir() and any(Path(path).glob("GQA_*_*.csv"))
+
+
+def load_examples(data: str, *, tasks: Sequence[str] | None, per_task: int | None,
+                  seed: int, images: str | Path | None = None) -> list[Any]:
     """Fresh synthetic shapes (``"shapes"``) or a GQA folder, ``per_task`` questions per task."""
     from mmlens.data.gqa import check_tasks, is_gqa_folder, load_gqa
 
     tasks = list(check_tasks(tasks))
+    if per_task is None and is_paper_subsets_folder(data):
+        return _paper_examples(data, images, tasks, None, seed)
     if not isinstance(per_task, int) or per_task < 1:
         raise ValueError(f"per_task must be a positive integer, got {per_task!r}")
     if data == "shapes":
@@ -59,6 +67,8 @@ def load_examples(data: str, *, tasks: Sequence[str] | None, per_task: int,
     if not Path(data).exists():
         raise FileNotFoundError(f"data {data!r} is neither 'shapes' nor an existing folder: "
                                 "pass --data shapes or the path of a GQA folder")
+    if is_paper_subsets_folder(data):
+        return _paper_examples(data, images, tasks, per_task, seed)
     if not is_gqa_folder(data):
         raise ValueError(f"{data} is not a GQA folder: it needs a questions JSON file "
                          "(e.g. val_balanced_questions.json), a scene graphs JSON file and "
@@ -73,13 +83,30 @@ def load_examples(data: str, *, tasks: Sequence[str] | None, per_task: int,
     return examples
 
 
+def _paper_examples(folder: str | Path, images: str | Path | None, tasks: Sequence[str],
+                    per_task: int | None, seed: int) -> list[Any]:
+    """The paper's question subsets joined with GQA images by ``img_id``; images checked first."""
+    from mmlens.data.paper_subsets import load_paper_subsets
+
+    if images is None or not Path(images).is_dir():
+        raise FileNotFoundError(f"GQA images folder {images!r} not found: pass --gqa-images, the "
+                                "folder holding {img_id}.jpg for the subsets' questions")
+    examples = load_paper_subsets(folder, images, tasks=tasks, n_per_task=per_task, seed=seed)
+    missing = [e for e in examples if not Path(e.image_path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(examples)} images are missing from "
+                                f"{images}, e.g. {missing[0].image_path}")
+    return examples
+
+
 def run_study(
     out: str | Path | None = None,
     *,
     model: str = DEFAULT_MODEL,
     data: str = "shapes",
     tasks: Sequence[str] | None = None,
-    per_task: int = DEFAULT_PER_TASK,
+    per_task: int | None = DEFAULT_PER_TASK,
+    images: str | Path | None = None,
     flows: Sequence[str] | str = DEFAULT_FLOWS,
     window: int | None = None,
     device: str | None = None,
@@ -100,7 +127,7 @@ def run_study(
     from mmlens.report import build_report
 
     flow_names = [flow.name for flow in parse_flows(flows)]
-    examples = load_examples(data, tasks=tasks, per_task=per_task, seed=seed)
+    examples = load_examples(data, tasks=tasks, per_task=per_task, seed=seed, images=images)
     out = Path(out) if out is not None else default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     hooked = HookedMultimodalTransformer.from_pretrained(model, dtype=dtype, device=device)
@@ -124,6 +151,8 @@ def run_study(
             store=out / "flow.jsonl", batch_size=batch_size, progress=progress, **options,
         )
         frame.to_csv(out / "flow.csv", index=False)
+        if not frame.empty:
+            flow_summary(frame).to_csv(out / "summary.csv", index=False)
         dropped = dropped_examples(frame)
         dropped.to_csv(out / "dropped.csv", index=False)
         kept = set(frame.example_id)

@@ -1,0 +1,48 @@
+"""The paper's study exactly: its question subsets, prompts, windows, flows and figures.
+
+    reproduce("runs/llava-1.5-7b", model="llava-hf/llava-1.5-7b-hf",
+              gqa_images="gqa/images", subsets="paper-subsets", device="cuda", dtype="float16")
+
+Uses the model's preset (``mmlens.presets``): the Vicuna v1 or Llama-3 prompt, window 7 for
+32-layer and 9 for 40-layer models, the image preprocessing the checkpoint was trained with,
+the six flows, and the correctness filter. Writes what ``mmlens flow`` writes plus
+``summary.csv`` (per task and flow: centre layer of the largest drop, its size, and the layer
+range where the drop exceeds half of it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from mmlens.experiments.study import is_paper_subsets_folder, run_study
+from mmlens.presets import PAPER_PRESETS
+
+
+def reproduce(
+    out: str | Path,
+    *,
+    model: str,
+    gqa_images: str | Path,
+    subsets: str | Path,
+    tasks: Sequence[str] | None = None,
+    per_task: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> Path:
+    """Run the paper's study for one model; resumable like ``mmlens flow``."""
+    if not is_paper_subsets_folder(subsets):
+        raise FileNotFoundError(
+            f"{subsets} holds none of the paper's subset files (GQA_val_correct_question_with_"
+            "..._TASK.csv): pass the folder of the six CSV files")
+    preset = PAPER_PRESETS.get(model)
+    flows = preset.flows if preset is not None else None
+    return run_study(
+        out, model=model, data=str(subsets), images=gqa_images, tasks=tasks, per_task=per_task,
+        flows=flows or list(PAPER_PRESETS["llava-hf/llava-1.5-7b-hf"].flows),
+        window=preset.window if preset is not None else None, device=device, dtype=dtype,
+        only_correct=preset.only_correct if preset is not None else True,
+        batch_size=batch_size, progress=progress,
+    )

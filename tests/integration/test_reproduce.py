@@ -1,0 +1,79 @@
+"""`mmlens reproduce` end to end on the bundled model, with subsets in the paper's CSV format."""
+
+import csv
+
+import pandas as pd
+import pytest
+
+from mmlens.cli import main
+from mmlens.data.gqa import CENTRAL_OBJECT_TASKS, GQA_TYPES
+from mmlens.data.shapes import generate_per_task
+from mmlens.zoo.registry import BUNDLED
+
+pytestmark = pytest.mark.skipif(not (BUNDLED["shapes-llava"] / "config.json").is_file(),
+                                reason="the bundled shapes-llava model is not installed")
+FILE_TAG = {"ChooseAttr": "choose", "ChooseCat": "categoryThatThisChoose_objThisChoose",
+            "ChooseRel": "relChooser", "CompareAttr": "twoCommon",
+            "LogicalObj": "existThatOr", "QueryAttr": "positionQuery"}
+
+
+def write_paper_subsets(folder, images, examples):
+    """One CSV per task in the authors' layout; images saved as {img_id}.jpg."""
+    folder.mkdir()
+    images.mkdir()
+    by_task = {}
+    for number, example in enumerate(examples):
+        img_id = str(2_000_000 + number)
+        example.image.save(images / f"{img_id}.jpg", quality=95)
+        row = {"question_id": f"{number:08d}", "img_id": img_id, "question": example.question,
+               "answer": example.answer, "true option": example.answer,
+               "false option": example.wrong_answer or "-",
+               "type_detailed": GQA_TYPES[example.task][0], "image_w": example.image.width,
+               "image_h": example.image.height}
+        prefixes = (["central object"] if example.task in CENTRAL_OBJECT_TASKS
+                    else ["object1", "object2"])
+        for index, prefix in enumerate(prefixes):
+            box = example.boxes[index] if index < len(example.boxes) else ("-",) * 4
+            row.update({f"{prefix} {k}": v for k, v in zip("xywh", box, strict=True)})
+        by_task.setdefault(example.task, []).append(row)
+    for task, rows in by_task.items():
+        path = folder / f"GQA_val_correct_question_with_{FILE_TAG[task]}_{task}.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def test_reproduce_end_to_end(tmp_path):
+    subsets, images, out = tmp_path / "subsets", tmp_path / "images", tmp_path / "run"
+    write_paper_subsets(subsets, images, generate_per_task(3, seed=77))
+    args = ["reproduce", "--model", "shapes-llava", "--gqa-images", str(images),
+            "--subsets", str(subsets), "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    flow = pd.read_csv(out / "flow.csv")
+    summary = pd.read_csv(out / "summary.csv")
+    assert set(flow.flow) <= {"image->question", "image->last", "question->last", "last->last",
+                              "related->question", "other->question"}
+    assert {"task", "flow", "peak_layer", "peak_change", "half_start", "half_end"} <= set(
+        summary.columns)
+    assert (out / "report.html").is_file()
+    first = len(flow)
+    assert main(args) == 0  # resumes: nothing recomputed, nothing duplicated
+    assert len(pd.read_csv(out / "flow.csv")) == first
+
+
+def test_reproduce_names_missing_images_before_compute(tmp_path, capsys):
+    subsets, images = tmp_path / "subsets", tmp_path / "images"
+    write_paper_subsets(subsets, images, generate_per_task(1, seed=5))
+    next(images.iterdir()).unlink()
+    code = main(["reproduce", "--model", "shapes-llava", "--gqa-images", str(images),
+                 "--subsets", str(subsets), "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "images are missing" in capsys.readouterr().err
+
+
+def test_reproduce_rejects_a_folder_without_subsets(tmp_path, capsys):
+    code = main(["reproduce", "--model", "shapes-llava", "--gqa-images", str(tmp_path),
+                 "--subsets", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "none of the paper's subset files" in capsys.readouterr().err
