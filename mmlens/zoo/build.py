@@ -151,3 +151,52 @@ def build_config(
         image_seq_length=(image_size // PATCH_SIZE) ** 2,
         tie_word_embeddings=False,
     )
+
+
+def model_card(config: LlavaConfig, n_params: int, log: dict) -> str:
+    """The README of a trained shapes-llava folder, from its config and training log."""
+    vision, text = config.vision_config, config.text_config
+    grid = vision.image_size // vision.patch_size
+    rows = "\n".join(f"| {task} | {value:.3f} |" for task, value in log["accuracy"].items())
+    prompt = PROMPT_TEMPLATE.replace("\n", "\\n")
+    command = (
+        f"python -m mmlens.zoo.train --out <folder> --steps {log['steps']} "
+        f"--batch-size {log['batch_size']} --lr {log['lr']} --ramp {log['ramp']}"
+    )
+    return f"""# shapes-llava
+
+A small LLaVA (`LlavaForConditionalGeneration`) trained from scratch on `mmlens.data.shapes`:
+images of coloured circles, squares and triangles with questions of the six task families of
+Zhang et al. (CVPR 2025). It exists so that mmlens' tests and tutorials run offline in seconds.
+
+## Sizes ({n_params / 1e6:.2f}M parameters, float32)
+- vision tower (CLIP): {vision.num_hidden_layers} layers, width {vision.hidden_size},
+  {vision.num_attention_heads} heads, {vision.image_size} px images, patch {vision.patch_size}
+  -> {grid}x{grid} = {grid * grid} image tokens (penultimate layer, CLS dropped)
+- projector: 2-layer MLP with GELU
+- language model (Llama): {text.num_hidden_layers} layers, width {text.hidden_size},
+  {text.num_attention_heads} heads with {text.num_key_value_heads} key/value heads,
+  MLP {text.intermediate_size}, vocabulary {text.vocab_size} words
+  (word-level tokenizer; every answer in lowercase and capitalised)
+
+## Prompt
+`{prompt}`
+
+The model answers with one capitalised word and `</s>` ("Yes", "Red", "Left", "Color").
+
+## Training
+`{command}`
+
+{log["steps_done"]} steps of {log["batch_size"]} fresh questions (training seed
+{log["train_seed"]}), AdamW, cosine schedule, loss on the answer tokens only. Scenes grow from
+one object to five over the first {log["ramp"]:.0%} of training. Ran on {log["device"]} in
+{log["seconds"] / 60:.0f} minutes.
+
+## Held-out accuracy
+Greedy first token, `strip().lower()` equal to the gold answer, {log["eval_per_task"]} fresh
+questions per task (seed {log["eval_seed"]}, scenes of 3 to 5 objects):
+
+| task | accuracy |
+|---|---|
+{rows}
+"""

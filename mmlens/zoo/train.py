@@ -16,6 +16,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -26,16 +27,18 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
 from mmlens.data.example import TASKS
-from mmlens.data.shapes import generate_one
+from mmlens.data.shapes import ANSWERS, DEFAULT_N_OBJECTS, generate_one
 from mmlens.zoo.build import (
     CLIP_MEAN,
     CLIP_STD,
     PROMPT_TEMPLATE,
     build_config,
     build_processor,
+    model_card,
 )
 
 TRAIN_SEED, EVAL_SEED = 1000, 2000
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # data loader workers are forked
 
 
 class ShapesQuestions(Dataset):
@@ -44,19 +47,39 @@ class ShapesQuestions(Dataset):
     Returns ``(pixels [3, H, W] uint8, input_ids [T] with the image tokens expanded, answer)``.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, seed: int, size: int, n_image: int):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerFast,
+        seed: int,
+        size: int,
+        n_image: int,
+        ramp: int = 0,
+    ):
         self.tokenizer, self.seed, self.size, self.n_image = tokenizer, seed, size, n_image
+        self.ramp = ramp
         self.image_id = tokenizer.convert_tokens_to_ids("<image>")
+
+    def n_objects(self, i: int) -> tuple[int, int]:
+        """Objects per scene of item ``i``: at most 1 at first, growing to 5 over ``ramp`` items.
+
+        Scenes of one object can be answered from the whole image; they teach the vision tower
+        colours, shapes, sizes and sides before questions need the named object found.
+        """
+        low, high = DEFAULT_N_OBJECTS
+        if self.ramp == 0:
+            return low, high
+        return 1, 1 + min(high - 1, (high * i) // self.ramp)
 
     def __len__(self) -> int:
         return 10**9
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, list[int], str]:
-        example = generate_one(TASKS[i % len(TASKS)], i // len(TASKS), self.seed, self.size)
+        task, index = TASKS[i % len(TASKS)], i // len(TASKS)
+        example = generate_one(task, index, self.seed, self.size, self.n_objects(i))
         ids = self.tokenizer(PROMPT_TEMPLATE.format(question=example.question)).input_ids
         at = ids.index(self.image_id)
         ids = ids[:at] + [self.image_id] * self.n_image + ids[at + 1 :]
-        pixels = torch.from_numpy(np.asarray(example.image, dtype=np.uint8)).permute(2, 0, 1)
+        pixels = torch.from_numpy(np.array(example.image, dtype=np.uint8)).permute(2, 0, 1)
         return pixels, ids, example.answer
 
 
@@ -123,8 +146,21 @@ def evaluate(model, tokenizer, n_per_task: int, device: str, seed: int = EVAL_SE
 
 
 def _answer_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """Gold answer (lowercase) -> id of its capitalised token, the training target."""
     vocab = tokenizer.get_vocab()
-    return {w: vocab[w.capitalize()] for w in vocab if w.capitalize() in vocab and w.islower()}
+    return {a: vocab[a.capitalize()] for answers in ANSWERS.values() for a in answers}
+
+
+def init_position_embeddings(model: LlavaForConditionalGeneration, std: float) -> None:
+    """Draw the vision tower's position embeddings ``[n_patches + 1, d_vision]`` with ``std``.
+
+    CLIP's default (0.02) is about 50 times smaller than the patch features (a sum over
+    3 * 14 * 14 pixels): a tower trained from scratch then barely knows where a patch is, and
+    questions about sides and relations stay at chance for a long time.
+    """
+    tower = model.model.vision_tower
+    embeddings = getattr(tower, "vision_model", tower).embeddings
+    torch.nn.init.normal_(embeddings.position_embedding.weight, std=std)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -132,25 +168,28 @@ def train(args: argparse.Namespace) -> None:
     processor = build_processor(args.image_size)
     tokenizer = processor.tokenizer
     config = build_config(len(tokenizer), args.image_size)
-    model = LlavaForConditionalGeneration(config).to(args.device)
+    model = LlavaForConditionalGeneration(config)
+    init_position_embeddings(model, args.position_std)
+    model.to(args.device)
     if args.init_from:
         model.load_state_dict(load_file(args.init_from), strict=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters on {args.device}", flush=True)
 
     answer_ids = _answer_ids(tokenizer)
-    data = ShapesQuestions(tokenizer, TRAIN_SEED, args.image_size, config.image_seq_length)
+    ramp = int(args.ramp * args.steps * args.batch_size)
+    data = ShapesQuestions(tokenizer, TRAIN_SEED, args.image_size, config.image_seq_length, ramp)
     loader = DataLoader(
         data,
         batch_size=args.batch_size,
         num_workers=args.workers,
-        collate_fn=functools.partial(
-            collate, pad_id=tokenizer.pad_token_id, answer_ids=answer_ids
-        ),
+        collate_fn=functools.partial(collate, pad_id=tokenizer.pad_token_id, answer_ids=answer_ids),
         sampler=range(args.steps * args.batch_size),
         persistent_workers=args.workers > 0,
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.05
+    )
     warmup = max(1, args.steps // 20)
 
     def schedule(step: int) -> float:
@@ -161,7 +200,7 @@ def train(args: argparse.Namespace) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     eos = torch.tensor(tokenizer.eos_token_id, device=args.device)
     model.train()
-    start, running = time.time(), 0.0
+    start, running, steps_done = time.time(), 0.0, 0
     for step, batch in enumerate(loader):
         logits = answer_logits(model, batch, args.device)
         answer = batch["answer"].to(args.device)
@@ -172,15 +211,21 @@ def train(args: argparse.Namespace) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
+        steps_done = step + 1
         running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             elapsed = time.time() - start
             print(f"step {step + 1}/{args.steps} loss {running:.4f} {elapsed:.0f}s", flush=True)
         if args.eval_every and (step + 1) % args.eval_every == 0:
             print("  eval", _fmt(evaluate(model, tokenizer, 20, args.device)), flush=True)
+            model.save_pretrained(Path(args.out) / "checkpoint")
+        if args.max_minutes and time.time() - start > 60 * args.max_minutes:
+            print(f"stopped after {step + 1} steps: --max-minutes reached", flush=True)
+            break
 
     accuracy = evaluate(model, tokenizer, args.eval_per_task, args.device)
     print("held-out accuracy", _fmt(accuracy), flush=True)
+    args.steps_done = steps_done
     save(model, processor, Path(args.out), accuracy, args, time.time() - start)
 
 
@@ -195,6 +240,8 @@ def save(model, processor, out: Path, accuracy: dict, args, seconds: float) -> N
         "eval_seed": EVAL_SEED,
         "train_seed": TRAIN_SEED,
         "steps": args.steps,
+        "steps_done": args.steps_done,
+        "ramp": args.ramp,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "seed": args.seed,
@@ -202,6 +249,8 @@ def save(model, processor, out: Path, accuracy: dict, args, seconds: float) -> N
         "seconds": round(seconds),
     }
     (out / "training_log.json").write_text(json.dumps(log, indent=1))
+    n_params = sum(p.numel() for p in model.parameters())
+    (out / "README.md").write_text(model_card(model.config, n_params, log))
 
 
 def _fmt(accuracy: dict) -> str:
@@ -215,12 +264,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=default_device)
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
     parser.add_argument("--image-size", type=int, default=112)
-    parser.add_argument("--workers", type=int, default=1, help="data loader processes")
+    parser.add_argument(
+        "--ramp", type=float, default=0.5, help="fraction of training over which scenes grow"
+    )
+    parser.add_argument("--position-std", type=float, default=0.5)
+    parser.add_argument("--max-minutes", type=float, help="stop training early after this long")
+    parser.add_argument("--workers", type=int, default=0, help="data loader processes")
     parser.add_argument("--eval-per-task", type=int, default=200)
-    parser.add_argument("--eval-every", type=int, default=0)
+    parser.add_argument(
+        "--eval-every", type=int, default=0, help="steps between quick evals and checkpoints"
+    )
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--init-from", help="start from these weights (model.safetensors)")
     return parser.parse_args(argv)
