@@ -46,6 +46,8 @@ def test_notebook_runs(path: Path, kernel_path: Path, monkeypatch):
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(name, "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    # The tiny model runs fastest on one thread, all the more on a CPU shared with other jobs.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     notebook = nbformat.read(path, as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), (
         f"{path.name} is committed with outputs: clear them before committing")
