@@ -33,6 +33,9 @@ def knockout_curves(frame: pd.DataFrame, title: str = "attention knockout") -> g
     if missing:
         raise ValueError(f"knockout_curves needs columns flow, layer, rel_change; missing "
                          f"{', '.join(sorted(missing))}")
+    if frame.empty:
+        raise ValueError("knockout_curves got no rows: every example was dropped (see "
+                         "dropped_examples) or the flows were filtered out")
     tasks = list(dict.fromkeys(frame["task"])) if "task" in frame.columns else [None]
     flows = list(dict.fromkeys(frame["flow"]))
     colours = {flow: qualitative.Plotly[i % len(qualitative.Plotly)] for i, flow in
@@ -60,16 +63,20 @@ def knockout_curves(frame: pd.DataFrame, title: str = "attention knockout") -> g
 
 
 def lens_trajectories(frame: pd.DataFrame, value: str = "prob",
-                      title: str = "logit lens") -> go.Figure:
-    """One line per token label against the layer, from ``lens.token_probabilities``.
+                      title: str = "logit lens", by: str | None = None) -> go.Figure:
+    """One line per token label against the layer, from ``lens.token_probabilities`` (lines by
+    ``label``) or ``experiments.answer_emergence`` (lines by ``variant``).
 
     ``value`` is ``"prob"``, ``"logit"`` or ``"rank"``; the mean over examples and positions is
     drawn with a 95% band.
     """
-    missing = {"label", "layer", value} - set(frame.columns)
+    if by is None:
+        by = "variant" if "label" not in frame.columns and "variant" in frame.columns else "label"
+    missing = {by, "layer", value} - set(frame.columns)
     if missing:
-        raise ValueError(f"lens_trajectories needs columns label, layer, {value}; missing "
+        raise ValueError(f"lens_trajectories needs columns {by}, layer, {value}; missing "
                          f"{', '.join(sorted(missing))} (use lens.token_probabilities)")
+    frame = frame.rename(columns={by: "label"}) if by != "label" else frame
     stats = mean_with_band(frame, ["label", "layer"], value)
     figure = go.Figure()
     for i, label in enumerate(dict.fromkeys(frame["label"])):

@@ -133,3 +133,24 @@ def test_layer_span_heatmap_from_tensor_and_frame():
 def test_mean_with_band_single_example_has_no_width():
     stats = mean_with_band(pd.DataFrame({"g": [1], "v": [2.0]}), ["g"], "v")
     assert stats[["mean", "low", "high"]].iloc[0].tolist() == [2.0, 2.0, 2.0]
+
+
+def test_lens_trajectories_take_answer_emergence_columns():
+    import pandas as pd
+
+    from mmlens.plotting import lens_trajectories
+
+    frame = pd.DataFrame({"variant": ["lower", "lower", "capitalised", "capitalised"],
+                          "layer": [0, 1, 0, 1], "prob": [0.1, 0.5, 0.0, 0.2]})
+    figure = lens_trajectories(frame)
+    assert {trace.name for trace in figure.data if trace.name} >= {"lower", "capitalised"}
+
+
+def test_knockout_curves_reject_an_empty_table():
+    import pandas as pd
+    import pytest
+
+    from mmlens.plotting import knockout_curves
+
+    with pytest.raises(ValueError, match="got no rows"):
+        knockout_curves(pd.DataFrame(columns=["flow", "layer", "rel_change"]))
