@@ -1,13 +1,16 @@
 """Train the bundled shapes-llava model from scratch on freshly generated shapes questions.
 
-    python -m mmlens.zoo.train --out mmlens/zoo/shapes-llava            # about 35 min, 2 CPU cores
-    python -m mmlens.zoo.train --out runs/x --device cuda --workers 8   # a few minutes on a GPU
+    python -m mmlens.zoo.train --out mmlens/zoo/shapes-llava             # CPU, prints progress
+    python -m mmlens.zoo.train --out runs/x --device cuda --workers 8    # GPU
 
-Every step draws new examples (index ``step * batch_size + j`` of the training seed), the
-model is initialised from ``--seed``, so a run is reproducible. The loss is on the answer
-tokens only: the capitalised answer word and ``</s>``. ``--init-from model.safetensors
---steps 0`` only evaluates given weights and saves them in this transformers version's format.
-Needs only torch, transformers, tokenizers, PIL and safetensors.
+Every step draws new examples (index ``step * batch_size + j`` of the training seed) and the
+weights are initialised from ``--seed``, so a run is reproducible. The prompt is the paper's;
+the loss is on the answer tokens only (the capitalised answer word and ``</s>``). Scenes start
+with one object and grow to five over the first ``--ramp`` of training: from scratch, scenes of
+one object teach colours, shapes, sizes and sides before questions need the named object found.
+``--init-from model.safetensors --steps 0`` evaluates given weights and saves them in this
+transformers version's format. Needs only torch, transformers, tokenizers, PIL and safetensors
+from outside mmlens (but ``import mmlens`` itself must work).
 """
 
 from __future__ import annotations
@@ -262,13 +265,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="folder to save the HF model into")
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=default_device)
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--steps", type=int, default=8000)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=7e-4)
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument(
-        "--ramp", type=float, default=0.5, help="fraction of training over which scenes grow"
+        "--ramp", type=float, default=0.8, help="fraction of training over which scenes grow"
     )
     parser.add_argument("--position-std", type=float, default=0.5)
     parser.add_argument("--max-minutes", type=float, help="stop training early after this long")
