@@ -4,16 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mmlens.experiments.flows import DEFAULT_FLOWS as PAPER_FLOWS
 from mmlens.templates import LLAMA3, VICUNA_V1, PromptTemplate
-
-PAPER_FLOWS = (
-    "image->question",
-    "image->last",
-    "question->last",
-    "last->last",
-    "related->question",
-    "other->question",
-)
 
 
 @dataclass(frozen=True)

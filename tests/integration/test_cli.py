@@ -19,14 +19,6 @@ SECTIONS = ("Flows to the last position", "Image to question",
             "Answer emergence")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models run many small ops: one thread avoids stalls when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):

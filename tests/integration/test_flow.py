@@ -44,14 +44,6 @@ def tiny_batch(config, pad=(0, 2, 1)) -> MultimodalBatch:
                            inputs["pixel_values"], spans)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run many small ops: one thread avoids stalls when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["gqa-heads", "mha"])
 def model_and_batch(request):

@@ -13,14 +13,6 @@ from mmlens.experiments import ResultStore, information_flow, sweep
 SIGNATURE = {"model": "m", "flows": ["image->last"], "window": 3}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models run many small ops: one thread avoids stalls when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_store_round_trip_and_refusals(tmp_path):
     path = tmp_path / "results.jsonl"
