@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mmlens.experiments.study import is_paper_subsets_folder, run_study
-from mmlens.presets import PAPER_PRESETS
+from mmlens.presets import PAPER_FLOWS, PAPER_PRESETS
 
 
 def reproduce(
@@ -38,10 +38,9 @@ def reproduce(
             f"{subsets} holds none of the paper's subset files (GQA_val_correct_question_with_"
             "..._TASK.csv): pass the folder of the six CSV files")
     preset = PAPER_PRESETS.get(model)
-    flows = preset.flows if preset is not None else None
     return run_study(
         out, model=model, data=str(subsets), images=gqa_images, tasks=tasks, per_task=per_task,
-        flows=flows or list(PAPER_PRESETS["llava-hf/llava-1.5-7b-hf"].flows),
+        flows=preset.flows if preset is not None else PAPER_FLOWS,
         window=preset.window if preset is not None else None, device=device, dtype=dtype,
         only_correct=preset.only_correct if preset is not None else True,
         batch_size=batch_size, progress=progress,
