@@ -42,6 +42,7 @@ __all__ = [
     "ShapeObject",
     "ShapesExample",
     "draw_scene",
+    "object_mask",
     "export_gqa",
     "generate",
     "generate_one",
@@ -80,10 +81,30 @@ def draw_scene(
 ) -> Image.Image:
     """An RGB image ``[image_size, image_size]`` with each object drawn inside its box."""
     image = Image.new("RGB", (image_size, image_size), background)
-    draw = ImageDraw.Draw(image)
+    _draw_objects(ImageDraw.Draw(image), objects, COLORS.__getitem__)
+    return image
+
+
+def object_mask(objects: Sequence[ShapeObject], image_size: int) -> Image.Image:
+    """An ``L`` image ``[image_size, image_size]``: pixel = 1 + index of the object drawn there.
+
+    Background pixels are 0. The shapes are drawn exactly as ``draw_scene`` draws them.
+    """
+    if len(objects) > 254:
+        raise ValueError(f"{len(objects)} objects do not fit an 8-bit mask: use at most 254")
+    indexed = [
+        ShapeObject(o.shape, f"#{k + 1}", o.size, o.x, o.y, o.w, o.h)
+        for k, o in enumerate(objects)
+    ]
+    mask = Image.new("L", (image_size, image_size), 0)
+    _draw_objects(ImageDraw.Draw(mask), indexed, lambda color: int(color[1:]))
+    return mask
+
+
+def _draw_objects(draw: ImageDraw.ImageDraw, objects: Sequence[ShapeObject], fill_of) -> None:
     for obj in objects:
         right, bottom = obj.x + obj.w - 1, obj.y + obj.h - 1
-        fill = COLORS[obj.color]
+        fill = fill_of(obj.color)
         if obj.shape == "circle":
             draw.ellipse((obj.x, obj.y, right, bottom), fill=fill)
         elif obj.shape == "square":
@@ -93,7 +114,6 @@ def draw_scene(
             draw.polygon([(obj.x, bottom), (right, bottom), apex], fill=fill)
         else:
             raise ValueError(f"cannot draw shape {obj.shape!r}: use one of {SHAPES}")
-    return image
 
 
 def _image_id(seed: int, task: str, index: int) -> str:

@@ -161,7 +161,9 @@ def model_card(config: LlavaConfig, n_params: int, log: dict) -> str:
     prompt = PROMPT_TEMPLATE.replace("\n", "\\n")
     command = (
         f"python -m mmlens.zoo.train --out <folder> --steps {log['steps']} "
-        f"--batch-size {log['batch_size']} --lr {log['lr']} --ramp {log['ramp']}"
+        f"--batch-size {log['batch_size']} --lr {log['lr']} --seed {log['seed']} "
+        f"--probe-weight {log.get('probe_weight', 0)} --probe-layer {log.get('probe_layer', 0)}"
+        + (f" --ramp {log['ramp']}" if log.get("ramp") else "")
     )
     return f"""# shapes-llava
 
@@ -188,9 +190,21 @@ The model answers with one capitalised word and `</s>` ("Yes", "Red", "Left", "C
 `{command}`
 
 {log["steps_done"]} steps of {log["batch_size"]} fresh questions (training seed
-{log["train_seed"]}), AdamW, cosine schedule, loss on the answer tokens only. Scenes grow from
-one object to five over the first {log["ramp"]:.0%} of training. Ran on {log["device"]} in
-{log["seconds"] / 60:.0f} minutes.
+{log["train_seed"]}, scenes of 3 to 5 objects), AdamW, cosine schedule, on {log["device"]} in
+{log["seconds"] / 60:.0f} minutes. The loss is the answer tokens' cross-entropy plus
+{log.get("probe_weight", 0)} times that of two training-only linear probes, which are not saved:
+
+- every projected image token is asked for the shape, colour and size of the object covering
+  its patch (or "no object") and for its row and column;
+- the residual stream after language layer {log.get("probe_layer", 0)} at the last word of each
+  phrase naming an object ("the small *circle*") is asked for that object's shape, colour,
+  size and side, and whether it exists (the two phrases of LogicalObj questions).
+
+Without them training stalls on a plateau where answers come from the question alone. Note
+for interpretation: the second probe asks the question's object words to hold what the image
+shows about their object by layer {log.get("probe_layer", 0)}, so this model is *trained* to
+route image information through the question positions, the route the paper finds in LLaVA.
+Its knockout curves show a trained-in route, not an emergent one.
 
 ## Held-out accuracy
 Greedy first token, `strip().lower()` equal to the gold answer, {log["eval_per_task"]} fresh

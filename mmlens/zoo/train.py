@@ -1,16 +1,17 @@
 """Train the bundled shapes-llava model from scratch on freshly generated shapes questions.
 
-    python -m mmlens.zoo.train --out mmlens/zoo/shapes-llava             # CPU, prints progress
+    python -m mmlens.zoo.train --out mmlens/zoo/shapes-llava             # CPU, about 40 minutes
     python -m mmlens.zoo.train --out runs/x --device cuda --workers 8    # GPU
 
 Every step draws new examples (index ``step * batch_size + j`` of the training seed) and the
 weights are initialised from ``--seed``, so a run is reproducible. The prompt is the paper's;
-the loss is on the answer tokens only (the capitalised answer word and ``</s>``). Scenes start
-with one object and grow to five over the first ``--ramp`` of training: from scratch, scenes of
-one object teach colours, shapes, sizes and sides before questions need the named object found.
-``--init-from model.safetensors --steps 0`` evaluates given weights and saves them in this
-transformers version's format. Needs only torch, transformers, tokenizers, PIL and safetensors
-from outside mmlens (but ``import mmlens`` itself must work).
+the loss is on the answer tokens (the capitalised answer word and ``</s>``) plus two
+training-only probes (``Probes``) that give the image pathway a dense signal: without them,
+training from scratch stalls where answers come from the question alone. ``--ramp`` optionally
+grows scenes from one object to five over the first part of training. ``--init-from
+model.safetensors --steps 0`` evaluates given weights and saves them in this transformers
+version's format. Needs only torch, transformers, tokenizers, PIL and safetensors from outside
+mmlens (but ``import mmlens`` itself must work).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import functools
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -30,7 +32,15 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
 from mmlens.data.example import TASKS
-from mmlens.data.shapes import ANSWERS, DEFAULT_N_OBJECTS, generate_one
+from mmlens.data.shapes import (
+    ANSWERS,
+    COLORS,
+    DEFAULT_N_OBJECTS,
+    SHAPES,
+    SIZES,
+    generate_one,
+    object_mask,
+)
 from mmlens.zoo.build import (
     CLIP_MEAN,
     CLIP_STD,
@@ -61,6 +71,7 @@ class ShapesQuestions(Dataset):
         self.tokenizer, self.seed, self.size, self.n_image = tokenizer, seed, size, n_image
         self.ramp = ramp
         self.image_id = tokenizer.convert_tokens_to_ids("<image>")
+        self.grid = math.isqrt(n_image)
 
     def n_objects(self, i: int) -> tuple[int, int]:
         """Objects per scene of item ``i``: at most 1 at first, growing to 5 over ``ramp`` items.
@@ -76,14 +87,70 @@ class ShapesQuestions(Dataset):
     def __len__(self) -> int:
         return 10**9
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, list[int], str]:
+    def __getitem__(self, i: int) -> dict:
         task, index = TASKS[i % len(TASKS)], i // len(TASKS)
         example = generate_one(task, index, self.seed, self.size, self.n_objects(i))
-        ids = self.tokenizer(PROMPT_TEMPLATE.format(question=example.question)).input_ids
+        prompt = PROMPT_TEMPLATE.format(question=example.question)
+        encoded = self.tokenizer(prompt, return_offsets_mapping=True)
+        ids = encoded.input_ids
         at = ids.index(self.image_id)
         ids = ids[:at] + [self.image_id] * self.n_image + ids[at + 1 :]
         pixels = torch.from_numpy(np.array(example.image, dtype=np.uint8)).permute(2, 0, 1)
-        return pixels, ids, example.answer
+        # the token ending each phrase that names an object, in the expanded sequence, with
+        # the object's labels; a phrase naming nothing in the scene (LogicalObj) gets only
+        # "exists" = 0
+        ends = [b for _, b in encoded.offset_mapping]
+        named = dict(example.mentions)
+        phrases = list(named)
+        if task == "LogicalObj":
+            phrases = list(re.fullmatch(r"Is there a (.+) or a (.+)\?", example.question).groups())
+        start, mentions = prompt.index(example.question), []
+        for phrase in phrases:
+            start = prompt.index(phrase, start) + len(phrase)
+            position = ends.index(start) + self.n_image - 1
+            if phrase in named:
+                labels = (*object_labels(example.objects[named[phrase]], self.size), 1)
+            else:
+                labels = (IGNORE,) * 4 + (0,)
+            mentions.append((position, *labels))
+        return {
+            "pixels": pixels,
+            "ids": ids,
+            "answer": example.answer,
+            "patches": patch_labels(example, self.size, self.size // self.grid),
+            "mentions": mentions,
+        }
+
+
+ATTRIBUTES = {"shape": (None, *SHAPES), "color": (None, *COLORS), "size": (None, *SIZES)}
+"""Classes of the training-only probes; class 0 is "no object" (patches) or unused."""
+SIDES = ("left", "right")
+IGNORE = -100
+
+
+def object_labels(obj, image_size: int) -> tuple[int, int, int, int]:
+    """``(shape, color, size, side)`` class indices of one object (side of its centre)."""
+    side = int(2 * obj.x + obj.w > image_size)
+    return (*(ATTRIBUTES[a].index(getattr(obj, a)) for a in ATTRIBUTES), side)
+
+
+def patch_labels(example, image_size: int, patch: int, min_pixels: int = 20) -> torch.Tensor:
+    """``[n_patches, 3]`` (shape, color, size) of the object covering most of each patch.
+
+    A patch with fewer than ``min_pixels`` pixels of any object is labelled 0 ("no object").
+    """
+    mask = np.array(object_mask(example.objects, image_size), dtype=np.int64)
+    grid = image_size // patch
+    cells = mask[: grid * patch, : grid * patch].reshape(grid, patch, grid, patch)
+    cells = cells.transpose(0, 2, 1, 3).reshape(grid * grid, patch * patch)
+    n = len(example.objects)
+    counts = np.stack([(cells == k + 1).sum(1) for k in range(n)], 1)  # [patches, objects]
+    best = counts.argmax(1)
+    table = np.array(
+        [[0, 0, 0]] + [object_labels(o, image_size)[:3] for o in example.objects], dtype=np.int64
+    )
+    covered = counts[np.arange(len(best)), best] >= min_pixels
+    return torch.from_numpy(table[np.where(covered, best + 1, 0)])
 
 
 def pixel_values(pixels: torch.Tensor) -> torch.Tensor:
@@ -93,37 +160,111 @@ def pixel_values(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.float() / 255 - mean) / std
 
 
-def collate(items: list, pad_id: int, answer_ids: dict[str, int]) -> dict[str, torch.Tensor]:
-    """Right-padded batch; ``answer_at [B]`` is the position whose next token is the answer."""
-    pixels, ids, answers = zip(*items, strict=True)
+def collate(items: list[dict], pad_id: int, answer_ids: dict[str, int]) -> dict:
+    """Right-padded batch; ``answer_at [B]`` is the position whose next token is the answer.
+
+    ``mentions [B, 2, 6]`` holds (position, shape, color, size, side, exists) of each phrase
+    of the question that names an object, padded with -1 positions.
+    """
+    ids = [item["ids"] for item in items]
     length = max(len(x) for x in ids) + 1
     input_ids = torch.full((len(ids), length), pad_id)
     mask = torch.zeros((len(ids), length), dtype=torch.long)
-    answer = torch.tensor([answer_ids[a] for a in answers])
-    for row, x in enumerate(ids):
+    answer = torch.tensor([answer_ids[item["answer"]] for item in items])
+    mentions = torch.full((len(ids), 2, 6), -1)
+    for row, item in enumerate(items):
+        x = item["ids"]
         input_ids[row, : len(x)] = torch.tensor(x)
         input_ids[row, len(x)] = answer[row]
         mask[row, : len(x) + 1] = 1
-    answer_at = torch.tensor([len(x) - 1 for x in ids])
+        for k, labels in enumerate(item["mentions"]):
+            mentions[row, k] = torch.tensor(labels)
     return {
-        "pixels": torch.stack(pixels),
+        "pixels": torch.stack([item["pixels"] for item in items]),
         "input_ids": input_ids,
         "attention_mask": mask,
-        "answer_at": answer_at,
+        "answer_at": torch.tensor([len(x) - 1 for x in ids]),
         "answer": answer,
+        "answers": [item["answer"] for item in items],
+        "patches": torch.stack([item["patches"] for item in items]),
+        "mentions": mentions,
     }
 
 
-def answer_logits(model, batch: dict, device: str) -> torch.Tensor:
-    """Logits ``[B, 2, vocab]``: at the answer position and at the answer token."""
-    out = model(
-        input_ids=batch["input_ids"].to(device),
-        attention_mask=batch["attention_mask"].to(device),
-        pixel_values=pixel_values(batch["pixels"].to(device)),
-    )
+def answer_logits(model, batch: dict, device: str, probe_layer: int | None = None):
+    """Logits ``[B, 2, vocab]``: at the answer position and at the answer token.
+
+    With ``probe_layer``, also returns the projected image tokens ``[B, n_image, d]`` and the
+    residual stream after that language layer ``[B, T, d]``, for the training probes.
+    """
+    captured = []
+    handle = None
+    if probe_layer is not None:
+        projector = model.model.multi_modal_projector
+        handle = projector.register_forward_hook(lambda m, i, out: captured.append(out))
+    try:
+        out = model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            pixel_values=pixel_values(batch["pixels"].to(device)),
+            output_hidden_states=probe_layer is not None,
+        )
+    finally:
+        if handle is not None:
+            handle.remove()
     at = batch["answer_at"].to(device)
     rows = torch.arange(len(at), device=device)
-    return torch.stack([out.logits[rows, at], out.logits[rows, at + 1]], dim=1)
+    logits = torch.stack([out.logits[rows, at], out.logits[rows, at + 1]], dim=1)
+    if probe_layer is None:
+        return logits
+    return logits, captured[0], out.hidden_states[probe_layer]
+
+
+class Probes(torch.nn.Module):
+    """Training-only linear read-outs that give the image pathway a dense signal.
+
+    ``patch``: the projected image token of each patch -> shape, colour and size of the object
+    covering it (or "no object"), and the patch's row and column. ``mention``: the residual
+    stream at the last word of each phrase naming an object -> that object's shape, colour,
+    size and side, and whether it exists in the scene. They are not part of the saved model.
+    """
+
+    def __init__(self, width: int, grid: int):
+        super().__init__()
+        sizes = [len(v) for v in ATTRIBUTES.values()]
+        self.grid = grid
+        self.patch = torch.nn.Linear(width, sum(sizes) + 2 * grid)
+        self.mention = torch.nn.Linear(width, sum(sizes) + len(SIDES) + 2)
+        self.patch_sizes = [*sizes, grid, grid]
+        self.mention_sizes = [*sizes, len(SIDES), 2]
+
+    def loss(self, image_tokens, hidden, batch: dict) -> torch.Tensor:
+        device = image_tokens.device
+        n = self.grid * self.grid
+        position = torch.arange(n, device=device)
+        rows, cols = (
+            (position // self.grid).expand(len(image_tokens), n),
+            (position % self.grid).expand(len(image_tokens), n),
+        )
+        targets = [*batch["patches"].to(device).unbind(-1), rows, cols]
+        chunks = self.patch(image_tokens).split(self.patch_sizes, dim=-1)
+        total = sum(
+            torch.nn.functional.cross_entropy(c.flatten(0, 1), t.flatten())
+            for c, t in zip(chunks, targets, strict=True)
+        ) / len(targets)
+        mentions = batch["mentions"].to(device).flatten(0, 1)  # [B * 2, 5]
+        keep = mentions[:, 0] >= 0
+        if keep.any():
+            which = torch.arange(len(hidden), device=device).repeat_interleave(2)[keep]
+            states = hidden[which, mentions[keep, 0]]
+            chunks = self.mention(states).split(self.mention_sizes, dim=-1)
+            labels = mentions[keep, 1:].unbind(-1)
+            total = total + sum(
+                torch.nn.functional.cross_entropy(c, t, ignore_index=IGNORE, reduction="sum")
+                / (t != IGNORE).sum().clamp(min=1)
+                for c, t in zip(chunks, labels, strict=True)
+            ) / len(labels)
+        return total
 
 
 @torch.no_grad()
@@ -141,7 +282,7 @@ def evaluate(model, tokenizer, n_per_task: int, device: str, seed: int = EVAL_SE
         batch = collate(chunk, tokenizer.pad_token_id, answer_ids)
         predicted = answer_logits(model, batch, device)[:, 0].argmax(-1).tolist()
         for offset, token in enumerate(predicted):
-            gold = chunk[offset][2]
+            gold = chunk[offset]["answer"]
             task = TASKS[(start + offset) % len(TASKS)]
             correct[task] += tokenizer.decode([token]).strip().lower() == gold
     model.train()
@@ -170,10 +311,15 @@ def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     processor = build_processor(args.image_size)
     tokenizer = processor.tokenizer
-    config = build_config(len(tokenizer), args.image_size)
+    config = build_config(
+        len(tokenizer), args.image_size, args.vision_layers, args.text_layers, args.width
+    )
     model = LlavaForConditionalGeneration(config)
+    probes = Probes(args.width, math.isqrt(config.image_seq_length))
+    probe_layer = min(args.probe_layer, args.text_layers)
     init_position_embeddings(model, args.position_std)
     model.to(args.device)
+    probes.to(args.device)
     if args.init_from:
         model.load_state_dict(load_file(args.init_from), strict=True)
     n_params = sum(p.numel() for p in model.parameters())
@@ -191,7 +337,10 @@ def train(args: argparse.Namespace) -> None:
         persistent_workers=args.workers > 0,
     )
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.05
+        [*model.parameters(), *probes.parameters()],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+        weight_decay=0.05,
     )
     warmup = max(1, args.steps // 20)
 
@@ -205,22 +354,30 @@ def train(args: argparse.Namespace) -> None:
     model.train()
     start, running, steps_done = time.time(), 0.0, 0
     for step, batch in enumerate(loader):
-        logits = answer_logits(model, batch, args.device)
+        logits, image_tokens, hidden = answer_logits(model, batch, args.device, probe_layer)
         answer = batch["answer"].to(args.device)
         targets = torch.stack([answer, eos.expand_as(answer)], dim=1)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        probe_loss = probes.loss(image_tokens, hidden, batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        (loss + args.probe_weight * probe_loss).backward()
+        torch.nn.utils.clip_grad_norm_([*model.parameters(), *probes.parameters()], 1.0)
         optimizer.step()
         scheduler.step()
         steps_done = step + 1
-        running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
+        current = torch.stack([loss, probe_loss]).detach()
+        running = 0.98 * running + 0.02 * current if step else current
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             elapsed = time.time() - start
-            print(f"step {step + 1}/{args.steps} loss {running:.4f} {elapsed:.0f}s", flush=True)
+            print(
+                f"step {step + 1}/{args.steps} loss {running[0]:.4f} "
+                f"probes {running[1]:.4f} {elapsed:.0f}s",
+                flush=True,
+            )
         if args.eval_every and (step + 1) % args.eval_every == 0:
-            print("  eval", _fmt(evaluate(model, tokenizer, 20, args.device)), flush=True)
+            print(
+                "  eval", _fmt(evaluate(model, tokenizer, args.eval_quick, args.device)), flush=True
+            )
             model.save_pretrained(Path(args.out) / "checkpoint")
         if args.max_minutes and time.time() - start > 60 * args.max_minutes:
             print(f"stopped after {step + 1} steps: --max-minutes reached", flush=True)
@@ -248,6 +405,8 @@ def save(model, processor, out: Path, accuracy: dict, args, seconds: float) -> N
         "batch_size": args.batch_size,
         "lr": args.lr,
         "seed": args.seed,
+        "probe_weight": args.probe_weight,
+        "probe_layer": args.probe_layer,
         "device": args.device,
         "seconds": round(seconds),
     }
@@ -265,13 +424,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="folder to save the HF model into")
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=default_device)
-    parser.add_argument("--steps", type=int, default=8000)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=7e-4)
+    parser.add_argument("--steps", type=int, default=3500)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
     parser.add_argument("--image-size", type=int, default=112)
     parser.add_argument(
-        "--ramp", type=float, default=0.8, help="fraction of training over which scenes grow"
+        "--ramp", type=float, default=0.0, help="fraction of training over which scenes grow"
+    )
+    parser.add_argument("--vision-layers", type=int, default=4)
+    parser.add_argument("--text-layers", type=int, default=8)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument(
+        "--probe-weight", type=float, default=1.0, help="weight of the training-only probes"
+    )
+    parser.add_argument(
+        "--probe-layer",
+        type=int,
+        default=3,
+        help="language layer whose output the mention probe reads",
     )
     parser.add_argument("--position-std", type=float, default=0.5)
     parser.add_argument("--max-minutes", type=float, help="stop training early after this long")
@@ -279,6 +450,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-per-task", type=int, default=200)
     parser.add_argument(
         "--eval-every", type=int, default=0, help="steps between quick evals and checkpoints"
+    )
+    parser.add_argument(
+        "--eval-quick", type=int, default=50, help="questions per task, quick evals"
     )
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--init-from", help="start from these weights (model.safetensors)")

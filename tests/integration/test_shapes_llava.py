@@ -74,9 +74,6 @@ def test_offsets_locate_the_question(bundled):
     assert " ".join(inside) == question.replace("?", " ?")
 
 
-@pytest.mark.xfail(strict=True, reason="the bundled checkpoint is still near chance: training "
-                   "from scratch stalls on a question-only plateau (open issue); this floor "
-                   "holds once a converged checkpoint is bundled")
 def test_answers_fresh_questions(bundled):
     model, processor = bundled
     examples = generate_per_task(10, seed=TEST_SEED)
@@ -92,4 +89,6 @@ def test_answers_fresh_questions(bundled):
     for example, answer in zip(examples, predicted, strict=True):
         correct[example.task] += answer == example.answer
     accuracy = sum(correct.values()) / len(examples)
-    assert accuracy >= 0.85, f"accuracy {accuracy:.2f} per task {correct}"
+    # loose floors on 10 questions per task; the model card has the figure on 200 per task
+    assert accuracy >= 0.9, f"accuracy {accuracy:.2f} per task {correct}"
+    assert min(correct.values()) >= 7, f"a task is near chance: {correct}"

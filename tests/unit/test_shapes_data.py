@@ -19,6 +19,7 @@ from mmlens.data.shapes import (
     export_gqa,
     generate,
     generate_per_task,
+    object_mask,
 )
 
 N_PER_TASK = 40
@@ -142,6 +143,16 @@ def test_boxes_enclose_the_drawn_pixels(examples):
         background = pixels[0, 0]
         drawn = (pixels != background).any(axis=2)
         assert not (drawn & ~inside).any(), "pixels drawn outside every box"
+
+
+def test_object_mask_labels_each_drawn_pixel_with_its_object(examples):
+    for e in examples[::5]:
+        size = e.image.width
+        mask = np.asarray(object_mask(e.objects, size))
+        for k, obj in enumerate(e.objects):
+            alone = (np.asarray(draw_scene([obj], size, WHITE)) != 255).any(axis=2)
+            assert (alone == (mask == k + 1)).all(), f"object {k} of {e.example_id}"
+        assert set(np.unique(mask)) <= set(range(len(e.objects) + 1))
 
 
 def test_export_writes_gqa_files(tmp_path, examples):
