@@ -108,39 +108,48 @@ def patch_activation(
 def patch_positions(
     model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric, *,
     component: str = "resid_pre", layers: Sequence[int] | None = None,
-    positions: str | None = None,
+    positions: str | None = None, batch_size: int = 16,
 ) -> Float[Tensor, "layer pos"]:
     """Patch one position at a time: ``[layer, pos]``, TransformerLens's layout.
 
     ``positions=None`` walks every position (clean and corrupted must have the same length);
     a span name walks that span's tokens, pairing the j-th of clean and corrupted (examples
     whose span is shorter than j are left unpatched at j). ``component="z"`` patches all heads
-    together; ``patch_heads`` patches them one by one.
+    together; ``patch_heads`` patches them one by one. ``batch_size``: see ``patch_spans``.
     """
     layers = _check(model, clean, corrupted, component, layers)
     columns = _position_columns(clean, corrupted, positions)
-    return _sweep(model, clean, corrupted, metric, component, layers, columns)
+    return _sweep(model, clean, corrupted, metric, component, layers, columns, batch_size)
 
 
 def patch_spans(
     model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric, *,
     spans: Sequence[str], component: str = "resid_pre", layers: Sequence[int] | None = None,
+    batch_size: int = 16,
 ) -> Float[Tensor, "layer span"]:
     """Patch all positions of each span at once: ``[layer, span]`` (spans may sit at different
-    positions in clean and corrupted, but must be as long in both)."""
+    positions in clean and corrupted, but must be as long in both).
+
+    Every sweep is exact and cheaper than one full forward per cell: the corrupted run is
+    cached once, a patch at layer ``l`` resumes from the corrupted residual stream entering
+    ``l`` (no image encoding, no recomputed lower layers), and the cells of a layer run
+    together, up to ``batch_size`` rows (examples x cells) per forward. The metric is called
+    once per cell, on that cell's ``[batch, pos, d_vocab]`` logits.
+    """
     layers = _check(model, clean, corrupted, component, layers)
     columns = [_span_pairs(clean, corrupted, name) for name in spans]
-    return _sweep(model, clean, corrupted, metric, component, layers, columns)
+    return _sweep(model, clean, corrupted, metric, component, layers, columns, batch_size)
 
 
 def patch_heads(
     model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric, *,
     layers: Sequence[int] | None = None, positions: str | None = None,
-    by_position: bool = False,
+    by_position: bool = False, batch_size: int = 16,
 ) -> Float[Tensor, "layer head"] | Float[Tensor, "layer pos head"]:
     """Patch each head's output (``hook_z``): ``[layer, head]`` over all positions (or all
     positions of the span ``positions``); ``by_position=True`` patches one position at a time
-    as ``patch_positions`` does, giving ``[layer, pos, head]``."""
+    as ``patch_positions`` does, giving ``[layer, pos, head]``. ``batch_size``: see
+    ``patch_spans``."""
     layers = _check(model, clean, corrupted, "z", layers)
     if by_position:
         columns = _position_columns(clean, corrupted, positions)
@@ -149,14 +158,10 @@ def patch_heads(
         columns = [None]
     else:
         columns = [_span_pairs(clean, corrupted, positions)]
-    clean_cache = _clean_cache(model, clean, "z", layers)
-    scores = torch.zeros(len(layers), len(columns), model.cfg.n_heads)
-    for row, layer in enumerate(layers):
-        name = COMPONENTS["z"].format(layer)
-        for column, pairs in enumerate(columns):
-            for head in range(model.cfg.n_heads):
-                hooks = patch_activation(name, clean_cache[name], pairs, head=head)
-                scores[row, column, head] = _score(model, corrupted, metric, hooks)
+    heads = range(model.cfg.n_heads)
+    cells = [(pairs, head) for pairs in columns for head in heads]
+    scores = _sweep_cells(model, clean, corrupted, metric, "z", layers, cells, batch_size)
+    scores = scores.reshape(len(layers), len(columns), len(heads))
     return scores if by_position else scores[:, 0]
 
 
@@ -250,18 +255,63 @@ def _clean_cache(model: Any, clean: MultimodalBatch, component: str,
     return cache
 
 
-def _score(model: Any, corrupted: MultimodalBatch, metric: Metric, hooks: list) -> float:
-    with torch.no_grad():
-        return float(metric(model.run_with_hooks(corrupted, fwd_hooks=hooks)))
-
-
 def _sweep(model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric,
-           component: str, layers: list[int], columns: list[Pairs]) -> Tensor:
+           component: str, layers: list[int], columns: list[Pairs], batch_size: int) -> Tensor:
+    cells = [(pairs, None) for pairs in columns]
+    return _sweep_cells(model, clean, corrupted, metric, component, layers, cells, batch_size)
+
+
+Cell = tuple[Pairs | None, int | None]
+"""One patch of a sweep: its (corrupted, clean) position pairs and its head (None: all)."""
+
+
+def _sweep_cells(model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric,
+                 component: str, layers: list[int], cells: list[Cell],
+                 batch_size: int) -> Float[Tensor, "layer cell"]:
+    """Score every cell at every layer, resuming from the corrupted run's residual stream."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     clean_cache = _clean_cache(model, clean, component, layers)
-    scores = torch.zeros(len(layers), len(columns))
+    starts = {COMPONENTS["resid_pre"].format(layer) for layer in layers}
+    with torch.no_grad():
+        _, corrupted_cache = model.run_with_cache(corrupted, names_filter=starts.__contains__)
+    n = len(corrupted)
+    per_forward = max(1, batch_size // n)
+    mask = corrupted.attention_mask
+    scores = torch.zeros(len(layers), len(cells))
     for row, layer in enumerate(layers):
         name = COMPONENTS[component].format(layer)
-        for column, pairs in enumerate(columns):
-            hooks = patch_activation(name, clean_cache[name], pairs)
-            scores[row, column] = _score(model, corrupted, metric, hooks)
+        start = corrupted_cache[COMPONENTS["resid_pre"].format(layer)]
+        for first in range(0, len(cells), per_forward):
+            chunk = cells[first:first + per_forward]
+            hooks = [(name, _stacked_patch(name, clean_cache[name], chunk, n))]
+            with torch.no_grad():
+                logits = model.run_with_hooks(
+                    start.repeat(len(chunk), 1, 1), start_at_layer=layer, fwd_hooks=hooks,
+                    attention_mask=None if mask is None else mask.repeat(len(chunk), 1),
+                )
+            for offset, part in enumerate(logits.split(n)):
+                scores[row, first + offset] = float(metric(part))
     return scores
+
+
+def _stacked_patch(name: str, clean_activation: Tensor, cells: list[Cell],
+                   n: int) -> Callable[[Tensor, Any], Tensor]:
+    """A hook patching cell ``c`` into rows ``c * n ... c * n + n - 1`` of a stacked batch."""
+    def patch(activation: Tensor, hook: Any) -> Tensor:
+        patched = activation.clone()
+        for c, (pairs, head) in enumerate(cells):
+            heads = slice(None) if head is None else head
+            if pairs is None:
+                if activation.shape[1:] != clean_activation.shape[1:]:
+                    raise ValueError(f"{name}: the corrupted activation is "
+                                     f"{tuple(activation.shape[1:])} per example but the clean "
+                                     f"one {tuple(clean_activation.shape[1:])}: patch by span "
+                                     "instead")
+                patched[c * n:(c + 1) * n, :, heads] = clean_activation[:, :, heads].to(patched)
+                continue
+            for i, (target, source) in enumerate(pairs):
+                patched[c * n + i, target, heads] = clean_activation[i, source, heads].to(patched)
+        return patched
+
+    return patch

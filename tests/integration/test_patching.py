@@ -157,3 +157,42 @@ def test_spans_of_different_lengths_raise(setup):
         patch_spans(model, clean, longer, metric, spans=["question"])
     with pytest.raises(ValueError, match="got 3 answer tokens for a batch of 2"):
         logit_diff_metric([1, 2, 3], 4)(torch.zeros(2, 5, 10))
+
+
+def test_stacked_resumed_sweeps_equal_one_full_forward_per_cell(setup):
+    """The sweep resumes from the corrupted residual stream and stacks cells; each cell must
+    equal a full forward of the corrupted batch (image encoded again) with that one patch, on
+    left-padded prompts, whatever the number of cells per forward."""
+    model, _, _, _, _, _, _ = setup
+    clean = tiny_batch(model.cfg.hf_config, batch=2, pad=[0, 2], seed=7)
+    corrupted = dataclasses.replace(clean, pixel_values=torch.randn_like(clean.pixel_values))
+    assert (clean.attention_mask == 0).any()
+    with torch.no_grad():
+        answer = model(clean)[:, -1].argmax(-1).tolist()
+    shapes = []
+
+    def metric(logits):
+        shapes.append(tuple(logits.shape))
+        return answer_prob_metric(answer)(logits)
+
+    layers, spans = [1, 2], ["image", "question", "last"]
+    _, cache = model.run_with_cache(clean)
+    expected = torch.zeros(len(layers), len(spans))
+    for row, layer in enumerate(layers):
+        name = f"blocks.{layer}.hook_resid_mid"
+        for column, span in enumerate(spans):
+            pairs = [(t, s) for s, t in zip(clean.span(span), corrupted.span(span), strict=True)]
+            with torch.no_grad():
+                logits = model.run_with_hooks(
+                    corrupted, fwd_hooks=patch_activation(name, cache[name], pairs))
+            expected[row, column] = answer_prob_metric(answer)(logits)
+    for batch_size in (1, 4, 64):
+        shapes.clear()
+        got = patch_spans(model, clean, corrupted, metric, spans=spans, component="resid_mid",
+                          layers=layers, batch_size=batch_size)
+        assert torch.allclose(got, expected, atol=1e-6), batch_size
+        assert set(shapes) == {(2, *model(corrupted).shape[1:])}
+        assert len(shapes) == len(layers) * len(spans)
+    assert expected.std() > 1e-4
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        patch_spans(model, clean, corrupted, metric, spans=spans, batch_size=0)
