@@ -57,7 +57,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # data loader workers 
 class ShapesQuestions(Dataset):
     """Item ``i``: example ``i // 6`` of task ``i % 6`` of ``seed``, encoded for LLaVA.
 
-    Returns ``(pixels [3, H, W] uint8, input_ids [T] with the image tokens expanded, answer)``.
+    Returns a dict: ``pixels [3, H, W]`` uint8, ``ids`` (the prompt's token ids with the image
+    token expanded), ``answer`` (lowercase), ``patches [n_image, 3]`` (``patch_labels``) and
+    ``mentions``: per phrase naming an object, ``(position in ids, shape, color, size, side,
+    exists)`` (``object_labels``; attributes ``IGNORE`` for a phrase naming nothing).
     """
 
     def __init__(
