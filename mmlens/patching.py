@@ -84,25 +84,12 @@ def patch_activation(
 ) -> list[tuple[str, Callable[[Tensor, Any], Tensor]]]:
     """A hook that copies ``clean_activation`` into the run at ``hook_name``.
 
-    ``pairs`` (per example: corrupted positions, clean positions) limits the copy; None copies
-    everything (the shapes must match). ``head`` limits it to one head of a ``[batch, pos,
+    The run must hold one example per clean example. ``pairs`` (per example: corrupted
+    positions, clean positions) limits the copy; None copies everything (the shapes must
+    match). ``head`` limits it to one head of a ``[batch, pos,
     head, d_head]`` activation such as ``hook_z``.
     """
-    def patch(activation: Tensor, hook: Any) -> Tensor:
-        if pairs is None and activation.shape != clean_activation.shape:
-            raise ValueError(f"{hook_name}: the corrupted activation is "
-                             f"{tuple(activation.shape)} but the clean one "
-                             f"{tuple(clean_activation.shape)}: patch by span instead")
-        patched = activation.clone()
-        heads = slice(None) if head is None else head
-        if pairs is None:
-            patched[:, :, heads] = clean_activation[:, :, heads].to(patched)
-            return patched
-        for i, (target, source) in enumerate(pairs):
-            patched[i, target, heads] = clean_activation[i, source, heads].to(patched)
-        return patched
-
-    return [(hook_name, patch)]
+    return [(hook_name, _stacked_patch(hook_name, clean_activation, [(pairs, head)]))]
 
 
 def patch_positions(
@@ -118,8 +105,8 @@ def patch_positions(
     together; ``patch_heads`` patches them one by one. ``batch_size``: see ``patch_spans``.
     """
     layers = _check(model, clean, corrupted, component, layers)
-    columns = _position_columns(clean, corrupted, positions)
-    return _sweep(model, clean, corrupted, metric, component, layers, columns, batch_size)
+    cells = [(pairs, None) for pairs in _position_columns(clean, corrupted, positions)]
+    return _sweep(model, clean, corrupted, metric, component, layers, cells, batch_size)
 
 
 def patch_spans(
@@ -137,8 +124,8 @@ def patch_spans(
     once per cell, on that cell's ``[batch, pos, d_vocab]`` logits.
     """
     layers = _check(model, clean, corrupted, component, layers)
-    columns = [_span_pairs(clean, corrupted, name) for name in spans]
-    return _sweep(model, clean, corrupted, metric, component, layers, columns, batch_size)
+    cells = [(_span_pairs(clean, corrupted, name), None) for name in spans]
+    return _sweep(model, clean, corrupted, metric, component, layers, cells, batch_size)
 
 
 def patch_heads(
@@ -160,7 +147,7 @@ def patch_heads(
         columns = [_span_pairs(clean, corrupted, positions)]
     heads = range(model.cfg.n_heads)
     cells = [(pairs, head) for pairs in columns for head in heads]
-    scores = _sweep_cells(model, clean, corrupted, metric, "z", layers, cells, batch_size)
+    scores = _sweep(model, clean, corrupted, metric, "z", layers, cells, batch_size)
     scores = scores.reshape(len(layers), len(columns), len(heads))
     return scores if by_position else scores[:, 0]
 
@@ -255,19 +242,13 @@ def _clean_cache(model: Any, clean: MultimodalBatch, component: str,
     return cache
 
 
-def _sweep(model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric,
-           component: str, layers: list[int], columns: list[Pairs], batch_size: int) -> Tensor:
-    cells = [(pairs, None) for pairs in columns]
-    return _sweep_cells(model, clean, corrupted, metric, component, layers, cells, batch_size)
-
-
 Cell = tuple[Pairs | None, int | None]
 """One patch of a sweep: its (corrupted, clean) position pairs and its head (None: all)."""
 
 
-def _sweep_cells(model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric,
-                 component: str, layers: list[int], cells: list[Cell],
-                 batch_size: int) -> Float[Tensor, "layer cell"]:
+def _sweep(model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric,
+           component: str, layers: list[int], cells: list[Cell],
+           batch_size: int) -> Float[Tensor, "layer cell"]:
     """Score every cell at every layer, resuming from the corrupted run's residual stream."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -284,7 +265,7 @@ def _sweep_cells(model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch,
         start = corrupted_cache[COMPONENTS["resid_pre"].format(layer)]
         for first in range(0, len(cells), per_forward):
             chunk = cells[first:first + per_forward]
-            hooks = [(name, _stacked_patch(name, clean_cache[name], chunk, n))]
+            hooks = [(name, _stacked_patch(name, clean_cache[name], chunk))]
             with torch.no_grad():
                 logits = model.run_with_hooks(
                     start.repeat(len(chunk), 1, 1), start_at_layer=layer, fwd_hooks=hooks,
@@ -295,19 +276,25 @@ def _sweep_cells(model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch,
     return scores
 
 
-def _stacked_patch(name: str, clean_activation: Tensor, cells: list[Cell],
-                   n: int) -> Callable[[Tensor, Any], Tensor]:
-    """A hook patching cell ``c`` into rows ``c * n ... c * n + n - 1`` of a stacked batch."""
+def _stacked_patch(name: str, clean_activation: Tensor,
+                   cells: list[Cell]) -> Callable[[Tensor, Any], Tensor]:
+    """A hook patching cell ``c`` into rows ``c * n ... c * n + n - 1`` of a batch that stacks
+    ``len(cells)`` copies of the ``n`` corrupted examples (``n`` = the clean batch size)."""
+    n = clean_activation.shape[0]
+
     def patch(activation: Tensor, hook: Any) -> Tensor:
+        if activation.shape[0] != n * len(cells) or (
+            any(pairs is None for pairs, _ in cells)
+            and activation.shape[1:] != clean_activation.shape[1:]
+        ):
+            raise ValueError(f"{name}: the corrupted activation is {tuple(activation.shape)} "
+                             f"but the clean one {tuple(clean_activation.shape)} (for "
+                             f"{len(cells)} patches): pair every corrupted example with one "
+                             "clean example, and patch prompts of different lengths by span")
         patched = activation.clone()
         for c, (pairs, head) in enumerate(cells):
             heads = slice(None) if head is None else head
             if pairs is None:
-                if activation.shape[1:] != clean_activation.shape[1:]:
-                    raise ValueError(f"{name}: the corrupted activation is "
-                                     f"{tuple(activation.shape[1:])} per example but the clean "
-                                     f"one {tuple(clean_activation.shape[1:])}: patch by span "
-                                     "instead")
                 patched[c * n:(c + 1) * n, :, heads] = clean_activation[:, :, heads].to(patched)
                 continue
             for i, (target, source) in enumerate(pairs):

@@ -81,7 +81,7 @@ def draw_scene(
 ) -> Image.Image:
     """An RGB image ``[image_size, image_size]`` with each object drawn inside its box."""
     image = Image.new("RGB", (image_size, image_size), background)
-    _draw_objects(ImageDraw.Draw(image), objects, COLORS.__getitem__)
+    _draw_objects(ImageDraw.Draw(image), objects, [COLORS[o.color] for o in objects])
     return image
 
 
@@ -92,19 +92,15 @@ def object_mask(objects: Sequence[ShapeObject], image_size: int) -> Image.Image:
     """
     if len(objects) > 254:
         raise ValueError(f"{len(objects)} objects do not fit an 8-bit mask: use at most 254")
-    indexed = [
-        ShapeObject(o.shape, f"#{k + 1}", o.size, o.x, o.y, o.w, o.h)
-        for k, o in enumerate(objects)
-    ]
     mask = Image.new("L", (image_size, image_size), 0)
-    _draw_objects(ImageDraw.Draw(mask), indexed, lambda color: int(color[1:]))
+    _draw_objects(ImageDraw.Draw(mask), objects, range(1, len(objects) + 1))
     return mask
 
 
-def _draw_objects(draw: ImageDraw.ImageDraw, objects: Sequence[ShapeObject], fill_of) -> None:
-    for obj in objects:
+def _draw_objects(draw: ImageDraw.ImageDraw, objects: Sequence[ShapeObject], fills) -> None:
+    """Draw each object filled with its entry of ``fills`` (an RGB tuple or a mask value)."""
+    for obj, fill in zip(objects, fills, strict=True):
         right, bottom = obj.x + obj.w - 1, obj.y + obj.h - 1
-        fill = fill_of(obj.color)
         if obj.shape == "circle":
             draw.ellipse((obj.x, obj.y, right, bottom), fill=fill)
         elif obj.shape == "square":

@@ -196,3 +196,12 @@ def test_stacked_resumed_sweeps_equal_one_full_forward_per_cell(setup):
     assert expected.std() > 1e-4
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         patch_spans(model, clean, corrupted, metric, spans=spans, batch_size=0)
+
+
+def test_patching_a_batch_of_another_size_raises(setup):
+    model, clean, corrupted, cache, _, _, _ = setup
+    one = cache["blocks.1.hook_resid_pre"][:1]
+    pairs = [(clean.span("last")[0], clean.span("last")[0])]
+    with pytest.raises(ValueError, match="pair every corrupted example with one clean example"):
+        model.run_with_hooks(corrupted,
+                             fwd_hooks=patch_activation("blocks.1.hook_resid_pre", one, pairs))
