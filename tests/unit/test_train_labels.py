@@ -11,14 +11,8 @@ import torch
 from mmlens.data import TASKS
 from mmlens.data.shapes import COLORS, SHAPES, SIZES, draw_scene, generate_one
 from mmlens.zoo.build import build_processor
-from mmlens.zoo.train import (
-    IGNORE,
-    Probes,
-    ShapesQuestions,
-    _answer_ids,
-    collate,
-    object_labels,
-)
+from mmlens.zoo.probes import IGNORE, Probes, object_labels
+from mmlens.zoo.train import ShapesQuestions, _answer_ids, collate
 
 SIZE, PATCH, N_IMAGE = 112, 14, 64
 WHITE = (255, 255, 255)
