@@ -24,11 +24,11 @@ import torch
 from _common import IMAGE_TOKEN, PeakMemory, build_hf, llava_config, sync
 
 from mmlens import HookedMultimodalTransformer
-from mmlens.batch import MultimodalBatch
 from mmlens.experiments import DEFAULT_FLOWS, default_window, parse_flows
-from mmlens.experiments.flow import clean_run, fast_knockout_probs
-from mmlens.experiments.flows import window_knockouts
+from mmlens.experiments.engine import clean_run, fast_knockout_probs
+from mmlens.experiments.knockouts import window_knockouts
 from mmlens.experiments.naive import naive_knockout_probs
+from mmlens.inputs.batch import MultimodalBatch
 
 BEFORE_IMAGE, AFTER_IMAGE, QUESTION = 35, 30, 12
 

@@ -17,7 +17,7 @@ import torch
 from _common import IMAGE_TOKEN, build_hf, llava_config, llava_inputs, sync
 
 from mmlens import HookedMultimodalTransformer, MultimodalBatch
-from mmlens.patching import answer_prob_metric, patch_activation, patch_spans
+from mmlens.methods.patching import answer_prob_metric, patch_activation, patch_spans
 
 SPANS = ("image", "question", "last")
 

@@ -1,9 +1,9 @@
 """mmlens: hooked multimodal transformers (LLaVA) for interpretability."""
 
-from mmlens.batch import MultimodalBatch
-from mmlens.kv_cache import KeyValueCache
-from mmlens.model import HookedMultimodalTransformer
-from mmlens.templates import LLAMA3, VICUNA_V1, PromptTemplate
+from mmlens.inputs.batch import MultimodalBatch
+from mmlens.inputs.templates import LLAMA3, VICUNA_V1, PromptTemplate
+from mmlens.model.hooked import HookedMultimodalTransformer
+from mmlens.model.kv_cache import KeyValueCache
 
 __all__ = [
     "LLAMA3",

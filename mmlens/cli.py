@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from mmlens.data.example import TASKS
-from mmlens.experiments.flows import DEFAULT_FLOWS
+from mmlens.experiments.knockouts import DEFAULT_FLOWS
 from mmlens.experiments.study import DEFAULT_MODEL, DEFAULT_PER_TASK
 
 
@@ -104,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"results in {out}: flow.csv, summary.csv, emergence.csv, report.html")
         elif args.command == "report":
-            from mmlens.report import build_report
+            from mmlens.experiments.report import build_report
 
             print(f"report written to {build_report(args.dir)}")
         else:
             from mmlens.experiments.study import hook_shapes
-            from mmlens.model import HookedMultimodalTransformer
+            from mmlens.model.hooked import HookedMultimodalTransformer
 
             model = HookedMultimodalTransformer.from_pretrained(args.model, device=args.device)
             for name, shape in hook_shapes(model):

@@ -82,3 +82,17 @@ def tiny_inputs(config: LlavaConfig, batch: int = 1, prefix: int = 3, suffix: in
     size = config.vision_config.image_size
     pixel_values = torch.randn(batch, 3, size, size, generator=gen)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values}
+
+
+def hf_image_features(output) -> torch.Tensor:
+    """The projected image features of an HF LLaVA forward, ``[n_image_tokens, d_model]``.
+
+    Newer transformers return them as ``output.image_outputs.pooler_output`` (a tensor or one
+    tensor per image); older ones as ``output.image_hidden_states``.
+    """
+    image_outputs = getattr(output, "image_outputs", None)
+    features = (image_outputs.pooler_output if image_outputs is not None
+                else output.image_hidden_states)
+    if isinstance(features, list | tuple):
+        return torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+    return features.reshape(-1, features.shape[-1])

@@ -22,7 +22,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import (
     LlavaNextImageProcessorPil,
 )
 
-from mmlens.templates import LLAMA3, VICUNA_V1
+from mmlens.inputs.templates import LLAMA3, VICUNA_V1
 
 TILE, PATCH = 32, 8
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]

@@ -5,7 +5,7 @@
 """
 
 from mmlens.experiments.emergence import answer_emergence
-from mmlens.experiments.flows import (
+from mmlens.experiments.knockouts import (
     DEFAULT_FLOWS,
     Flow,
     Knockout,

@@ -4,7 +4,7 @@
     df.groupby(["variant", "ln", "layer"]).prob.mean()
 
 The residual stream at the last position after every layer is read through the unembedding
-(``mmlens.lens``), with and without the final norm; the residuals come from the same clean
+(``mmlens.methods.lens``), with and without the final norm; the residuals come from the same clean
 run the knockout engine uses. Tracked tokens: the gold answer's first
 token in lowercase (``lower``) and capitalised (``capitalised``) form, and for choose-questions
 the wrong option (``wrong``, ``wrong_capitalised``).
@@ -19,11 +19,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mmlens.batch import MultimodalBatch
+from mmlens.experiments.engine import clean_run
 from mmlens.experiments.examples import ExampleSource
-from mmlens.experiments.flow import clean_run
 from mmlens.experiments.sweep import model_answer
-from mmlens.lens import decode, first_token_ids
+from mmlens.inputs.batch import MultimodalBatch
+from mmlens.methods.lens import decode, first_token_ids
 
 COLUMNS = ["example_id", "task", "layer", "variant", "token", "ln", "prob", "rank"]
 

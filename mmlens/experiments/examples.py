@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from mmlens.batch import MultimodalBatch
-from mmlens.experiments.flow import single_example
+from mmlens.experiments.engine import single_example
+from mmlens.inputs.batch import MultimodalBatch
 
 
 class ExampleSource:
@@ -72,7 +72,7 @@ class ExampleSource:
         if self.batch is not None:
             example = single_example(self.batch, index)
         else:
-            from mmlens.inputs import prepare_examples
+            from mmlens.inputs.prepare import prepare_examples
 
             example = single_example(
                 prepare_examples(self.model, [self.records[index]], **self.prepare_options))

@@ -2,7 +2,7 @@
 
 Every knockout re-encodes the image and recomputes the whole prompt with ``block_attention``
 hooks. Slow, but with nothing clever in it, so it is what the fast engine
-(``mmlens.experiments.flow``) is tested against.
+(``mmlens.experiments.engine``) is tested against.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mmlens.batch import MultimodalBatch
-from mmlens.experiments.flow import last_logits
-from mmlens.experiments.flows import Knockout
-from mmlens.interventions import block_attention
+from mmlens.experiments.engine import last_logits
+from mmlens.experiments.knockouts import Knockout
+from mmlens.inputs.batch import MultimodalBatch
+from mmlens.methods import block_attention
 
 
 def knockout_hooks(knockout: Knockout) -> list:

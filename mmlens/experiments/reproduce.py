@@ -3,9 +3,9 @@
     reproduce("runs/llava-1.5-7b", model="llava-hf/llava-1.5-7b-hf",
               gqa_images="gqa/images", subsets="paper-subsets", device="cuda", dtype="float16")
 
-Uses the model's preset (``mmlens.presets``): the Vicuna v1 or Llama-3 prompt, window 7 for
-32-layer and 9 for 40-layer models, the image preprocessing the checkpoint was trained with,
-the six flows, and the correctness filter. Writes what ``mmlens flow`` writes plus
+Uses the model's preset (``mmlens.experiments.presets``): the Vicuna v1 or Llama-3 prompt,
+window 7 for 32-layer and 9 for 40-layer models, the image preprocessing the checkpoint was
+trained with, the six flows, and the correctness filter. Writes what ``mmlens flow`` writes plus
 ``summary.csv`` (per task and flow: centre layer of the largest drop, its size, and the layer
 range where the drop exceeds half of it).
 """
@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from mmlens.experiments.presets import PAPER_FLOWS, PAPER_PRESETS
 from mmlens.experiments.study import is_paper_subsets_folder, run_study
-from mmlens.presets import PAPER_FLOWS, PAPER_PRESETS
 
 
 def reproduce(

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from mmlens.experiments.emergence import answer_emergence
-from mmlens.experiments.flows import DEFAULT_FLOWS, parse_flows
+from mmlens.experiments.knockouts import DEFAULT_FLOWS, parse_flows
+from mmlens.experiments.presets import PAPER_PRESETS
 from mmlens.experiments.summary import flow_summary
 from mmlens.experiments.sweep import dropped_examples, information_flow
-from mmlens.presets import PAPER_PRESETS
 
 DEFAULT_MODEL = "shapes-llava"
 DEFAULT_PER_TASK = 60
@@ -123,8 +123,8 @@ def run_study(
     the CPU runs on one thread: its many small operations gain little from more, and stall
     badly when other work shares the cores.
     """
-    from mmlens.model import HookedMultimodalTransformer
-    from mmlens.report import build_report
+    from mmlens.experiments.report import build_report
+    from mmlens.model.hooked import HookedMultimodalTransformer
 
     flow_names = [flow.name for flow in parse_flows(flows)]
     examples = load_examples(data, tasks=tasks, per_task=per_task, seed=seed, images=images)

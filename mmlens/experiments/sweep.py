@@ -19,15 +19,14 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from mmlens.batch import MultimodalBatch
-from mmlens.experiments.examples import ExampleSource, model_fingerprint
-from mmlens.experiments.flow import (
+from mmlens.experiments.engine import (
     CleanRun,
     clean_run,
     fast_knockout_probs,
     greedy_continue,
 )
-from mmlens.experiments.flows import (
+from mmlens.experiments.examples import ExampleSource, model_fingerprint
+from mmlens.experiments.knockouts import (
     DEFAULT_FLOWS,
     Flow,
     check_flow_spans,
@@ -37,7 +36,8 @@ from mmlens.experiments.flows import (
 )
 from mmlens.experiments.naive import naive_knockout_probs
 from mmlens.experiments.store import ResultStore
-from mmlens.interventions.windows import window_layers
+from mmlens.inputs.batch import MultimodalBatch
+from mmlens.methods.windows import window_layers
 
 METHODS = ("fast", "naive")
 ExtraSpans = Mapping[str, Mapping[str, Sequence[int]]] | Callable[..., Mapping[str, Any]]
@@ -68,7 +68,7 @@ def information_flow(
     spans per example, ``{example_id: {name: positions}}`` or a callable
     ``(example, spans) -> {name: positions}``; positions index the example's unpadded prompt.
     ``template`` / ``preprocessing``: how ``Example`` records are prepared (see
-    ``mmlens.presets`` for the paper's per-model choices; default: the processor's own).
+    ``mmlens.experiments.presets`` for the paper's per-model choices; default: the processor's own).
 
     Columns: ``example_id, task, flow, layer, window_start, window_end, answer_token, answer,
     p_base, p_block, rel_change`` (percent). What was left out is in ``df.attrs["dropped"]``;

@@ -10,8 +10,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from mmlens.batch import MultimodalBatch
-from mmlens.interventions.knockout import PositionSpec, resolve_positions
+from mmlens.inputs.batch import MultimodalBatch
+from mmlens.methods.knockout import PositionSpec, resolve_positions
 
 
 def attention_mass(

@@ -7,7 +7,6 @@ import torch
 from tiny import IMAGE_TOKEN, tiny_inputs, tiny_llava
 
 from mmlens import HookedMultimodalTransformer
-from mmlens.batch import MultimodalBatch
 from mmlens.data.example import Example
 from mmlens.experiments import (
     DEFAULT_FLOWS,
@@ -17,8 +16,9 @@ from mmlens.experiments import (
     sweep,
 )
 from mmlens.experiments.emergence import answer_emergence
-from mmlens.experiments.flow import clean_run, fast_knockout_probs, single_example
+from mmlens.experiments.engine import clean_run, fast_knockout_probs, single_example
 from mmlens.experiments.naive import naive_knockout_probs
+from mmlens.inputs.batch import MultimodalBatch
 
 TEXT_LAYERS = 5
 

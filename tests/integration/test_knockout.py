@@ -9,7 +9,7 @@ from conftest_interventions import hf_logits, tiny_batch, tiny_pair
 from torch.nn import functional as F
 
 from mmlens import KeyValueCache
-from mmlens.interventions import block_attention, window_layers
+from mmlens.methods import block_attention, window_layers
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +271,7 @@ def test_attention_mass_is_zero_on_blocked_edges(models, batch):
 
 
 def test_zero_and_mean_ablation(models, batch):
-    from mmlens.interventions import ablate_positions
+    from mmlens.methods import ablate_positions
 
     _, model = models
     zero = ablate_positions("hook_embed", "image", batch=batch)

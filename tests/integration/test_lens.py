@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest_interventions import tiny_batch, tiny_pair, tiny_tokenizer
 
-from mmlens.lens import (
+from mmlens.methods.lens import (
     answer_tokens,
     decode,
     lens_names,

@@ -3,6 +3,7 @@ spans for the Vicuna and Llama-3 templates, and clear errors for bad image sizes
 
 import pytest
 import torch
+from tiny import hf_image_features
 from tiny_next import (
     IMAGE_TOKEN,
     LLAMA3_ROPE,
@@ -15,10 +16,10 @@ from tiny_next import (
 from transformers import LlavaNextForConditionalGeneration
 
 from mmlens import HookedMultimodalTransformer
-from mmlens.anyres import AnyresGeometry
-from mmlens.config import from_hf_config
-from mmlens.spans_anyres import anyres_related_positions
-from mmlens.templates import LLAMA3, VICUNA_V1
+from mmlens.inputs.anyres_spans import anyres_related_positions
+from mmlens.inputs.templates import LLAMA3, VICUNA_V1
+from mmlens.inputs.tiling import AnyresGeometry
+from mmlens.model.config import from_hf_config
 
 # (height, width)
 SIZES = {"portrait": (90, 40), "landscape": (40, 90), "square": (64, 64),
@@ -51,7 +52,7 @@ def parity(hf, model, inputs) -> dict[str, float]:
             image_sizes=inputs["image_sizes"])
     real = mask.bool()
     diffs = {"logits": (ref.logits - logits)[real].abs().max().item(),
-             "image_features": (ref.image_hidden_states - cache["anyres.hook_out"])
+             "image_features": (hf_image_features(ref) - cache["anyres.hook_out"])
              .abs().max().item()}
     for layer in range(model.cfg.n_layers):
         diffs[f"resid_pre.{layer}"] = (ref.hidden_states[layer] -

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import tiny_inputs, tiny_llava
+from tiny import hf_image_features, tiny_inputs, tiny_llava
 
 from mmlens import HookedMultimodalTransformer
 
@@ -34,7 +34,7 @@ def _compare(hf, inputs, dtype_tol):
         "fast_vs_cached": (fast - logits)[real].abs().max().item(),
         "softmax": (ref.logits.float().softmax(-1) - logits.float().softmax(-1))[real]
         .abs().max().item(),
-        "image_features": (ref.image_hidden_states.reshape(features.shape) - features)
+        "image_features": (hf_image_features(ref).reshape(features.shape) - features)
         .abs().max().item(),
     }
     for layer in range(model.cfg.n_layers):

@@ -9,7 +9,7 @@ import torch
 from conftest_interventions import tiny_batch, tiny_pair
 from transformer_lens import patching as tl_patching
 
-from mmlens.patching import (
+from mmlens.methods.patching import (
     answer_prob_metric,
     corrupt_image,
     logit_diff_metric,

@@ -23,13 +23,14 @@ from transformers import LlavaNextModel
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from mmlens.anyres import AnyresGeometry, AnyresPacker
-from mmlens.spans_anyres import (
+from mmlens.inputs.anyres_spans import (
     anyres_masks,
     anyres_related_positions,
     image_position_map,
     tile_transform,
 )
+from mmlens.inputs.tiling import AnyresGeometry
+from mmlens.model.anyres import AnyresPacker
 
 GEOMETRY = AnyresGeometry(TILE, PATCH, tuple(tuple(p) for p in PINPOINTS))
 GRID = TILE // PATCH

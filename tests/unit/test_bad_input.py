@@ -7,7 +7,7 @@ import torch
 from tiny import IMAGE_TOKEN, tiny_inputs, tiny_llava
 
 from mmlens import HookedMultimodalTransformer
-from mmlens.config import from_hf_config
+from mmlens.model.config import from_hf_config
 
 
 @pytest.fixture(scope="module")

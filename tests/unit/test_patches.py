@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmlens.data.patches import (
+from mmlens.inputs.geometry import (
     boxes_to_patch_mask,
     canvas_patch_mask,
     corner_box,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmlens import MultimodalBatch
-from mmlens.patching import patching_frame
+from mmlens.methods.patching import patching_frame
 from mmlens.plotting import (
     attention_mass,
     attention_mass_heatmap,

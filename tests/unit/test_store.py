@@ -7,8 +7,8 @@ import torch
 from tiny import IMAGE_TOKEN, tiny_inputs, tiny_llava
 
 from mmlens import HookedMultimodalTransformer
-from mmlens.batch import MultimodalBatch
 from mmlens.experiments import ResultStore, information_flow, sweep
+from mmlens.inputs.batch import MultimodalBatch
 
 SIGNATURE = {"model": "m", "flows": ["image->last"], "window": 3}
 

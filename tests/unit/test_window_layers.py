@@ -2,7 +2,7 @@
 
 import pytest
 
-from mmlens.interventions import window_layers
+from mmlens.methods import window_layers
 
 
 @pytest.mark.parametrize("center, k, n_layers, expected", [

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mmlens.interventions.windows import window_layers
+from mmlens.methods.windows import window_layers
 
 DEFAULT_FLOWS: tuple[str, ...] = (
     "image->question",

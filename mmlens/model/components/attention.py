@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformer_lens.hook_points import HookPoint
 
-from mmlens.components.rotary import apply_rotary
+from mmlens.model.components.rotary import apply_rotary
 
 KeyValue = tuple[Tensor, Tensor]
 """Rotated keys and values of earlier positions, each ``[batch, n_kv_heads, pos, d_head]``."""

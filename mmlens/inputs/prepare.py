@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mmlens.anyres import pad_tiles
-from mmlens.batch import MultimodalBatch
-from mmlens.spans_anyres import add_anyres_spans
-from mmlens.templates import IMAGE_PLACEHOLDER, PromptTemplate, get_template
+from mmlens.inputs.anyres_spans import add_anyres_spans
+from mmlens.inputs.batch import MultimodalBatch
+from mmlens.inputs.templates import IMAGE_PLACEHOLDER, PromptTemplate, get_template
+from mmlens.inputs.tiling import pad_tiles
 
 
 def _as_list(value: Any) -> list:
@@ -132,7 +132,7 @@ def prepare(model: Any, images: Any, questions: Any, *,
     if model.cfg.is_anyres:
         add_anyres_spans(model, batch)
     if boxes is not None:
-        from mmlens.spans import add_patch_spans
+        from mmlens.inputs.spans import add_patch_spans
 
         add_patch_spans(model, batch, images, boxes, mode=preprocessing)
     return batch

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mmlens.components.attention import KeyValue
+from mmlens.model.components.attention import KeyValue
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmlens.experiments.flows import DEFAULT_FLOWS as PAPER_FLOWS
-from mmlens.templates import LLAMA3, VICUNA_V1, PromptTemplate
+from mmlens.experiments.knockouts import DEFAULT_FLOWS as PAPER_FLOWS
+from mmlens.inputs.templates import LLAMA3, VICUNA_V1, PromptTemplate
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,10 @@ from jaxtyping import Bool, Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from mmlens.components.attention import Attention, KeyValue
-from mmlens.components.mlp import GatedMLP, VisionMLP
-from mmlens.components.norms import LayerNorm, RMSNorm
-from mmlens.config import LanguageConfig, VisionConfig
+from mmlens.model.components.attention import Attention, KeyValue
+from mmlens.model.components.mlp import GatedMLP, VisionMLP
+from mmlens.model.components.norms import LayerNorm, RMSNorm
+from mmlens.model.config import LanguageConfig, VisionConfig
 
 
 class _Block(nn.Module):

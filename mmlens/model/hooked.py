@@ -21,13 +21,13 @@ from torch import Tensor
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from mmlens.components import Embed, Projector, RMSNorm, Unembed
-from mmlens.config import MultimodalConfig
-from mmlens.image_merge import merge_image_features
-from mmlens.inputs import MultimodalBatch
-from mmlens.kv_cache import KeyValueCache
-from mmlens.language import LanguageStack
-from mmlens.vision import VisionTower
+from mmlens.inputs.batch import MultimodalBatch
+from mmlens.model.components import Embed, Projector, RMSNorm, Unembed
+from mmlens.model.config import MultimodalConfig
+from mmlens.model.kv_cache import KeyValueCache
+from mmlens.model.language import LanguageStack
+from mmlens.model.merge import merge_image_features
+from mmlens.model.vision import VisionTower
 
 
 class HookedMultimodalTransformer(HookedRootModule):
@@ -47,7 +47,7 @@ class HookedMultimodalTransformer(HookedRootModule):
             cfg.projector_act, cfg.projector_bias,
         )
         if cfg.is_anyres:
-            from mmlens.anyres import AnyresPacker
+            from mmlens.model.anyres import AnyresPacker
 
             self.anyres = AnyresPacker(cfg)
         self.embed = Embed(cfg.text.d_vocab, cfg.text.d_model)
@@ -66,14 +66,14 @@ class HookedMultimodalTransformer(HookedRootModule):
                         device: str | torch.device | None = None,
                         **kwargs: Any) -> HookedMultimodalTransformer:
         """Load a LLaVA / LLaVA-NeXT checkpoint: a hub name, a local folder or a bundled name."""
-        from mmlens.loading import load_pretrained
+        from mmlens.model.loading import load_pretrained
 
         return load_pretrained(cls, name_or_path, dtype=dtype, device=device, **kwargs)
 
     @classmethod
     def from_hf_model(cls, hf_model: Any, processor: Any = None) -> HookedMultimodalTransformer:
         """Convert an in-memory ``LlavaForConditionalGeneration`` (or LLaVA-NeXT) model."""
-        from mmlens.loading import convert_hf_model
+        from mmlens.model.loading import convert_hf_model
 
         return convert_hf_model(cls, hf_model, processor)
 
@@ -218,14 +218,14 @@ class HookedMultimodalTransformer(HookedRootModule):
     # ----------------------------------------------------------------- helpers
     def prepare(self, images: Any, questions: Any, **kwargs: Any) -> MultimodalBatch:
         """Prompts, pixel values and named position spans for images and questions."""
-        from mmlens.inputs import prepare
+        from mmlens.inputs.prepare import prepare
 
         return prepare(self, images, questions, **kwargs)
 
     def generate(self, input: Any, pixel_values: Tensor | None = None, **kwargs: Any) -> Any:
         """Greedy or sampled continuation with images, a key/value cache and active hooks;
-        see ``mmlens.generation.generate``."""
-        from mmlens.generation import generate
+        see ``mmlens.model.generation.generate``."""
+        from mmlens.model.generation import generate
 
         return generate(self, input, pixel_values, **kwargs)
 

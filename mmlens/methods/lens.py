@@ -19,8 +19,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mmlens.batch import MultimodalBatch
-from mmlens.interventions.knockout import PositionSpec, resolve_positions
+from mmlens.inputs.batch import MultimodalBatch
+from mmlens.methods.knockout import PositionSpec, resolve_positions
 
 Layer = int | str
 TokenSpec = int | str | Sequence[int | str]

@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mmlens.batch import MultimodalBatch
+from mmlens.inputs.batch import MultimodalBatch
 
 COMPONENTS = {
     "resid_pre": "blocks.{}.hook_resid_pre",

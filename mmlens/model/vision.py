@@ -11,8 +11,8 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from mmlens.components import LayerNorm, VisionBlock, VisionEmbed
-from mmlens.config import MultimodalConfig
+from mmlens.model.components import LayerNorm, VisionBlock, VisionEmbed
+from mmlens.model.config import MultimodalConfig
 
 
 class VisionTower(nn.Module):

@@ -26,9 +26,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from mmlens.batch import MultimodalBatch
-from mmlens.experiments.flows import Knockout
-from mmlens.kv_cache import KeyValueCache
+from mmlens.experiments.knockouts import Knockout
+from mmlens.inputs.batch import MultimodalBatch
+from mmlens.model.kv_cache import KeyValueCache
 
 
 @dataclass

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from mmlens.config import SUPPORTED_MODEL_TYPES, from_hf_config
-from mmlens.loading.convert import convert_llava_state_dict
+from mmlens.model.config import SUPPORTED_MODEL_TYPES, from_hf_config
+from mmlens.model.loading.convert import convert_llava_state_dict
 
 SUPPORTED_CHECKPOINTS = (
     "llava-hf/llava-1.5-7b-hf",

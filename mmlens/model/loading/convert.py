@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from mmlens.config import MultimodalConfig
+from mmlens.model.config import MultimodalConfig
 
 _VISION_BLOCK = {
     "attn.q_weight": "self_attn.q_proj.weight", "attn.q_bias": "self_attn.q_proj.bias",

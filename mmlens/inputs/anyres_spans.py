@@ -4,7 +4,7 @@ For one image, ``image_position_map`` lists every image position in input order 
 kind (``"base"``, ``"tile"`` or ``"newline"``), the tile and patch it holds and the pixel box it
 covers in the original image. ``anyres_related_positions`` pushes object boxes through the same
 tiling and unpadding. Sizes here are ``(width, height)`` like PIL's ``Image.size`` and
-``mmlens.data.patches``; the processor's ``image_sizes`` rows are ``(height, width)``.
+``mmlens.inputs.geometry``; the processor's ``image_sizes`` rows are ``(height, width)``.
 
 The processor's geometry, for an image of ``W x H`` and tile side ``T``:
 
@@ -24,8 +24,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from mmlens.anyres import AnyresGeometry, image_sizes_list
-from mmlens.data.patches import CornerBox, canvas_patch_mask, corner_box, scale_and_shift
+from mmlens.inputs.geometry import CornerBox, canvas_patch_mask, corner_box, scale_and_shift
+from mmlens.inputs.tiling import AnyresGeometry, image_sizes_list
 
 Kind = Literal["base", "tile", "newline"]
 PixelBox = tuple[float, float, float, float]

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmlens.batch import MultimodalBatch
-from mmlens.kv_cache import KeyValueCache
+from mmlens.inputs.batch import MultimodalBatch
+from mmlens.model.kv_cache import KeyValueCache
 
 
 @torch.no_grad()

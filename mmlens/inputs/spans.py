@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from mmlens.data.example import Box
-from mmlens.data.patches import MODES, other_image_positions, related_image_positions
+from mmlens.inputs.geometry import MODES, other_image_positions, related_image_positions
 
 
 def default_preprocessing(processor: Any) -> str:
@@ -35,7 +35,7 @@ def add_patch_spans(model: Any, batch: Any, images: Sequence[Any], boxes: Sequen
     for i, (image, example_boxes) in enumerate(zip(images, boxes, strict=True)):
         image_positions = batch.positions("image", i)
         if model.cfg.is_anyres:
-            from mmlens.spans_anyres import anyres_related_positions
+            from mmlens.inputs.anyres_spans import anyres_related_positions
 
             rel_local, other_local = anyres_related_positions(
                 example_boxes, image.size, model.cfg, mode=mode)

@@ -6,10 +6,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from mmlens.components import LanguageBlock, RotaryEmbedding
-from mmlens.components.attention import default_mask
-from mmlens.config import LanguageConfig
-from mmlens.kv_cache import KeyValueCache
+from mmlens.model.components import LanguageBlock, RotaryEmbedding
+from mmlens.model.components.attention import default_mask
+from mmlens.model.config import LanguageConfig
+from mmlens.model.kv_cache import KeyValueCache
 
 
 def positions_from_mask(attention_mask: Int[Tensor, "batch pos"]) -> Int[Tensor, "batch pos"]:

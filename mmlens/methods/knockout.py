@@ -25,7 +25,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from mmlens.batch import MultimodalBatch
+from mmlens.inputs.batch import MultimodalBatch
 
 PositionSpec = str | int | Sequence[int] | Tensor | Sequence[Sequence[int] | Tensor]
 """A span name, one position, positions shared by every example, or one list per example."""
