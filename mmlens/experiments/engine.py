@@ -154,7 +154,8 @@ def _mask_hook(blocked: Tensor, active: Tensor):
 
     def hook(mask: Tensor, hook) -> Tensor:
         n = mask.shape[0]
-        return mask & ~(blocked[:n] & active[:n, None, None])[:, None]
+        edges = (blocked[:n] & active[:n, None, None])[:, None]
+        return mask & ~edges.to(mask.device)  # a no-op unless the model spans devices
 
     return hook
 
@@ -181,7 +182,8 @@ def _run_rows(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout]
             joining = bisect_right(starts, layer) - resid.shape[0]
             if joining:
                 clean_suffix = clean.resid[layer][:, position:clean.n_positions]
-                resid = torch.cat([resid, clean_suffix.expand(joining, -1, -1)])
+                resid = torch.cat([resid.to(clean_suffix.device),
+                                   clean_suffix.expand(joining, -1, -1)])
             if layer == n_layers:
                 break
             n = resid.shape[0]
