@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from mmlens.inputs.geometry import CornerBox, canvas_patch_mask, corner_box, scale_and_shift
+from mmlens.inputs.protocol import InputsModel
 from mmlens.inputs.tiling import AnyresGeometry, image_sizes_list
 
 Kind = Literal["base", "tile", "newline"]
@@ -160,7 +161,7 @@ def anyres_related_positions(
     return related.nonzero().flatten(), (~related & ~newline).nonzero().flatten()
 
 
-def add_anyres_spans(model: Any, batch: Any) -> None:
+def add_anyres_spans(model: InputsModel, batch: Any) -> None:
     """Split every example's ``image`` span into ``image_base``, ``image_tiles`` (kept
     high-resolution features) and ``image_newline``."""
     geometry = AnyresGeometry.from_config(model.cfg)

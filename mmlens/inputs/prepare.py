@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from mmlens.inputs.batch import MultimodalBatch
+from mmlens.inputs.protocol import InputsModel
 from mmlens.inputs.templates import IMAGE_PLACEHOLDER, PromptTemplate, get_template
 
 
@@ -78,7 +79,7 @@ def encode_prompt(processor: Any, image: Image.Image, question: str, template: P
     return out, spans, prompt
 
 
-def prepare(model: Any, images: Any, questions: Any, *,
+def prepare(model: InputsModel, images: Any, questions: Any, *,
             template: str | PromptTemplate | None = None,
             boxes: Sequence[Sequence[tuple[float, float, float, float]]] | None = None,
             examples: Sequence[Any] | None = None,
@@ -136,7 +137,7 @@ def prepare(model: Any, images: Any, questions: Any, *,
     return batch
 
 
-def prepare_examples(model: Any, examples: Sequence[Any], **kwargs: Any) -> MultimodalBatch:
+def prepare_examples(model: InputsModel, examples: Sequence[Any], **kwargs: Any) -> MultimodalBatch:
     """``prepare`` for dataset examples: their images, questions and object boxes."""
     examples = list(examples)
     return prepare(model, [e.load_image() for e in examples], [e.question for e in examples],

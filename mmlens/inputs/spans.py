@@ -7,6 +7,7 @@ from typing import Any
 
 from mmlens.data.example import Box
 from mmlens.inputs.geometry import MODES
+from mmlens.inputs.protocol import InputsModel
 
 
 def default_preprocessing(processor: Any) -> str:
@@ -18,8 +19,8 @@ def default_preprocessing(processor: Any) -> str:
     return "resize_crop"
 
 
-def add_patch_spans(model: Any, batch: Any, images: Sequence[Any], boxes: Sequence[Sequence[Box]],
-                    *, mode: str | None = None) -> None:
+def add_patch_spans(model: InputsModel, batch: Any, images: Sequence[Any],
+                    boxes: Sequence[Sequence[Box]], *, mode: str | None = None) -> None:
     """Add ``related`` (patches any box touches) and ``other`` (the remaining patches) spans.
 
     ``boxes[i]`` are ``(x, y, w, h)`` in pixels of ``images[i]`` as given to ``prepare``.
