@@ -69,7 +69,12 @@ def _parser() -> argparse.ArgumentParser:
                            help="questions per task (default: every question in the files)")
     reproduce.add_argument("--device", default=None, help="e.g. cuda")
     reproduce.add_argument("--dtype", default=None, help="float16, bfloat16 or float32")
-    reproduce.add_argument("--batch-size", type=int, default=64, help="knockouts run together")
+    reproduce.add_argument("--batch-size", type=_batch_size, default=64,
+                           help="knockouts run together, or 'auto' to fit the free memory")
+    reproduce.add_argument("--max-memory", default=None,
+                           help="memory budget for --batch-size auto, e.g. 24GB")
+    reproduce.add_argument("--device-map", default=None,
+                           help="split the model across devices: 'auto' or part=device pairs")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
     report = commands.add_parser("report", help="rebuild report.html from a run's tables")
     report.add_argument("dir", help="output folder of `mmlens flow`")
@@ -119,12 +124,15 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"results in {out}: flow.csv, dropped.csv, emergence.csv, report.html")
         elif args.command == "reproduce":
+            from mmlens.experiments.memory import parse_memory
             from mmlens.experiments.reproduce import reproduce
 
             out = reproduce(
                 args.out, model=args.model, gqa_images=args.gqa_images, subsets=args.subsets,
                 tasks=_tasks(args.tasks), per_task=args.per_task, device=args.device,
                 dtype=args.dtype, batch_size=args.batch_size, progress=not args.quiet,
+                max_memory=None if args.max_memory is None else parse_memory(args.max_memory),
+                device_map=_device_map(args.device_map),
             )
             print(f"results in {out}: flow.csv, summary.csv, emergence.csv, report.html")
         elif args.command == "report":

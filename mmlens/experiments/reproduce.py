@@ -29,7 +29,9 @@ def reproduce(
     per_task: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
-    batch_size: int = 64,
+    batch_size: int | str = 64,
+    max_memory: int | None = None,
+    device_map: str | dict | None = None,
     progress: bool = True,
 ) -> Path:
     """Run the paper's study for one model; resumable like ``mmlens flow``."""
@@ -43,5 +45,5 @@ def reproduce(
         flows=preset.flows if preset is not None else PAPER_FLOWS,
         window=preset.window if preset is not None else None, device=device, dtype=dtype,
         only_correct=preset.only_correct if preset is not None else True,
-        batch_size=batch_size, progress=progress,
+        batch_size=batch_size, max_memory=max_memory, device_map=device_map, progress=progress,
     )

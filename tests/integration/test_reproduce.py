@@ -60,6 +60,13 @@ def test_reproduce_end_to_end(tmp_path):
     first = len(flow)
     assert main(args) == 0  # resumes: nothing recomputed, nothing duplicated
     assert len(pd.read_csv(out / "flow.csv")) == first
+    split = tmp_path / "split"  # a device map and an automatic batch: the same rows
+    assert main([*args[:-3], "--out", str(split), "--quiet", "--device-map", "auto",
+                 "--batch-size", "auto", "--max-memory", "64MiB"]) == 0
+    again = pd.read_csv(split / "flow.csv")
+    assert again.drop(columns=["p_block", "rel_change"]).equals(
+        flow.drop(columns=["p_block", "rel_change"]))
+    assert (again.p_block - flow.p_block).abs().max() < 1e-6
 
 
 def test_reproduce_names_missing_images_before_compute(tmp_path, capsys):
