@@ -37,4 +37,5 @@ def merge_image_features(
             "each image to the right number of tokens"
         )
     # On a model split across devices the features may come from another device.
-    return embeds.masked_scatter(is_image[..., None], features.to(embeds.device, embeds.dtype))
+    return embeds.masked_scatter(is_image[..., None].to(embeds.device),
+                                 features.to(embeds.device, embeds.dtype))
