@@ -44,7 +44,11 @@ class VisionConfig:
 
 @dataclass
 class LanguageConfig:
-    """The Llama decoder, with TransformerLens field names."""
+    """The Llama decoder, with TransformerLens field names.
+
+    ``attention_bias`` puts biases on q/k/v and the output projection (Llama's flag);
+    ``attn_qkv_bias`` puts them on q/k/v only, as Qwen2 does.
+    """
 
     n_layers: int
     d_model: int
@@ -57,6 +61,7 @@ class LanguageConfig:
     rope_inv_freq: torch.Tensor
     rope_attention_scaling: float = 1.0
     attention_bias: bool = False
+    attn_qkv_bias: bool = False
     mlp_bias: bool = False
     act_fn: str = "silu"
     normalization_type: str = "RMS"
@@ -135,6 +140,40 @@ def resolve_feature_layers(feature_layer: int | list[int], n_vision_layers: int)
     return resolved
 
 
+def language_config_from_hf(tc: Any) -> LanguageConfig:
+    """Read a Hugging Face ``LlamaConfig`` or ``Qwen2Config`` into a ``LanguageConfig``.
+
+    Qwen2 always has q/k/v biases and no output bias (``attn_qkv_bias``); its sliding-window
+    attention is not supported.
+    """
+    if tc.model_type not in ("llama", "qwen2"):
+        raise ValueError(f"text model {tc.model_type!r} is not supported: mmlens supports llama "
+                         "and qwen2 decoders")
+    if getattr(tc, "use_sliding_window", False):
+        raise ValueError("this Qwen2 text config uses sliding-window attention "
+                         "(use_sliding_window=True), which mmlens does not support")
+    inv_freq, scaling = _rope_parameters(tc)
+    d_head = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    return LanguageConfig(
+        n_layers=tc.num_hidden_layers,
+        d_model=tc.hidden_size,
+        n_heads=tc.num_attention_heads,
+        n_key_value_heads=tc.num_key_value_heads or tc.num_attention_heads,
+        d_head=d_head,
+        d_mlp=tc.intermediate_size,
+        d_vocab=tc.vocab_size,
+        eps=tc.rms_norm_eps,
+        rope_inv_freq=inv_freq,
+        rope_attention_scaling=scaling,
+        attention_bias=bool(getattr(tc, "attention_bias", False)),
+        attn_qkv_bias=tc.model_type == "qwen2",
+        mlp_bias=bool(getattr(tc, "mlp_bias", False)),
+        act_fn=tc.hidden_act,
+        original_architecture=("Qwen2ForCausalLM" if tc.model_type == "qwen2"
+                               else "LlamaForCausalLM"),
+    )
+
+
 def from_hf_config(hf_config: Any) -> MultimodalConfig:
     """Read a Hugging Face ``LlavaConfig`` / ``LlavaNextConfig`` into a ``MultimodalConfig``."""
     model_type = getattr(hf_config, "model_type", None)
@@ -156,23 +195,7 @@ def from_hf_config(hf_config: Any) -> MultimodalConfig:
         raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported: use "
                          "'default' or 'full'")
     feature_layers = resolve_feature_layers(hf_config.vision_feature_layer, vc.num_hidden_layers)
-    inv_freq, scaling = _rope_parameters(tc)
-    d_head = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    text = LanguageConfig(
-        n_layers=tc.num_hidden_layers,
-        d_model=tc.hidden_size,
-        n_heads=tc.num_attention_heads,
-        n_key_value_heads=tc.num_key_value_heads or tc.num_attention_heads,
-        d_head=d_head,
-        d_mlp=tc.intermediate_size,
-        d_vocab=tc.vocab_size,
-        eps=tc.rms_norm_eps,
-        rope_inv_freq=inv_freq,
-        rope_attention_scaling=scaling,
-        attention_bias=bool(getattr(tc, "attention_bias", False)),
-        mlp_bias=bool(getattr(tc, "mlp_bias", False)),
-        act_fn=tc.hidden_act,
-    )
+    text = language_config_from_hf(tc)
     vision = VisionConfig(
         d_model=vc.hidden_size,
         n_heads=vc.num_attention_heads,

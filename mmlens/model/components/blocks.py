@@ -50,14 +50,16 @@ class _Block(nn.Module):
 
 
 class LanguageBlock(_Block):
-    """A Llama decoder layer: RMSNorm, rotary grouped-query attention, gated SiLU MLP."""
+    """A Llama / Qwen2 decoder layer: RMSNorm, rotary grouped-query attention (q/k/v biases
+    for Qwen2), gated SiLU MLP."""
 
     def __init__(self, cfg: LanguageConfig):
         super().__init__()
         self._register(
             RMSNorm(cfg.d_model, cfg.eps),
             Attention(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.n_key_value_heads,
-                      qkv_bias=cfg.attention_bias, out_bias=cfg.attention_bias, rotary=True),
+                      qkv_bias=cfg.attention_bias or cfg.attn_qkv_bias,
+                      out_bias=cfg.attention_bias, rotary=True),
             RMSNorm(cfg.d_model, cfg.eps),
             GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, bias=cfg.mlp_bias),
         )

@@ -99,8 +99,8 @@ def convert_projector(state: dict[str, Tensor], cfg: MultimodalConfig) -> dict[s
 
 
 def convert_language(state: dict[str, Tensor], cfg: MultimodalConfig) -> dict[str, Tensor]:
-    """The Llama decoder, final norm and unembedding (tied to the embedding when absent)."""
-    p = _prefix(state, "model.language_model.", "language_model.model.")
+    """The Llama / Qwen2 decoder, final norm and unembedding (tied to the embedding when absent)."""
+    p = _prefix(state, "model.language_model.", "language_model.model.", "model.")
     tc = cfg.text
     out = {"embed.W_E": _take(state, p + "embed_tokens.weight"),
            "ln_final.w": _take(state, p + "norm.weight")}
