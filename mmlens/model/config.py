@@ -17,7 +17,8 @@ SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
 
 @dataclass
 class VisionConfig:
-    """The CLIP vision tower. ``n_layers`` counts only the blocks the selected features need."""
+    """The CLIP or SigLIP vision tower. ``n_layers`` counts only the blocks the selected features
+    need. SigLIP has no class token and a bias on its patch embedding."""
 
     d_model: int
     n_heads: int
@@ -28,6 +29,7 @@ class VisionConfig:
     n_channels: int = 3
     eps: float = 1e-5
     act_fn: str = "quick_gelu"
+    has_class_token: bool = True
 
     @property
     def d_head(self) -> int:
@@ -89,6 +91,7 @@ class MultimodalConfig:
     projector_act: str = "gelu"
     projector_bias: bool = True
     image_grid_pinpoints: list[list[int]] | None = None
+    anyres_max_tiles: int | None = None
     hf_config: Any = field(default=None, repr=False)
 
     def __getattr__(self, name: str) -> Any:
@@ -102,7 +105,7 @@ class MultimodalConfig:
 
     @property
     def is_anyres(self) -> bool:
-        return self.model_type == "llava_next"
+        return self.model_type in ("llava_next", "llava_onevision")
 
 
 def _rope_parameters(text_config: Any) -> tuple[torch.Tensor, float]:

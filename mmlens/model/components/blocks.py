@@ -66,7 +66,8 @@ class LanguageBlock(_Block):
 
 
 class VisionBlock(_Block):
-    """A CLIP encoder layer: LayerNorm, full (non-causal) attention with biases, quick-GELU MLP."""
+    """A CLIP or SigLIP encoder layer: LayerNorm, full (non-causal) attention with biases, an
+    MLP with the tower's activation (quick-GELU for CLIP, tanh-approximated GELU for SigLIP)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()

@@ -1,0 +1,111 @@
+"""LLaVA-OneVision: reading its config and renaming its weights.
+
+The HF module tree read here (``LlavaOnevisionForConditionalGeneration``, transformers >= 5)::
+
+    model.vision_tower                                    (SiglipVisionModel)
+        .embeddings.{patch_embedding.{weight, bias}, position_embedding}
+        .encoder.layers.{i}.{self_attn.{q,k,v,out}_proj, layer_norm{1,2}, mlp.fc{1,2}}
+        .post_layernorm                                   (unused: features are read before it)
+    model.multi_modal_projector.linear_{1,2}
+    model.image_newline
+    model.language_model                                  (Qwen2Model: q/k/v biases, GQA)
+    lm_head
+
+The projector, newline and decoder share LLaVA's rename tables (``loading.convert``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import Tensor
+
+from mmlens.model.config import (
+    MultimodalConfig,
+    VisionConfig,
+    language_config_from_hf,
+    resolve_feature_layers,
+)
+from mmlens.model.loading.convert import (
+    _VISION_BLOCK,
+    _prefix,
+    _take,
+    convert_language,
+    convert_projector,
+)
+
+
+def anyres_max_tiles(vision_aspect_ratio: str) -> int:
+    """``"anyres_max_9"`` -> 9: the most tiles' worth of unpadded features an image keeps."""
+    match = re.fullmatch(r"anyres_max_(\d+)", str(vision_aspect_ratio))
+    if match is None or int(match.group(1)) < 1:
+        raise ValueError(f"vision_aspect_ratio {vision_aspect_ratio!r} is not supported: "
+                         "LLaVA-OneVision uses 'anyres_max_<n>' with n >= 1, e.g. 'anyres_max_9'")
+    return int(match.group(1))
+
+
+def onevision_config(hf_config: Any) -> MultimodalConfig:
+    """Read a Hugging Face ``LlavaOnevisionConfig`` into a ``MultimodalConfig``."""
+    vc, tc = hf_config.vision_config, hf_config.text_config
+    if vc.model_type != "siglip_vision_model":
+        raise ValueError(f"vision tower {vc.model_type!r} is not supported for LLaVA-OneVision: "
+                         "mmlens supports siglip_vision_model")
+    if tc.model_type != "qwen2":
+        raise ValueError(f"text model {tc.model_type!r} is not supported for LLaVA-OneVision: "
+                         "mmlens supports qwen2")
+    strategy = hf_config.vision_feature_select_strategy
+    if strategy != "full":
+        raise ValueError(
+            f"vision_feature_select_strategy {strategy!r} drops a SigLIP patch feature (SigLIP "
+            "has no class token), which breaks the tile grid; Hugging Face's model cannot run it "
+            "either: use 'full'")
+    feature_layers = resolve_feature_layers(hf_config.vision_feature_layer, vc.num_hidden_layers)
+    vision = VisionConfig(
+        d_model=vc.hidden_size,
+        n_heads=vc.num_attention_heads,
+        d_mlp=vc.intermediate_size,
+        n_layers=max(feature_layers),
+        image_size=vc.image_size,
+        patch_size=vc.patch_size,
+        n_channels=vc.num_channels,
+        eps=vc.layer_norm_eps,
+        act_fn=vc.hidden_act,
+        has_class_token=False,
+    )
+    return MultimodalConfig(
+        model_type="llava_onevision",
+        vision=vision,
+        text=language_config_from_hf(tc),
+        image_token_id=hf_config.image_token_id,
+        feature_layers=feature_layers,
+        feature_select_strategy=strategy,
+        projector_act=hf_config.projector_hidden_act,
+        projector_bias=bool(getattr(hf_config, "multimodal_projector_bias", True)),
+        image_grid_pinpoints=hf_config.image_grid_pinpoints,
+        anyres_max_tiles=anyres_max_tiles(hf_config.vision_aspect_ratio),
+        hf_config=hf_config,
+    )
+
+
+def convert_siglip_vision(state: dict[str, Tensor], cfg: MultimodalConfig) -> dict[str, Tensor]:
+    """SigLIP tower; blocks after the last selected feature layer and the post-norm are dropped."""
+    p = _prefix(state, "model.vision_tower.vision_model.", "model.vision_tower.")
+    out = {
+        "vision.embed.W_patch": _take(state, p + "embeddings.patch_embedding.weight"),
+        "vision.embed.b_patch": _take(state, p + "embeddings.patch_embedding.bias"),
+        "vision.embed.W_pos": _take(state, p + "embeddings.position_embedding.weight"),
+    }
+    for layer in range(cfg.vision.n_layers):
+        for ours, theirs in _VISION_BLOCK.items():
+            out[f"vision.blocks.{layer}.{ours}"] = _take(
+                state, f"{p}encoder.layers.{layer}.{theirs}")
+    return out
+
+
+def convert_onevision_state_dict(
+    state: dict[str, Tensor], cfg: MultimodalConfig
+) -> dict[str, Tensor]:
+    """Whole-model conversion for LLaVA-OneVision checkpoints."""
+    return {**convert_siglip_vision(state, cfg), **convert_projector(state, cfg),
+            **convert_language(state, cfg)}
