@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 
@@ -151,3 +151,13 @@ def pad_tiles(pixel_values: list[Tensor]) -> Float[Tensor, "images tiles channel
     n_tiles = max(p.shape[1] for p in pixel_values)
     return torch.cat([nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, n_tiles - p.shape[1]))
                       for p in pixel_values])
+
+
+def bilinear_sources(n_in: int, n_out: int) -> Bool[Tensor, "n_out n_in"]:
+    """Which inputs a bilinear (``align_corners=False``) resize from ``n_in`` to ``n_out``
+    samples draws on with a non-zero weight, per output; read off PyTorch's own interpolation
+    of the identity, so it agrees with the packer's ``F.interpolate`` to the last bit."""
+    if n_in == n_out:
+        return torch.eye(n_in, dtype=torch.bool)
+    weights = nn.functional.interpolate(torch.eye(n_in)[None], size=n_out, mode="linear")[0]
+    return (weights != 0).T

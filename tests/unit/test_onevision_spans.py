@@ -1,0 +1,81 @@
+"""Anyres-max span geometry against Hugging Face's own packing: features that carry their
+source index (or a box indicator) are packed by ``pack_image_features``, and the position map
+and related mask must say exactly which kept features each packed feature draws on."""
+
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tiny_onevision import tiny_onevision_config
+from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+from mmlens.inputs.anyres_spans import anyres_masks, image_position_map
+from mmlens.inputs.tiling import AnyresGeometry
+from mmlens.model.onevision import onevision_config
+
+HF_CONFIG = tiny_onevision_config()
+GEOMETRY = AnyresGeometry.from_config(onevision_config(HF_CONFIG))
+UNCAPPED = replace(GEOMETRY, max_tiles=None)
+GRID = GEOMETRY.grid
+# (height, width): kept as is, downscaled square, unpadded + downscaled, tall, tiny, extreme
+SIZES = [(32, 64), (64, 64), (40, 90), (90, 60), (20, 70), (10, 10), (33, 200)]
+
+
+def hf_pack(features: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    hf_self = SimpleNamespace(config=HF_CONFIG)
+    (packed,), _ = LlavaOnevisionModel.pack_image_features(
+        hf_self, [features], torch.tensor([hw]), image_newline=torch.zeros(features.shape[-1]),
+        vision_aspect_ratio=HF_CONFIG.vision_aspect_ratio)
+    return packed
+
+
+def source_index(position, hw: tuple[int, int]) -> int:
+    """Row of a (tile, patch) in the features fed to the packer (base tile first)."""
+    cols = GEOMETRY.tile_grid(hw)[1]
+    tile = 0 if position.kind == "base" else 1 + position.tile_row * cols + position.tile_col
+    return tile * GRID * GRID + position.patch_row * GRID + position.patch_col
+
+
+@pytest.mark.parametrize("hw", SIZES)
+def test_position_boxes_are_the_union_of_bilinear_sources(hw):
+    n_tiles = GEOMETRY.n_tiles(hw)
+    n_sources = n_tiles * GRID * GRID
+    features = torch.eye(n_sources).view(n_tiles, GRID * GRID, n_sources)
+    packed = hf_pack(features, hw)
+    positions = image_position_map(hw[::-1], GEOMETRY)
+    assert len(positions) == packed.shape[0] == GEOMETRY.n_image_tokens(hw)
+    source_boxes = {source_index(p, hw): p.box for p in image_position_map(hw[::-1], UNCAPPED)
+                    if p.kind != "newline"}
+    for row, position in zip(packed, positions, strict=True):
+        sources = row.nonzero().flatten().tolist()
+        if position.kind == "newline":
+            assert sources == [] and position.box is None
+            continue
+        assert source_index(position, hw) == sources[0]  # the top-left source names the position
+        boxes = [source_boxes[s] for s in sources]
+        filled = [b for b in boxes if b[2] > b[0] and b[3] > b[1]] or boxes[:1]
+        union = (min(b[0] for b in filled), min(b[1] for b in filled),
+                 max(b[2] for b in filled), max(b[3] for b in filled))
+        assert position.box == union
+
+
+@pytest.mark.parametrize("hw", SIZES)
+@pytest.mark.parametrize("box", [(0, 0, 9, 7), (13.5, 2, 4, 20), (30, 5, 1, 1)])
+def test_related_mask_matches_packed_box_indicator(hw, box):
+    """Pack the uncapped per-feature "touches the box" indicator with HF: a packed feature is
+    related exactly when the bilinear resize gives it a non-zero share of a related feature."""
+    height, width = hw
+    box = (min(box[0], width - 1), min(box[1], height - 1), box[2], box[3])
+    n_tiles = GEOMETRY.n_tiles(hw)
+    uncapped_related, _ = anyres_masks([box], (width, height), UNCAPPED)
+    features = torch.zeros(n_tiles * GRID * GRID, 1)
+    for position, related in zip(image_position_map((width, height), UNCAPPED),
+                                 uncapped_related.tolist(), strict=True):
+        if position.kind != "newline":
+            features[source_index(position, hw)] = float(related)
+    packed = hf_pack(features.view(n_tiles, GRID * GRID, 1), hw)
+    related, newline = anyres_masks([box], (width, height), GEOMETRY)
+    assert torch.equal(related, packed[:, 0] > 0)
+    kinds = [p.kind for p in image_position_map((width, height), GEOMETRY)]
+    assert newline.tolist() == [k == "newline" for k in kinds]
