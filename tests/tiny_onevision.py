@@ -108,3 +108,22 @@ def tiny_image_processor(
 def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     return Image.fromarray(pixels)
+
+
+def tiny_processor(hf_config: LlavaOnevisionConfig | None = None):
+    """mmlens's composed processor (HF's needs torchvision for its video processor)."""
+    from mmlens.model.onevision import onevision_config, onevision_processor
+
+    cfg = onevision_config(hf_config or tiny_onevision_config())
+    return onevision_processor(tiny_tokenizer(), tiny_image_processor(), cfg, CHAT_TEMPLATE)
+
+
+def onevision_inputs(processor, sizes: list[tuple[int, int]],
+                     questions: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Left-padded processor outputs for random images of the given (height, width) sizes."""
+    from mmlens.inputs.templates import ONEVISION
+
+    questions = questions or [QUESTIONS[i % len(QUESTIONS)] for i in range(len(sizes))]
+    images = [random_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    return dict(processor(images=images, text=[ONEVISION.format(q) for q in questions],
+                          padding=True, return_tensors="pt"))

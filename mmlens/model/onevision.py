@@ -21,6 +21,8 @@ from typing import Any
 
 from torch import Tensor
 
+from mmlens.inputs.processor import ComposedProcessor, read_chat_template
+from mmlens.inputs.tiling import AnyresGeometry
 from mmlens.model.config import (
     MultimodalConfig,
     VisionConfig,
@@ -109,3 +111,41 @@ def convert_onevision_state_dict(
     """Whole-model conversion for LLaVA-OneVision checkpoints."""
     return {**convert_siglip_vision(state, cfg), **convert_projector(state, cfg),
             **convert_language(state, cfg)}
+
+
+def onevision_processor(tokenizer: Any, image_processor: Any, cfg: MultimodalConfig,
+                        chat_template: str | None = None) -> ComposedProcessor:
+    """The image + text processor of a OneVision checkpoint, checked against the model."""
+    geometry = AnyresGeometry.from_config(cfg)
+    size = dict(getattr(image_processor, "size", None) or {})
+    tile = size.get("height", size.get("shortest_edge"))
+    if tile != geometry.tile_size or size.get("width", tile) != geometry.tile_size:
+        raise ValueError(f"the image processor resizes tiles to {size} but the vision tower takes "
+                         f"{geometry.tile_size}x{geometry.tile_size}: is preprocessor_config.json "
+                         "from this checkpoint?")
+    pinpoints = [list(p) for p in getattr(image_processor, "image_grid_pinpoints", None) or []]
+    if pinpoints != [list(p) for p in geometry.grid_pinpoints]:
+        raise ValueError("the image processor's image_grid_pinpoints differ from the model "
+                         "config's: is preprocessor_config.json from this checkpoint?")
+    return ComposedProcessor(tokenizer, image_processor, chat_template=chat_template,
+                             count_image_tokens=geometry.n_image_tokens)
+
+
+def load_onevision_processor(name_or_path: str, cfg: MultimodalConfig) -> ComposedProcessor:
+    """Tokenizer (``AutoTokenizer``), the PIL image processor and the chat template of a
+    checkpoint; no video processor (and so no torchvision) needed."""
+    from transformers import AutoTokenizer
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        image_processor = LlavaOnevisionImageProcessorPil.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{name_or_path} has no usable tokenizer or image processor ({error}); a LLaVA-"
+            "OneVision checkpoint needs its tokenizer files and preprocessor_config.json"
+        ) from error
+    return onevision_processor(tokenizer, image_processor, cfg,
+                               read_chat_template(name_or_path, tokenizer))
