@@ -112,7 +112,7 @@ def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
 
 def tiny_processor(hf_config: LlavaOnevisionConfig | None = None):
     """mmlens's composed processor (HF's needs torchvision for its video processor)."""
-    from mmlens.model.onevision import onevision_config, onevision_processor
+    from mmlens.model.families.onevision import onevision_config, onevision_processor
 
     cfg = onevision_config(hf_config or tiny_onevision_config())
     return onevision_processor(tiny_tokenizer(), tiny_image_processor(), cfg, CHAT_TEMPLATE)

@@ -10,7 +10,7 @@ from transformers import LlavaOnevisionProcessor
 
 from mmlens.inputs.tiling import AnyresGeometry
 from mmlens.model.anyres import AnyresPacker
-from mmlens.model.onevision import convert_siglip_vision, onevision_config
+from mmlens.model.families.onevision import convert_siglip_vision, onevision_config
 from mmlens.model.siglip import SiglipVisionTower
 
 # (height, width): canvases 32x64 (kept), 64x64 and 64x96 (downscaled), 64x32, and unpadded ones

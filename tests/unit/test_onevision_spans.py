@@ -12,7 +12,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOn
 
 from mmlens.inputs.anyres_spans import anyres_masks, image_position_map
 from mmlens.inputs.tiling import AnyresGeometry
-from mmlens.model.onevision import onevision_config
+from mmlens.model.families.onevision import onevision_config
 
 HF_CONFIG = tiny_onevision_config()
 GEOMETRY = AnyresGeometry.from_config(onevision_config(HF_CONFIG))

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from mmlens.model.components import Embed, RMSNorm, Unembed
+from mmlens.model.components import Embed, RMSNorm, RotaryEmbedding, Unembed
 from mmlens.model.config import language_config_from_hf
-from mmlens.model.language import LanguageStack
+from mmlens.model.language import LanguageStack, positions_from_mask
 from mmlens.model.loading.convert import convert_language
 
 
@@ -20,7 +20,8 @@ class _Decoder(nn.Module):
         self.blocks = LanguageStack.build_blocks(cfg)
         self.ln_final = RMSNorm(cfg.d_model, cfg.eps)
         self.unembed = Unembed(cfg.d_model, cfg.d_vocab)
-        self.stack = LanguageStack(cfg, self.blocks)
+        self.stack = LanguageStack(
+            cfg, self.blocks, RotaryEmbedding(cfg.rope_inv_freq, cfg.rope_attention_scaling))
 
 
 def _tiny_qwen2() -> Qwen2ForCausalLM:
@@ -40,7 +41,7 @@ def _tiny_qwen2() -> Qwen2ForCausalLM:
 def test_qwen2_decoder_matches_hf_on_a_left_padded_batch():
     hf = _tiny_qwen2()
     cfg = language_config_from_hf(hf.config)
-    assert cfg.attn_qkv_bias and not cfg.attention_bias
+    assert cfg.qkv_bias and not cfg.o_bias
     ours = _Decoder(cfg)
     ours.load_state_dict(convert_language(hf.state_dict(), SimpleNamespace(text=cfg)), strict=True)
     assert ours.blocks[0].attn.o_bias is None and ours.blocks[0].attn.q_bias is not None
@@ -49,7 +50,8 @@ def test_qwen2_decoder_matches_hf_on_a_left_padded_batch():
     mask[1, :3] = 0
     with torch.no_grad():
         out = hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        resid = ours.stack(ours.embed(ids), attention_mask=mask)
+        resid = ours.stack(ours.embed(ids), attention_mask=mask,
+                           position_ids=positions_from_mask(mask))
         logits = ours.unembed(ours.ln_final(resid))
     real = mask.bool()
     assert (logits - out.logits)[real].abs().max() <= 1e-4

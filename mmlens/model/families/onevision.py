@@ -1,4 +1,10 @@
-"""LLaVA-OneVision: reading its config and renaming its weights.
+"""LLaVA-OneVision: a SigLIP vision tower, LLaVA's MLP projector and a Qwen2 decoder on
+anyres-max tiles.
+
+Tiling, unpadding and ``image_newline`` are LLaVA-NeXT's; in addition the kept feature grid of
+each image is downscaled (bilinear) when it holds more than ``anyres_max_<n>`` tiles' worth of
+features (``mmlens.model.anyres``, ``mmlens.inputs.tiling``). SigLIP has no class token, so
+the tiles' features are selected with strategy ``"full"``.
 
 The HF module tree read here (``LlavaOnevisionForConditionalGeneration``, transformers >= 5)::
 
@@ -11,7 +17,9 @@ The HF module tree read here (``LlavaOnevisionForConditionalGeneration``, transf
     model.language_model                                  (Qwen2Model: q/k/v biases, GQA)
     lm_head
 
-The projector, newline and decoder share LLaVA's rename tables (``loading.convert``).
+The projector and decoder share LLaVA's rename tables (``loading.convert``). Processors: HF's
+``LlavaOnevisionProcessor`` needs a video processor and so torchvision; the family composes the
+tokenizer, the PIL image processor and the chat template itself (``inputs.processor``).
 """
 
 from __future__ import annotations
@@ -19,23 +27,27 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from mmlens.inputs.processor import ComposedProcessor, read_chat_template
 from mmlens.inputs.tiling import AnyresGeometry
+from mmlens.model.anyres import AnyresPacker
+from mmlens.model.components import Projector
 from mmlens.model.config import (
     MultimodalConfig,
     VisionConfig,
     language_config_from_hf,
     resolve_feature_layers,
 )
+from mmlens.model.families.llava_next import LlavaNextFamily
 from mmlens.model.loading.convert import (
-    _VISION_BLOCK,
-    _prefix,
-    _take,
+    VISION_BLOCK,
     convert_language,
     convert_projector,
+    find_prefix,
+    take,
 )
+from mmlens.model.siglip import SiglipVisionTower
 
 
 def anyres_max_tiles(vision_aspect_ratio: str) -> int:
@@ -92,15 +104,15 @@ def onevision_config(hf_config: Any) -> MultimodalConfig:
 
 def convert_siglip_vision(state: dict[str, Tensor], cfg: MultimodalConfig) -> dict[str, Tensor]:
     """SigLIP tower; blocks after the last selected feature layer and the post-norm are dropped."""
-    p = _prefix(state, "model.vision_tower.vision_model.", "model.vision_tower.")
+    p = find_prefix(state, "model.vision_tower.vision_model.", "model.vision_tower.")
     out = {
-        "vision.embed.W_patch": _take(state, p + "embeddings.patch_embedding.weight"),
-        "vision.embed.b_patch": _take(state, p + "embeddings.patch_embedding.bias"),
-        "vision.embed.W_pos": _take(state, p + "embeddings.position_embedding.weight"),
+        "vision.embed.W_patch": take(state, p + "embeddings.patch_embedding.weight"),
+        "vision.embed.b_patch": take(state, p + "embeddings.patch_embedding.bias"),
+        "vision.embed.W_pos": take(state, p + "embeddings.position_embedding.weight"),
     }
     for layer in range(cfg.vision.n_layers):
-        for ours, theirs in _VISION_BLOCK.items():
-            out[f"vision.blocks.{layer}.{ours}"] = _take(
+        for ours, theirs in VISION_BLOCK.items():
+            out[f"vision.blocks.{layer}.{ours}"] = take(
                 state, f"{p}encoder.layers.{layer}.{theirs}")
     return out
 
@@ -110,6 +122,7 @@ def convert_onevision_state_dict(
 ) -> dict[str, Tensor]:
     """Whole-model conversion for LLaVA-OneVision checkpoints."""
     return {**convert_siglip_vision(state, cfg), **convert_projector(state, cfg),
+            "anyres.image_newline": take(state, "model.image_newline"),
             **convert_language(state, cfg)}
 
 
@@ -149,3 +162,31 @@ def load_onevision_processor(name_or_path: str, cfg: MultimodalConfig) -> Compos
         ) from error
     return onevision_processor(tokenizer, image_processor, cfg,
                                read_chat_template(name_or_path, tokenizer))
+
+
+class LlavaOnevisionFamily(LlavaNextFamily):
+    name = "llava_onevision"
+    model_types = ("llava_onevision",)
+    hf_class = "LlavaOnevisionForConditionalGeneration"
+    description = ("LLaVA-OneVision (SigLIP vision tower, MLP projector, Qwen2 decoder, "
+                   "anyres-max tiles)")
+    checkpoints = ("llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+                   "llava-hf/llava-onevision-qwen2-7b-ov-hf")
+
+    def read_config(self, hf_config: Any) -> MultimodalConfig:
+        return onevision_config(hf_config)
+
+    def convert_state_dict(self, state: dict[str, Tensor],
+                           cfg: MultimodalConfig) -> dict[str, Tensor]:
+        return convert_onevision_state_dict(state, cfg)
+
+    def build_image_modules(self, cfg: MultimodalConfig) -> dict[str, nn.Module]:
+        return {
+            "vision": SiglipVisionTower(cfg),
+            "projector": Projector(cfg.vision.d_model * len(cfg.feature_layers),
+                                   cfg.text.d_model, cfg.projector_act, cfg.projector_bias),
+            "anyres": AnyresPacker(cfg),
+        }
+
+    def load_processor(self, name_or_path: str, cfg: MultimodalConfig) -> ComposedProcessor:
+        return load_onevision_processor(name_or_path, cfg)
