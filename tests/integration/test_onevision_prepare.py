@@ -113,3 +113,13 @@ def test_checkpoint_without_a_usable_processor_fails_at_load(tmp_path, tiny):
     with pytest.raises(ValueError, match="no usable tokenizer or image processor"):
         HookedMultimodalTransformer.from_pretrained(str(folder))
     shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("name", ["llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+                                  "llava-hf/llava-onevision-qwen2-7b-ov-hf"])
+def test_presets_use_the_chat_template_and_a_scaled_window(name):
+    from mmlens.experiments.presets import PAPER_PRESETS
+
+    preset = PAPER_PRESETS[name]
+    assert preset.template is ONEVISION and preset.preprocessing == "anyres"
+    assert preset.window % 2 == 1 and abs(preset.window / preset.n_layers - 7 / 32) < 0.05
