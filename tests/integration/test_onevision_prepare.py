@@ -123,3 +123,37 @@ def test_presets_use_the_chat_template_and_a_scaled_window(name):
     preset = PAPER_PRESETS[name]
     assert preset.template is ONEVISION and preset.preprocessing == "anyres"
     assert preset.window % 2 == 1 and abs(preset.window / preset.n_layers - 7 / 32) < 0.05
+
+
+def test_greedy_generation_matches_hf_with_and_without_cache(tiny):
+    hf, model = tiny
+    images = [random_image(40, 90), random_image(64, 64, seed=1)]
+    batch = model.prepare(images, QUESTIONS[:2])
+    mask = batch.attention_mask
+    with torch.no_grad():
+        expected = hf.generate(input_ids=batch.input_ids, attention_mask=mask,
+                               pixel_values=batch.pixel_values, image_sizes=batch.image_sizes,
+                               max_new_tokens=4, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)
+    cached = model.generate(batch, max_new_tokens=4)
+    uncached = model.generate(batch, max_new_tokens=4, use_past_kv_cache=False)
+    assert torch.equal(cached, expected) and torch.equal(uncached, expected)
+
+
+def test_hub_name_loads_from_the_local_hub_cache(tmp_path, tiny, monkeypatch):
+    """The hub-name code path, offline: the checkpoint sits in a Hugging Face cache layout."""
+    hf, _ = tiny
+    snapshot = tmp_path / "models--tiny-org--tiny-onevision" / "snapshots" / ("0" * 40)
+    save_checkpoint(snapshot, hf)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    model = HookedMultimodalTransformer.from_pretrained("tiny-org/tiny-onevision")
+    assert model.processor.chat_template == CHAT_TEMPLATE
+    batch = model.prepare([random_image(64, 64)], QUESTIONS[:1])
+    with torch.no_grad():
+        ref = hf(input_ids=batch.input_ids, pixel_values=batch.pixel_values,
+                 image_sizes=batch.image_sizes, attention_mask=batch.attention_mask).logits
+        assert (ref - model(batch)).abs().max() <= 1e-4
