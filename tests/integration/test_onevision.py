@@ -99,12 +99,11 @@ def test_every_vision_hook_is_on_the_data_path(tiny):
     inputs = onevision_inputs(processor, [(40, 90)])
     args = (inputs["input_ids"], inputs["pixel_values"])
     kwargs = dict(image_sizes=inputs["image_sizes"], attention_mask=inputs["attention_mask"])
-    names = [n for n in model.hook_dict
-             if n.startswith(("vision.", "projector.", "anyres."))
-             and not n.endswith(("hook_attn_scores", "hook_pattern"))]
+    names = [n for n in model.hook_dict if n.startswith(("vision.", "projector.", "anyres."))]
     n_blocks = len(model.vision.blocks)
     assert {f"vision.blocks.{n_blocks - 1}.hook_resid_post", "vision.hook_embed",
-            "vision.embed.hook_patch_embed", "anyres.hook_tiles"} <= set(names)
+            "vision.embed.hook_patch_embed", "vision.blocks.0.attn.hook_pattern",
+            "anyres.hook_tiles"} <= set(names)
     with torch.no_grad():
         clean = model(*args, **kwargs)
         for name in names:
