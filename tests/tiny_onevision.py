@@ -47,11 +47,11 @@ CHAT_TEMPLATE = (
 
 def tiny_onevision_config(*, feature_layer: int | list = -1, strategy: str = "full",
                           n_kv_heads: int = 2, text_layers: int = 3, vision_layers: int = 3,
-                          aspect: str = ASPECT,
+                          aspect: str = ASPECT, tile: int = TILE,
                           pinpoints: list[list[int]] | None = None) -> LlavaOnevisionConfig:
     vision = SiglipVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
-        num_attention_heads=4, image_size=TILE, patch_size=PATCH, vision_use_head=False,
+        num_attention_heads=4, image_size=tile, patch_size=PATCH, vision_use_head=False,
     )
     text = Qwen2Config(
         hidden_size=48, intermediate_size=96, num_hidden_layers=text_layers,
@@ -98,10 +98,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_image_processor(
-    pinpoints: list[list[int]] | None = None,
+    pinpoints: list[list[int]] | None = None, tile: int = TILE,
 ) -> LlavaOnevisionImageProcessorPil:
     return LlavaOnevisionImageProcessorPil(
-        size={"height": TILE, "width": TILE}, image_grid_pinpoints=pinpoints or PINPOINTS,
+        size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints or PINPOINTS,
     )
 
 
@@ -114,8 +114,11 @@ def tiny_processor(hf_config: LlavaOnevisionConfig | None = None):
     """mmlens's composed processor (HF's needs torchvision for its video processor)."""
     from mmlens.model.families.onevision import onevision_config, onevision_processor
 
-    cfg = onevision_config(hf_config or tiny_onevision_config())
-    return onevision_processor(tiny_tokenizer(), tiny_image_processor(), cfg, CHAT_TEMPLATE)
+    hf_config = hf_config or tiny_onevision_config()
+    cfg = onevision_config(hf_config)
+    image_processor = tiny_image_processor(hf_config.image_grid_pinpoints,
+                                           hf_config.vision_config.image_size)
+    return onevision_processor(tiny_tokenizer(), image_processor, cfg, CHAT_TEMPLATE)
 
 
 def onevision_inputs(processor, sizes: list[tuple[int, int]],

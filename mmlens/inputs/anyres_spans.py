@@ -89,6 +89,15 @@ def _to_image(canvas_box: CornerBox, scale: tuple[Fraction, Fraction], shift: tu
     return tuple(float(min(max(v, 0), bound)) for v, bound in zip(mapped, bounds, strict=True))
 
 
+def _canvas_patch_box(row: int, col: int, geometry: AnyresGeometry) -> CornerBox:
+    """Canvas pixels seen by the patch at ``(row, col)`` of the tiles' feature grid: each tile
+    starts a fresh patch grid (a tile side need not be a whole number of patches)."""
+    grid, patch, tile = geometry.grid, geometry.patch_size, geometry.tile_size
+    x0 = (col // grid) * tile + (col % grid) * patch
+    y0 = (row // grid) * tile + (row % grid) * patch
+    return (x0, y0, x0 + patch, y0 + patch)
+
+
 def _union(boxes: list[PixelBox]) -> PixelBox:
     """The smallest box holding every non-empty box (the first box when all are empty)."""
     filled = [b for b in boxes if b[2] > b[0] and b[3] > b[1]] or boxes[:1]
@@ -114,9 +123,8 @@ def image_position_map(image_size: tuple[int, int], grid_info: Any) -> list[Imag
     ]
     scale, paste, _ = tile_transform(image_size, geometry)
     row0, row1, col0, col1 = geometry.kept_region((height, width))
-    boxes = [[_to_image((col * patch, row * patch, (col + 1) * patch, (row + 1) * patch),
-                        scale, paste, image_size) for col in range(col0, col1)]
-             for row in range(row0, row1)]
+    boxes = [[_to_image(_canvas_patch_box(row, col, geometry), scale, paste, image_size)
+              for col in range(col0, col1)] for row in range(row0, row1)]
     rows, cols = geometry.feature_grid((height, width))
     row_sources = bilinear_sources(row1 - row0, rows)
     col_sources = bilinear_sources(col1 - col0, cols)
@@ -150,10 +158,15 @@ def anyres_masks(
     base = canvas_patch_mask([scale_and_shift(c, base_scale) for c in corners], (tile, tile),
                              geometry.patch_size)
     scale, paste, canvas = tile_transform(image_size, geometry)
-    tiles = canvas_patch_mask([scale_and_shift(c, scale, paste) for c in corners], canvas,
-                              geometry.patch_size)
+    on_canvas = [scale_and_shift(c, scale, paste) for c in corners]
+    tile_rows, tile_cols = canvas[1] // tile, canvas[0] // tile
+    tiles = torch.cat([torch.cat([
+        canvas_patch_mask([scale_and_shift(c, (1, 1), (-tc * tile, -tr * tile))
+                           for c in on_canvas], (tile, tile), geometry.patch_size)
+        .view(geometry.grid, geometry.grid) for tc in range(tile_cols)], dim=1)
+        for tr in range(tile_rows)])
     row0, row1, col0, col1 = geometry.kept_region((height, width))
-    tiles = tiles.view(canvas[1] // geometry.patch_size, -1)[row0:row1, col0:col1]
+    tiles = tiles[row0:row1, col0:col1]
     rows, cols = geometry.feature_grid((height, width))
     row_sources = bilinear_sources(row1 - row0, rows).float()
     col_sources = bilinear_sources(col1 - col0, cols).float()

@@ -77,6 +77,15 @@ def test_parity_other_configs(kwargs):
     assert_parity(parity(hf, model, onevision_inputs(processor, [(64, 64), (20, 70)])))
 
 
+def test_parity_with_tiles_that_are_not_a_whole_number_of_patches():
+    """As SigLIP's 384-px tiles of 14-px patches: 36-px tiles of 8-px patches (4 x 4, 32 px)."""
+    hf = tiny_onevision(seed=4, tile=36, pinpoints=[[36, 72], [72, 36], [72, 72]])
+    processor = tiny_processor(hf.config)
+    model = HookedMultimodalTransformer.from_hf_model(hf, processor=processor)
+    assert model.anyres.geometry.grid == 4
+    assert_parity(parity(hf, model, onevision_inputs(processor, [(36, 72), (80, 80), (20, 50)])))
+
+
 def test_bfloat16_runs_close_to_hf(tiny):
     hf = tiny_onevision().to(torch.bfloat16)
     processor = tiny_processor(hf.config)

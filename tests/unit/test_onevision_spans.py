@@ -79,3 +79,25 @@ def test_related_mask_matches_packed_box_indicator(hw, box):
     assert torch.equal(related, packed[:, 0] > 0)
     kinds = [p.kind for p in image_position_map((width, height), GEOMETRY)]
     assert newline.tolist() == [k == "newline" for k in kinds]
+
+
+def test_tiles_that_are_not_a_whole_number_of_patches():
+    """SigLIP's 384-px tiles hold 27 patches of 14 px (378 px): each tile starts its own patch
+    grid and its last pixels are seen by no patch. Scaled down: 36-px tiles of 8-px patches."""
+    geometry = AnyresGeometry(36, 8, ((36, 72), (72, 36), (72, 72)))
+    size = (72, 36)  # (width, height): fills the 36x72 canvas 1:1, base tile squashes x by 2
+    positions = image_position_map(size, geometry)
+    tile_positions = [p for p in positions if p.kind == "tile"]
+    second_tile = [p for p in tile_positions if p.tile_col == 1]
+    assert (second_tile[0].patch_col, second_tile[0].box) == (0, (36, 0, 44, 8))
+    assert tile_positions[3].box == (24, 0, 32, 8)  # last patch of tile 0 ends at 32, not 36
+
+    def related(box):
+        mask, _ = anyres_masks([box], size, geometry)
+        return [(p.kind, p.tile_col, p.patch_row, p.patch_col)
+                for p, m in zip(positions, mask.tolist(), strict=True) if m]
+
+    # canvas x 40..44 lies in tile 1's first patch (36..44); base x 20..22 in base patch col 2
+    assert related((40, 0, 4, 4)) == [("base", -1, 0, 2), ("tile", 1, 0, 0)]
+    # canvas x 33..35 lies in the strip of tile 0 no patch sees; base x 16.5..17.5 in col 2
+    assert related((33, 10, 2, 2)) == [("base", -1, 1, 2)]
