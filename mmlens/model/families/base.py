@@ -65,13 +65,22 @@ class Family:
         return getattr(transformers, self.hf_class)
 
     def load_processor(self, name_or_path: str, cfg: MultimodalConfig) -> Any:
-        """The checkpoint's processor (``AutoProcessor``), or None when it has none."""
+        """The checkpoint's processor (``AutoProcessor``); raises when it has no usable one, so
+        a model never loads without the processor ``prepare`` needs."""
         import transformers
 
         try:
-            return transformers.AutoProcessor.from_pretrained(name_or_path)
-        except (OSError, ValueError, TypeError):
-            return None
+            processor = transformers.AutoProcessor.from_pretrained(name_or_path)
+        except (OSError, ValueError, TypeError, ImportError) as error:
+            raise ValueError(
+                f"{name_or_path} has no usable processor ({type(error).__name__}: {error}): save "
+                "the checkpoint's processor (tokenizer and image processor) beside its "
+                "weights") from error
+        if getattr(processor, "tokenizer", None) is None or getattr(
+                processor, "image_processor", None) is None:
+            raise ValueError(f"the processor of {name_or_path} has no tokenizer or no image "
+                             "processor: save the checkpoint's full processor beside its weights")
+        return processor
 
     # ------------------------------------------------------------- modules and forward rules
     def build_image_modules(self, cfg: MultimodalConfig) -> dict[str, nn.Module]:
