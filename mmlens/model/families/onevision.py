@@ -188,5 +188,9 @@ class LlavaOnevisionFamily(LlavaNextFamily):
             "anyres": AnyresPacker(cfg),
         }
 
-    def load_processor(self, name_or_path: str, cfg: MultimodalConfig) -> ComposedProcessor:
-        return load_onevision_processor(name_or_path, cfg)
+    def load_processor(self, path: str, **kwargs: Any) -> ComposedProcessor:
+        """Composed from the checkpoint's parts (HF's processor needs torchvision), checked
+        against the checkpoint's model config."""
+        from transformers import AutoConfig
+
+        return load_onevision_processor(path, self.read_config(AutoConfig.from_pretrained(path)))

@@ -68,8 +68,7 @@ def load_pretrained(cls: type, name_or_path: str, *, dtype: torch.dtype | str | 
         path, dtype=_as_dtype(dtype) or "auto", use_safetensors=True,
         trust_remote_code=trust_remote_code, **hf_kwargs,
     )
-    family = _family(model_type)
-    processor = family.load_processor(path, family.read_config(hf_model.config))
+    processor = _family(model_type).load_processor(path, trust_remote_code=trust_remote_code)
     model = convert_hf_model(cls, hf_model, processor)
     if device is not None:
         model = model.to(device)
