@@ -101,3 +101,47 @@ def test_tiles_that_are_not_a_whole_number_of_patches():
     assert related((40, 0, 4, 4)) == [("base", -1, 0, 2), ("tile", 1, 0, 0)]
     # canvas x 33..35 lies in the strip of tile 0 no patch sees; base x 16.5..17.5 in col 2
     assert related((33, 10, 2, 2)) == [("base", -1, 1, 2)]
+
+
+@pytest.mark.parametrize("size, box", [
+    ((500, 375), (100, 50, 120, 90)),     # 1 x 2 tiles, unpadded columns
+    ((2000, 1500), (700, 400, 300, 500)),  # 4 x 6 tiles, 108 x 144 kept, downscaled to 70 x 93
+    ((1200, 300), (10, 10, 40, 280)),      # 1 x 4 tiles
+])
+def test_related_patches_agree_with_the_pixels_at_real_geometry(size, box):
+    """End to end at OneVision's real geometry (384-px tiles of 14-px patches, anyres_max_9):
+    a white box on a black image goes through HF's image processor (nearest resampling), the
+    patches holding white pixels are packed by HF's ``pack_image_features``, and the packed
+    features that see white must be the related ones (nearest resampling may drop a sliver at
+    the box edge, never add one)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import LlavaOnevisionConfig
+    from transformers.image_utils import PILImageResampling
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    config = LlavaOnevisionConfig()
+    geometry = AnyresGeometry.from_config(onevision_config(config))
+    assert (geometry.tile_size, geometry.patch_size, geometry.grid) == (384, 14, 27)
+    image = Image.new("RGB", size)
+    x, y, w, h = box
+    image.paste((255, 255, 255), (x, y, x + w, y + h))
+    processor = LlavaOnevisionImageProcessorPil(
+        image_grid_pinpoints=config.image_grid_pinpoints, resample=PILImageResampling.NEAREST,
+        do_rescale=False, do_normalize=False)
+    tiles = np.asarray(processor([image], return_tensors="np")["pixel_values"])[0]
+    n_tiles = geometry.n_tiles(size[::-1])
+    seen = tiles[:n_tiles, 0, :27 * 14, :27 * 14] > 127  # the pixels the 27 x 27 patches see
+    white = torch.from_numpy(seen.reshape(n_tiles, 27, 14, 27, 14).any(axis=(2, 4)))
+    (packed,), _ = LlavaOnevisionModel.pack_image_features(
+        SimpleNamespace(config=config), [white.reshape(n_tiles, 27 * 27, 1).float()],
+        torch.tensor([size[::-1]]), image_newline=torch.zeros(1),
+        vision_aspect_ratio=config.vision_aspect_ratio)
+    sees_white = packed[:, 0] > 0
+    related, _ = anyres_masks([box], size, geometry)
+    assert related.shape == sees_white.shape
+    assert not (sees_white & ~related).any()  # nothing white outside the related features
+    missed = int((related & ~sees_white).sum())
+    assert missed <= 0.15 * int(related.sum()), (missed, int(related.sum()))
