@@ -100,9 +100,10 @@ def checkpoint_file(name_or_path: str, filename: str) -> Path | None:
     if folder.is_dir():
         path = folder / filename
         return path if path.is_file() else None
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
 
+    try:
         return Path(hf_hub_download(name_or_path, filename))
-    except Exception:  # absent file, offline, or no such repository: all mean "not there"
+    except (EntryNotFoundError, OSError):  # absent file, offline, no such repository
         return None
