@@ -38,6 +38,9 @@ DESCRIPTIONS = {
     "hook_embed": "merged embedding: image features at image positions; the residual input",
     "ln_final.hook_scale": "final RMSNorm divisor",
     "ln_final.hook_normalized": "final RMSNorm output before its weight",
+    "anyres.hook_tiles": "projected features of every tile, each image's base tile first",
+    "anyres.hook_out": "packed image tokens of all images in input order (tiles unpadded, "
+                       "downscaled under anyres-max, `image_newline` ending each row)",
 }
 BLOCK_DESCRIPTIONS = {
     "hook_resid_pre": "residual stream entering the block",
@@ -227,12 +230,74 @@ def render(model, question: str, batch, table: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tiny_onevision():
+    """A random LLaVA-OneVision with 32-px tiles of 8-px SigLIP patches, 3 vision and 2 text
+    layers, and its hooked conversion."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    from mmlens import HookedMultimodalTransformer
+
+    config = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=3, num_attention_heads=4,
+                                         image_size=32, patch_size=8, vision_use_head=False),
+        text_config=Qwen2Config(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, vocab_size=64),
+        image_token_index=3, image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+        vision_aspect_ratio="anyres_max_2",
+    )
+    return HookedMultimodalTransformer.from_hf_model(
+        LlavaOnevisionForConditionalGeneration(config)).eval()
+
+
+@torch.no_grad()
+def family_section(reference) -> list[str]:
+    """The hook names of LLaVA-OneVision that differ from the bundled LLaVA-1.5's, with their
+    shapes on one 64x64 image of a tiny random OneVision."""
+    model = tiny_onevision()
+    sizes = torch.tensor([[64, 64]])
+    geometry = model.anyres.geometry
+    n_image = geometry.n_image_tokens((64, 64))
+    ids = torch.tensor([[5] * 4 + [model.cfg.image_token_id] * n_image + [6] * 5])
+    pixels = torch.randn(1, geometry.n_tiles((64, 64)), 3, 32, 32)
+    _, cache = model.run_with_cache(ids, pixels, image_sizes=sizes)
+    theirs = {LAYER.sub("blocks.{l}.", n, count=1) for n in model.hook_dict}
+    ours = {LAYER.sub("blocks.{l}.", n, count=1) for n in reference.hook_dict}
+    added = [n for n in model.hook_dict if n in theirs - ours]
+    absent = sorted(ours - theirs)
+    rows, cols = geometry.feature_grid((64, 64))
+    row0, row1, col0, col1 = geometry.kept_region((64, 64))
+    lines = [
+        "", "## LLaVA-OneVision", "",
+        "A OneVision model (`llava_onevision`: SigLIP tower, the same projector, Qwen2 decoder) "
+        "has the names above with these differences. SigLIP has no class token, so `vpos` is "
+        "the patches only and `vision.hook_embed` holds patches + positions; the patch "
+        "embedding has a bias; the features are read before SigLIP's post-norm, so no final "
+        "vision norm is built. The decoder's `attn.hook_q/k/v` include Qwen2's q/k/v biases. "
+        f"Absent: {', '.join(f'`{n}`' for n in absent)}. Added (shapes on one 64x64 image "
+        f"of a tiny random OneVision: {geometry.n_tiles((64, 64))} tiles of "
+        f"{geometry.grid}x{geometry.grid} patches, the {row1 - row0}x{col1 - col0} kept grid "
+        f"downscaled to {rows}x{cols} by `anyres_max_{geometry.max_tiles}`, {n_image} image "
+        "tokens):",
+        "", "| hook | shape on the example | what it holds |", "|---|---|---|",
+    ]
+    lines += [f"| `{n}` | `[{', '.join(map(str, cache[n].shape))}]` | {describe(n)} |"
+              for n in added]
+    return lines
+
+
 def generate_page() -> str:
     torch.manual_seed(0)
     model = load_model()
     question, batches = example_inputs(model)
     shapes = {key: cached_shapes(model, batch) for key, batch in batches.items()}
-    return render(model, question, batches["one"], rows(model, shapes))
+    page = render(model, question, batches["one"], rows(model, shapes))
+    return page + "\n".join(family_section(model)) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

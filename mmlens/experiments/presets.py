@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mmlens.experiments.knockouts import DEFAULT_FLOWS as PAPER_FLOWS
-from mmlens.inputs.templates import LLAMA3, VICUNA_V1, PromptTemplate
+from mmlens.experiments.knockouts import default_window
+from mmlens.inputs.templates import LLAMA3, ONEVISION, VICUNA_V1, PromptTemplate
 
 
 @dataclass(frozen=True)
@@ -14,7 +15,8 @@ class StudyPreset:
 
     ``preprocessing`` is how images (and so boxes) reach the vision tower: ``"pad"`` (original
     LLaVA-1.5: pad to a square with the mean colour, then resize), ``"resize_crop"`` (what a
-    Hugging Face CLIP processor does) or ``"anyres"`` (LLaVA-NeXT tiling, fixed by the model).
+    Hugging Face CLIP processor does) or ``"anyres"`` (LLaVA-NeXT / LLaVA-OneVision tiling,
+    fixed by the model).
     """
 
     model: str
@@ -37,6 +39,12 @@ PAPER_PRESETS: dict[str, StudyPreset] = {
         StudyPreset("llava-hf/llava-v1.6-vicuna-7b-hf", VICUNA_V1, 7, "anyres", 32),
         StudyPreset("llava-hf/llama3-llava-next-8b-hf", LLAMA3, 7, "anyres", 32,
                     notes="Llama-3 chat template with a system prompt"),
+        # Not in the paper: its prompt style in the Qwen chat template, its window scaled
+        # (7 of 32 layers) to the 24- and 28-layer Qwen2 decoders.
+        StudyPreset("llava-hf/llava-onevision-qwen2-0.5b-ov-hf", ONEVISION, default_window(24),
+                    "anyres", 24, notes="Qwen chat template; window scaled from the paper's"),
+        StudyPreset("llava-hf/llava-onevision-qwen2-7b-ov-hf", ONEVISION, default_window(28),
+                    "anyres", 28, notes="Qwen chat template; window scaled from the paper's"),
         StudyPreset("shapes-llava", VICUNA_V1, 3, "resize_crop", 8,
                     notes="the bundled toy model; square images, so both modes agree"),
     )

@@ -1,4 +1,5 @@
-"""Where each LLaVA-NeXT image position comes from, and the spans built on that.
+"""Where each anyres image position comes from (LLaVA-NeXT, LLaVA-OneVision), and the spans
+built on that.
 
 For one image, ``image_position_map`` lists every image position in input order with its
 kind (``"base"``, ``"tile"`` or ``"newline"``), the tile and patch it holds and the pixel box it
@@ -11,6 +12,10 @@ The processor's geometry, for an image of ``W x H`` and tile side ``T``:
 - base tile: the whole image resized (squashed) to ``T x T``;
 - tiles: the image resized, aspect kept, into the best pinpoint canvas (``AnyresGeometry.canvas``),
   pasted at its centre with zero padding, and cut into ``T x T`` tiles, row by row.
+
+Under OneVision's anyres-max the kept tile features are then resized (bilinear): each packed
+feature mixes the kept features its bilinear weights touch (``bilinear_sources``), so it covers
+the union of their pixels, and it is related when any of them is.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from torch import Tensor
 
 from mmlens.inputs.geometry import CornerBox, canvas_patch_mask, corner_box, scale_and_shift
 from mmlens.inputs.protocol import InputsModel
-from mmlens.inputs.tiling import AnyresGeometry, image_sizes_list
+from mmlens.inputs.tiling import AnyresGeometry, bilinear_sources, image_sizes_list
 
 Kind = Literal["base", "tile", "newline"]
 PixelBox = tuple[float, float, float, float]
@@ -34,13 +39,14 @@ PixelBox = tuple[float, float, float, float]
 
 @dataclass(frozen=True)
 class ImagePosition:
-    """One image position of a LLaVA-NeXT image.
+    """One image position of an anyres image.
 
     ``tile_row`` / ``tile_col``: the high-resolution tile (-1 for the base tile; a newline
     keeps the tile row of the feature row it ends). ``patch_row`` / ``patch_col``: the patch inside
-    that tile (``patch_col`` is -1 for a newline). ``box``: ``(x0, y0, x1, y1)``, half-open, in
-    original-image pixels, clipped to the image (empty for a feature that only sees padding);
-    None for a newline.
+    that tile (``patch_col`` is -1 for a newline); for a downscaled feature, those of the first
+    (top-left) kept feature it draws on. ``box``: ``(x0, y0, x1, y1)``, half-open, in
+    original-image pixels, clipped to the image (empty for a feature that only sees padding;
+    the union of its sources' boxes for a downscaled feature); None for a newline.
     """
 
     kind: Kind
@@ -84,6 +90,22 @@ def _to_image(canvas_box: CornerBox, scale: tuple[Fraction, Fraction], shift: tu
     return tuple(float(min(max(v, 0), bound)) for v, bound in zip(mapped, bounds, strict=True))
 
 
+def _canvas_patch_box(row: int, col: int, geometry: AnyresGeometry) -> CornerBox:
+    """Canvas pixels seen by the patch at ``(row, col)`` of the tiles' feature grid: each tile
+    starts a fresh patch grid (a tile side need not be a whole number of patches)."""
+    grid, patch, tile = geometry.grid, geometry.patch_size, geometry.tile_size
+    x0 = (col // grid) * tile + (col % grid) * patch
+    y0 = (row // grid) * tile + (row % grid) * patch
+    return (x0, y0, x0 + patch, y0 + patch)
+
+
+def _union(boxes: list[PixelBox]) -> PixelBox:
+    """The smallest box holding every non-empty box (the first box when all are empty)."""
+    filled = [b for b in boxes if b[2] > b[0] and b[3] > b[1]] or boxes[:1]
+    return (min(b[0] for b in filled), min(b[1] for b in filled),
+            max(b[2] for b in filled), max(b[3] for b in filled))
+
+
 def image_position_map(image_size: tuple[int, int], grid_info: Any) -> list[ImagePosition]:
     """Every image position of one image, in input order.
 
@@ -102,11 +124,20 @@ def image_position_map(image_size: tuple[int, int], grid_info: Any) -> list[Imag
     ]
     scale, paste, _ = tile_transform(image_size, geometry)
     row0, row1, col0, col1 = geometry.kept_region((height, width))
-    for row in range(row0, row1):
-        for col in range(col0, col1):
-            box = (col * patch, row * patch, (col + 1) * patch, (row + 1) * patch)
+    boxes = [[_to_image(_canvas_patch_box(row, col, geometry), scale, paste, image_size)
+              for col in range(col0, col1)] for row in range(row0, row1)]
+    rows, cols = geometry.feature_grid((height, width))
+    row_sources = bilinear_sources(row1 - row0, rows)
+    col_sources = bilinear_sources(col1 - col0, cols)
+    for r in range(rows):
+        src_rows = row_sources[r].nonzero().flatten().tolist()
+        row = row0 + src_rows[0]
+        for c in range(cols):
+            src_cols = col_sources[c].nonzero().flatten().tolist()
+            col = col0 + src_cols[0]
+            box = _union([boxes[i][j] for i in src_rows for j in src_cols])
             positions.append(ImagePosition("tile", row // grid, col // grid, row % grid,
-                                           col % grid, _to_image(box, scale, paste, image_size)))
+                                           col % grid, box))
         positions.append(ImagePosition("newline", row // grid, -1, row % grid, -1, None))
     return positions
 
@@ -128,10 +159,19 @@ def anyres_masks(
     base = canvas_patch_mask([scale_and_shift(c, base_scale) for c in corners], (tile, tile),
                              geometry.patch_size)
     scale, paste, canvas = tile_transform(image_size, geometry)
-    tiles = canvas_patch_mask([scale_and_shift(c, scale, paste) for c in corners], canvas,
-                              geometry.patch_size)
+    on_canvas = [scale_and_shift(c, scale, paste) for c in corners]
+    tile_rows, tile_cols = canvas[1] // tile, canvas[0] // tile
+    tiles = torch.cat([torch.cat([
+        canvas_patch_mask([scale_and_shift(c, (1, 1), (-tc * tile, -tr * tile))
+                           for c in on_canvas], (tile, tile), geometry.patch_size)
+        .view(geometry.grid, geometry.grid) for tc in range(tile_cols)], dim=1)
+        for tr in range(tile_rows)])
     row0, row1, col0, col1 = geometry.kept_region((height, width))
-    tiles = tiles.view(canvas[1] // geometry.patch_size, -1)[row0:row1, col0:col1]
+    tiles = tiles[row0:row1, col0:col1]
+    rows, cols = geometry.feature_grid((height, width))
+    row_sources = bilinear_sources(row1 - row0, rows).float()
+    col_sources = bilinear_sources(col1 - col0, cols).float()
+    tiles = (row_sources @ tiles.float() @ col_sources.T) > 0
     no, yes = (torch.full((tiles.shape[0], 1), v, dtype=torch.bool) for v in (False, True))
     related = torch.cat([base, torch.cat([tiles, no], dim=1).flatten()])
     newline = torch.cat([torch.zeros_like(base),

@@ -63,16 +63,17 @@ def canvas_patch_mask(
 ) -> torch.BoolTensor:
     """Patches of a ``(W, H)`` canvas that overlap any box given in canvas coordinates.
 
-    Boxes are clipped to the canvas; a box wholly outside it marks nothing.
-    Returns a row-major mask of shape ``[grid_h * grid_w]`` (``grid = size // patch_size``).
+    Boxes are clipped to the canvas; a box wholly outside it marks nothing. The patch grid is
+    ``size // patch_size``: where the side is not a whole number of patches (SigLIP's 384-px
+    tiles of 14-px patches cover 378 px), the convolution drops the last pixels, and a box
+    there marks no patch. Returns a row-major mask of shape ``[grid_h * grid_w]``.
     """
-    width, height = canvas_size
-    if width % patch_size or height % patch_size:
-        raise ValueError(
-            f"canvas {width}x{height} is not a whole number of {patch_size}-pixel patches: "
-            "pass the size of the cropped/tiled canvas the vision tower sees"
-        )
-    grid_w, grid_h = width // patch_size, height // patch_size
+    grid_w, grid_h = canvas_size[0] // patch_size, canvas_size[1] // patch_size
+    if grid_w == 0 or grid_h == 0:
+        raise ValueError(f"canvas {canvas_size[0]}x{canvas_size[1]} holds no whole "
+                         f"{patch_size}-pixel patch: pass the size of the canvas the vision "
+                         "tower sees")
+    width, height = grid_w * patch_size, grid_h * patch_size  # the pixels the patches see
     mask = torch.zeros(grid_h, grid_w, dtype=torch.bool)
     for x0, y0, x1, y1 in boxes:
         x0, x1 = max(x0, 0), min(x1, width)

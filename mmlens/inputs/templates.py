@@ -1,4 +1,5 @@
-"""Prompt templates: the paper's Vicuna v1 prompt and the Llama-3 chat prompt."""
+"""Prompt templates: the paper's Vicuna v1 prompt, the Llama-3 chat prompt and the Qwen chat
+prompt of LLaVA-OneVision."""
 
 from __future__ import annotations
 
@@ -50,16 +51,29 @@ LLAMA3 = PromptTemplate(
     "using a single word or phrase.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
 )
 
-TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3)}
+ONEVISION = PromptTemplate(
+    "onevision",
+    "<|im_start|>user\n<image>\n{question}\nAnswer the question using a single word or phrase."
+    "<|im_end|>\n<|im_start|>assistant\n",
+)
+"""What LLaVA-OneVision's published chat template renders for one image and the question with
+the paper's answer instruction, generation prompt added."""
+
+TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION)}
 
 
 def get_template(template: str | PromptTemplate | None, tokenizer: object = None) -> PromptTemplate:
-    """A template by name, or the default for a tokenizer (Llama-3 vocabularies get LLAMA3)."""
+    """A template by name, or the default for a tokenizer (Llama-3 vocabularies get LLAMA3, Qwen
+    chat vocabularies with an ``<image>`` token ONEVISION)."""
     if isinstance(template, PromptTemplate):
         return template
     if template is None:
         vocab = getattr(tokenizer, "get_vocab", dict)()
-        return LLAMA3 if "<|start_header_id|>" in vocab else VICUNA_V1
+        if "<|start_header_id|>" in vocab:
+            return LLAMA3
+        if "<|im_start|>" in vocab and IMAGE_PLACEHOLDER in vocab:
+            return ONEVISION
+        return VICUNA_V1
     if template not in TEMPLATES:
         raise KeyError(f"unknown template {template!r}: use one of {', '.join(TEMPLATES)} or a "
                        "PromptTemplate")

@@ -1,30 +1,35 @@
-"""LLaVA-NeXT's anyres tiling rules: tile grid, best canvas, kept (unpadded) region.
+"""Anyres tiling rules (LLaVA-NeXT, LLaVA-OneVision): tile grid, best canvas, kept (unpadded)
+region, and OneVision's anyres-max downscaling of the kept feature grid.
 
 Sizes in this module are ``(height, width)``, as in Hugging Face's ``image_sizes``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
 class AnyresGeometry:
-    """The tiling rules of one LLaVA-NeXT checkpoint.
+    """The tiling rules of one LLaVA-NeXT or LLaVA-OneVision checkpoint.
 
     ``tile_size``: side of the square input of the vision tower (CLIP's ``image_size``, 336).
     ``patch_size``: side of a vision patch (14). ``grid_pinpoints``: the canvases
     ``(height, width)`` an image may be tiled into, each a multiple of ``tile_size``.
+    ``max_tiles``: OneVision's ``anyres_max_<n>``; when the kept feature grid holds more than
+    about ``n`` tiles' worth of features it is downscaled (bilinear) to about that many.
     """
 
     tile_size: int
     patch_size: int
     grid_pinpoints: tuple[tuple[int, int], ...]
+    max_tiles: int | None = None
 
     def __post_init__(self) -> None:
         if not self.grid_pinpoints:
@@ -40,12 +45,13 @@ class AnyresGeometry:
 
     @classmethod
     def from_config(cls, cfg: Any) -> AnyresGeometry:
-        """From a ``MultimodalConfig`` of a LLaVA-NeXT model."""
+        """From a ``MultimodalConfig`` of a LLaVA-NeXT or LLaVA-OneVision model."""
         if not cfg.image_grid_pinpoints:
             raise ValueError("this config has no image_grid_pinpoints: is it a LLaVA-NeXT "
-                             "(llava_next) checkpoint?")
+                             "(llava_next) or LLaVA-OneVision (llava_onevision) checkpoint?")
         return cls(cfg.vision.image_size, cfg.vision.patch_size,
-                   tuple(tuple(int(v) for v in p) for p in cfg.image_grid_pinpoints))
+                   tuple(tuple(int(v) for v in p) for p in cfg.image_grid_pinpoints),
+                   getattr(cfg, "anyres_max_tiles", None))
 
     @property
     def grid(self) -> int:
@@ -93,10 +99,32 @@ class AnyresGeometry:
                 "ratio, or add a pinpoint of that shape")
         return region
 
+    def downscaled(self, rows: int, cols: int) -> tuple[int, int]:
+        """The size a kept ``rows x cols`` feature grid is downscaled to (itself when it holds at
+        most ``1.1**2 * max_tiles`` tiles' worth), with Hugging Face's own float arithmetic."""
+        if self.max_tiles is None:
+            return rows, cols
+        ratio = math.sqrt(rows * cols / (self.max_tiles * self.grid**2))
+        if ratio <= 1.1:
+            return rows, cols
+        return int(rows // ratio), int(cols // ratio)
+
+    def feature_grid(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+        """Rows and columns of high-resolution features packed for this image (newlines not
+        counted): the kept region, downscaled under anyres-max."""
+        row0, row1, col0, col1 = self.kept_region(image_hw)
+        rows, cols = self.downscaled(row1 - row0, col1 - col0)
+        if rows == 0 or cols == 0:
+            raise ValueError(
+                f"an image of {image_hw[0]}x{image_hw[1]} (height x width) is too elongated: "
+                f"anyres_max_{self.max_tiles} downscaling leaves no high-resolution feature of "
+                "it; crop or pad the image to a less extreme aspect ratio")
+        return rows, cols
+
     def n_image_tokens(self, image_hw: tuple[int, int]) -> int:
         """Image tokens of one image: base features, kept tile features and one newline a row."""
-        row0, row1, col0, col1 = self.kept_region(image_hw)
-        return self.grid**2 + (row1 - row0) * (col1 - col0 + 1)
+        rows, cols = self.feature_grid(image_hw)
+        return self.grid**2 + rows * (cols + 1)
 
 
 def image_sizes_list(image_sizes: Any, n_images: int | None = None) -> list[tuple[int, int]]:
@@ -123,3 +151,13 @@ def pad_tiles(pixel_values: list[Tensor]) -> Float[Tensor, "images tiles channel
     n_tiles = max(p.shape[1] for p in pixel_values)
     return torch.cat([nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, n_tiles - p.shape[1]))
                       for p in pixel_values])
+
+
+def bilinear_sources(n_in: int, n_out: int) -> Bool[Tensor, "n_out n_in"]:
+    """Which inputs a bilinear (``align_corners=False``) resize from ``n_in`` to ``n_out``
+    samples draws on with a non-zero weight, per output; read off PyTorch's own interpolation
+    of the identity, so it agrees with the packer's ``F.interpolate`` to the last bit."""
+    if n_in == n_out:
+        return torch.eye(n_in, dtype=torch.bool)
+    weights = nn.functional.interpolate(torch.eye(n_in)[None], size=n_out, mode="linear")[0]
+    return (weights != 0).T

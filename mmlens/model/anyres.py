@@ -1,11 +1,13 @@
-"""LLaVA-NeXT's anyres images: tile selection and packing of tile features into image tokens.
+"""Anyres images (LLaVA-NeXT, LLaVA-OneVision): tile selection and packing of tile features
+into image tokens.
 
 An image of original size ``(H, W)`` becomes a square *base* tile (the whole image resized to
 ``tile_size``) plus a grid of *high-resolution tiles* cut from the image resized into the best
 ``grid_pinpoints`` canvas. After the vision tower and projector, the packer lays the tiles'
 features out as one big feature grid, crops away rows or columns that only hold padding
-("unpadding", back to the original aspect ratio) and appends the learned ``image_newline``
-after every row::
+("unpadding", back to the original aspect ratio), for LLaVA-OneVision's ``anyres_max_<n>``
+downscales that grid (bilinear) when it holds more than about ``n`` tiles' worth of features,
+and appends the learned ``image_newline`` after every row::
 
     image tokens = [base: grid x grid features] + [kept row 0 ..., newline] + [kept row 1 ...]
 
@@ -20,6 +22,7 @@ import torch
 from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor, nn
+from torch.nn import functional as F
 from transformer_lens.hook_points import HookPoint
 
 from mmlens.inputs.tiling import AnyresGeometry, image_sizes_list
@@ -36,7 +39,8 @@ class AnyresPacker(nn.Module):
 
     def __init__(self, cfg: Any):
         super().__init__()
-        if cfg.feature_select_strategy != "default":
+        has_cls = getattr(cfg.vision, "has_class_token", True)
+        if has_cls and cfg.feature_select_strategy != "default":
             raise ValueError(
                 f"vision_feature_select_strategy {cfg.feature_select_strategy!r} keeps CLIP's CLS "
                 "feature, which has no place on LLaVA-NeXT's tile grid (Hugging Face's "
@@ -91,8 +95,9 @@ class AnyresPacker(nn.Module):
         grid = self.geometry.grid
         if features.shape[1] != grid * grid:
             raise ValueError(f"each tile has {features.shape[1]} features but a tile is a "
-                             f"{grid}x{grid} grid of patches: LLaVA-NeXT packs patch features "
-                             "only (vision_feature_select_strategy 'default')")
+                             f"{grid}x{grid} grid of patches: anyres packs patch features only "
+                             "(vision_feature_select_strategy 'default' for CLIP, 'full' for "
+                             "SigLIP)")
         features = self.hook_tiles(features)
         packed = [self._pack_image(tiles, hw)
                   for tiles, hw in zip(features.split(counts), sizes, strict=True)]
@@ -107,5 +112,10 @@ class AnyresPacker(nn.Module):
                            tr=rows, pr=self.geometry.grid)
         row0, row1, col0, col1 = self.geometry.kept_region(image_hw)
         canvas = canvas[row0:row1, col0:col1]
+        size = self.geometry.feature_grid(image_hw)
+        if size != tuple(canvas.shape[:2]):
+            # as Hugging Face: [d, rows, cols] contiguous, bilinear, align_corners=False
+            grid = rearrange(canvas, "r c d -> 1 d r c").contiguous()
+            canvas = rearrange(F.interpolate(grid, list(size), mode="bilinear"), "1 d r c -> r c d")
         newline = self.image_newline.to(canvas.dtype).expand(canvas.shape[0], 1, -1)
         return torch.cat([base, torch.cat([canvas, newline], dim=1).flatten(0, 1)])

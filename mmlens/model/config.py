@@ -15,7 +15,8 @@ import torch
 
 @dataclass
 class VisionConfig:
-    """The CLIP vision tower. ``n_layers`` counts only the blocks the selected features need."""
+    """The CLIP or SigLIP vision tower. ``n_layers`` counts only the blocks the selected features
+    need. SigLIP has no class token and a bias on its patch embedding."""
 
     d_model: int
     n_heads: int
@@ -26,6 +27,7 @@ class VisionConfig:
     n_channels: int = 3
     eps: float = 1e-5
     act_fn: str = "quick_gelu"
+    has_class_token: bool = True
 
     @property
     def d_head(self) -> int:
@@ -91,6 +93,7 @@ class MultimodalConfig:
     projector_act: str = "gelu"
     projector_bias: bool = True
     image_grid_pinpoints: list[list[int]] | None = None
+    anyres_max_tiles: int | None = None
     hf_config: Any = field(default=None, repr=False)
 
     def __getattr__(self, name: str) -> Any:
@@ -162,6 +165,24 @@ def language_config(tc: Any, **overrides: Any) -> LanguageConfig:
     )
     fields.update(overrides)
     return LanguageConfig(**fields)
+
+
+def language_config_from_hf(tc: Any) -> LanguageConfig:
+    """A Llama or Qwen2 text config read with each one's attention biases.
+
+    Qwen2 always has q/k/v biases and no output bias; its sliding-window attention is not
+    supported.
+    """
+    if tc.model_type not in ("llama", "qwen2"):
+        raise ValueError(f"text model {tc.model_type!r} is not supported: mmlens supports llama "
+                         "and qwen2 decoders")
+    if tc.model_type == "llama":
+        return language_config(tc)
+    if getattr(tc, "use_sliding_window", False):
+        raise ValueError("this Qwen2 text config uses sliding-window attention "
+                         "(use_sliding_window=True), which mmlens does not support")
+    return language_config(tc, qkv_bias=True, o_bias=False,
+                           original_architecture="Qwen2ForCausalLM")
 
 
 def from_hf_config(hf_config: Any) -> MultimodalConfig:

@@ -57,7 +57,16 @@ def test_unknown_hook_name_suggests_close_matches(model_and_inputs):
 def test_unsupported_checkpoint_names_what_is_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="'gpt2' is not a supported model family: mmlens "
-                       "supports llava: .*llava-hf/llava-1.5-7b-hf.*; llava_next: "):
+                       "supports llava: .*llava-hf/llava-1.5-7b-hf.*; llava_next: .*; "
+                       "llava_onevision: .*llava-onevision-qwen2-0.5b-ov-hf"):
+        HookedMultimodalTransformer.from_pretrained(str(tmp_path))
+
+
+def test_checkpoint_without_a_processor_fails_at_load(tmp_path):
+    from tiny import tiny_llava
+
+    tiny_llava().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has no usable processor"):
         HookedMultimodalTransformer.from_pretrained(str(tmp_path))
 
 

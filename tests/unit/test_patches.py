@@ -112,13 +112,22 @@ def test_canvas_mask_for_anyres_tiles():
     assert cells(left) == {(0, 23)} and cells(right) == {(0, 0), (0, 1)}
 
 
+def test_pixels_past_the_last_whole_patch_are_seen_by_no_patch():
+    # SigLIP: a 384-px side holds 27 patches of 14 px (378 px); the convolution drops the rest
+    strip = scale_and_shift(corner_box((379, 0, 5, 384)), scale=(1, 1))
+    assert not canvas_patch_mask([strip], (384, 384)).any()
+    edge = scale_and_shift(corner_box((370, 0, 10, 1)), scale=(1, 1))
+    mask = canvas_patch_mask([edge], (384, 384))
+    assert mask.shape == (27 * 27,) and mask.view(27, 27).nonzero().tolist() == [[0, 26]]
+
+
 def test_errors_say_what_to_fix():
     with pytest.raises(ValueError, match="unknown preprocessing mode"), unchecked():
         boxes_to_patch_mask([], (10, 10), mode="squash")
     with pytest.raises(ValueError, match="negative width"):
         boxes_to_patch_mask([(0, 0, -1, 4)], (10, 10))
-    with pytest.raises(ValueError, match="whole number"):
-        canvas_patch_mask([], (300, 336))
+    with pytest.raises(ValueError, match="holds no whole 14-pixel patch"):
+        canvas_patch_mask([], (10, 336))
     with pytest.raises(ValueError, match="576 patches"):
         related_image_positions([], (336, 336), image_positions=[1, 2, 3])
 

@@ -2,7 +2,7 @@
 
 from mmlens.model.components.attention import Attention
 from mmlens.model.components.blocks import LanguageBlock, VisionBlock
-from mmlens.model.components.embed import Embed, Unembed, VisionEmbed
+from mmlens.model.components.embed import Embed, SiglipVisionEmbed, Unembed, VisionEmbed
 from mmlens.model.components.mlp import GatedMLP, VisionMLP
 from mmlens.model.components.norms import LayerNorm, RMSNorm
 from mmlens.model.components.projector import Projector
@@ -17,6 +17,7 @@ __all__ = [
     "Projector",
     "RMSNorm",
     "RotaryEmbedding",
+    "SiglipVisionEmbed",
     "Unembed",
     "VisionBlock",
     "VisionEmbed",

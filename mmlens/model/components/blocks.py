@@ -50,7 +50,8 @@ class _Block(nn.Module):
 
 
 class LanguageBlock(_Block):
-    """A Llama decoder layer: RMSNorm, rotary grouped-query attention, gated SiLU MLP."""
+    """A Llama / Qwen2 decoder layer: RMSNorm, rotary grouped-query attention (q/k/v biases
+    for Qwen2), gated SiLU MLP."""
 
     def __init__(self, cfg: LanguageConfig):
         super().__init__()
@@ -64,7 +65,8 @@ class LanguageBlock(_Block):
 
 
 class VisionBlock(_Block):
-    """A CLIP encoder layer: LayerNorm, full (non-causal) attention with biases, quick-GELU MLP."""
+    """A CLIP or SigLIP encoder layer: LayerNorm, full (non-causal) attention with biases, an
+    MLP with the tower's activation (quick-GELU for CLIP, tanh-approximated GELU for SigLIP)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()

@@ -1,4 +1,5 @@
-"""Token embedding, unembedding, and CLIP's patch + class + position embedding."""
+"""Token embedding, unembedding, CLIP's patch + class + position embedding and SigLIP's patch +
+position embedding."""
 
 from __future__ import annotations
 
@@ -64,3 +65,30 @@ class VisionEmbed(nn.Module):
         patches = self.hook_patch_embed(patches.flatten(2).transpose(1, 2))
         cls = self.class_embed.expand(patches.shape[0], 1, -1)
         return torch.cat([cls, patches], dim=1) + self.hook_pos_embed(self.W_pos)
+
+
+class SiglipVisionEmbed(nn.Module):
+    """SigLIP embedding: ``conv(patches) + b_patch + pos_embed`` -> ``[images, n_patches, d]``;
+    no class token.
+
+    Hooks: ``hook_patch_embed`` ``[images, n_patches, d]`` (conv output with its bias, row-major
+    grid), ``hook_pos_embed`` ``[n_patches, d]``.
+    """
+
+    def __init__(self, d_model: int, patch_size: int, image_size: int, n_channels: int = 3):
+        super().__init__()
+        n_patches = (image_size // patch_size) ** 2
+        self.patch_size = patch_size
+        self.W_patch = nn.Parameter(torch.empty(d_model, n_channels, patch_size, patch_size))
+        self.b_patch = nn.Parameter(torch.zeros(d_model))
+        self.W_pos = nn.Parameter(torch.empty(n_patches, d_model))
+        self.hook_patch_embed = HookPoint()  # [images, n_patches, d_model]
+        self.hook_pos_embed = HookPoint()  # [n_patches, d_model]
+
+    def forward(
+        self, pixel_values: Float[Tensor, "images channels height width"]
+    ) -> Float[Tensor, "images n_patches d_model"]:
+        pixel_values = pixel_values.to(self.W_patch.dtype)
+        patches = F.conv2d(pixel_values, self.W_patch, self.b_patch, stride=self.patch_size)
+        patches = self.hook_patch_embed(patches.flatten(2).transpose(1, 2))
+        return patches + self.hook_pos_embed(self.W_pos)

@@ -59,6 +59,24 @@ class Family:
         """The HF state dict -> ours (a renaming: HF's ``[out, in]`` layouts are kept)."""
         raise NotImplementedError
 
+    def load_processor(self, path: str, **kwargs: Any) -> Any:
+        """The checkpoint's processor (HF's ``AutoProcessor``); raises when it has no usable
+        one, so a model never loads without the processor ``prepare`` needs."""
+        import transformers
+
+        try:
+            processor = transformers.AutoProcessor.from_pretrained(path, **kwargs)
+        except (OSError, ValueError, TypeError, ImportError) as error:
+            raise ValueError(
+                f"{path} has no usable processor ({type(error).__name__}: {error}): save the "
+                "checkpoint's processor (tokenizer and image processor) beside its weights"
+            ) from error
+        if getattr(processor, "tokenizer", None) is None or getattr(
+                processor, "image_processor", None) is None:
+            raise ValueError(f"the processor of {path} has no tokenizer or no image processor: "
+                             "save the checkpoint's full processor beside its weights")
+        return processor
+
     def hf_model_class(self) -> type:
         import transformers
 

@@ -97,8 +97,8 @@ def convert_projector(state: dict[str, Tensor], cfg: MultimodalConfig) -> dict[s
 
 
 def convert_language(state: dict[str, Tensor], cfg: MultimodalConfig) -> dict[str, Tensor]:
-    """The Llama decoder, final norm and unembedding (tied to the embedding when absent)."""
-    p = _prefix(state, "model.language_model.", "language_model.model.")
+    """The Llama / Qwen2 decoder, final norm and unembedding (tied to the embedding when absent)."""
+    p = _prefix(state, "model.language_model.", "language_model.model.", "model.")
     tc = cfg.text
     out = {"embed.W_E": _take(state, p + "embed_tokens.weight"),
            "ln_final.w": _take(state, p + "norm.weight")}
@@ -125,3 +125,4 @@ def convert_llava_state_dict(state: dict[str, Tensor], cfg: MultimodalConfig) ->
 # Public names for the family adapters that compose these converters.
 take = _take
 find_prefix = _prefix
+VISION_BLOCK = _VISION_BLOCK

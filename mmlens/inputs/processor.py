@@ -1,0 +1,109 @@
+"""A processor composed from a checkpoint's parts: tokenizer, PIL image processor, chat template.
+
+Hugging Face's processor classes for LLaVA-OneVision (and other video-capable families) take a
+video processor, and every HF video processor needs torchvision, so ``AutoProcessor`` cannot
+load them beside a CPU-only torch. Images need none of that: this class does what the HF
+processor does for images (run the image processor, expand each image placeholder to the number
+of image tokens the model will produce, tokenize) with the checkpoint's own parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import BatchFeature
+
+
+class ComposedProcessor:
+    """``processor(images=[...], text=[...], return_tensors="pt")`` as the HF processor does it.
+
+    ``count_image_tokens((height, width))`` gives the image tokens of one image of that original
+    size; each ``image_token`` in a prompt is expanded to that many, images taken in order.
+    """
+
+    def __init__(self, tokenizer: Any, image_processor: Any, *,
+                 count_image_tokens: Callable[[tuple[int, int]], int],
+                 chat_template: str | None = None, image_token: str = "<image>"):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template
+        self.image_token = image_token
+        self.count_image_tokens = count_image_tokens
+        if tokenizer.convert_tokens_to_ids(image_token) == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {image_token!r} token: is it the tokenizer of "
+                             "this checkpoint?")
+
+    def __call__(self, images: Sequence[Any] | None = None, text: str | Sequence[str] = (),
+                 return_tensors: str = "pt", padding: bool = False, **kwargs: Any) -> BatchFeature:
+        texts = [text] if isinstance(text, str) else list(text)
+        data: dict[str, Any] = {}
+        if images:
+            pixels = self.image_processor(list(images), return_tensors="pt")
+            data.update(pixels)
+            sizes = [tuple(int(v) for v in hw) for hw in torch.as_tensor(pixels["image_sizes"])]
+            texts = self._expand(texts, sizes)
+        tokens = self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kwargs)
+        return BatchFeature({**tokens, **data})
+
+    def _expand(self, texts: list[str], sizes: list[tuple[int, int]]) -> list[str]:
+        n_placeholders = sum(t.count(self.image_token) for t in texts)
+        if n_placeholders != len(sizes):
+            raise ValueError(f"the prompts hold {n_placeholders} {self.image_token} placeholders "
+                             f"but {len(sizes)} images were given: put one per image")
+        counts = iter(self.count_image_tokens(hw) for hw in sizes)
+        expanded = []
+        for text in texts:
+            pieces = text.split(self.image_token)
+            out = pieces[0]
+            for piece in pieces[1:]:
+                out += self.image_token * next(counts) + piece
+            expanded.append(out)
+        return expanded
+
+    def apply_chat_template(self, conversation: list[dict], **kwargs: Any) -> str:
+        """Render a conversation with the checkpoint's chat template (text, not tokens)."""
+        if self.chat_template is None:
+            raise ValueError("this checkpoint has no chat template: write the prompt yourself or "
+                             "use an mmlens PromptTemplate")
+        return self.tokenizer.apply_chat_template(
+            conversation, chat_template=self.chat_template, tokenize=False, **kwargs)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Tokenizer, image processor and ``chat_template.jinja``, as HF lays a processor out."""
+        folder = Path(folder)
+        self.tokenizer.save_pretrained(folder)
+        self.image_processor.save_pretrained(folder)
+        if self.chat_template is not None:
+            (folder / "chat_template.jinja").write_text(self.chat_template)
+
+
+def read_chat_template(name_or_path: str, tokenizer: Any = None) -> str | None:
+    """The checkpoint's chat template: ``chat_template.jinja``, ``chat_template.json``, then the
+    tokenizer's own; None when there is none."""
+    import json
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        path = checkpoint_file(name_or_path, name)
+        if path is None:
+            continue
+        text = path.read_text()
+        return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    return getattr(tokenizer, "chat_template", None)
+
+
+def checkpoint_file(name_or_path: str, filename: str) -> Path | None:
+    """A file of a local checkpoint folder or of a hub checkpoint (cache or download)."""
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        path = folder / filename
+        return path if path.is_file() else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(name_or_path, filename))
+    except (EntryNotFoundError, OSError):  # absent file, offline, no such repository
+        return None
