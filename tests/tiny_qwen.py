@@ -97,3 +97,63 @@ def tiny_qwen_inputs(grids: list[tuple[int, int]], pad: list[int] | None = None,
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values,
             "image_grid_thw": grid_thw,
             "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
+
+
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
+    "{{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
+    "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""The chat template Qwen2-VL and Qwen2.5-VL checkpoints ship."""
+
+SPECIALS = {"<|endoftext|>": 100, "<|im_start|>": 101, "<|im_end|>": 102,
+            "<|image_pad|>": IMAGE_TOKEN, "<|video_pad|>": VIDEO_TOKEN,
+            "<|vision_start|>": VISION_START, "<|vision_end|>": VISION_END}
+
+
+def tiny_qwen_tokenizer():
+    """A word-level tokenizer with Qwen's special tokens at the tiny configs' ids; it knows the
+    chat template's words and the shapes dataset's questions and answers."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mmlens.zoo.build import SPECIAL_TOKENS, WORD_PATTERN, vocabulary
+
+    words = [w for w in vocabulary() if w not in SPECIAL_TOKENS]
+    words += ["<unk>", "system", "You", "are", "user", "single", "phrase", "using", "or"]
+    words = list(dict.fromkeys(words))
+    assert len(words) <= 100, len(words)
+    vocab = {w: i for i, w in enumerate(words)}
+    vocab |= {f"<unused{i}>": i for i in range(len(words), VOCAB) if i not in SPECIALS.values()}
+    vocab |= SPECIALS
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="removed",
+                                                   invert=True)
+    tokenizer.add_special_tokens(list(SPECIALS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", padding_side="left", model_max_length=4096,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+
+
+def tiny_qwen_processor(min_pixels: int = 8 * 8 * 4, max_pixels: int = 8 * 8 * 64):
+    """Tokenizer + Qwen's PIL image processor at the tiny patch sizes (4 px, 2x2 merge)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from mmlens.model.loading.qwen_processor import QwenVLProcessor
+
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL,
+        min_pixels=min_pixels, max_pixels=max_pixels)
+    return QwenVLProcessor(tiny_qwen_tokenizer(), image_processor)

@@ -1,4 +1,4 @@
-"""Prompt templates: the paper's Vicuna v1 prompt and the Llama-3 chat prompt."""
+"""Prompt templates: the paper's Vicuna v1 prompt, the Llama-3 and the Qwen-VL chat prompts."""
 
 from __future__ import annotations
 
@@ -50,15 +50,27 @@ LLAMA3 = PromptTemplate(
     "using a single word or phrase.<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
 )
 
-TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3)}
+QWEN_VL = PromptTemplate(
+    "qwen_vl",
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    "<|vision_start|><image><|vision_end|>{question}\nAnswer the question using a single word "
+    "or phrase.<|im_end|>\n<|im_start|>assistant\n",
+)
+"""Qwen2-VL / Qwen2.5-VL's chat template for one image and the paper's instruction; the
+processor expands ``<image>`` (its ``<|image_pad|>``) to one token per merged 28x28 px cell."""
+
+TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, QWEN_VL)}
 
 
 def get_template(template: str | PromptTemplate | None, tokenizer: object = None) -> PromptTemplate:
-    """A template by name, or the default for a tokenizer (Llama-3 vocabularies get LLAMA3)."""
+    """A template by name, or the default for a tokenizer (Llama-3 vocabularies get LLAMA3,
+    Qwen-VL ones QWEN_VL)."""
     if isinstance(template, PromptTemplate):
         return template
     if template is None:
         vocab = getattr(tokenizer, "get_vocab", dict)()
+        if "<|vision_start|>" in vocab:
+            return QWEN_VL
         return LLAMA3 if "<|start_header_id|>" in vocab else VICUNA_V1
     if template not in TEMPLATES:
         raise KeyError(f"unknown template {template!r}: use one of {', '.join(TEMPLATES)} or a "
