@@ -38,13 +38,16 @@ class CleanRun:
     ``resid[l]`` is the residual stream entering layer ``l`` ``[1, pos, d_model]``; ``resid[L]``
     is the stream after the last layer. ``cache`` holds every layer's keys/values of the prompt
     (and of any tokens decoded after it). ``logits`` ``[d_vocab]`` (float32) is the prediction
-    at the last prompt position.
+    at the last prompt position. ``position_ids`` are the decoder positions the model's family
+    gave the prompt (``[1, pos]``, or the family's own layout such as M-RoPE's); a knockout's
+    suffix is recomputed at exactly these positions.
     """
 
     resid: list[Tensor]
     cache: KeyValueCache
     logits: Float[Tensor, " d_vocab"]
     n_positions: int
+    position_ids: Tensor
 
     def prediction(self, exclude: int | None = None) -> int:
         """The argmax token at the last position, never ``exclude`` (the image token)."""
@@ -85,7 +88,7 @@ def clean_run(model, example: MultimodalBatch) -> CleanRun:
         final = model(example.input_ids, example.pixel_values, image_sizes=example.image_sizes,
                       past_kv_cache=cache, stop_at_layer=n_layers)
     return CleanRun(resid=resid, cache=cache, logits=last_logits(model, final)[0],
-                    n_positions=example.input_ids.shape[1])
+                    n_positions=example.input_ids.shape[1], position_ids=cache.position_ids)
 
 
 def last_logits(model, final_resid: Float[Tensor, "batch pos d_model"]
@@ -169,6 +172,8 @@ def _run_rows(model, clean: CleanRun, knockouts: Sequence[Knockout], position: i
     hooks = [(f"blocks.{layer}.attn.hook_mask", _mask_hook(blocked, active[layer].to(device)))
              for layer in range(starts[0], n_layers) if bool(active[layer].any())]
     prefix = clean.cache.truncate(position)
+    # One row of positions broadcasts over the batch in the rotary tables.
+    positions = clean.position_ids[..., position:clean.n_positions]
     resid = clean.resid[0].new_empty(0, clean.n_positions - position, model.cfg.d_model)
     with model.hooks(fwd_hooks=hooks):
         for layer in range(starts[0], n_layers + 1):
@@ -180,7 +185,7 @@ def _run_rows(model, clean: CleanRun, knockouts: Sequence[Knockout], position: i
                 break
             n = resid.shape[0]
             resid = model(resid, start_at_layer=layer, stop_at_layer=layer + 1,
-                          past_kv_cache=prefix.expand(n),
+                          past_kv_cache=prefix.expand(n), position_ids=positions,
                           attention_mask=torch.ones(n, resid.shape[1], dtype=torch.long,
                                                     device=device))
     return last_logits(model, resid).softmax(-1)[:, token]

@@ -12,10 +12,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mmlens.inputs.anyres_spans import add_anyres_spans
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.inputs.templates import IMAGE_PLACEHOLDER, PromptTemplate, get_template
-from mmlens.inputs.tiling import pad_tiles
 
 
 def _as_list(value: Any) -> list:
@@ -119,8 +117,8 @@ def prepare(model: Any, images: Any, questions: Any, *,
         input_ids[row, width - n:] = out["input_ids"][0]
         attention_mask[row, width - n:] = 1
         spans.append({k: v + (width - n) for k, v in span.items()})
-    pixel_values = [out["pixel_values"] for out, _, _ in encoded]
-    pixel_values = pad_tiles(pixel_values) if model.cfg.is_anyres else torch.cat(pixel_values)
+    # The family knows its processor's layout (LLaVA-NeXT pads the tile axis).
+    pixel_values = model.family.stack_pixel_values([out["pixel_values"] for out, _, _ in encoded])
     image_sizes = None
     if "image_sizes" in encoded[0][0]:
         image_sizes = torch.cat([out["image_sizes"] for out, _, _ in encoded])
@@ -129,8 +127,7 @@ def prepare(model: Any, images: Any, questions: Any, *,
         spans=spans, image_sizes=image_sizes, prompts=[p for _, _, p in encoded],
         examples=list(examples) if examples is not None else None,
     )
-    if model.cfg.is_anyres:
-        add_anyres_spans(model, batch)
+    model.family.add_image_spans(model, batch)
     if boxes is not None:
         from mmlens.inputs.spans import add_patch_spans
 

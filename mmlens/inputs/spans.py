@@ -5,10 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
-
 from mmlens.data.example import Box
-from mmlens.inputs.geometry import MODES, other_image_positions, related_image_positions
+from mmlens.inputs.geometry import MODES
 
 
 def default_preprocessing(processor: Any) -> str:
@@ -33,23 +31,10 @@ def add_patch_spans(model: Any, batch: Any, images: Sequence[Any], boxes: Sequen
         raise ValueError(f"unknown preprocessing mode {mode!r}: use one of {MODES}")
     related, other = [], []
     for i, (image, example_boxes) in enumerate(zip(images, boxes, strict=True)):
-        image_positions = batch.positions("image", i)
-        if model.cfg.is_anyres:
-            from mmlens.inputs.anyres_spans import anyres_related_positions
-
-            rel_local, other_local = anyres_related_positions(
-                example_boxes, image.size, model.cfg, mode=mode)
-            related.append(image_positions[0] + torch.as_tensor(rel_local, dtype=torch.long))
-            other.append(image_positions[0] + torch.as_tensor(other_local, dtype=torch.long))
-            continue
-        if model.cfg.feature_select_strategy == "full":
-            image_positions = image_positions[1:]  # the CLS feature covers no patch
-        rel = related_image_positions(
-            example_boxes, image.size, image_positions,
-            crop_size=model.cfg.vision.image_size, patch_size=model.cfg.vision.patch_size,
-            mode=mode,
-        )
+        # The family maps boxes through its processor's resizing/tiling, as the pixels go.
+        rel, rest = model.family.box_positions(
+            model, image.size, example_boxes, batch.positions("image", i), mode)
         related.append(rel)
-        other.append(other_image_positions(image_positions, rel))
+        other.append(rest)
     batch.add_span("related", related)
     batch.add_span("other", other)

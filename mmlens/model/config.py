@@ -1,4 +1,4 @@
-"""One config object for a hooked LLaVA, read from a Hugging Face LLaVA / LLaVA-NeXT config.
+"""One config object for a hooked multimodal model; each family reads it from its HF config.
 
 The language half carries the TransformerLens field names (``n_layers``, ``d_model``, ``n_heads``,
 ``d_head``, ``d_mlp``, ``d_vocab``, ``normalization_type``) so that
@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-
-SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
 
 
 @dataclass
@@ -44,7 +42,12 @@ class VisionConfig:
 
 @dataclass
 class LanguageConfig:
-    """The Llama decoder, with TransformerLens field names."""
+    """The decoder (Llama-style blocks), with TransformerLens field names.
+
+    ``qkv_bias`` / ``o_bias``: biases on the query/key/value and output projections (Llama:
+    neither or both as ``attention_bias``; Qwen2: q/k/v only). ``rope_type`` names the rotary
+    scheme the family builds (``"default"`` = 1D positions).
+    """
 
     n_layers: int
     d_model: int
@@ -56,8 +59,10 @@ class LanguageConfig:
     eps: float
     rope_inv_freq: torch.Tensor
     rope_attention_scaling: float = 1.0
-    attention_bias: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
     mlp_bias: bool = False
+    rope_type: str = "default"
     act_fn: str = "silu"
     normalization_type: str = "RMS"
     positional_embedding_type: str = "rotary"
@@ -72,7 +77,9 @@ class LanguageConfig:
 class MultimodalConfig:
     """Everything a ``HookedMultimodalTransformer`` needs; built by ``from_hf_config``.
 
-    TransformerLens helpers read language fields (``cfg.n_layers``...) straight off this object.
+    ``model_type`` is the Hugging Face model type; it names the family adapter
+    (``mmlens.model.families.FAMILIES``) that builds and runs the model. TransformerLens helpers
+    read language fields (``cfg.n_layers``...) straight off this object.
     """
 
     model_type: str
@@ -95,9 +102,6 @@ class MultimodalConfig:
             return getattr(text, name)
         raise AttributeError(f"MultimodalConfig has no field {name!r}")
 
-    @property
-    def is_anyres(self) -> bool:
-        return self.model_type == "llava_next"
 
 
 def _rope_parameters(text_config: Any) -> tuple[torch.Tensor, float]:
@@ -135,30 +139,12 @@ def resolve_feature_layers(feature_layer: int | list[int], n_vision_layers: int)
     return resolved
 
 
-def from_hf_config(hf_config: Any) -> MultimodalConfig:
-    """Read a Hugging Face ``LlavaConfig`` / ``LlavaNextConfig`` into a ``MultimodalConfig``."""
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"model_type {model_type!r} is not a supported LLaVA checkpoint: mmlens supports "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (LLaVA-1.5 and LLaVA-NeXT with a CLIP vision "
-            "tower and a Llama text model)"
-        )
-    vc, tc = hf_config.vision_config, hf_config.text_config
-    if vc.model_type != "clip_vision_model":
-        raise ValueError(f"vision tower {vc.model_type!r} is not supported: mmlens supports "
-                         "clip_vision_model")
-    if tc.model_type != "llama":
-        raise ValueError(f"text model {tc.model_type!r} is not supported: mmlens supports llama "
-                         "(Vicuna and Llama-3 text towers)")
-    strategy = hf_config.vision_feature_select_strategy
-    if strategy not in ("default", "full"):
-        raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported: use "
-                         "'default' or 'full'")
-    feature_layers = resolve_feature_layers(hf_config.vision_feature_layer, vc.num_hidden_layers)
+def language_config(tc: Any, **overrides: Any) -> LanguageConfig:
+    """Read a Llama-style HF text config (Llama, Vicuna, Mistral-like, Qwen2) generically."""
     inv_freq, scaling = _rope_parameters(tc)
     d_head = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    text = LanguageConfig(
+    attention_bias = bool(getattr(tc, "attention_bias", False))
+    fields: dict[str, Any] = dict(
         n_layers=tc.num_hidden_layers,
         d_model=tc.hidden_size,
         n_heads=tc.num_attention_heads,
@@ -169,30 +155,20 @@ def from_hf_config(hf_config: Any) -> MultimodalConfig:
         eps=tc.rms_norm_eps,
         rope_inv_freq=inv_freq,
         rope_attention_scaling=scaling,
-        attention_bias=bool(getattr(tc, "attention_bias", False)),
+        qkv_bias=attention_bias,
+        o_bias=attention_bias,
         mlp_bias=bool(getattr(tc, "mlp_bias", False)),
         act_fn=tc.hidden_act,
     )
-    vision = VisionConfig(
-        d_model=vc.hidden_size,
-        n_heads=vc.num_attention_heads,
-        d_mlp=vc.intermediate_size,
-        n_layers=max(feature_layers),
-        image_size=vc.image_size,
-        patch_size=vc.patch_size,
-        n_channels=vc.num_channels,
-        eps=vc.layer_norm_eps,
-        act_fn=vc.hidden_act,
-    )
-    return MultimodalConfig(
-        model_type=model_type,
-        vision=vision,
-        text=text,
-        image_token_id=hf_config.image_token_id,
-        feature_layers=feature_layers,
-        feature_select_strategy=strategy,
-        projector_act=hf_config.projector_hidden_act,
-        projector_bias=bool(getattr(hf_config, "multimodal_projector_bias", True)),
-        image_grid_pinpoints=getattr(hf_config, "image_grid_pinpoints", None),
-        hf_config=hf_config,
-    )
+    fields.update(overrides)
+    return LanguageConfig(**fields)
+
+
+def from_hf_config(hf_config: Any) -> MultimodalConfig:
+    """Read a Hugging Face config through the family adapter registered for its model_type.
+
+    Raises for a model type no family accepts, listing the supported families.
+    """
+    from mmlens.model.families import family_for
+
+    return family_for(getattr(hf_config, "model_type", None)).read_config(hf_config)

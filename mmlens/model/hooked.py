@@ -1,8 +1,12 @@
-"""HookedMultimodalTransformer: a LLaVA vision tower, projector and Llama decoder with hooks.
+"""HookedMultimodalTransformer: a vision tower, connector and decoder with hooks.
 
     pixel_values ─▶ vision.* ─▶ projector.hook_in ─▶ projector.hook_out (image features)
     input_ids ─▶ hook_token_embed ──┴─ merge at image tokens ─▶ hook_embed
         ─▶ blocks.{l}.hook_resid_pre ─▶ ... ─▶ blocks.{l}.hook_resid_post ─▶ ln_final ─▶ logits
+
+The model's family (``mmlens.model.families``, looked up by ``cfg.model_type``) builds the
+image-side modules and decides how images are encoded and merged and how decoder positions
+are computed; this class composes them and owns the hooks, caches and running.
 
 ``hook_embed`` is the merged embedding, i.e. what the embedding contributes to the residual
 stream, so TransformerLens's ``decompose_resid`` / ``accumulated_resid`` add up.
@@ -22,16 +26,16 @@ from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from mmlens.inputs.batch import MultimodalBatch
-from mmlens.model.components import Embed, Projector, RMSNorm, Unembed
+from mmlens.model.components import Embed, RMSNorm, Unembed
 from mmlens.model.config import MultimodalConfig
+from mmlens.model.families import family_for
 from mmlens.model.kv_cache import KeyValueCache
 from mmlens.model.language import LanguageStack
-from mmlens.model.merge import merge_image_features
-from mmlens.model.vision import VisionTower
 
 
 class HookedMultimodalTransformer(HookedRootModule):
-    """A LLaVA model whose every activation is a named, editable hook point.
+    """A multimodal model (LLaVA-1.5, LLaVA-NeXT, ...) whose every activation is a named,
+    editable hook point.
 
     Build it with ``from_pretrained`` (hub name, local folder or bundled short name such as
     ``"shapes-llava"``) or ``from_hf_model``; prepare inputs with ``prepare``.
@@ -41,20 +45,15 @@ class HookedMultimodalTransformer(HookedRootModule):
         super().__init__()
         self.cfg = cfg
         self.processor = processor
-        self.vision = VisionTower(cfg)
-        self.projector = Projector(
-            cfg.vision.d_model * len(cfg.feature_layers), cfg.text.d_model,
-            cfg.projector_act, cfg.projector_bias,
-        )
-        if cfg.is_anyres:
-            from mmlens.model.anyres import AnyresPacker
-
-            self.anyres = AnyresPacker(cfg)
+        self.family = family_for(cfg.model_type)
+        # Registered in data-flow order (vision, connector...), the order of the hook names.
+        for name, module in self.family.build_image_modules(cfg).items():
+            self.add_module(name, module)
         self.embed = Embed(cfg.text.d_vocab, cfg.text.d_model)
         self.hook_token_embed = HookPoint()  # [batch, pos, d_model], before the merge
         self.hook_embed = HookPoint()  # [batch, pos, d_model], image features merged in
-        self.blocks = LanguageStack.build_blocks(cfg.text)
-        self.language = LanguageStack(cfg.text, self.blocks)
+        self.blocks = self.family.build_blocks(cfg.text)
+        self.language = LanguageStack(cfg.text, self.blocks, self.family.rotary(cfg.text))
         self.ln_final = RMSNorm(cfg.text.d_model, cfg.text.eps)
         self.unembed = Unembed(cfg.text.d_model, cfg.text.d_vocab)
         self._bound_images: dict[str, Any] | None = None
@@ -65,14 +64,16 @@ class HookedMultimodalTransformer(HookedRootModule):
     def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None,
                         **kwargs: Any) -> HookedMultimodalTransformer:
-        """Load a LLaVA / LLaVA-NeXT checkpoint: a hub name, a local folder or a bundled name."""
+        """Load a checkpoint of a supported family (``mmlens.model.families.FAMILIES``): a hub
+        name, a local folder or a bundled name."""
         from mmlens.model.loading import load_pretrained
 
         return load_pretrained(cls, name_or_path, dtype=dtype, device=device, **kwargs)
 
     @classmethod
     def from_hf_model(cls, hf_model: Any, processor: Any = None) -> HookedMultimodalTransformer:
-        """Convert an in-memory ``LlavaForConditionalGeneration`` (or LLaVA-NeXT) model."""
+        """Convert an in-memory HF model of a supported family (e.g.
+        ``LlavaForConditionalGeneration``)."""
         from mmlens.model.loading import convert_hf_model
 
         return convert_hf_model(cls, hf_model, processor)
@@ -92,7 +93,7 @@ class HookedMultimodalTransformer(HookedRootModule):
         pixel_values: Float[Tensor, "images channels height width"] | None = None,
         *,
         attention_mask: Int[Tensor, "batch pos"] | None = None,
-        position_ids: Int[Tensor, "batch pos"] | None = None,
+        position_ids: Tensor | None = None,
         image_sizes: Int[Tensor, "images 2"] | None = None,
         return_type: str | None = "logits",
         start_at_layer: int | None = None,
@@ -104,23 +105,37 @@ class HookedMultimodalTransformer(HookedRootModule):
         ``input`` is ``input_ids [batch, pos]``, a ``MultimodalBatch`` from ``prepare``, or,
         with ``start_at_layer``, the residual stream ``[batch, pos, d_model]`` entering that
         layer. Returns logits ``[batch, pos, d_vocab]``, the residual stream entering
-        ``stop_at_layer`` when given, or None for ``return_type=None``.
+        ``stop_at_layer`` when given, or None for ``return_type=None``. ``position_ids``
+        default to the family's (``position_ids``); a ``past_kv_cache`` records them.
         """
         if isinstance(input, MultimodalBatch):
             attention_mask = input.attention_mask if attention_mask is None else attention_mask
             pixel_values = input.pixel_values if pixel_values is None else pixel_values
             image_sizes = input.image_sizes if image_sizes is None else image_sizes
             input = input.input_ids
+        input_ids = None
         if start_at_layer is None:
             if self._bound_images is not None and pixel_values is None:
                 pixel_values = self._bound_images["pixel_values"]
                 image_sizes = self._bound_images.get("image_sizes")
+            input_ids = input
             resid = self.embed_inputs(input, pixel_values, image_sizes=image_sizes)
         else:
             resid = input
-        if attention_mask is not None and attention_mask.shape[0] != resid.shape[0]:
+        batch, q_len = resid.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, q_len, dtype=torch.long, device=resid.device)
+        elif attention_mask.shape[0] != batch:
             raise ValueError(f"attention_mask has batch size {attention_mask.shape[0]} but the "
-                             f"input has {resid.shape[0]}: give one mask row per example")
+                             f"input has {batch}: give one mask row per example")
+        if past_kv_cache is not None:
+            attention_mask = past_kv_cache.extend_mask(attention_mask)
+        if position_ids is None:
+            position_ids = self.family.position_ids(
+                self.cfg, input_ids=input_ids, attention_mask=attention_mask, q_len=q_len,
+                past_kv_cache=past_kv_cache, image_sizes=image_sizes)
+        if past_kv_cache is not None:
+            past_kv_cache.record_positions(position_ids)
         resid = self.language(
             resid, attention_mask=attention_mask, position_ids=position_ids,
             start_at_layer=start_at_layer or 0, stop_at_layer=stop_at_layer,
@@ -139,14 +154,10 @@ class HookedMultimodalTransformer(HookedRootModule):
     ) -> Float[Tensor, "n_image_tokens d_model"]:
         """Image features in text width, one row per image token, in input order.
 
-        LLaVA-NeXT takes ``[images, tiles, 3, H, W]`` and ``image_sizes [images, 2]``.
+        The layout is the family's: LLaVA-1.5 takes ``[images, 3, H, W]``, LLaVA-NeXT
+        ``[images, tiles, 3, H, W]`` with ``image_sizes [images, 2]``.
         """
-        if self.cfg.is_anyres:
-            pixel_values = self.anyres.select_tiles(pixel_values, image_sizes)
-        features = self.projector(self.vision(pixel_values.to(self.embed.W_E.dtype)))
-        if self.cfg.is_anyres:
-            return self.anyres(features, image_sizes)
-        return features.reshape(-1, features.shape[-1])
+        return self.family.encode_images(self, pixel_values, image_sizes)
 
     def embed_inputs(
         self,
@@ -163,8 +174,19 @@ class HookedMultimodalTransformer(HookedRootModule):
         features = None
         if pixel_values is not None:
             features = self.encode_images(pixel_values.to(input_ids.device), image_sizes)
-        merged = merge_image_features(input_ids, embeds, features, self.cfg.image_token_id)
-        return self.hook_embed(merged)
+        return self.hook_embed(self.family.merge(input_ids, embeds, features, self.cfg))
+
+    def position_ids(
+        self, input_ids: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None, *,
+        image_sizes: Tensor | None = None,
+    ) -> Tensor:
+        """The decoder positions of a prompt, as ``forward`` computes them (the family's rule:
+        ``[batch, pos]`` for 1D rotary)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.family.position_ids(
+            self.cfg, input_ids=input_ids, attention_mask=attention_mask,
+            q_len=input_ids.shape[1], image_sizes=image_sizes)
 
     @contextlib.contextmanager
     def bind_images(

@@ -17,12 +17,15 @@ class KeyValueCache:
     ``attention_mask`` ``[batch, pos]`` marks the cached positions that are real (not padding).
     A ``frozen`` cache is read but never extended: many runs can resume from the same prefix
     (the information-flow sweep uses this); an unfrozen one grows with each forward
-    (generation).
+    (generation). ``position_ids`` are the decoder positions of the cached tokens as the
+    family computed them (``[batch, pos]``; M-RoPE families keep their own leading axes), so a
+    continuation can go on from them.
     """
 
     layers: list[KeyValue | None]
     attention_mask: Tensor | None = None
     frozen: bool = False
+    position_ids: Tensor | None = None
 
     @classmethod
     def empty(cls, n_layers: int) -> KeyValueCache:
@@ -49,6 +52,13 @@ class KeyValueCache:
             self.attention_mask = full
         return full
 
+    def record_positions(self, position_ids: Tensor) -> None:
+        """Append the new positions' ids (last axis = positions); nothing when frozen."""
+        if self.frozen:
+            return
+        self.position_ids = position_ids if self.position_ids is None else torch.cat(
+            [self.position_ids, position_ids.to(self.position_ids.device)], dim=-1)
+
     def expand(self, batch: int) -> KeyValueCache:
         """A frozen view of a batch-1 cache repeated ``batch`` times (no copy)."""
         layers = [
@@ -57,11 +67,17 @@ class KeyValueCache:
             for kv in self.layers
         ]
         mask = None if self.attention_mask is None else self.attention_mask.expand(batch, -1)
-        return KeyValueCache(layers=layers, attention_mask=mask, frozen=True)
+        positions = self.position_ids
+        if positions is not None:
+            positions = positions.expand(*positions.shape[:-2], batch, positions.shape[-1])
+        return KeyValueCache(layers=layers, attention_mask=mask, frozen=True,
+                             position_ids=positions)
 
     def truncate(self, length: int) -> KeyValueCache:
         """A frozen cache of the first ``length`` positions."""
         layers = [None if kv is None else (kv[0][:, :, :length], kv[1][:, :, :length])
                   for kv in self.layers]
         mask = None if self.attention_mask is None else self.attention_mask[:, :length]
-        return KeyValueCache(layers=layers, attention_mask=mask, frozen=True)
+        positions = None if self.position_ids is None else self.position_ids[..., :length]
+        return KeyValueCache(layers=layers, attention_mask=mask, frozen=True,
+                             position_ids=positions)

@@ -1,12 +1,17 @@
-"""Running the Llama decoder blocks: masks, positions, start/stop layers, key/value cache."""
+"""Running the decoder blocks: mask, rotary tables, start/stop layers, key/value cache.
+
+The positions come from the model's family (``Family.position_ids``), so this loop serves 1D
+and multimodal rotary schemes alike.
+"""
 
 from __future__ import annotations
 
-import torch
+from typing import Any
+
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from mmlens.model.components import LanguageBlock, RotaryEmbedding
+from mmlens.model.components import LanguageBlock
 from mmlens.model.components.attention import default_mask
 from mmlens.model.config import LanguageConfig
 from mmlens.model.kv_cache import KeyValueCache
@@ -41,13 +46,14 @@ class LanguageStack:
     """Runs the decoder blocks: ``resid [batch, pos, d_model]`` in and out.
 
     The blocks themselves are registered on the model as ``model.blocks`` (TransformerLens's
-    hook names ``blocks.{l}.*``); this object holds the loop around them.
+    hook names ``blocks.{l}.*``); this object holds the loop around them. ``rotary`` maps
+    ``(position_ids, dtype)`` to the ``(cos, sin)`` tables (the family builds it).
     """
 
-    def __init__(self, cfg: LanguageConfig, blocks: nn.ModuleList):
+    def __init__(self, cfg: LanguageConfig, blocks: nn.ModuleList, rotary: Any):
         self.cfg = cfg
         self.blocks = blocks
-        self.rotary = RotaryEmbedding(cfg.rope_inv_freq, cfg.rope_attention_scaling)
+        self.rotary = rotary
 
     @staticmethod
     def build_blocks(cfg: LanguageConfig) -> nn.ModuleList:
@@ -57,19 +63,15 @@ class LanguageStack:
         self,
         resid: Float[Tensor, "batch pos d_model"],
         *,
-        attention_mask: Int[Tensor, "batch pos"] | None = None,
-        position_ids: Int[Tensor, "batch pos"] | None = None,
+        attention_mask: Int[Tensor, "batch k_pos"],
+        position_ids: Tensor,
         start_at_layer: int = 0,
         stop_at_layer: int | None = None,
         past_kv_cache: KeyValueCache | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        batch, q_len, _ = resid.shape
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, q_len, dtype=torch.long, device=resid.device)
-        if past_kv_cache is not None:
-            attention_mask = past_kv_cache.extend_mask(attention_mask)
-        if position_ids is None:
-            position_ids = positions_from_mask(attention_mask)[:, -q_len:]
+        """``attention_mask`` covers the cached and the new positions; ``position_ids`` are the
+        new positions' (``[batch, pos]``, or the family's own layout such as M-RoPE's)."""
+        q_len = resid.shape[1]
         rotary = self.rotary(position_ids, resid.dtype)
         mask = build_mask(attention_mask, q_len)
         stop = self.cfg.n_layers if stop_at_layer is None else stop_at_layer

@@ -55,7 +55,8 @@ def test_unknown_hook_name_suggests_close_matches(model_and_inputs):
 
 def test_unsupported_checkpoint_names_what_is_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="not a supported LLaVA.*llava-hf/llava-1.5-7b-hf"):
+    with pytest.raises(ValueError, match="'gpt2' is not a supported model family: mmlens "
+                       "supports llava: .*llava-hf/llava-1.5-7b-hf.*; llava_next: "):
         HookedMultimodalTransformer.from_pretrained(str(tmp_path))
 
 

@@ -57,7 +57,7 @@ class LanguageBlock(_Block):
         self._register(
             RMSNorm(cfg.d_model, cfg.eps),
             Attention(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.n_key_value_heads,
-                      qkv_bias=cfg.attention_bias, out_bias=cfg.attention_bias, rotary=True),
+                      qkv_bias=cfg.qkv_bias, out_bias=cfg.o_bias, rotary=True),
             RMSNorm(cfg.d_model, cfg.eps),
             GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, bias=cfg.mlp_bias),
         )

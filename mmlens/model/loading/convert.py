@@ -16,7 +16,9 @@ The HF module tree they read (transformers >= 5)::
     lm_head
 
 Our weights keep HF's ``[out, in]`` layout (the TransformerLens-shaped ``W_Q``... are views),
-so conversion is a renaming; only this module knows HF's names.
+so conversion is a renaming; only this module and the family adapters
+(``mmlens.model.families``) know HF's names. The tables and converters here are building
+blocks the families compose.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ def convert_vision(state: dict[str, Tensor], cfg: MultimodalConfig) -> dict[str,
 
 
 def convert_projector(state: dict[str, Tensor], cfg: MultimodalConfig) -> dict[str, Tensor]:
-    """The two-layer projector (and LLaVA-NeXT's learned image-newline vector)."""
+    """The two-layer projector."""
     p = _prefix(state, "model.multi_modal_projector.", "multi_modal_projector.")
     out = {
         "projector.in_weight": _take(state, p + "linear_1.weight"),
@@ -91,10 +93,6 @@ def convert_projector(state: dict[str, Tensor], cfg: MultimodalConfig) -> dict[s
     if cfg.projector_bias:
         out["projector.in_bias"] = _take(state, p + "linear_1.bias")
         out["projector.out_bias"] = _take(state, p + "linear_2.bias")
-    if cfg.is_anyres:
-        newline = _take(state, "model.image_newline", optional=True)
-        out["anyres.image_newline"] = (
-            newline if newline is not None else _take(state, "image_newline"))
     return out
 
 
@@ -118,6 +116,12 @@ def convert_language(state: dict[str, Tensor], cfg: MultimodalConfig) -> dict[st
 
 
 def convert_llava_state_dict(state: dict[str, Tensor], cfg: MultimodalConfig) -> dict[str, Tensor]:
-    """Whole-model conversion for LLaVA-1.5 and LLaVA-NeXT checkpoints."""
+    """Vision tower, projector and decoder of a LLaVA checkpoint (LLaVA-NeXT's family adds its
+    ``image_newline``)."""
     return {**convert_vision(state, cfg), **convert_projector(state, cfg),
             **convert_language(state, cfg)}
+
+
+# Public names for the family adapters that compose these converters.
+take = _take
+find_prefix = _prefix

@@ -8,16 +8,12 @@ from typing import Any
 
 import torch
 
-from mmlens.model.config import SUPPORTED_MODEL_TYPES, from_hf_config
-from mmlens.model.loading.convert import convert_llava_state_dict
 
-SUPPORTED_CHECKPOINTS = (
-    "llava-hf/llava-1.5-7b-hf",
-    "llava-hf/llava-1.5-13b-hf",
-    "llava-hf/llava-v1.6-vicuna-7b-hf",
-    "llava-hf/llama3-llava-next-8b-hf",
-    "shapes-llava (bundled)",
-)
+def _family(model_type: str | None) -> Any:
+    # Imported here: the family adapters import this package's converters.
+    from mmlens.model.families import family_for
+
+    return family_for(model_type)
 
 
 def _resolve(name_or_path: str) -> str:
@@ -28,16 +24,8 @@ def _resolve(name_or_path: str) -> str:
 
 
 def _hf_model_class(model_type: str) -> Any:
-    import transformers
-
-    if model_type == "llava":
-        return transformers.LlavaForConditionalGeneration
-    if model_type == "llava_next":
-        return transformers.LlavaNextForConditionalGeneration
-    raise ValueError(
-        f"checkpoint of model_type {model_type!r} is not a supported LLaVA: mmlens supports "
-        f"{', '.join(SUPPORTED_MODEL_TYPES)}, e.g. {', '.join(SUPPORTED_CHECKPOINTS)}"
-    )
+    """The transformers class of the checkpoint's family; raises listing the families."""
+    return _family(model_type).hf_model_class()
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -52,8 +40,9 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def convert_hf_model(cls: type, hf_model: Any, processor: Any = None) -> Any:
     """Build ours from an in-memory HF model; weights are shared, not copied."""
-    cfg = from_hf_config(hf_model.config)
-    state = convert_llava_state_dict(hf_model.state_dict(), cfg)
+    family = _family(getattr(hf_model.config, "model_type", None))
+    cfg = family.read_config(hf_model.config)
+    state = family.convert_state_dict(hf_model.state_dict(), cfg)
     first = next(iter(state.values()))
     with torch.device("meta"):
         model = cls(cfg, processor=processor)

@@ -1,0 +1,47 @@
+"""Model families: one small adapter per line of checkpoints, looked up by HF model_type.
+
+``FAMILIES`` maps every accepted Hugging Face ``model_type`` to its adapter; loading and the
+hooked model ask it, nothing else branches on the model type. See ``docs/architecture.md``,
+"How to add a model family".
+"""
+
+from __future__ import annotations
+
+from mmlens.model.families.base import Family
+from mmlens.model.families.llava import LlavaFamily
+from mmlens.model.families.llava_next import LlavaNextFamily
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Add a family under each HF model_type it accepts."""
+    for model_type in family.model_types:
+        FAMILIES[model_type] = family
+    return family
+
+
+for _family in (LlavaFamily(), LlavaNextFamily()):
+    register(_family)
+
+
+def supported_families() -> str:
+    """One line per family: model type, description and example checkpoints."""
+    families = dict.fromkeys(FAMILIES.values())
+    return "; ".join(
+        f"{', '.join(f.model_types)}: {f.description}, e.g. {', '.join(f.checkpoints)}"
+        for f in families
+    )
+
+
+def family_for(model_type: str | None) -> Family:
+    """The adapter for a Hugging Face ``model_type``; raises listing the supported families."""
+    family = FAMILIES.get(model_type)  # type: ignore[arg-type]
+    if family is None:
+        raise ValueError(f"checkpoint of model_type {model_type!r} is not a supported model "
+                         f"family: mmlens supports {supported_families()}")
+    return family
+
+
+__all__ = ["FAMILIES", "Family", "LlavaFamily", "LlavaNextFamily", "family_for", "register",
+           "supported_families"]

@@ -1,0 +1,136 @@
+"""What a model family is: the declarative adapter the hooked model is built and run from.
+
+A family answers, for one line of Hugging Face checkpoints, every question that differs from
+one multimodal model to the next; ``HookedMultimodalTransformer`` asks its family and never
+looks at the model type itself::
+
+    HF config ──read_config──▶ MultimodalConfig
+    HF state dict ──convert_state_dict──▶ our weights (rename tables)
+    build_image_modules ──▶ vision tower, connector (and packer): registered in this order
+    pixel_values ──encode_images──▶ image features [n_image_tokens, d_model]
+    token embeddings + features ──merge──▶ hook_embed
+    input_ids (+ cache, image sizes) ──position_ids──▶ decoder positions ──rotary──▶ cos, sin
+    prepare: stack_pixel_values, add_image_spans, box_positions (the processor's geometry)
+
+Subclasses set the class attributes and override the methods whose rule differs; a new family
+is one module in this package plus an entry in ``FAMILIES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from mmlens.model.components import RotaryEmbedding
+from mmlens.model.config import LanguageConfig, MultimodalConfig
+from mmlens.model.kv_cache import KeyValueCache
+from mmlens.model.language import LanguageStack, positions_from_mask
+from mmlens.model.merge import merge_image_features
+
+
+class Family:
+    """The adapter of one family of checkpoints; instances are stateless singletons.
+
+    Class attributes:
+        name: the registry key and the HF ``model_type`` of the family's configs.
+        model_types: every HF ``model_type`` it accepts (usually just ``name``).
+        hf_class: the ``transformers`` class that loads the checkpoint.
+        description: one line for error messages and docs.
+        checkpoints: example hub names, for error messages and docs.
+    """
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    hf_class: ClassVar[str]
+    description: ClassVar[str]
+    checkpoints: ClassVar[tuple[str, ...]] = ()
+
+    # ------------------------------------------------------------- configuration and weights
+    def read_config(self, hf_config: Any) -> MultimodalConfig:
+        """The HF config -> ``MultimodalConfig``; raises on settings the family cannot run."""
+        raise NotImplementedError
+
+    def convert_state_dict(self, state: dict[str, Tensor],
+                           cfg: MultimodalConfig) -> dict[str, Tensor]:
+        """The HF state dict -> ours (a renaming: HF's ``[out, in]`` layouts are kept)."""
+        raise NotImplementedError
+
+    def hf_model_class(self) -> type:
+        import transformers
+
+        return getattr(transformers, self.hf_class)
+
+    # ------------------------------------------------------------- modules and forward rules
+    def build_image_modules(self, cfg: MultimodalConfig) -> dict[str, nn.Module]:
+        """The image-side modules, by attribute name, in data-flow order (their hook names are
+        ``{name}.*``, e.g. ``vision.*``, ``projector.*``)."""
+        raise NotImplementedError
+
+    def encode_images(
+        self, model: Any, pixel_values: Tensor, image_sizes: Tensor | None
+    ) -> Float[Tensor, "n_image_tokens d_model"]:
+        """Pixels -> image features in text width, one row per image token, in input order."""
+        raise NotImplementedError
+
+    def merge(
+        self,
+        input_ids: Int[Tensor, "batch pos"],
+        embeds: Float[Tensor, "batch pos d_model"],
+        features: Float[Tensor, "n_image_tokens d_model"] | None,
+        cfg: MultimodalConfig,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Features replace the image tokens' embeddings, in order (the common rule)."""
+        return merge_image_features(input_ids, embeds, features, cfg.image_token_id)
+
+    def build_blocks(self, cfg: LanguageConfig) -> nn.ModuleList:
+        """The decoder blocks (``blocks.{l}.*``); Llama-style by default, options from ``cfg``
+        (``qkv_bias``, ``o_bias``, ``mlp_bias``, grouped-query heads)."""
+        return LanguageStack.build_blocks(cfg)
+
+    def rotary(self, cfg: LanguageConfig) -> Any:
+        """The decoder's rotary tables: ``rotary(position_ids, dtype) -> (cos, sin)``, each
+        ``[batch, pos, 1, d_head]`` (a batch of 1 broadcasts over the rows)."""
+        return RotaryEmbedding(cfg.rope_inv_freq, cfg.rope_attention_scaling)
+
+    def position_ids(
+        self,
+        cfg: MultimodalConfig,
+        *,
+        input_ids: Int[Tensor, "batch pos"] | None,
+        attention_mask: Int[Tensor, "batch k_pos"],
+        q_len: int,
+        past_kv_cache: KeyValueCache | None = None,
+        image_sizes: Tensor | None = None,
+    ) -> Tensor:
+        """Decoder position ids of the ``q_len`` new positions; 1D ``[batch, q_len]`` here.
+
+        ``attention_mask`` covers the cached and the new positions (new ones last).
+
+        ``input_ids`` is None when the run resumes from a residual stream (``start_at_layer``);
+        a family whose positions depend on the tokens (M-RoPE) then needs explicit
+        ``position_ids`` or the ones its cache recorded (``past_kv_cache.position_ids``).
+        """
+        return positions_from_mask(attention_mask)[:, -q_len:]
+
+    # ------------------------------------------------------------- the processor's geometry
+    def stack_pixel_values(self, pixel_values: Sequence[Tensor]) -> Tensor:
+        """The processor's per-example ``pixel_values`` -> one batch tensor."""
+        return torch.cat(list(pixel_values))
+
+    def add_image_spans(self, model: Any, batch: Any) -> None:
+        """Extra spans over the image tokens (e.g. ``image_newline``); none by default."""
+
+    def box_positions(
+        self, model: Any, image_size: tuple[int, int], boxes: Sequence[Any],
+        image_positions: Tensor, mode: str,
+    ) -> tuple[Tensor, Tensor]:
+        """Image-token positions a box touches (``related``) and the rest (``other``).
+
+        ``image_size`` is the original image's ``(width, height)``; ``boxes`` are ``(x, y, w,
+        h)`` in its pixels, mapped through the processor's resizing/tiling as the pixels are.
+        """
+        raise NotImplementedError
