@@ -46,7 +46,8 @@ class LanguageConfig:
 
     ``qkv_bias`` / ``o_bias``: biases on the query/key/value and output projections (Llama:
     neither or both as ``attention_bias``; Qwen2: q/k/v only). ``rope_type`` names the rotary
-    scheme the family builds (``"default"`` = 1D positions).
+    scheme the family builds (``"default"`` = 1D positions; ``"mrope"`` = Qwen-VL's 3D positions,
+    ``mrope_section`` frequencies per axis).
     """
 
     n_layers: int
@@ -63,6 +64,7 @@ class LanguageConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     rope_type: str = "default"
+    mrope_section: tuple[int, ...] | None = None
     act_fn: str = "silu"
     normalization_type: str = "RMS"
     positional_embedding_type: str = "rotary"

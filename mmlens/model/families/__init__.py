@@ -10,6 +10,7 @@ from __future__ import annotations
 from mmlens.model.families.base import Family
 from mmlens.model.families.llava import LlavaFamily
 from mmlens.model.families.llava_next import LlavaNextFamily
+from mmlens.model.families.qwen_vl import Qwen25VLFamily, QwenVLFamily
 
 FAMILIES: dict[str, Family] = {}
 
@@ -21,7 +22,7 @@ def register(family: Family) -> Family:
     return family
 
 
-for _family in (LlavaFamily(), LlavaNextFamily()):
+for _family in (LlavaFamily(), LlavaNextFamily(), QwenVLFamily(), Qwen25VLFamily()):
     register(_family)
 
 
@@ -43,5 +44,5 @@ def family_for(model_type: str | None) -> Family:
     return family
 
 
-__all__ = ["FAMILIES", "Family", "LlavaFamily", "LlavaNextFamily", "family_for", "register",
-           "supported_families"]
+__all__ = ["FAMILIES", "Family", "LlavaFamily", "LlavaNextFamily", "Qwen25VLFamily",
+           "QwenVLFamily", "family_for", "register", "supported_families"]

@@ -41,6 +41,8 @@ class Family:
         hf_class: the ``transformers`` class that loads the checkpoint.
         description: one line for error messages and docs.
         checkpoints: example hub names, for error messages and docs.
+        image_sizes_key: the processor output carrying each image's geometry, passed to the
+            model as ``image_sizes`` (LLaVA-NeXT: ``image_sizes``; Qwen-VL: ``image_grid_thw``).
     """
 
     name: ClassVar[str]
@@ -48,6 +50,7 @@ class Family:
     hf_class: ClassVar[str]
     description: ClassVar[str]
     checkpoints: ClassVar[tuple[str, ...]] = ()
+    image_sizes_key: ClassVar[str] = "image_sizes"
 
     # ------------------------------------------------------------- configuration and weights
     def read_config(self, hf_config: Any) -> MultimodalConfig:
@@ -58,6 +61,15 @@ class Family:
                            cfg: MultimodalConfig) -> dict[str, Tensor]:
         """The HF state dict -> ours (a renaming: HF's ``[out, in]`` layouts are kept)."""
         raise NotImplementedError
+
+    def load_processor(self, path: str, **kwargs: Any) -> Any:
+        """The checkpoint's processor (HF's ``AutoProcessor``); None when it has none."""
+        import transformers
+
+        try:
+            return transformers.AutoProcessor.from_pretrained(path, **kwargs)
+        except (OSError, ValueError, TypeError):
+            return None
 
     def hf_model_class(self) -> type:
         import transformers

@@ -19,7 +19,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from mmlens.model.components.qwen_vision import QwenVisionConfig
-from mmlens.model.loading.convert import _prefix, _take
+from mmlens.model.loading.convert import _prefix, take
 
 _PLAIN_MLP = {"mlp.in_weight": "mlp.fc1.weight", "mlp.in_bias": "mlp.fc1.bias",
               "mlp.out_weight": "mlp.fc2.weight", "mlp.out_bias": "mlp.fc2.bias"}
@@ -47,19 +47,19 @@ def _split_qkv(weight: Tensor, out: dict[str, Tensor], prefix: str, kind: str) -
 def convert_qwen_vision(state: dict[str, Tensor], vc: QwenVisionConfig) -> dict[str, Tensor]:
     """Vision transformer and patch merger: ``vision.*`` and ``merger.*``."""
     p = _prefix(state, "model.visual.", "visual.")
-    out = {"vision.W_patch": _take(state, p + "patch_embed.proj.weight")}
+    out = {"vision.W_patch": take(state, p + "patch_embed.proj.weight")}
     table = {**_norms(vc), **_ATTENTION, **(_GATED_MLP if vc.gated_mlp else _PLAIN_MLP)}
     for layer in range(vc.n_layers):
         ours, theirs = f"vision.blocks.{layer}.", f"{p}blocks.{layer}."
         for name, hf_name in table.items():
-            out[ours + name] = _take(state, theirs + hf_name)
-        _split_qkv(_take(state, theirs + "attn.qkv.weight"), out, ours, "weight")
-        _split_qkv(_take(state, theirs + "attn.qkv.bias"), out, ours, "bias")
+            out[ours + name] = take(state, theirs + hf_name)
+        _split_qkv(take(state, theirs + "attn.qkv.weight"), out, ours, "weight")
+        _split_qkv(take(state, theirs + "attn.qkv.bias"), out, ours, "bias")
     merger = dict(_MERGER)
     if not vc.rms_norm:
         merger["ln_q.b"] = "ln_q.bias"
     for name, hf_name in merger.items():
-        out[f"merger.{name}"] = _take(state, f"{p}merger.{hf_name}")
+        out[f"merger.{name}"] = take(state, f"{p}merger.{hf_name}")
     return out
 
 

@@ -68,11 +68,7 @@ def load_pretrained(cls: type, name_or_path: str, *, dtype: torch.dtype | str | 
         path, dtype=_as_dtype(dtype) or "auto", use_safetensors=True,
         trust_remote_code=trust_remote_code, **hf_kwargs,
     )
-    try:
-        processor = transformers.AutoProcessor.from_pretrained(
-            path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError):
-        processor = None
+    processor = _family(model_type).load_processor(path, trust_remote_code=trust_remote_code)
     model = convert_hf_model(cls, hf_model, processor)
     if device is not None:
         model = model.to(device)
