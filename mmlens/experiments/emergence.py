@@ -24,11 +24,12 @@ from mmlens.experiments.examples import ExampleSource
 from mmlens.experiments.sweep import model_answer
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.methods.lens import decode, first_token_ids
+from mmlens.model.protocol import HookedModel
 
 COLUMNS = ["example_id", "task", "layer", "variant", "token", "ln", "prob", "rank"]
 
 
-def answer_variants(model, answer: str, wrong: str | None) -> dict[str, int]:
+def answer_variants(model: HookedModel, answer: str, wrong: str | None) -> dict[str, int]:
     """First tokens of the answer (and wrong option) in lowercase and capitalised form."""
     variants = {"lower": answer.strip().lower(), "capitalised": answer.strip().capitalize()}
     if wrong:
@@ -39,7 +40,7 @@ def answer_variants(model, answer: str, wrong: str | None) -> dict[str, int]:
 
 @torch.no_grad()
 def answer_emergence(
-    model,
+    model: HookedModel,
     examples: Sequence[Any] | MultimodalBatch,
     *,
     only_correct: bool = True,

@@ -29,6 +29,7 @@ from torch import Tensor
 from mmlens.experiments.knockouts import Knockout
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.model.kv_cache import KeyValueCache
+from mmlens.model.protocol import HookedModel
 
 
 @dataclass
@@ -70,7 +71,7 @@ def single_example(batch: MultimodalBatch, index: int = 0) -> MultimodalBatch:
 
 
 @torch.no_grad()
-def clean_run(model, example: MultimodalBatch) -> CleanRun:
+def clean_run(model: HookedModel, example: MultimodalBatch) -> CleanRun:
     """Run one unpadded example once, keeping per-layer residuals and keys/values."""
     n_layers = model.cfg.n_layers
     resid: list[Tensor | None] = [None] * (n_layers + 1)
@@ -91,14 +92,14 @@ def clean_run(model, example: MultimodalBatch) -> CleanRun:
                     n_positions=example.input_ids.shape[1], position_ids=cache.position_ids)
 
 
-def last_logits(model, final_resid: Float[Tensor, "batch pos d_model"]
+def last_logits(model: HookedModel, final_resid: Float[Tensor, "batch pos d_model"]
                 ) -> Float[Tensor, "batch d_vocab"]:
     """Float32 logits at the last position only (the sweep never reads the others)."""
     return model.unembed(model.ln_final(final_resid[:, -1:]))[:, -1].float()
 
 
 @torch.no_grad()
-def greedy_continue(model, clean: CleanRun, first_token: int, *, max_new_tokens: int,
+def greedy_continue(model: HookedModel, clean: CleanRun, first_token: int, *, max_new_tokens: int,
                     eos_token_id: int | None, stop=None) -> list[int]:
     """Greedy decoding from the clean run's cache: ``first_token`` then more argmax tokens.
 
@@ -159,7 +160,7 @@ def _mask_hook(blocked: Tensor, active: Tensor):
 
 
 @torch.no_grad()
-def _run_rows(model, clean: CleanRun, knockouts: Sequence[Knockout], position: int,
+def _run_rows(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout], position: int,
               token: int) -> Float[Tensor, " rows"]:
     """Rows sorted by first layer; each joins the batch at its first layer with the clean
     residual there, so every row runs exactly the layers its knockout can change."""
@@ -191,8 +192,8 @@ def _run_rows(model, clean: CleanRun, knockouts: Sequence[Knockout], position: i
     return last_logits(model, resid).softmax(-1)[:, token]
 
 
-def fast_knockout_probs(model, clean: CleanRun, knockouts: Sequence[Knockout], token: int, *,
-                        batch_size: int = 64) -> Float[Tensor, " knockouts"]:
+def fast_knockout_probs(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout],
+                        token: int, *, batch_size: int = 64) -> Float[Tensor, " knockouts"]:
     """``p(token)`` at the last position under each knockout, from one clean run.
 
     Exact: the same numbers as a full forward per knockout (``naive_knockout_probs``) up to

@@ -15,12 +15,13 @@ import torch
 
 from mmlens.experiments.engine import single_example
 from mmlens.inputs.batch import MultimodalBatch
+from mmlens.model.protocol import HookedModel
 
 
 class ExampleSource:
     """Examples by index: id, task, gold answer and the prepared single-example batch."""
 
-    def __init__(self, model, examples: Sequence[Any] | MultimodalBatch,
+    def __init__(self, model: HookedModel, examples: Sequence[Any] | MultimodalBatch,
                  spans: Mapping[str, Mapping[str, Any]] | Callable[..., Any] | None = None,
                  *, template: Any = None, preprocessing: str | None = None):
         self.model = model
@@ -108,7 +109,7 @@ class ExampleSource:
         return f"{len(self.ids)} examples, sha1 {digest.hexdigest()[:16]}"
 
 
-def model_fingerprint(model) -> str:
+def model_fingerprint(model: HookedModel) -> str:
     """Name, shape, dtype and a digest of a few weights: enough to tell checkpoints apart."""
     hf_config = getattr(model.cfg, "hf_config", None)
     name = getattr(hf_config, "_name_or_path", "") or "unnamed"

@@ -17,6 +17,7 @@ from mmlens.experiments.engine import last_logits
 from mmlens.experiments.knockouts import Knockout
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.methods import block_attention
+from mmlens.model.protocol import HookedModel
 
 
 def knockout_hooks(knockout: Knockout) -> list:
@@ -27,8 +28,8 @@ def knockout_hooks(knockout: Knockout) -> list:
 
 
 @torch.no_grad()
-def naive_knockout_probs(model, example: MultimodalBatch, knockouts: Sequence[Knockout],
-                         token: int) -> Float[Tensor, " knockouts"]:
+def naive_knockout_probs(model: HookedModel, example: MultimodalBatch,
+                         knockouts: Sequence[Knockout], token: int) -> Float[Tensor, " knockouts"]:
     """``p(token)`` at the last position under each knockout, one full forward each."""
     probs = torch.empty(len(knockouts))
     for row, knockout in enumerate(knockouts):

@@ -23,6 +23,7 @@ from mmlens.experiments.knockouts import DEFAULT_FLOWS, parse_flows
 from mmlens.experiments.presets import FIXED_BY_MODEL, PAPER_PRESETS
 from mmlens.experiments.summary import flow_summary
 from mmlens.experiments.sweep import dropped_examples, information_flow
+from mmlens.model.protocol import HookedModel
 
 DEFAULT_MODEL = "shapes-llava"
 DEFAULT_PER_TASK = 60
@@ -170,7 +171,7 @@ def run_study(
     return out
 
 
-def hook_shapes(model) -> list[tuple[str, tuple[int, ...]]]:
+def hook_shapes(model: HookedModel) -> list[tuple[str, tuple[int, ...]]]:
     """Every hook point of ``model`` with its activation's shape on a one-example prompt."""
     from PIL import Image
 

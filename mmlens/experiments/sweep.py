@@ -38,13 +38,14 @@ from mmlens.experiments.naive import naive_knockout_probs
 from mmlens.experiments.store import ResultStore
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.methods.windows import window_layers
+from mmlens.model.protocol import HookedModel
 
 METHODS = ("fast", "naive")
 ExtraSpans = Mapping[str, Mapping[str, Sequence[int]]] | Callable[..., Mapping[str, Any]]
 
 
 def information_flow(
-    model,
+    model: HookedModel,
     examples: Sequence[Any] | MultimodalBatch,
     *,
     flows: Iterable[str | Flow] | str = DEFAULT_FLOWS,
@@ -116,8 +117,8 @@ def information_flow(
     return results_frame(records, flows, window, n_layers)
 
 
-def _one_example(model, source: ExampleSource, index: int, flows: list[Flow], window: int,
-                 only_correct: bool, method: str, batch_size: int,
+def _one_example(model: HookedModel, source: ExampleSource, index: int, flows: list[Flow],
+                 window: int, only_correct: bool, method: str, batch_size: int,
                  max_new_tokens: int) -> dict[str, Any]:
     example_id, task = source.example_id(index), source.task(index)
     example = source.prepare(index)
@@ -152,7 +153,8 @@ def _one_example(model, source: ExampleSource, index: int, flows: list[Flow], wi
             "p_base": clean.prob(token), "p_block": p_block, "skipped": skipped}
 
 
-def model_answer(model, clean: CleanRun, token: int, gold: str, max_new_tokens: int) -> str:
+def model_answer(model: HookedModel, clean: CleanRun, token: int, gold: str,
+                 max_new_tokens: int) -> str:
     """The greedy answer text, decoding no further once it cannot equal ``gold``."""
     tokenizer = model.tokenizer
     target = gold.strip().lower()

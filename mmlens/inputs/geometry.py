@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from fractions import Fraction
-from numbers import Real
+from numbers import Rational, Real
 from typing import Literal
 
 import torch
@@ -32,8 +32,9 @@ from mmlens.data.example import Box
 Mode = Literal["resize_crop", "pad"]
 MODES: tuple[str, ...] = ("resize_crop", "pad")
 
-CornerBox = tuple[Fraction, Fraction, Fraction, Fraction]
-"""A box as exact half-open corners ``(x0, y0, x1, y1)``: it covers ``[x0, x1) x [y0, y1)``."""
+CornerBox = tuple[Rational, Rational, Rational, Rational]
+"""A box as exact half-open corners ``(x0, y0, x1, y1)``: it covers ``[x0, x1) x [y0, y1)``
+(ints or ``Fraction``s: exact rationals)."""
 
 
 def corner_box(box: Box) -> CornerBox:

@@ -6,7 +6,7 @@ tokens: the question span is exactly the tokens whose characters overlap the que
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -58,7 +58,8 @@ def pad_to_square(image: Image.Image, processor: Any) -> Image.Image:
 
 
 def encode_prompt(processor: Any, image: Image.Image, question: str, template: PromptTemplate,
-                  image_token_id: int) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+                  image_token_id: int
+                  ) -> tuple[Mapping[str, Any], dict[str, torch.Tensor], str]:
     """Process one image + question; returns processor outputs, spans and the prompt."""
     # The processor expands its own image token (``<image>``, Qwen's ``<|image_pad|>``...).
     image_str = processor.tokenizer.convert_ids_to_tokens(image_token_id)

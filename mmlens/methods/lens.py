@@ -21,6 +21,7 @@ from torch import Tensor
 
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.methods.knockout import PositionSpec, resolve_positions
+from mmlens.model.protocol import HookedModel
 
 Layer = int | str
 TokenSpec = int | str | Sequence[int | str]
@@ -37,7 +38,7 @@ def resid_name(layer: Layer) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
-def lens_names(model: Any) -> list[str]:
+def lens_names(model: HookedModel) -> list[str]:
     """The hook names the lens reads, for ``run_with_cache(..., names_filter=...)``."""
     return [resid_name(layer) for layer in range(-1, model.cfg.n_layers)]
 
@@ -81,13 +82,13 @@ def residual_stack(
 
 
 def decode(
-    model: Any, resid: Float[Tensor, "... d_model"], *, apply_ln: bool = True
+    model: HookedModel, resid: Float[Tensor, "... d_model"], *, apply_ln: bool = True
 ) -> Float[Tensor, "... d_vocab"]:
     """Logits: ``unembed(ln_final(resid))``, or ``unembed(resid)`` without the final norm."""
     return model.unembed(model.ln_final(resid) if apply_ln else resid)
 
 
-def answer_tokens(model: Any, answer: str | Sequence[str],
+def answer_tokens(model: HookedModel, answer: str | Sequence[str],
                   wrong: str | Sequence[str] | None = None) -> dict[str, Any]:
     """The answer's first token in lowercase and capitalised form, and the wrong option's.
 
@@ -103,14 +104,14 @@ def answer_tokens(model: Any, answer: str | Sequence[str],
     return {label: first_token_ids(model, texts) for label, texts in tokens.items()}
 
 
-def first_token_ids(model: Any, tokens: TokenSpec) -> int | list[int]:
+def first_token_ids(model: HookedModel, tokens: TokenSpec) -> int | list[int]:
     """Token ids; a string gives its first token (without special tokens)."""
     if isinstance(tokens, int | str):
         return _first_token(model, tokens)
     return [_first_token(model, token) for token in tokens]
 
 
-def _first_token(model: Any, token: int | str) -> int:
+def _first_token(model: HookedModel, token: int | str) -> int:
     if isinstance(token, int):
         if not 0 <= token < model.cfg.d_vocab:
             raise ValueError(f"token id {token} is outside the vocabulary "
@@ -126,7 +127,7 @@ def _first_token(model: Any, token: int | str) -> int:
 
 
 def token_probabilities(
-    model: Any,
+    model: HookedModel,
     cache: Any,
     tokens: Mapping[str, TokenSpec] | Sequence[int | str],
     *,
@@ -167,7 +168,7 @@ def token_probabilities(
 
 
 def top_tokens(
-    model: Any,
+    model: HookedModel,
     cache: Any,
     *,
     k: int = 5,
@@ -213,7 +214,7 @@ def _per_item(token_ids: int | list[int], index: pd.DataFrame, label: str) -> Te
     return torch.tensor(token_ids)[torch.tensor(index["example"].to_numpy())]
 
 
-def _token_strings(model: Any, token_ids: pd.Series) -> list[str]:
+def _token_strings(model: HookedModel, token_ids: pd.Series) -> list[str]:
     if model.tokenizer is None:
         return [str(t) for t in token_ids]
     return model.tokenizer.convert_ids_to_tokens([int(t) for t in token_ids])

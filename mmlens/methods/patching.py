@@ -26,6 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mmlens.inputs.batch import MultimodalBatch
+from mmlens.model.protocol import HookedModel
 
 COMPONENTS = {
     "resid_pre": "blocks.{}.hook_resid_pre",
@@ -93,7 +94,7 @@ def patch_activation(
 
 
 def patch_positions(
-    model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric, *,
+    model: HookedModel, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric, *,
     component: str = "resid_pre", layers: Sequence[int] | None = None,
     positions: str | None = None, batch_size: int = 16,
 ) -> Float[Tensor, "layer pos"]:
@@ -110,7 +111,7 @@ def patch_positions(
 
 
 def patch_spans(
-    model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric, *,
+    model: HookedModel, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric, *,
     spans: Sequence[str], component: str = "resid_pre", layers: Sequence[int] | None = None,
     batch_size: int = 16,
 ) -> Float[Tensor, "layer span"]:
@@ -129,7 +130,7 @@ def patch_spans(
 
 
 def patch_heads(
-    model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric, *,
+    model: HookedModel, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric, *,
     layers: Sequence[int] | None = None, positions: str | None = None,
     by_position: bool = False, batch_size: int = 16,
 ) -> Float[Tensor, "layer head"] | Float[Tensor, "layer pos head"]:
@@ -171,7 +172,7 @@ def patching_frame(scores: Tensor, dims: Sequence[str] = ("layer", "position"),
 
 
 # ----------------------------------------------------------------- internals
-def _check(model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch, component: str,
+def _check(model: HookedModel, clean: MultimodalBatch, corrupted: MultimodalBatch, component: str,
            layers: Sequence[int] | None) -> list[int]:
     if component not in COMPONENTS:
         raise ValueError(f"component {component!r} is not patchable: use one of "
@@ -234,7 +235,7 @@ def _span_pairs(clean: MultimodalBatch, corrupted: MultimodalBatch, name: str) -
     return pairs
 
 
-def _clean_cache(model: Any, clean: MultimodalBatch, component: str,
+def _clean_cache(model: HookedModel, clean: MultimodalBatch, component: str,
                  layers: list[int]) -> Any:
     names = {COMPONENTS[component].format(layer) for layer in layers}
     with torch.no_grad():
@@ -246,7 +247,7 @@ Cell = tuple[Pairs | None, int | None]
 """One patch of a sweep: its (corrupted, clean) position pairs and its head (None: all)."""
 
 
-def _sweep(model: Any, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric,
+def _sweep(model: HookedModel, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric,
            component: str, layers: list[int], cells: list[Cell],
            batch_size: int) -> Float[Tensor, "layer cell"]:
     """Score every cell at every layer, resuming from the corrupted run's residual stream."""

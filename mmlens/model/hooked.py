@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Shaped
 from torch import Tensor
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
@@ -90,11 +90,11 @@ class HookedMultimodalTransformer(HookedRootModule):
     def forward(
         self,
         input: Int[Tensor, "batch pos"] | MultimodalBatch | Float[Tensor, "batch pos d_model"],
-        pixel_values: Float[Tensor, "images channels height width"] | None = None,
+        pixel_values: Float[Tensor, "images *tiles channels height width"] | None = None,
         *,
-        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        attention_mask: Shaped[Tensor, "batch pos"] | None = None,
         position_ids: Tensor | None = None,
-        image_sizes: Int[Tensor, "images 2"] | None = None,
+        image_sizes: Int[Tensor, "n_images 2"] | None = None,
         return_type: str | None = "logits",
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
@@ -104,9 +104,11 @@ class HookedMultimodalTransformer(HookedRootModule):
 
         ``input`` is ``input_ids [batch, pos]``, a ``MultimodalBatch`` from ``prepare``, or,
         with ``start_at_layer``, the residual stream ``[batch, pos, d_model]`` entering that
-        layer. Returns logits ``[batch, pos, d_vocab]``, the residual stream entering
-        ``stop_at_layer`` when given, or None for ``return_type=None``. ``position_ids``
-        default to the family's (``position_ids``); a ``past_kv_cache`` records them.
+        layer. ``attention_mask`` (1 = real token, 0 = padding; any dtype) covers the new
+        positions only; a cache holds the mask of its own. Returns logits
+        ``[batch, pos, d_vocab]``, the residual stream entering ``stop_at_layer`` when given,
+        or None for ``return_type=None``. ``position_ids`` default to the family's
+        (``position_ids``); a ``past_kv_cache`` records them.
         """
         if isinstance(input, MultimodalBatch):
             attention_mask = input.attention_mask if attention_mask is None else attention_mask
@@ -115,6 +117,9 @@ class HookedMultimodalTransformer(HookedRootModule):
             input = input.input_ids
         input_ids = None
         if start_at_layer is None:
+            if input.ndim != 2 or input.dtype not in (torch.long, torch.int):
+                raise ValueError("input_ids must be an integer tensor [batch, pos]; to resume "
+                                 "from a residual stream pass start_at_layer")
             if self._bound_images is not None and pixel_values is None:
                 pixel_values = self._bound_images["pixel_values"]
                 image_sizes = self._bound_images.get("image_sizes")
@@ -128,6 +133,8 @@ class HookedMultimodalTransformer(HookedRootModule):
         elif attention_mask.shape[0] != batch:
             raise ValueError(f"attention_mask has batch size {attention_mask.shape[0]} but the "
                              f"input has {batch}: give one mask row per example")
+        elif attention_mask.dtype != torch.long:
+            attention_mask = attention_mask.long()
         if past_kv_cache is not None:
             attention_mask = past_kv_cache.extend_mask(attention_mask)
         if position_ids is None:
@@ -167,9 +174,6 @@ class HookedMultimodalTransformer(HookedRootModule):
         image_sizes: Tensor | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """Token embeddings with the image features merged in at the image-token positions."""
-        if input_ids.ndim != 2 or input_ids.dtype not in (torch.long, torch.int):
-            raise ValueError("input_ids must be an integer tensor [batch, pos]; to resume from a "
-                             "residual stream pass start_at_layer")
         embeds = self.hook_token_embed(self.embed(input_ids))
         features = None
         if pixel_values is not None:

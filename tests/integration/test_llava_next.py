@@ -14,6 +14,7 @@ from tiny_next import (
     tiny_processor,
 )
 from transformers import LlavaNextForConditionalGeneration
+from typecheck import unchecked
 
 from mmlens import HookedMultimodalTransformer
 from mmlens.inputs.anyres_spans import anyres_related_positions
@@ -211,7 +212,7 @@ def test_missing_or_wrong_image_sizes(vicuna):
     ids, pixels, sizes = inputs["input_ids"], inputs["pixel_values"], inputs["image_sizes"]
     with pytest.raises(ValueError, match="LLaVA-NeXT needs image_sizes"):
         model(ids, pixels)
-    with pytest.raises(ValueError, match=r"image_sizes has shape \[2\]"):
+    with pytest.raises(ValueError, match=r"image_sizes has shape \[2\]"), unchecked():
         model(ids, pixels, image_sizes=sizes[0])
     with pytest.raises(ValueError, match="image_sizes has 1 rows but pixel_values holds 2"):
         model(ids, pixels, image_sizes=sizes[:1])
@@ -219,7 +220,8 @@ def test_missing_or_wrong_image_sizes(vicuna):
         model(ids, pixels, image_sizes=torch.tensor([[90, 40], [0, 64]]))
     with pytest.raises(ValueError, match="needs 5 tiles .* but pixel_values holds 3 per image"):
         model(ids[:1], pixels[:1, :3], image_sizes=sizes[1:])
-    with pytest.raises(ValueError, match="LLaVA-NeXT takes .images, tiles, 3, H, W."):
+    with pytest.raises(ValueError, match="LLaVA-NeXT takes .images, tiles, 3, H, W."), \
+            unchecked():
         model(ids, pixels[0, 0], image_sizes=sizes)
 
 

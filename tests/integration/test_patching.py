@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest_interventions import tiny_batch, tiny_pair
 from transformer_lens import patching as tl_patching
+from typecheck import unchecked
 
 from mmlens.methods.patching import (
     answer_prob_metric,
@@ -145,7 +146,7 @@ def test_corrupt_image_and_metrics(setup):
 ])
 def test_bad_input(setup, change, kwargs, error, message):
     model, clean, corrupted, _, metric, _, _ = setup
-    with pytest.raises(error, match=re.escape(message)):
+    with pytest.raises(error, match=re.escape(message)), unchecked():
         patch_positions(model, clean, change(corrupted), metric, **kwargs)
 
 

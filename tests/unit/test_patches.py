@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from typecheck import unchecked
 
 from mmlens.inputs.geometry import (
     boxes_to_patch_mask,
@@ -112,7 +113,7 @@ def test_canvas_mask_for_anyres_tiles():
 
 
 def test_errors_say_what_to_fix():
-    with pytest.raises(ValueError, match="unknown preprocessing mode"):
+    with pytest.raises(ValueError, match="unknown preprocessing mode"), unchecked():
         boxes_to_patch_mask([], (10, 10), mode="squash")
     with pytest.raises(ValueError, match="negative width"):
         boxes_to_patch_mask([(0, 0, -1, 4)], (10, 10))

@@ -35,7 +35,7 @@ class Unembed(nn.Module):
     def b_U(self) -> Float[Tensor, " d_vocab"]:
         return self.weight.new_zeros(self.weight.shape[0])
 
-    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+    def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_vocab"]:
         return F.linear(x, self.weight)
 
 
