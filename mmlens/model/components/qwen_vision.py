@@ -16,8 +16,6 @@ permutation, so the unpermuted order here gives the same numbers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
@@ -28,47 +26,7 @@ from mmlens.model.components.attention import Attention
 from mmlens.model.components.blocks import _Block
 from mmlens.model.components.mlp import GatedMLP, VisionMLP
 from mmlens.model.components.norms import LayerNorm, RMSNorm
-
-
-@dataclass
-class QwenVisionConfig:
-    """The Qwen vision transformer. ``full_attention_layers`` None: every layer is full.
-
-    ``window_size`` is in pixels of the resized image (Qwen2.5-VL: 112, i.e. 4x4 merged tokens).
-    """
-
-    d_model: int
-    n_heads: int
-    d_mlp: int
-    n_layers: int
-    d_out: int
-    patch_size: int
-    temporal_patch_size: int
-    merge_size: int
-    n_channels: int = 3
-    act_fn: str = "quick_gelu"
-    gated_mlp: bool = False
-    rms_norm: bool = False
-    window_size: int | None = None
-    full_attention_layers: tuple[int, ...] | None = None
-    rope_theta: float = 10000.0
-    eps: float = 1e-6
-
-    @property
-    def d_head(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def patch_dim(self) -> int:
-        return self.n_channels * self.temporal_patch_size * self.patch_size**2
-
-    @property
-    def token_size(self) -> int:
-        """Side in pixels of the square of the resized image one merged token covers."""
-        return self.patch_size * self.merge_size
-
-    def is_windowed(self, layer: int) -> bool:
-        return self.full_attention_layers is not None and layer not in self.full_attention_layers
+from mmlens.model.config import QwenVisionConfig
 
 
 def patch_grid_positions(grid_thw: Int[Tensor, "images 3"], merge_size: int

@@ -54,7 +54,7 @@ class QwenVLFamily(Family):
         vision = qwen_vision_config(hf_config)
         return MultimodalConfig(
             model_type=hf_config.model_type,
-            vision=vision,  # type: ignore[arg-type]
+            vision=vision,
             text=language_config(tc, qkv_bias=True, o_bias=False, rope_type="mrope",
                                  mrope_section=tuple(section)),
             image_token_id=hf_config.image_token_id,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from mmlens.model.components.qwen_vision import QwenVisionConfig
+from mmlens.model.config import QwenVisionConfig
 from mmlens.model.loading.convert import _prefix, take
 
 _PLAIN_MLP = {"mlp.in_weight": "mlp.fc1.weight", "mlp.in_bias": "mlp.fc1.bias",
