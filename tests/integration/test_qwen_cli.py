@@ -73,3 +73,10 @@ def test_presets_cover_the_released_checkpoints():
         preset = PAPER_PRESETS[name]
         assert preset.template.name == "qwen_vl" and preset.preprocessing == "dynamic"
         assert preset.window % 2 == 1 and abs(preset.window / depth - 7 / 32) < 0.05
+
+
+def test_an_unsupported_checkpoint_is_refused_listing_the_qwen_families():
+    from mmlens.model.families import family_for
+
+    with pytest.raises(ValueError, match=r"qwen2_vl: Qwen2-VL .*qwen2_5_vl: Qwen2\.5-VL"):
+        family_for("qwen3_vl")
