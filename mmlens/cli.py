@@ -42,7 +42,13 @@ def _parser() -> argparse.ArgumentParser:
     flow.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
     flow.add_argument("--no-filter", action="store_true",
                       help="keep examples the model answers wrongly")
-    flow.add_argument("--batch-size", type=int, default=64, help="knockouts run together")
+    flow.add_argument("--batch-size", type=_batch_size, default=64,
+                      help="knockouts run together, or 'auto' to fit the free memory")
+    flow.add_argument("--max-memory", default=None,
+                      help="memory budget for --batch-size auto, e.g. 24GB (default: free memory)")
+    flow.add_argument("--device-map", default=None,
+                      help="split the model across devices: 'auto', or e.g. "
+                      "'vision=cuda:0,blocks.0-15=cuda:0,blocks.16-31=cuda:1,unembed=cuda:1'")
     flow.add_argument("--threads", type=int, default=None,
                       help="CPU threads (default: 1 for small models on the CPU)")
     flow.add_argument("--out", default=None,
@@ -73,6 +79,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _batch_size(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
+def _device_map(value: str | None) -> str | dict[str, str] | None:
+    """``auto`` or ``part=device,...`` -> what ``from_pretrained(device_map=...)`` takes."""
+    if value is None or value == "auto":
+        return value
+    entries = [item.split("=") for item in value.split(",") if item.strip()]
+    if not entries or any(len(entry) != 2 for entry in entries):
+        raise ValueError(f"--device-map {value!r}: write 'auto' or part=device pairs separated "
+                         "by commas, e.g. vision=cuda:0,blocks.0-15=cuda:0,blocks.16-31=cuda:1")
+    return {part.strip(): device.strip() for part, device in entries}
+
+
 def _tasks(value: str | None) -> list[str] | None:
     return [t.strip() for t in value.split(",") if t.strip()] if value else None
 
@@ -81,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "flow":
+            from mmlens.experiments.memory import parse_memory
             from mmlens.experiments.study import default_out_dir, run_study
 
             tasks = _tasks(args.tasks)
@@ -92,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                 flows=args.flows, window=args.window, device=args.device, dtype=args.dtype,
                 seed=args.seed, only_correct=not args.no_filter, batch_size=args.batch_size,
                 progress=not args.quiet, threads=args.threads,
+                max_memory=None if args.max_memory is None else parse_memory(args.max_memory),
+                device_map=_device_map(args.device_map),
             )
             print(f"results in {out}: flow.csv, dropped.csv, emergence.csv, report.html")
         elif args.command == "reproduce":

@@ -27,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mmlens.experiments.knockouts import Knockout
+from mmlens.experiments.memory import auto_batch_size
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.model.kv_cache import KeyValueCache
 from mmlens.model.protocol import HookedModel
@@ -154,7 +155,8 @@ def _mask_hook(blocked: Tensor, active: Tensor):
 
     def hook(mask: Tensor, hook) -> Tensor:
         n = mask.shape[0]
-        return mask & ~(blocked[:n] & active[:n, None, None])[:, None]
+        edges = (blocked[:n] & active[:n, None, None])[:, None]
+        return mask & ~edges.to(mask.device)  # a no-op unless the model spans devices
 
     return hook
 
@@ -181,7 +183,8 @@ def _run_rows(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout]
             joining = bisect_right(starts, layer) - resid.shape[0]
             if joining:
                 clean_suffix = clean.resid[layer][:, position:clean.n_positions]
-                resid = torch.cat([resid, clean_suffix.expand(joining, -1, -1)])
+                resid = torch.cat([resid.to(clean_suffix.device),
+                                   clean_suffix.expand(joining, -1, -1)])
             if layer == n_layers:
                 break
             n = resid.shape[0]
@@ -193,11 +196,14 @@ def _run_rows(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout]
 
 
 def fast_knockout_probs(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout],
-                        token: int, *, batch_size: int = 64) -> Float[Tensor, " knockouts"]:
+                        token: int, *, batch_size: int | str = 64,
+                        max_memory: int | None = None) -> Float[Tensor, " knockouts"]:
     """``p(token)`` at the last position under each knockout, from one clean run.
 
     Exact: the same numbers as a full forward per knockout (``naive_knockout_probs``) up to
-    floating-point rounding. ``batch_size`` bounds the rows run together.
+    floating-point rounding. ``batch_size`` bounds the rows run together; ``"auto"`` picks
+    the most that fit ``max_memory`` bytes or the device's free memory
+    (``mmlens.experiments.memory``).
     """
     n_layers = model.cfg.n_layers
     groups: dict[int, list[int]] = defaultdict(list)
@@ -206,8 +212,11 @@ def fast_knockout_probs(model: HookedModel, clean: CleanRun, knockouts: Sequence
     probs = torch.empty(len(knockouts))
     for position, indices in groups.items():
         indices.sort(key=lambda i: _start(knockouts[i], clean.n_positions, n_layers)[1])
-        for chunk_start in range(0, len(indices), batch_size):
-            chunk = indices[chunk_start:chunk_start + batch_size]
+        size = batch_size if batch_size != "auto" else auto_batch_size(
+            model, clean.n_positions - position, clean.n_positions, n_rows=len(indices),
+            max_memory=max_memory)
+        for chunk_start in range(0, len(indices), size):
+            chunk = indices[chunk_start:chunk_start + size]
             rows = [knockouts[i] for i in chunk]
             probs[chunk] = _run_rows(model, clean, rows, position, token).cpu()
     return probs

@@ -114,7 +114,9 @@ def run_study(
     dtype: str | None = None,
     seed: int = 0,
     only_correct: bool = True,
-    batch_size: int = 64,
+    batch_size: int | str = 64,
+    max_memory: int | None = None,
+    device_map: str | dict | None = None,
     progress: bool = True,
     threads: int | None = None,
 ) -> Path:
@@ -131,7 +133,8 @@ def run_study(
     examples = load_examples(data, tasks=tasks, per_task=per_task, seed=seed, images=images)
     out = Path(out) if out is not None else default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
-    hooked = HookedMultimodalTransformer.from_pretrained(model, dtype=dtype, device=device)
+    hooked = HookedMultimodalTransformer.from_pretrained(model, dtype=dtype, device=device,
+                                                         device_map=device_map)
     on_cpu = hooked.embed.W_E.device.type == "cpu"
     if threads is None and on_cpu and hooked.cfg.d_model <= SMALL_WIDTH:
         threads = 1
@@ -149,7 +152,8 @@ def run_study(
         started = time.time()
         frame = information_flow(
             hooked, examples, flows=flow_names, window=window, only_correct=only_correct,
-            store=out / "flow.jsonl", batch_size=batch_size, progress=progress, **options,
+            store=out / "flow.jsonl", batch_size=batch_size, max_memory=max_memory,
+            progress=progress, **options,
         )
         frame.to_csv(out / "flow.csv", index=False)
         if not frame.empty:

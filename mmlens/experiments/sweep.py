@@ -53,7 +53,8 @@ def information_flow(
     only_correct: bool = True,
     method: str = "fast",
     store: str | Path | None = None,
-    batch_size: int = 64,
+    batch_size: int | str = 64,
+    max_memory: int | None = None,
     progress: bool = True,
     spans: ExtraSpans | None = None,
     template: Any = None,
@@ -79,8 +80,8 @@ def information_flow(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
     flows = parse_flows(flows)
     n_layers = model.cfg.n_layers
     window = check_window(window, n_layers)
@@ -106,7 +107,7 @@ def information_flow(
         example_id = source.example_id(index)
         if example_id not in done:
             record = _one_example(model, source, index, flows, window, only_correct, method,
-                                  batch_size, max_new_tokens)
+                                  (batch_size, max_memory), max_new_tokens)
             if results is not None:
                 results.append(record)
         else:
@@ -118,7 +119,8 @@ def information_flow(
 
 
 def _one_example(model: HookedModel, source: ExampleSource, index: int, flows: list[Flow],
-                 window: int, only_correct: bool, method: str, batch_size: int,
+                 window: int, only_correct: bool, method: str,
+                 batching: tuple[int | str, int | None],
                  max_new_tokens: int) -> dict[str, Any]:
     example_id, task = source.example_id(index), source.task(index)
     example = source.prepare(index)
@@ -142,7 +144,8 @@ def _one_example(model: HookedModel, source: ExampleSource, index: int, flows: l
     cells = window_knockouts(flows, spans, window, model.cfg.n_layers)
     knockouts = [cell.knockout for cell in cells]
     if method == "fast":
-        probs = fast_knockout_probs(model, clean, knockouts, token, batch_size=batch_size)
+        probs = fast_knockout_probs(model, clean, knockouts, token, batch_size=batching[0],
+                                    max_memory=batching[1])
     else:
         probs = naive_knockout_probs(model, example, knockouts, token)
     p_block: dict[str, list[float]] = {flow.name: [] for flow in flows}

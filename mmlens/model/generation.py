@@ -59,7 +59,7 @@ def generate(
                            image_sizes=image_sizes, past_kv_cache=cache)[:, -1]
             # The image placeholder is never text: a generated one could not be embedded.
             logits[:, model.cfg.image_token_id] = float("-inf")
-            next_token = _choose(logits, do_sample, temperature, top_k, generator)
+            next_token = _choose(logits, do_sample, temperature, top_k, generator).to(tokens.device)
             if eos_token_id is not None:
                 pad = eos_token_id
                 next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)

@@ -57,18 +57,34 @@ class HookedMultimodalTransformer(HookedRootModule):
         self.ln_final = RMSNorm(cfg.text.d_model, cfg.text.eps)
         self.unembed = Unembed(cfg.text.d_model, cfg.text.d_vocab)
         self._bound_images: dict[str, Any] | None = None
+        self.device_map: dict[str, str] | None = None  # set by place()
         self.setup()
 
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None,
+                        device_map: str | dict[str, Any] | None = None,
                         **kwargs: Any) -> HookedMultimodalTransformer:
         """Load a checkpoint of a supported family (``mmlens.model.families.FAMILIES``): a hub
-        name, a local folder or a bundled name."""
+        name, a local folder or a bundled name. ``device_map`` (``"auto"`` or e.g.
+        ``{"vision": "cuda:0", "blocks.0-15": "cuda:0", "blocks.16-31": "cuda:1"}``) splits
+        the model across devices; see ``place``."""
         from mmlens.model.loading import load_pretrained
 
-        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, **kwargs)
+        if device is not None and device_map is not None:
+            raise ValueError("pass device or device_map, not both")
+        model = load_pretrained(cls, name_or_path, dtype=dtype, device=device, **kwargs)
+        return model if device_map is None else model.place(device_map)
+
+    def place(self, device_map: str | dict[str, Any]) -> HookedMultimodalTransformer:
+        """Put the parts of the model on the devices of ``device_map`` (see
+        ``mmlens.model.devices``): activations move to each part's device as they enter it,
+        so every hook stays on the data path. Returns the model."""
+        from mmlens.model.devices import dispatch
+
+        dispatch(self, device_map)
+        return self
 
     @classmethod
     def from_hf_model(cls, hf_model: Any, processor: Any = None) -> HookedMultimodalTransformer:

@@ -36,4 +36,5 @@ def merge_image_features(
             "features: build the prompt with model.prepare(images, questions), which expands "
             "each image to the right number of tokens"
         )
-    return embeds.masked_scatter(is_image[..., None], features.to(embeds.dtype))
+    # On a model split across devices the features may come from another device.
+    return embeds.masked_scatter(is_image[..., None], features.to(embeds.device, embeds.dtype))

@@ -57,6 +57,18 @@ def test_flow_writes_tables_and_a_self_contained_report(finished_run):
     assert "Plotly.newPlot" in page and "<script src=" not in page  # plotly inlined
 
 
+def test_device_map_and_automatic_batch_give_the_same_rows(model_dir, finished_run, tmp_path):
+    code = main(["flow", "--model", model_dir, "--per-task", "2", "--no-filter", "--quiet",
+                 "--tasks", "ChooseAttr,LogicalObj,QueryAttr", "--out", str(tmp_path),
+                 "--device-map", "vision=cpu,blocks.0-1=cpu,blocks.2-3=cpu,unembed=cpu",
+                 "--batch-size", "auto", "--max-memory", "1MB"])
+    assert code == 0
+    before, after = pd.read_csv(finished_run / "flow.csv"), pd.read_csv(tmp_path / "flow.csv")
+    assert before.drop(columns=["p_block", "rel_change"]).equals(
+        after.drop(columns=["p_block", "rel_change"]))
+    assert (before.p_block - after.p_block).abs().max() < 1e-6
+
+
 def test_report_is_rebuilt_from_saved_tables(finished_run, capsys):
     (finished_run / "report.html").unlink()
     assert main(["report", str(finished_run)]) == 0
@@ -85,6 +97,9 @@ def _no_compute(*args, **kwargs):
     (["--flows", "image"], "SOURCE->TARGET"),
     (["--window", "5"], "larger than the model's 4 layers"),
     (["--per-task", "0"], "positive integer"),
+    (["--device-map", "vision:cpu"], "write 'auto' or part=device pairs"),
+    (["--device-map", "decoder=cpu"], "'decoder' is not a part of this model"),
+    (["--max-memory", "12 parsecs"], "memory '12 parsecs' is not understood"),
 ])
 def test_bad_inputs_fail_before_compute(model_dir, tmp_path, monkeypatch, capsys, arguments,
                                         message):
