@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 
 from mmlens.experiments.knockouts import DEFAULT_FLOWS as PAPER_FLOWS
 from mmlens.experiments.knockouts import default_window
-from mmlens.inputs.templates import LLAMA3, ONEVISION, VICUNA_V1, PromptTemplate
+from mmlens.inputs.templates import LLAMA3, ONEVISION, QWEN_VL, VICUNA_V1, PromptTemplate
+
+FIXED_BY_MODEL = ("anyres", "dynamic")
+"""Preprocessing a model's own processor fixes (no choice to pass on to ``prepare``)."""
 
 
 @dataclass(frozen=True)
@@ -15,8 +18,9 @@ class StudyPreset:
 
     ``preprocessing`` is how images (and so boxes) reach the vision tower: ``"pad"`` (original
     LLaVA-1.5: pad to a square with the mean colour, then resize), ``"resize_crop"`` (what a
-    Hugging Face CLIP processor does) or ``"anyres"`` (LLaVA-NeXT / LLaVA-OneVision tiling,
-    fixed by the model).
+    Hugging Face CLIP processor does), ``"anyres"`` (LLaVA-NeXT / LLaVA-OneVision tiling,
+    fixed by the model) or ``"dynamic"`` (Qwen-VL's aspect-preserving resize to 28 px
+    multiples, fixed by the model).
     """
 
     model: str
@@ -47,6 +51,13 @@ PAPER_PRESETS: dict[str, StudyPreset] = {
                     "anyres", 28, notes="Qwen chat template; window scaled from the paper's"),
         StudyPreset("shapes-llava", VICUNA_V1, 3, "resize_crop", 8,
                     notes="the bundled toy model; square images, so both modes agree"),
+        *(StudyPreset(name, QWEN_VL, default_window(n_layers), "dynamic", n_layers,
+                      notes="not in the paper: its instruction in the Qwen chat template, its "
+                            "window scaled to the depth")
+          for name, n_layers in (("Qwen/Qwen2-VL-2B-Instruct", 28),
+                                 ("Qwen/Qwen2-VL-7B-Instruct", 28),
+                                 ("Qwen/Qwen2.5-VL-3B-Instruct", 36),
+                                 ("Qwen/Qwen2.5-VL-7B-Instruct", 28))),
     )
 }
 

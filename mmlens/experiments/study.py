@@ -20,7 +20,7 @@ import torch
 
 from mmlens.experiments.emergence import answer_emergence
 from mmlens.experiments.knockouts import DEFAULT_FLOWS, parse_flows
-from mmlens.experiments.presets import PAPER_PRESETS
+from mmlens.experiments.presets import FIXED_BY_MODEL, PAPER_PRESETS
 from mmlens.experiments.summary import flow_summary
 from mmlens.experiments.sweep import dropped_examples, information_flow
 from mmlens.model.protocol import HookedModel
@@ -141,7 +141,7 @@ def run_study(
     # The paper's per-model prompt and image preprocessing; other models: their processor's.
     preset = PAPER_PRESETS.get(model)
     options = {"template": preset.template if preset else None, "preprocessing": None}
-    if preset is not None and preset.preprocessing != "anyres":  # anyres: fixed by the model
+    if preset is not None and preset.preprocessing not in FIXED_BY_MODEL:
         options["preprocessing"] = preset.preprocessing
     if window is None and preset is not None:
         window = preset.window
@@ -179,7 +179,8 @@ def hook_shapes(model: HookedModel) -> list[tuple[str, tuple[int, ...]]]:
     """Every hook point of ``model`` with its activation's shape on a one-example prompt."""
     from PIL import Image
 
-    size = model.cfg.vision.image_size
+    # Families with dynamic resolution have no fixed size: any square shows every hook.
+    size = getattr(model.cfg.vision, "image_size", 224)
     batch = model.prepare(Image.new("RGB", (size, size), (128, 128, 128)),
                           "What is in the image?")
     _, cache = model.run_with_cache(batch)

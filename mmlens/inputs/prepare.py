@@ -62,11 +62,12 @@ def encode_prompt(processor: Any, image: Image.Image, question: str, template: P
                   image_token_id: int
                   ) -> tuple[Mapping[str, Any], dict[str, torch.Tensor], str]:
     """Process one image + question; returns processor outputs, spans and the prompt."""
-    prompt = template.format(question)
+    # The processor expands its own image token (``<image>``, Qwen's ``<|image_pad|>``...).
+    image_str = processor.tokenizer.convert_ids_to_tokens(image_token_id)
+    prompt = template.prefix.replace(IMAGE_PLACEHOLDER, image_str) + question + template.suffix
     out = processor(images=[image], text=[prompt], return_tensors="pt")
     ids = out["input_ids"][0].tolist()
     n_image = sum(1 for t in ids if t == image_token_id)
-    image_str = processor.tokenizer.convert_ids_to_tokens(image_token_id)
     expanded_prefix = template.prefix.replace(IMAGE_PLACEHOLDER, image_str * n_image)
     expanded = expanded_prefix + question + template.suffix
     tok = processor.tokenizer(expanded, return_offsets_mapping=True)
@@ -122,8 +123,10 @@ def prepare(model: InputsModel, images: Any, questions: Any, *,
     # The family knows its processor's layout (LLaVA-NeXT pads the tile axis).
     pixel_values = model.family.stack_pixel_values([out["pixel_values"] for out, _, _ in encoded])
     image_sizes = None
-    if "image_sizes" in encoded[0][0]:
-        image_sizes = torch.cat([out["image_sizes"] for out, _, _ in encoded])
+    # The per-image geometry the family reads: LLaVA-NeXT's image_sizes, Qwen's image_grid_thw.
+    sizes_key = model.family.image_sizes_key
+    if sizes_key in encoded[0][0]:
+        image_sizes = torch.cat([out[sizes_key] for out, _, _ in encoded])
     batch = MultimodalBatch(
         input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
         spans=spans, image_sizes=image_sizes, prompts=[p for _, _, p in encoded],

@@ -1,5 +1,5 @@
-"""Prompt templates: the paper's Vicuna v1 prompt, the Llama-3 chat prompt and the Qwen chat
-prompt of LLaVA-OneVision."""
+"""Prompt templates: the paper's Vicuna v1 prompt, the Llama-3 chat prompt, the Qwen chat
+prompt of LLaVA-OneVision and the Qwen-VL chat prompt."""
 
 from __future__ import annotations
 
@@ -59,16 +59,27 @@ ONEVISION = PromptTemplate(
 """What LLaVA-OneVision's published chat template renders for one image and the question with
 the paper's answer instruction, generation prompt added."""
 
-TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION)}
+QWEN_VL = PromptTemplate(
+    "qwen_vl",
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    "<|vision_start|><image><|vision_end|>{question}\nAnswer the question using a single word "
+    "or phrase.<|im_end|>\n<|im_start|>assistant\n",
+)
+"""Qwen2-VL / Qwen2.5-VL's chat template for one image and the paper's instruction; the
+processor expands ``<image>`` (its ``<|image_pad|>``) to one token per merged 28x28 px cell."""
+
+TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL)}
 
 
 def get_template(template: str | PromptTemplate | None, tokenizer: object = None) -> PromptTemplate:
-    """A template by name, or the default for a tokenizer (Llama-3 vocabularies get LLAMA3, Qwen
-    chat vocabularies with an ``<image>`` token ONEVISION)."""
+    """A template by name, or the default for a tokenizer (Llama-3 vocabularies get LLAMA3,
+    Qwen-VL ones QWEN_VL, Qwen chat vocabularies with an ``<image>`` token ONEVISION)."""
     if isinstance(template, PromptTemplate):
         return template
     if template is None:
         vocab = getattr(tokenizer, "get_vocab", dict)()
+        if "<|vision_start|>" in vocab:
+            return QWEN_VL
         if "<|start_header_id|>" in vocab:
             return LLAMA3
         if "<|im_start|>" in vocab and IMAGE_PLACEHOLDER in vocab:

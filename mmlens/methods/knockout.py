@@ -118,7 +118,9 @@ def block_attention(
 
     ``src`` / ``dst``: a span name of ``batch`` (``"image"``, ``"question"``, ``"last"``...),
     explicit positions for every example (``[3, 4]``), or one list per example. On the vision
-    tower positions are patch indices with CLS at 0 (``"cls"`` / ``"patches"`` name them).
+    tower positions are patch indices with CLS at 0 (``"cls"`` / ``"patches"`` name them);
+    for a tower without CLS and with dynamic resolution (Qwen-VL) they index the packed patches
+    of all the call's images (``[1, n_patches, d]``, the processor's order).
     ``heads`` limits the block to these heads (the mask becomes ``[batch, n_heads, q, k]``;
     this needs ``model=`` for the head count). ``model`` also lets layers, heads and vision
     positions be checked before anything runs. Compose with ``+``::
@@ -132,8 +134,14 @@ def block_attention(
     if model is not None:
         n_layers = model.cfg.n_layers if tower == "language" else model.cfg.vision.n_layers
         n_heads = model.cfg.n_heads if tower == "language" else model.cfg.vision.n_heads
-        if tower == "vision":
-            n_positions = model.cfg.vision.n_patches + 1
+        n_patches = getattr(model.cfg.vision, "n_patches", None)
+        named = isinstance(src, str) or isinstance(dst, str)
+        if tower == "vision" and n_patches is None and named:
+            raise ValueError("this model's vision tower has no class token and no fixed patch "
+                             "grid (dynamic resolution): give packed patch indices, all images "
+                             "of the call in order (see mmlens.inputs.qwen_geometry)")
+        if tower == "vision" and n_patches is not None:
+            n_positions = n_patches + 1
     layers = _check_layers(layers, n_layers, tower)
     head_list = _check_heads(heads, n_heads)
     if tower == "vision":

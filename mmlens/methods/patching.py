@@ -260,6 +260,8 @@ def _sweep(model: HookedModel, clean: MultimodalBatch, corrupted: MultimodalBatc
     n = len(corrupted)
     per_forward = max(1, batch_size // n)
     mask = corrupted.attention_mask
+    # Resuming from a residual stream: the prompt's positions (3D for M-RoPE families).
+    positions = model.position_ids(corrupted.input_ids, mask, image_sizes=corrupted.image_sizes)
     scores = torch.zeros(len(layers), len(cells))
     for row, layer in enumerate(layers):
         name = COMPONENTS[component].format(layer)
@@ -271,6 +273,8 @@ def _sweep(model: HookedModel, clean: MultimodalBatch, corrupted: MultimodalBatc
                 logits = model.run_with_hooks(
                     start.repeat(len(chunk), 1, 1), start_at_layer=layer, fwd_hooks=hooks,
                     attention_mask=None if mask is None else mask.repeat(len(chunk), 1),
+                    position_ids=positions.repeat(
+                        *[1] * (positions.ndim - 2), len(chunk), 1),
                 )
             for offset, part in enumerate(logits.split(n)):
                 scores[row, first + offset] = float(metric(part))

@@ -43,12 +43,54 @@ class VisionConfig:
 
 
 @dataclass
+class QwenVisionConfig:
+    """The Qwen vision transformer. ``full_attention_layers`` None: every layer is full.
+
+    ``window_size`` is in pixels of the resized image (Qwen2.5-VL: 112, i.e. 4x4 merged tokens).
+    """
+
+    d_model: int
+    n_heads: int
+    d_mlp: int
+    n_layers: int
+    d_out: int
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    n_channels: int = 3
+    act_fn: str = "quick_gelu"
+    gated_mlp: bool = False
+    rms_norm: bool = False
+    window_size: int | None = None
+    full_attention_layers: tuple[int, ...] | None = None
+    rope_theta: float = 10000.0
+    eps: float = 1e-6
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.n_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def token_size(self) -> int:
+        """Side in pixels of the square of the resized image one merged token covers."""
+        return self.patch_size * self.merge_size
+
+    def is_windowed(self, layer: int) -> bool:
+        return self.full_attention_layers is not None and layer not in self.full_attention_layers
+
+
+@dataclass
 class LanguageConfig:
     """The decoder (Llama-style blocks), with TransformerLens field names.
 
     ``qkv_bias`` / ``o_bias``: biases on the query/key/value and output projections (Llama:
     neither or both as ``attention_bias``; Qwen2: q/k/v only). ``rope_type`` names the rotary
-    scheme the family builds (``"default"`` = 1D positions).
+    scheme the family builds (``"default"`` = 1D positions; ``"mrope"`` = Qwen-VL's 3D positions,
+    ``mrope_section`` frequencies per axis).
     """
 
     n_layers: int
@@ -65,6 +107,7 @@ class LanguageConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     rope_type: str = "default"
+    mrope_section: tuple[int, ...] | None = None
     act_fn: str = "silu"
     normalization_type: str = "RMS"
     positional_embedding_type: str = "rotary"
@@ -85,7 +128,7 @@ class MultimodalConfig:
     """
 
     model_type: str
-    vision: VisionConfig
+    vision: VisionConfig | QwenVisionConfig
     text: LanguageConfig
     image_token_id: int
     feature_layers: list[int]

@@ -106,11 +106,12 @@ class HookedMultimodalTransformer(HookedRootModule):
     def forward(
         self,
         input: Int[Tensor, "batch pos"] | MultimodalBatch | Float[Tensor, "batch pos d_model"],
-        pixel_values: Float[Tensor, "images *tiles channels height width"] | None = None,
+        pixel_values: Float[Tensor, "images *tiles channels height width"]
+        | Float[Tensor, "*patch_images n_patches patch_dim"] | None = None,
         *,
         attention_mask: Shaped[Tensor, "batch pos"] | None = None,
         position_ids: Tensor | None = None,
-        image_sizes: Int[Tensor, "n_images 2"] | None = None,
+        image_sizes: Int[Tensor, "n_images _"] | None = None,
         return_type: str | None = "logits",
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
@@ -178,7 +179,9 @@ class HookedMultimodalTransformer(HookedRootModule):
         """Image features in text width, one row per image token, in input order.
 
         The layout is the family's: LLaVA-1.5 takes ``[images, 3, H, W]``, LLaVA-NeXT
-        ``[images, tiles, 3, H, W]`` with ``image_sizes [images, 2]``.
+        ``[images, tiles, 3, H, W]`` with ``image_sizes [images, 2]``, Qwen-VL flattened patches
+        ``[n_patches, 3*2*14*14]`` (or ``prepare``'s ``[images, max_patches, ...]``) with
+        ``image_sizes`` the processor's ``image_grid_thw [images, 3]``.
         """
         return self.family.encode_images(self, pixel_values, image_sizes)
 

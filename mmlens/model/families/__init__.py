@@ -11,6 +11,7 @@ from mmlens.model.families.base import Family
 from mmlens.model.families.llava import LlavaFamily
 from mmlens.model.families.llava_next import LlavaNextFamily
 from mmlens.model.families.onevision import LlavaOnevisionFamily
+from mmlens.model.families.qwen_vl import Qwen25VLFamily, QwenVLFamily
 
 FAMILIES: dict[str, Family] = {}
 
@@ -22,7 +23,8 @@ def register(family: Family) -> Family:
     return family
 
 
-for _family in (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily()):
+for _family in (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), QwenVLFamily(),
+                Qwen25VLFamily()):
     register(_family)
 
 
@@ -45,4 +47,4 @@ def family_for(model_type: str | None) -> Family:
 
 
 __all__ = ["FAMILIES", "Family", "LlavaFamily", "LlavaNextFamily", "LlavaOnevisionFamily",
-           "family_for", "register", "supported_families"]
+           "Qwen25VLFamily", "QwenVLFamily", "family_for", "register", "supported_families"]

@@ -41,6 +41,8 @@ class Family:
         hf_class: the ``transformers`` class that loads the checkpoint.
         description: one line for error messages and docs.
         checkpoints: example hub names, for error messages and docs.
+        image_sizes_key: the processor output carrying each image's geometry, passed to the
+            model as ``image_sizes`` (LLaVA-NeXT: ``image_sizes``; Qwen-VL: ``image_grid_thw``).
     """
 
     name: ClassVar[str]
@@ -48,6 +50,7 @@ class Family:
     hf_class: ClassVar[str]
     description: ClassVar[str]
     checkpoints: ClassVar[tuple[str, ...]] = ()
+    image_sizes_key: ClassVar[str] = "image_sizes"
 
     # ------------------------------------------------------------- configuration and weights
     def read_config(self, hf_config: Any) -> MultimodalConfig:

@@ -1,0 +1,133 @@
+"""Qwen2.5-VL with random weights: forward and run_with_cache against HF, and the
+information-flow sweep (fast engine vs one full forward per knockout).
+
+Qwen2.5-VL-7B's layout at scaled-down widths by default (window attention with full layers,
+gated vision MLPs, M-RoPE), one 336x336 image (24x24 patches -> 144 image tokens) between a
+system prompt and a 12-token question. ``--real-shapes`` uses Qwen2.5-VL-7B's widths (a GPU).
+
+    python benchmarks/bench_qwen.py --threads 1 --naive-layers 2
+    python benchmarks/bench_qwen.py --device cuda --dtype bfloat16 --real-shapes --naive-layers 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+from mmlens import HookedMultimodalTransformer
+from mmlens.experiments import DEFAULT_FLOWS, default_window, parse_flows
+from mmlens.experiments.engine import clean_run, fast_knockout_probs
+from mmlens.experiments.knockouts import window_knockouts
+from mmlens.experiments.naive import naive_knockout_probs
+from mmlens.inputs.batch import MultimodalBatch
+
+IMAGE_TOKEN, GRID, BEFORE, QUESTION, AFTER = 151655, 24, 20, 12, 15
+
+
+def config(real_shapes: bool) -> Qwen2_5_VLConfig:
+    scale = 1 if real_shapes else 4
+    vision = dict(depth=32 if real_shapes else 8, hidden_size=1280 // scale,
+                  intermediate_size=3420 // scale, num_heads=16 // scale,
+                  out_hidden_size=3584 // scale if real_shapes else 512,
+                  fullatt_block_indexes=[7, 15, 23, 31] if real_shapes else [3, 7])
+    text = dict(hidden_size=3584 if real_shapes else 512,
+                intermediate_size=18944 if real_shapes else 1376,
+                num_hidden_layers=28 if real_shapes else 8,
+                num_attention_heads=28 if real_shapes else 8,
+                num_key_value_heads=4 if real_shapes else 2, vocab_size=152064,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                 "mrope_section": [16, 24, 24] if real_shapes else [8, 12, 12]})
+    return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
+
+
+def layout(device: str, dtype: torch.dtype) -> MultimodalBatch:
+    gen = torch.Generator().manual_seed(0)
+    n_image = GRID * GRID // 4
+    ids = torch.cat([torch.randint(0, 150000, (BEFORE,), generator=gen),
+                     torch.full((n_image,), IMAGE_TOKEN),
+                     torch.randint(0, 150000, (QUESTION + AFTER,), generator=gen)])[None]
+    image = torch.arange(BEFORE, BEFORE + n_image)
+    related = image.reshape(GRID // 2, GRID // 2)[3:7, 4:8].flatten()
+    spans = {"image": image, "question": torch.arange(image[-1] + 1, image[-1] + 1 + QUESTION),
+             "last": torch.tensor([ids.shape[1] - 1]), "related": related,
+             "other": image[~torch.isin(image, related)]}
+    pixels = torch.randn(1, GRID * GRID, 3 * 2 * 14 * 14, generator=gen)
+    return MultimodalBatch(ids.to(device), torch.ones_like(ids).to(device),
+                           pixels.to(device, dtype), [spans],
+                           image_sizes=torch.tensor([[1, GRID, GRID]], device=device))
+
+
+def timed(fn, device: str, repeats: int = 1) -> tuple[object, float]:
+    best = float("inf")
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
+@torch.no_grad()
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--real-shapes", action="store_true")
+    parser.add_argument("--naive-layers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    hf = Qwen2_5_VLForConditionalGeneration(config(args.real_shapes)).to(args.device, dtype)
+    hf.eval()
+    model = HookedMultimodalTransformer.from_hf_model(hf).eval()
+    batch = layout(args.device, dtype)
+    grid = batch.image_sizes
+    hf_inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                     pixel_values=batch.pixel_values[0], image_grid_thw=grid,
+                     mm_token_type_ids=(batch.input_ids == IMAGE_TOKEN).int())
+    print(f"Qwen2.5-VL, {model.cfg.n_layers} layers x d_model {model.cfg.d_model}, vision "
+          f"{model.cfg.vision.n_layers} x {model.cfg.vision.d_model}, {batch.input_ids.shape[1]} "
+          f"positions ({GRID * GRID // 4} image tokens), {args.dtype} on {args.device}")
+    rows = {
+        "HF sdpa forward": lambda: hf(**hf_inputs).logits,
+        "mmlens forward": lambda: model(batch),
+        "mmlens run_with_cache (every hook)": lambda: model.run_with_cache(batch)[0],
+    }
+    results = {name: timed(fn, args.device, repeats=3) for name, fn in rows.items()}
+    diff = (results["HF sdpa forward"][0].float() - results["mmlens forward"][0].float())
+    print(f"max |logits mmlens - HF|: {diff.abs().max().item():.2e}")
+    for name, (_, seconds) in results.items():
+        print(f"  {name:38}{seconds:8.3f} s")
+
+    n_layers = model.cfg.n_layers
+    window = default_window(n_layers)
+    cells = window_knockouts(parse_flows(DEFAULT_FLOWS), batch.spans[0], window, n_layers)
+    step = max(1, n_layers // args.naive_layers)
+    centres = list(range(0, n_layers, step))[:args.naive_layers]
+    chosen = [i for i, cell in enumerate(cells) if cell.layer in centres]
+    clean = clean_run(model, batch)
+    token = clean.prediction(exclude=IMAGE_TOKEN)
+    knockouts = [cell.knockout for cell in cells]
+    fast, fast_s = timed(lambda: fast_knockout_probs(
+        model, clean_run(model, batch), knockouts, token), args.device)
+    naive, naive_s = timed(lambda: naive_knockout_probs(
+        model, batch, [knockouts[i] for i in chosen], token), args.device)
+    naive_s *= len(cells) / len(chosen)
+    gap = (fast[chosen] - naive).abs().max().item()
+    print(f"sweep: {len(cells)} knockouts ({len(DEFAULT_FLOWS)} flows x {n_layers} layers, "
+          f"window {window}); naive ran {len(chosen)}, time extrapolated")
+    print(f"  fast {fast_s:.2f} s/example, naive {naive_s:.2f} s/example, speed-up "
+          f"{naive_s / fast_s:.1f}x, max |p_block fast - naive| {gap:.1e}")
+
+
+if __name__ == "__main__":
+    main()
