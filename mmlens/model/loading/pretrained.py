@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 
+from mmlens.errors import MMLensError
 from mmlens.model.config import SUPPORTED_MODEL_TYPES, from_hf_config
 from mmlens.model.loading.convert import convert_llava_state_dict
+from mmlens.model.loading.sources import hub_options, resolve_source, weight_problems
 
 SUPPORTED_CHECKPOINTS = (
     "llava-hf/llava-1.5-7b-hf",
@@ -18,13 +20,6 @@ SUPPORTED_CHECKPOINTS = (
     "llava-hf/llama3-llava-next-8b-hf",
     "shapes-llava (bundled)",
 )
-
-
-def _resolve(name_or_path: str) -> str:
-    from mmlens.zoo.registry import resolve_bundled
-
-    bundled = resolve_bundled(name_or_path)
-    return str(bundled) if bundled is not None else name_or_path
 
 
 def _hf_model_class(model_type: str) -> Any:
@@ -64,27 +59,61 @@ def convert_hf_model(cls: type, hf_model: Any, processor: Any = None) -> Any:
 def load_pretrained(cls: type, name_or_path: str, *, dtype: torch.dtype | str | None = None,
                     device: str | torch.device | None = None,
                     trust_remote_code: bool = False, **hf_kwargs: Any) -> Any:
-    """Load via Hugging Face (safetensors weights), then convert."""
+    """Load via Hugging Face (safetensors weights), then convert.
+
+    Refuses a checkpoint whose weights do not match its config (missing, unexpected or
+    mis-shaped tensors) instead of filling the gaps with random values, and a processor that
+    is there but fails to load.
+    """
     import transformers
 
-    path = _resolve(name_or_path)
+    path, is_local = resolve_source(name_or_path)
+    hub_kwargs = {} if is_local else hub_options(path)
     config_file = Path(path) / "config.json"
     if config_file.is_file():
         model_type = json.loads(config_file.read_text()).get("model_type")
+    elif is_local:
+        raise MMLensError(f"{path} holds no config.json: pass the folder of a Hugging Face "
+                          "LLaVA checkpoint (config.json, *.safetensors, processor files)")
     else:
         model_type = transformers.AutoConfig.from_pretrained(
-            path, trust_remote_code=trust_remote_code).model_type
+            path, trust_remote_code=trust_remote_code, **hub_kwargs).model_type
     hf_cls = _hf_model_class(model_type)
-    hf_model = hf_cls.from_pretrained(
+    hf_model, info = hf_cls.from_pretrained(
         path, dtype=_as_dtype(dtype) or "auto", use_safetensors=True,
-        trust_remote_code=trust_remote_code, **hf_kwargs,
+        trust_remote_code=trust_remote_code, output_loading_info=True, **hub_kwargs, **hf_kwargs,
     )
-    try:
-        processor = transformers.AutoProcessor.from_pretrained(
-            path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError):
-        processor = None
+    problems = weight_problems(info)
+    if problems:
+        raise MMLensError(
+            f"the weights of {name_or_path} do not match its config.json: {problems}. Loading "
+            "would leave these tensors random (or unused): fix config.json (e.g. the number of "
+            "layers) or the weight files"
+        )
+    processor = _load_processor(transformers, path, is_local, trust_remote_code, hub_kwargs)
     model = convert_hf_model(cls, hf_model, processor)
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer.json",
+                   "tokenizer_config.json", "tokenizer.model")
+
+
+def _load_processor(transformers: Any, path: str, is_local: bool, trust_remote_code: bool,
+                    hub_kwargs: dict[str, Any]) -> Any:
+    """The checkpoint's processor; ``None`` only for a local folder that ships none."""
+    try:
+        return transformers.AutoProcessor.from_pretrained(
+            path, trust_remote_code=trust_remote_code, **hub_kwargs)
+    except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
+        present = [f for f in PROCESSOR_FILES if (Path(path) / f).is_file()]
+        if is_local and not present:
+            return None
+        raise MMLensError(
+            f"the processor (tokenizer and image processor) of {path} failed to load: "
+            f"{type(err).__name__}: {str(err).strip() or 'no detail'}"
+            f"{' (files: ' + ', '.join(present) + ')' if present else ''}. Restore these files "
+            "from the original checkpoint"
+        ) from err
