@@ -18,6 +18,9 @@ from mmlens.data.example import TASKS
 from mmlens.experiments.knockouts import DEFAULT_FLOWS
 from mmlens.experiments.study import DEFAULT_MODEL, DEFAULT_PER_TASK
 
+RESCALE_HELP = ("images whose size differs from the size the data records, with the same aspect "
+                "ratio: rescale their boxes (default: refuse them)")
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmlens", description="Hooked LLaVA models: the "
@@ -49,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="output folder (default runs/flow-<timestamp>); rerun with the same "
                       "folder and arguments to resume")
     flow.add_argument("--quiet", action="store_true", help="no progress bars")
+    flow.add_argument("--rescale-boxes", action="store_true", help=RESCALE_HELP)
     reproduce = commands.add_parser(
         "reproduce", help="the paper's study on its released GQA question subsets")
     reproduce.add_argument("--model", required=True,
@@ -65,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--dtype", default=None, help="float16, bfloat16 or float32")
     reproduce.add_argument("--batch-size", type=int, default=64, help="knockouts run together")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
+    reproduce.add_argument("--rescale-boxes", action="store_true", help=RESCALE_HELP)
     report = commands.add_parser("report", help="rebuild report.html from a run's tables")
     report.add_argument("dir", help="output folder of `mmlens flow`")
     hooks = commands.add_parser("hooks", help="list hook names and activation shapes")
@@ -91,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 out, model=args.model, data=args.data, tasks=tasks, per_task=args.per_task,
                 flows=args.flows, window=args.window, device=args.device, dtype=args.dtype,
                 seed=args.seed, only_correct=not args.no_filter, batch_size=args.batch_size,
-                progress=not args.quiet, threads=args.threads,
+                progress=not args.quiet, threads=args.threads, rescale_boxes=args.rescale_boxes,
             )
             print(f"results in {out}: flow.csv, dropped.csv, emergence.csv, report.html")
         elif args.command == "reproduce":
@@ -101,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.out, model=args.model, gqa_images=args.gqa_images, subsets=args.subsets,
                 tasks=_tasks(args.tasks), per_task=args.per_task, device=args.device,
                 dtype=args.dtype, batch_size=args.batch_size, progress=not args.quiet,
+                rescale_boxes=args.rescale_boxes,
             )
             print(f"results in {out}: flow.csv, summary.csv, emergence.csv, report.html")
         elif args.command == "report":

@@ -31,8 +31,13 @@ def reproduce(
     dtype: str | None = None,
     batch_size: int = 64,
     progress: bool = True,
+    rescale_boxes: bool = False,
 ) -> Path:
-    """Run the paper's study for one model; resumable like ``mmlens flow``."""
+    """Run the paper's study for one model; resumable like ``mmlens flow``.
+
+    ``rescale_boxes``: images at another resolution than the subsets record (same aspect
+    ratio) get their boxes rescaled instead of being refused.
+    """
     if not is_paper_subsets_folder(subsets):
         raise FileNotFoundError(
             f"{subsets} holds none of the paper's subset files (GQA_val_correct_question_with_"
@@ -43,5 +48,5 @@ def reproduce(
         flows=preset.flows if preset is not None else PAPER_FLOWS,
         window=preset.window if preset is not None else None, device=device, dtype=dtype,
         only_correct=preset.only_correct if preset is not None else True,
-        batch_size=batch_size, progress=progress,
+        batch_size=batch_size, progress=progress, rescale_boxes=rescale_boxes,
     )
