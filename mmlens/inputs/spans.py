@@ -23,21 +23,22 @@ def processor_geometry(image_processor: Any, crop_size: int) -> str:
     ``crop_size`` x ``crop_size``, no crop) or ``"pad"`` (padded to a square first). Raises
     ``MMLensError`` for any other geometry: boxes could not be mapped to patches.
     """
-    if getattr(image_processor, "do_pad_to_square", False) is True or getattr(
-            image_processor, "do_pad", False) is True or getattr(
-            image_processor, "mmlens_preprocessing", None) == "pad":
-        return "pad"
+    pads = getattr(image_processor, "do_pad_to_square", False) is True or getattr(
+        image_processor, "do_pad", False) is True or getattr(
+        image_processor, "mmlens_preprocessing", None) == "pad"
     size, crop = getattr(image_processor, "size", None), getattr(image_processor, "crop_size", None)
     square = (_size_field(size, "height"), _size_field(size, "width")) == (crop_size, crop_size)
+    base = None
     if getattr(image_processor, "do_resize", False) is True:
         if not getattr(image_processor, "do_center_crop", False):
-            if square:
-                return "resize"
+            base = "resize" if square else None
         elif (_size_field(crop, "height"), _size_field(crop, "width")) == (crop_size, crop_size):
             if _size_field(size, "shortest_edge") == crop_size:
-                return "resize_crop"
-            if square:
-                return "resize"
+                base = "resize_crop"
+            elif square:
+                base = "resize"
+    if base is not None:
+        return "pad" if pads else base  # a padded square: either takes it to the crop square
     raise MMLensError(
         f"cannot map object boxes through this image processor "
         f"({type(image_processor).__name__}: do_resize="

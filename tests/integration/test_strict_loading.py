@@ -93,6 +93,6 @@ def test_corrupt_tokenizer_is_reported_as_such(tmp_path):
     folder = shutil.copytree(BUNDLED["shapes-llava"], tmp_path / "shapes")
     tokenizer = folder / "tokenizer.json"
     tokenizer.write_text(tokenizer.read_text()[:500])  # a truncated copy
-    with pytest.raises(MMLensError, match=r"processor \(tokenizer and image processor\) of .* "
-                       r"failed to load: .*tokenizer\.json"):
+    with pytest.raises(MMLensError, match=r"the tokenizer of .*shapes failed to load: "
+                       r"\w+: .*tokenizer\.json"):
         HookedMultimodalTransformer.from_pretrained(str(folder))

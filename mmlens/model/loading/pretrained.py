@@ -111,9 +111,15 @@ def _load_processor(transformers: Any, path: str, is_local: bool, trust_remote_c
         present = [f for f in PROCESSOR_FILES if (Path(path) / f).is_file()]
         if is_local and not present:
             return None
+        part, cause = "processor (tokenizer and image processor)", err
+        try:  # which half failed: the tokenizer alone is the common culprit
+            transformers.AutoTokenizer.from_pretrained(
+                path, trust_remote_code=trust_remote_code, **hub_kwargs)
+        except Exception as tokenizer_err:  # noqa: BLE001 - as above
+            part, cause = "tokenizer", tokenizer_err
         raise MMLensError(
-            f"the processor (tokenizer and image processor) of {path} failed to load: "
-            f"{type(err).__name__}: {str(err).strip() or 'no detail'}"
+            f"the {part} of {path} failed to load: "
+            f"{type(cause).__name__}: {str(cause).strip() or 'no detail'}"
             f"{' (files: ' + ', '.join(present) + ')' if present else ''}. Restore these files "
             "from the original checkpoint"
         ) from err
