@@ -96,3 +96,15 @@ def test_corrupt_tokenizer_is_reported_as_such(tmp_path):
     with pytest.raises(MMLensError, match=r"the tokenizer of .*shapes failed to load: "
                        r"\w+: .*tokenizer\.json"):
         HookedMultimodalTransformer.from_pretrained(str(folder))
+
+
+def test_folder_without_weights_names_what_is_missing(saved_tiny, tmp_path):
+    _, folder = saved_tiny
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(folder / "config.json", bare)
+    with pytest.raises(MMLensError, match=r"cannot load the model .*bare: .*safetensors"):
+        HookedMultimodalTransformer.from_pretrained(str(bare))
+    (bare / "config.json").write_text("{not json")
+    with pytest.raises(MMLensError, match=r"bare/config\.json is not valid JSON \(Expecting"):
+        HookedMultimodalTransformer.from_pretrained(str(bare))

@@ -70,19 +70,26 @@ def load_pretrained(cls: type, name_or_path: str, *, dtype: torch.dtype | str | 
     path, is_local = resolve_source(name_or_path)
     hub_kwargs = {} if is_local else hub_options(path)
     config_file = Path(path) / "config.json"
-    if config_file.is_file():
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    elif is_local:
-        raise MMLensError(f"{path} holds no config.json: pass the folder of a Hugging Face "
-                          "LLaVA checkpoint (config.json, *.safetensors, processor files)")
-    else:
-        model_type = transformers.AutoConfig.from_pretrained(
-            path, trust_remote_code=trust_remote_code, **hub_kwargs).model_type
-    hf_cls = _hf_model_class(model_type)
-    hf_model, info = hf_cls.from_pretrained(
-        path, dtype=_as_dtype(dtype) or "auto", use_safetensors=True,
-        trust_remote_code=trust_remote_code, output_loading_info=True, **hub_kwargs, **hf_kwargs,
-    )
+    try:
+        if config_file.is_file():
+            model_type = json.loads(config_file.read_text()).get("model_type")
+        elif is_local:
+            raise MMLensError(f"{path} holds no config.json: pass the folder of a Hugging Face "
+                              "LLaVA checkpoint (config.json, *.safetensors, processor files)")
+        else:
+            model_type = transformers.AutoConfig.from_pretrained(
+                path, trust_remote_code=trust_remote_code, **hub_kwargs).model_type
+        hf_cls = _hf_model_class(model_type)
+        hf_model, info = hf_cls.from_pretrained(
+            path, dtype=_as_dtype(dtype) or "auto", use_safetensors=True,
+            trust_remote_code=trust_remote_code, output_loading_info=True, **hub_kwargs,
+            **hf_kwargs,
+        )
+    except json.JSONDecodeError as err:
+        raise MMLensError(f"{config_file} is not valid JSON ({err}): restore it from the "
+                          "original checkpoint") from err
+    except OSError as err:  # a missing or unreadable file
+        raise MMLensError(f"cannot load the model {name_or_path}: {err}") from err
     problems = weight_problems(info)
     if problems:
         raise MMLensError(
