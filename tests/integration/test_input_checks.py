@@ -157,3 +157,18 @@ def test_cli_image_size_mismatch_is_one_line_and_rescale_is_recorded(tmp_path, c
     assert f"image {path} of example" in line and "but the data records" in line
     assert main([*args, "--rescale-boxes"]) == 0
     assert json.loads((out / "run.json").read_text())["arguments"]["rescale_boxes"] is True
+
+
+def test_cli_truncated_image_is_one_line_and_the_run_resumes_once_replaced(tmp_path, capsys):
+    subsets, images, out = tmp_path / "subsets", tmp_path / "images", tmp_path / "run"
+    write_paper_subsets(subsets, images, generate_per_task(1, seed=5,
+                                                           tasks=["ChooseAttr", "QueryAttr"]))
+    path = sorted(images.iterdir())[-1]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    args = ["reproduce", "--model", "shapes-llava", "--gqa-images", str(images),
+            "--subsets", str(subsets), "--out", str(out), "--quiet"]
+    line = _one_error_line(capsys, main(args))
+    assert f"cannot read the image {path} (example '" in line and "truncated" in line
+    path.write_bytes(data)
+    assert main(args) == 0
