@@ -18,6 +18,9 @@ from mmlens.data.example import TASKS
 from mmlens.experiments.knockouts import DEFAULT_FLOWS
 from mmlens.experiments.study import DEFAULT_MODEL, DEFAULT_PER_TASK
 
+RESCALE_HELP = ("images whose size differs from the size the data records, with the same aspect "
+                "ratio: rescale their boxes (default: refuse them)")
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmlens", description="Hooked LLaVA models: the "
@@ -55,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="output folder (default runs/flow-<timestamp>); rerun with the same "
                       "folder and arguments to resume")
     flow.add_argument("--quiet", action="store_true", help="no progress bars")
+    flow.add_argument("--rescale-boxes", action="store_true", help=RESCALE_HELP)
     reproduce = commands.add_parser(
         "reproduce", help="the paper's study on its released GQA question subsets")
     reproduce.add_argument("--model", required=True,
@@ -76,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--device-map", default=None,
                            help="split the model across devices: 'auto' or part=device pairs")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
+    reproduce.add_argument("--rescale-boxes", action="store_true", help=RESCALE_HELP)
     report = commands.add_parser("report", help="rebuild report.html from a run's tables")
     report.add_argument("dir", help="output folder of `mmlens flow`")
     hooks = commands.add_parser("hooks", help="list hook names and activation shapes")
@@ -121,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=not args.quiet, threads=args.threads,
                 max_memory=None if args.max_memory is None else parse_memory(args.max_memory),
                 device_map=_device_map(args.device_map),
+                rescale_boxes=args.rescale_boxes,
             )
             print(f"results in {out}: flow.csv, dropped.csv, emergence.csv, report.html")
         elif args.command == "reproduce":
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 dtype=args.dtype, batch_size=args.batch_size, progress=not args.quiet,
                 max_memory=None if args.max_memory is None else parse_memory(args.max_memory),
                 device_map=_device_map(args.device_map),
+                rescale_boxes=args.rescale_boxes,
             )
             print(f"results in {out}: flow.csv, summary.csv, emergence.csv, report.html")
         elif args.command == "report":

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
+
+from mmlens.core.errors import MMLensError, MMLensFileNotFoundError
 
 TASKS: tuple[str, ...] = (
     "ChooseAttr",
@@ -26,7 +30,10 @@ class Example:
 
     ``boxes`` are the boxes of the objects the question is about (the central object, or object 1
     and object 2), in pixels of the original image. ``wrong_answer`` is the other option of a
-    choose-question (``None`` where the question offers none).
+    choose-question (``None`` where the question offers none). ``image_size`` is the
+    ``(width, height)`` the data records for the image its boxes were drawn on (``None``: not
+    recorded); ``boxes_for`` checks the loaded image against it, and with ``rescale_boxes``
+    rescales the boxes to an image of the same aspect ratio at another resolution.
     """
 
     example_id: str
@@ -38,20 +45,75 @@ class Example:
     wrong_answer: str | None = None
     image: Image.Image | None = None
     image_path: Path | None = None
+    image_size: tuple[int, int] | None = None
+    rescale_boxes: bool = False
 
     def load_image(self) -> Image.Image:
-        """The example's image as RGB, read from ``image_path`` when not held in memory."""
+        """The example's image as 8-bit RGB (``to_rgb``), read from ``image_path`` if needed."""
+        from mmlens.core.images import to_rgb
+
         if self.image is not None:
-            return self.image.convert("RGB")
+            return to_rgb(self.image, source=f"example {self.example_id!r}")
         if self.image_path is None:
-            raise ValueError(
+            raise MMLensError(
                 f"example {self.example_id!r} has neither an image nor an image_path: "
                 "give one of them"
             )
         if not Path(self.image_path).is_file():
-            raise FileNotFoundError(
+            raise MMLensFileNotFoundError(
                 f"image of example {self.example_id!r} not found at {self.image_path}: "
                 "check the images folder you passed"
             )
-        with Image.open(self.image_path) as img:
-            return img.convert("RGB")
+        where = f"{self.image_path} (example {self.example_id!r})"
+        try:
+            with Image.open(self.image_path) as img:
+                img.load()
+                return to_rgb(img, source=where)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            if isinstance(err, MMLensError):
+                raise
+            raise MMLensError(
+                f"cannot read the image {where}: {err}; the file is truncated or not an "
+                "image: replace it, or leave the example out"
+            ) from err
+
+    def boxes_for(self, image_size: tuple[int, int]) -> list[Box]:
+        """The boxes in pixels of the loaded image of ``image_size = (width, height)``.
+
+        Where the data records another size, refuse (boxes would land on the wrong patches),
+        unless ``rescale_boxes`` and the aspect ratio is the same up to rounding.
+        """
+        for box in self.boxes:
+            check_box(box, f"example {self.example_id!r}")
+        if self.image_size is None or tuple(image_size) == tuple(self.image_size):
+            return list(self.boxes)
+        (width, height), (rec_w, rec_h) = image_size, self.image_size
+        name = self.image_path or "the in-memory image"
+        same_aspect = abs(width * rec_h - height * rec_w) <= (rec_w + rec_h) / 2
+        if not self.rescale_boxes or not same_aspect:
+            what = ("rescale_boxes=True (--rescale-boxes) maps the boxes to it"
+                    if same_aspect else "its aspect ratio differs, so the boxes cannot be "
+                    "mapped: use the images the data was annotated on")
+            raise MMLensError(
+                f"image {name} of example {self.example_id!r} is {width}x{height} but the data "
+                f"records {rec_w}x{rec_h} for it; {what}"
+            )
+        sx, sy = width / rec_w, height / rec_h
+        return [(x * sx, y * sy, w * sx, h * sy) for x, y, w, h in self.boxes]
+
+
+def check_box(box: Any, where: str) -> Box:
+    """``box`` as four finite numbers ``(x, y, w, h)`` with no negative value, or raise."""
+    values = tuple(box)
+    if len(values) != 4:
+        raise MMLensError(f"{where}: box {values} must be four numbers (x, y, w, h)")
+    try:
+        numbers = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise MMLensError(f"{where}: box {values} must be four numbers (x, y, w, h)") from None
+    if not all(math.isfinite(v) for v in numbers):
+        raise MMLensError(f"{where}: box {values} holds NaN or infinity: fix or drop the box")
+    if min(numbers) < 0:
+        raise MMLensError(f"{where}: box {values} has a negative value: boxes are (x, y, w, h) "
+                          "in pixels, all >= 0")
+    return numbers

@@ -17,7 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from mmlens.data.example import TASKS, Box, Example
+from mmlens.core.errors import MMLensError
+from mmlens.data.example import TASKS, Box, Example, check_box
 
 GQA_TYPES: dict[str, tuple[str, ...]] = {
     "ChooseAttr": ("chooseAttr", "materialChoose", "typeChoose", "activityChoose"),
@@ -49,6 +50,7 @@ def load_gqa(
     tasks: Iterable[str] | None = None,
     n_per_task: int | None = None,
     seed: int = 0,
+    rescale_boxes: bool = False,
 ) -> list[Example]:
     """Load GQA questions of the paper's task families as ``Example`` records.
 
@@ -56,6 +58,8 @@ def load_gqa(
     down) or a questions JSON file; ``questions`` / ``scene_graphs`` / ``images`` override what
     is found there (relative paths are taken from the folder). ``n_per_task`` draws that many
     questions per task reproducibly from ``seed``; the result is ordered by task, then id.
+    Each example records the image size its scene graph gives; an image of another size is
+    refused when loaded, or (``rescale_boxes``, same aspect ratio) its boxes are rescaled.
     """
     files = _GqaFiles(*_resolve_files(root_or_files, questions, scene_graphs, images))
     graphs = _read_json_object(files.scene_graphs)
@@ -66,6 +70,8 @@ def load_gqa(
         task = DETAILED_TYPE_TO_TASK.get(_field(types, "detailed", files.questions, qid))
         if task in wanted:
             examples.append(_build_example(str(qid), task, entry, graphs, files))
+    for example in examples:
+        example.rescale_boxes = rescale_boxes
     return sample_per_task(examples, n_per_task, seed)
 
 
@@ -184,7 +190,22 @@ def _build_example(qid: str, task: str, entry: Any, graphs: dict, files: _GqaFil
         boxes=boxes,
         wrong_answer=wrong,
         image_path=_image_path(files.images, image_id),
+        image_size=_recorded_size(graphs.get(image_id), files.scene_graphs, image_id),
     )
+
+
+def _recorded_size(graph: Any, path: Path, image_id: str) -> tuple[int, int] | None:
+    """The scene graph's ``(width, height)`` of the image, ``None`` where it gives none."""
+    if not isinstance(graph, dict) or "width" not in graph or "height" not in graph:
+        return None
+    try:
+        width, height = int(graph["width"]), int(graph["height"])
+    except (TypeError, ValueError):
+        width = height = 0
+    if width <= 0 or height <= 0:
+        raise MMLensError(f"{path.name}: image '{image_id}' has width/height "
+                          f"{graph['width']!r}/{graph['height']!r}: they must be positive integers")
+    return width, height
 
 
 def _question_objects(entry: dict, path: Path, qid: str) -> list[str]:
@@ -243,7 +264,8 @@ def _object_box(graphs: dict, graphs_path: Path, image_id: str, obj: str, qid: s
     fields = [
         _field(objects[obj], k, graphs_path, f"{image_id}/{obj}", what="object") for k in "xywh"
     ]
-    return tuple(float(v) for v in fields)
+    return check_box(fields, f"{graphs_path.name}: object '{obj}' of image '{image_id}' "
+                     f"(question '{qid}')")
 
 
 def _image_path(images_dir: Path, image_id: str) -> Path:
@@ -266,11 +288,29 @@ def _field(entry: Any, name: str, path: Path, key: str, *, what: str = "question
 def _read_json_object(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: pass the path of the GQA file")
+    repeated_keys: list[str] = []  # of the JSON object read last: the outermost one
+
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+        data = dict(pairs)
+        repeated = []
+        if len(data) != len(pairs):
+            seen: set[str] = set()
+            repeated = [k for k, _ in pairs if k in seen or seen.add(k)]
+        repeated_keys[:] = repeated
+        return data
+
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+        with open(path, encoding="utf-8-sig") as handle:  # -sig: a leading BOM is not data
+            data = json.load(handle, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path.name}: not valid JSON ({err}): is the file complete?") from err
+        raise MMLensError(f"{path.name}: not valid JSON ({err}): is the file complete?") from err
+    except UnicodeDecodeError as err:
+        raise MMLensError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}): save the "
+                          "file as UTF-8") from err
+    if repeated_keys:
+        ids = sorted(set(repeated_keys))
+        raise MMLensError(f"{path.name}: id(s) {ids[:10]} appear more than once; JSON keeps only "
+                          "the last of each: remove the duplicates")
     if not isinstance(data, dict):
         raise ValueError(
             f"{path.name}: expected a JSON object keyed by id, got {type(data).__name__}"

@@ -12,9 +12,11 @@ GQA's, joined by ``img_id`` as ``{images_dir}/{img_id}.jpg`` and not opened here
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
+from mmlens.core.errors import MMLensError
 from mmlens.data.example import TASKS, Box, Example
 from mmlens.data.gqa import CENTRAL_OBJECT_TASKS, GQA_TYPES, check_tasks, sample_per_task
 
@@ -22,7 +24,7 @@ REQUIRED_COLUMNS = ("question_id", "img_id", "question", "answer")
 ABSENT = ("-", "")
 
 
-class PaperSubsetError(ValueError):
+class PaperSubsetError(MMLensError):
     """A row or column of a paper subset CSV that cannot be read."""
 
 
@@ -33,12 +35,15 @@ def load_paper_subsets(
     tasks: Iterable[str] | None = None,
     n_per_task: int | None = None,
     seed: int = 0,
+    rescale_boxes: bool = False,
 ) -> list[Example]:
     """Read every task CSV in ``folder``; other files (README, licence) are ignored.
 
     ``images_dir`` is GQA's ``images/`` folder (``None`` leaves ``image_path`` unset).
     ``n_per_task`` draws that many questions per task reproducibly from ``seed``; the result is
-    ordered by task, then question id.
+    ordered by task, then question id. Each example records the ``image_w`` x ``image_h`` its
+    row gives; an image of another size is refused when loaded, or (``rescale_boxes``, same
+    aspect ratio) its boxes are rescaled.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -62,6 +67,7 @@ def load_paper_subsets(
                     f"and {path.name}: remove the duplicate row"
                 )
             seen[example.example_id] = path.name
+            example.rescale_boxes = rescale_boxes
             if example.task in wanted:
                 examples.append(example)
     return sample_per_task(examples, n_per_task, seed)
@@ -70,7 +76,17 @@ def load_paper_subsets(
 def read_subset_csv(path: str | Path, images_dir: Path | None = None) -> list[Example]:
     """All rows of one subset CSV, in file order."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8") as handle:
+    try:
+        return _read_rows(path, images_dir)
+    except UnicodeDecodeError as err:
+        raise PaperSubsetError(
+            f"{path}: not UTF-8 text (byte {err.start}: {err.reason}): save the file as UTF-8"
+        ) from err
+
+
+def _read_rows(path: Path, images_dir: Path | None) -> list[Example]:
+    # utf-8-sig: a byte order mark (as spreadsheet programs write) is not part of the first name
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         file_task = _task_from_name(path, columns)
@@ -121,7 +137,22 @@ def _row_example(
         boxes=[box for box in boxes if box is not None],
         wrong_answer=None if wrong in ABSENT else wrong,
         image_path=images_dir / f"{image_id}.jpg" if images_dir is not None else None,
+        image_size=_image_size(row, columns, where),
     )
+
+
+def _image_size(row: dict, columns: list[str], where: str) -> tuple[int, int] | None:
+    """``(image_w, image_h)`` where the file has those columns."""
+    if "image_w" not in columns or "image_h" not in columns:
+        return None
+    try:
+        size = (int(row["image_w"].strip()), int(row["image_h"].strip()))
+    except ValueError:
+        size = (0, 0)
+    if min(size) <= 0:
+        raise PaperSubsetError(f"{where}, columns 'image_w'/'image_h': {row['image_w']!r}/"
+                               f"{row['image_h']!r} are not positive whole numbers of pixels")
+    return size
 
 
 def _box(row: dict, prefix: str, columns: list[str], where: str) -> Box | None:
@@ -144,8 +175,14 @@ def _box(row: dict, prefix: str, columns: list[str], where: str) -> Box | None:
                 f"{where}, column {name!r}: {value!r} is not a number "
                 "(write '-' in all four box columns for an absent object)"
             ) from None
+    bad = [n for n, v in zip(names, numbers, strict=True) if not math.isfinite(v)]
+    if bad:
+        raise PaperSubsetError(f"{where}, column(s) {bad}: not a finite number (NaN or "
+                               "infinity); write '-' in all four box columns for an absent object")
     if numbers[2] < 0 or numbers[3] < 0:
         raise PaperSubsetError(f"{where}, columns {names[2]!r}/{names[3]!r}: negative size")
+    if numbers[0] < 0 or numbers[1] < 0:
+        raise PaperSubsetError(f"{where}, columns {names[0]!r}/{names[1]!r}: negative position")
     return tuple(numbers)
 
 

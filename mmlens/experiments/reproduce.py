@@ -33,8 +33,13 @@ def reproduce(
     max_memory: int | None = None,
     device_map: str | dict | None = None,
     progress: bool = True,
+    rescale_boxes: bool = False,
 ) -> Path:
-    """Run the paper's study for one model; resumable like ``mmlens flow``."""
+    """Run the paper's study for one model; resumable like ``mmlens flow``.
+
+    ``rescale_boxes``: images at another resolution than the subsets record (same aspect
+    ratio) get their boxes rescaled instead of being refused.
+    """
     if not is_paper_subsets_folder(subsets):
         raise FileNotFoundError(
             f"{subsets} holds none of the paper's subset files (GQA_val_correct_question_with_"
@@ -46,4 +51,5 @@ def reproduce(
         window=preset.window if preset is not None else None, device=device, dtype=dtype,
         only_correct=preset.only_correct if preset is not None else True,
         batch_size=batch_size, max_memory=max_memory, device_map=device_map, progress=progress,
+        rescale_boxes=rescale_boxes,
     )

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from mmlens.core.errors import MMLensError
 from mmlens.experiments.emergence import answer_emergence
 from mmlens.experiments.knockouts import DEFAULT_FLOWS, parse_flows
 from mmlens.experiments.presets import FIXED_BY_MODEL, PAPER_PRESETS
@@ -93,11 +94,28 @@ def _paper_examples(folder: str | Path, images: str | Path | None, tasks: Sequen
         raise FileNotFoundError(f"GQA images folder {images!r} not found: pass --gqa-images, the "
                                 "folder holding {img_id}.jpg for the subsets' questions")
     examples = load_paper_subsets(folder, images, tasks=tasks, n_per_task=per_task, seed=seed)
+    if not examples:
+        raise MMLensError(f"the task filter {list(tasks)} left none of the questions in {folder}"
+                          ": its CSV files hold other tasks (file names end in _<task>.csv)")
     missing = [e for e in examples if not Path(e.image_path).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {len(examples)} images are missing from "
                                 f"{images}, e.g. {missing[0].image_path}")
     return examples
+
+
+def all_dropped_message(dropped: Any, n_examples: int, out: Path) -> str:
+    """Why a run kept no example: each reason of ``dropped.csv`` with its count."""
+    reasons: dict[str, int] = {}
+    for reason in dropped.loc[dropped["flow"] == "all", "reason"]:
+        reason = str(reason)
+        if reason.startswith("wrong answer"):  # one text per example: count them together
+            reason = ("answered wrongly (the correctness filter; --no-filter or "
+                      "only_correct=False keeps them)")
+        reasons[reason] = reasons.get(reason, 0) + 1
+    listed = "; ".join(f"{n} {reason}" for reason, n in reasons.items()) or "no reason recorded"
+    return (f"all {n_examples} examples were dropped, so there is nothing to report: {listed}; "
+            f"see {out / 'dropped.csv'}")
 
 
 def run_study(
@@ -119,18 +137,22 @@ def run_study(
     device_map: str | dict | None = None,
     progress: bool = True,
     threads: int | None = None,
+    rescale_boxes: bool = False,
 ) -> Path:
     """Run the information-flow study and write its tables and report into ``out``.
 
     ``threads``: CPU threads for torch. By default a small model (``d_model`` up to 1024) on
     the CPU runs on one thread: its many small operations gain little from more, and stall
-    badly when other work shares the cores.
+    badly when other work shares the cores. ``rescale_boxes``: an image whose size differs
+    from the size the data records (same aspect ratio) gets its boxes rescaled, not refused.
     """
     from mmlens.experiments.report import build_report
     from mmlens.model.hooked import HookedMultimodalTransformer
 
     flow_names = [flow.name for flow in parse_flows(flows)]
     examples = load_examples(data, tasks=tasks, per_task=per_task, seed=seed, images=images)
+    for example in examples:
+        example.rescale_boxes = rescale_boxes
     out = Path(out) if out is not None else default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     hooked = HookedMultimodalTransformer.from_pretrained(model, dtype=dtype, device=device,
@@ -147,7 +169,8 @@ def run_study(
         window = preset.window
     arguments = {"model": model, "data": data, "tasks": tasks, "per_task": per_task,
                  "flows": flow_names, "window": window, "device": device, "dtype": dtype,
-                 "seed": seed, "only_correct": only_correct, "threads": threads}
+                 "seed": seed, "only_correct": only_correct, "threads": threads,
+                 "rescale_boxes": rescale_boxes}
     with torch_threads(threads):
         started = time.time()
         frame = information_flow(
@@ -161,6 +184,8 @@ def run_study(
         dropped = dropped_examples(frame)
         dropped.to_csv(out / "dropped.csv", index=False)
         kept = set(frame.example_id)
+        if not kept:
+            raise MMLensError(all_dropped_message(dropped, len(examples), out))
         emergence = answer_emergence(hooked, [e for e in examples if e.example_id in kept],
                                      only_correct=False, progress=progress, **options)
         emergence.to_csv(out / "emergence.csv", index=False)

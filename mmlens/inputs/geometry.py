@@ -5,11 +5,13 @@ counts as *related* if any of its pixels lies in the box (the paper's rule). All
 half-open, ``[x, x + w)``, and the arithmetic is exact (``Fraction``), so a box that ends exactly
 on a patch border never spills into the next patch.
 
-Two preprocessing modes, for a ``(W, H)`` image and ``crop_size`` c:
+Three preprocessing modes, for a ``(W, H)`` image and ``crop_size`` c:
 
 - ``"resize_crop"`` (Hugging Face ``CLIPImageProcessor``): resize so the shortest edge is c, the
   other edge ``int(c * long / short)``, then centre-crop c x c with offset
   ``(new - c) // 2``.
+- ``"resize"`` (a processor with ``do_center_crop=False`` and ``size`` c x c): resize to c x c,
+  stretching x by ``c / W`` and y by ``c / H``; nothing is cropped.
 - ``"pad"`` (original LLaVA-1.5, ``expand2square``): paste the image centred on a square of side
   ``max(W, H)`` at offset ``(max - W) // 2, (max - H) // 2``, then resize to c x c.
 
@@ -29,8 +31,8 @@ import torch
 
 from mmlens.data.example import Box
 
-Mode = Literal["resize_crop", "pad"]
-MODES: tuple[str, ...] = ("resize_crop", "pad")
+Mode = Literal["resize_crop", "resize", "pad"]
+MODES: tuple[str, ...] = ("resize_crop", "resize", "pad")
 
 CornerBox = tuple[Rational, Rational, Rational, Rational]
 """A box as exact half-open corners ``(x0, y0, x1, y1)``: it covers ``[x0, x1) x [y0, y1)``
@@ -101,6 +103,8 @@ def preprocess_transform(
         scale = (Fraction(new_w, width), Fraction(new_h, height))
         shift = (Fraction(-((new_w - crop_size) // 2)), Fraction(-((new_h - crop_size) // 2)))
         return scale, shift
+    if mode == "resize":
+        return (Fraction(crop_size, width), Fraction(crop_size, height)), (Fraction(0), Fraction(0))
     if mode == "pad":
         side = max(width, height)
         scale = Fraction(crop_size, side)

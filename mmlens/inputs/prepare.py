@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mmlens.core.errors import MMLensError
+from mmlens.core.images import to_rgb
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.inputs.protocol import InputsModel
 from mmlens.inputs.templates import IMAGE_PLACEHOLDER, PromptTemplate, get_template
@@ -85,16 +87,18 @@ def prepare(model: InputsModel, images: Any, questions: Any, *,
             boxes: Sequence[Sequence[tuple[float, float, float, float]]] | None = None,
             examples: Sequence[Any] | None = None,
             preprocessing: str | None = None) -> MultimodalBatch:
-    """Build a left-padded batch with spans from PIL images and question strings.
+    """Build a left-padded batch with spans from images and question strings.
 
+    Images may be PIL images, numpy arrays or tensors of any bit depth (see ``to_rgb``).
     ``boxes`` (per example, ``(x, y, w, h)`` in original-image pixels) add the spans
     ``related`` and ``other`` image patches, mapped through ``preprocessing``
-    (``"resize_crop"`` or ``"pad"``; default: what the checkpoint's processor does).
+    (``"resize_crop"``, ``"resize"`` or ``"pad"``; default: what the checkpoint's processor
+    does, refused where mmlens does not know its geometry).
     """
     processor = model.processor
     if processor is None:
-        raise ValueError("this model has no processor: load it with from_pretrained, or pass "
-                         "processor= to from_hf_model")
+        raise MMLensError("this model has no processor: load it with from_pretrained, or pass "
+                          "processor= to from_hf_model")
     images, questions = _as_list(images), _as_list(questions)
     if len(images) != len(questions):
         raise ValueError(f"got {len(images)} images but {len(questions)} questions: give one "
@@ -103,7 +107,10 @@ def prepare(model: InputsModel, images: Any, questions: Any, *,
         raise ValueError("an image is missing (None): every question needs its image")
     template = get_template(template, processor.tokenizer)
     image_token_id = model.cfg.image_token_id
-    images = [img.convert("RGB") for img in images]
+    records = list(examples) if examples is not None else []
+    names = [f"example {getattr(records[i], 'example_id', i)!r}" if i < len(records)
+             else f"image {i}" for i in range(len(images))]
+    images = [to_rgb(img, source=name) for img, name in zip(images, names, strict=True)]
     model_images = images
     if preprocessing == "pad":
         model_images = [pad_to_square(img, processor) for img in images]
@@ -143,5 +150,7 @@ def prepare(model: InputsModel, images: Any, questions: Any, *,
 def prepare_examples(model: InputsModel, examples: Sequence[Any], **kwargs: Any) -> MultimodalBatch:
     """``prepare`` for dataset examples: their images, questions and object boxes."""
     examples = list(examples)
-    return prepare(model, [e.load_image() for e in examples], [e.question for e in examples],
-                   boxes=[e.boxes for e in examples], examples=examples, **kwargs)
+    images = [e.load_image() for e in examples]
+    boxes = [e.boxes_for(image.size) for e, image in zip(examples, images, strict=True)]
+    return prepare(model, images, [e.question for e in examples], boxes=boxes,
+                   examples=examples, **kwargs)

@@ -10,7 +10,8 @@ Positions are absolute positions in the (left padded) batch. With a key/value ca
 queries of a call are the last ``q_len`` key positions: destinations already in the cache are
 skipped (their outputs were computed before), and positions past a run's last key are not in
 that run (a prefix run that fills a cache). ``batch=`` checks positions against the batch
-before anything runs.
+before anything runs; without it, a position past the end of a run raises in that run
+(it would otherwise block nothing).
 
 ``ablate_positions`` replaces activations at positions with zero or a mean.
 """
@@ -159,8 +160,10 @@ def block_attention(
         _check_range(src_pos, "src", limit, what)
         _check_range(dst_pos, "dst", limit, what)
     prefix = "vision." if tower == "vision" else ""
+    strict = limit is None  # nothing to check against now: check against each run
     return [(f"{prefix}blocks.{layer}.attn.hook_mask",
-             _mask_editor(src_pos, dst_pos, head_list, n_heads, layer)) for layer in layers]
+             _mask_editor(src_pos, dst_pos, head_list, n_heads, layer, strict))
+            for layer in layers]
 
 
 def _check_layers(layers: int | Sequence[int], n_layers: int | None, tower: str) -> list[int]:
@@ -192,10 +195,13 @@ def _check_heads(heads: int | Sequence[int] | None, n_heads: int | None) -> list
 
 def _mask_editor(
     src: Tensor | list[Tensor], dst: Tensor | list[Tensor], heads: list[int] | None,
-    n_heads: int | None, layer: int,
+    n_heads: int | None, layer: int, strict: bool = False,
 ) -> Callable[[Tensor, Any], Tensor]:
     def block_edges(mask: Bool[Tensor, "batch h q_pos k_pos"], hook: Any) -> Tensor:
-        blocked = _blocked_edges(mask, src, dst, getattr(hook, "name", f"layer {layer}"))
+        where = getattr(hook, "name", f"layer {layer}")
+        if strict:
+            _check_in_run(mask.shape[-1], src, dst, where)
+        blocked = _blocked_edges(mask, src, dst, where)
         if heads is not None:
             per_head = torch.zeros(mask.shape[0], n_heads, *mask.shape[2:], dtype=torch.bool,
                                    device=mask.device)
@@ -207,6 +213,18 @@ def _mask_editor(
         return allowed
 
     return block_edges
+
+
+def _check_in_run(k_len: int, src: Tensor | list[Tensor], dst: Tensor | list[Tensor],
+                  where: str) -> None:
+    for role, positions in (("src", src), ("dst", dst)):
+        for i, pos in enumerate([positions] if isinstance(positions, Tensor) else positions):
+            if pos.numel() and int(pos.max()) >= k_len:
+                raise IndexError(
+                    f"block_attention at {where}: {role} position {int(pos.max())} (example {i}) "
+                    f"is past the end of this run's {k_len} positions (0..{k_len - 1}) and would "
+                    "block nothing: give positions inside the sequence, or build the hooks with "
+                    "batch= (then a prefix run leaves later positions to the run holding them)")
 
 
 def _blocked_edges(

@@ -229,6 +229,9 @@ class HookedMultimodalTransformer(HookedRootModule):
 
     def run_with_cache(self, *model_args: Any, **kwargs: Any) -> tuple[Any, ActivationCache]:
         """Run and cache every (or the selected) activation; returns ``(out, ActivationCache)``."""
+        names = kwargs.get("names_filter")
+        if isinstance(names, str | list | tuple):  # names, not a predicate: check them first
+            self.check_hook_names([names] if isinstance(names, str) else list(names))
         out, cache = super().run_with_cache(*model_args, **kwargs)
         if isinstance(cache, ActivationCache):
             return out, cache

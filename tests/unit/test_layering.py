@@ -13,13 +13,14 @@ PACKAGE = Path(mmlens.__file__).parent
 
 # What each subpackage may import besides itself (lowest first).
 ALLOWED: dict[str, set[str]] = {
-    "data": set(),
-    "inputs": {"data"},
-    "zoo": {"data"},
-    "model": {"inputs", "zoo", "data"},
-    "methods": {"model", "inputs", "data"},
-    "plotting": {"methods", "model", "inputs", "data"},
-    "experiments": {"plotting", "methods", "model", "inputs", "zoo", "data"},
+    "core": set(),
+    "data": {"core"},
+    "inputs": {"data", "core"},
+    "zoo": {"data", "core"},
+    "model": {"inputs", "zoo", "data", "core"},
+    "methods": {"model", "inputs", "data", "core"},
+    "plotting": {"methods", "model", "inputs", "data", "core"},
+    "experiments": {"plotting", "methods", "model", "inputs", "zoo", "data", "core"},
 }
 ENTRY_POINTS = {"__init__", "cli", "__main__"}
 

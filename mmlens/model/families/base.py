@@ -19,6 +19,7 @@ is one module in this package plus an entry in ``FAMILIES``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +31,9 @@ from mmlens.model.config import LanguageConfig, MultimodalConfig
 from mmlens.model.kv_cache import KeyValueCache
 from mmlens.model.language import LanguageStack, positions_from_mask
 from mmlens.model.merge import merge_image_features
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer.json",
+                   "tokenizer_config.json", "tokenizer.model")
 
 
 class Family:
@@ -64,20 +68,36 @@ class Family:
 
     def load_processor(self, path: str, **kwargs: Any) -> Any:
         """The checkpoint's processor (HF's ``AutoProcessor``); raises when it has no usable
-        one, so a model never loads without the processor ``prepare`` needs."""
+        one, so a model never loads without the processor ``prepare`` needs. The error says
+        which half failed: the tokenizer, or the processor as a whole."""
         import transformers
+
+        from mmlens.core.errors import MMLensError
 
         try:
             processor = transformers.AutoProcessor.from_pretrained(path, **kwargs)
-        except (OSError, ValueError, TypeError, ImportError) as error:
-            raise ValueError(
-                f"{path} has no usable processor ({type(error).__name__}: {error}): save the "
-                "checkpoint's processor (tokenizer and image processor) beside its weights"
-            ) from error
+        except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception on bad JSON
+            present = [f for f in PROCESSOR_FILES if (Path(path) / f).is_file()]
+            if not present and Path(path).is_dir():
+                raise MMLensError(
+                    f"{path} has no usable processor (no tokenizer or image processor files): "
+                    "save the checkpoint's processor beside its weights") from err
+            part, cause = "processor (tokenizer and image processor)", err
+            try:  # which half failed: the tokenizer alone is the common culprit
+                transformers.AutoTokenizer.from_pretrained(path, **kwargs)
+            except Exception as tokenizer_err:  # noqa: BLE001 - as above
+                part, cause = "tokenizer", tokenizer_err
+            raise MMLensError(
+                f"the {part} of {path} failed to load: "
+                f"{type(cause).__name__}: {str(cause).strip() or 'no detail'}"
+                f"{' (files: ' + ', '.join(present) + ')' if present else ''}"
+                ". Save or restore the checkpoint's processor (tokenizer and image processor) "
+                "beside its weights"
+            ) from err
         if getattr(processor, "tokenizer", None) is None or getattr(
                 processor, "image_processor", None) is None:
-            raise ValueError(f"the processor of {path} has no tokenizer or no image processor: "
-                             "save the checkpoint's full processor beside its weights")
+            raise MMLensError(f"the processor of {path} has no tokenizer or no image processor: "
+                              "save the checkpoint's full processor beside its weights")
         return processor
 
     def hf_model_class(self) -> type:
@@ -144,6 +164,16 @@ class Family:
 
     def add_image_spans(self, model: Any, batch: Any) -> None:
         """Extra spans over the image tokens (e.g. ``image_newline``); none by default."""
+
+    def preprocessing_mode(self, model: Any, mode: str | None) -> str:
+        """The preprocessing that boxes are mapped through: ``mode`` checked, or the default.
+
+        Families whose processor fixes the geometry (tiling, dynamic resolution) take any known
+        mode; their ``box_positions`` follow the processor itself.
+        """
+        from mmlens.inputs.spans import checked_mode
+
+        return checked_mode(mode)
 
     def box_positions(
         self, model: Any, image_size: tuple[int, int], boxes: Sequence[Any],

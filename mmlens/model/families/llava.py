@@ -91,6 +91,12 @@ class LlavaFamily(Family):
         features = model.projector(model.vision(pixel_values.to(model.embed.W_E.dtype)))
         return features.reshape(-1, features.shape[-1])
 
+    def preprocessing_mode(self, model: Any, mode: str | None) -> str:
+        """The processor's own geometry, or ``mode`` where it agrees (``"pad"`` always does)."""
+        from mmlens.inputs.spans import check_preprocessing
+
+        return check_preprocessing(model.processor, mode, model.cfg.vision.image_size)
+
     def box_positions(
         self, model: Any, image_size: tuple[int, int], boxes: Sequence[Any],
         image_positions: Tensor, mode: str,

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from mmlens.model.anyres import AnyresPacker
 from mmlens.model.config import MultimodalConfig
+from mmlens.model.families.base import Family
 from mmlens.model.families.llava import LlavaFamily
 from mmlens.model.loading.convert import take
 
@@ -57,6 +58,10 @@ class LlavaNextFamily(LlavaFamily):
         from mmlens.inputs.anyres_spans import add_anyres_spans
 
         add_anyres_spans(model, batch)
+
+    def preprocessing_mode(self, model: Any, mode: str | None) -> str:
+        """Any known mode: the tiling is the model's, and ``box_positions`` follows it."""
+        return Family.preprocessing_mode(self, model, mode)
 
     def box_positions(
         self, model: Any, image_size: tuple[int, int], boxes: Sequence[Any],

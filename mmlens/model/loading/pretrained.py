@@ -8,19 +8,15 @@ from typing import Any
 
 import torch
 
+from mmlens.core.errors import MMLensError
+from mmlens.model.loading.sources import hub_options, resolve_source, weight_problems
+
 
 def _family(model_type: str | None) -> Any:
     # Imported here: the family adapters import this package's converters.
     from mmlens.model.families import family_for
 
     return family_for(model_type)
-
-
-def _resolve(name_or_path: str) -> str:
-    from mmlens.zoo.registry import resolve_bundled
-
-    bundled = resolve_bundled(name_or_path)
-    return str(bundled) if bundled is not None else name_or_path
 
 
 def _hf_model_class(model_type: str) -> Any:
@@ -53,22 +49,46 @@ def convert_hf_model(cls: type, hf_model: Any, processor: Any = None) -> Any:
 def load_pretrained(cls: type, name_or_path: str, *, dtype: torch.dtype | str | None = None,
                     device: str | torch.device | None = None,
                     trust_remote_code: bool = False, **hf_kwargs: Any) -> Any:
-    """Load via Hugging Face (safetensors weights), then convert."""
+    """Load via Hugging Face (safetensors weights), then convert.
+
+    Refuses a checkpoint whose weights do not match its config (missing, unexpected or
+    mis-shaped tensors) instead of filling the gaps with random values, and a processor that
+    is there but fails to load.
+    """
     import transformers
 
-    path = _resolve(name_or_path)
+    path, is_local = resolve_source(name_or_path)
+    hub_kwargs = {} if is_local else hub_options(path)
     config_file = Path(path) / "config.json"
-    if config_file.is_file():
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    else:
-        model_type = transformers.AutoConfig.from_pretrained(
-            path, trust_remote_code=trust_remote_code).model_type
-    hf_cls = _hf_model_class(model_type)
-    hf_model = hf_cls.from_pretrained(
-        path, dtype=_as_dtype(dtype) or "auto", use_safetensors=True,
-        trust_remote_code=trust_remote_code, **hf_kwargs,
-    )
-    processor = _family(model_type).load_processor(path, trust_remote_code=trust_remote_code)
+    try:
+        if config_file.is_file():
+            model_type = json.loads(config_file.read_text()).get("model_type")
+        elif is_local:
+            raise MMLensError(f"{path} holds no config.json: pass the folder of a Hugging Face "
+                              "LLaVA checkpoint (config.json, *.safetensors, processor files)")
+        else:
+            model_type = transformers.AutoConfig.from_pretrained(
+                path, trust_remote_code=trust_remote_code, **hub_kwargs).model_type
+        hf_cls = _hf_model_class(model_type)
+        hf_model, info = hf_cls.from_pretrained(
+            path, dtype=_as_dtype(dtype) or "auto", use_safetensors=True,
+            trust_remote_code=trust_remote_code, output_loading_info=True, **hub_kwargs,
+            **hf_kwargs,
+        )
+    except json.JSONDecodeError as err:
+        raise MMLensError(f"{config_file} is not valid JSON ({err}): restore it from the "
+                          "original checkpoint") from err
+    except OSError as err:  # a missing or unreadable file
+        raise MMLensError(f"cannot load the model {name_or_path}: {err}") from err
+    problems = weight_problems(info)
+    if problems:
+        raise MMLensError(
+            f"the weights of {name_or_path} do not match its config.json: {problems}. Loading "
+            "would leave these tensors random (or unused): fix config.json (e.g. the number of "
+            "layers) or the weight files"
+        )
+    processor = _family(model_type).load_processor(
+        path, trust_remote_code=trust_remote_code, **hub_kwargs)
     model = convert_hf_model(cls, hf_model, processor)
     if device is not None:
         model = model.to(device)

@@ -1,0 +1,173 @@
+"""Bad data files and records are refused with a message naming the file, row or example."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from mmlens.core.errors import MMLensError
+from mmlens.data.example import Example
+from mmlens.data.gqa import load_gqa
+from mmlens.data.paper_subsets import PaperSubsetError, load_paper_subsets
+from mmlens.experiments.study import all_dropped_message, load_examples
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+SUBSETS, GQA = FIXTURES / "paper_subsets_mini", FIXTURES / "gqa_mini"
+CHOOSE_ATTR = "GQA_val_correct_question_with_choose_ChooseAttr.csv"
+
+
+def _ids(examples):
+    return [(e.example_id, e.question, e.answer, tuple(e.boxes)) for e in examples]
+
+
+def _set_cell(path: Path, column: str, value: str) -> None:
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    rows[0][column] = value
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_truncated_image_names_file_and_example(tmp_path):
+    path = tmp_path / "2000001.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    example = Example("q7", "What?", "red", "QueryAttr", "2000001", image_path=path)
+    with pytest.raises(MMLensError, match=r"cannot read the image .*2000001\.png \(example 'q7'\)"
+                       r".*truncated or not an image"):
+        example.load_image()
+    assert path.read_bytes() == data[: len(data) // 2]  # the file is left as it was
+
+
+def test_csv_with_byte_order_mark_reads_like_without(tmp_path):
+    folder = Path(shutil.copytree(SUBSETS, tmp_path / "subsets"))
+    path = folder / CHOOSE_ATTR
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert _ids(load_paper_subsets(folder, None)) == _ids(load_paper_subsets(SUBSETS, None))
+
+
+def test_csv_that_is_not_utf8_names_the_file(tmp_path):
+    folder = Path(shutil.copytree(SUBSETS, tmp_path / "subsets"))
+    path = folder / CHOOSE_ATTR
+    path.write_bytes(path.read_bytes().replace(b"Is the mug", b"Is the m\xfcg"))
+    with pytest.raises(PaperSubsetError, match=rf"{CHOOSE_ATTR}: not UTF-8 text .*save the file "
+                       "as UTF-8"):
+        load_paper_subsets(folder, None)
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("central object w", "nan", r"column\(s\) \['central object w'\]: not a finite number"),
+    ("central object x", "inf", r"column\(s\) \['central object x'\]: not a finite number"),
+    ("central object x", "-3", "columns 'central object x'/'central object y': negative position"),
+    ("central object h", "-1", "columns 'central object w'/'central object h': negative size"),
+])
+def test_csv_box_that_is_not_a_box_names_the_row(tmp_path, column, value, message):
+    folder = Path(shutil.copytree(SUBSETS, tmp_path / "subsets"))
+    _set_cell(folder / CHOOSE_ATTR, column, value)
+    with pytest.raises(PaperSubsetError, match=rf"{CHOOSE_ATTR} row 1 \(line 2\), {message}"):
+        load_paper_subsets(folder, None)
+
+
+def test_gqa_json_with_byte_order_mark_and_bad_encoding(tmp_path):
+    folder = Path(shutil.copytree(GQA, tmp_path / "gqa"))
+    questions = folder / "questions.json"
+    questions.write_bytes(b"\xef\xbb\xbf" + questions.read_bytes())
+    assert _ids(load_gqa(folder)) == _ids(load_gqa(GQA))
+    questions.write_bytes(questions.read_bytes().replace(b"Is the jar", b"Is the j\xe4r"))
+    with pytest.raises(MMLensError, match=r"questions\.json: not UTF-8 text"):
+        load_gqa(folder)
+
+
+def test_gqa_duplicate_question_ids_are_refused(tmp_path):
+    folder = Path(shutil.copytree(GQA, tmp_path / "gqa"))
+    questions = json.loads((GQA / "questions.json").read_text())
+    entries = [f'"{qid}": {json.dumps(entry)}' for qid, entry in questions.items()]
+    entries += [f'"q02": {json.dumps(questions["q03"])}', f'"q05": {json.dumps(questions["q01"])}']
+    (folder / "questions.json").write_text("{" + ", ".join(entries) + "}")
+    with pytest.raises(MMLensError, match=r"questions\.json: id\(s\) \['q02', 'q05'\] appear more "
+                       "than once"):
+        load_gqa(folder)
+
+
+@pytest.mark.parametrize("value, message", [(float("nan"), "NaN or infinity"),
+                                            (-4, "negative value")])
+def test_gqa_box_that_is_not_a_box_names_the_question(tmp_path, value, message):
+    folder = Path(shutil.copytree(GQA, tmp_path / "gqa"))
+    graphs = json.loads((GQA / "sceneGraphs.json").read_text())
+    graphs["1001"]["objects"]["11"]["w"] = value
+    (folder / "sceneGraphs.json").write_text(json.dumps(graphs))
+    with pytest.raises(MMLensError, match=rf"object '11' of image '1001' \(question 'q0\d'\): box "
+                       rf".*{message}"):
+        load_gqa(folder)
+
+
+def test_recorded_image_sizes_are_read():
+    gqa = {e.example_id: e for e in load_gqa(GQA)}
+    graphs = json.loads((GQA / "sceneGraphs.json").read_text())
+    assert gqa["q01"].image_size == (graphs["1001"]["width"], graphs["1001"]["height"])
+    subsets = {e.example_id: e for e in load_paper_subsets(SUBSETS, None)}
+    assert subsets["0100"].image_size == (500, 375)  # the row's image_w, image_h
+
+
+def _sized_example(tmp_path, size, *, rescale=False):
+    path = tmp_path / f"img-{size[0]}x{size[1]}.png"
+    Image.new("RGB", size, (200, 10, 10)).save(path)
+    return Example("q9", "Is it red?", "yes", "ChooseAttr", "9", boxes=[(10, 20, 30, 40)],
+                   image_path=path, image_size=(100, 80), rescale_boxes=rescale)
+
+
+def test_image_of_another_size_than_recorded_is_refused(tmp_path):
+    example = _sized_example(tmp_path, (200, 160))
+    image = example.load_image()
+    with pytest.raises(MMLensError, match=r"img-200x160\.png of example 'q9' is 200x160 but the "
+                       r"data records 100x80 for it; rescale_boxes=True \(--rescale-boxes\)"):
+        example.boxes_for(image.size)
+    assert example.boxes == [(10, 20, 30, 40)]
+
+
+def test_rescale_boxes_maps_boxes_when_the_aspect_ratio_matches(tmp_path):
+    example = _sized_example(tmp_path, (201, 161), rescale=True)  # rounding of a 2x resize
+    (x, y, w, h), = example.boxes_for(example.load_image().size)
+    assert (x, y, w, h) == pytest.approx((20.1, 40.25, 60.3, 80.5))
+    other = _sized_example(tmp_path, (200, 100), rescale=True)
+    with pytest.raises(MMLensError, match="is 200x100 but the data records 100x80 for it; its "
+                       "aspect ratio differs"):
+        other.boxes_for(other.load_image().size)
+
+
+def test_example_box_with_nan_is_refused_naming_the_example():
+    example = Example("q3", "?", "a", "ChooseAttr", "3", boxes=[(1, 2, float("nan"), 4)])
+    with pytest.raises(MMLensError, match=r"example 'q3': box \(1, 2, nan, 4\) holds NaN"):
+        example.boxes_for((10, 10))
+
+
+def test_task_filter_that_leaves_nothing_says_so(tmp_path):
+    folder = tmp_path / "subsets"
+    folder.mkdir()
+    shutil.copy(SUBSETS / CHOOSE_ATTR, folder)
+    (tmp_path / "images").mkdir()
+    with pytest.raises(MMLensError, match=r"the task filter \['QueryAttr'\] left none of the "
+                       "questions in"):
+        load_examples(str(folder), tasks=["QueryAttr"], per_task=None, seed=0,
+                      images=tmp_path / "images")
+
+
+def test_every_example_dropped_names_the_filter(tmp_path):
+    dropped = pd.DataFrame(
+        [("a", "ChooseAttr", "all", "wrong answer 'red' (gold 'blue')"),
+         ("b", "ChooseAttr", "all", "wrong answer 'no' (gold 'yes')"),
+         ("c", "QueryAttr", "all", "span 'related' is empty")],
+        columns=["example_id", "task", "flow", "reason"])
+    message = all_dropped_message(dropped, 3, tmp_path)
+    assert message.startswith("all 3 examples were dropped")
+    assert "2 answered wrongly (the correctness filter; --no-filter" in message
+    assert "1 span 'related' is empty" in message
+    assert str(tmp_path / "dropped.csv") in message
