@@ -16,6 +16,7 @@ from mmlens.inputs.anyres_spans import add_anyres_spans
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.inputs.templates import IMAGE_PLACEHOLDER, PromptTemplate, get_template
 from mmlens.inputs.tiling import pad_tiles
+from mmlens.inputs.vision_spans import VisionLayout
 
 
 def _as_list(value: Any) -> list:
@@ -128,6 +129,7 @@ def prepare(model: Any, images: Any, questions: Any, *,
         input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
         spans=spans, image_sizes=image_sizes, prompts=[p for _, _, p in encoded],
         examples=list(examples) if examples is not None else None,
+        tokenizer=processor.tokenizer, vision_layout=VisionLayout.from_config(model.cfg),
     )
     if model.cfg.is_anyres:
         add_anyres_spans(model, batch)
