@@ -112,3 +112,26 @@ def test_untranslatable_spans_are_errors():
         ablate_positions("projector.hook_out", "image", batch=batch)
     with pytest.raises(ValueError, match="not an image position"):
         block_attention("last", "cls", [0], tower="vision", batch=batch, model=model)
+
+
+def test_related_span_on_the_bundled_model_ablates_the_objects_patches():
+    """``ablate_positions(vision hook, "related", batch=batch)`` on a prepared batch: the
+    related image features' own patches (image position k -> patch index 1 + k), not the
+    prompt positions read as patch indices."""
+    from mmlens.data import shapes
+
+    model = HookedMultimodalTransformer.from_pretrained("shapes-llava")
+    example = shapes.generate_one("ChooseAttr", 0, seed=3)
+    batch = model.prepare(example.load_image(), example.question, boxes=[example.boxes])
+    start = int(batch.positions("image", 0)[0])
+    by_hand = [1 + batch.positions("related", 0) - start]
+    assert [p.tolist() for p in batch.vision_positions("related")] == [by_hand[0].tolist()]
+    name = "vision.blocks.0.hook_resid_pre"
+    with torch.no_grad():
+        expected = model.run_with_hooks(batch, fwd_hooks=[(name, zero_at(by_hand))])
+        got = model.run_with_hooks(batch, fwd_hooks=ablate_positions(name, "related",
+                                                                     batch=batch))
+        # Prompt positions read as patch indices ablate other patches.
+        misread = model.run_with_hooks(batch, fwd_hooks=[(name, zero_at(batch.span("related")))])
+    torch.testing.assert_close(got, expected)
+    assert (misread - expected).abs().max() > 1e-3
