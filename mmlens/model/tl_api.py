@@ -177,7 +177,8 @@ class TransformerLensAPI:
         from mmlens.inputs.batch import MultimodalBatch
 
         if isinstance(input, MultimodalBatch):
-            return input.str_tokens
+            tokenizer = input.tokenizer or self._require_tokenizer()
+            return [decode_each(tokenizer, row) for row in input.input_ids]
         if isinstance(input, list | tuple) and input and all(isinstance(t, str) for t in input):
             return [self.to_str_tokens(text, prepend_bos) for text in input]
         tokens = self.to_tokens(input, prepend_bos=prepend_bos) if isinstance(input, str) else input

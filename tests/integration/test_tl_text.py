@@ -2,6 +2,8 @@
 to forward and generate, generate's options, from_pretrained's keyword arguments, and a
 batch's short repr, token strings and span errors."""
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image
@@ -116,5 +118,10 @@ def test_batch_repr_str_tokens_and_span_errors(model, batch):
             model.tokenizer.convert_ids_to_tokens(model.cfg.image_token_id)}
         last = int(batch.positions("last", i))
         assert strings[i][last] == model.tokenizer.decode([int(batch.input_ids[i, last])])
+    assert model.to_str_tokens(batch) == strings
+    bare = dataclasses.replace(batch, tokenizer=None)  # a batch built by hand
+    assert model.to_str_tokens(bare) == strings
+    with pytest.raises(ValueError, match="this batch has no tokenizer"):
+        _ = bare.str_tokens
     with pytest.raises(KeyError, match="pass boxes= to model.prepare"):
         batch.span("related")
