@@ -219,7 +219,11 @@ def render(model, question: str, batch, table: list[Row]) -> str:
         "penultimate CLIP layer, so the last block is never built and every vision hook lies on "
         "the data path. `hook_attn_scores` and `hook_pattern` exist on the explicit attention "
         "path: a hook there (including `run_with_cache`) switches that layer from "
-        "`scaled_dot_product_attention` to the explicit computation, with the same numbers.",
+        "`scaled_dot_product_attention` to the explicit computation, with the same numbers. "
+        "`model.set_use_attn_result(True)` adds `blocks.{l}.attn.hook_result` (and "
+        "`vision.blocks.{l}.attn.hook_result`), each head's output `[batch, pos, n_heads, "
+        "d_model]`, whose sum over heads plus `b_O` is `hook_attn_out`; it is off by default "
+        "(it costs `n_heads` times the attention output) and absent from this table.",
     ]
     for title in SECTIONS:
         lines += ["", f"## {title}", "",

@@ -29,6 +29,7 @@ from torch import Tensor
 from mmlens.experiments.knockouts import Knockout
 from mmlens.experiments.memory import auto_batch_size
 from mmlens.inputs.batch import MultimodalBatch
+from mmlens.methods.edges import blocked_edges, check_attendable
 from mmlens.model.kv_cache import KeyValueCache
 from mmlens.model.protocol import HookedModel
 
@@ -132,18 +133,10 @@ def _edge_masks(knockouts: Sequence[Knockout], position: int, n_keys: int) -> Te
     Raises when a row would leave a query with no key to attend to (its softmax would be
     undefined), as ``block_attention`` does.
     """
-    q_len = n_keys - position
-    blocked = torch.zeros(len(knockouts), q_len, n_keys, dtype=torch.bool)
-    for row, knockout in enumerate(knockouts):
-        if len(knockout.source) and len(knockout.target):
-            blocked[row, (knockout.target - position)[:, None], knockout.source[None, :]] = True
+    blocked = blocked_edges([k.source for k in knockouts], [k.target for k in knockouts],
+                            n_keys - position, n_keys)
     causal = torch.arange(n_keys)[None, :] <= torch.arange(position, n_keys)[:, None]
-    stranded = (blocked | ~causal).all(-1).nonzero()
-    if len(stranded):
-        row, query = (int(i) for i in stranded[0])
-        raise ValueError(f"knockout {row}: position {position + query} would attend to nothing; "
-                         "keep at least one key it may attend to (a source covering every "
-                         "earlier position and itself cannot be knocked out)")
+    check_attendable((causal & ~blocked)[:, None], position, "knockout sweep", "knockout")
     return blocked
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from jaxtyping import Int
 from torch import Tensor
 
 
@@ -30,9 +31,44 @@ class MultimodalBatch:
     image_sizes: Tensor | None = None
     prompts: list[str] = field(default_factory=list)
     examples: list[Any] | None = None
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+    vision_layout: Any = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def __repr__(self) -> str:
+        pixels = "none" if self.pixel_values is None else list(self.pixel_values.shape)
+        padding = int((self.attention_mask == 0).sum())
+        return (f"MultimodalBatch({len(self)} examples x {self.input_ids.shape[1]} positions "
+                f"({padding} padding), pixel_values {pixels}, spans: "
+                f"{', '.join(self.span_names) or 'none'})")
+
+    @property
+    def str_tokens(self) -> list[list[str]]:
+        """Every position of every example as a token string (padding included, so indices
+        match ``spans``), as TransformerLens's ``to_str_tokens``."""
+        if self.tokenizer is None:
+            raise ValueError("this batch has no tokenizer: build it with model.prepare(...), or "
+                             "use model.to_str_tokens(batch.input_ids[i])")
+        return [decode_each(self.tokenizer, row) for row in self.input_ids]
+
+    def vision_positions(self, name: str, model: Any = None) -> list[Tensor]:
+        """Span ``name`` inside the vision tower: patch indices (0 = CLS), one LongTensor per
+        vision-tower row (LLaVA-1.5: per example; LLaVA-NeXT: per tile, each image's base tile
+        first). See ``mmlens.inputs.vision_spans``. ``model`` is needed only for a batch not
+        built by ``model.prepare``."""
+        from mmlens.inputs.vision_spans import VisionLayout, vision_positions
+
+        layout = self.vision_layout
+        if model is not None:
+            layout = VisionLayout.from_config(model.cfg)
+        if layout is None:
+            raise ValueError(f"span {name!r} cannot be mapped into the vision tower: the batch "
+                             "was not built by model.prepare (pass model=), or the model's "
+                             "vision tower packs patches spans do not map into (Qwen-VL: give "
+                             "explicit patch indices)")
+        return vision_positions(self, name, layout)
 
     @property
     def span_names(self) -> list[str]:
@@ -46,6 +82,9 @@ class MultimodalBatch:
         if name not in spans:
             close = difflib.get_close_matches(name, self.span_names, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
+            if name in ("related", "other"):
+                hint = (" The related / other image patches come from object boxes: pass "
+                        "boxes= to model.prepare (or use prepare_examples).")
             raise KeyError(f"unknown span {name!r}.{hint} This batch has spans: "
                            f"{', '.join(self.span_names)}; add your own with batch.add_span")
         return spans[name]
@@ -93,3 +132,9 @@ class MultimodalBatch:
         return replace(self, input_ids=move(self.input_ids),
                        attention_mask=move(self.attention_mask),
                        pixel_values=move(self.pixel_values), image_sizes=move(self.image_sizes))
+
+
+def decode_each(tokenizer: Any, tokens: Int[Tensor, " pos"]) -> list[str]:
+    """One string per token, decoded on its own as TransformerLens does."""
+    return tokenizer.batch_decode(torch.as_tensor(tokens).reshape(-1, 1),
+                                  clean_up_tokenization_spaces=False)

@@ -17,6 +17,7 @@ from mmlens.core.images import to_rgb
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.inputs.protocol import InputsModel
 from mmlens.inputs.templates import IMAGE_PLACEHOLDER, PromptTemplate, get_template
+from mmlens.inputs.vision_spans import VisionLayout
 
 
 def _as_list(value: Any) -> list:
@@ -138,6 +139,7 @@ def prepare(model: InputsModel, images: Any, questions: Any, *,
         input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
         spans=spans, image_sizes=image_sizes, prompts=[p for _, _, p in encoded],
         examples=list(examples) if examples is not None else None,
+        tokenizer=processor.tokenizer, vision_layout=VisionLayout.from_config(model.cfg),
     )
     model.family.add_image_spans(model, batch)
     if boxes is not None:

@@ -27,6 +27,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from mmlens.inputs.batch import MultimodalBatch
+from mmlens.methods.edges import blocked_edges, check_attendable
 
 PositionSpec = str | int | Sequence[int] | Tensor | Sequence[Sequence[int] | Tensor]
 """A span name, one position, positions shared by every example, or one list per example."""
@@ -88,6 +89,19 @@ def _vision_positions(
                      "'cls' / 'patches'; text spans such as 'image' name language positions")
 
 
+def _vision_spec(spec: PositionSpec, batch: MultimodalBatch | None, model: Any, role: str,
+                 n_positions: int | None) -> Tensor | list[Tensor]:
+    """Positions on the vision tower: a span of ``batch`` mapped into the tower's patches (one
+    list per vision row), ``"cls"`` / ``"patches"``, or explicit patch indices."""
+    if not isinstance(spec, str) or spec in ("cls", "patches"):
+        return _vision_positions(spec, role, n_positions)
+    if batch is None:
+        raise ValueError(f"{role}={spec!r} is a span name: on the vision tower pass batch= (the "
+                         "batch from model.prepare) so the span can be mapped to the tower's "
+                         "patches, or give patch indices (0 = CLS)")
+    return batch.vision_positions(spec, model)
+
+
 def _checked(positions: Tensor, role: str, example: int | None) -> Tensor:
     where = "" if example is None else f" of example {example}"
     if positions.numel() == 0:
@@ -100,7 +114,7 @@ def _checked(positions: Tensor, role: str, example: int | None) -> Tensor:
 
 def _check_range(positions: Tensor | list[Tensor], role: str, limit: int, what: str) -> None:
     for i, pos in enumerate([positions] if isinstance(positions, Tensor) else positions):
-        if int(pos.max()) >= limit:
+        if pos.numel() and int(pos.max()) >= limit:
             raise IndexError(f"{role} has position {int(pos.max())} (example {i}) but {what} "
                              f"has only {limit} positions (0..{limit - 1})")
 
@@ -119,9 +133,11 @@ def block_attention(
 
     ``src`` / ``dst``: a span name of ``batch`` (``"image"``, ``"question"``, ``"last"``...),
     explicit positions for every example (``[3, 4]``), or one list per example. On the vision
-    tower positions are patch indices with CLS at 0 (``"cls"`` / ``"patches"`` name them);
-    for a tower without CLS and with dynamic resolution (Qwen-VL) they index the packed patches
-    of all the call's images (``[1, n_patches, d]``, the processor's order).
+    tower explicit positions are patch indices with CLS at 0 (``"cls"`` / ``"patches"`` name
+    them) and a span name of ``batch`` is mapped into the tower (``batch.vision_positions``:
+    one list per image, or per tile on LLaVA-NeXT); for a tower without CLS and with
+    dynamic resolution (Qwen-VL) positions index the packed patches of all the call's
+    images (``[1, n_patches, d]``, the processor's order).
     ``heads`` limits the block to these heads (the mask becomes ``[batch, n_heads, q, k]``;
     this needs ``model=`` for the head count). ``model`` also lets layers, heads and vision
     positions be checked before anything runs. Compose with ``+``::
@@ -146,8 +162,8 @@ def block_attention(
     layers = _check_layers(layers, n_layers, tower)
     head_list = _check_heads(heads, n_heads)
     if tower == "vision":
-        src_pos = _vision_positions(src, "src", n_positions)
-        dst_pos = _vision_positions(dst, "dst", n_positions)
+        src_pos = _vision_spec(src, batch, model, "src", n_positions)
+        dst_pos = _vision_spec(dst, batch, model, "dst", n_positions)
     else:
         src_pos = resolve_positions(src, batch, role="src")
         dst_pos = resolve_positions(dst, batch, role="dst")
@@ -198,18 +214,28 @@ def _mask_editor(
     n_heads: int | None, layer: int, strict: bool = False,
 ) -> Callable[[Tensor, Any], Tensor]:
     def block_edges(mask: Bool[Tensor, "batch h q_pos k_pos"], hook: Any) -> Tensor:
-        where = getattr(hook, "name", f"layer {layer}")
+        where = f"block_attention at {getattr(hook, 'name', f'layer {layer}')}"
+        n, _, q_len, k_len = mask.shape
         if strict:
-            _check_in_run(mask.shape[-1], src, dst, where)
-        blocked = _blocked_edges(mask, src, dst, where)
+            _check_in_run(k_len, src, dst, where)
+        for name, positions in (("src", src), ("dst", dst)):
+            if isinstance(positions, list) and len(positions) != n:
+                raise ValueError(f"{where}: {name} was built for a batch of {len(positions)} "
+                                 f"examples but the model runs {n}: build the hooks with the "
+                                 "batch you run")
+        rows = n if isinstance(src, list) or isinstance(dst, list) else 1
+        per_row = [(src[i] if isinstance(src, list) else src,
+                    dst[i] if isinstance(dst, list) else dst) for i in range(rows)]
+        blocked = blocked_edges([s for s, _ in per_row], [d for _, d in per_row], q_len, k_len,
+                                mask.device)[:, None]
         if heads is not None:
-            per_head = torch.zeros(mask.shape[0], n_heads, *mask.shape[2:], dtype=torch.bool,
+            per_head = torch.zeros(blocked.shape[0], n_heads, q_len, k_len, dtype=torch.bool,
                                    device=mask.device)
             per_head[:, heads] = blocked
             blocked = per_head
-            mask = mask.expand(mask.shape[0], n_heads, *mask.shape[2:])
+            mask = mask.expand(n, n_heads, q_len, k_len)
         allowed = mask & ~blocked
-        _check_no_empty_rows(allowed, mask.shape[3] - mask.shape[2], hook)
+        check_attendable(allowed, k_len - q_len, where)
         return allowed
 
     return block_edges
@@ -221,45 +247,14 @@ def _check_in_run(k_len: int, src: Tensor | list[Tensor], dst: Tensor | list[Ten
         for i, pos in enumerate([positions] if isinstance(positions, Tensor) else positions):
             if pos.numel() and int(pos.max()) >= k_len:
                 raise IndexError(
-                    f"block_attention at {where}: {role} position {int(pos.max())} (example {i}) "
+                    f"{where}: {role} position {int(pos.max())} (example {i}) "
                     f"is past the end of this run's {k_len} positions (0..{k_len - 1}) and would "
                     "block nothing: give positions inside the sequence, or build the hooks with "
                     "batch= (then a prefix run leaves later positions to the run holding them)")
 
 
-def _blocked_edges(
-    mask: Tensor, src: Tensor | list[Tensor], dst: Tensor | list[Tensor], where: str
-) -> Bool[Tensor, "batch 1 q_pos k_pos"]:
-    """True at every (dst query, src key) edge to block, in the mask's coordinates."""
-    n, _, q_len, k_len = mask.shape
-    first_query = k_len - q_len  # with a key/value cache the queries are the last keys
-    per_example = [isinstance(p, list) for p in (src, dst)]
-    for name, positions in (("src", src), ("dst", dst)):
-        if isinstance(positions, list) and len(positions) != n:
-            raise ValueError(f"block_attention at {where}: {name} was built for a batch of "
-                             f"{len(positions)} examples but the model runs {n}: build the hooks "
-                             "with the batch you run")
-    blocked = torch.zeros(n if any(per_example) else 1, 1, q_len, k_len, dtype=torch.bool,
-                          device=mask.device)
-    for i in range(blocked.shape[0]):
-        keys = src[i] if isinstance(src, list) else src
-        queries = dst[i] if isinstance(dst, list) else dst
-        # Positions past this run's keys are not in it (a prefix run for a key/value cache).
-        keys = keys[keys < k_len].to(mask.device)
-        queries = queries[(queries >= first_query) & (queries < k_len)] - first_query
-        blocked[i, 0, queries.to(mask.device)[:, None], keys[None, :]] = True
-    return blocked
-
-
-def _check_no_empty_rows(allowed: Tensor, first_query: int, hook: Any) -> None:
-    """A query left with no key would have an undefined softmax: refuse instead."""
-    empty = ~allowed.any(-1)
-    if bool(empty.any()):
-        example, head, row = (int(i) for i in empty.nonzero()[0])
-        raise ValueError(
-            f"block_attention at {getattr(hook, 'name', 'hook_mask')}: position "
-            f"{first_query + row} of example {example} (head {head}) would attend to nothing "
-            "after the block; keep at least one key it may attend to (e.g. leave it out of dst)")
+LANGUAGE_PREFIXES = ("blocks.", "hook_embed", "hook_token_embed", "ln_final.")
+"""Hooks whose position axis is the prompt's: span names mean prompt positions there."""
 
 
 def ablate_positions(
@@ -268,20 +263,39 @@ def ablate_positions(
     *,
     batch: MultimodalBatch | None = None,
     means: dict[str, Tensor] | None = None,
+    model: Any = None,
 ) -> list[Hook]:
     """Hooks that replace activations ``[batch, pos, ...]`` at ``positions`` with zero, or with
     ``means[hook_name]`` (broadcastable to one position's activation, e.g. ``[d_model]``).
 
     Positions index the activation's position axis, so use these in runs without a key/value
-    cache. ``positions`` is resolved as in ``block_attention``.
+    cache. On language hooks ``positions`` is resolved as in ``block_attention``. On vision
+    hooks (``vision.*``, rows = images, or tiles on LLaVA-NeXT) explicit positions are patch
+    indices (0 = CLS) and a span name is mapped into the tower with
+    ``batch.vision_positions`` (``model=`` for a batch not built by ``model.prepare``). A span
+    name on any other hook (``projector.*``...) is refused.
     """
     names = [hook_names] if isinstance(hook_names, str) else list(hook_names)
     missing = [name for name in names if means is not None and name not in means]
     if missing:
         raise KeyError(f"means has no entry for {missing[0]}: give one per hook name, or "
                        "means=None to ablate with zero")
-    resolved = resolve_positions(positions, batch, role="positions")
+    hooks = []
+    for name in names:
+        if name.startswith("vision."):
+            resolved = _vision_spec(positions, batch, model, "positions", None)
+        elif isinstance(positions, str) and not name.startswith(LANGUAGE_PREFIXES):
+            raise ValueError(f"positions={positions!r} is a span name but {name} has neither the "
+                             "prompt's positions nor the vision tower's: give explicit indices "
+                             "into its position axis")
+        else:
+            resolved = resolve_positions(positions, batch, role="positions")
+        hooks.append((name, _ablator(resolved, means)))
+    return hooks
 
+
+def _ablator(resolved: Tensor | list[Tensor],
+             means: dict[str, Tensor] | None) -> Callable[[Tensor, Any], Tensor]:
     def ablate(activation: Tensor, hook: Any) -> Tensor:
         per_example = resolved if isinstance(resolved, list) else [resolved] * len(activation)
         if len(per_example) != len(activation):
@@ -290,10 +304,12 @@ def ablate_positions(
         value = 0.0 if means is None else means[hook.name].to(activation)
         ablated = activation.clone()
         for i, pos in enumerate(per_example):
+            if not pos.numel():
+                continue  # a vision row (tile) the span does not touch
             if int(pos.max()) >= activation.shape[1]:
                 raise IndexError(f"ablate_positions at {hook.name}: position {int(pos.max())} "
                                  f"is past the activation's {activation.shape[1]} positions")
-            ablated[i, pos] = value
+            ablated[i, pos.to(activation.device)] = value
         return ablated
 
-    return [(name, ablate) for name in names]
+    return ablate

@@ -10,6 +10,7 @@ one hook; the metric on the patched logits says how much of the clean behaviour 
 
 Clean and corrupted prompts of different lengths are patched by span: ``positions="question"``
 pairs the j-th question token of each (``[layer, j]``), ``patch_spans`` patches whole spans.
+``attribution_patching`` estimates every patch at once from one backward pass.
 TransformerLens's ``transformer_lens.patching`` functions run too, inside
 ``with model.bind_images(corrupted.pixel_values):`` with equal-length, unpadded prompts.
 """
@@ -26,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mmlens.inputs.batch import MultimodalBatch
+from mmlens.methods.attribution import attribution_patching as attribution_patching
 from mmlens.model.protocol import HookedModel
 
 COMPONENTS = {

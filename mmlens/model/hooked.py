@@ -31,11 +31,12 @@ from mmlens.model.config import MultimodalConfig
 from mmlens.model.families import family_for
 from mmlens.model.kv_cache import KeyValueCache
 from mmlens.model.language import LanguageStack
+from mmlens.model.tl_api import TransformerLensAPI, check_pretrained_kwargs, language_model_loss
 
 
-class HookedMultimodalTransformer(HookedRootModule):
-    """A multimodal model (LLaVA-1.5, LLaVA-NeXT, ...) whose every activation is a named,
-    editable hook point.
+class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
+    """A multimodal model (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, ...) whose every
+    activation is a named, editable hook point.
 
     Build it with ``from_pretrained`` (hub name, local folder or bundled short name such as
     ``"shapes-llava"``) or ``from_hf_model``; prepare inputs with ``prepare``.
@@ -74,6 +75,7 @@ class HookedMultimodalTransformer(HookedRootModule):
 
         if device is not None and device_map is not None:
             raise ValueError("pass device or device_map, not both")
+        check_pretrained_kwargs(kwargs)
         model = load_pretrained(cls, name_or_path, dtype=dtype, device=device, **kwargs)
         return model if device_map is None else model.place(device_map)
 
@@ -105,7 +107,8 @@ class HookedMultimodalTransformer(HookedRootModule):
     # ----------------------------------------------------------------- running
     def forward(
         self,
-        input: Int[Tensor, "batch pos"] | MultimodalBatch | Float[Tensor, "batch pos d_model"],
+        input: Int[Tensor, "batch pos"] | MultimodalBatch | Float[Tensor, "batch pos d_model"]
+        | str | list[str],
         pixel_values: Float[Tensor, "images *tiles channels height width"]
         | Float[Tensor, "*patch_images n_patches patch_dim"] | None = None,
         *,
@@ -116,17 +119,25 @@ class HookedMultimodalTransformer(HookedRootModule):
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
         past_kv_cache: KeyValueCache | None = None,
-    ) -> Tensor | None:
+        tokens: Int[Tensor, "batch pos"] | None = None,
+        loss_per_token: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor] | None:
         """Run the model.
 
-        ``input`` is ``input_ids [batch, pos]``, a ``MultimodalBatch`` from ``prepare``, or,
-        with ``start_at_layer``, the residual stream ``[batch, pos, d_model]`` entering that
-        layer. ``attention_mask`` (1 = real token, 0 = padding; any dtype) covers the new
-        positions only; a cache holds the mask of its own. Returns logits
-        ``[batch, pos, d_vocab]``, the residual stream entering ``stop_at_layer`` when given,
-        or None for ``return_type=None``. ``position_ids`` default to the family's
-        (``position_ids``); a ``past_kv_cache`` records them.
+        ``input`` is ``input_ids [batch, pos]``, a ``MultimodalBatch`` from ``prepare``, text
+        (a string or list of strings, tokenized with BOS; no image), or, with
+        ``start_at_layer``, the residual stream ``[batch, pos, d_model]`` entering that layer.
+        ``return_type``: ``"logits"`` ``[batch, pos, d_vocab]``, ``"loss"`` (mean next-token
+        cross-entropy over text targets, image and padding excluded; ``loss_per_token`` gives
+        ``[batch, pos - 1]``), ``"both"`` (logits, loss) or None. With ``start_at_layer`` the
+        loss needs ``tokens=``. ``stop_at_layer`` returns the residual stream entering it.
+        ``position_ids`` default to the family's (``position_ids``); a ``past_kv_cache`` records
+        them.
         """
+        if isinstance(input, str) or (isinstance(input, list | tuple) and input
+                                      and all(isinstance(t, str) for t in input)):
+            input = self.to_tokens(list(input) if not isinstance(input, str) else input)
+            input = input.to(self.embed.W_E.device)
         if isinstance(input, MultimodalBatch):
             attention_mask = input.attention_mask if attention_mask is None else attention_mask
             pixel_values = input.pixel_values if pixel_values is None else pixel_values
@@ -169,9 +180,20 @@ class HookedMultimodalTransformer(HookedRootModule):
             return resid
         if return_type is None:
             return None
-        if return_type != "logits":
-            raise ValueError(f"return_type {return_type!r} is not supported: use 'logits' or None")
-        return self.unembed(self.ln_final(resid))
+        if return_type not in ("logits", "loss", "both"):
+            raise ValueError(f"return_type {return_type!r} is not supported: use 'logits', "
+                             "'loss', 'both' or None")
+        logits = self.unembed(self.ln_final(resid))
+        if return_type == "logits":
+            return logits
+        if tokens is None and start_at_layer is None:
+            tokens = input
+        if tokens is None:
+            raise ValueError(f"return_type={return_type!r} with start_at_layer needs tokens= "
+                             "(the input ids whose next tokens the loss predicts)")
+        loss = language_model_loss(logits, tokens, attention_mask, self.cfg.image_token_id,
+                                   per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
 
     def encode_images(
         self, pixel_values: Tensor, image_sizes: Tensor | None = None
@@ -277,9 +299,12 @@ class HookedMultimodalTransformer(HookedRootModule):
 
         return generate(self, input, pixel_values, **kwargs)
 
-    def to_tokens(self, text: str | list[str]) -> Tensor:
+    def to_tokens(self, text: str | list[str], prepend_bos: bool = True) -> Tensor:
+        """Token ids ``[batch, pos]`` of text, with the tokenizer's BOS unless ``prepend_bos``
+        is False."""
         tok = self._require_tokenizer()
-        return tok(text, return_tensors="pt", padding=True)["input_ids"]
+        return tok(text, return_tensors="pt", padding=True,
+                   add_special_tokens=prepend_bos)["input_ids"]
 
     def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
         tok = self._require_tokenizer()

@@ -1,6 +1,7 @@
 """Figures (plotly) for knockouts, the logit lens, patching and attention between spans."""
 
 from mmlens.plotting.attention import attention_mass, attention_mass_heatmap, image_attention
+from mmlens.plotting.attribution import attribution_figure
 from mmlens.plotting.curves import (
     knockout_curves,
     layer_span_heatmap,
@@ -9,6 +10,7 @@ from mmlens.plotting.curves import (
 )
 
 __all__ = [
+    "attribution_figure",
     "attention_mass",
     "attention_mass_heatmap",
     "image_attention",

@@ -28,7 +28,9 @@ class Attention(nn.Module):
     ``hook_k``/``hook_v`` ``[batch, pos, n_kv_heads, d_head]``, ``hook_rot_q``/``hook_rot_k``
     (after rotary, language only), ``hook_mask`` ``[batch, 1, q_pos, k_pos]`` (True = may
     attend), ``hook_attn_scores``/``hook_pattern`` ``[batch, n_heads, q_pos, k_pos]``,
-    ``hook_z`` ``[batch, q_pos, n_heads, d_head]``.
+    ``hook_z`` ``[batch, q_pos, n_heads, d_head]``; with ``set_use_attn_result(True)`` also
+    ``hook_result`` ``[batch, q_pos, n_heads, d_model]`` (each head's output; their sum over
+    heads plus ``b_O`` is the attention output).
     """
 
     def __init__(
@@ -63,6 +65,19 @@ class Attention(nn.Module):
         self.hook_attn_scores = HookPoint()  # [batch, n_heads, q_pos, k_pos]
         self.hook_pattern = HookPoint()  # [batch, n_heads, q_pos, k_pos]
         self.hook_z = HookPoint()  # [batch, q_pos, n_heads, d_head]
+        self.use_attn_result = False
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Compute per-head outputs at ``hook_result`` (slower, more memory), or stop.
+
+        The hook point exists only while enabled, so every hook name stays on the data path;
+        the model's ``set_use_attn_result`` refreshes its hook names.
+        """
+        if use_attn_result and not self.use_attn_result:
+            self.hook_result = HookPoint()  # [batch, q_pos, n_heads, d_model]
+        elif not use_attn_result and self.use_attn_result:
+            del self.hook_result
+        self.use_attn_result = bool(use_attn_result)
 
     # TransformerLens-shaped views of the weights.
     @property
@@ -136,6 +151,10 @@ class Attention(nn.Module):
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
         z = self.hook_z(z.transpose(1, 2))  # [batch, q_pos, n_heads, d_head]
+        if self.use_attn_result:
+            # Only when asked: [batch, pos, n_heads, d_model] costs n_heads times the output.
+            result = self.hook_result(torch.einsum("bqhe,hed->bqhd", z, self.W_O))
+            return result.sum(-2) + self.b_O, present
         out = F.linear(z.reshape(batch, q_len, -1), self.o_weight, self.o_bias)
         return out, present
 
