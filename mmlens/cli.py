@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--dtype", default=None, help="float16, bfloat16 or float32")
     reproduce.add_argument("--batch-size", type=int, default=64, help="knockouts run together")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
+    reproduce.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                           help="only the K-th of N shares of the questions (see merge)")
     merge = commands.add_parser("merge", help="join the folders of `flow --shard K/N` runs")
     merge.add_argument("out", help="new output folder")
     merge.add_argument("shards", nargs="+", help="the shards' output folders")
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.out, model=args.model, gqa_images=args.gqa_images, subsets=args.subsets,
                 tasks=_tasks(args.tasks), per_task=args.per_task, device=args.device,
                 dtype=args.dtype, batch_size=args.batch_size, progress=not args.quiet,
+                shard=args.shard,
             )
             if main_process:
                 print(f"results in {out}: flow.csv, summary.csv, emergence.csv, report.html")

@@ -31,6 +31,7 @@ def reproduce(
     dtype: str | None = None,
     batch_size: int = 64,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> Path:
     """Run the paper's study for one model; resumable like ``mmlens flow``."""
     if not is_paper_subsets_folder(subsets):
@@ -43,5 +44,5 @@ def reproduce(
         flows=preset.flows if preset is not None else PAPER_FLOWS,
         window=preset.window if preset is not None else None, device=device, dtype=dtype,
         only_correct=preset.only_correct if preset is not None else True,
-        batch_size=batch_size, progress=progress,
+        batch_size=batch_size, progress=progress, shard=shard,
     )
