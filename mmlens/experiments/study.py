@@ -198,6 +198,7 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
             store=out / STORE_NAME, batch_size=batch_size, progress=progress, ranks=ranks,
             shard=shard, **options,
         )
+        sweep_seconds = round(time.time() - started, 2)
         if not ranks.is_main:
             return out
         digests = write_flow_tables(out, frame)
@@ -208,6 +209,7 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
             "n_kept": int(frame.example_id.nunique()),
             "n_dropped": int((dropped["flow"] == "all").sum()),
             "world_size": ranks.world, "examples_per_rank": frame.attrs["examples_per_rank"],
+            "sweep_seconds": sweep_seconds,
             "example_ids": [str(e.example_id) for e in examples],
         }
         if frame.empty:
