@@ -5,6 +5,9 @@
     mmlens flow --flows "image->last,question->last" --window 3 --out runs/small
     mmlens reproduce --model llava-hf/llava-1.5-7b-hf --gqa-images gqa/images \
         --subsets paper-subsets --out runs/llava-1.5-7b --device cuda --dtype float16
+    mmlens flow --shard 0/4 --out runs/part-0    # one of 4 job-array shares; then:
+    mmlens merge runs/all runs/part-0 runs/part-1 runs/part-2 runs/part-3
+    torchrun --nproc-per-node 4 -m mmlens.cli flow --device cuda ...   # data parallel
     mmlens report runs/small                     # rebuild report.html from the saved tables
     mmlens hooks --model shapes-llava            # every hook point and its shape
 """
@@ -12,10 +15,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+import warnings
 
 from mmlens.data.example import TASKS
 from mmlens.experiments.knockouts import DEFAULT_FLOWS
+from mmlens.experiments.lock import FolderBusyError
 from mmlens.experiments.study import DEFAULT_MODEL, DEFAULT_PER_TASK
 
 RESCALE_HELP = ("images whose size differs from the size the data records, with the same aspect "
@@ -59,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
                       "folder and arguments to resume")
     flow.add_argument("--quiet", action="store_true", help="no progress bars")
     flow.add_argument("--rescale-boxes", action="store_true", help=RESCALE_HELP)
+    flow.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                      help="run only the K-th (from 0) of N disjoint shares of the examples; "
+                      "join the shards' folders with `mmlens merge`")
     reproduce = commands.add_parser(
         "reproduce", help="the paper's study on its released GQA question subsets")
     reproduce.add_argument("--model", required=True,
@@ -81,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
                            help="split the model across devices: 'auto' or part=device pairs")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
     reproduce.add_argument("--rescale-boxes", action="store_true", help=RESCALE_HELP)
+    reproduce.add_argument("--shard", type=_shard, default=None, metavar="K/N",
+                           help="only the K-th of N shares of the questions (see merge)")
+    merge = commands.add_parser("merge", help="join the folders of `flow --shard K/N` runs")
+    merge.add_argument("out", help="new output folder")
+    merge.add_argument("shards", nargs="+", help="the shards' output folders")
     report = commands.add_parser("report", help="rebuild report.html from a run's tables")
     report.add_argument("dir", help="output folder of `mmlens flow`")
     hooks = commands.add_parser("hooks", help="list hook names and activation shapes")
@@ -102,6 +117,32 @@ def _device_map(value: str | None) -> str | dict[str, str] | None:
         raise ValueError(f"--device-map {value!r}: write 'auto' or part=device pairs separated "
                          "by commas, e.g. vision=cuda:0,blocks.0-15=cuda:0,blocks.16-31=cuda:1")
     return {part.strip(): device.strip() for part, device in entries}
+def _shard(value: str) -> tuple[int, int]:
+    try:
+        index, count = (int(part) for part in value.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not K/N (e.g. 0/4)") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"shard {value}: K must be 0 to N-1 (e.g. 0/4 ... 3/4)")
+    return index, count
+
+
+def _resume_command(argv: list[str], out: object) -> str:
+    """The command line that resumes this run: the same arguments, the same --out."""
+    words = ["mmlens", *argv]
+    if "--out" not in argv and out is not None:
+        words += ["--out", str(out)]
+    return " ".join(words)
+
+
+def _os_error(err: OSError, out: object) -> str:
+    where = err.filename or out or "the output folder"
+    if err.errno == errno.ENOSPC:
+        return (f"no space left on the device while writing {where}: free some space (or "
+                "choose --out on another disk), then run the same command again to resume")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {where} ({err.strerror}): pass --out a folder you can write to"
+    return f"{err.strerror or err} ({where})"
 
 
 def _tasks(value: str | None) -> list[str] | None:
@@ -109,16 +150,21 @@ def _tasks(value: str | None) -> list[str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
+    out = getattr(args, "out", None)
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks
+    warnings.formatwarning = lambda message, *rest, **kw: f"mmlens: warning: {message}\n"
     try:
         if args.command == "flow":
             from mmlens.experiments.memory import parse_memory
             from mmlens.experiments.study import default_out_dir, run_study
 
             tasks = _tasks(args.tasks)
-            out = args.out or default_out_dir()
-            print(f"mmlens flow: writing to {out} (if stopped, the same command with --out {out} "
-                  "resumes)", file=sys.stderr)
+            out = args.out = args.out or default_out_dir()
+            if main_process:
+                print(f"mmlens flow: writing to {out} (if stopped, the same command with --out "
+                      f"{out} resumes)", file=sys.stderr)
             out = run_study(
                 out, model=args.model, data=args.data, tasks=tasks, per_task=args.per_task,
                 flows=args.flows, window=args.window, device=args.device, dtype=args.dtype,
@@ -127,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                 max_memory=None if args.max_memory is None else parse_memory(args.max_memory),
                 device_map=_device_map(args.device_map),
                 rescale_boxes=args.rescale_boxes,
+                shard=args.shard,
             )
-            print(f"results in {out}: flow.csv, dropped.csv, emergence.csv, report.html")
+            if main_process:
+                print(f"results in {out}: flow.csv, dropped.csv, emergence.csv, report.html")
         elif args.command == "reproduce":
             from mmlens.experiments.memory import parse_memory
             from mmlens.experiments.reproduce import reproduce
@@ -140,22 +188,38 @@ def main(argv: list[str] | None = None) -> int:
                 max_memory=None if args.max_memory is None else parse_memory(args.max_memory),
                 device_map=_device_map(args.device_map),
                 rescale_boxes=args.rescale_boxes,
+                shard=args.shard,
             )
-            print(f"results in {out}: flow.csv, summary.csv, emergence.csv, report.html")
+            if main_process:
+                print(f"results in {out}: flow.csv, summary.csv, emergence.csv, report.html")
+        elif args.command == "merge":
+            from mmlens.experiments.merge import merge_shards
+
+            print(f"merged into {merge_shards(args.out, args.shards)}")
         elif args.command == "report":
             from mmlens.experiments.report import build_report
 
             print(f"report written to {build_report(args.dir)}")
         else:
-            from mmlens.experiments.study import hook_shapes
+            from mmlens.experiments.study import check_device, hook_shapes
             from mmlens.model.hooked import HookedMultimodalTransformer
 
+            check_device(args.device)
             model = HookedMultimodalTransformer.from_pretrained(args.model, device=args.device)
             for name, shape in hook_shapes(model):
                 print(f"{name:45} {list(shape)}")
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, KeyError, FolderBusyError) as err:
         print(f"mmlens {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"mmlens {args.command}: error: {_os_error(err, out)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        resume = (f"; to resume, run: {_resume_command(argv, out)}"
+                  if args.command in ("flow", "reproduce") else "")
+        print(f"\nmmlens {args.command}: interrupted, finished examples are kept{resume}",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -96,21 +96,16 @@ class ExampleSource:
         for name, positions in extra.items():
             example.add_span(name, [positions])
 
-    def fingerprint(self) -> str:
-        """A digest of the examples' ids, questions, answers and tasks."""
-        digest = hashlib.sha1()
-        for index, example_id in enumerate(self.ids):
-            record = self.records[index] if self.records else None
-            fields = [example_id, getattr(record, "question", ""), getattr(record, "answer", ""),
-                      getattr(record, "task", "")]
-            digest.update("\x1f".join(map(str, fields)).encode() + b"\x1e")
-        if self.records is None:
-            digest.update(self.batch.input_ids.cpu().numpy().tobytes())
-        return f"{len(self.ids)} examples, sha1 {digest.hexdigest()[:16]}"
+    def digests(self) -> dict[str, Any]:
+        """Digests of the examples' ids, questions, answers, tasks, boxes and image bytes."""
+        from mmlens.experiments.fingerprint import examples_digests
+
+        return examples_digests(self.records, self.ids, self.batch)
 
 
 def model_fingerprint(model: HookedModel) -> str:
-    """Name, shape, dtype and a digest of a few weights: enough to tell checkpoints apart."""
+    """Name, shape, dtype and a digest of a few weights, for people to read; the store's
+    signature also holds ``weights_checksum``, which covers every element."""
     hf_config = getattr(model.cfg, "hf_config", None)
     name = getattr(hf_config, "_name_or_path", "") or "unnamed"
     digest = hashlib.sha1()

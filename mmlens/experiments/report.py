@@ -11,11 +11,11 @@ task; answer emergence in lowercase vs capitalised form, with and without the fi
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import pandas as pd
 
+from mmlens.experiments.atomic import write_atomic
 from mmlens.experiments.summary import flow_summary
 from mmlens.plotting import knockout_curves, lens_trajectories
 
@@ -34,16 +34,17 @@ REQUIRED = ("flow.csv", "dropped.csv", "emergence.csv")
 
 def build_report(run_dir: str | Path) -> Path:
     """Write ``report.html`` into ``run_dir`` from the tables a run saved there."""
+    from mmlens.experiments.tables import check_run_folder
+
     run_dir = Path(run_dir)
     missing = [name for name in REQUIRED if not (run_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{run_dir} lacks {', '.join(missing)}: pass the output folder "
                                 "of `mmlens flow` (rerun it with --out there to finish the run)")
+    summary = check_run_folder(run_dir)  # tables, run.json and store of one finished run
     flow = pd.read_csv(run_dir / "flow.csv")
     dropped = pd.read_csv(run_dir / "dropped.csv")
     emergence = pd.read_csv(run_dir / "emergence.csv")
-    run_file = run_dir / "run.json"
-    summary = json.loads(run_file.read_text()) if run_file.is_file() else {}
     parts = [_header(summary, flow, dropped)]
     figures = []
     shown: set[str] = set()
@@ -79,9 +80,7 @@ def build_report(run_dir: str | Path) -> Path:
             "</title><style>body{font-family:sans-serif;max-width:1200px;margin:auto}"
             "table{border-collapse:collapse}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
             "</style></head><body>" + "\n".join(parts) + "</body></html>")
-    path = run_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+    return write_atomic(run_dir / "report.html", page)
 
 
 def _header(summary: dict, flow: pd.DataFrame, dropped: pd.DataFrame) -> str:

@@ -34,6 +34,7 @@ def reproduce(
     device_map: str | dict | None = None,
     progress: bool = True,
     rescale_boxes: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> Path:
     """Run the paper's study for one model; resumable like ``mmlens flow``.
 
@@ -51,5 +52,5 @@ def reproduce(
         window=preset.window if preset is not None else None, device=device, dtype=dtype,
         only_correct=preset.only_correct if preset is not None else True,
         batch_size=batch_size, max_memory=max_memory, device_map=device_map, progress=progress,
-        rescale_boxes=rescale_boxes,
+        rescale_boxes=rescale_boxes, shard=shard,
     )

@@ -5,12 +5,12 @@
 writes into ``out``: ``run.json`` (the arguments), ``flow.jsonl`` (the resumable store),
 ``flow.csv`` (one row per example x flow x centre layer), ``dropped.csv``, ``emergence.csv``
 and ``report.html``. Running it again with the same arguments and folder resumes the sweep.
+The folder is locked while the study runs, and every file is replaced atomically.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,11 +19,19 @@ from typing import Any
 import torch
 
 from mmlens.core.errors import MMLensError
+from mmlens.experiments.distributed import close_ranks, init_ranks, rank_device
 from mmlens.experiments.emergence import answer_emergence
 from mmlens.experiments.knockouts import DEFAULT_FLOWS, parse_flows
+from mmlens.experiments.lock import FolderBusyError, RunLock
 from mmlens.experiments.presets import FIXED_BY_MODEL, PAPER_PRESETS
-from mmlens.experiments.summary import flow_summary
 from mmlens.experiments.sweep import dropped_examples, information_flow
+from mmlens.experiments.tables import (
+    STORE_NAME,
+    all_dropped_message,
+    write_flow_tables,
+    write_run_json,
+    write_table,
+)
 from mmlens.model.protocol import HookedModel
 
 DEFAULT_MODEL = "shapes-llava"
@@ -41,6 +49,13 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a CUDA device where torch sees none, before anything is loaded."""
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but torch sees no CUDA GPU here: pass "
+                         "--device cpu, or run where a GPU and a CUDA build of torch are")
 
 
 def default_out_dir() -> Path:
@@ -104,20 +119,6 @@ def _paper_examples(folder: str | Path, images: str | Path | None, tasks: Sequen
     return examples
 
 
-def all_dropped_message(dropped: Any, n_examples: int, out: Path) -> str:
-    """Why a run kept no example: each reason of ``dropped.csv`` with its count."""
-    reasons: dict[str, int] = {}
-    for reason in dropped.loc[dropped["flow"] == "all", "reason"]:
-        reason = str(reason)
-        if reason.startswith("wrong answer"):  # one text per example: count them together
-            reason = ("answered wrongly (the correctness filter; --no-filter or "
-                      "only_correct=False keeps them)")
-        reasons[reason] = reasons.get(reason, 0) + 1
-    listed = "; ".join(f"{n} {reason}" for reason, n in reasons.items()) or "no reason recorded"
-    return (f"all {n_examples} examples were dropped, so there is nothing to report: {listed}; "
-            f"see {out / 'dropped.csv'}")
-
-
 def run_study(
     out: str | Path | None = None,
     *,
@@ -138,6 +139,7 @@ def run_study(
     progress: bool = True,
     threads: int | None = None,
     rescale_boxes: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> Path:
     """Run the information-flow study and write its tables and report into ``out``.
 
@@ -145,16 +147,47 @@ def run_study(
     the CPU runs on one thread: its many small operations gain little from more, and stall
     badly when other work shares the cores. ``rescale_boxes``: an image whose size differs
     from the size the data records (same aspect ratio) gets its boxes rescaled, not refused.
+    ``shard=(K, N)``: only the K-th of N disjoint shares of the examples (``mmlens merge``
+    joins the shards' folders). Under ``torchrun`` the examples are dealt out over the ranks
+    and rank 0 writes the tables and report.
     """
-    from mmlens.experiments.report import build_report
-    from mmlens.model.hooked import HookedMultimodalTransformer
-
+    check_device(device)
     flow_names = [flow.name for flow in parse_flows(flows)]
     examples = load_examples(data, tasks=tasks, per_task=per_task, seed=seed, images=images)
     for example in examples:
         example.rescale_boxes = rescale_boxes
     out = Path(out) if out is not None else default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
+    ranks = init_ranks(device)
+    lock = RunLock(out)
+    try:
+        refusal = None
+        if ranks.is_main:
+            try:
+                lock.acquire()
+            except FolderBusyError as err:
+                refusal = str(err)
+        refusal = ranks.from_main(refusal)
+        if refusal is not None:
+            raise FolderBusyError(refusal)
+        return _study(out, examples, model=model, data=data, tasks=tasks, per_task=per_task,
+                      flow_names=flow_names, window=window, device=rank_device(device, ranks),
+                      dtype=dtype, seed=seed, only_correct=only_correct, batch_size=batch_size,
+                      progress=progress, threads=threads, shard=shard, ranks=ranks,
+                      max_memory=max_memory, device_map=device_map, rescale_boxes=rescale_boxes)
+    finally:
+        lock.release()
+        close_ranks(ranks)
+
+
+def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_task,
+           flow_names: list[str], window: int | None, device: str | None, dtype: str | None,
+           seed: int, only_correct: bool, batch_size: int | str, progress: bool,
+           threads: int | None, shard: tuple[int, int] | None, ranks,
+           max_memory: int | None, device_map: str | dict | None, rescale_boxes: bool) -> Path:
+    from mmlens.experiments.report import build_report
+    from mmlens.model.hooked import HookedMultimodalTransformer
+
     hooked = HookedMultimodalTransformer.from_pretrained(model, dtype=dtype, device=device,
                                                          device_map=device_map)
     on_cpu = hooked.embed.W_E.device.type == "cpu"
@@ -170,32 +203,39 @@ def run_study(
     arguments = {"model": model, "data": data, "tasks": tasks, "per_task": per_task,
                  "flows": flow_names, "window": window, "device": device, "dtype": dtype,
                  "seed": seed, "only_correct": only_correct, "threads": threads,
-                 "rescale_boxes": rescale_boxes}
+                 "rescale_boxes": rescale_boxes, "shard": list(shard) if shard else None}
+    # The store's signature covers every example, so the shards of one study can be merged.
+    mine = examples[shard[0]::shard[1]] if shard is not None else examples
     with torch_threads(threads):
         started = time.time()
         frame = information_flow(
             hooked, examples, flows=flow_names, window=window, only_correct=only_correct,
-            store=out / "flow.jsonl", batch_size=batch_size, max_memory=max_memory,
-            progress=progress, **options,
+            store=out / STORE_NAME, batch_size=batch_size, max_memory=max_memory,
+            progress=progress, ranks=ranks,
+            shard=shard, **options,
         )
-        frame.to_csv(out / "flow.csv", index=False)
-        if not frame.empty:
-            flow_summary(frame).to_csv(out / "summary.csv", index=False)
+        sweep_seconds = round(time.time() - started, 2)
+        if not ranks.is_main:
+            return out
+        digests = write_flow_tables(out, frame)
         dropped = dropped_examples(frame)
-        dropped.to_csv(out / "dropped.csv", index=False)
-        kept = set(frame.example_id)
-        if not kept:
-            raise MMLensError(all_dropped_message(dropped, len(examples), out))
-        emergence = answer_emergence(hooked, [e for e in examples if e.example_id in kept],
-                                     only_correct=False, progress=progress, **options)
-        emergence.to_csv(out / "emergence.csv", index=False)
         summary = {
             "arguments": arguments, "window": frame.attrs["window"],
-            "n_layers": hooked.cfg.n_layers, "n_examples": len(examples), "n_kept": len(kept),
+            "n_layers": hooked.cfg.n_layers, "n_examples": len(mine),
+            "n_kept": int(frame.example_id.nunique()),
             "n_dropped": int((dropped["flow"] == "all").sum()),
-            "seconds": round(time.time() - started, 1),
+            "world_size": ranks.world, "examples_per_rank": frame.attrs["examples_per_rank"],
+            "sweep_seconds": sweep_seconds,
+            "example_ids": [str(e.example_id) for e in examples],
         }
-        (out / "run.json").write_text(json.dumps(summary, indent=1))
+        if frame.empty:
+            write_run_json(out, summary, digests)
+            raise MMLensError(all_dropped_message(dropped, len(mine), out))
+        kept = set(frame.example_id)
+        emergence = answer_emergence(hooked, [e for e in mine if e.example_id in kept],
+                                     only_correct=False, progress=progress, **options)
+        digests.update([write_table(out, "emergence.csv", emergence)])
+        write_run_json(out, {**summary, "seconds": round(time.time() - started, 1)}, digests)
     build_report(out)
     return out
 

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from mmlens.experiments.distributed import Ranks, StoreProgress, current_ranks
 from mmlens.experiments.engine import (
     CleanRun,
     clean_run,
@@ -26,6 +27,15 @@ from mmlens.experiments.engine import (
     greedy_continue,
 )
 from mmlens.experiments.examples import ExampleSource, model_fingerprint
+from mmlens.experiments.fingerprint import (
+    METRIC,
+    code_digest,
+    config_digest,
+    processor_digest,
+    spans_digest,
+    template_digest,
+    weights_checksum,
+)
 from mmlens.experiments.knockouts import (
     DEFAULT_FLOWS,
     Flow,
@@ -35,7 +45,7 @@ from mmlens.experiments.knockouts import (
     window_knockouts,
 )
 from mmlens.experiments.naive import naive_knockout_probs
-from mmlens.experiments.store import ResultStore
+from mmlens.experiments.store import ResultStore, read_store
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.methods.windows import window_layers
 from mmlens.model.protocol import HookedModel
@@ -60,6 +70,8 @@ def information_flow(
     template: Any = None,
     preprocessing: str | None = None,
     max_new_tokens: int = 8,
+    shard: tuple[int, int] | None = None,
+    ranks: Ranks | None = None,
 ) -> pd.DataFrame:
     """Knock out each flow in the window around each centre layer; one row per example x flow
     x centre layer.
@@ -77,6 +89,11 @@ def information_flow(
     ``dropped_examples(df)`` gives it as a table ``example_id, task, flow, reason``: examples
     answered wrongly (``flow="all"``), and an example's flows with an empty span (e.g. no
     ``related`` patches when the question's objects are absent), which only that flow skips.
+
+    ``shard=(K, N)``: only examples ``K, K+N, K+2N...`` (a job-array share; the store's
+    signature still covers every example, so shards of one study can be merged). In a
+    ``torch.distributed`` group (``ranks``, default: the group joined, if any) the examples not
+    yet in the store are dealt out over the ranks; every rank returns the whole table.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
@@ -90,32 +107,53 @@ def information_flow(
     if only_correct:
         source.check_gold_answers()
     check_flow_spans(flows, source.prepare(0).spans[0])
+    ranks = ranks or current_ranks()
+    indices = list(range(len(source)))
+    if shard is not None:
+        indices = indices[shard[0]::shard[1]]
     results = None
     if store is not None:
         signature = {
             "kind": "information_flow", "model": model_fingerprint(model),
+            "weights": weights_checksum(model), "config": config_digest(model),
+            "processor": processor_digest(model), **source.digests(),
+            "span_rule": code_digest(), "metric": METRIC,
             "flows": [f.name for f in flows], "window": window, "only_correct": only_correct,
-            "examples": source.fingerprint(), "extra_spans": spans is not None,
-            "template": getattr(template, "name", template), "preprocessing": preprocessing,
+            "extra_spans": spans_digest(spans),
+            "template": template_digest(template), "preprocessing": preprocessing,
             "max_new_tokens": max_new_tokens,
         }
-        results = ResultStore.open(store, signature)
+        results = ResultStore.open(store, signature, writer=ranks.rank)
+        ranks.barrier()  # every rank has read the store before any appends to it
     done = {} if results is None else results.done
-    records = []
-    bar = tqdm(total=len(source), disable=not progress, desc="information flow", unit="ex")
-    for index in range(len(source)):
-        example_id = source.example_id(index)
-        if example_id not in done:
-            record = _one_example(model, source, index, flows, window, only_correct, method,
-                                  (batch_size, max_memory), max_new_tokens)
-            if results is not None:
-                results.append(record)
+    todo = ranks.mine([i for i in indices if source.example_id(i) not in done])
+    progress_of_others = (StoreProgress(store, results.path)
+                          if results is not None and ranks.world > 1 else None)
+    computed = {}
+    bar = tqdm(total=len(indices), initial=sum(source.example_id(i) in done for i in indices),
+               disable=not progress or not ranks.is_main, desc="information flow", unit="ex")
+    for index in todo:
+        record = _one_example(model, source, index, flows, window, only_correct, method,
+                              (batch_size, max_memory), max_new_tokens)
+        if results is not None:
+            results.append(record)
+        computed[record["example_id"]] = record
+        bar.update(1 + (progress_of_others.new_records() if progress_of_others else 0))
+    counts = ranks.gather(len(todo))
+    if ranks.world > 1:
+        ranks.barrier()  # every shard is complete
+        if results is not None:
+            done = read_store(store)[1]
         else:
-            record = done[example_id]
-        records.append(record)
-        bar.update(1)
+            for part in ranks.gather(computed):
+                computed.update(part)
+    bar.update(len(indices) - bar.n)
     bar.close()
-    return results_frame(records, flows, window, n_layers)
+    everything = {**done, **computed}
+    records = [everything[source.example_id(i)] for i in indices]
+    frame = results_frame(records, flows, window, n_layers)
+    frame.attrs["examples_per_rank"] = counts
+    return frame
 
 
 def _one_example(model: HookedModel, source: ExampleSource, index: int, flows: list[Flow],

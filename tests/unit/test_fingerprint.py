@@ -1,0 +1,138 @@
+"""The store's signature: every part that can change a row refuses a resume when it changes."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from mmlens import HookedMultimodalTransformer
+from mmlens.data.shapes import generate_per_task
+from mmlens.experiments import information_flow
+from mmlens.experiments.fingerprint import tensor_checksum, weights_checksum
+from mmlens.inputs.templates import VICUNA_V1
+from mmlens.zoo import BUNDLED
+
+pytestmark = pytest.mark.skipif(not (BUNDLED["shapes-llava"] / "config.json").is_file(),
+                                reason="shapes-llava is not bundled here")
+RUN = dict(flows=["image->last", "related->question"], window=3, only_correct=False,
+           progress=False, template=VICUNA_V1, preprocessing="resize_crop")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_checksum_sees_any_single_element_edit(dtype):
+    generator = torch.Generator().manual_seed(0)
+    tensor = torch.randn(300, 70, generator=generator).to(dtype)
+    before = tensor_checksum(tensor)
+    assert tensor_checksum(tensor.clone()) == before
+    for index in torch.randint(0, tensor.numel(), (40,), generator=generator).tolist():
+        edited = tensor.clone().reshape(-1)
+        edited[index] = torch.nextafter(edited[index].float(), torch.tensor(1e9)).to(dtype)
+        if edited[index] == tensor.reshape(-1)[index]:  # rounding kept it: step one more
+            edited[index] = edited[index] * 2 + 1
+        assert tensor_checksum(edited.reshape(tensor.shape)) != before, index
+    swapped = tensor.clone().reshape(-1)
+    swapped[[0, 1]] = swapped[[1, 0]]  # same values, other places: the plain sum is blind
+    assert tensor_checksum(swapped.reshape(tensor.shape)) != before
+
+
+@pytest.fixture(scope="module")
+def model():
+    return HookedMultimodalTransformer.from_pretrained("shapes-llava").eval()
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return generate_per_task(1, seed=3, tasks=["ChooseAttr", "QueryAttr"])
+
+
+def test_weights_checksum_covers_every_parameter(model):
+    before = weights_checksum(model)
+    for name, parameter in list(model.named_parameters())[::7]:
+        with torch.no_grad():
+            flat = parameter.view(-1)
+            old = flat[-1].clone()
+            flat[-1] += 1e-3
+            assert weights_checksum(model) != before, name
+            flat[-1] = old
+    assert weights_checksum(model) == before
+
+
+def _edit_image(examples):
+    edited = copy.deepcopy(examples)
+    image = edited[1].image.copy()
+    image.putpixel((5, 5), tuple(255 - v for v in image.getpixel((5, 5))))
+    edited[1].image = image
+    return edited
+
+
+def _with(examples, index, **changes):
+    edited = list(examples)
+    edited[index] = dataclasses.replace(edited[index], **changes)
+    return edited
+
+
+# (what changes, the signature key the refusal must name)
+EXAMPLE_CHANGES = {
+    "question": (lambda e: _with(e, 0, question=e[0].question + " "), "examples.questions"),
+    "answer": (lambda e: _with(e, 1, answer=e[1].answer + "s"), "examples.answers"),
+    "boxes": (lambda e: _with(e, 0, boxes=[(b[0] + 1, *b[1:]) for b in e[0].boxes]),
+              "examples.boxes"),
+    "image": (_edit_image, "examples.images"),
+    "ids": (lambda e: _with(e, 0, example_id="other"), "examples.ids"),
+}
+
+
+@pytest.mark.parametrize("part", EXAMPLE_CHANGES)
+def test_changed_example_data_is_refused(model, examples, tmp_path, part):
+    change, key = EXAMPLE_CHANGES[part]
+    store = tmp_path / "flow.jsonl"
+    information_flow(model, examples, store=store, **RUN)
+    with pytest.raises(ValueError, match=rf"{key}: stored .* now .*another --out folder"):
+        information_flow(model, change(examples), store=store, **RUN)
+
+
+OPTION_CHANGES = {
+    "flows": ({"flows": ["image->last"]}, "flows"),
+    "window": ({"window": 1}, "window"),
+    "template": ({"template": dataclasses.replace(VICUNA_V1, text=VICUNA_V1.text + " ")},
+                 "template"),
+    "preprocessing": ({"preprocessing": "pad"}, "preprocessing"),
+    "filter": ({"only_correct": True}, "only_correct"),
+    "decoding": ({"max_new_tokens": 3}, "max_new_tokens"),
+    "extra spans": ({"spans": {"x": {"mine": [1]}}}, "extra_spans"),
+}
+
+
+@pytest.mark.parametrize("part", OPTION_CHANGES)
+def test_changed_options_are_refused(model, examples, tmp_path, part):
+    options, key = OPTION_CHANGES[part]
+    store = tmp_path / "flow.jsonl"
+    information_flow(model, examples, store=store, **RUN)
+    with pytest.raises(ValueError, match=rf"{key}: stored"):
+        information_flow(model, examples, store=store, **{**RUN, **options})
+
+
+def _edit_weight(model):
+    model.blocks[4].mlp.in_weight.data.view(-1)[123] += 1e-4  # one element, in place
+
+
+def _edit_config(model):
+    model.cfg.hf_config.text_config.rope_theta = 12345.0
+
+
+def _edit_processor(model):
+    model.processor.image_processor.image_mean = [0.5, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("edit, key", [(_edit_weight, "weights"), (_edit_config, "config"),
+                                       (_edit_processor, "processor")],
+                         ids=["weights", "config", "processor"])
+def test_changed_model_is_refused(examples, tmp_path, edit, key):
+    model = HookedMultimodalTransformer.from_pretrained("shapes-llava").eval()
+    store = tmp_path / "flow.jsonl"
+    information_flow(model, examples, store=store, **RUN)
+    with torch.no_grad():
+        edit(model)
+    with pytest.raises(ValueError, match=rf"\({key}: stored"):
+        information_flow(model, examples, store=store, **RUN)
