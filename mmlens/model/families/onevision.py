@@ -24,6 +24,7 @@ tokenizer, the PIL image processor and the chat template itself (``inputs.proces
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any
 
@@ -35,10 +36,10 @@ from mmlens.model.anyres import AnyresPacker
 from mmlens.model.components import Projector
 from mmlens.model.config import (
     MultimodalConfig,
-    VisionConfig,
     language_config_from_hf,
     resolve_feature_layers,
 )
+from mmlens.model.families.llava import clip_vision_config
 from mmlens.model.families.llava_next import LlavaNextFamily
 from mmlens.model.loading.convert import (
     VISION_BLOCK,
@@ -75,18 +76,8 @@ def onevision_config(hf_config: Any) -> MultimodalConfig:
             "has no class token), which breaks the tile grid; Hugging Face's model cannot run it "
             "either: use 'full'")
     feature_layers = resolve_feature_layers(hf_config.vision_feature_layer, vc.num_hidden_layers)
-    vision = VisionConfig(
-        d_model=vc.hidden_size,
-        n_heads=vc.num_attention_heads,
-        d_mlp=vc.intermediate_size,
-        n_layers=max(feature_layers),
-        image_size=vc.image_size,
-        patch_size=vc.patch_size,
-        n_channels=vc.num_channels,
-        eps=vc.layer_norm_eps,
-        act_fn=vc.hidden_act,
-        has_class_token=False,
-    )
+    # SigLIP reads like CLIP's config, less the class token.
+    vision = dataclasses.replace(clip_vision_config(vc, feature_layers), has_class_token=False)
     return MultimodalConfig(
         model_type="llava_onevision",
         vision=vision,
