@@ -16,7 +16,40 @@ import sys
 
 from mmlens.data.example import TASKS
 from mmlens.experiments.knockouts import DEFAULT_FLOWS
+from mmlens.experiments.metrics import METRICS
+from mmlens.experiments.presets import EMPTY_SPANS, PAPER_PRESETS
 from mmlens.experiments.study import DEFAULT_MODEL, DEFAULT_PER_TASK
+from mmlens.inputs.image_tokens import TOKENIZATIONS
+from mmlens.inputs.spans import RELATED_RULES
+
+
+def _study_options(command: argparse.ArgumentParser) -> None:
+    """The settings both ``flow`` and ``reproduce`` take (``mmlens.experiments.presets``)."""
+    command.add_argument("--preset", default=None,
+                         help="apply a paper preset to any model: one of "
+                         f"{', '.join(PAPER_PRESETS)}, or 'none' (default: found from the "
+                         "model's name or config)")
+    command.add_argument("--template", default=None, help="prompt template name, overriding "
+                         "the preset's (e.g. vicuna_v1, vicuna_v1_paper)")
+    command.add_argument("--preprocessing", default=None, choices=["pad", "resize_crop"],
+                         help="how images reach the vision tower, overriding the preset's")
+    command.add_argument("--tokenization", default=None, choices=list(TOKENIZATIONS),
+                         help="'chunks' (original LLaVA) or 'whole' (the processor's)")
+    command.add_argument("--related-rule", default=None, choices=list(RELATED_RULES),
+                         help="related patches by exact box 'geometry' or the paper's pixel rule")
+    command.add_argument("--empty-spans", default=None, choices=list(EMPTY_SPANS),
+                         help="a flow with an empty span: 'skip' it or write 'zero' change rows")
+    command.add_argument("--metric", default="prob", choices=list(METRICS),
+                         help="prob (relative change, the paper's), logprob or logit-diff")
+    command.add_argument("--controls", action="store_true",
+                         help="add a random control per flow (same size, same modality)")
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return {"preset": args.preset, "template": args.template,
+            "preprocessing": args.preprocessing, "tokenization": args.tokenization,
+            "related_rule": args.related_rule, "empty_spans": args.empty_spans,
+            "metric": args.metric, "controls": args.controls}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="output folder (default runs/flow-<timestamp>); rerun with the same "
                       "folder and arguments to resume")
     flow.add_argument("--quiet", action="store_true", help="no progress bars")
+    _study_options(flow)
     reproduce = commands.add_parser(
         "reproduce", help="the paper's study on its released GQA question subsets")
     reproduce.add_argument("--model", required=True,
@@ -64,7 +98,10 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--device", default=None, help="e.g. cuda")
     reproduce.add_argument("--dtype", default=None, help="float16, bfloat16 or float32")
     reproduce.add_argument("--batch-size", type=int, default=64, help="knockouts run together")
+    reproduce.add_argument("--no-filter", action="store_true",
+                           help="keep examples the model answers wrongly")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
+    _study_options(reproduce)
     report = commands.add_parser("report", help="rebuild report.html from a run's tables")
     report.add_argument("dir", help="output folder of `mmlens flow`")
     hooks = commands.add_parser("hooks", help="list hook names and activation shapes")
@@ -91,16 +128,24 @@ def main(argv: list[str] | None = None) -> int:
                 out, model=args.model, data=args.data, tasks=tasks, per_task=args.per_task,
                 flows=args.flows, window=args.window, device=args.device, dtype=args.dtype,
                 seed=args.seed, only_correct=not args.no_filter, batch_size=args.batch_size,
-                progress=not args.quiet, threads=args.threads,
+                progress=not args.quiet, threads=args.threads, **_settings(args),
             )
             print(f"results in {out}: flow.csv, dropped.csv, emergence.csv, report.html")
         elif args.command == "reproduce":
             from mmlens.experiments.reproduce import reproduce
 
+            settings = _settings(args)
+            overrides = {k: settings.pop(k) for k in ("template", "preprocessing",
+                                                      "tokenization", "related_rule",
+                                                      "empty_spans")}
+            if any(v is not None for v in overrides.values()):
+                raise ValueError("reproduce runs the paper's settings: use `mmlens flow` with "
+                                 "--preset to change one of them")
             out = reproduce(
                 args.out, model=args.model, gqa_images=args.gqa_images, subsets=args.subsets,
                 tasks=_tasks(args.tasks), per_task=args.per_task, device=args.device,
                 dtype=args.dtype, batch_size=args.batch_size, progress=not args.quiet,
+                only_correct=not args.no_filter, **settings,
             )
             print(f"results in {out}: flow.csv, summary.csv, emergence.csv, report.html")
         elif args.command == "report":

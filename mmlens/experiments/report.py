@@ -60,9 +60,9 @@ def build_report(run_dir: str | Path) -> Path:
     if not flow.empty:
         figures.append(("Every flow per task", "One panel per task.",
                         knockout_curves(flow, title="Every flow per task")))
-    for ln, name in ((False, "without the final norm (the paper's reading)"),
-                     (True, "with the final norm (the usual logit lens)")):
-        rows = emergence[(emergence["ln"] == ln)
+    for reading, name in (("paper", "the paper's reading (hidden states, no norm)"),
+                          ("final_norm", "with the final norm (the usual logit lens)")):
+        rows = emergence[(emergence["reading"] == reading)
                          & emergence["variant"].isin(["lower", "capitalised", "wrong"])]
         if not rows.empty:
             title = f"Answer emergence, {name}"

@@ -2,15 +2,20 @@
 
     out = run_study("runs/flow", model="shapes-llava", data="shapes", per_task=30)
 
-writes into ``out``: ``run.json`` (the arguments), ``flow.jsonl`` (the resumable store),
-``flow.csv`` (one row per example x flow x centre layer), ``dropped.csv``, ``emergence.csv``
-and ``report.html``. Running it again with the same arguments and folder resumes the sweep.
+writes into ``out``: ``run.json`` (the arguments, the resolved settings: preset, template,
+preprocessing, tokenization, related rule, empty spans, window, metric; versions and the
+weights' checksum), ``flow.jsonl`` (the resumable store), ``flow.csv`` (one row per example x
+flow x centre layer), ``summary.csv``, ``dropped.csv``, ``emergence.csv``, ``examples.jsonl``
+(what each example gave the model, ``mmlens.experiments.provenance``) and ``report.html``.
+Running it again with the same arguments and folder resumes the sweep. Every example gets one
+clean run, shared by the correctness filter, the knockouts and answer emergence.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,9 +23,10 @@ from typing import Any
 
 import torch
 
-from mmlens.experiments.emergence import answer_emergence
+from mmlens.experiments.emergence import emergence_frame
 from mmlens.experiments.knockouts import DEFAULT_FLOWS, parse_flows
-from mmlens.experiments.presets import PAPER_PRESETS
+from mmlens.experiments.presets import resolve_settings
+from mmlens.experiments.provenance import run_provenance, write_examples
 from mmlens.experiments.summary import flow_summary
 from mmlens.experiments.sweep import dropped_examples, information_flow
 
@@ -116,8 +122,18 @@ def run_study(
     batch_size: int = 64,
     progress: bool = True,
     threads: int | None = None,
+    preset: str | None = None,
+    metric: str = "prob",
+    controls: bool = False,
+    **settings: str | None,
 ) -> Path:
     """Run the information-flow study and write its tables and report into ``out``.
+
+    ``preset``: one of the paper's checkpoints (``mmlens.experiments.presets``), applied to
+    any model; None finds it from the model's name or config; ``"none"``: no preset.
+    ``settings``: ``template``, ``preprocessing``, ``tokenization``, ``related_rule``,
+    ``empty_spans`` overriding the preset's. ``metric``: ``prob`` | ``logprob`` |
+    ``logit-diff``. ``controls``: a random control per flow.
 
     ``threads``: CPU threads for torch. By default a small model (``d_model`` up to 1024) on
     the CPU runs on one thread: its many small operations gain little from more, and stall
@@ -134,33 +150,32 @@ def run_study(
     on_cpu = hooked.embed.W_E.device.type == "cpu"
     if threads is None and on_cpu and hooked.cfg.d_model <= SMALL_WIDTH:
         threads = 1
-    # The paper's per-model prompt and image preprocessing; other models: their processor's.
-    preset = PAPER_PRESETS.get(model)
-    options = {"template": preset.template if preset else None, "preprocessing": None}
-    if preset is not None and preset.preprocessing != "anyres":  # anyres: fixed by the model
-        options["preprocessing"] = preset.preprocessing
-    if window is None and preset is not None:
-        window = preset.window
+    resolved = resolve_settings(hooked, preset, window=window, **settings)
+    print(f"mmlens: {resolved.describe()}", file=sys.stderr)
     arguments = {"model": model, "data": data, "tasks": tasks, "per_task": per_task,
                  "flows": flow_names, "window": window, "device": device, "dtype": dtype,
-                 "seed": seed, "only_correct": only_correct, "threads": threads}
+                 "seed": seed, "only_correct": only_correct, "threads": threads,
+                 "preset": preset, "metric": metric, "controls": controls, **settings}
     with torch_threads(threads):
         started = time.time()
         frame = information_flow(
-            hooked, examples, flows=flow_names, window=window, only_correct=only_correct,
-            store=out / "flow.jsonl", batch_size=batch_size, progress=progress, **options,
+            hooked, examples, flows=flow_names, preset=resolved, only_correct=only_correct,
+            store=out / "flow.jsonl", batch_size=batch_size, progress=progress, metric=metric,
+            controls=controls, seed=seed, lens=hooked.tokenizer is not None,
         )
         frame.to_csv(out / "flow.csv", index=False)
         if not frame.empty:
-            flow_summary(frame).to_csv(out / "summary.csv", index=False)
+            flow_summary(frame, seed=seed).to_csv(out / "summary.csv", index=False)
         dropped = dropped_examples(frame)
         dropped.to_csv(out / "dropped.csv", index=False)
         kept = set(frame.example_id)
-        emergence = answer_emergence(hooked, [e for e in examples if e.example_id in kept],
-                                     only_correct=False, progress=progress, **options)
-        emergence.to_csv(out / "emergence.csv", index=False)
+        records = frame.attrs["records"]
+        emergence_frame(records).to_csv(out / "emergence.csv", index=False)
+        write_examples(out / "examples.jsonl", records,
+                       {str(e.example_id): str(e.answer) for e in examples})
         summary = {
-            "arguments": arguments, "window": frame.attrs["window"],
+            "arguments": arguments, **frame.attrs["settings"], "metric": metric,
+            "controls": controls, **run_provenance(hooked), "window": frame.attrs["window"],
             "n_layers": hooked.cfg.n_layers, "n_examples": len(examples), "n_kept": len(kept),
             "n_dropped": int((dropped["flow"] == "all").sum()),
             "seconds": round(time.time() - started, 1),

@@ -14,6 +14,8 @@ from PIL import Image
 
 from mmlens.inputs.anyres_spans import add_anyres_spans
 from mmlens.inputs.batch import MultimodalBatch
+from mmlens.inputs.checkpoints import default_preprocessing
+from mmlens.inputs.image_tokens import TOKENIZATIONS, chunked_encoding
 from mmlens.inputs.templates import IMAGE_PLACEHOLDER, PromptTemplate, get_template
 from mmlens.inputs.tiling import pad_tiles
 
@@ -47,25 +49,46 @@ def _spans_for(ids: list[int], offsets: list[tuple[int, int]], question_range: t
     return {k: torch.tensor(v, dtype=torch.long) for k, v in spans.items()}
 
 
+def pad_colour(processor: Any) -> tuple[int, ...]:
+    """LLaVA's ``expand2square`` background: ``int(c * 255)`` of the image mean, truncated as
+    the original code does (CLIP's mean gives ``(122, 116, 104)``)."""
+    mean = getattr(processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
+    return tuple(int(c * 255) for c in mean)
+
+
 def pad_to_square(image: Image.Image, processor: Any) -> Image.Image:
     """Original LLaVA-1.5's preprocessing: centre the image on a square of the mean colour."""
     width, height = image.size
     if width == height:
         return image
-    mean = getattr(processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
     side = max(width, height)
-    canvas = Image.new("RGB", (side, side), tuple(int(round(c * 255)) for c in mean))
+    canvas = Image.new("RGB", (side, side), pad_colour(processor))
     canvas.paste(image, ((side - width) // 2, (side - height) // 2))
     return canvas
 
 
 def encode_prompt(processor: Any, image: Image.Image, question: str, template: PromptTemplate,
-                  image_token_id: int) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
-    """Process one image + question; returns processor outputs, spans and the prompt."""
+                  image_token_id: int, tokenization: str = "whole",
+                  ) -> tuple[dict[str, Any], dict[str, torch.Tensor], str]:
+    """Process one image + question; returns processor outputs, spans and the prompt.
+
+    ``tokenization="chunks"`` tokenizes the text around ``<image>`` separately, as the original
+    LLaVA code does (``mmlens.inputs.image_tokens``); ``"whole"`` keeps the processor's ids.
+    """
+    if tokenization not in TOKENIZATIONS:
+        raise ValueError(f"unknown tokenization {tokenization!r}: use one of {TOKENIZATIONS}")
     prompt = template.format(question)
     out = processor(images=[image], text=[prompt], return_tensors="pt")
     ids = out["input_ids"][0].tolist()
     n_image = sum(1 for t in ids if t == image_token_id)
+    if tokenization == "chunks":
+        ids, offsets = chunked_encoding(processor.tokenizer, prompt, image_token_id, n_image)
+        out["input_ids"] = torch.tensor([ids], dtype=torch.long)
+        out["attention_mask"] = torch.ones_like(out["input_ids"])
+        q_start = len(template.prefix)
+        spans = _spans_for(ids, offsets, (q_start, q_start + len(question)), image_token_id,
+                           processor.tokenizer.bos_token_id)
+        return out, spans, prompt
     image_str = processor.tokenizer.convert_ids_to_tokens(image_token_id)
     expanded_prefix = template.prefix.replace(IMAGE_PLACEHOLDER, image_str * n_image)
     expanded = expanded_prefix + question + template.suffix
@@ -83,12 +106,16 @@ def prepare(model: Any, images: Any, questions: Any, *,
             template: str | PromptTemplate | None = None,
             boxes: Sequence[Sequence[tuple[float, float, float, float]]] | None = None,
             examples: Sequence[Any] | None = None,
-            preprocessing: str | None = None) -> MultimodalBatch:
+            preprocessing: str | None = None, tokenization: str = "whole",
+            related_rule: str = "geometry") -> MultimodalBatch:
     """Build a left-padded batch with spans from PIL images and question strings.
 
     ``boxes`` (per example, ``(x, y, w, h)`` in original-image pixels) add the spans
     ``related`` and ``other`` image patches, mapped through ``preprocessing``
-    (``"resize_crop"`` or ``"pad"``; default: what the checkpoint's processor does).
+    (``"resize_crop"`` or ``"pad"``; default: what the checkpoint was trained with, see
+    ``default_preprocessing``) by ``related_rule`` (``"geometry"``: exact box arithmetic;
+    ``"paper"``: the paper's red-pixel mask, ``mmlens.inputs.pixel_rule``).
+    ``tokenization``: ``"whole"`` (the processor's) or ``"chunks"`` (the original LLaVA's).
     """
     processor = model.processor
     if processor is None:
@@ -103,10 +130,11 @@ def prepare(model: Any, images: Any, questions: Any, *,
     template = get_template(template, processor.tokenizer)
     image_token_id = model.cfg.image_token_id
     images = [img.convert("RGB") for img in images]
+    preprocessing = preprocessing or default_preprocessing(model)
     model_images = images
     if preprocessing == "pad":
         model_images = [pad_to_square(img, processor) for img in images]
-    encoded = [encode_prompt(processor, img, q, template, image_token_id)
+    encoded = [encode_prompt(processor, img, q, template, image_token_id, tokenization)
                for img, q in zip(model_images, questions, strict=True)]
     width = max(out["input_ids"].shape[1] for out, _, _ in encoded)
     pad_id = processor.tokenizer.pad_token_id
@@ -134,7 +162,7 @@ def prepare(model: Any, images: Any, questions: Any, *,
     if boxes is not None:
         from mmlens.inputs.spans import add_patch_spans
 
-        add_patch_spans(model, batch, images, boxes, mode=preprocessing)
+        add_patch_spans(model, batch, images, boxes, mode=preprocessing, rule=related_rule)
     return batch
 
 

@@ -8,29 +8,32 @@ from typing import Any
 import torch
 
 from mmlens.data.example import Box
+from mmlens.inputs.checkpoints import default_preprocessing
 from mmlens.inputs.geometry import MODES, other_image_positions, related_image_positions
 
-
-def default_preprocessing(processor: Any) -> str:
-    """``"resize_crop"`` for a processor that centre-crops, ``"pad"`` for one that pads."""
-    image_processor = getattr(processor, "image_processor", None)
-    if getattr(image_processor, "do_pad_to_square", False) or getattr(
-            image_processor, "mmlens_preprocessing", None) == "pad":
-        return "pad"
-    return "resize_crop"
+RELATED_RULES: tuple[str, ...] = ("geometry", "paper")
 
 
 def add_patch_spans(model: Any, batch: Any, images: Sequence[Any], boxes: Sequence[Sequence[Box]],
-                    *, mode: str | None = None) -> None:
+                    *, mode: str | None = None, rule: str = "geometry") -> None:
     """Add ``related`` (patches any box touches) and ``other`` (the remaining patches) spans.
 
     ``boxes[i]`` are ``(x, y, w, h)`` in pixels of ``images[i]`` as given to ``prepare``.
+    ``rule``: ``"geometry"`` (exact box arithmetic) or ``"paper"`` (the paper's red-pixel
+    mask pushed through the processor, ``mmlens.inputs.pixel_rule``).
     """
     if len(boxes) != len(batch):
         raise ValueError(f"got boxes for {len(boxes)} examples but the batch has {len(batch)}")
-    mode = mode or default_preprocessing(model.processor)
+    mode = mode or default_preprocessing(model)
     if mode not in MODES:
         raise ValueError(f"unknown preprocessing mode {mode!r}: use one of {MODES}")
+    if rule not in RELATED_RULES:
+        raise ValueError(f"unknown related rule {rule!r}: use one of {RELATED_RULES}")
+    if rule == "paper":
+        from mmlens.inputs.pixel_rule import add_pixel_rule_spans
+
+        add_pixel_rule_spans(model, batch, images, boxes, mode=mode)
+        return
     related, other = [], []
     for i, (image, example_boxes) in enumerate(zip(images, boxes, strict=True)):
         image_positions = batch.positions("image", i)

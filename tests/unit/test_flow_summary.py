@@ -1,6 +1,5 @@
 """The per-task summary finds the peak drop and its half-height range on hand-made curves."""
 
-import math
 
 import pandas as pd
 import pytest
@@ -28,7 +27,7 @@ def test_peak_and_half_range():
     assert row.peak_layer == 3 and row.peak_change == pytest.approx(-60)
     assert (row.half_start, row.half_end) == (2, 4)  # -30 and -35 are at least half of -60
     flat = summary.loc[("ChooseAttr", "last->last")]
-    assert flat.peak_change >= 0 and math.isnan(flat.half_start)
+    assert flat.peak_change >= 0 and pd.isna(flat.half_start)
     assert ("all", "question->last") in summary.index
     assert summary.loc[("ChooseAttr", "question->last")].n_examples == 2
 
