@@ -2,7 +2,8 @@
 
 Every figure comes with a bootstrap 95% interval: examples are resampled with replacement
 ``n_boot`` times (seeded), the mean curve recomputed, and the figure read off each resample;
-``*_low`` / ``*_high`` are the 2.5th and 97.5th percentiles.
+``*_low`` / ``*_high`` are the 2.5th and 97.5th percentiles. ``peak_change``'s interval is
+that of the mean at the peak layer (the minimum of each resampled curve would be biased low).
 """
 
 from __future__ import annotations
@@ -44,9 +45,13 @@ def flow_summary(frame: pd.DataFrame, by: tuple[str, ...] = ("task", "flow"), *,
             row = {**dict(zip(by, key, strict=True)),
                    **_peak(np.nanmean(values, axis=0), layers)}
             draws = rng.integers(0, len(values), size=(n_boot, len(values)))
-            boot = [_peak(np.nanmean(values[d], axis=0), layers) for d in draws]
+            curves = [np.nanmean(values[d], axis=0) for d in draws]
+            boot = [_peak(curve, layers) for curve in curves]
+            at = np.flatnonzero(layers == row["peak_layer"])
             for figure in FIGURES:
                 samples = np.array([b[figure] for b in boot], dtype=float)
+                if figure == "peak_change" and len(at):
+                    samples = np.array([curve[at[0]] for curve in curves])
                 low, high = (np.nanpercentile(samples, [2.5, 97.5])
                              if np.isfinite(samples).any() else (np.nan, np.nan))
                 row[f"{figure}_low"], row[f"{figure}_high"] = low, high
