@@ -22,6 +22,7 @@ from mmlens.experiments.controls import control_flow, is_control
 from mmlens.experiments.knockouts import parse_flow
 from mmlens.experiments.summary import flow_summary
 from mmlens.plotting import knockout_curves, lens_trajectories
+from mmlens.plotting.views import example_view_figure, view_caption
 
 SECTIONS = (
     ("Flows to the last position", ("image->last", "question->last", "last->last")),
@@ -82,6 +83,7 @@ def build_report(run_dir: str | Path) -> Path:
     if not flow.empty:
         figures.append(("Every flow per task", "One panel per task; the summary table below "
                         "gives each task's peak.", curves(flow, "Every flow per task")))
+    figures += _view_figures(run_dir)
     figures += _emergence_figures(emergence)
     for index, (title, note, figure) in enumerate(figures):
         parts.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(note)}</p>")
@@ -95,6 +97,15 @@ def build_report(run_dir: str | Path) -> Path:
     path = run_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def _view_figures(run_dir: Path) -> list:
+    """One example per task: image, related patches, the question's attention."""
+    path = run_dir / "views.json"
+    if not path.is_file():
+        return []
+    return [(f"Example: {view['task']}", view_caption(view), example_view_figure(view))
+            for view in json.loads(path.read_text())]
 
 
 def _emergence_figures(emergence: pd.DataFrame) -> list:

@@ -29,6 +29,7 @@ from mmlens.experiments.presets import resolve_settings
 from mmlens.experiments.provenance import run_provenance, write_examples
 from mmlens.experiments.summary import flow_summary
 from mmlens.experiments.sweep import dropped_examples, information_flow
+from mmlens.experiments.views import example_views
 
 DEFAULT_MODEL = "shapes-llava"
 DEFAULT_PER_TASK = 60
@@ -173,6 +174,9 @@ def run_study(
         emergence_frame(records).to_csv(out / "emergence.csv", index=False)
         write_examples(out / "examples.jsonl", records,
                        {str(e.example_id): str(e.answer) for e in examples})
+        if hooked.processor is not None:
+            views = example_views(hooked, examples, records, resolved.prepare_options())
+            (out / "views.json").write_text(json.dumps(views))
         summary = {
             "arguments": arguments, **frame.attrs["settings"], "metric": metric,
             "controls": controls, **run_provenance(hooked), "window": frame.attrs["window"],

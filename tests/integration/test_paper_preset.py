@@ -129,3 +129,24 @@ def test_without_a_preset_the_study_says_so(tmp_path, capsys):
     run = json.loads((out / "run.json").read_text())
     assert run["preset"] is None and run["related_rule"] == "geometry"
     assert "no preset" in capsys.readouterr().err
+
+
+@needs_bundled
+def test_example_views_outline_the_related_patches_and_hold_attention(tmp_path):
+    from mmlens.data.shapes import generate_per_task
+    from mmlens.experiments.views import example_view
+    from mmlens.plotting.views import example_view_figure, view_caption
+
+    model = HookedMultimodalTransformer.from_pretrained("shapes-llava")
+    example = generate_per_task(1, seed=3, tasks=["ChooseAttr"])[0]
+    view = example_view(model, example, {}, "Red")
+    grid = model.cfg.vision.grid_size
+    batch = model.prepare(example.load_image(), example.question, boxes=[example.boxes])
+    image = batch.positions("image", 0)
+    assert view["related"] == (batch.positions("related", 0) - image[0]).tolist()
+    assert len(view["attention"]) == grid**2
+    # attention of each question token sums to at most 1 over all keys
+    assert 0 < sum(view["attention"]) <= 1 + 1e-5
+    figure = example_view_figure(view)
+    assert len(figure.layout.shapes) == len(view["related"])
+    assert f"the {len(view['related'])} related patches of {grid**2}" in view_caption(view)
