@@ -150,3 +150,27 @@ def test_example_views_outline_the_related_patches_and_hold_attention(tmp_path):
     figure = example_view_figure(view)
     assert len(figure.layout.shapes) == len(view["related"])
     assert f"the {len(view['related'])} related patches of {grid**2}" in view_caption(view)
+
+
+def test_the_paper_settings_on_an_anyres_model():
+    from tiny_next import QUESTIONS, random_image, tiny_next, tiny_processor
+
+    from mmlens.inputs.pixel_rule import pixel_rule_mask
+    from mmlens.inputs.templates import VICUNA_V1_PAPER
+
+    processor = tiny_processor()
+    model = HookedMultimodalTransformer.from_hf_model(tiny_next(), processor=processor)
+    sizes, boxes = [(90, 40), (64, 64)], [[(5, 10, 12, 30)], [(40, 40, 20, 20), (0, 0, 4, 4)]]
+    images = [random_image(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+    batch = model.prepare(images, QUESTIONS[:2], boxes=boxes, template=VICUNA_V1_PAPER,
+                          tokenization="chunks", related_rule="paper")
+    for i, (h, w) in enumerate(sizes):
+        assert batch.prompts[i] == VICUNA_V1_PAPER.format(QUESTIONS[i])
+        image, newline = batch.positions("image", i), batch.positions("image_newline", i)
+        related, other = batch.positions("related", i), batch.positions("other", i)
+        mask, is_newline = pixel_rule_mask(processor, model.cfg, boxes[i], (w, h), "resize_crop")
+        assert torch.equal(related, image[mask]) and torch.equal(newline, image[is_newline])
+        assert sorted(related.tolist() + other.tolist() + newline.tolist()) == image.tolist()
+        question = batch.positions("question", i)
+        decoded = processor.tokenizer.decode(batch.input_ids[i, question])
+        assert "".join(decoded.split()) == "".join(QUESTIONS[i].split())  # word-level decode
