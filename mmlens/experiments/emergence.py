@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from mmlens.experiments.correctness import model_answer, wrong_answer_reason
 from mmlens.experiments.engine import CleanRun, clean_run
 from mmlens.experiments.examples import ExampleSource
+from mmlens.experiments.presets import resolve_settings
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.methods.lens import decode, first_token_ids
 
@@ -97,8 +98,10 @@ def answer_emergence(
     *,
     only_correct: bool = True,
     progress: bool = True,
+    preset: Any = None,
     template: Any = None,
     preprocessing: str | None = None,
+    tokenization: str | None = None,
     max_new_tokens: int = 8,
 ) -> pd.DataFrame:
     """The answer's probability and rank at the last position, per layer and reading.
@@ -106,13 +109,16 @@ def answer_emergence(
     One row per example x variant x reading x layer; ``rank`` 1 is the top token.
     ``examples`` are ``Example`` records (or a batch built from them); with ``only_correct``
     the examples the model gets wrong are left out and listed in ``df.attrs["dropped"]``.
-    ``information_flow(..., lens=True)`` gives the same rows from the sweep's clean runs.
+    ``preset`` and the prompt settings are resolved as in ``information_flow``, which with
+    ``lens=True`` gives the same rows from the sweep's own clean runs.
     """
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError("answer emergence tracks answer words, but this model has no "
                          "tokenizer: load it with from_pretrained")
-    source = ExampleSource(model, examples, template=template, preprocessing=preprocessing)
+    settings = resolve_settings(model, preset, template=template, preprocessing=preprocessing,
+                                tokenization=tokenization)
+    source = ExampleSource(model, examples, **settings.prepare_options())
     source.check_gold_answers()
     records, dropped = [], []
     for index in tqdm(range(len(source)), disable=not progress, desc="answer emergence",
