@@ -23,7 +23,41 @@ import warnings
 from mmlens.data.example import TASKS
 from mmlens.experiments.knockouts import DEFAULT_FLOWS
 from mmlens.experiments.lock import FolderBusyError
+from mmlens.experiments.metrics import METRICS
+from mmlens.experiments.presets import EMPTY_SPANS, PRESETS
 from mmlens.experiments.study import DEFAULT_MODEL, DEFAULT_PER_TASK
+from mmlens.inputs.image_tokens import TOKENIZATIONS
+from mmlens.inputs.spans import RELATED_RULES
+
+
+def _study_options(command: argparse.ArgumentParser) -> None:
+    """The settings both ``flow`` and ``reproduce`` take (``mmlens.experiments.presets``)."""
+    command.add_argument("--preset", default=None,
+                         help="apply a preset to any model: one of "
+                         f"{', '.join(PRESETS)}, or 'none' (default: found from the "
+                         "model's name or config)")
+    command.add_argument("--template", default=None, help="prompt template name, overriding "
+                         "the preset's (e.g. vicuna_v1, vicuna_v1_paper)")
+    command.add_argument("--preprocessing", default=None, choices=["pad", "resize_crop", "resize"],
+                         help="how images reach the vision tower, overriding the preset's")
+    command.add_argument("--tokenization", default=None, choices=list(TOKENIZATIONS),
+                         help="'chunks' (original LLaVA) or 'whole' (the processor's)")
+    command.add_argument("--related-rule", default=None, choices=list(RELATED_RULES),
+                         help="related patches by exact box 'geometry' or the paper's pixel rule")
+    command.add_argument("--empty-spans", default=None, choices=list(EMPTY_SPANS),
+                         help="a flow with an empty span: 'skip' it or write 'zero' change rows")
+    command.add_argument("--metric", default="prob", choices=list(METRICS),
+                         help="prob (relative change, the paper's), logprob or logit-diff")
+    command.add_argument("--controls", action="store_true",
+                         help="add a random control per flow (same size, same modality)")
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return {"preset": args.preset, "template": args.template,
+            "preprocessing": args.preprocessing, "tokenization": args.tokenization,
+            "related_rule": args.related_rule, "empty_spans": args.empty_spans,
+            "metric": args.metric, "controls": args.controls}
+
 
 RESCALE_HELP = ("images whose size differs from the size the data records, with the same aspect "
                 "ratio: rescale their boxes (default: refuse them)")
@@ -69,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     flow.add_argument("--shard", type=_shard, default=None, metavar="K/N",
                       help="run only the K-th (from 0) of N disjoint shares of the examples; "
                       "join the shards' folders with `mmlens merge`")
+    _study_options(flow)
     reproduce = commands.add_parser(
         "reproduce", help="the paper's study on its released GQA question subsets")
     reproduce.add_argument("--model", required=True,
@@ -89,10 +124,13 @@ def _parser() -> argparse.ArgumentParser:
                            help="memory budget for --batch-size auto, e.g. 24GB")
     reproduce.add_argument("--device-map", default=None,
                            help="split the model across devices: 'auto' or part=device pairs")
+    reproduce.add_argument("--no-filter", action="store_true",
+                           help="keep examples the model answers wrongly")
     reproduce.add_argument("--quiet", action="store_true", help="no progress bars")
     reproduce.add_argument("--rescale-boxes", action="store_true", help=RESCALE_HELP)
     reproduce.add_argument("--shard", type=_shard, default=None, metavar="K/N",
                            help="only the K-th of N shares of the questions (see merge)")
+    _study_options(reproduce)
     merge = commands.add_parser("merge", help="join the folders of `flow --shard K/N` runs")
     merge.add_argument("out", help="new output folder")
     merge.add_argument("shards", nargs="+", help="the shards' output folders")
@@ -173,14 +211,22 @@ def main(argv: list[str] | None = None) -> int:
                 max_memory=None if args.max_memory is None else parse_memory(args.max_memory),
                 device_map=_device_map(args.device_map),
                 rescale_boxes=args.rescale_boxes,
-                shard=args.shard,
+                shard=args.shard, **_settings(args),
             )
             if main_process:
-                print(f"results in {out}: flow.csv, dropped.csv, emergence.csv, report.html")
+                print(f"results in {out}: flow.csv, summary.csv, dropped.csv, emergence.csv, "
+                      "examples.jsonl, report.html")
         elif args.command == "reproduce":
             from mmlens.experiments.memory import parse_memory
             from mmlens.experiments.reproduce import reproduce
 
+            settings = _settings(args)
+            overrides = {k: settings.pop(k) for k in ("template", "preprocessing",
+                                                      "tokenization", "related_rule",
+                                                      "empty_spans")}
+            if any(v is not None for v in overrides.values()):
+                raise ValueError("reproduce runs the paper's settings: use `mmlens flow` with "
+                                 "--preset to change one of them")
             out = reproduce(
                 args.out, model=args.model, gqa_images=args.gqa_images, subsets=args.subsets,
                 tasks=_tasks(args.tasks), per_task=args.per_task, device=args.device,
@@ -189,9 +235,11 @@ def main(argv: list[str] | None = None) -> int:
                 device_map=_device_map(args.device_map),
                 rescale_boxes=args.rescale_boxes,
                 shard=args.shard,
+                only_correct=not args.no_filter, **settings,
             )
             if main_process:
-                print(f"results in {out}: flow.csv, summary.csv, emergence.csv, report.html")
+                print(f"results in {out}: flow.csv, summary.csv, dropped.csv, emergence.csv, "
+                      "examples.jsonl, report.html")
         elif args.command == "merge":
             from mmlens.experiments.merge import merge_shards
 

@@ -1,32 +1,44 @@
 """Answer emergence: when does the answer appear at the last position, and in which case?
 
     df = answer_emergence(model, examples)
-    df.groupby(["variant", "ln", "layer"]).prob.mean()
+    df.groupby(["variant", "reading", "layer"]).prob.mean()
 
-The residual stream at the last position after every layer is read through the unembedding
-(``mmlens.methods.lens``), with and without the final norm; the residuals come from the same clean
-run the knockout engine uses. Tracked tokens: the gold answer's first
-token in lowercase (``lower``) and capitalised (``capitalised``) form, and for choose-questions
-the wrong option (``wrong``, ``wrong_capitalised``).
+The residual stream at the last position is read through the unembedding (``mmlens.methods.lens``)
+in three ways (the ``reading`` column):
+
+- ``paper``: Hugging Face's ``hidden_states[0..L]`` times the unembedding with no norm in
+  between, as the paper's code reads them. Layer ``-1`` is ``hidden_states[0]`` (the merged
+  embeddings), layer ``l`` is ``hidden_states[l + 1]``; the last point, layer ``L - 1``, is the
+  model's output, which Hugging Face returns after the final norm.
+- ``no_norm``: the residual after each layer ``0..L-1``, no norm.
+- ``final_norm``: the residual after each layer through the final norm (the usual logit lens).
+
+The residuals come from the study's one clean run per example (``CleanRun``): the sweep stores
+``lens_record`` with each example and ``emergence_frame`` turns the records into the table.
+Tracked tokens (``variant``): the gold answer's first token in lowercase (``lower``) and
+capitalised (``capitalised``) form, and for choose-questions the other option (``wrong``,
+``wrong_capitalised``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mmlens.experiments.engine import clean_run
+from mmlens.experiments.correctness import model_answer, wrong_answer_reason
+from mmlens.experiments.engine import CleanRun, clean_run
 from mmlens.experiments.examples import ExampleSource
-from mmlens.experiments.sweep import model_answer
+from mmlens.experiments.presets import resolve_settings
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.methods.lens import decode, first_token_ids
 from mmlens.model.protocol import HookedModel
 
-COLUMNS = ["example_id", "task", "layer", "variant", "token", "ln", "prob", "rank"]
+COLUMNS = ["example_id", "task", "layer", "variant", "token", "reading", "prob", "rank"]
+READINGS: tuple[str, ...] = ("paper", "no_norm", "final_norm")
 
 
 def answer_variants(model: HookedModel, answer: str, wrong: str | None) -> dict[str, int]:
@@ -39,51 +51,91 @@ def answer_variants(model: HookedModel, answer: str, wrong: str | None) -> dict[
 
 
 @torch.no_grad()
+def lens_record(model, clean: CleanRun, variants: Mapping[str, int]) -> dict[str, Any]:
+    """Each reading's probability and rank of each variant token, per layer, from one clean run.
+
+    Returns ``{"variants": {name: token}, "readings": {reading: {"first_layer": int, "prob":
+    [[p per variant] per layer], "rank": [...]}}}`` (plain lists, stored as JSON).
+    """
+    n_layers = model.cfg.n_layers
+    resid = torch.stack([r[0, -1] for r in clean.resid])  # [layers + 1, d_model]
+    paper = torch.cat([decode(model, resid[:n_layers], apply_ln=False).float(),
+                       clean.logits[None].to(resid.device)])
+    readings = {"paper": (-1, paper),
+                "no_norm": (0, decode(model, resid[1:], apply_ln=False).float()),
+                "final_norm": (0, decode(model, resid[1:], apply_ln=True).float())}
+    tokens = list(variants.values())
+    out = {}
+    for name, (first_layer, logits) in readings.items():
+        chosen = logits[:, tokens]  # [layers, variants]
+        ranks = (logits[:, None, :] > chosen[:, :, None]).sum(-1) + 1
+        out[name] = {"first_layer": first_layer,
+                     "prob": logits.softmax(-1)[:, tokens].tolist(), "rank": ranks.tolist()}
+    return {"variants": dict(variants), "readings": out}
+
+
+def emergence_frame(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """The long emergence table of records holding a ``lens`` entry (``lens_record``)."""
+    rows = []
+    for record in records:
+        lens = record.get("lens")
+        if not lens:
+            continue
+        names = list(lens["variants"])
+        for reading, values in lens["readings"].items():
+            for offset, (probs, ranks) in enumerate(zip(values["prob"], values["rank"],
+                                                        strict=True)):
+                layer = values["first_layer"] + offset
+                for name, prob, rank in zip(names, probs, ranks, strict=True):
+                    rows.append([record["example_id"], record["task"], layer, name,
+                                 lens["variants"][name], reading, prob, rank])
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+@torch.no_grad()
 def answer_emergence(
     model: HookedModel,
     examples: Sequence[Any] | MultimodalBatch,
     *,
     only_correct: bool = True,
     progress: bool = True,
+    preset: Any = None,
     template: Any = None,
     preprocessing: str | None = None,
+    tokenization: str | None = None,
     max_new_tokens: int = 8,
 ) -> pd.DataFrame:
-    """The answer's probability and rank at the last position after every layer.
+    """The answer's probability and rank at the last position, per layer and reading.
 
-    One row per example x layer x variant x ``ln`` (final norm applied or not); ``rank`` 1 is
-    the top token. ``examples`` are ``Example`` records (or a batch built from them); with
-    ``only_correct`` the examples the model gets wrong are left out and listed in
-    ``df.attrs["dropped"]``. ``template`` / ``preprocessing`` as in ``information_flow``.
+    One row per example x variant x reading x layer; ``rank`` 1 is the top token.
+    ``examples`` are ``Example`` records (or a batch built from them); with ``only_correct``
+    the examples the model gets wrong are left out and listed in ``df.attrs["dropped"]``.
+    ``preset`` and the prompt settings are resolved as in ``information_flow``, which with
+    ``lens=True`` gives the same rows from the sweep's own clean runs.
     """
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError("answer emergence tracks answer words, but this model has no "
                          "tokenizer: load it with from_pretrained")
-    source = ExampleSource(model, examples, template=template, preprocessing=preprocessing)
+    settings = resolve_settings(model, preset, template=template, preprocessing=preprocessing,
+                                tokenization=tokenization)
+    source = ExampleSource(model, examples, **settings.prepare_options())
     source.check_gold_answers()
-    rows, dropped = [], []
+    records, dropped = [], []
     for index in tqdm(range(len(source)), disable=not progress, desc="answer emergence",
                       unit="ex"):
         example_id, task, gold = source.example_id(index), source.task(index), source.gold(index)
         clean = clean_run(model, source.prepare(index))
         if only_correct:
             token = clean.prediction(exclude=model.cfg.image_token_id)
-            said = model_answer(model, clean, token, gold, max_new_tokens)
-            if said.strip().lower() != gold.strip().lower():
-                dropped.append({"example_id": example_id, "task": task,
-                                "reason": f"wrong answer {said.strip()!r} (gold {gold!r})"})
+            reason = wrong_answer_reason(
+                model_answer(model, clean, token, gold, max_new_tokens), gold)
+            if reason is not None:
+                dropped.append({"example_id": example_id, "task": task, "reason": reason})
                 continue
         wrong = getattr(source.records[index], "wrong_answer", None)
-        variants = answer_variants(model, gold, wrong)
-        resid_after = torch.stack([r[0, -1] for r in clean.resid[1:]])  # [layers, d_model]
-        for ln in (False, True):
-            logits = decode(model, resid_after, apply_ln=ln).float()
-            probs = logits.softmax(-1)
-            for variant, token in variants.items():
-                ranks = ((logits > logits[:, token:token + 1]).sum(-1) + 1).tolist()
-                for layer, prob in enumerate(probs[:, token].tolist()):
-                    rows.append([example_id, task, layer, variant, token, ln, prob, ranks[layer]])
-    frame = pd.DataFrame(rows, columns=COLUMNS)
+        records.append({"example_id": example_id, "task": task,
+                        "lens": lens_record(model, clean, answer_variants(model, gold, wrong))})
+    frame = emergence_frame(records)
     frame.attrs["dropped"] = dropped
     return frame

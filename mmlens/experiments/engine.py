@@ -156,7 +156,7 @@ def _mask_hook(blocked: Tensor, active: Tensor):
 
 @torch.no_grad()
 def _run_rows(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout], position: int,
-              token: int) -> Float[Tensor, " rows"]:
+              tokens: list[int]) -> Float[Tensor, "rows n_tokens"]:
     """Rows sorted by first layer; each joins the batch at its first layer with the clean
     residual there, so every row runs exactly the layers its knockout can change."""
     n_layers = model.cfg.n_layers
@@ -185,24 +185,25 @@ def _run_rows(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout]
                           past_kv_cache=prefix.expand(n), position_ids=positions,
                           attention_mask=torch.ones(n, resid.shape[1], dtype=torch.long,
                                                     device=device))
-    return last_logits(model, resid).softmax(-1)[:, token]
+    return last_logits(model, resid).softmax(-1)[:, tokens]
 
 
 def fast_knockout_probs(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout],
-                        token: int, *, batch_size: int | str = 64,
-                        max_memory: int | None = None) -> Float[Tensor, " knockouts"]:
+                        token: int | Sequence[int], *, batch_size: int | str = 64,
+                        max_memory: int | None = None) -> Float[Tensor, " knockouts *tokens"]:
     """``p(token)`` at the last position under each knockout, from one clean run.
 
     Exact: the same numbers as a full forward per knockout (``naive_knockout_probs``) up to
     floating-point rounding. ``batch_size`` bounds the rows run together; ``"auto"`` picks
     the most that fit ``max_memory`` bytes or the device's free memory
-    (``mmlens.experiments.memory``).
+    (``mmlens.experiments.memory``). A list of tokens gives ``[knockouts, tokens]``.
     """
+    tokens = [token] if isinstance(token, int) else list(token)
     n_layers = model.cfg.n_layers
     groups: dict[int, list[int]] = defaultdict(list)
     for index, knockout in enumerate(knockouts):
         groups[_start(knockout, clean.n_positions, n_layers)[0]].append(index)
-    probs = torch.empty(len(knockouts))
+    probs = torch.empty(len(knockouts), len(tokens))
     for position, indices in groups.items():
         indices.sort(key=lambda i: _start(knockouts[i], clean.n_positions, n_layers)[1])
         size = batch_size if batch_size != "auto" else auto_batch_size(
@@ -211,6 +212,6 @@ def fast_knockout_probs(model: HookedModel, clean: CleanRun, knockouts: Sequence
         for chunk_start in range(0, len(indices), size):
             chunk = indices[chunk_start:chunk_start + size]
             rows = [knockouts[i] for i in chunk]
-            probs[chunk] = _run_rows(model, clean, rows, position, token).cpu()
-    return probs
+            probs[chunk] = _run_rows(model, clean, rows, position, tokens).cpu()
+    return probs[:, 0] if isinstance(token, int) else probs
 

@@ -23,10 +23,11 @@ class ExampleSource:
 
     def __init__(self, model: HookedModel, examples: Sequence[Any] | MultimodalBatch,
                  spans: Mapping[str, Mapping[str, Any]] | Callable[..., Any] | None = None,
-                 *, template: Any = None, preprocessing: str | None = None):
+                 **prepare_options: Any):
         self.model = model
-        # passed to prepare_examples: the prompt template and how images reach the tower
-        self.prepare_options = {"template": template, "preprocessing": preprocessing}
+        # passed to prepare: template, preprocessing, tokenization, related_rule
+        self.prepare_options = prepare_options
+        self.image_sizes: dict[int, tuple[int, int]] = {}
         self.batch = examples if isinstance(examples, MultimodalBatch) else None
         if self.batch is not None:
             self.records = list(self.batch.examples) if self.batch.examples else None
@@ -73,10 +74,15 @@ class ExampleSource:
         if self.batch is not None:
             example = single_example(self.batch, index)
         else:
-            from mmlens.inputs.prepare import prepare_examples
+            from mmlens.inputs.prepare import prepare
 
-            example = single_example(
-                prepare_examples(self.model, [self.records[index]], **self.prepare_options))
+            record = self.records[index]
+            image = record.load_image()
+            self.image_sizes[index] = image.size
+            example = single_example(prepare(
+                self.model, [image], [record.question], boxes=[record.boxes_for(image.size)],
+                examples=[record],
+                **self.prepare_options))
         example = example.to(self.model.embed.W_E.device)
         self._add_extra_spans(index, example)
         self._last = (index, example)

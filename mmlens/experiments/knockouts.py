@@ -2,13 +2,12 @@
 
     >>> parse_flows(["image->question", "question->last"])
     [Flow(source='image', target='question'), Flow(source='question', target='last')]
-    >>> default_window(32), default_window(40), default_window(8)
-    (7, 9, 3)
 
 A flow names two spans of a ``MultimodalBatch`` (``image``, ``question``, ``last``,
 ``related``, ``other``, or any span you add); a knockout of that flow at centre layer ``l``
 blocks every attention edge from a target position to a source position in the layers
-``window_layers(l, k, n_layers)``.
+``window_layers(l, k, n_layers)`` (``mmlens.methods.windows`` holds every window rule;
+``default_window`` and ``check_window`` are re-exported here).
 """
 
 from __future__ import annotations
@@ -20,7 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mmlens.methods.windows import window_layers
+from mmlens.methods.windows import check_window, default_window, window_layers
+
+__all__ = ["DEFAULT_FLOWS", "Flow", "Knockout", "WindowKnockout", "check_flow_spans",
+           "check_window", "default_window", "parse_flow", "parse_flows", "window_knockouts"]
 
 DEFAULT_FLOWS: tuple[str, ...] = (
     "image->question",
@@ -118,28 +120,6 @@ def check_flow_spans(flows: Iterable[Flow], span_names: Iterable[str]) -> None:
                 hint = f" Did you mean {', '.join(close)}?" if close else ""
                 raise ValueError(f"flow {flow.name!r} names an unknown span {span!r}.{hint} "
                                  f"Known spans: {', '.join(known)}; add your own with spans=...")
-
-
-def default_window(n_layers: int) -> int:
-    """The paper's window: 9 for 40 layers, 7 for 32; about 7/32 of the depth, odd, otherwise."""
-    if n_layers == 40:
-        return 9
-    if n_layers == 32:
-        return 7
-    k = max(1, round(n_layers * 7 / 32))
-    return k if k % 2 else k + 1
-
-
-def check_window(window: int | None, n_layers: int) -> int:
-    """The window size to use, refusing sizes the model cannot hold."""
-    if window is None:
-        return min(default_window(n_layers), n_layers)
-    if not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a positive number of layers, got {window!r}")
-    if window > n_layers:
-        raise ValueError(f"window {window} is larger than the model's {n_layers} layers: pass "
-                         f"a window of at most {n_layers}")
-    return window
 
 
 def window_knockouts(

@@ -10,24 +10,22 @@ have written: the store, the tables and the report.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from mmlens.experiments.atomic import write_atomic
 from mmlens.experiments.knockouts import parse_flows
 from mmlens.experiments.lock import RunLock
 from mmlens.experiments.store import FORMAT, read_store
-from mmlens.experiments.sweep import dropped_examples, results_frame
+from mmlens.experiments.sweep import SharedRecords, dropped_examples, results_frame
 from mmlens.experiments.tables import (
     STORE_NAME,
     check_run_folder,
     write_flow_tables,
     write_run_json,
-    write_table,
 )
 
 
@@ -40,6 +38,23 @@ def _shard(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict
     if not summary.get("arguments", {}).get("shard"):
         raise ValueError(f"{folder} is not a shard (it was run without --shard K/N)")
     return summary, signature, done
+
+
+def _merged_views(shards: Sequence[tuple], order: Sequence[str]) -> list[dict[str, Any]] | None:
+    """Per task, the view of its first kept example in ``order``, as one run would pick: each
+    shard's view is its own first kept example of the task, so the earliest of those."""
+    rank = {example_id: position for position, example_id in enumerate(order)}
+    views: dict[str, dict[str, Any]] = {}
+    found = False
+    for folder, *_ in shards:
+        path = Path(folder) / "views.json"
+        if path.is_file():
+            found = True
+            for view in json.loads(path.read_text()):
+                held = views.get(view["task"])
+                if held is None or rank[view["example_id"]] < rank[held["example_id"]]:
+                    views[view["task"]] = view
+    return [views[task] for task in sorted(views)] if found else None
 
 
 def merge_shards(out: str | Path, shard_dirs: Sequence[str | Path]) -> Path:
@@ -83,18 +98,22 @@ def merge_shards(out: str | Path, shard_dirs: Sequence[str | Path]) -> Path:
         lines = [json.dumps({"format": FORMAT, "signature": reference}, separators=(",", ":"))]
         lines += [json.dumps(records[i], separators=(",", ":")) for i in order]
         write_atomic(out / STORE_NAME, "\n".join(lines) + "\n")
-        frame = results_frame([records[i] for i in order], parse_flows(reference["flows"]),
-                              first["window"], first["n_layers"])
-        digests = write_flow_tables(out, frame)
-        rank = {example_id: position for position, example_id in enumerate(order)}
-        emergence = pd.concat([pd.read_csv(folder / "emergence.csv", dtype={"example_id": str})
-                               for folder, *_ in shards], ignore_index=True)
-        emergence = emergence.sort_values("example_id", key=lambda ids: ids.map(rank),
-                                          kind="stable", ignore_index=True)
-        digests.update([write_table(out, "emergence.csv", emergence)])
+        ordered = [records[i] for i in order]
+        frame = results_frame(ordered, parse_flows(reference["flows"]), first["window"],
+                              first["n_layers"], metric=first.get("metric", "prob"))
+        frame.attrs["records"] = SharedRecords(ordered)  # emergence and provenance rows
+        digests = write_flow_tables(out, frame, seed=first["arguments"].get("seed", 0))
+        views = _merged_views(shards, order)
+        if views is not None:
+            data = json.dumps(views).encode("utf-8")
+            write_atomic(out / "views.json", data)
+            digests["views.json"] = hashlib.sha256(data).hexdigest()[:16]
         dropped = dropped_examples(frame)
         arguments = {**first["arguments"], "shard": None}
+        shard_only = ("arguments", "tables", "n_examples", "n_kept", "n_dropped", "world_size",
+                      "examples_per_rank", "sweep_seconds", "seconds", "example_ids")
         write_run_json(out, {
+            **{k: v for k, v in first.items() if k not in shard_only},
             "arguments": arguments, "window": first["window"], "n_layers": first["n_layers"],
             "n_examples": len(order), "n_kept": int(frame.example_id.nunique()),
             "n_dropped": int((dropped["flow"] == "all").sum()),

@@ -29,14 +29,17 @@ def knockout_hooks(knockout: Knockout) -> list:
 
 @torch.no_grad()
 def naive_knockout_probs(model: HookedModel, example: MultimodalBatch,
-                         knockouts: Sequence[Knockout], token: int) -> Float[Tensor, " knockouts"]:
-    """``p(token)`` at the last position under each knockout, one full forward each."""
-    probs = torch.empty(len(knockouts))
+                         knockouts: Sequence[Knockout], token: int | Sequence[int]
+                         ) -> Float[Tensor, " knockouts *tokens"]:
+    """``p(token)`` at the last position under each knockout, one full forward each (a list
+    of tokens gives ``[knockouts, tokens]``)."""
+    tokens = [token] if isinstance(token, int) else list(token)
+    probs = torch.empty(len(knockouts), len(tokens))
     for row, knockout in enumerate(knockouts):
         final = model.run_with_hooks(
             example.input_ids, example.pixel_values, attention_mask=example.attention_mask,
             image_sizes=example.image_sizes, stop_at_layer=model.cfg.n_layers,
             fwd_hooks=knockout_hooks(knockout),
         )
-        probs[row] = last_logits(model, final)[0].softmax(-1)[token].cpu()
-    return probs
+        probs[row] = last_logits(model, final)[0].softmax(-1)[tokens].cpu()
+    return probs[:, 0] if isinstance(token, int) else probs

@@ -1,15 +1,54 @@
-"""Per-model settings of the paper's study: prompt template, window, preprocessing, flows."""
+"""The paper's per-model settings, and the one place where study settings are resolved.
+
+    settings = resolve_settings(model)                         # preset found from name/config
+    settings = resolve_settings(model, "llava-hf/llava-1.5-7b-hf", window=5)   # preset + override
+    settings.prepare_options()      # template, preprocessing, tokenization, related_rule
+
+A paper preset sets, for one of the paper's four checkpoints, what the paper's code fed it:
+
+1. the prompt, character for character (``VICUNA_V1_PAPER`` / ``LLAMA3_PAPER``), tokenized as
+   the original LLaVA's ``tokenizer_image_token`` does (``tokenization="chunks"``);
+2. related patches by the paper's pixel rule (``related_rule="paper"``);
+3. LLaVA-1.5 images padded to a square with ``int(mean * 255)`` (``preprocessing="pad"``);
+4. a flow whose span is empty blocks nothing and counts a 0% change (``empty_spans="zero"``);
+5. window 7 (32 layers) or 9 (40 layers).
+
+``FAMILY_PRESETS`` hold the models the paper did not study (LLaVA-OneVision, Qwen2-VL /
+Qwen2.5-VL, the bundled ``shapes-llava``): their own chat template with the paper's answer
+instruction and a window scaled like the paper's (7 of 32 layers), with the non-paper rules
+(the processor's tokenization, exact box geometry, empty spans skipped).
+
+Each setting can also be chosen on its own, with or without a preset. Without a preset the
+defaults are the processor's prompt handling, exact box geometry, and skipping empty spans.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from mmlens.experiments.knockouts import DEFAULT_FLOWS as PAPER_FLOWS
-from mmlens.experiments.knockouts import default_window
-from mmlens.inputs.templates import LLAMA3, ONEVISION, QWEN_VL, VICUNA_V1, PromptTemplate
+from mmlens.inputs.checkpoints import (
+    PAPER_CHECKPOINTS,
+    checkpoint_from_name,
+    default_preprocessing,
+    paper_checkpoint,
+)
+from mmlens.inputs.image_tokens import TOKENIZATIONS
+from mmlens.inputs.spans import RELATED_RULES
+from mmlens.inputs.templates import (
+    LLAMA3_PAPER,
+    ONEVISION,
+    QWEN_VL,
+    VICUNA_V1,
+    VICUNA_V1_PAPER,
+    PromptTemplate,
+    get_template,
+)
+from mmlens.methods.windows import check_window, default_window
 
-FIXED_BY_MODEL = ("anyres", "dynamic")
-"""Preprocessing a model's own processor fixes (no choice to pass on to ``prepare``)."""
+EMPTY_SPANS: tuple[str, ...] = ("skip", "zero")
+NO_PRESET = "none"
 
 
 @dataclass(frozen=True)
@@ -30,28 +69,38 @@ class StudyPreset:
     n_layers: int
     flows: tuple[str, ...] = PAPER_FLOWS
     only_correct: bool = True
+    tokenization: str = "chunks"
+    related_rule: str = "paper"
+    empty_spans: str = "zero"
     notes: str = field(default="", compare=False)
 
 
 PAPER_PRESETS: dict[str, StudyPreset] = {
     p.model: p
     for p in (
-        StudyPreset("llava-hf/llava-1.5-7b-hf", VICUNA_V1, 7, "pad", 32,
+        StudyPreset(PAPER_CHECKPOINTS[0], VICUNA_V1_PAPER, 7, "pad", 32,
                     notes="trained with images padded to a square"),
-        StudyPreset("llava-hf/llava-1.5-13b-hf", VICUNA_V1, 9, "pad", 40,
+        StudyPreset(PAPER_CHECKPOINTS[1], VICUNA_V1_PAPER, 9, "pad", 40,
                     notes="trained with images padded to a square"),
-        StudyPreset("llava-hf/llava-v1.6-vicuna-7b-hf", VICUNA_V1, 7, "anyres", 32),
-        StudyPreset("llava-hf/llama3-llava-next-8b-hf", LLAMA3, 7, "anyres", 32,
+        StudyPreset(PAPER_CHECKPOINTS[2], VICUNA_V1_PAPER, 7, "anyres", 32),
+        StudyPreset(PAPER_CHECKPOINTS[3], LLAMA3_PAPER, 7, "anyres", 32,
                     notes="Llama-3 chat template with a system prompt"),
-        # Not in the paper: its prompt style in the Qwen chat template, its window scaled
-        # (7 of 32 layers) to the 24- and 28-layer Qwen2 decoders.
+    )
+}
+
+_NOT_PAPER = {"tokenization": "whole", "related_rule": "geometry", "empty_spans": "skip"}
+FAMILY_PRESETS: dict[str, StudyPreset] = {
+    p.model: p
+    for p in (
         StudyPreset("llava-hf/llava-onevision-qwen2-0.5b-ov-hf", ONEVISION, default_window(24),
-                    "anyres", 24, notes="Qwen chat template; window scaled from the paper's"),
+                    "anyres", 24, **_NOT_PAPER,
+                    notes="not in the paper: Qwen chat template; window scaled from the paper's"),
         StudyPreset("llava-hf/llava-onevision-qwen2-7b-ov-hf", ONEVISION, default_window(28),
-                    "anyres", 28, notes="Qwen chat template; window scaled from the paper's"),
-        StudyPreset("shapes-llava", VICUNA_V1, 3, "resize_crop", 8,
-                    notes="the bundled toy model; square images, so both modes agree"),
-        *(StudyPreset(name, QWEN_VL, default_window(n_layers), "dynamic", n_layers,
+                    "anyres", 28, **_NOT_PAPER,
+                    notes="not in the paper: Qwen chat template; window scaled from the paper's"),
+        StudyPreset("shapes-llava", VICUNA_V1, 3, "resize_crop", 8, **_NOT_PAPER,
+                    notes="the bundled toy model; square images, so pad and crop agree"),
+        *(StudyPreset(name, QWEN_VL, default_window(n_layers), "dynamic", n_layers, **_NOT_PAPER,
                       notes="not in the paper: its instruction in the Qwen chat template, its "
                             "window scaled to the depth")
           for name, n_layers in (("Qwen/Qwen2-VL-2B-Instruct", 28),
@@ -60,16 +109,175 @@ PAPER_PRESETS: dict[str, StudyPreset] = {
                                  ("Qwen/Qwen2.5-VL-7B-Instruct", 28))),
     )
 }
+PRESETS: dict[str, StudyPreset] = {**PAPER_PRESETS, **FAMILY_PRESETS}
+"""Every preset, by model name: the paper's four checkpoints, then the other families'."""
+FIXED_BY_MODEL: tuple[str, ...] = ("anyres", "dynamic")
+"""Preprocessing a model's own processor fixes (no choice to pass on to ``prepare``)."""
+
+
+def _short(name: str) -> str:
+    return name.rstrip("/").split("/")[-1].removesuffix("-hf").lower()
+
+
+def preset_from_name(name: str) -> StudyPreset | None:
+    """The preset whose model name ends ``name`` (a hub name or a folder named like it)."""
+    found = checkpoint_from_name(name)
+    if found is not None:
+        return PAPER_PRESETS[found]
+    tail = _short(name)
+    for preset in FAMILY_PRESETS.values():
+        if name == preset.model or tail == _short(preset.model):
+            return preset
+    return None
+
+
+def get_preset(name: str) -> StudyPreset:
+    """A preset by its model's hub name (or a folder named like it)."""
+    found = preset_from_name(name)
+    if found is None:
+        raise ValueError(f"no preset named {name!r}: use one of {', '.join(PRESETS)}"
+                         f", or {NO_PRESET!r} for none")
+    return found
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """Every choice that decides a study's numbers, resolved once (``resolve_settings``).
+
+    ``preset``: the preset in force (None: none), ``preset_source``: why.
+    ``preprocessing``: ``"pad"`` / ``"resize_crop"`` / ``"resize"``, or ``"anyres"`` /
+    ``"dynamic"`` (fixed by the model's own processor).
+    """
+
+    preset: str | None
+    preset_source: str
+    template: PromptTemplate
+    preprocessing: str
+    tokenization: str
+    related_rule: str
+    empty_spans: str
+    window: int
+
+    def prepare_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``prepare`` / ``prepare_examples``."""
+        return {"template": self.template,
+                "preprocessing": (None if self.preprocessing in FIXED_BY_MODEL
+                                  else self.preprocessing),
+                "tokenization": self.tokenization, "related_rule": self.related_rule}
+
+    def record(self) -> dict[str, Any]:
+        """The settings as plain values, for ``run.json`` and the resume signature."""
+        return {"preset": self.preset, "preset_source": self.preset_source,
+                "template": self.template.name, "preprocessing": self.preprocessing,
+                "tokenization": self.tokenization, "related_rule": self.related_rule,
+                "empty_spans": self.empty_spans, "window": self.window}
+
+    def describe(self) -> str:
+        """One line for the log."""
+        found = (f"preset {self.preset} ({self.preset_source})" if self.preset
+                 else f"no preset ({self.preset_source})")
+        return (f"{found}: template {self.template.name}, images {self.preprocessing}, "
+                f"tokenization {self.tokenization}, related patches by {self.related_rule} rule, "
+                f"empty spans {self.empty_spans}, window {self.window}")
+
+
+def resolve_settings(
+    model: Any, preset: str | StudyPreset | StudySettings | None = None, *,
+    template: str | PromptTemplate | None = None, preprocessing: str | None = None,
+    tokenization: str | None = None, related_rule: str | None = None,
+    empty_spans: str | None = None, window: int | None = None,
+) -> StudySettings:
+    """The study's settings: the preset's (given, or found from the model), then overrides.
+
+    ``preset``: a preset's model name (``PRESETS``: the paper's four checkpoints and the other
+    families'; applied to any model, a local folder included), ``"none"`` for no preset, or
+    None to find it from the model's name or config. Every keyword given overrides the
+    preset's choice.
+    """
+    if isinstance(preset, StudySettings):
+        base = preset
+    else:
+        base = _preset_settings(model, preset)
+    overrides = {k: v for k, v in {
+        "template": None if template is None else get_template(template),
+        "preprocessing": preprocessing, "tokenization": tokenization,
+        "related_rule": related_rule, "empty_spans": empty_spans, "window": window,
+    }.items() if v is not None}
+    settings = replace(base, **overrides)
+    _check(settings, model)
+    return settings
+
+
+def _preset_settings(model: Any, preset: str | StudyPreset | None) -> StudySettings:
+    n_layers = model.cfg.n_layers
+    if isinstance(preset, str) and preset == NO_PRESET:
+        preset, source = None, "--preset none"
+    elif isinstance(preset, str):
+        preset, source = get_preset(preset), "chosen"
+    elif isinstance(preset, StudyPreset):
+        source = "chosen"
+    else:
+        preset, source = _found_preset(model)
+    fixed = _fixed_preprocessing(model)
+    if preset is None:
+        tokenizer = getattr(getattr(model, "processor", None), "tokenizer", None)
+        return StudySettings(
+            None, source, get_template(None, tokenizer), fixed or default_preprocessing(model),
+            "whole", "geometry", "skip", check_window(None, n_layers))
+    window = min(preset.window, n_layers)
+    preprocessing = fixed or preset.preprocessing
+    if preprocessing in FIXED_BY_MODEL:
+        preprocessing = "pad"  # a tiling preset on a LLaVA-1.5 model: the paper pads those
+    return StudySettings(preset.model, source, preset.template, preprocessing,
+                         preset.tokenization, preset.related_rule, preset.empty_spans, window)
+
+
+def _found_preset(model: Any) -> tuple[StudyPreset | None, str]:
+    """The preset named like the model, else a paper checkpoint recognised by config shape."""
+    name = str(getattr(getattr(model.cfg, "hf_config", None), "_name_or_path", "") or "")
+    by_name = preset_from_name(name) if name else None
+    if by_name is not None:
+        return by_name, f"found from the model name {name!r}"
+    found = paper_checkpoint(model)
+    if found is not None:
+        return PAPER_PRESETS[found[0]], f"found from the {found[1]}"
+    return None, "none matches the model's name or config"
+
+
+def _fixed_preprocessing(model: Any) -> str | None:
+    """``"anyres"`` / ``"dynamic"`` where the model's processor fixes the geometry."""
+    if getattr(model.cfg, "is_anyres", False):
+        return "anyres"
+    if getattr(model.cfg, "mrope_section", None):  # Qwen-VL's dynamic resolution
+        return "dynamic"
+    return None
+
+
+def _check(settings: StudySettings, model: Any) -> None:
+    choices = {"tokenization": (settings.tokenization, TOKENIZATIONS),
+               "related_rule": (settings.related_rule, RELATED_RULES),
+               "empty_spans": (settings.empty_spans, EMPTY_SPANS),
+               "preprocessing": (settings.preprocessing, ("pad", "resize_crop", "resize",
+                                                          *FIXED_BY_MODEL))}
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"unknown {name} {value!r}: use one of {allowed}")
+    fixed = _fixed_preprocessing(model)
+    if (settings.preprocessing in FIXED_BY_MODEL or fixed) and settings.preprocessing != fixed:
+        raise ValueError(f"preprocessing {settings.preprocessing!r} does not fit this model "
+                         f"(its processor's is {fixed or 'pad, resize_crop or resize'!r}): "
+                         "leave preprocessing unset")
+    check_window(settings.window, model.cfg.n_layers)
 
 
 def preset_for(model_name: str, n_layers: int | None = None) -> StudyPreset:
-    """The paper's preset for a known model; for others, the Vicuna prompt, the processor's
-    preprocessing and a window scaled like the paper's (7 of 32 layers)."""
-    if model_name in PAPER_PRESETS:
-        return PAPER_PRESETS[model_name]
+    """The preset for a known model name; for others, the Vicuna prompt, the processor's
+    preprocessing and the window ``default_window`` gives."""
+    found = preset_from_name(model_name)
+    if found is not None:
+        return found
     if n_layers is None:
         raise ValueError(f"no preset for {model_name!r}: known presets are "
-                         f"{', '.join(PAPER_PRESETS)}; pass n_layers to derive one")
-    window = max(1, round(n_layers * 7 / 32))
-    window += 1 - window % 2  # odd, so the window is centred
-    return StudyPreset(model_name, VICUNA_V1, window, "resize_crop", n_layers)
+                         f"{', '.join(PRESETS)}; pass n_layers to derive one")
+    return StudyPreset(model_name, VICUNA_V1, default_window(n_layers), "resize_crop", n_layers,
+                       tokenization="whole", related_rule="geometry", empty_spans="skip")

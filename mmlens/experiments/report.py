@@ -4,31 +4,38 @@
                                                     # emergence.csv, run.json; writes report.html
 
 Figures (plotly, its script inlined once so the file opens offline): flows to the last
-position; image to question; related vs other image patches to the question; every flow per
-task; answer emergence in lowercase vs capitalised form, with and without the final norm.
+position; image to question; related vs other image patches to the question (each with its
+random control when the run has one); every flow per task; answer emergence per reading and
+per task. Every caption is computed from the tables (``mmlens.experiments.captions``).
 """
 
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 
 import pandas as pd
 
 from mmlens.experiments.atomic import write_atomic
+from mmlens.experiments.captions import VARIANT_LABELS, emergence_caption, flow_caption
+from mmlens.experiments.controls import control_flow, is_control
+from mmlens.experiments.knockouts import parse_flow
 from mmlens.experiments.summary import flow_summary
 from mmlens.plotting import knockout_curves, lens_trajectories
+from mmlens.plotting.views import example_view_figure, view_caption
 
 SECTIONS = (
-    ("Flows to the last position", ("image->last", "question->last", "last->last"),
-     "Blocking the question's path to the last position hurts in higher layers; the image's "
-     "direct path to the last position matters little."),
-    ("Image to question", ("image->question",),
-     "General visual information flows into the question positions in lower layers."),
-    ("Related vs other image patches to the question", ("related->question", "other->question"),
-     "Patches of the objects the question is about matter in middle layers, the rest in lower "
-     "layers."),
+    ("Flows to the last position", ("image->last", "question->last", "last->last")),
+    ("Image to question", ("image->question",)),
+    ("Related vs other image patches to the question", ("related->question", "other->question")),
 )
+READINGS = {
+    "paper": "the paper's reading: hidden states times the unembedding, no norm (layer -1: "
+             "the embeddings; the last layer: the model's output)",
+    "final_norm": "with the final norm (the usual logit lens)",
+    "no_norm": "after each layer, no norm",
+}
 REQUIRED = ("flow.csv", "dropped.csv", "emergence.csv")
 
 
@@ -45,42 +52,85 @@ def build_report(run_dir: str | Path) -> Path:
     flow = pd.read_csv(run_dir / "flow.csv")
     dropped = pd.read_csv(run_dir / "dropped.csv")
     emergence = pd.read_csv(run_dir / "emergence.csv")
+    window, n_layers = summary.get("window"), summary.get("n_layers")
+    value = "change" if "change" in flow.columns else "rel_change"
+    unit = "%" if value == "rel_change" else ""
+    value_title = ("relative change in probability (%)" if value == "rel_change"
+                   else f"change in {summary.get('metric', value)}")
+    seed = (summary.get("arguments") or {}).get("seed", 0)
+    peaks = flow_summary(flow, value=value, seed=seed) if not flow.empty else pd.DataFrame()
     parts = [_header(summary, flow, dropped)]
     figures = []
     shown: set[str] = set()
-    for title, flows, note in SECTIONS:
-        present = [name for name in flows if name in set(flow["flow"])]
+    names = set(flow["flow"])
+
+    def curves(rows: pd.DataFrame, title: str):
+        return knockout_curves(rows, title=title, value=value, window=window,
+                               value_title=value_title)
+
+    for title, flows in SECTIONS:
+        present = [name for name in flows if name in names]
         if present:
-            shown.update(present)
-            rows = flow[flow["flow"].isin(present)].drop(columns="task")
-            figures.append((title, note, knockout_curves(rows, title=title)))
+            with_controls = present + [control_flow(parse_flow(f)).name for f in present
+                                       if control_flow(parse_flow(f)).name in names]
+            shown.update(with_controls)
+            rows = flow[flow["flow"].isin(with_controls)].drop(columns="task")
+            note = " ".join(flow_caption(peaks, f, window, n_layers, unit) for f in present)
+            figures.append((title, note, curves(rows, title)))
     others = [name for name in dict.fromkeys(flow["flow"]) if name not in shown]
     if others:
         rows = flow[flow["flow"].isin(others)].drop(columns="task")
-        figures.append(("Other flows", "", knockout_curves(rows, title="Other flows")))
+        note = " ".join(flow_caption(peaks, f, window, n_layers, unit) for f in others
+                        if not is_control(f))
+        figures.append(("Other flows", note, curves(rows, "Other flows")))
     if not flow.empty:
-        figures.append(("Every flow per task", "One panel per task.",
-                        knockout_curves(flow, title="Every flow per task")))
-    for ln, name in ((False, "without the final norm (the paper's reading)"),
-                     (True, "with the final norm (the usual logit lens)")):
-        rows = emergence[(emergence["ln"] == ln)
-                         & emergence["variant"].isin(["lower", "capitalised", "wrong"])]
-        if not rows.empty:
-            title = f"Answer emergence, {name}"
-            figures.append((title, "Probability of the answer's first token at the last "
-                            "position after each layer.",
-                            lens_trajectories(rows.rename(columns={"variant": "label"}),
-                                              title=title)))
+        figures.append(("Every flow per task", "One panel per task; the summary table below "
+                        "gives each task's peak.", curves(flow, "Every flow per task")))
+    figures += _view_figures(run_dir)
+    figures += _emergence_figures(emergence)
     for index, (title, note, figure) in enumerate(figures):
         parts.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(note)}</p>")
         parts.append(figure.to_html(full_html=False,
                                     include_plotlyjs="inline" if index == 0 else False))
-    parts.append(_tables(flow, dropped))
+    parts.append(_tables(peaks, dropped, unit))
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>mmlens information flow"
             "</title><style>body{font-family:sans-serif;max-width:1200px;margin:auto}"
             "table{border-collapse:collapse}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
             "</style></head><body>" + "\n".join(parts) + "</body></html>")
     return write_atomic(run_dir / "report.html", page)
+
+
+def _view_figures(run_dir: Path) -> list:
+    """One example per task: image, related patches, the question's attention."""
+    path = run_dir / "views.json"
+    if not path.is_file():
+        return []
+    return [(f"Example: {view['task']}", view_caption(view), example_view_figure(view))
+            for view in json.loads(path.read_text())]
+
+
+def _emergence_figures(emergence: pd.DataFrame) -> list:
+    """Per reading over all tasks, then per task in the paper's reading."""
+    if emergence.empty:
+        return []
+    labelled = emergence.assign(label=emergence["variant"].map(VARIANT_LABELS))
+    explain = ("Probability at the last position of the first token of: the gold answer in "
+               "lowercase and capitalised form, and for choose-questions the wrong option in "
+               "both forms. ")
+    figures = []
+    for reading, name in READINGS.items():
+        rows = labelled[labelled["reading"] == reading]
+        if not rows.empty:
+            title = f"Answer emergence, {name}"
+            figures.append((title, explain + emergence_caption(rows),
+                            lens_trajectories(rows, title=title, by="label",
+                                              xaxis_title="layer")))
+    paper = labelled[labelled["reading"] == "paper"]
+    for task, rows in paper.groupby("task", sort=True):
+        title = f"Answer emergence, {task} (the paper's reading)"
+        figures.append((title, emergence_caption(rows),
+                        lens_trajectories(rows, title=title, by="label", xaxis_title="layer")))
+    return figures
 
 
 def _header(summary: dict, flow: pd.DataFrame, dropped: pd.DataFrame) -> str:
@@ -92,24 +142,31 @@ def _header(summary: dict, flow: pd.DataFrame, dropped: pd.DataFrame) -> str:
         "examples kept": flow["example_id"].nunique(),
         "examples dropped": int((dropped["flow"] == "all").sum()),
         "layers": summary.get("n_layers"), "window": summary.get("window"),
+        "preset": summary.get("preset", "none") or "none",
+        "template": summary.get("template"), "images": summary.get("preprocessing"),
+        "tokenization": summary.get("tokenization"),
+        "related patches": summary.get("related_rule"),
+        "empty spans": summary.get("empty_spans"), "metric": summary.get("metric"),
         "seconds": summary.get("seconds"),
     }
     items = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>"
                     for k, v in facts.items() if v is not None)
-    return ("<h1>Cross-modal information flow</h1><p>Relative change (%) in the probability "
-            "of the model's answer when attention from the target positions to the source "
-            "positions is blocked in a window of layers around each centre layer; mean over "
-            f"examples with a 95% band.</p><ul>{items}</ul>")
+    return ("<h1>Cross-modal information flow</h1><p>Change in the model's answer when "
+            "attention from the target positions to the source positions is blocked in a "
+            "window of layers around each centre layer; mean over examples with a 95% band. "
+            "Rows named random_SOURCE are controls: as many random positions of the source's "
+            f"modality blocked instead.</p><ul>{items}</ul>")
 
 
-def _tables(flow: pd.DataFrame, dropped: pd.DataFrame) -> str:
+def _tables(peaks: pd.DataFrame, dropped: pd.DataFrame, unit: str) -> str:
     parts = []
-    if not flow.empty:
-        peaks = flow_summary(flow).sort_values(["flow", "task"])
+    if not peaks.empty:
+        peaks = peaks.sort_values(["flow", "task"])
         parts.append("<h2>Largest drop per flow and task</h2><p>peak_layer: centre layer of "
-                     "the largest mean drop; peak_change: that drop (%); half_start..half_end: "
-                     "the layers around it where the drop is at least half as large.</p>"
-                     + peaks.to_html(index=False, float_format="%.1f"))
+                     f"the largest mean drop; peak_change: that drop{' (%)' if unit else ''}; "
+                     "half_start..half_end: the centre layers around it where the drop is at "
+                     "least half as large; _low/_high: bootstrap 95% intervals.</p>"
+                     + peaks.to_html(index=False, float_format="%.2f", na_rep=""))
     if not dropped.empty:
         kinds = dropped.assign(reason=dropped["reason"].str.split(" ").str[:2].str.join(" "))
         counts = (kinds.groupby(["task", "flow", "reason"]).size().rename("examples")

@@ -3,11 +3,13 @@
     reproduce("runs/llava-1.5-7b", model="llava-hf/llava-1.5-7b-hf",
               gqa_images="gqa/images", subsets="paper-subsets", device="cuda", dtype="float16")
 
-Uses the model's preset (``mmlens.experiments.presets``): the Vicuna v1 or Llama-3 prompt,
-window 7 for 32-layer and 9 for 40-layer models, the image preprocessing the checkpoint was
-trained with, the six flows, and the correctness filter. Writes what ``mmlens flow`` writes plus
-``summary.csv`` (per task and flow: centre layer of the largest drop, its size, and the layer
-range where the drop exceeds half of it).
+Uses the model's paper preset (``mmlens.experiments.presets``; found from the model's name or
+config, or chosen with ``preset=``): the paper's prompt and tokenization, window 7 for
+32-layer and 9 for 40-layer models, the image preprocessing the checkpoint was trained with,
+the pixel rule for related patches, 0% rows for empty spans, the six flows, and the
+correctness filter (``only_correct=False`` keeps every question). Writes what ``mmlens flow``
+writes, ``summary.csv`` included (per task and flow: centre layer of the largest drop, its
+size, and the layer range where the drop exceeds half of it, with bootstrap intervals).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from mmlens.experiments.presets import PAPER_FLOWS, PAPER_PRESETS
+from mmlens.experiments.presets import PAPER_FLOWS
 from mmlens.experiments.study import is_paper_subsets_folder, run_study
 
 
@@ -35,22 +37,29 @@ def reproduce(
     progress: bool = True,
     rescale_boxes: bool = False,
     shard: tuple[int, int] | None = None,
+    preset: str | None = None,
+    only_correct: bool = True,
+    metric: str = "prob",
+    controls: bool = False,
+    **settings: str | None,
 ) -> Path:
     """Run the paper's study for one model; resumable like ``mmlens flow``.
 
-    ``rescale_boxes``: images at another resolution than the subsets record (same aspect
-    ratio) get their boxes rescaled instead of being refused.
+    ``preset``: the paper preset (default: found from the model's name or config; ``"none"``
+    for none); ``settings`` (``template``, ``preprocessing``, ``tokenization``,
+    ``related_rule``, ``empty_spans``, ``window``) override its choices. ``only_correct=False``
+    keeps the examples the model answers wrongly. ``rescale_boxes``: images at another
+    resolution than the subsets record (same aspect ratio) get their boxes rescaled instead of
+    being refused.
     """
     if not is_paper_subsets_folder(subsets):
         raise FileNotFoundError(
             f"{subsets} holds none of the paper's subset files (GQA_val_correct_question_with_"
             "..._TASK.csv): pass the folder of the six CSV files")
-    preset = PAPER_PRESETS.get(model)
     return run_study(
         out, model=model, data=str(subsets), images=gqa_images, tasks=tasks, per_task=per_task,
-        flows=preset.flows if preset is not None else PAPER_FLOWS,
-        window=preset.window if preset is not None else None, device=device, dtype=dtype,
-        only_correct=preset.only_correct if preset is not None else True,
+        flows=PAPER_FLOWS, device=device, dtype=dtype, only_correct=only_correct,
         batch_size=batch_size, max_memory=max_memory, device_map=device_map, progress=progress,
-        rescale_boxes=rescale_boxes, shard=shard,
+        rescale_boxes=rescale_boxes, shard=shard, preset=preset, metric=metric,
+        controls=controls, **settings,
     )

@@ -2,15 +2,22 @@
 
     out = run_study("runs/flow", model="shapes-llava", data="shapes", per_task=30)
 
-writes into ``out``: ``run.json`` (the arguments), ``flow.jsonl`` (the resumable store),
-``flow.csv`` (one row per example x flow x centre layer), ``dropped.csv``, ``emergence.csv``
-and ``report.html``. Running it again with the same arguments and folder resumes the sweep.
-The folder is locked while the study runs, and every file is replaced atomically.
+writes into ``out``: ``run.json`` (the arguments, the resolved settings: preset, template,
+preprocessing, tokenization, related rule, empty spans, window, metric; versions and the
+weights' checksum), ``flow.jsonl`` (the resumable store), ``flow.csv`` (one row per example x
+flow x centre layer), ``summary.csv``, ``dropped.csv``, ``emergence.csv``, ``examples.jsonl``
+(what each example gave the model, ``mmlens.experiments.provenance``), ``views.json`` and
+``report.html``. Running it again with the same arguments and folder resumes the sweep. Every
+example gets one clean run, shared by the correctness filter, the knockouts and answer
+emergence. The folder is locked while the study runs, and every file is replaced atomically.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,19 +26,20 @@ from typing import Any
 import torch
 
 from mmlens.core.errors import MMLensError
+from mmlens.experiments.atomic import write_atomic
 from mmlens.experiments.distributed import close_ranks, init_ranks, rank_device
-from mmlens.experiments.emergence import answer_emergence
 from mmlens.experiments.knockouts import DEFAULT_FLOWS, parse_flows
 from mmlens.experiments.lock import FolderBusyError, RunLock
-from mmlens.experiments.presets import FIXED_BY_MODEL, PAPER_PRESETS
+from mmlens.experiments.presets import resolve_settings
+from mmlens.experiments.provenance import run_provenance
 from mmlens.experiments.sweep import dropped_examples, information_flow
 from mmlens.experiments.tables import (
     STORE_NAME,
     all_dropped_message,
     write_flow_tables,
     write_run_json,
-    write_table,
 )
+from mmlens.experiments.views import example_views
 from mmlens.model.protocol import HookedModel
 
 DEFAULT_MODEL = "shapes-llava"
@@ -140,8 +148,18 @@ def run_study(
     threads: int | None = None,
     rescale_boxes: bool = False,
     shard: tuple[int, int] | None = None,
+    preset: str | None = None,
+    metric: str = "prob",
+    controls: bool = False,
+    **settings: str | None,
 ) -> Path:
     """Run the information-flow study and write its tables and report into ``out``.
+
+    ``preset``: one of the paper's checkpoints (``mmlens.experiments.presets``), applied to
+    any model; None finds it from the model's name or config; ``"none"``: no preset.
+    ``settings``: ``template``, ``preprocessing``, ``tokenization``, ``related_rule``,
+    ``empty_spans`` overriding the preset's. ``metric``: ``prob`` | ``logprob`` |
+    ``logit-diff``. ``controls``: a random control per flow.
 
     ``threads``: CPU threads for torch. By default a small model (``d_model`` up to 1024) on
     the CPU runs on one thread: its many small operations gain little from more, and stall
@@ -174,7 +192,8 @@ def run_study(
                       flow_names=flow_names, window=window, device=rank_device(device, ranks),
                       dtype=dtype, seed=seed, only_correct=only_correct, batch_size=batch_size,
                       progress=progress, threads=threads, shard=shard, ranks=ranks,
-                      max_memory=max_memory, device_map=device_map, rescale_boxes=rescale_boxes)
+                      max_memory=max_memory, device_map=device_map, rescale_boxes=rescale_boxes,
+                      preset=preset, metric=metric, controls=controls, settings=settings)
     finally:
         lock.release()
         close_ranks(ranks)
@@ -184,7 +203,8 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
            flow_names: list[str], window: int | None, device: str | None, dtype: str | None,
            seed: int, only_correct: bool, batch_size: int | str, progress: bool,
            threads: int | None, shard: tuple[int, int] | None, ranks,
-           max_memory: int | None, device_map: str | dict | None, rescale_boxes: bool) -> Path:
+           max_memory: int | None, device_map: str | dict | None, rescale_boxes: bool,
+           preset: str | None, metric: str, controls: bool, settings: dict[str, Any]) -> Path:
     from mmlens.experiments.report import build_report
     from mmlens.model.hooked import HookedMultimodalTransformer
 
@@ -193,34 +213,32 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
     on_cpu = hooked.embed.W_E.device.type == "cpu"
     if threads is None and on_cpu and hooked.cfg.d_model <= SMALL_WIDTH:
         threads = 1
-    # The paper's per-model prompt and image preprocessing; other models: their processor's.
-    preset = PAPER_PRESETS.get(model)
-    options = {"template": preset.template if preset else None, "preprocessing": None}
-    if preset is not None and preset.preprocessing not in FIXED_BY_MODEL:
-        options["preprocessing"] = preset.preprocessing
-    if window is None and preset is not None:
-        window = preset.window
+    resolved = resolve_settings(hooked, preset, window=window, **settings)
+    if ranks.is_main:
+        print(f"mmlens: {resolved.describe()}", file=sys.stderr)
     arguments = {"model": model, "data": data, "tasks": tasks, "per_task": per_task,
                  "flows": flow_names, "window": window, "device": device, "dtype": dtype,
                  "seed": seed, "only_correct": only_correct, "threads": threads,
-                 "rescale_boxes": rescale_boxes, "shard": list(shard) if shard else None}
+                 "rescale_boxes": rescale_boxes, "shard": list(shard) if shard else None,
+                 "preset": preset, "metric": metric, "controls": controls, **settings}
     # The store's signature covers every example, so the shards of one study can be merged.
     mine = examples[shard[0]::shard[1]] if shard is not None else examples
     with torch_threads(threads):
         started = time.time()
         frame = information_flow(
-            hooked, examples, flows=flow_names, window=window, only_correct=only_correct,
+            hooked, examples, flows=flow_names, preset=resolved, only_correct=only_correct,
             store=out / STORE_NAME, batch_size=batch_size, max_memory=max_memory,
-            progress=progress, ranks=ranks,
-            shard=shard, **options,
+            progress=progress, ranks=ranks, shard=shard, metric=metric, controls=controls,
+            seed=seed, lens=hooked.tokenizer is not None,
         )
         sweep_seconds = round(time.time() - started, 2)
         if not ranks.is_main:
             return out
-        digests = write_flow_tables(out, frame)
+        digests = write_flow_tables(out, frame, seed=seed)
         dropped = dropped_examples(frame)
         summary = {
-            "arguments": arguments, "window": frame.attrs["window"],
+            "arguments": arguments, **frame.attrs["settings"], "metric": metric,
+            "controls": controls, **run_provenance(hooked), "window": frame.attrs["window"],
             "n_layers": hooked.cfg.n_layers, "n_examples": len(mine),
             "n_kept": int(frame.example_id.nunique()),
             "n_dropped": int((dropped["flow"] == "all").sum()),
@@ -231,10 +249,12 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
         if frame.empty:
             write_run_json(out, summary, digests)
             raise MMLensError(all_dropped_message(dropped, len(mine), out))
-        kept = set(frame.example_id)
-        emergence = answer_emergence(hooked, [e for e in mine if e.example_id in kept],
-                                     only_correct=False, progress=progress, **options)
-        digests.update([write_table(out, "emergence.csv", emergence)])
+        if hooked.processor is not None:
+            views = example_views(hooked, mine, frame.attrs["records"],
+                                  resolved.prepare_options())
+            data = json.dumps(views).encode("utf-8")
+            write_atomic(out / "views.json", data)
+            digests["views.json"] = hashlib.sha256(data).hexdigest()[:16]
         write_run_json(out, {**summary, "seconds": round(time.time() - started, 1)}, digests)
     build_report(out)
     return out

@@ -1,47 +1,81 @@
-"""Per-task summary of a knockout sweep: where each flow's largest drop is and how wide it is."""
+"""Per-task summary of a knockout sweep: where each flow's largest drop is, how wide, how sure.
+
+Every figure comes with a bootstrap 95% interval: examples are resampled with replacement
+``n_boot`` times (seeded), the mean curve recomputed, and the figure read off each resample;
+``*_low`` / ``*_high`` are the 2.5th and 97.5th percentiles. ``peak_change``'s interval is
+that of the mean at the peak layer (the minimum of each resampled curve would be biased low).
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
+FIGURES = ("peak_layer", "peak_change", "half_start", "half_end")
 
-def flow_summary(frame: pd.DataFrame, by: tuple[str, ...] = ("task", "flow")) -> pd.DataFrame:
+
+def flow_summary(frame: pd.DataFrame, by: tuple[str, ...] = ("task", "flow"), *,
+                 value: str | None = None, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """One row per task x flow (and an ``"all"`` task row per flow).
 
     Columns: ``peak_layer`` (centre layer of the largest mean drop), ``peak_change`` (that mean
-    relative change, percent, negative for a drop), ``half_start`` / ``half_end`` (the
-    contiguous layers around the peak where the mean drop is at least half the peak's) and
-    ``n_examples``. A flow that never lowers the probability has ``peak_change >= 0`` and no
-    half range (``NaN``).
+    change, negative for a drop: percent for ``rel_change``), ``half_start`` / ``half_end``
+    (the contiguous centre layers around the peak where the mean drop is at least half the
+    peak's, both included), each with ``_low`` / ``_high`` bootstrap bounds, and
+    ``n_examples``. A flow that never lowers the value has ``peak_change >= 0`` and no half
+    range (``NaN``). ``value``: the column to summarise (default ``change`` when the table has
+    it, else ``rel_change``). Layers are integers (``Int64``; missing as ``<NA>``).
     """
-    required = {"flow", "layer", "rel_change", "example_id"} | set(by)
+    value = value or ("change" if "change" in frame.columns else "rel_change")
+    required = {"flow", "layer", value, "example_id"} | set(by)
     missing = required - set(frame.columns)
     if missing:
         raise ValueError(f"the results table lacks columns {sorted(missing)}: pass the frame "
                          "information_flow returned (or flow.csv)")
     every = frame.assign(task="all") if "task" in by else frame
     frames = [frame, every] if "task" in by else [frame]
+    rng = np.random.default_rng(seed)
     rows = []
     for part in frames:
         for key, group in part.groupby(list(by), sort=True):
-            curve = group.groupby("layer")["rel_change"].mean().sort_index()
-            rows.append({**dict(zip(by, key, strict=True)), **_peak(curve),
-                         "n_examples": group["example_id"].nunique()})
-    return pd.DataFrame(rows)
+            table = group.pivot_table(index="example_id", columns="layer", values=value,
+                                      aggfunc="mean").sort_index(axis=1)
+            layers = np.asarray(table.columns)
+            values = table.to_numpy(dtype=float)
+            row = {**dict(zip(by, key, strict=True)),
+                   **_peak(np.nanmean(values, axis=0), layers)}
+            draws = rng.integers(0, len(values), size=(n_boot, len(values)))
+            curves = [np.nanmean(values[d], axis=0) for d in draws]
+            boot = [_peak(curve, layers) for curve in curves]
+            at = np.flatnonzero(layers == row["peak_layer"])
+            for figure in FIGURES:
+                samples = np.array([b[figure] for b in boot], dtype=float)
+                if figure == "peak_change" and len(at):
+                    samples = np.array([curve[at[0]] for curve in curves])
+                low, high = (np.nanpercentile(samples, [2.5, 97.5])
+                             if np.isfinite(samples).any() else (np.nan, np.nan))
+                row[f"{figure}_low"], row[f"{figure}_high"] = low, high
+            rows.append({**row, "n_examples": group["example_id"].nunique()})
+    columns = [*by, *[c for f in FIGURES for c in (f, f"{f}_low", f"{f}_high")], "n_examples"]
+    result = pd.DataFrame(rows, columns=columns)
+    for column in columns:
+        if column.startswith(("peak_layer", "half_")):
+            result[column] = result[column].round().astype("Int64")
+    return result
 
 
-def _peak(curve: pd.Series) -> dict[str, float]:
-    peak_layer = int(curve.idxmin())
-    peak = float(curve.loc[peak_layer])
+def _peak(curve: np.ndarray, layers: np.ndarray) -> dict[str, float]:
+    if np.isnan(curve).all():
+        return dict.fromkeys(FIGURES, float("nan"))
+    at = int(np.nanargmin(curve))
+    peak = float(curve[at])
     if peak >= 0:
-        return {"peak_layer": peak_layer, "peak_change": peak, "half_start": float("nan"),
+        return {"peak_layer": int(layers[at]), "peak_change": peak, "half_start": float("nan"),
                 "half_end": float("nan")}
-    layers = list(curve.index)
-    at = layers.index(peak_layer)
     start = end = at
-    while start > 0 and curve.iloc[start - 1] <= peak / 2:
+    while start > 0 and curve[start - 1] <= peak / 2:
         start -= 1
-    while end < len(layers) - 1 and curve.iloc[end + 1] <= peak / 2:
+    while end < len(curve) - 1 and curve[end + 1] <= peak / 2:
         end += 1
-    return {"peak_layer": peak_layer, "peak_change": peak, "half_start": layers[start],
-            "half_end": layers[end]}
+    return {"peak_layer": int(layers[at]), "peak_change": peak,
+            "half_start": int(layers[start]), "half_end": int(layers[end])}

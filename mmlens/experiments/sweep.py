@@ -6,8 +6,9 @@
 
 Per example: one clean run (the image encoded once), the correctness filter (greedy decode,
 ``strip().lower()`` equal to the gold answer), then every (flow, centre layer) knockout by the
-fast engine (``method="fast"``) or one full forward each (``method="naive"``). With ``store``
-the results are appended to disk per example and a restarted run resumes where it stopped.
+fast engine (``method="fast"``) or one full forward each (``method="naive"``). The same clean
+run gives the answer-emergence readings (``lens=True``) and the example's provenance. With
+``store`` the results are appended to disk per example and a restarted run resumes.
 """
 
 from __future__ import annotations
@@ -19,13 +20,11 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from mmlens.experiments.controls import control_spans
+from mmlens.experiments.correctness import model_answer, wrong_answer_reason
 from mmlens.experiments.distributed import Ranks, StoreProgress, current_ranks
-from mmlens.experiments.engine import (
-    CleanRun,
-    clean_run,
-    fast_knockout_probs,
-    greedy_continue,
-)
+from mmlens.experiments.emergence import answer_variants, lens_record
+from mmlens.experiments.engine import clean_run, fast_knockout_probs
 from mmlens.experiments.examples import ExampleSource, model_fingerprint
 from mmlens.experiments.fingerprint import (
     METRIC,
@@ -40,15 +39,17 @@ from mmlens.experiments.knockouts import (
     DEFAULT_FLOWS,
     Flow,
     check_flow_spans,
-    check_window,
     parse_flows,
     window_knockouts,
 )
+from mmlens.experiments.metrics import METRICS, results_frame
 from mmlens.experiments.naive import naive_knockout_probs
+from mmlens.experiments.presets import StudySettings, resolve_settings
 from mmlens.experiments.store import ResultStore, read_store
 from mmlens.inputs.batch import MultimodalBatch
-from mmlens.methods.windows import window_layers
 from mmlens.model.protocol import HookedModel
+
+__all__ = ["dropped_examples", "information_flow", "model_answer", "results_frame"]
 
 METHODS = ("fast", "naive")
 ExtraSpans = Mapping[str, Mapping[str, Sequence[int]]] | Callable[..., Mapping[str, Any]]
@@ -67,8 +68,16 @@ def information_flow(
     max_memory: int | None = None,
     progress: bool = True,
     spans: ExtraSpans | None = None,
+    preset: str | StudySettings | None = None,
     template: Any = None,
     preprocessing: str | None = None,
+    tokenization: str | None = None,
+    related_rule: str | None = None,
+    empty_spans: str | None = None,
+    metric: str = "prob",
+    controls: bool = False,
+    seed: int = 0,
+    lens: bool = False,
     max_new_tokens: int = 8,
     shard: tuple[int, int] | None = None,
     ranks: Ranks | None = None,
@@ -78,17 +87,27 @@ def information_flow(
 
     ``examples``: dataset ``Example`` records (prepared one at a time) or a ``MultimodalBatch``
     (then ``only_correct=False`` unless it carries ``examples``). ``flows``: ``"SRC->DST"`` of
-    span names. ``window``: layers per knockout (default ``default_window``). ``spans``: extra
-    spans per example, ``{example_id: {name: positions}}`` or a callable
-    ``(example, spans) -> {name: positions}``; positions index the example's unpadded prompt.
-    ``template`` / ``preprocessing``: how ``Example`` records are prepared (see
-    ``mmlens.experiments.presets`` for the paper's per-model choices; default: the processor's own).
+    span names. ``spans``: extra spans per example, ``{example_id: {name: positions}}`` or a
+    callable ``(example, spans) -> {name: positions}``; positions index the unpadded prompt.
 
-    Columns: ``example_id, task, flow, layer, window_start, window_end, answer_token, answer,
-    p_base, p_block, rel_change`` (percent). What was left out is in ``df.attrs["dropped"]``;
-    ``dropped_examples(df)`` gives it as a table ``example_id, task, flow, reason``: examples
-    answered wrongly (``flow="all"``), and an example's flows with an empty span (e.g. no
-    ``related`` patches when the question's objects are absent), which only that flow skips.
+    ``preset`` and the settings after it (``window``, ``template``, ``preprocessing``,
+    ``tokenization``, ``related_rule``, ``empty_spans``) are resolved by
+    ``mmlens.experiments.presets.resolve_settings``: a paper preset is found from the model's
+    name or config unless ``preset="none"``; each keyword given overrides it.
+    ``empty_spans="skip"`` leaves a flow out for an example whose span is empty (listed by
+    ``dropped_examples``); ``"zero"`` (the paper's) writes its rows with ``p_block = p_base``.
+    ``metric``: ``"prob"`` (the paper's relative change, column ``rel_change``), ``"logprob"``
+    or ``"logit-diff"`` (answer vs the wrong option; adds ``metric_base``, ``metric_block``,
+    ``change``). ``controls``: add a random control per flow (``mmlens.experiments.controls``),
+    drawn from ``seed``. ``lens``: keep each kept example's answer-emergence readings
+    (``emergence_frame(df.attrs["records"])``).
+
+    Columns: ``example_id, task, flow, layer, window_start, window_end`` (the blocked layers
+    are ``window_start .. window_end - 1``: ``window_end`` is exclusive) ``, answer_token,
+    answer, p_base, p_block, rel_change`` (percent). ``df.attrs["records"]`` holds the stored
+    per-example records (with provenance), ``df.attrs["settings"]`` the resolved settings.
+    ``batch_size``: knockouts run together, or ``"auto"`` to fit ``max_memory`` bytes (default:
+    the device's free memory).
 
     ``shard=(K, N)``: only examples ``K, K+N, K+2N...`` (a job-array share; the store's
     signature still covers every example, so shards of one study can be merged). In a
@@ -97,30 +116,42 @@ def information_flow(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}: use one of {METRICS}")
     if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
     flows = parse_flows(flows)
-    n_layers = model.cfg.n_layers
-    window = check_window(window, n_layers)
-    source = ExampleSource(model, examples, spans, template=template,
-                           preprocessing=preprocessing)
+    settings = resolve_settings(model, preset, template=template, preprocessing=preprocessing,
+                                tokenization=tokenization, related_rule=related_rule,
+                                empty_spans=empty_spans, window=window)
+    source = ExampleSource(model, examples, spans, **settings.prepare_options())
     if only_correct:
         source.check_gold_answers()
+    if lens and model.tokenizer is None:
+        raise ValueError("lens=True tracks answer words, but this model has no tokenizer: "
+                         "load it with from_pretrained")
     check_flow_spans(flows, source.prepare(0).spans[0])
+    options = {"flows": flows, "settings": settings, "only_correct": only_correct,
+               "method": method, "batching": (batch_size, max_memory),
+               "max_new_tokens": max_new_tokens,
+               "wrong": metric == "logit-diff", "controls": controls, "seed": seed, "lens": lens}
     ranks = ranks or current_ranks()
     indices = list(range(len(source)))
     if shard is not None:
         indices = indices[shard[0]::shard[1]]
     results = None
     if store is not None:
+        record = settings.record()
         signature = {
             "kind": "information_flow", "model": model_fingerprint(model),
             "weights": weights_checksum(model), "config": config_digest(model),
             "processor": processor_digest(model), **source.digests(),
             "span_rule": code_digest(), "metric": METRIC,
-            "flows": [f.name for f in flows], "window": window, "only_correct": only_correct,
-            "extra_spans": spans_digest(spans),
-            "template": template_digest(template), "preprocessing": preprocessing,
+            "flows": [f.name for f in flows], "only_correct": only_correct,
+            "extra_spans": spans_digest(spans), **record,
+            "template": template_digest(settings.template),
+            "metric_tokens": "wrong" if options["wrong"] else "answer",
+            "controls": controls, "seed": seed if controls else None, "lens": lens,
             "max_new_tokens": max_new_tokens,
         }
         results = ResultStore.open(store, signature, writer=ranks.rank)
@@ -133,15 +164,14 @@ def information_flow(
     bar = tqdm(total=len(indices), initial=sum(source.example_id(i) in done for i in indices),
                disable=not progress or not ranks.is_main, desc="information flow", unit="ex")
     for index in todo:
-        record = _one_example(model, source, index, flows, window, only_correct, method,
-                              (batch_size, max_memory), max_new_tokens)
+        record = _one_example(model, source, index, **options)
         if results is not None:
             results.append(record)
         computed[record["example_id"]] = record
         bar.update(1 + (progress_of_others.new_records() if progress_of_others else 0))
     counts = ranks.gather(len(todo))
     if ranks.world > 1:
-        ranks.barrier()  # every shard is complete
+        ranks.barrier()  # every share is complete
         if results is not None:
             done = read_store(store)[1]
         else:
@@ -151,94 +181,93 @@ def information_flow(
     bar.close()
     everything = {**done, **computed}
     records = [everything[source.example_id(i)] for i in indices]
-    frame = results_frame(records, flows, window, n_layers)
+    frame = results_frame(records, flows, settings.window, model.cfg.n_layers, metric=metric)
+    frame.attrs["records"] = SharedRecords(records)
+    frame.attrs["settings"] = settings.record()
     frame.attrs["examples_per_rank"] = counts
     return frame
 
 
-def _one_example(model: HookedModel, source: ExampleSource, index: int, flows: list[Flow],
-                 window: int, only_correct: bool, method: str,
+class SharedRecords(list):
+    """The stored records, shared rather than copied: pandas deep-copies ``attrs`` on every
+    operation, which for a long run's records would cost far more than the sweep."""
+
+    def __deepcopy__(self, memo: dict) -> SharedRecords:
+        return self
+
+
+def _one_example(model: HookedModel, source: ExampleSource, index: int, *, flows: list[Flow],
+                 settings: StudySettings, only_correct: bool, method: str,
                  batching: tuple[int | str, int | None],
-                 max_new_tokens: int) -> dict[str, Any]:
+                 max_new_tokens: int, wrong: bool, controls: bool, seed: int,
+                 lens: bool) -> dict[str, Any]:
     example_id, task = source.example_id(index), source.task(index)
     example = source.prepare(index)
     spans = example.spans[0]
     check_flow_spans(flows, spans)
-    # A flow with an empty span (no related patches: the objects are absent) skips this
-    # example; the other flows keep it.
-    skipped = {flow.name: f"empty span {name!r}" for flow in flows
-               for name in (flow.target, flow.source) if len(spans[name]) == 0}
-    flows = [flow for flow in flows if flow.name not in skipped]
-    if not flows:
-        return {"example_id": example_id, "task": task,
-                "dropped": "; ".join(sorted(set(skipped.values())))}
+    record: dict[str, Any] = {"example_id": example_id, "task": task,
+                              "provenance": _provenance(source, index, example)}
     clean = clean_run(model, example)
     token = clean.prediction(exclude=model.cfg.image_token_id)
+    gold = source.gold(index) if source.records is not None else None
+    if model.tokenizer is not None and gold is not None:
+        record["model_answer"] = model_answer(model, clean, token, gold, max_new_tokens)
     if only_correct:
-        said = model_answer(model, clean, token, source.gold(index), max_new_tokens)
-        if said.strip().lower() != source.gold(index).strip().lower():
-            return {"example_id": example_id, "task": task,
-                    "dropped": f"wrong answer {said.strip()!r} (gold {source.gold(index)!r})"}
-    cells = window_knockouts(flows, spans, window, model.cfg.n_layers)
+        reason = wrong_answer_reason(record["model_answer"], gold)
+        if reason is not None:
+            return {**record, "dropped": reason}
+    # An empty span (no related patches: the objects are absent) either skips that flow for
+    # this example, or (the paper's way) blocks nothing, so the flow's rows equal p_base.
+    empty = {flow.name: f"empty span {name!r}" for flow in flows
+             for name in (flow.target, flow.source) if len(spans[name]) == 0}
+    skipped = empty if settings.empty_spans == "skip" else {}
+    run = [flow for flow in flows if flow.name not in empty]
+    if controls:
+        spans, extra = control_spans(run, spans, example_id=example_id, seed=seed)
+        run += extra
+    if not run and skipped:
+        return {**record, "dropped": "; ".join(sorted(set(skipped.values())))}
+    tokens = [token]
+    record_wrong = getattr(source.records[index], "wrong_answer", None) if source.records else None
+    if wrong and record_wrong:
+        tokens.append(answer_variants(model, record_wrong, None)["lower"])
+    cells = window_knockouts(run, spans, settings.window, model.cfg.n_layers)
     knockouts = [cell.knockout for cell in cells]
-    if method == "fast":
-        probs = fast_knockout_probs(model, clean, knockouts, token, batch_size=batching[0],
+    if not knockouts:
+        probs = clean.logits.softmax(-1)[tokens][None].cpu()[:0]
+    elif method == "fast":
+        probs = fast_knockout_probs(model, clean, knockouts, tokens, batch_size=batching[0],
                                     max_memory=batching[1])
     else:
-        probs = naive_knockout_probs(model, example, knockouts, token)
-    p_block: dict[str, list[float]] = {flow.name: [] for flow in flows}
+        probs = naive_knockout_probs(model, example, knockouts, tokens)
+    base = clean.logits.softmax(-1)[tokens].tolist()
+    p_block: dict[str, list] = {flow.name: [] for flow in run}
     for cell, prob in zip(cells, probs.tolist(), strict=True):
         p_block[cell.flow].append(prob)
+    for name in empty if settings.empty_spans == "zero" else ():
+        p_block[name] = [base] * model.cfg.n_layers
     answer = model.tokenizer.decode([token]) if model.tokenizer is not None else str(token)
-    return {"example_id": example_id, "task": task, "answer_token": token, "answer": answer,
-            "p_base": clean.prob(token), "p_block": p_block, "skipped": skipped}
+    record.update({"answer_token": token, "answer": answer, "p_base": base[0],
+                   "p_block": {name: [p[0] for p in rows] for name, rows in p_block.items()},
+                   "skipped": skipped, "zeroed": sorted(empty) if not skipped else []})
+    if len(tokens) > 1:
+        record.update({"wrong_token": tokens[1], "p_wrong_base": base[1],
+                       "p_wrong_block": {n: [p[1] for p in rows] for n, rows in p_block.items()}})
+    if lens and gold is not None:
+        record["lens"] = lens_record(model, clean, answer_variants(model, gold, record_wrong))
+    return record
 
 
-def model_answer(model: HookedModel, clean: CleanRun, token: int, gold: str,
-                 max_new_tokens: int) -> str:
-    """The greedy answer text, decoding no further once it cannot equal ``gold``."""
-    tokenizer = model.tokenizer
-    target = gold.strip().lower()
-
-    def hopeless(tokens: list[int]) -> bool:
-        text = tokenizer.decode(tokens, skip_special_tokens=True).strip().lower()
-        return not text.endswith("\ufffd") and not target.startswith(text)
-
-    tokens = greedy_continue(model, clean, token, max_new_tokens=max_new_tokens,
-                             eos_token_id=tokenizer.eos_token_id, stop=hopeless)
-    return tokenizer.decode(tokens, skip_special_tokens=True)
-
-
-def results_frame(records: Sequence[Mapping[str, Any]], flows: Sequence[Flow], window: int,
-                  n_layers: int) -> pd.DataFrame:
-    """The long table of stored records; ``attrs["dropped"]`` lists the dropped examples."""
-    windows = [window_layers(layer, window, n_layers) for layer in range(n_layers)]
-    rows, dropped = [], []
-    for record in records:
-        if record.get("dropped"):
-            dropped.append({"example_id": record["example_id"], "task": record["task"],
-                            "flow": "all", "reason": record["dropped"]})
-            continue
-        for flow, reason in record.get("skipped", {}).items():
-            dropped.append({"example_id": record["example_id"], "task": record["task"],
-                            "flow": flow, "reason": reason})
-        p_base = record["p_base"]
-        for flow in flows:
-            for layer, p_block in enumerate(record["p_block"].get(flow.name, [])):
-                rows.append({
-                    "example_id": record["example_id"], "task": record["task"],
-                    "flow": flow.name, "layer": layer, "window_start": windows[layer][0],
-                    "window_end": windows[layer][-1] + 1, "answer_token": record["answer_token"],
-                    "answer": record["answer"], "p_base": p_base, "p_block": p_block,
-                    "rel_change": (p_block - p_base) / p_base * 100.0,
-                })
-    columns = ["example_id", "task", "flow", "layer", "window_start", "window_end",
-               "answer_token", "answer", "p_base", "p_block", "rel_change"]
-    frame = pd.DataFrame(rows, columns=columns)
-    # Plain records, not a DataFrame: pandas compares attrs with == in concat and merges.
-    frame.attrs["dropped"] = dropped
-    frame.attrs["window"] = window
-    return frame
+def _provenance(source: ExampleSource, index: int, example: MultimodalBatch) -> dict[str, Any]:
+    """What the model was given: the prompt text, its ids, the image size and the spans."""
+    prompts = example.prompts or [None]
+    size = source.image_sizes.get(index)
+    gold = source.gold(index) if source.records is not None and hasattr(
+        source.records[index], "answer") else None
+    return {"prompt": prompts[0], "input_ids": example.input_ids[0].tolist(), "answer": gold,
+            "image_size": list(size) if size is not None else None,
+            "spans": {name: [int(p) for p in positions]
+                      for name, positions in example.spans[0].items()}}
 
 
 def dropped_examples(frame: pd.DataFrame) -> pd.DataFrame:

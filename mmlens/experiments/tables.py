@@ -1,6 +1,7 @@
 """A run folder's tables, written so that they always agree with each other and with the store.
 
-    digests = write_flow_tables(out, frame)          # flow.csv, summary.csv, dropped.csv
+    digests = write_flow_tables(out, frame)          # flow.csv, summary.csv, dropped.csv,
+                                                     # emergence.csv, examples.jsonl
     write_run_json(out, summary, digests)            # run.json last: it vouches for the tables
     check_run_folder(out)                            # before a report is built from them
 
@@ -21,6 +22,8 @@ from typing import Any
 import pandas as pd
 
 from mmlens.experiments.atomic import write_atomic
+from mmlens.experiments.emergence import emergence_frame
+from mmlens.experiments.provenance import examples_jsonl
 from mmlens.experiments.store import read_store
 from mmlens.experiments.summary import flow_summary
 from mmlens.experiments.sweep import dropped_examples
@@ -38,14 +41,23 @@ def write_table(out: Path, name: str, frame: pd.DataFrame) -> tuple[str, str]:
     return name, _sha(data)
 
 
-def write_flow_tables(out: Path, frame: pd.DataFrame) -> dict[str, str]:
-    """``flow.csv``, ``summary.csv`` (when rows exist) and ``dropped.csv``; their digests."""
+def write_flow_tables(out: Path, frame: pd.DataFrame, *, seed: int = 0,
+                      golds: dict[str, str] | None = None) -> dict[str, str]:
+    """``flow.csv``, ``summary.csv`` (when rows exist; bootstrap intervals drawn from
+    ``seed``), ``dropped.csv`` and, from the stored records in ``frame.attrs["records"]``,
+    ``emergence.csv`` and ``examples.jsonl``; their digests."""
     digests = dict([write_table(out, "flow.csv", frame)])
     if not frame.empty:
-        digests.update([write_table(out, "summary.csv", flow_summary(frame))])
+        digests.update([write_table(out, "summary.csv", flow_summary(frame, seed=seed))])
     elif (out / "summary.csv").exists():
         (out / "summary.csv").unlink()  # a summary of earlier rows would not match
     digests.update([write_table(out, "dropped.csv", dropped_examples(frame))])
+    records = frame.attrs.get("records")
+    if records is not None:
+        digests.update([write_table(out, "emergence.csv", emergence_frame(records))])
+        data = examples_jsonl(records, golds).encode("utf-8")
+        write_atomic(out / "examples.jsonl", data)
+        digests["examples.jsonl"] = _sha(data)
     return digests
 
 

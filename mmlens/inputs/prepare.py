@@ -15,6 +15,8 @@ from PIL import Image
 from mmlens.core.errors import MMLensError
 from mmlens.core.images import to_rgb
 from mmlens.inputs.batch import MultimodalBatch
+from mmlens.inputs.checkpoints import default_preprocessing
+from mmlens.inputs.image_tokens import TOKENIZATIONS, chunked_encoding
 from mmlens.inputs.protocol import InputsModel
 from mmlens.inputs.templates import IMAGE_PLACEHOLDER, PromptTemplate, get_template
 from mmlens.inputs.vision_spans import VisionLayout
@@ -49,28 +51,51 @@ def _spans_for(ids: list[int], offsets: list[tuple[int, int]], question_range: t
     return {k: torch.tensor(v, dtype=torch.long) for k, v in spans.items()}
 
 
+def pad_colour(processor: Any) -> tuple[int, ...]:
+    """LLaVA's ``expand2square`` background: ``int(c * 255)`` of the image mean, truncated as
+    the original code does (CLIP's mean gives ``(122, 116, 104)``)."""
+    mean = getattr(processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
+    return tuple(int(c * 255) for c in mean)
+
+
 def pad_to_square(image: Image.Image, processor: Any) -> Image.Image:
     """Original LLaVA-1.5's preprocessing: centre the image on a square of the mean colour."""
     width, height = image.size
     if width == height:
         return image
-    mean = getattr(processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
     side = max(width, height)
-    canvas = Image.new("RGB", (side, side), tuple(int(round(c * 255)) for c in mean))
+    canvas = Image.new("RGB", (side, side), pad_colour(processor))
     canvas.paste(image, ((side - width) // 2, (side - height) // 2))
     return canvas
 
 
 def encode_prompt(processor: Any, image: Image.Image, question: str, template: PromptTemplate,
-                  image_token_id: int
+                  image_token_id: int, tokenization: str = "whole",
                   ) -> tuple[Mapping[str, Any], dict[str, torch.Tensor], str]:
-    """Process one image + question; returns processor outputs, spans and the prompt."""
+    """Process one image + question; returns processor outputs, spans and the prompt.
+
+    ``tokenization="chunks"`` tokenizes the text around ``<image>`` separately, as the original
+    LLaVA code does (``mmlens.inputs.image_tokens``); ``"whole"`` keeps the processor's ids.
+    The returned prompt holds the image placeholder once, as ``<image>``.
+    """
+    if tokenization not in TOKENIZATIONS:
+        raise MMLensError(f"unknown tokenization {tokenization!r}: use one of {TOKENIZATIONS}")
+    prompt = template.format(question)
     # The processor expands its own image token (``<image>``, Qwen's ``<|image_pad|>``...).
     image_str = processor.tokenizer.convert_ids_to_tokens(image_token_id)
-    prompt = template.prefix.replace(IMAGE_PLACEHOLDER, image_str) + question + template.suffix
-    out = processor(images=[image], text=[prompt], return_tensors="pt")
+    text = template.prefix.replace(IMAGE_PLACEHOLDER, image_str) + question + template.suffix
+    out = processor(images=[image], text=[text], return_tensors="pt")
     ids = out["input_ids"][0].tolist()
     n_image = sum(1 for t in ids if t == image_token_id)
+    if tokenization == "chunks":
+        ids, offsets = chunked_encoding(processor.tokenizer, prompt, image_token_id, n_image)
+        out = dict(out)
+        out["input_ids"] = torch.tensor([ids], dtype=torch.long)
+        out["attention_mask"] = torch.ones_like(out["input_ids"])
+        q_start = len(template.prefix)
+        spans = _spans_for(ids, offsets, (q_start, q_start + len(question)), image_token_id,
+                           processor.tokenizer.bos_token_id)
+        return out, spans, prompt
     expanded_prefix = template.prefix.replace(IMAGE_PLACEHOLDER, image_str * n_image)
     expanded = expanded_prefix + question + template.suffix
     tok = processor.tokenizer(expanded, return_offsets_mapping=True)
@@ -87,14 +112,18 @@ def prepare(model: InputsModel, images: Any, questions: Any, *,
             template: str | PromptTemplate | None = None,
             boxes: Sequence[Sequence[tuple[float, float, float, float]]] | None = None,
             examples: Sequence[Any] | None = None,
-            preprocessing: str | None = None) -> MultimodalBatch:
+            preprocessing: str | None = None, tokenization: str = "whole",
+            related_rule: str = "geometry") -> MultimodalBatch:
     """Build a left-padded batch with spans from images and question strings.
 
     Images may be PIL images, numpy arrays or tensors of any bit depth (see ``to_rgb``).
     ``boxes`` (per example, ``(x, y, w, h)`` in original-image pixels) add the spans
     ``related`` and ``other`` image patches, mapped through ``preprocessing``
-    (``"resize_crop"``, ``"resize"`` or ``"pad"``; default: what the checkpoint's processor
-    does, refused where mmlens does not know its geometry).
+    (``"resize_crop"``, ``"resize"`` or ``"pad"``; default: what the checkpoint was trained
+    with, ``"pad"`` for LLaVA-1.5, else what its processor does, refused where mmlens does not
+    know its geometry) by ``related_rule`` (``"geometry"``: exact box arithmetic; ``"paper"``:
+    the paper's red-pixel mask, ``mmlens.inputs.pixel_rule``).
+    ``tokenization``: ``"whole"`` (the processor's) or ``"chunks"`` (the original LLaVA's).
     """
     processor = model.processor
     if processor is None:
@@ -112,10 +141,14 @@ def prepare(model: InputsModel, images: Any, questions: Any, *,
     names = [f"example {getattr(records[i], 'example_id', i)!r}" if i < len(records)
              else f"image {i}" for i in range(len(images))]
     images = [to_rgb(img, source=name) for img, name in zip(images, names, strict=True)]
+    if preprocessing is not None or boxes is not None:
+        preprocessing = model.family.preprocessing_mode(model, preprocessing)
+    elif not model.cfg.is_anyres:
+        preprocessing = default_preprocessing(model)
     model_images = images
     if preprocessing == "pad":
         model_images = [pad_to_square(img, processor) for img in images]
-    encoded = [encode_prompt(processor, img, q, template, image_token_id)
+    encoded = [encode_prompt(processor, img, q, template, image_token_id, tokenization)
                for img, q in zip(model_images, questions, strict=True)]
     width = max(out["input_ids"].shape[1] for out, _, _ in encoded)
     pad_id = processor.tokenizer.pad_token_id
@@ -145,7 +178,7 @@ def prepare(model: InputsModel, images: Any, questions: Any, *,
     if boxes is not None:
         from mmlens.inputs.spans import add_patch_spans
 
-        add_patch_spans(model, batch, images, boxes, mode=preprocessing)
+        add_patch_spans(model, batch, images, boxes, mode=preprocessing, rule=related_rule)
     return batch
 
 

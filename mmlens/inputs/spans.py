@@ -10,6 +10,10 @@ from mmlens.data.example import Box, check_box
 from mmlens.inputs.geometry import MODES
 from mmlens.inputs.protocol import InputsModel
 
+RELATED_RULES: tuple[str, ...] = ("geometry", "paper")
+PIXEL_RULE_FAMILIES: tuple[str, ...] = ("llava", "llava_next")
+"""The families the paper's pixel rule is defined for (the paper's own checkpoints)."""
+
 
 def _size_field(size: Any, name: str) -> Any:
     return size.get(name) if isinstance(size, dict) else getattr(size, name, None)
@@ -75,14 +79,31 @@ def checked_mode(mode: str | None) -> str:
 
 
 def add_patch_spans(model: InputsModel, batch: Any, images: Sequence[Any],
-                    boxes: Sequence[Sequence[Box]], *, mode: str | None = None) -> None:
+                    boxes: Sequence[Sequence[Box]], *, mode: str | None = None,
+                    rule: str = "geometry") -> None:
     """Add ``related`` (patches any box touches) and ``other`` (the remaining patches) spans.
 
     ``boxes[i]`` are ``(x, y, w, h)`` in pixels of ``images[i]`` as given to ``prepare``.
+    ``rule``: ``"geometry"`` (exact box arithmetic) or ``"paper"`` (the paper's red-pixel
+    mask pushed through the processor, ``mmlens.inputs.pixel_rule``).
     """
     if len(boxes) != len(batch):
         raise ValueError(f"got boxes for {len(boxes)} examples but the batch has {len(batch)}")
+    if rule not in RELATED_RULES:
+        raise MMLensError(f"unknown related rule {rule!r}: use one of {RELATED_RULES}")
     mode = model.family.preprocessing_mode(model, mode)
+    if rule == "paper":
+        if model.family.name not in PIXEL_RULE_FAMILIES:
+            raise MMLensError(
+                f"related_rule='paper' (the paper's red-pixel mask) is defined for the "
+                f"{', '.join(PIXEL_RULE_FAMILIES)} families, not {model.family.name!r}: use "
+                "related_rule='geometry', which maps boxes through this family's processor")
+        from mmlens.inputs.pixel_rule import add_pixel_rule_spans
+
+        checked = [[check_box(box, f"example {i}") for box in example_boxes]
+                   for i, example_boxes in enumerate(boxes)]
+        add_pixel_rule_spans(model, batch, images, checked, mode=mode)
+        return
     related, other = [], []
     for i, (image, example_boxes) in enumerate(zip(images, boxes, strict=True)):
         example = batch.examples[i] if batch.examples else None

@@ -68,7 +68,27 @@ QWEN_VL = PromptTemplate(
 """Qwen2-VL / Qwen2.5-VL's chat template for one image and the paper's instruction; the
 processor expands ``<image>`` (its ``<|image_pad|>``) to one token per merged 28x28 px cell."""
 
-TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL)}
+PAPER_SUFFIX = " \nAnswer the question using a single word or phrase."
+"""What the paper's code appends to every question (note the space before the newline)."""
+
+VICUNA_V1_PAPER = PromptTemplate(
+    "vicuna_v1_paper",
+    "A chat between a curious user and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the user's questions. USER: <image>\n"
+    "{question}" + PAPER_SUFFIX + " ASSISTANT:",
+)
+"""The Vicuna v1 conversation as the paper's code builds it: the question with
+``PAPER_SUFFIX`` appended, then `` ASSISTANT:``."""
+
+LLAMA3_PAPER = PromptTemplate(
+    "llama3_paper",
+    LLAMA3.prefix + "{question}" + PAPER_SUFFIX + "<|eot_id|><|start_header_id|>assistant"
+    "<|end_header_id|>\n\n \n",
+)
+"""The Llama-3 conversation with ``PAPER_SUFFIX`` after the question, followed by ``" \n"``."""
+
+TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL, VICUNA_V1_PAPER,
+                                 LLAMA3_PAPER)}
 
 
 def get_template(template: str | PromptTemplate | None, tokenizer: object = None) -> PromptTemplate:

@@ -22,16 +22,19 @@ def mean_with_band(frame: pd.DataFrame, by: Sequence[str], value: str) -> pd.Dat
     return stats.assign(low=stats["mean"] - half, high=stats["mean"] + half)
 
 
-def knockout_curves(frame: pd.DataFrame, title: str = "attention knockout") -> go.Figure:
+def knockout_curves(frame: pd.DataFrame, title: str = "attention knockout", *,
+                    value: str = "rel_change", window: int | None = None,
+                    value_title: str = "relative change in probability (%)") -> go.Figure:
     """Relative change in the answer's probability against the centre layer, one line per flow.
 
     ``frame`` has one row per example, flow and layer: columns ``flow``, ``layer``,
-    ``rel_change`` (percent) and optionally ``task`` (one panel per task). Lines are the mean
-    over examples, shaded bands the 95% confidence interval, as in the paper's figures.
+    ``value`` (``rel_change``, percent, by default) and optionally ``task`` (one panel per
+    task). Lines are the mean over examples, shaded bands the 95% confidence interval, as in
+    the paper's figures. ``window``: the window size, named on the layer axis.
     """
-    missing = {"flow", "layer", "rel_change"} - set(frame.columns)
+    missing = {"flow", "layer", value} - set(frame.columns)
     if missing:
-        raise ValueError(f"knockout_curves needs columns flow, layer, rel_change; missing "
+        raise ValueError(f"knockout_curves needs columns flow, layer, {value}; missing "
                          f"{', '.join(sorted(missing))}")
     if frame.empty:
         raise ValueError("knockout_curves got no rows: every example was dropped (see "
@@ -44,7 +47,7 @@ def knockout_curves(frame: pd.DataFrame, title: str = "attention knockout") -> g
                            subplot_titles=[t for t in tasks if t is not None] or None)
     for column, task in enumerate(tasks, start=1):
         rows = frame if task is None else frame[frame["task"] == task]
-        stats = mean_with_band(rows, ["flow", "layer"], "rel_change")
+        stats = mean_with_band(rows.dropna(subset=[value]), ["flow", "layer"], value)
         for flow in flows:
             curve = stats[stats["flow"] == flow].sort_values("layer")
             if curve.empty:
@@ -56,14 +59,16 @@ def knockout_curves(frame: pd.DataFrame, title: str = "attention knockout") -> g
                 row=1, col=column)
         figure.add_hline(y=0, line={"color": "grey", "width": 1, "dash": "dot"}, row=1,
                          col=column)
-        figure.update_xaxes(title_text="layer", row=1, col=column)
-    figure.update_yaxes(title_text="relative change in probability (%)", row=1, col=1)
+        figure.update_xaxes(title_text="centre layer" + (f" (window {window})" if window else ""),
+                            row=1, col=column, dtick=1 if frame["layer"].max() < 20 else None)
+    figure.update_yaxes(title_text=value_title, row=1, col=1)
     figure.update_layout(title=title, template="simple_white", hovermode="x unified")
     return figure
 
 
 def lens_trajectories(frame: pd.DataFrame, value: str = "prob",
-                      title: str = "logit lens", by: str | None = None) -> go.Figure:
+                      title: str = "logit lens", by: str | None = None,
+                      xaxis_title: str = "layer") -> go.Figure:
     """One line per token label against the layer, from ``lens.token_probabilities`` (lines by
     ``label``) or ``experiments.answer_emergence`` (lines by ``variant``).
 
@@ -86,7 +91,7 @@ def lens_trajectories(frame: pd.DataFrame, value: str = "prob",
         figure.add_trace(go.Scatter(x=curve["layer"], y=curve["mean"], mode="lines+markers",
                                     name=str(label), legendgroup=str(label),
                                     line={"color": colour}))
-    figure.update_layout(title=title, xaxis_title="layer", yaxis_title=value,
+    figure.update_layout(title=title, xaxis_title=xaxis_title, yaxis_title=value,
                          template="simple_white")
     if value == "rank":
         figure.update_yaxes(type="log", autorange="reversed")

@@ -152,6 +152,7 @@ def test_the_default_study_on_shapes_llava(tmp_path):
     assert not set(wrong.example_id) & set(flow.example_id)
     assert flow.answer.str[0].str.isupper().all()  # shapes-llava answers "Yes", "Red"...
     emergence = pd.read_csv(out / "emergence.csv")
-    final = emergence[(emergence.layer == 7) & emergence.ln & (emergence.variant == "capitalised")]
+    final = emergence[(emergence.layer == 7) & (emergence.reading == "final_norm")
+                      & (emergence.variant == "capitalised")]
     assert (final["rank"] == 1).all()  # the model's own answer at its output
     assert "Answer emergence" in (out / "report.html").read_text()

@@ -2,6 +2,7 @@
 
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 from tiny import IMAGE_TOKEN, tiny_inputs, tiny_llava
@@ -15,7 +16,7 @@ from mmlens.experiments import (
     information_flow,
     sweep,
 )
-from mmlens.experiments.emergence import answer_emergence
+from mmlens.experiments.emergence import answer_emergence, emergence_frame
 from mmlens.experiments.engine import clean_run, fast_knockout_probs, single_example
 from mmlens.experiments.naive import naive_knockout_probs
 from mmlens.inputs.batch import MultimodalBatch
@@ -184,13 +185,21 @@ def test_correctness_filter_and_emergence(model_and_batch):
         assert "wrong answer" in dropped_examples(df).reason[0]
         emergence = answer_emergence(model, labelled, progress=False, max_new_tokens=1)
         assert set(emergence.variant) == {"lower", "capitalised", "wrong", "wrong_capitalised"}
-        assert len(emergence) == 2 * 4 * 2 * TEXT_LAYERS
-        final = emergence[(emergence.layer == TEXT_LAYERS - 1) & emergence.ln
-                          & (emergence.variant == "lower")]
+        # readings: paper (embeddings + every layer), no_norm and final_norm (every layer)
+        assert len(emergence) == 2 * 4 * (3 * TEXT_LAYERS + 1)
+        final = emergence[(emergence.layer == TEXT_LAYERS - 1)
+                          & (emergence.reading == "final_norm") & (emergence.variant == "lower")]
         assert (final["rank"] == 1).all()
         assert torch.allclose(torch.tensor(final.prob.values, dtype=torch.float32),
                               torch.tensor(df.groupby("example_id").p_base.first().values,
                                            dtype=torch.float32), atol=1e-6)
+        # the sweep's own clean runs give the same readings (one clean pass per example)
+        shared = information_flow(model, labelled, window=3, progress=False, max_new_tokens=1,
+                                  flows=["image->last"], lens=True)
+        shared = emergence_frame(shared.attrs["records"])
+        pd.testing.assert_frame_equal(shared.reset_index(drop=True),
+                                      emergence.reset_index(drop=True), check_exact=False,
+                                      atol=1e-6)
     finally:
         model.processor = None
 

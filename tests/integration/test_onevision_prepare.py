@@ -118,9 +118,9 @@ def test_checkpoint_without_a_usable_processor_fails_at_load(tmp_path, tiny):
 @pytest.mark.parametrize("name", ["llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
                                   "llava-hf/llava-onevision-qwen2-7b-ov-hf"])
 def test_presets_use_the_chat_template_and_a_scaled_window(name):
-    from mmlens.experiments.presets import PAPER_PRESETS
+    from mmlens.experiments.presets import PRESETS
 
-    preset = PAPER_PRESETS[name]
+    preset = PRESETS[name]
     assert preset.template is ONEVISION and preset.preprocessing == "anyres"
     assert preset.window % 2 == 1 and abs(preset.window / preset.n_layers - 7 / 32) < 0.05
 

@@ -11,7 +11,7 @@ from tiny_qwen import FAMILIES, tiny_qwen, tiny_qwen_processor
 from mmlens import HookedMultimodalTransformer
 from mmlens.cli import main
 from mmlens.experiments import DEFAULT_FLOWS
-from mmlens.experiments.presets import PAPER_PRESETS
+from mmlens.experiments.presets import PRESETS
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -70,7 +70,7 @@ def test_a_checkpoint_without_an_image_processor_is_refused_at_load(model_dir, t
 
 def test_presets_cover_the_released_checkpoints():
     for name, depth in (("Qwen/Qwen2-VL-7B-Instruct", 28), ("Qwen/Qwen2.5-VL-3B-Instruct", 36)):
-        preset = PAPER_PRESETS[name]
+        preset = PRESETS[name]
         assert preset.template.name == "qwen_vl" and preset.preprocessing == "dynamic"
         assert preset.window % 2 == 1 and abs(preset.window / depth - 7 / 32) < 0.05
 

@@ -1,6 +1,7 @@
 """`mmlens reproduce` end to end on the bundled model, with subsets in the paper's CSV format."""
 
 import csv
+import json
 
 import pandas as pd
 import pytest
@@ -84,3 +85,25 @@ def test_reproduce_rejects_a_folder_without_subsets(tmp_path, capsys):
                  "--subsets", str(tmp_path), "--out", str(tmp_path / "run")])
     assert code == 2
     assert "none of the paper's subset files" in capsys.readouterr().err
+
+
+def test_reproduce_with_a_preset_and_no_filter(tmp_path):
+    subsets, images, out = tmp_path / "subsets", tmp_path / "images", tmp_path / "run"
+    write_paper_subsets(subsets, images, generate_per_task(2, seed=5))
+    args = ["reproduce", "--model", "shapes-llava", "--gqa-images", str(images),
+            "--subsets", str(subsets), "--out", str(out), "--quiet", "--no-filter",
+            "--preset", "llava-hf/llava-1.5-13b-hf", "--tasks", "ChooseAttr,QueryAttr"]
+    assert main(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["preset"] == "llava-hf/llava-1.5-13b-hf" and run["window"] == 8  # 9 > 8 layers
+    assert run["arguments"]["only_correct"] is False and run["n_dropped"] == 0
+    lines = (out / "examples.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["kept"] for line in lines) and len(lines) == run["n_examples"]
+
+
+def test_reproduce_refuses_changing_a_paper_setting(tmp_path, capsys):
+    args = ["reproduce", "--model", "shapes-llava", "--gqa-images", str(tmp_path),
+            "--subsets", str(tmp_path), "--out", str(tmp_path / "r"),
+            "--related-rule", "geometry"]
+    assert main(args) == 2
+    assert "use `mmlens flow` with --preset" in capsys.readouterr().err

@@ -1,6 +1,5 @@
 """The per-task summary finds the peak drop and its half-height range on hand-made curves."""
 
-import math
 
 import pandas as pd
 import pytest
@@ -28,7 +27,7 @@ def test_peak_and_half_range():
     assert row.peak_layer == 3 and row.peak_change == pytest.approx(-60)
     assert (row.half_start, row.half_end) == (2, 4)  # -30 and -35 are at least half of -60
     flat = summary.loc[("ChooseAttr", "last->last")]
-    assert flat.peak_change >= 0 and math.isnan(flat.half_start)
+    assert flat.peak_change >= 0 and pd.isna(flat.half_start)
     assert ("all", "question->last") in summary.index
     assert summary.loc[("ChooseAttr", "question->last")].n_examples == 2
 
@@ -36,3 +35,26 @@ def test_peak_and_half_range():
 def test_missing_columns_raise():
     with pytest.raises(ValueError, match="lacks columns"):
         flow_summary(pd.DataFrame({"flow": [], "layer": []}))
+
+
+def test_bootstrap_intervals_follow_the_spread_of_examples():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    curve = np.array([0, -10, -40, -20, 0.0])
+    rows = []
+    for example in range(40):
+        noise = rng.normal(0, 5)
+        for layer, value in enumerate(curve):
+            for flow, spread in (("noisy->last", noise), ("exact->last", 0.0)):
+                rows.append({"example_id": str(example), "task": "T", "flow": flow,
+                             "layer": layer, "rel_change": value + spread})
+    summary = flow_summary(pd.DataFrame(rows), n_boot=400).set_index(["task", "flow"])
+    exact = summary.loc[("T", "exact->last")]
+    assert exact.peak_change_low == exact.peak_change == exact.peak_change_high == -40
+    assert exact.peak_layer_low == exact.peak_layer_high == 2
+    noisy = summary.loc[("T", "noisy->last")]
+    # a 95% interval of a mean of 40 draws with sd 5: about +-1.55 around the mean
+    assert noisy.peak_change_low < noisy.peak_change < noisy.peak_change_high
+    assert 2.0 < noisy.peak_change_high - noisy.peak_change_low < 4.5
+    assert str(summary.peak_layer.dtype) == "Int64"

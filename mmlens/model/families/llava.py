@@ -92,9 +92,13 @@ class LlavaFamily(Family):
         return features.reshape(-1, features.shape[-1])
 
     def preprocessing_mode(self, model: Any, mode: str | None) -> str:
-        """The processor's own geometry, or ``mode`` where it agrees (``"pad"`` always does)."""
+        """``mode`` where the processor agrees (``"pad"`` always does); by default ``"pad"`` for
+        a checkpoint trained on padded images (LLaVA-1.5), else the processor's own geometry."""
+        from mmlens.inputs.checkpoints import default_preprocessing
         from mmlens.inputs.spans import check_preprocessing
 
+        if mode is None and default_preprocessing(model) == "pad":
+            mode = "pad"
         return check_preprocessing(model.processor, mode, model.cfg.vision.image_size)
 
     def box_positions(

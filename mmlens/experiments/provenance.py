@@ -1,0 +1,79 @@
+"""What a run folder records about where its numbers came from.
+
+``examples.jsonl``: one JSON object per example, kept or dropped: ``example_id``, ``task``,
+``prompt`` (the exact text given to the tokenizer, the image placeholder once as ``<image>``),
+``input_ids``, ``image_size`` ``[width, height]`` as loaded, ``spans`` ``{name: [absolute
+positions]}``, ``answer`` (gold), ``model_answer`` (greedy, decoded until it can no longer
+equal the gold answer), ``kept``.
+
+``run.json`` gets ``versions`` (mmlens, torch, transformers) and ``weights_sha256`` (a digest
+of every parameter) from ``run_provenance``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter and buffer, by name, in the model's own dtype."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(str(data.dtype).encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def run_provenance(model: torch.nn.Module) -> dict[str, Any]:
+    """Versions and the weight checksum, for ``run.json``."""
+    return {"versions": {name: _version(name) for name in ("mmlens", "torch", "transformers")},
+            "weights_sha256": weights_sha256(model)}
+
+
+def example_lines(records: Sequence[Mapping[str, Any]], golds: Mapping[str, str] | None = None
+                  ) -> list[dict[str, Any]]:
+    """One provenance object per stored record (the gold answer from ``golds``, else the
+    record's own)."""
+    golds = golds or {}
+    lines = []
+    for record in records:
+        provenance = record.get("provenance", {})
+        lines.append({
+            "example_id": record["example_id"], "task": record["task"],
+            "prompt": provenance.get("prompt"), "input_ids": provenance.get("input_ids"),
+            "image_size": provenance.get("image_size"), "spans": provenance.get("spans"),
+            "answer": golds.get(record["example_id"], provenance.get("answer")),
+            "model_answer": record.get("model_answer"), "kept": not record.get("dropped"),
+        })
+    return lines
+
+
+def examples_jsonl(records: Sequence[Mapping[str, Any]],
+                   golds: Mapping[str, str] | None = None) -> str:
+    """The text of ``examples.jsonl``: one line per record."""
+    return "".join(json.dumps(line, separators=(",", ":")) + "\n"
+                   for line in example_lines(records, golds))
+
+
+def write_examples(path: str | Path, records: Sequence[Mapping[str, Any]],
+                   golds: Mapping[str, str] | None = None) -> Path:
+    """Write ``examples.jsonl`` (atomically: a reader never sees half of it)."""
+    from mmlens.experiments.atomic import write_atomic
+
+    return write_atomic(Path(path), examples_jsonl(records, golds))
