@@ -121,24 +121,28 @@ def packed_positions(batch: Any, name: str, per_token: int) -> Int[Tensor, " n"]
     if any(n % per_token for n in counts):
         raise ValueError(f"image_grid_thw {grid.tolist()} holds an image whose patches do not "
                          f"merge {per_token} at a time: was the batch built for this model?")
-    tokens = [n // per_token for n in counts]
-    starts, image = [], 0
-    start = 0
+    starts = _token_starts(batch, [n // per_token for n in counts], grid.tolist())
+    merged = torch.cat([_feature_indices(batch, name, i) + starts[i] for i in range(len(batch))])
+    return (merged[:, None] * per_token + torch.arange(per_token)).flatten()
+
+
+def _token_starts(batch: Any, tokens: list[int], grid: list[list[int]]) -> list[int]:
+    """Index of each example's first image token among the batch's, checking that the images'
+    token counts ``tokens`` (in order) add up to every example's image tokens."""
+    starts, image, start = [], 0, 0
     for i in range(len(batch)):
         starts.append(start)
-        need = len(batch.positions("image", i))
-        have = 0
+        need, have = len(batch.positions("image", i)), 0
         while have < need and image < len(tokens):
             have += tokens[image]
             image += 1
         if have != need:
             raise ValueError(
-                f"example {i} has {need} image tokens but its images in image_grid_thw "
-                f"{grid.tolist()} merge into {have}: image_grid_thw must list every image of "
-                "the batch in order (examples in order), as model.prepare builds it")
+                f"example {i} has {need} image tokens but its images in image_grid_thw {grid} "
+                f"merge into {have}: image_grid_thw must list every image of the batch in "
+                "order (examples in order), as model.prepare builds it")
         start += need
     if image != len(tokens):
-        raise ValueError(f"image_grid_thw {grid.tolist()} lists {len(tokens)} images but the "
-                         f"batch's image tokens use only {image}: is it the batch's own grid?")
-    merged = torch.cat([_feature_indices(batch, name, i) + starts[i] for i in range(len(batch))])
-    return (merged[:, None] * per_token + torch.arange(per_token)).flatten()
+        raise ValueError(f"image_grid_thw {grid} lists {len(tokens)} images but the batch's "
+                         f"image tokens use only {image}: is it the batch's own grid?")
+    return starts

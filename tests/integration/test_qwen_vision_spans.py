@@ -159,6 +159,10 @@ def test_unmappable_requests_are_errors(setup):
     with pytest.raises(ValueError, match="example 0 has 15 image tokens but its images in "
                                          "image_grid_thw"):
         wrong.vision_positions("related")
+    extra = batch.select([0])
+    extra.image_sizes = batch.image_sizes
+    with pytest.raises(ValueError, match="lists 3 images but the batch's image tokens use only 1"):
+        extra.vision_positions("related")
 
 
 def _hf_blocks(hf, inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
