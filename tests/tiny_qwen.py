@@ -151,9 +151,9 @@ def tiny_qwen_processor(min_pixels: int = 8 * 8 * 4, max_pixels: int = 8 * 8 * 6
     """Tokenizer + Qwen's PIL image processor at the tiny patch sizes (4 px, 2x2 merge)."""
     from transformers import Qwen2VLImageProcessorPil
 
-    from mmlens.model.loading.qwen_processor import QwenVLProcessor
+    from mmlens.model.loading.qwen_processor import qwen_processor
 
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL,
         min_pixels=min_pixels, max_pixels=max_pixels)
-    return QwenVLProcessor(tiny_qwen_tokenizer(), image_processor)
+    return qwen_processor(tiny_qwen_tokenizer(), image_processor)

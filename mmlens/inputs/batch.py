@@ -56,8 +56,9 @@ class MultimodalBatch:
     def vision_positions(self, name: str, model: Any = None) -> list[Tensor]:
         """Span ``name`` inside the vision tower: patch indices (0 = CLS), one LongTensor per
         vision-tower row (LLaVA-1.5: per example; LLaVA-NeXT: per tile, each image's base tile
-        first). See ``mmlens.inputs.vision_spans``. ``model`` is needed only for a batch not
-        built by ``model.prepare``."""
+        first; Qwen-VL: one row of every image's packed patches, no CLS). See
+        ``mmlens.inputs.vision_spans``. ``model`` is needed only for a batch not built by
+        ``model.prepare``."""
         from mmlens.inputs.vision_spans import VisionLayout, vision_positions
 
         layout = self.vision_layout
@@ -66,8 +67,8 @@ class MultimodalBatch:
         if layout is None:
             raise ValueError(f"span {name!r} cannot be mapped into the vision tower: the batch "
                              "was not built by model.prepare (pass model=), or the model's "
-                             "vision tower packs patches spans do not map into (Qwen-VL: give "
-                             "explicit patch indices)")
+                             "vision tower has no patch layout spans map into: give explicit "
+                             "patch indices")
         return vision_positions(self, name, layout)
 
     @property

@@ -1,10 +1,11 @@
 """A processor composed from a checkpoint's parts: tokenizer, PIL image processor, chat template.
 
-Hugging Face's processor classes for LLaVA-OneVision (and other video-capable families) take a
-video processor, and every HF video processor needs torchvision, so ``AutoProcessor`` cannot
-load them beside a CPU-only torch. Images need none of that: this class does what the HF
-processor does for images (run the image processor, expand each image placeholder to the number
-of image tokens the model will produce, tokenize) with the checkpoint's own parts.
+Hugging Face's processor classes for LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL (and other
+video-capable families) take a video processor, and every HF video processor needs torchvision,
+so ``AutoProcessor`` cannot load them beside a CPU-only torch. Images need none of that: this
+class does what the HF processor does for images (run the image processor, expand each image
+placeholder to the number of image tokens the model will produce, tokenize) with the
+checkpoint's own parts. The families say how many tokens an image makes.
 """
 
 from __future__ import annotations
@@ -20,19 +21,23 @@ from transformers import BatchFeature
 class ComposedProcessor:
     """``processor(images=[...], text=[...], return_tensors="pt")`` as the HF processor does it.
 
-    ``count_image_tokens((height, width))`` gives the image tokens of one image of that original
-    size; each ``image_token`` in a prompt is expanded to that many, images taken in order.
+    ``count_image_tokens(row)`` gives the image tokens of one image from its row of the image
+    processor's ``sizes_key`` output: ``(height, width)`` of the original image for
+    ``image_sizes`` (LLaVA-OneVision), ``(t, h, w)`` patches for ``image_grid_thw`` (Qwen-VL).
+    Each ``image_token`` in a prompt is expanded to that many, images taken in order.
     """
 
     def __init__(self, tokenizer: Any, image_processor: Any, *,
-                 count_image_tokens: Callable[[tuple[int, int]], int],
-                 chat_template: str | None = None, image_token: str = "<image>"):
+                 count_image_tokens: Callable[[tuple[int, ...]], int],
+                 chat_template: str | None = None, image_token: str = "<image>",
+                 sizes_key: str = "image_sizes"):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template
         self.image_token = image_token
         self.count_image_tokens = count_image_tokens
-        if tokenizer.convert_tokens_to_ids(image_token) == tokenizer.unk_token_id:
+        self.sizes_key = sizes_key
+        if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
             raise ValueError(f"the tokenizer has no {image_token!r} token: is it the tokenizer of "
                              "this checkpoint?")
 
@@ -43,12 +48,16 @@ class ComposedProcessor:
         if images:
             pixels = self.image_processor(list(images), return_tensors="pt")
             data.update(pixels)
-            sizes = [tuple(int(v) for v in hw) for hw in torch.as_tensor(pixels["image_sizes"])]
+            if self.sizes_key not in pixels:
+                raise ValueError(f"the image processor returned {', '.join(pixels)} but no "
+                                 f"{self.sizes_key!r}: is it this checkpoint's image processor?")
+            sizes = [tuple(int(v) for v in row)
+                     for row in torch.as_tensor(pixels[self.sizes_key])]
             texts = self._expand(texts, sizes)
         tokens = self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kwargs)
         return BatchFeature({**tokens, **data})
 
-    def _expand(self, texts: list[str], sizes: list[tuple[int, int]]) -> list[str]:
+    def _expand(self, texts: list[str], sizes: list[tuple[int, ...]]) -> list[str]:
         n_placeholders = sum(t.count(self.image_token) for t in texts)
         if n_placeholders != len(sizes):
             raise ValueError(f"the prompts hold {n_placeholders} {self.image_token} placeholders "

@@ -11,6 +11,13 @@ comes from one such patch:
   is patch ``(patch_row, patch_col)`` of tile ``1 + tile_row * n_tile_cols + tile_col``; the
   newline features are learned parameters that no patch produced and are left out.
 
+- Qwen2-VL / Qwen2.5-VL: the tower runs one row ``[1, n_patches, d]`` holding every image of
+  the batch, packed in ``image_grid_thw`` order, each image's patches in merge-block order
+  (2x2 blocks row-major, then row-major inside a block), so patches ``4k .. 4k + 3`` of the
+  row merge into the batch's k-th image token (examples in order, then positions). The mmlens
+  tower keeps that order in every block: Qwen2.5-VL's window attention is a mask, not Hugging
+  Face's window permutation, so ``vision.blocks.{l}.*`` see the processor's order.
+
 ``vision_positions`` returns one LongTensor per vision-tower row of the batch (``[]`` for a row
 the span does not touch), the per-example form that ``ablate_positions`` and
 ``block_attention(tower="vision")`` take.
@@ -22,24 +29,30 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jaxtyping import Int
 from torch import Tensor
 
 
 @dataclass(frozen=True)
 class VisionLayout:
     """What the mapping needs from the model: the CLS offset of image features, the number of
-    vision positions a row (CLS + patches) and, for LLaVA-NeXT, the tile geometry."""
+    vision positions a row (CLS + patches; None for packed patches), for LLaVA-NeXT the tile
+    geometry, and for Qwen-VL's packed patches the patches merged into one image token."""
 
     cls_offset: int
-    n_positions: int
+    n_positions: int | None
     geometry: Any = None
+    patches_per_token: int | None = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> VisionLayout | None:
-        """The layout of a CLIP/SigLIP-style tower; None for towers spans do not map into yet
-        (Qwen-VL's packed dynamic-resolution patches)."""
+        """The layout of a CLIP/SigLIP-style tower or of Qwen-VL's packed patches (a vision
+        config with ``merge_size`` and no fixed ``n_patches``); None for any other tower."""
         if not hasattr(cfg.vision, "n_patches"):
-            return None
+            merge = getattr(cfg.vision, "merge_size", None)
+            if merge is None:
+                return None
+            return cls(cls_offset=0, n_positions=None, patches_per_token=merge**2)
         geometry = None
         if cfg.is_anyres:
             from mmlens.inputs.tiling import AnyresGeometry
@@ -65,6 +78,8 @@ def _feature_indices(batch: Any, name: str, index: int) -> Tensor:
 
 def vision_positions(batch: Any, name: str, layout: VisionLayout) -> list[Tensor]:
     """Vision-tower patch indices of span ``name``, one LongTensor per vision row."""
+    if layout.patches_per_token is not None:
+        return [packed_positions(batch, name, layout.patches_per_token)]
     if layout.geometry is None:
         if batch.pixel_values is not None and batch.pixel_values.shape[0] != len(batch):
             raise ValueError(f"the batch has {batch.pixel_values.shape[0]} images for "
@@ -88,3 +103,46 @@ def vision_positions(batch: Any, name: str, layout: VisionLayout) -> list[Tensor
             per_tile[tile].append(1 + place.patch_row * geometry.grid + place.patch_col)
         rows.extend(torch.tensor(sorted(p), dtype=torch.long) for p in per_tile)
     return rows
+
+
+def packed_positions(batch: Any, name: str, per_token: int) -> Int[Tensor, " n"]:
+    """Qwen-VL: indices into the packed patch row ``[1, n_patches, d]`` of span ``name``.
+
+    The batch's image tokens, counted over examples in order, are the merged tokens of the
+    packed images in order; token k merges patches ``per_token * k .. per_token * k +
+    per_token - 1``. Raises when ``batch.image_sizes`` (``image_grid_thw [images, 3]``) does
+    not account for every example's image tokens.
+    """
+    if batch.image_sizes is None:
+        raise ValueError(f"span {name!r} cannot be mapped into the packed vision tower: the batch "
+                         "has no image_grid_thw (image_sizes); build it with model.prepare")
+    grid = torch.as_tensor(batch.image_sizes).reshape(-1, 3)
+    counts = grid.prod(-1).tolist()
+    if any(n % per_token for n in counts):
+        raise ValueError(f"image_grid_thw {grid.tolist()} holds an image whose patches do not "
+                         f"merge {per_token} at a time: was the batch built for this model?")
+    starts = _token_starts(batch, [n // per_token for n in counts], grid.tolist())
+    merged = torch.cat([_feature_indices(batch, name, i) + starts[i] for i in range(len(batch))])
+    return (merged[:, None] * per_token + torch.arange(per_token)).flatten()
+
+
+def _token_starts(batch: Any, tokens: list[int], grid: list[list[int]]) -> list[int]:
+    """Index of each example's first image token among the batch's, checking that the images'
+    token counts ``tokens`` (in order) add up to every example's image tokens."""
+    starts, image, start = [], 0, 0
+    for i in range(len(batch)):
+        starts.append(start)
+        need, have = len(batch.positions("image", i)), 0
+        while have < need and image < len(tokens):
+            have += tokens[image]
+            image += 1
+        if have != need:
+            raise ValueError(
+                f"example {i} has {need} image tokens but its images in image_grid_thw {grid} "
+                f"merge into {have}: image_grid_thw must list every image of the batch in "
+                "order (examples in order), as model.prepare builds it")
+        start += need
+    if image != len(tokens):
+        raise ValueError(f"image_grid_thw {grid} lists {len(tokens)} images but the batch's "
+                         f"image tokens use only {image}: is it the batch's own grid?")
+    return starts

@@ -89,10 +89,23 @@ def _vision_positions(
                      "'cls' / 'patches'; text spans such as 'image' name language positions")
 
 
+def _packed_tower(batch: MultimodalBatch | None, model: Any) -> bool:
+    """Whether the vision tower packs patches without CLS or a fixed grid (Qwen-VL)."""
+    if model is not None:
+        return not hasattr(model.cfg.vision, "n_patches")
+    layout = None if batch is None else batch.vision_layout
+    return getattr(layout, "patches_per_token", None) is not None
+
+
 def _vision_spec(spec: PositionSpec, batch: MultimodalBatch | None, model: Any, role: str,
                  n_positions: int | None) -> Tensor | list[Tensor]:
     """Positions on the vision tower: a span of ``batch`` mapped into the tower's patches (one
     list per vision row), ``"cls"`` / ``"patches"``, or explicit patch indices."""
+    if isinstance(spec, str) and spec in ("cls", "patches") and _packed_tower(batch, model):
+        raise ValueError(f"{role}={spec!r}: this model's vision tower has no class token and no "
+                         "fixed patch grid (dynamic resolution): give a span name of batch= "
+                         "(mapped to its patches) or packed patch indices, all images of the "
+                         "call in order (see mmlens.inputs.vision_spans)")
     if not isinstance(spec, str) or spec in ("cls", "patches"):
         return _vision_positions(spec, role, n_positions)
     if batch is None:
@@ -137,7 +150,8 @@ def block_attention(
     them) and a span name of ``batch`` is mapped into the tower (``batch.vision_positions``:
     one list per image, or per tile on LLaVA-NeXT); for a tower without CLS and with
     dynamic resolution (Qwen-VL) positions index the packed patches of all the call's
-    images (``[1, n_patches, d]``, the processor's order).
+    images (``[1, n_patches, d]``, the processor's order) and a span name maps each image
+    token to the ``merge_size**2`` patches it merges.
     ``heads`` limits the block to these heads (the mask becomes ``[batch, n_heads, q, k]``;
     this needs ``model=`` for the head count). ``model`` also lets layers, heads and vision
     positions be checked before anything runs. Compose with ``+``::
@@ -152,11 +166,6 @@ def block_attention(
         n_layers = model.cfg.n_layers if tower == "language" else model.cfg.vision.n_layers
         n_heads = model.cfg.n_heads if tower == "language" else model.cfg.vision.n_heads
         n_patches = getattr(model.cfg.vision, "n_patches", None)
-        named = isinstance(src, str) or isinstance(dst, str)
-        if tower == "vision" and n_patches is None and named:
-            raise ValueError("this model's vision tower has no class token and no fixed patch "
-                             "grid (dynamic resolution): give packed patch indices, all images "
-                             "of the call in order (see mmlens.inputs.qwen_geometry)")
         if tower == "vision" and n_patches is not None:
             n_positions = n_patches + 1
     layers = _check_layers(layers, n_layers, tower)
@@ -270,8 +279,9 @@ def ablate_positions(
 
     Positions index the activation's position axis, so use these in runs without a key/value
     cache. On language hooks ``positions`` is resolved as in ``block_attention``. On vision
-    hooks (``vision.*``, rows = images, or tiles on LLaVA-NeXT) explicit positions are patch
-    indices (0 = CLS) and a span name is mapped into the tower with
+    hooks (``vision.*``, rows = images, tiles on LLaVA-NeXT, or one row of every image's
+    packed patches on Qwen-VL) explicit positions are patch indices (0 = CLS where there is
+    one) and a span name is mapped into the tower with
     ``batch.vision_positions`` (``model=`` for a batch not built by ``model.prepare``). A span
     name on any other hook (``projector.*``...) is refused.
     """

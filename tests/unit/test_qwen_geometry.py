@@ -13,7 +13,7 @@ from mmlens.inputs.qwen_geometry import (
     resized_size,
 )
 from mmlens.inputs.templates import QWEN_VL, get_template
-from mmlens.model.loading.qwen_processor import QwenVLProcessor
+from mmlens.model.loading.qwen_processor import load_qwen_processor
 
 SIZES = [(16, 16), (50, 30), (30, 70), (200, 40), (9, 11)]
 
@@ -84,7 +84,7 @@ def test_template_is_the_chat_template_with_the_instruction():
     question = "What color is the circle?\nAnswer the question using a single word or phrase."
     content = [{"type": "image"}, {"type": "text", "text": question}]
     messages = [{"role": "user", "content": content}]
-    rendered = processor.apply_chat_template(messages)
+    rendered = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert rendered == QWEN_VL.format("What color is the circle?").replace(
         "<image>", "<|image_pad|>")
     assert get_template(None, processor.tokenizer) is QWEN_VL
@@ -93,7 +93,7 @@ def test_template_is_the_chat_template_with_the_instruction():
 def test_processor_round_trips_through_a_folder(tmp_path):
     processor = tiny_qwen_processor()
     processor.save_pretrained(tmp_path)
-    loaded = QwenVLProcessor.from_pretrained(tmp_path)
+    loaded = load_qwen_processor(tmp_path)
     assert loaded.chat_template == QWEN_CHAT_TEMPLATE
     image = Image.new("RGB", (50, 30), (10, 200, 30))
     a = processor(images=[image], text=["x <|image_pad|> y"])
@@ -105,6 +105,6 @@ def test_processor_errors_name_what_is_missing(tmp_path):
     processor = tiny_qwen_processor()
     processor.tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no usable image processor"):
-        QwenVLProcessor.from_pretrained(tmp_path)
+        load_qwen_processor(tmp_path)
     with pytest.raises(ValueError, match="2 <\\|image_pad\\|> placeholders but 1 images"):
         processor(images=[Image.new("RGB", (16, 16))], text=["<|image_pad|><|image_pad|>"])

@@ -7,7 +7,8 @@ Attention stays within an image (Qwen2-VL, and Qwen2.5-VL's full-attention layer
 a window of ``window_size`` pixels (Qwen2.5-VL's other layers); both are a boolean
 ``hook_mask``, so a knockout edit composes with them. Hugging Face runs window layers on a
 window-sorted permutation of the patches; attention and per-token layers commute with that
-permutation, so the unpermuted order here gives the same numbers.
+permutation, so the unpermuted order here gives the same numbers, and every hook sees the
+processor's order (which ``mmlens.inputs.vision_spans`` maps spans into).
 
     pixel_values [n_patches, C*T*P*P] ─▶ hook_embed ─▶ blocks.{l}.hook_resid_pre ... hook_resid_post
         ─▶ merger.hook_in ─▶ merger.ln_q ─▶ (4 patches -> 1) ─▶ merger.hook_pre ─▶ GELU

@@ -145,9 +145,9 @@ class QwenVLFamily(Family):
                                   image_positions)
 
     def load_processor(self, path: str, **kwargs: Any) -> Any:
-        from mmlens.model.loading.qwen_processor import QwenVLProcessor
+        from mmlens.model.loading.qwen_processor import load_qwen_processor
 
-        return QwenVLProcessor.from_pretrained(path, **kwargs)
+        return load_qwen_processor(path, **kwargs)
 
 
 class Qwen25VLFamily(QwenVLFamily):
