@@ -24,14 +24,17 @@ from transformers import (
 )
 
 from mmlens import HookedMultimodalTransformer
+from mmlens.core.sizes import ImageSize
 from mmlens.experiments import DEFAULT_FLOWS, default_window, parse_flows
 from mmlens.experiments.engine import clean_run, fast_knockout_probs
 from mmlens.experiments.knockouts import window_knockouts
 from mmlens.experiments.naive import naive_knockout_probs
 from mmlens.inputs.anyres_spans import anyres_related_positions
 from mmlens.inputs.batch import MultimodalBatch
+from mmlens.inputs.tiling import image_sizes_tensor
 
-IMAGE_TOKEN, IMAGE_HW, BEFORE, QUESTION, AFTER = 151646, (384, 768), 14, 12, 20
+IMAGE_TOKEN, BEFORE, QUESTION, AFTER = 151646, 14, 12, 20
+IMAGE_SIZE = ImageSize(width=768, height=384)
 PINPOINTS = [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)]
 
 
@@ -60,20 +63,20 @@ def layout_batch(model, device: str, dtype: torch.dtype) -> MultimodalBatch:
     """``[system, image tokens, question, instruction + last]`` with every span; ``related``
     is a 150 x 100 px box mapped through the tiling."""
     geometry = model.anyres.geometry
-    n_image = geometry.n_image_tokens(IMAGE_HW)
+    n_image = geometry.n_image_tokens(IMAGE_SIZE)
     gen = torch.Generator().manual_seed(0)
     ids = torch.cat([torch.randint(10, 150000, (BEFORE,), generator=gen),
                      torch.full((n_image,), IMAGE_TOKEN),
                      torch.randint(10, 150000, (QUESTION + AFTER,), generator=gen)])[None]
     image = torch.arange(BEFORE, BEFORE + n_image)
-    related, other = anyres_related_positions([(300, 100, 150, 100)], IMAGE_HW[::-1], model.cfg)
+    related, other = anyres_related_positions([(300, 100, 150, 100)], IMAGE_SIZE, model.cfg)
     spans = {"image": image, "question": torch.arange(image[-1] + 1, image[-1] + 1 + QUESTION),
              "last": torch.tensor([ids.shape[1] - 1]), "related": BEFORE + related,
              "other": BEFORE + other}
-    pixels = torch.randn(1, geometry.n_tiles(IMAGE_HW), 3, 384, 384, generator=gen)
+    pixels = torch.randn(1, geometry.n_tiles(IMAGE_SIZE), 3, 384, 384, generator=gen)
     return MultimodalBatch(ids.to(device), torch.ones_like(ids).to(device),
                            pixels.to(device, dtype), [spans],
-                           image_sizes=torch.tensor([IMAGE_HW], device=device))
+                           image_sizes=image_sizes_tensor([IMAGE_SIZE]).to(device))
 
 
 def bench_model(hf, model, batch, device: str, repeats: int) -> None:

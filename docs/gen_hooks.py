@@ -263,19 +263,23 @@ def tiny_onevision():
 def family_section(reference) -> list[str]:
     """The hook names of LLaVA-OneVision that differ from the bundled LLaVA-1.5's, with their
     shapes on one 64x64 image of a tiny random OneVision."""
+    from mmlens.core.sizes import ImageSize
+    from mmlens.inputs.tiling import image_sizes_tensor
+
     model = tiny_onevision()
-    sizes = torch.tensor([[64, 64]])
+    size = ImageSize(width=64, height=64)
+    sizes = image_sizes_tensor([size])
     geometry = model.anyres.geometry
-    n_image = geometry.n_image_tokens((64, 64))
+    n_image = geometry.n_image_tokens(size)
     ids = torch.tensor([[5] * 4 + [model.cfg.image_token_id] * n_image + [6] * 5])
-    pixels = torch.randn(1, geometry.n_tiles((64, 64)), 3, 32, 32)
+    pixels = torch.randn(1, geometry.n_tiles(size), 3, 32, 32)
     _, cache = model.run_with_cache(ids, pixels, image_sizes=sizes)
     theirs = {LAYER.sub("blocks.{l}.", n, count=1) for n in model.hook_dict}
     ours = {LAYER.sub("blocks.{l}.", n, count=1) for n in reference.hook_dict}
     added = [n for n in model.hook_dict if n in theirs - ours]
     absent = sorted(ours - theirs)
-    rows, cols = geometry.feature_grid((64, 64))
-    row0, row1, col0, col1 = geometry.kept_region((64, 64))
+    packed = geometry.feature_grid(size)
+    kept = geometry.kept_region(size)
     lines = [
         "", "## LLaVA-OneVision", "",
         "A OneVision model (`llava_onevision`: SigLIP tower, the same projector, Qwen2 decoder) "
@@ -284,10 +288,10 @@ def family_section(reference) -> list[str]:
         "embedding has a bias; the features are read before SigLIP's post-norm, so no final "
         "vision norm is built. The decoder's `attn.hook_q/k/v` include Qwen2's q/k/v biases. "
         f"Absent: {', '.join(f'`{n}`' for n in absent)}. Added (shapes on one 64x64 image "
-        f"of a tiny random OneVision: {geometry.n_tiles((64, 64))} tiles of "
-        f"{geometry.grid}x{geometry.grid} patches, the {row1 - row0}x{col1 - col0} kept grid "
-        f"downscaled to {rows}x{cols} by `anyres_max_{geometry.max_tiles}`, {n_image} image "
-        "tokens):",
+        f"of a tiny random OneVision: {geometry.n_tiles(size)} tiles of "
+        f"{geometry.grid}x{geometry.grid} patches, the {kept.row_stop - kept.row_start}x"
+        f"{kept.col_stop - kept.col_start} kept grid downscaled to {packed.rows}x{packed.cols} "
+        f"by `anyres_max_{geometry.max_tiles}`, {n_image} image tokens):",
         "", "| hook | shape on the example | what it holds |", "|---|---|---|",
     ]
     lines += [f"| `{n}` | `[{', '.join(map(str, cache[n].shape))}]` | {describe(n)} |"

@@ -10,6 +10,7 @@ from typing import Any
 from PIL import Image
 
 from mmlens.core.errors import MMLensError, MMLensFileNotFoundError
+from mmlens.core.sizes import SizeOrPair, as_image_size
 
 TASKS: tuple[str, ...] = (
     "ChooseAttr",
@@ -30,10 +31,10 @@ class Example:
 
     ``boxes`` are the boxes of the objects the question is about (the central object, or object 1
     and object 2), in pixels of the original image. ``wrong_answer`` is the other option of a
-    choose-question (``None`` where the question offers none). ``image_size`` is the
-    ``(width, height)`` the data records for the image its boxes were drawn on (``None``: not
-    recorded); ``boxes_for`` checks the loaded image against it, and with ``rescale_boxes``
-    rescales the boxes to an image of the same aspect ratio at another resolution.
+    choose-question (``None`` where the question offers none). ``image_size`` is the size the
+    data records for the image its boxes were drawn on (``None``: not recorded); ``boxes_for``
+    checks the loaded image against it, and with ``rescale_boxes`` rescales the boxes to an
+    image of the same aspect ratio at another resolution.
     """
 
     example_id: str
@@ -45,7 +46,7 @@ class Example:
     wrong_answer: str | None = None
     image: Image.Image | None = None
     image_path: Path | None = None
-    image_size: tuple[int, int] | None = None
+    image_size: SizeOrPair | None = None
     rescale_boxes: bool = False
 
     def load_image(self) -> Image.Image:
@@ -77,17 +78,21 @@ class Example:
                 "image: replace it, or leave the example out"
             ) from err
 
-    def boxes_for(self, image_size: tuple[int, int]) -> list[Box]:
-        """The boxes in pixels of the loaded image of ``image_size = (width, height)``.
+    def boxes_for(self, image_size: SizeOrPair) -> list[Box]:
+        """The boxes in pixels of the loaded image of size ``image_size``.
 
         Where the data records another size, refuse (boxes would land on the wrong patches),
         unless ``rescale_boxes`` and the aspect ratio is the same up to rounding.
         """
         for box in self.boxes:
             check_box(box, f"example {self.example_id!r}")
-        if self.image_size is None or tuple(image_size) == tuple(self.image_size):
+        if self.image_size is None:
             return list(self.boxes)
-        (width, height), (rec_w, rec_h) = image_size, self.image_size
+        size = as_image_size(image_size)
+        recorded = as_image_size(self.image_size, f"recorded image size of {self.example_id!r}")
+        if size == recorded:
+            return list(self.boxes)
+        width, height, rec_w, rec_h = size.width, size.height, recorded.width, recorded.height
         name = self.image_path or "the in-memory image"
         same_aspect = abs(width * rec_h - height * rec_w) <= (rec_w + rec_h) / 2
         if not self.rescale_boxes or not same_aspect:

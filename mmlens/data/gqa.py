@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from mmlens.core.errors import MMLensError
+from mmlens.core.sizes import ImageSize
 from mmlens.data.example import TASKS, Box, Example, check_box
 
 GQA_TYPES: dict[str, tuple[str, ...]] = {
@@ -194,8 +195,8 @@ def _build_example(qid: str, task: str, entry: Any, graphs: dict, files: _GqaFil
     )
 
 
-def _recorded_size(graph: Any, path: Path, image_id: str) -> tuple[int, int] | None:
-    """The scene graph's ``(width, height)`` of the image, ``None`` where it gives none."""
+def _recorded_size(graph: Any, path: Path, image_id: str) -> ImageSize | None:
+    """The scene graph's ``width`` and ``height`` of the image, ``None`` where it gives none."""
     if not isinstance(graph, dict) or "width" not in graph or "height" not in graph:
         return None
     try:
@@ -205,7 +206,7 @@ def _recorded_size(graph: Any, path: Path, image_id: str) -> tuple[int, int] | N
     if width <= 0 or height <= 0:
         raise MMLensError(f"{path.name}: image '{image_id}' has width/height "
                           f"{graph['width']!r}/{graph['height']!r}: they must be positive integers")
-    return width, height
+    return ImageSize(width=width, height=height)
 
 
 def _question_objects(entry: dict, path: Path, qid: str) -> list[str]:

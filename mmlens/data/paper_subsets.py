@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from mmlens.core.errors import MMLensError
+from mmlens.core.sizes import ImageSize
 from mmlens.data.example import TASKS, Box, Example
 from mmlens.data.gqa import CENTRAL_OBJECT_TASKS, GQA_TYPES, check_tasks, sample_per_task
 
@@ -141,15 +142,15 @@ def _row_example(
     )
 
 
-def _image_size(row: dict, columns: list[str], where: str) -> tuple[int, int] | None:
-    """``(image_w, image_h)`` where the file has those columns."""
+def _image_size(row: dict, columns: list[str], where: str) -> ImageSize | None:
+    """The size in columns ``image_w`` and ``image_h``, where the file has those columns."""
     if "image_w" not in columns or "image_h" not in columns:
         return None
     try:
-        size = (int(row["image_w"].strip()), int(row["image_h"].strip()))
+        size = ImageSize(width=int(row["image_w"].strip()), height=int(row["image_h"].strip()))
     except ValueError:
-        size = (0, 0)
-    if min(size) <= 0:
+        size = ImageSize(0, 0)
+    if size.width <= 0 or size.height <= 0:
         raise PaperSubsetError(f"{where}, columns 'image_w'/'image_h': {row['image_w']!r}/"
                                f"{row['image_h']!r} are not positive whole numbers of pixels")
     return size

@@ -5,7 +5,10 @@ counts as *related* if any of its pixels lies in the box (the paper's rule). All
 half-open, ``[x, x + w)``, and the arithmetic is exact (``Fraction``), so a box that ends exactly
 on a patch border never spills into the next patch.
 
-Three preprocessing modes, for a ``(W, H)`` image and ``crop_size`` c:
+Sizes are ``ImageSize(width, height)`` (``mmlens.core.sizes``); a bare pair is read as
+``(width, height)``, PIL's ``Image.size`` order (``as_image_size``).
+
+Three preprocessing modes, for a ``W x H`` image and ``crop_size`` c:
 
 - ``"resize_crop"`` (Hugging Face ``CLIPImageProcessor``): resize so the shortest edge is c, the
   other edge ``int(c * long / short)``, then centre-crop c x c with offset
@@ -29,6 +32,7 @@ from typing import Literal
 
 import torch
 
+from mmlens.core.sizes import ImageSize, SizeOrPair, as_image_size
 from mmlens.data.example import Box
 
 Mode = Literal["resize_crop", "resize", "pad"]
@@ -61,18 +65,19 @@ def scale_and_shift(
 
 
 def canvas_patch_mask(
-    boxes: Iterable[CornerBox], canvas_size: tuple[int, int], patch_size: int = 14
+    boxes: Iterable[CornerBox], canvas_size: SizeOrPair, patch_size: int = 14
 ) -> torch.BoolTensor:
-    """Patches of a ``(W, H)`` canvas that overlap any box given in canvas coordinates.
+    """Patches of a canvas of ``canvas_size`` that overlap any box given in canvas coordinates.
 
     Boxes are clipped to the canvas; a box wholly outside it marks nothing. The patch grid is
     ``size // patch_size``: where the side is not a whole number of patches (SigLIP's 384-px
     tiles of 14-px patches cover 378 px), the convolution drops the last pixels, and a box
     there marks no patch. Returns a row-major mask of shape ``[grid_h * grid_w]``.
     """
-    grid_w, grid_h = canvas_size[0] // patch_size, canvas_size[1] // patch_size
+    canvas = as_image_size(canvas_size, "canvas size")
+    grid_w, grid_h = canvas.width // patch_size, canvas.height // patch_size
     if grid_w == 0 or grid_h == 0:
-        raise ValueError(f"canvas {canvas_size[0]}x{canvas_size[1]} holds no whole "
+        raise ValueError(f"canvas {canvas} holds no whole "
                          f"{patch_size}-pixel patch: pass the size of the canvas the vision "
                          "tower sees")
     width, height = grid_w * patch_size, grid_h * patch_size  # the pixels the patches see
@@ -90,12 +95,12 @@ def canvas_patch_mask(
 
 
 def preprocess_transform(
-    image_size: tuple[int, int], crop_size: int = 336, mode: Mode = "resize_crop"
+    image_size: SizeOrPair, crop_size: int = 336, mode: Mode = "resize_crop"
 ) -> tuple[tuple[Fraction, Fraction], tuple[Fraction, Fraction]]:
-    """``(scale, shift)`` taking original-image pixels to pixels of the ``crop_size`` square."""
-    width, height = image_size
-    if width <= 0 or height <= 0:
-        raise ValueError(f"image size {image_size} must be positive (width, height)")
+    """``(scale, shift)``, each x first, taking original-image pixels to pixels of the
+    ``crop_size`` square."""
+    size = as_image_size(image_size)
+    width, height = size.width, size.height
     if mode == "resize_crop":
         short, long = min(width, height), max(width, height)
         new_long = int(crop_size * long / short)  # Hugging Face's rounding of the long edge
@@ -115,19 +120,19 @@ def preprocess_transform(
 
 def boxes_to_patch_mask(
     boxes: Iterable[Box],
-    image_size: tuple[int, int],
+    image_size: SizeOrPair,
     crop_size: int = 336,
     patch_size: int = 14,
     mode: Mode = "resize_crop",
 ) -> torch.BoolTensor:
     """Which of the ``(crop_size // patch_size) ** 2`` patches any box touches.
 
-    ``boxes`` are ``(x, y, w, h)`` in pixels of the original ``image_size = (W, H)`` image.
+    ``boxes`` are ``(x, y, w, h)`` in pixels of the original image, of size ``image_size``.
     Returns a row-major bool mask ``[grid * grid]`` (576 for LLaVA-1.5's 336 px, 14 px patches).
     """
     scale, shift = preprocess_transform(image_size, crop_size, mode)
     corners = [scale_and_shift(corner_box(box), scale, shift) for box in boxes]
-    return canvas_patch_mask(corners, (crop_size, crop_size), patch_size)
+    return canvas_patch_mask(corners, ImageSize(crop_size, crop_size), patch_size)
 
 
 def _as_positions(
@@ -146,7 +151,7 @@ def _as_positions(
 
 def related_image_positions(
     boxes: Iterable[Box],
-    image_size: tuple[int, int],
+    image_size: SizeOrPair,
     image_positions: int | Sequence[int] | torch.Tensor,
     *,
     crop_size: int = 336,

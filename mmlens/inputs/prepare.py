@@ -14,6 +14,7 @@ from PIL import Image
 
 from mmlens.core.errors import MMLensError
 from mmlens.core.images import to_rgb
+from mmlens.core.sizes import ImageSize
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.inputs.checkpoints import default_preprocessing
 from mmlens.inputs.image_tokens import TOKENIZATIONS, chunked_encoding
@@ -186,6 +187,6 @@ def prepare_examples(model: InputsModel, examples: Sequence[Any], **kwargs: Any)
     """``prepare`` for dataset examples: their images, questions and object boxes."""
     examples = list(examples)
     images = [e.load_image() for e in examples]
-    boxes = [e.boxes_for(image.size) for e, image in zip(examples, images, strict=True)]
+    boxes = [e.boxes_for(ImageSize.of(image)) for e, image in zip(examples, images, strict=True)]
     return prepare(model, images, [e.question for e in examples], boxes=boxes,
                    examples=examples, **kwargs)

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mmlens.core.errors import MMLensError
+from mmlens.core.sizes import ImageSize
 from mmlens.data.example import Box, check_box
 from mmlens.inputs.geometry import MODES
 from mmlens.inputs.protocol import InputsModel
@@ -111,7 +112,7 @@ def add_patch_spans(model: InputsModel, batch: Any, images: Sequence[Any],
         example_boxes = [check_box(box, where) for box in example_boxes]
         # The family maps boxes through its processor's resizing/tiling, as the pixels go.
         rel, rest = model.family.box_positions(
-            model, image.size, example_boxes, batch.positions("image", i), mode)
+            model, ImageSize.of(image), example_boxes, batch.positions("image", i), mode)
         related.append(rel)
         other.append(rest)
     batch.add_span("related", related)

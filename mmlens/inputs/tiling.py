@@ -1,18 +1,61 @@
 """Anyres tiling rules (LLaVA-NeXT, LLaVA-OneVision): tile grid, best canvas, kept (unpadded)
 region, and OneVision's anyres-max downscaling of the kept feature grid.
 
-Sizes in this module are ``(height, width)``, as in Hugging Face's ``image_sizes``.
+Image sizes are ``ImageSize(width, height)`` (``mmlens.core.sizes``). Hugging Face's
+``image_sizes`` tensors hold ``(height, width)`` rows: they are read and written here only, by
+``read_image_sizes`` and ``image_sizes_tensor``. Feature grids are ``Grid(rows, cols)`` and
+regions of them ``Region(row_start, row_stop, col_start, col_stop)``, rows first as in the
+tensors they index.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import Any, NamedTuple
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
+
+from mmlens.core.errors import MMLensError
+from mmlens.core.sizes import ImageSize, SizeOrPair, as_image_size
+
+
+class Grid(NamedTuple):
+    """A grid of tiles or features: ``rows`` (along the height), ``cols`` (along the width)."""
+
+    rows: int
+    cols: int
+
+
+class Region(NamedTuple):
+    """A half-open block ``[row_start, row_stop) x [col_start, col_stop)`` of a feature grid."""
+
+    row_start: int
+    row_stop: int
+    col_start: int
+    col_stop: int
+
+
+def legacy_size(size: SizeOrPair) -> ImageSize:
+    """``size`` for ``AnyresGeometry``'s methods: an ``ImageSize`` as it is; a bare pair read
+    as ``(height, width)``, the order these methods took before ``ImageSize`` existed (it is
+    Hugging Face's ``image_sizes`` order), with a ``DeprecationWarning``."""
+    if isinstance(size, ImageSize):
+        return as_image_size(size)
+    try:
+        height_width = tuple(size)
+    except TypeError:
+        raise MMLensError(f"image size {size!r} is neither an ImageSize nor a (height, width) "
+                          "pair: pass ImageSize(width=..., height=...)") from None
+    warnings.warn(
+        f"AnyresGeometry read the bare pair {height_width} as (height, width); pass an "
+        "ImageSize (ImageSize.from_hw(height, width) or ImageSize.of(image)) instead",
+        DeprecationWarning, stacklevel=3)
+    return as_image_size(height_width[::-1], "image size")
 
 
 @dataclass(frozen=True)
@@ -20,10 +63,14 @@ class AnyresGeometry:
     """The tiling rules of one LLaVA-NeXT or LLaVA-OneVision checkpoint.
 
     ``tile_size``: side of the square input of the vision tower (CLIP's ``image_size``, 336).
-    ``patch_size``: side of a vision patch (14). ``grid_pinpoints``: the canvases
-    ``(height, width)`` an image may be tiled into, each a multiple of ``tile_size``.
-    ``max_tiles``: OneVision's ``anyres_max_<n>``; when the kept feature grid holds more than
-    about ``n`` tiles' worth of features it is downscaled (bilinear) to about that many.
+    ``patch_size``: side of a vision patch (14). ``grid_pinpoints``: the model config's
+    ``image_grid_pinpoints`` as it is, ``(height, width)`` pairs, each a multiple of
+    ``tile_size``; ``canvases`` holds them as ``ImageSize``. ``max_tiles``: OneVision's
+    ``anyres_max_<n>``; when the kept feature grid holds more than about ``n`` tiles' worth of
+    features it is downscaled (bilinear) to about that many.
+
+    The methods take an image's original size as an ``ImageSize`` (see ``legacy_size`` for a
+    bare pair).
     """
 
     tile_size: int
@@ -53,97 +100,115 @@ class AnyresGeometry:
                    tuple(tuple(int(v) for v in p) for p in cfg.image_grid_pinpoints),
                    getattr(cfg, "anyres_max_tiles", None))
 
+    @cached_property
+    def canvases(self) -> tuple[ImageSize, ...]:
+        """The grid pinpoints as sizes, in the config's order."""
+        return tuple(ImageSize.from_hw(*pinpoint) for pinpoint in self.grid_pinpoints)
+
     @property
     def grid(self) -> int:
         """Patches along each side of a tile."""
         return self.tile_size // self.patch_size
 
-    def canvas(self, image_hw: tuple[int, int]) -> tuple[int, int]:
-        """The pinpoint ``(height, width)`` that keeps the most of the image and wastes least."""
-        height, width = image_hw
-        best, best_kept, best_wasted = self.grid_pinpoints[0], -1, float("inf")
-        for canvas_h, canvas_w in self.grid_pinpoints:
-            scale = min(canvas_w / width, canvas_h / height)
-            kept = min(int(width * scale) * int(height * scale), width * height)
-            wasted = canvas_w * canvas_h - kept
+    def canvas(self, size: SizeOrPair) -> ImageSize:
+        """The pinpoint canvas that keeps the most of the image and wastes least."""
+        size = legacy_size(size)
+        best, best_kept, best_wasted = self.canvases[0], -1, float("inf")
+        for canvas in self.canvases:
+            scale = min(canvas.width / size.width, canvas.height / size.height)
+            kept = min(int(size.width * scale) * int(size.height * scale),
+                       size.width * size.height)
+            wasted = canvas.width * canvas.height - kept
             if kept > best_kept or (kept == best_kept and wasted < best_wasted):
-                best, best_kept, best_wasted = (canvas_h, canvas_w), kept, wasted
+                best, best_kept, best_wasted = canvas, kept, wasted
         return best
 
-    def tile_grid(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+    def tile_grid(self, size: SizeOrPair) -> Grid:
         """Rows and columns of high-resolution tiles."""
-        canvas_h, canvas_w = self.canvas(image_hw)
-        return canvas_h // self.tile_size, canvas_w // self.tile_size
+        canvas = self.canvas(legacy_size(size))
+        return Grid(rows=canvas.height // self.tile_size, cols=canvas.width // self.tile_size)
 
-    def n_tiles(self, image_hw: tuple[int, int]) -> int:
+    def n_tiles(self, size: SizeOrPair) -> int:
         """Tiles the vision tower sees for this image, the base tile included."""
-        rows, cols = self.tile_grid(image_hw)
-        return rows * cols + 1
+        tiles = self.tile_grid(legacy_size(size))
+        return tiles.rows * tiles.cols + 1
 
-    def kept_region(self, image_hw: tuple[int, int]) -> tuple[int, int, int, int]:
-        """``(row_start, row_stop, col_start, col_stop)`` of the feature grid kept by unpadding."""
-        height, width = image_hw
-        rows, cols = self.tile_grid(image_hw)
-        grid_h, grid_w = rows * self.grid, cols * self.grid
-        if width / height > grid_w / grid_h:
-            pad = (grid_h - int(round(height * (grid_w / width), 7))) // 2
-            region = (pad, grid_h - pad, 0, grid_w)
+    def kept_region(self, size: SizeOrPair) -> Region:
+        """The block of the tiles' feature grid that unpadding keeps."""
+        size = legacy_size(size)
+        tiles = self.tile_grid(size)
+        grid_h, grid_w = tiles.rows * self.grid, tiles.cols * self.grid
+        if size.width / size.height > grid_w / grid_h:
+            pad = (grid_h - int(round(size.height * (grid_w / size.width), 7))) // 2
+            region = Region(pad, grid_h - pad, 0, grid_w)
         else:
-            pad = (grid_w - int(round(width * (grid_h / height), 7))) // 2
-            region = (0, grid_h, pad, grid_w - pad)
-        if region[0] == region[1] or region[2] == region[3]:
+            pad = (grid_w - int(round(size.width * (grid_h / size.height), 7))) // 2
+            region = Region(0, grid_h, pad, grid_w - pad)
+        if region.row_start == region.row_stop or region.col_start == region.col_stop:
             raise ValueError(
-                f"an image of {height}x{width} (height x width) is too elongated for the grid "
-                f"pinpoints {[list(p) for p in self.grid_pinpoints]}: unpadding leaves no "
+                f"an image of {size} is too elongated for the grid pinpoints "
+                f"{[list(p) for p in self.grid_pinpoints]} (height, width): unpadding leaves no "
                 "high-resolution feature of it; crop or pad the image to a less extreme aspect "
                 "ratio, or add a pinpoint of that shape")
         return region
 
-    def downscaled(self, rows: int, cols: int) -> tuple[int, int]:
+    def downscaled(self, rows: int, cols: int) -> Grid:
         """The size a kept ``rows x cols`` feature grid is downscaled to (itself when it holds at
         most ``1.1**2 * max_tiles`` tiles' worth), with Hugging Face's own float arithmetic."""
         if self.max_tiles is None:
-            return rows, cols
+            return Grid(rows, cols)
         ratio = math.sqrt(rows * cols / (self.max_tiles * self.grid**2))
         if ratio <= 1.1:
-            return rows, cols
-        return int(rows // ratio), int(cols // ratio)
+            return Grid(rows, cols)
+        return Grid(int(rows // ratio), int(cols // ratio))
 
-    def feature_grid(self, image_hw: tuple[int, int]) -> tuple[int, int]:
+    def feature_grid(self, size: SizeOrPair) -> Grid:
         """Rows and columns of high-resolution features packed for this image (newlines not
         counted): the kept region, downscaled under anyres-max."""
-        row0, row1, col0, col1 = self.kept_region(image_hw)
-        rows, cols = self.downscaled(row1 - row0, col1 - col0)
-        if rows == 0 or cols == 0:
+        size = legacy_size(size)
+        kept = self.kept_region(size)
+        grid = self.downscaled(kept.row_stop - kept.row_start, kept.col_stop - kept.col_start)
+        if grid.rows == 0 or grid.cols == 0:
             raise ValueError(
-                f"an image of {image_hw[0]}x{image_hw[1]} (height x width) is too elongated: "
-                f"anyres_max_{self.max_tiles} downscaling leaves no high-resolution feature of "
-                "it; crop or pad the image to a less extreme aspect ratio")
-        return rows, cols
+                f"an image of {size} is too elongated: anyres_max_{self.max_tiles} downscaling "
+                "leaves no high-resolution feature of it; crop or pad the image to a less "
+                "extreme aspect ratio")
+        return grid
 
-    def n_image_tokens(self, image_hw: tuple[int, int]) -> int:
+    def n_image_tokens(self, size: SizeOrPair) -> int:
         """Image tokens of one image: base features, kept tile features and one newline a row."""
-        rows, cols = self.feature_grid(image_hw)
-        return self.grid**2 + rows * (cols + 1)
+        grid = self.feature_grid(legacy_size(size))
+        return self.grid**2 + grid.rows * (grid.cols + 1)
 
 
-def image_sizes_list(image_sizes: Any, n_images: int | None = None) -> list[tuple[int, int]]:
-    """``image_sizes [images, 2]`` (height, width) as a checked list of int pairs."""
+def read_image_sizes(image_sizes: Any, n_images: int | None = None) -> list[ImageSize]:
+    """Hugging Face's ``image_sizes [images, 2]`` (rows ``(height, width)``) as checked sizes."""
     if image_sizes is None:
         raise ValueError("LLaVA-NeXT needs image_sizes [images, 2], each image's original "
                          "(height, width): pass the processor's image_sizes, or build the inputs "
                          "with model.prepare(images, questions)")
-    sizes = torch.as_tensor(image_sizes)
-    if sizes.ndim != 2 or sizes.shape[1] != 2 or sizes.shape[0] == 0:
-        raise ValueError(f"image_sizes has shape {list(sizes.shape)}; it must be [images, 2], "
+    rows = torch.as_tensor(image_sizes)
+    if rows.ndim != 2 or rows.shape[1] != 2 or rows.shape[0] == 0:
+        raise ValueError(f"image_sizes has shape {list(rows.shape)}; it must be [images, 2], "
                          "each image's original (height, width)")
-    if n_images is not None and sizes.shape[0] != n_images:
-        raise ValueError(f"image_sizes has {sizes.shape[0]} rows but pixel_values holds "
+    if n_images is not None and rows.shape[0] != n_images:
+        raise ValueError(f"image_sizes has {rows.shape[0]} rows but pixel_values holds "
                          f"{n_images} images: give one (height, width) row per image")
-    pairs = [(int(h), int(w)) for h, w in sizes.tolist()]
-    if any(h <= 0 or w <= 0 for h, w in pairs):
-        raise ValueError(f"image_sizes {pairs} must be positive (height, width) pairs")
-    return pairs
+    hw_rows = [(int(h), int(w)) for h, w in rows.tolist()]
+    if any(h <= 0 or w <= 0 for h, w in hw_rows):
+        raise ValueError(f"image_sizes {hw_rows} must be positive (height, width) pairs")
+    return [ImageSize.from_hw(h, w) for h, w in hw_rows]
+
+
+def image_sizes_tensor(sizes: list[ImageSize]) -> Int[Tensor, "images 2"]:
+    """Sizes as Hugging Face's ``image_sizes`` tensor, rows ``(height, width)``."""
+    return torch.tensor([as_image_size(size).hw for size in sizes], dtype=torch.long)
+
+
+def image_sizes_list(image_sizes: Any, n_images: int | None = None) -> list[tuple[int, int]]:
+    """``image_sizes [images, 2]`` as checked ``(height, width)`` pairs, for code that unpacks
+    them in that order; new code takes ``ImageSize``s from ``read_image_sizes``."""
+    return [size.hw for size in read_image_sizes(image_sizes, n_images)]
 
 
 def pad_tiles(pixel_values: list[Tensor]) -> Float[Tensor, "images tiles channels height width"]:

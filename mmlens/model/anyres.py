@@ -1,17 +1,18 @@
 """Anyres images (LLaVA-NeXT, LLaVA-OneVision): tile selection and packing of tile features
 into image tokens.
 
-An image of original size ``(H, W)`` becomes a square *base* tile (the whole image resized to
-``tile_size``) plus a grid of *high-resolution tiles* cut from the image resized into the best
-``grid_pinpoints`` canvas. After the vision tower and projector, the packer lays the tiles'
-features out as one big feature grid, crops away rows or columns that only hold padding
-("unpadding", back to the original aspect ratio), for LLaVA-OneVision's ``anyres_max_<n>``
-downscales that grid (bilinear) when it holds more than about ``n`` tiles' worth of features,
-and appends the learned ``image_newline`` after every row::
+An image (original size ``ImageSize(width, height)``) becomes a square *base* tile (the whole
+image resized to ``tile_size``) plus a grid of *high-resolution tiles* cut from the image resized
+into the best ``grid_pinpoints`` canvas. After the vision tower and projector, the packer lays
+the tiles' features out as one big feature grid, crops away rows or columns that only hold
+padding ("unpadding", back to the original aspect ratio), for LLaVA-OneVision's
+``anyres_max_<n>`` downscales that grid (bilinear) when it holds more than about ``n`` tiles'
+worth of features, and appends the learned ``image_newline`` after every row::
 
     image tokens = [base: grid x grid features] + [kept row 0 ..., newline] + [kept row 1 ...]
 
-Sizes in this module are ``(height, width)``, as in Hugging Face's ``image_sizes``.
+The ``image_sizes`` tensors passed in are Hugging Face's (rows ``(height, width)``); they are
+read into ``ImageSize``s by ``read_image_sizes`` as they arrive.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformer_lens.hook_points import HookPoint
 
-from mmlens.inputs.tiling import AnyresGeometry, image_sizes_list
+from mmlens.core.sizes import ImageSize
+from mmlens.inputs.tiling import AnyresGeometry, read_image_sizes
 
 
 class AnyresPacker(nn.Module):
@@ -55,27 +57,28 @@ class AnyresPacker(nn.Module):
     ) -> Float[Tensor, "n_tiles_total channels height width"]:
         """Drop the zero tiles that pad ``[images, tiles, 3, H, W]`` to a common tile count."""
         if pixel_values.ndim == 4:
-            sizes = image_sizes_list(image_sizes)
+            sizes = read_image_sizes(image_sizes)
             self._check_tile_count(pixel_values.shape[0], sizes, "pixel_values")
             return pixel_values
         if pixel_values.ndim != 5:
             raise ValueError(f"pixel_values has shape {list(pixel_values.shape)}; LLaVA-NeXT takes "
                              "[images, tiles, 3, H, W] with image_sizes, as its processor gives")
-        sizes = image_sizes_list(image_sizes, pixel_values.shape[0])
-        counts = [self.geometry.n_tiles(hw) for hw in sizes]
-        for i, (hw, count) in enumerate(zip(sizes, counts, strict=True)):
+        sizes = read_image_sizes(image_sizes, pixel_values.shape[0])
+        counts = [self.geometry.n_tiles(size) for size in sizes]
+        for i, (size, count) in enumerate(zip(sizes, counts, strict=True)):
             if count > pixel_values.shape[1]:
                 raise ValueError(
-                    f"image {i} of size {hw[0]}x{hw[1]} needs {count} tiles (base included) but "
+                    f"image {i} of size {size} needs {count} tiles (base included) but "
                     f"pixel_values holds {pixel_values.shape[1]} per image: are image_sizes the "
                     "original (height, width) the processor returned for these pixel_values?")
         return torch.cat([tiles[:count] for tiles, count in zip(pixel_values, counts, strict=True)])
 
-    def _check_tile_count(self, n_rows: int, sizes: list[tuple[int, int]], what: str) -> None:
-        expected = sum(self.geometry.n_tiles(hw) for hw in sizes)
+    def _check_tile_count(self, n_rows: int, sizes: list[ImageSize], what: str) -> None:
+        expected = sum(self.geometry.n_tiles(size) for size in sizes)
         if n_rows != expected:
             raise ValueError(
-                f"{what} holds {n_rows} tiles but image_sizes {sizes} give {expected} (base "
+                f"{what} holds {n_rows} tiles but image_sizes {[list(s.hw) for s in sizes]} "
+                f"(height, width) give {expected} (base "
                 "tiles included): image_sizes must be the original (height, width) of the very "
                 "images these tiles were cut from")
 
@@ -84,8 +87,8 @@ class AnyresPacker(nn.Module):
     ) -> Float[Tensor, "n_image_tokens d_model"]:
         """Pack tile features; ``features`` may also be ``[images * tiles, ...]`` with padded
         tiles in the processor's layout, which are dropped here."""
-        sizes = image_sizes_list(image_sizes)
-        counts = [self.geometry.n_tiles(hw) for hw in sizes]
+        sizes = read_image_sizes(image_sizes)
+        counts = [self.geometry.n_tiles(size) for size in sizes]
         per_image = features.shape[0] // len(sizes)
         if (features.shape[0] != sum(counts) and features.shape[0] % len(sizes) == 0
                 and per_image >= max(counts)):
@@ -99,23 +102,24 @@ class AnyresPacker(nn.Module):
                              "(vision_feature_select_strategy 'default' for CLIP, 'full' for "
                              "SigLIP)")
         features = self.hook_tiles(features)
-        packed = [self._pack_image(tiles, hw)
-                  for tiles, hw in zip(features.split(counts), sizes, strict=True)]
+        packed = [self._pack_image(tiles, size)
+                  for tiles, size in zip(features.split(counts), sizes, strict=True)]
         return self.hook_out(torch.cat(packed))
 
     def _pack_image(
-        self, tiles: Float[Tensor, "tiles n_patches d_model"], image_hw: tuple[int, int]
+        self, tiles: Float[Tensor, "tiles n_patches d_model"], size: ImageSize
     ) -> Float[Tensor, "n_tokens d_model"]:
-        rows, _ = self.geometry.tile_grid(image_hw)
+        tile_rows = self.geometry.tile_grid(size).rows
         base, high = tiles[0], tiles[1:]
         canvas = rearrange(high, "(tr tc) (pr pc) d -> (tr pr) (tc pc) d",
-                           tr=rows, pr=self.geometry.grid)
-        row0, row1, col0, col1 = self.geometry.kept_region(image_hw)
-        canvas = canvas[row0:row1, col0:col1]
-        size = self.geometry.feature_grid(image_hw)
-        if size != tuple(canvas.shape[:2]):
+                           tr=tile_rows, pr=self.geometry.grid)
+        kept = self.geometry.kept_region(size)
+        canvas = canvas[kept.row_start:kept.row_stop, kept.col_start:kept.col_stop]
+        target = self.geometry.feature_grid(size)
+        if (target.rows, target.cols) != tuple(canvas.shape[:2]):
             # as Hugging Face: [d, rows, cols] contiguous, bilinear, align_corners=False
             grid = rearrange(canvas, "r c d -> 1 d r c").contiguous()
-            canvas = rearrange(F.interpolate(grid, list(size), mode="bilinear"), "1 d r c -> r c d")
+            canvas = rearrange(F.interpolate(grid, [target.rows, target.cols], mode="bilinear"),
+                               "1 d r c -> r c d")
         newline = self.image_newline.to(canvas.dtype).expand(canvas.shape[0], 1, -1)
         return torch.cat([base, torch.cat([canvas, newline], dim=1).flatten(0, 1)])

@@ -19,7 +19,7 @@ from typecheck import unchecked
 from mmlens import HookedMultimodalTransformer
 from mmlens.inputs.anyres_spans import anyres_related_positions
 from mmlens.inputs.templates import LLAMA3, VICUNA_V1
-from mmlens.inputs.tiling import AnyresGeometry
+from mmlens.inputs.tiling import AnyresGeometry, read_image_sizes
 from mmlens.model.config import from_hf_config
 
 # (height, width)
@@ -75,8 +75,8 @@ def test_parity_one_image(vicuna, name):
 def test_parity_batch_of_different_sizes_left_padded(vicuna):
     hf, model, processor = vicuna
     inputs = next_inputs(processor, [(90, 40), (64, 64), (20, 20), (30, 200)])
-    n_tiles = [AnyresGeometry.from_config(model.cfg).n_tiles(tuple(s.tolist()))
-               for s in inputs["image_sizes"]]
+    n_tiles = [AnyresGeometry.from_config(model.cfg).n_tiles(size)
+               for size in read_image_sizes(inputs["image_sizes"])]
     assert n_tiles == [3, 5, 3, 3] and inputs["pixel_values"].shape[1] == 5  # padded tiles
     assert len(set(inputs["attention_mask"].sum(-1).tolist())) > 1  # left padding
     assert_parity(parity(hf, model, inputs))

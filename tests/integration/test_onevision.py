@@ -8,6 +8,7 @@ from tiny import hf_image_features
 from tiny_onevision import onevision_inputs, tiny_onevision, tiny_processor
 
 from mmlens import HookedMultimodalTransformer
+from mmlens.core.sizes import ImageSize
 from mmlens.inputs.tiling import AnyresGeometry
 
 # (height, width): kept 4 x 8 grid, downscaled square, unpadded + downscaled, tall, tiny
@@ -60,7 +61,7 @@ def test_parity_left_padded_batch_of_different_images(tiny):
     sizes = [(32, 64), (64, 64), (40, 90), (10, 10)]
     inputs = onevision_inputs(processor, sizes)
     geometry = AnyresGeometry.from_config(model.cfg)
-    assert [geometry.n_tiles(hw) for hw in sizes] == [3, 5, 7, 3]
+    assert [geometry.n_tiles(ImageSize.from_hw(*hw)) for hw in sizes] == [3, 5, 7, 3]
     assert inputs["pixel_values"].shape[1] == 7  # tiles padded per image
     assert len(set(inputs["attention_mask"].sum(-1).tolist())) > 1  # left padding
     assert_parity(parity(hf, model, inputs))

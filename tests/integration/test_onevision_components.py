@@ -8,6 +8,7 @@ import torch
 from tiny_onevision import PINPOINTS, TILE, tiny_onevision, tiny_onevision_config
 from transformers import LlavaOnevisionProcessor
 
+from mmlens.core.sizes import ImageSize
 from mmlens.inputs.tiling import AnyresGeometry
 from mmlens.model.anyres import AnyresPacker
 from mmlens.model.families.onevision import convert_siglip_vision, onevision_config
@@ -48,7 +49,7 @@ def test_packer_matches_hf_pack_image_features(hf, hw):
     packer = AnyresPacker(cfg)
     packer.image_newline.data.copy_(hf.model.image_newline)
     geometry = packer.geometry
-    n_tiles = geometry.n_tiles(hw)
+    n_tiles = geometry.n_tiles(ImageSize.from_hw(*hw))
     features = torch.randn(n_tiles, geometry.grid**2, cfg.text.d_model)
     sizes = torch.tensor([hw])
     with torch.no_grad():
@@ -57,17 +58,18 @@ def test_packer_matches_hf_pack_image_features(hf, hw):
             vision_aspect_ratio=hf.config.vision_aspect_ratio)
         ours = packer(features, sizes)
     assert ours.shape == expected[0].shape
-    assert int(lens[0]) == geometry.n_image_tokens(hw)
+    assert int(lens[0]) == geometry.n_image_tokens(ImageSize.from_hw(*hw))
     assert (ours - expected[0]).abs().max() <= 1e-6
 
 
 def test_downscale_is_exercised():
     geometry = AnyresGeometry.from_config(onevision_config(tiny_onevision_config()))
-    assert geometry.feature_grid((32, 64)) == (4, 8)
-    assert geometry.feature_grid((64, 64)) == (5, 5)  # 8 x 8 kept, ratio sqrt(2)
-    # 40x90 on the 64x96 canvas: unpadding keeps rows 1..7 (6 x 12), ratio sqrt(72 / 32) = 1.5
-    assert geometry.kept_region((40, 90)) == (1, 7, 0, 12)
-    assert geometry.feature_grid((40, 90)) == (4, 8)
+    assert geometry.feature_grid(ImageSize(width=64, height=32)) == (4, 8)
+    assert geometry.feature_grid(ImageSize(width=64, height=64)) == (5, 5)  # 8 x 8 kept, sqrt(2)
+    # 90 wide, 40 tall on the 96 x 64 canvas: unpadding keeps rows 1..7 (6 x 12), ratio
+    # sqrt(72 / 32) = 1.5
+    assert geometry.kept_region(ImageSize(width=90, height=40)) == (1, 7, 0, 12)
+    assert geometry.feature_grid(ImageSize(width=90, height=40)) == (4, 8)
 
 
 @pytest.mark.parametrize("hw", SIZES + [(33, 200), (300, 301)])
@@ -80,7 +82,7 @@ def test_token_count_matches_hf_processor_formula(hw):
     fake._get_unpadded_features = lambda *a: LlavaOnevisionProcessor._get_unpadded_features(
         fake, *a)
     expected = LlavaOnevisionProcessor._get_number_of_features(fake, *hw, TILE, TILE)
-    assert geometry.n_image_tokens(hw) == expected
+    assert geometry.n_image_tokens(ImageSize.from_hw(*hw)) == expected
 
 
 def test_config_errors():

@@ -16,6 +16,7 @@ from tiny_onevision import (
 )
 
 from mmlens import HookedMultimodalTransformer
+from mmlens.core.sizes import ImageSize
 from mmlens.inputs.processor import ComposedProcessor
 from mmlens.inputs.templates import ONEVISION, get_template
 
@@ -49,7 +50,7 @@ def test_prepare_spans_and_parity_with_hf(tiny):
         image = batch.positions("image", i)
         assert (ids[image] == IMAGE_TOKEN).all()
         assert int((ids == IMAGE_TOKEN).sum()) == len(image) == (
-            model.anyres.geometry.n_image_tokens((height, width)))
+            model.anyres.geometry.n_image_tokens(ImageSize(width=width, height=height)))
         question = tok.decode(ids[batch.positions("question", i)]).replace(" ", "")
         assert question == QUESTIONS[i].replace(" ", "")
         assert batch.positions("last", i).tolist() == [ids.shape[0] - 1]
@@ -58,7 +59,7 @@ def test_prepare_spans_and_parity_with_hf(tiny):
         newline = batch.positions("image_newline", i)
         parts = torch.cat([related, other, newline]).sort().values
         assert torch.equal(parts, image)  # a partition of the image positions
-        rows = model.anyres.geometry.feature_grid((height, width))[0]
+        rows = model.anyres.geometry.feature_grid(ImageSize(width=width, height=height)).rows
         assert len(newline) == rows and (ids[newline] == IMAGE_TOKEN).all()
     # a box in the top-left corner touches the first base patch and the first tile feature
     first = batch.positions("image", 0)

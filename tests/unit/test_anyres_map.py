@@ -23,6 +23,7 @@ from transformers import LlavaNextModel
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
+from mmlens.core.sizes import ImageSize
 from mmlens.inputs.anyres_spans import (
     anyres_masks,
     anyres_related_positions,
@@ -35,7 +36,8 @@ from mmlens.model.anyres import AnyresPacker
 GEOMETRY = AnyresGeometry(TILE, PATCH, tuple(tuple(p) for p in PINPOINTS))
 GRID = TILE // PATCH
 PROCESSOR = tiny_processor()
-# (height, width): portrait, landscape, square, smaller than a tile, large, extreme, odd sizes
+# (height, width), Hugging Face's order: portrait, landscape, square, smaller than a tile, large,
+# extreme, odd sizes
 SIZES = [(90, 40), (40, 90), (64, 64), (20, 20), (150, 100), (30, 200), (33, 47), (101, 37),
          (64, 32), (32, 64), (40, 300), (500, 499)]
 
@@ -47,17 +49,19 @@ def local(kind_rows: list, positions: list) -> list[int]:
 
 @pytest.mark.parametrize("hw", SIZES)
 def test_geometry_matches_hugging_face(hw):
+    size = ImageSize.from_hw(*hw)
     n_features = PROCESSOR._get_number_of_features(*hw, TILE, TILE) - 1
-    assert GEOMETRY.canvas(hw) == select_best_resolution(hw, PINPOINTS)
-    assert GEOMETRY.n_tiles(hw) == image_size_to_num_patches(hw, PINPOINTS, TILE)
-    assert GEOMETRY.n_image_tokens(hw) == n_features
-    assert len(image_position_map(hw[::-1], GEOMETRY)) == n_features
+    assert GEOMETRY.canvas(size).hw == select_best_resolution(hw, PINPOINTS)
+    assert GEOMETRY.n_tiles(size) == image_size_to_num_patches(hw, PINPOINTS, TILE)
+    assert GEOMETRY.n_image_tokens(size) == n_features
+    assert len(image_position_map(size, GEOMETRY)) == n_features
 
 
 @pytest.mark.parametrize("hw", SIZES)
 def test_position_map_matches_packing(hw):
     """Features that carry their own (tile, patch) index, packed by ours and by HF."""
-    n_tiles = GEOMETRY.n_tiles(hw)
+    size = ImageSize.from_hw(*hw)
+    n_tiles = GEOMETRY.n_tiles(size)
     tile_index = torch.arange(n_tiles)[:, None].expand(n_tiles, GRID * GRID)
     patch_index = torch.arange(GRID * GRID)[None].expand(n_tiles, GRID * GRID)
     features = torch.stack([tile_index, patch_index], dim=-1).float()
@@ -72,8 +76,8 @@ def test_position_map_matches_packing(hw):
     (reference,), _ = LlavaNextModel.pack_image_features(
         hf_self, [features], torch.tensor([hw]), "default", image_newline=torch.full((2,), -1.0))
     assert torch.equal(packed, reference)
-    _, cols = GEOMETRY.tile_grid(hw)
-    for row, position in zip(packed.long().tolist(), image_position_map(hw[::-1], GEOMETRY),
+    cols = GEOMETRY.tile_grid(size).cols
+    for row, position in zip(packed.long().tolist(), image_position_map(size, GEOMETRY),
                              strict=True):
         tile, patch = row
         if position.kind == "newline":
@@ -103,7 +107,7 @@ def test_pixel_boxes_with_padding():
     scale, paste, canvas = tile_transform((40, 90), GEOMETRY)
     assert (scale, paste, canvas) == ((Fraction(29, 40), Fraction(64, 90)), (1, 0), (32, 64))
     positions = image_position_map((40, 90), GEOMETRY)
-    assert GEOMETRY.kept_region((90, 40)) == (0, 8, 0, 4)
+    assert GEOMETRY.kept_region(ImageSize(width=40, height=90)) == (0, 8, 0, 4)
     first = positions[16]
     assert first.box == pytest.approx((0, 0, 7 * 40 / 29, 8 * 90 / 64))
     last = positions[-2]
@@ -113,7 +117,7 @@ def test_pixel_boxes_with_padding():
 
 def test_unpadding_crops_padding_rows():
     # 200 x 30: canvas 32x64, image resized to 64 x 10 and pasted at y = 11; rows 1-2 are kept
-    assert GEOMETRY.kept_region((30, 200)) == (1, 3, 0, 8)
+    assert GEOMETRY.kept_region(ImageSize(width=200, height=30)) == (1, 3, 0, 8)
     positions = image_position_map((200, 30), GEOMETRY)
     tiles = [p for p in positions if p.kind == "tile"]
     assert {p.patch_row for p in tiles} == {1, 2} and len(tiles) == 16
@@ -170,16 +174,17 @@ def test_related_equals_pixel_box_overlap(hw):
 def test_boxes_match_the_processors_pixels(hw, box):
     """A red box on white, through HF's processor: the patches showing red are the related ones."""
     height, width = hw
+    size = ImageSize(width=width, height=height)
     pixels = np.full((height, width, 3), 255, dtype=np.uint8)
     x, y, w, h = box
     pixels[y:y + h, x:x + w] = (255, 0, 0)
     processed = tiny_image_processor()(Image.fromarray(pixels), return_tensors="np")
-    tiles = torch.from_numpy(processed["pixel_values"][0][:GEOMETRY.n_tiles(hw)])
+    tiles = torch.from_numpy(processed["pixel_values"][0][:GEOMETRY.n_tiles(size)])
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
     std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
     rgb = tiles * std + mean
     red = (rgb[:, 0] - rgb[:, 1]).unfold(1, PATCH, PATCH).unfold(2, PATCH, PATCH).amax((-1, -2))
-    _, cols = GEOMETRY.tile_grid(hw)
+    cols = GEOMETRY.tile_grid(size).cols
     shown = []
     for p in image_position_map((width, height), GEOMETRY):
         if p.kind == "newline":
@@ -200,8 +205,8 @@ def test_bad_pinpoints_and_unusable_images():
     with pytest.raises(ValueError, match="image_grid_pinpoints is empty"):
         AnyresGeometry(TILE, PATCH, ())
     # Hugging Face tiles a 1 x 5000 image, then unpadding drops every high-resolution row
-    assert GEOMETRY.canvas((1, 5000)) == (32, 64)
+    assert GEOMETRY.canvas(ImageSize(width=5000, height=1)).hw == (32, 64)
     with pytest.raises(ValueError, match="too elongated for the grid pinpoints"):
-        GEOMETRY.n_image_tokens((1, 5000))
+        GEOMETRY.n_image_tokens(ImageSize(width=5000, height=1))
     with pytest.raises(ValueError, match="too elongated for the grid pinpoints"):
         anyres_related_positions([(0, 0, 1, 1)], (5000, 1), GEOMETRY)

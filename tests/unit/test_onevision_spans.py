@@ -10,6 +10,7 @@ import torch
 from tiny_onevision import tiny_onevision_config
 from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
 
+from mmlens.core.sizes import ImageSize
 from mmlens.inputs.anyres_spans import anyres_masks, image_position_map
 from mmlens.inputs.tiling import AnyresGeometry
 from mmlens.model.families.onevision import onevision_config
@@ -18,7 +19,8 @@ HF_CONFIG = tiny_onevision_config()
 GEOMETRY = AnyresGeometry.from_config(onevision_config(HF_CONFIG))
 UNCAPPED = replace(GEOMETRY, max_tiles=None)
 GRID = GEOMETRY.grid
-# (height, width): kept as is, downscaled square, unpadded + downscaled, tall, tiny, extreme
+# (height, width), Hugging Face's order: kept as is, downscaled square, unpadded + downscaled,
+# tall, tiny, extreme
 SIZES = [(32, 64), (64, 64), (40, 90), (90, 60), (20, 70), (10, 10), (33, 200)]
 
 
@@ -32,20 +34,21 @@ def hf_pack(features: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
 
 def source_index(position, hw: tuple[int, int]) -> int:
     """Row of a (tile, patch) in the features fed to the packer (base tile first)."""
-    cols = GEOMETRY.tile_grid(hw)[1]
+    cols = GEOMETRY.tile_grid(ImageSize.from_hw(*hw)).cols
     tile = 0 if position.kind == "base" else 1 + position.tile_row * cols + position.tile_col
     return tile * GRID * GRID + position.patch_row * GRID + position.patch_col
 
 
 @pytest.mark.parametrize("hw", SIZES)
 def test_position_boxes_are_the_union_of_bilinear_sources(hw):
-    n_tiles = GEOMETRY.n_tiles(hw)
+    size = ImageSize.from_hw(*hw)
+    n_tiles = GEOMETRY.n_tiles(size)
     n_sources = n_tiles * GRID * GRID
     features = torch.eye(n_sources).view(n_tiles, GRID * GRID, n_sources)
     packed = hf_pack(features, hw)
-    positions = image_position_map(hw[::-1], GEOMETRY)
-    assert len(positions) == packed.shape[0] == GEOMETRY.n_image_tokens(hw)
-    source_boxes = {source_index(p, hw): p.box for p in image_position_map(hw[::-1], UNCAPPED)
+    positions = image_position_map(size, GEOMETRY)
+    assert len(positions) == packed.shape[0] == GEOMETRY.n_image_tokens(size)
+    source_boxes = {source_index(p, hw): p.box for p in image_position_map(size, UNCAPPED)
                     if p.kind != "newline"}
     for row, position in zip(packed, positions, strict=True):
         sources = row.nonzero().flatten().tolist()
@@ -67,7 +70,7 @@ def test_related_mask_matches_packed_box_indicator(hw, box):
     related exactly when the bilinear resize gives it a non-zero share of a related feature."""
     height, width = hw
     box = (min(box[0], width - 1), min(box[1], height - 1), box[2], box[3])
-    n_tiles = GEOMETRY.n_tiles(hw)
+    n_tiles = GEOMETRY.n_tiles(ImageSize(width=width, height=height))
     uncapped_related, _ = anyres_masks([box], (width, height), UNCAPPED)
     features = torch.zeros(n_tiles * GRID * GRID, 1)
     for position, related in zip(image_position_map((width, height), UNCAPPED),
@@ -132,7 +135,7 @@ def test_related_patches_agree_with_the_pixels_at_real_geometry(size, box):
         image_grid_pinpoints=config.image_grid_pinpoints, resample=PILImageResampling.NEAREST,
         do_rescale=False, do_normalize=False)
     tiles = np.asarray(processor([image], return_tensors="np")["pixel_values"])[0]
-    n_tiles = geometry.n_tiles(size[::-1])
+    n_tiles = geometry.n_tiles(ImageSize.of(image))
     seen = tiles[:n_tiles, 0, :27 * 14, :27 * 14] > 127  # the pixels the 27 x 27 patches see
     white = torch.from_numpy(seen.reshape(n_tiles, 27, 14, 27, 14).any(axis=(2, 4)))
     (packed,), _ = LlavaOnevisionModel.pack_image_features(

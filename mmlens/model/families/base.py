@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from mmlens.core.sizes import ImageSize
 from mmlens.model.components import RotaryEmbedding
 from mmlens.model.config import LanguageConfig, MultimodalConfig
 from mmlens.model.kv_cache import KeyValueCache
@@ -176,12 +177,12 @@ class Family:
         return checked_mode(mode)
 
     def box_positions(
-        self, model: Any, image_size: tuple[int, int], boxes: Sequence[Any],
+        self, model: Any, image_size: ImageSize, boxes: Sequence[Any],
         image_positions: Tensor, mode: str,
     ) -> tuple[Tensor, Tensor]:
         """Image-token positions a box touches (``related``) and the rest (``other``).
 
-        ``image_size`` is the original image's ``(width, height)``; ``boxes`` are ``(x, y, w,
-        h)`` in its pixels, mapped through the processor's resizing/tiling as the pixels are.
+        ``image_size`` is the original image's size; ``boxes`` are ``(x, y, w, h)`` in its
+        pixels, mapped through the processor's resizing/tiling as the pixels are.
         """
         raise NotImplementedError

@@ -11,6 +11,7 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from mmlens.core.sizes import ImageSize
 from mmlens.model.components import Projector
 from mmlens.model.config import (
     MultimodalConfig,
@@ -102,7 +103,7 @@ class LlavaFamily(Family):
         return check_preprocessing(model.processor, mode, model.cfg.vision.image_size)
 
     def box_positions(
-        self, model: Any, image_size: tuple[int, int], boxes: Sequence[Any],
+        self, model: Any, image_size: ImageSize, boxes: Sequence[Any],
         image_positions: Tensor, mode: str,
     ) -> tuple[Tensor, Tensor]:
         from mmlens.inputs.geometry import other_image_positions, related_image_positions

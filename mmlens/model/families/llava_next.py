@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from mmlens.core.sizes import ImageSize
 from mmlens.model.anyres import AnyresPacker
 from mmlens.model.config import MultimodalConfig
 from mmlens.model.families.base import Family
@@ -64,7 +65,7 @@ class LlavaNextFamily(LlavaFamily):
         return Family.preprocessing_mode(self, model, mode)
 
     def box_positions(
-        self, model: Any, image_size: tuple[int, int], boxes: Sequence[Any],
+        self, model: Any, image_size: ImageSize, boxes: Sequence[Any],
         image_positions: Tensor, mode: str,
     ) -> tuple[Tensor, Tensor]:
         from mmlens.inputs.anyres_spans import anyres_related_positions

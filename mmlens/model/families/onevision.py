@@ -30,6 +30,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from mmlens.core.sizes import ImageSize
 from mmlens.inputs.processor import ComposedProcessor, read_chat_template
 from mmlens.inputs.tiling import AnyresGeometry
 from mmlens.model.anyres import AnyresPacker
@@ -131,8 +132,13 @@ def onevision_processor(tokenizer: Any, image_processor: Any, cfg: MultimodalCon
     if pinpoints != [list(p) for p in geometry.grid_pinpoints]:
         raise ValueError("the image processor's image_grid_pinpoints differ from the model "
                          "config's: is preprocessor_config.json from this checkpoint?")
+
+    def count_image_tokens(height_width: tuple[int, int]) -> int:
+        # the composed processor hands over rows of Hugging Face's image_sizes: (height, width)
+        return geometry.n_image_tokens(ImageSize.from_hw(*height_width))
+
     return ComposedProcessor(tokenizer, image_processor, chat_template=chat_template,
-                             count_image_tokens=geometry.n_image_tokens)
+                             count_image_tokens=count_image_tokens)
 
 
 def load_onevision_processor(name_or_path: str, cfg: MultimodalConfig) -> ComposedProcessor:

@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from mmlens.core.sizes import ImageSize
 from mmlens.model.components.mrope import MRotaryEmbedding, mrope_position_ids
 from mmlens.model.components.qwen_vision import PatchMerger, QwenVisionTower
 from mmlens.model.config import LanguageConfig, MultimodalConfig, language_config
@@ -134,7 +135,7 @@ class QwenVLFamily(Family):
         return out
 
     def box_positions(
-        self, model: Any, image_size: tuple[int, int], boxes: Sequence[Any],
+        self, model: Any, image_size: ImageSize, boxes: Sequence[Any],
         image_positions: Tensor, mode: str,
     ) -> tuple[Tensor, Tensor]:
         """Boxes through ``smart_resize`` onto the 28x28 px cells of the image tokens; Qwen
