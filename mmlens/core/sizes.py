@@ -12,8 +12,8 @@ tensors); no ``(height, width)`` pair travels inside mmlens.
 Code takes a size apart by name, ``size.width`` and ``size.height``, never by position. A
 function that takes a size accepts an ``ImageSize``; a bare pair is converted by one rule,
 ``as_image_size``: it is read as ``(width, height)``, PIL's order, so ``image.size`` may be
-passed as it is. The one exception is older code: ``AnyresGeometry``'s methods took
-``(height, width)`` pairs and still read a bare pair that way, with a ``DeprecationWarning``.
+passed as it is. ``AnyresGeometry``'s methods, beside Hugging Face's ``(height, width)``
+rows, take only an ``ImageSize`` and refuse a bare pair.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from jaxtyping import Bool, Float
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from mmlens.core.sizes import ImageSize, SizeOrPair, as_image_size
 from mmlens.data.example import Box
 from mmlens.inputs.geometry import other_image_positions
 from mmlens.inputs.tiling import AnyresGeometry
@@ -28,9 +29,10 @@ RED = (255, 0, 0)
 GREEN = (0, 255, 0)
 
 
-def box_mask_image(image_size: tuple[int, int], boxes: Iterable[Box]) -> Image.Image:
+def box_mask_image(image_size: SizeOrPair, boxes: Iterable[Box]) -> Image.Image:
     """The paper's mask: ``image_size = (width, height)``, green, each box drawn red."""
-    mask = Image.new("RGB", tuple(image_size), GREEN)
+    size = as_image_size(image_size)
+    mask = Image.new("RGB", (size.width, size.height), GREEN)
     draw = ImageDraw.Draw(mask)
     for x, y, w, h in boxes:
         draw.rectangle((int(x), int(y), int(x) + int(w), int(y) + int(h)), fill=RED)
@@ -62,7 +64,7 @@ def red_patches(pixels: Float[Tensor, "3 height width"], patch_size: int
     return red.reshape(rows, patch_size, cols, patch_size).any(dim=3).any(dim=1)
 
 
-def pixel_rule_mask(processor: Any, cfg: Any, boxes: Sequence[Box], image_size: tuple[int, int],
+def pixel_rule_mask(processor: Any, cfg: Any, boxes: Sequence[Box], image_size: SizeOrPair,
                     mode: str) -> tuple[Bool[Tensor, " n"], Bool[Tensor, " n"]]:
     """``(related, newline)`` over one image's feature positions (CLS excluded).
 
@@ -75,17 +77,18 @@ def pixel_rule_mask(processor: Any, cfg: Any, boxes: Sequence[Box], image_size: 
     if not cfg.is_anyres:
         return base, torch.zeros_like(base)
     geometry = AnyresGeometry.from_config(cfg)
-    width, height = image_size
+    size = as_image_size(image_size)
     if mode == "pad":
-        width = height = max(width, height)
-    tile_rows, tile_cols = geometry.tile_grid((height, width))
+        side = max(size.width, size.height)
+        size = ImageSize(width=side, height=side)
+    tile_rows, tile_cols = geometry.tile_grid(size)
     grid = geometry.grid
     canvas = torch.zeros(tile_rows * grid, tile_cols * grid, dtype=torch.bool)
     for index in range(tile_rows * tile_cols):
         row, col = divmod(index, tile_cols)
         canvas[row * grid:(row + 1) * grid, col * grid:(col + 1) * grid] = red_patches(
             tiles[1 + index], patch)
-    row0, row1, col0, col1 = geometry.kept_region((height, width))
+    row0, row1, col0, col1 = geometry.kept_region(size)
     kept = canvas[row0:row1, col0:col1]
     no, yes = (torch.full((kept.shape[0], 1), v, dtype=torch.bool) for v in (False, True))
     related = torch.cat([base, torch.cat([kept, no], dim=1).flatten()])

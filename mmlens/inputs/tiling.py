@@ -11,7 +11,6 @@ tensors they index.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, NamedTuple
@@ -40,22 +39,15 @@ class Region(NamedTuple):
     col_stop: int
 
 
-def legacy_size(size: SizeOrPair) -> ImageSize:
-    """``size`` for ``AnyresGeometry``'s methods: an ``ImageSize`` as it is; a bare pair read
-    as ``(height, width)``, the order these methods took before ``ImageSize`` existed (it is
-    Hugging Face's ``image_sizes`` order), with a ``DeprecationWarning``."""
-    if isinstance(size, ImageSize):
-        return as_image_size(size)
-    try:
-        height_width = tuple(size)
-    except TypeError:
-        raise MMLensError(f"image size {size!r} is neither an ImageSize nor a (height, width) "
-                          "pair: pass ImageSize(width=..., height=...)") from None
-    warnings.warn(
-        f"AnyresGeometry read the bare pair {height_width} as (height, width); pass an "
-        "ImageSize (ImageSize.from_hw(height, width) or ImageSize.of(image)) instead",
-        DeprecationWarning, stacklevel=3)
-    return as_image_size(height_width[::-1], "image size")
+def checked_size(size: ImageSize) -> ImageSize:
+    """``size`` for ``AnyresGeometry``'s methods, which take only an ``ImageSize``: a bare pair
+    is refused, because the tiling code sits beside Hugging Face's ``(height, width)`` rows and
+    a pair's order could be either."""
+    if not isinstance(size, ImageSize):
+        raise MMLensError(
+            f"AnyresGeometry takes an ImageSize, not {size!r}: pass ImageSize.of(image), "
+            "ImageSize(width=..., height=...) or ImageSize.from_hw(height, width)")
+    return as_image_size(size)
 
 
 @dataclass(frozen=True)
@@ -69,8 +61,8 @@ class AnyresGeometry:
     ``anyres_max_<n>``; when the kept feature grid holds more than about ``n`` tiles' worth of
     features it is downscaled (bilinear) to about that many.
 
-    The methods take an image's original size as an ``ImageSize`` (see ``legacy_size`` for a
-    bare pair).
+    The methods take an image's original size as an ``ImageSize`` (a bare pair is refused:
+    ``checked_size``).
     """
 
     tile_size: int
@@ -112,7 +104,7 @@ class AnyresGeometry:
 
     def canvas(self, size: SizeOrPair) -> ImageSize:
         """The pinpoint canvas that keeps the most of the image and wastes least."""
-        size = legacy_size(size)
+        size = checked_size(size)
         best, best_kept, best_wasted = self.canvases[0], -1, float("inf")
         for canvas in self.canvases:
             scale = min(canvas.width / size.width, canvas.height / size.height)
@@ -125,17 +117,17 @@ class AnyresGeometry:
 
     def tile_grid(self, size: SizeOrPair) -> Grid:
         """Rows and columns of high-resolution tiles."""
-        canvas = self.canvas(legacy_size(size))
+        canvas = self.canvas(checked_size(size))
         return Grid(rows=canvas.height // self.tile_size, cols=canvas.width // self.tile_size)
 
     def n_tiles(self, size: SizeOrPair) -> int:
         """Tiles the vision tower sees for this image, the base tile included."""
-        tiles = self.tile_grid(legacy_size(size))
+        tiles = self.tile_grid(checked_size(size))
         return tiles.rows * tiles.cols + 1
 
     def kept_region(self, size: SizeOrPair) -> Region:
         """The block of the tiles' feature grid that unpadding keeps."""
-        size = legacy_size(size)
+        size = checked_size(size)
         tiles = self.tile_grid(size)
         grid_h, grid_w = tiles.rows * self.grid, tiles.cols * self.grid
         if size.width / size.height > grid_w / grid_h:
@@ -165,7 +157,7 @@ class AnyresGeometry:
     def feature_grid(self, size: SizeOrPair) -> Grid:
         """Rows and columns of high-resolution features packed for this image (newlines not
         counted): the kept region, downscaled under anyres-max."""
-        size = legacy_size(size)
+        size = checked_size(size)
         kept = self.kept_region(size)
         grid = self.downscaled(kept.row_stop - kept.row_start, kept.col_stop - kept.col_start)
         if grid.rows == 0 or grid.cols == 0:
@@ -177,7 +169,7 @@ class AnyresGeometry:
 
     def n_image_tokens(self, size: SizeOrPair) -> int:
         """Image tokens of one image: base features, kept tile features and one newline a row."""
-        grid = self.feature_grid(legacy_size(size))
+        grid = self.feature_grid(checked_size(size))
         return self.grid**2 + grid.rows * (grid.cols + 1)
 
 
@@ -203,12 +195,6 @@ def read_image_sizes(image_sizes: Any, n_images: int | None = None) -> list[Imag
 def image_sizes_tensor(sizes: list[ImageSize]) -> Int[Tensor, "images 2"]:
     """Sizes as Hugging Face's ``image_sizes`` tensor, rows ``(height, width)``."""
     return torch.tensor([as_image_size(size).hw for size in sizes], dtype=torch.long)
-
-
-def image_sizes_list(image_sizes: Any, n_images: int | None = None) -> list[tuple[int, int]]:
-    """``image_sizes [images, 2]`` as checked ``(height, width)`` pairs, for code that unpacks
-    them in that order; new code takes ``ImageSize``s from ``read_image_sizes``."""
-    return [size.hw for size in read_image_sizes(image_sizes, n_images)]
 
 
 def pad_tiles(pixel_values: list[Tensor]) -> Float[Tensor, "images tiles channels height width"]:

@@ -87,14 +87,14 @@ def vision_positions(batch: Any, name: str, layout: VisionLayout) -> list[Tensor
                              "one image per example")
         return [_feature_indices(batch, name, i) + layout.cls_offset for i in range(len(batch))]
     from mmlens.inputs.anyres_spans import image_position_map
-    from mmlens.inputs.tiling import image_sizes_list
+    from mmlens.inputs.tiling import read_image_sizes
 
     geometry = layout.geometry
     rows: list[Tensor] = []
-    for i, (height, width) in enumerate(image_sizes_list(batch.image_sizes, len(batch))):
-        places = image_position_map((width, height), geometry)
-        n_cols = geometry.tile_grid((height, width))[1]
-        per_tile: list[list[int]] = [[] for _ in range(geometry.n_tiles((height, width)))]
+    for i, size in enumerate(read_image_sizes(batch.image_sizes, len(batch))):
+        places = image_position_map(size, geometry)
+        n_cols = geometry.tile_grid(size).cols
+        per_tile: list[list[int]] = [[] for _ in range(geometry.n_tiles(size))]
         for k in _feature_indices(batch, name, i).tolist():
             place = places[k]
             if place.kind == "newline":

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from tiny_next import tiny_image_processor
 from transformers.image_processing_utils import select_best_resolution
+from typecheck import unchecked
 
 from mmlens.core.errors import MMLensError
 from mmlens.core.sizes import ImageSize, as_image_size
@@ -117,6 +118,8 @@ def test_bare_pairs_are_converted_by_the_documented_rule_or_refused():
         canvas_patch_mask([], (0, 100), patch_size=10)
     with pytest.raises(MMLensError, match="ImageSize.of takes a PIL image, not a tuple"):
         ImageSize.of((300, 200))
-    # AnyresGeometry's methods took (height, width) before ImageSize: still read so, with a warning
-    with pytest.warns(DeprecationWarning, match=r"bare pair \(200, 300\) as \(height, width\)"):
-        assert GEOMETRY.tile_grid((200, 300)) == Grid(rows=1, cols=2)
+    # beside Hugging Face's (height, width) rows a bare pair is ambiguous: the tiling refuses it
+    with pytest.raises(MMLensError, match=r"AnyresGeometry takes an ImageSize, not \(200, 300\)"),\
+            unchecked():
+        GEOMETRY.tile_grid((200, 300))
+    assert GEOMETRY.tile_grid(SIZE) == Grid(rows=1, cols=2)
