@@ -226,8 +226,10 @@ def _preset_settings(model: Any, preset: str | StudyPreset | None) -> StudySetti
             "whole", "geometry", "skip", check_window(None, n_layers))
     window = min(preset.window, n_layers)
     preprocessing = fixed or preset.preprocessing
-    if preprocessing in FIXED_BY_MODEL:
-        preprocessing = "pad"  # a tiling preset on a LLaVA-1.5 model: the paper pads those
+    if not fixed and preprocessing in FIXED_BY_MODEL:
+        # a tiling preset on a model without tiling: the paper pads LLaVA-1.5's images; the
+        # other families' presets leave the model's own default
+        preprocessing = "pad" if preset.model in PAPER_PRESETS else default_preprocessing(model)
     return StudySettings(preset.model, source, preset.template, preprocessing,
                          preset.tokenization, preset.related_rule, preset.empty_spans, window)
 

@@ -8,7 +8,9 @@ from PIL import Image
 from tiny_qwen import FAMILIES, IMAGE_TOKEN, MERGE, tiny_qwen, tiny_qwen_processor
 
 from mmlens import HookedMultimodalTransformer
+from mmlens.core.errors import MMLensError
 from mmlens.experiments import DEFAULT_FLOWS, information_flow
+from mmlens.experiments.presets import resolve_settings
 from mmlens.methods import block_attention
 
 TEXT_LAYERS = 4
@@ -140,3 +142,15 @@ def test_fast_sweep_equals_naive_on_every_flow(setup):
         rows = fast.flow == flow
         assert (fast.p_block[rows] - naive.p_block[rows]).abs().max() < 1e-5, flow
     assert fast.rel_change.abs().max() > 1.0  # the knockouts change the prediction
+
+
+def test_the_paper_pixel_rule_is_refused_outside_the_llava_families(setup):
+    _, model, _ = setup
+    with pytest.raises(MMLensError, match=r"related_rule='paper' .* not 'qwen2(_5)?_vl': use "
+                       r"related_rule='geometry'"):
+        model.prepare(_images()[:1], QUESTIONS[:1], boxes=BOXES[:1], related_rule="paper")
+    with pytest.raises(ValueError, match="preprocessing 'pad' does not fit this model"):
+        resolve_settings(model, preprocessing="pad")
+    settings = resolve_settings(model, "Qwen/Qwen2.5-VL-7B-Instruct")
+    assert (settings.template.name, settings.preprocessing, settings.related_rule,
+            settings.window) == ("qwen_vl", "dynamic", "geometry", min(7, TEXT_LAYERS))
