@@ -6,6 +6,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from tiny import IMAGE_TOKEN, tiny_inputs, tiny_llava
 
 from mmlens import HookedMultimodalTransformer
@@ -174,3 +175,20 @@ def test_the_paper_settings_on_an_anyres_model():
         question = batch.positions("question", i)
         decoded = processor.tokenizer.decode(batch.input_ids[i, question])
         assert "".join(decoded.split()) == "".join(QUESTIONS[i].split())  # word-level decode
+
+
+def test_prepare_pads_a_llava_15_checkpoint_unless_told_otherwise():
+    model = HookedMultimodalTransformer.from_pretrained("shapes-llava")
+    image = Image.new("RGB", (60, 30), (200, 10, 10))
+    mean = model.processor.image_processor.image_mean
+    # written from the description: a square of int(mean * 255), the image centred on it
+    square = Image.new("RGB", (60, 60), tuple(int(x * 255) for x in mean))
+    square.paste(image, (0, 15))
+    padded = model.processor.image_processor(square, return_tensors="pt")["pixel_values"]
+    plain = model.processor.image_processor(image, return_tensors="pt")["pixel_values"]
+    assert not torch.equal(padded, plain)
+    assert torch.equal(model.prepare(image, "What is it?").pixel_values, plain)
+    model.cfg.hf_config._name_or_path = "/models/llava-1.5-7b-hf"  # a local copy, by its name
+    assert torch.equal(model.prepare(image, "What is it?").pixel_values, padded)
+    told = model.prepare(image, "What is it?", preprocessing="resize_crop")
+    assert torch.equal(told.pixel_values, plain)
