@@ -61,6 +61,8 @@ def assert_same_run(out, reference):
     for name in TABLES:
         pd.testing.assert_frame_equal(pd.read_csv(out / name), pd.read_csv(reference / name),
                                       check_exact=True, obj=name)
+    for name in ("examples.jsonl", "views.json"):
+        assert (out / name).read_text() == (reference / name).read_text(), name
     ids = store_ids(out)
     assert sorted(ids) == sorted(set(ids)) == sorted(read_store(reference / "flow.jsonl")[1])
 
