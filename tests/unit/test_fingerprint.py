@@ -101,6 +101,13 @@ OPTION_CHANGES = {
     "filter": ({"only_correct": True}, "only_correct"),
     "decoding": ({"max_new_tokens": 3}, "max_new_tokens"),
     "extra spans": ({"spans": {"x": {"mine": [1]}}}, "extra_spans"),
+    "preset": ({"preset": "llava-hf/llava-1.5-7b-hf"}, "preset"),
+    "tokenization": ({"tokenization": "chunks"}, "tokenization"),
+    "related rule": ({"related_rule": "paper"}, "related_rule"),
+    "empty spans": ({"empty_spans": "zero"}, "empty_spans"),
+    "metric tokens": ({"metric": "logit-diff"}, "metric_tokens"),
+    "controls": ({"controls": True}, "controls"),
+    "lens": ({"lens": True}, "lens"),
 }
 
 
