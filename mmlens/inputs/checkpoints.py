@@ -72,7 +72,7 @@ def default_preprocessing(model: Any) -> str:
     vision = getattr(model.cfg, "vision", None)
     if image_processor is not None and getattr(vision, "image_size", None):
         from mmlens.core.errors import MMLensError
-        from mmlens.inputs.spans import processor_geometry
+        from mmlens.inputs.preprocessing import processor_geometry
 
         try:
             return processor_geometry(image_processor, vision.image_size)

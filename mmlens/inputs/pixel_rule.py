@@ -23,6 +23,7 @@ from torch import Tensor
 from mmlens.core.sizes import ImageSize, SizeOrPair, as_image_size
 from mmlens.data.example import Box
 from mmlens.inputs.geometry import other_image_positions
+from mmlens.inputs.preprocessing import pad_to_square
 from mmlens.inputs.tiling import AnyresGeometry
 
 RED = (255, 0, 0)
@@ -45,8 +46,6 @@ def processed_mask(processor: Any, mask: Image.Image, mode: str
 
     ``mode="pad"`` pads it to a square first, exactly as ``prepare`` pads the photo.
     """
-    from mmlens.inputs.prepare import pad_to_square
-
     if mode == "pad":
         mask = pad_to_square(mask, processor)
     out = processor.image_processor(mask, do_rescale=False, do_normalize=False,

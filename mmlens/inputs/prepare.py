@@ -18,6 +18,7 @@ from mmlens.core.sizes import ImageSize
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.inputs.checkpoints import default_preprocessing
 from mmlens.inputs.image_tokens import TOKENIZATIONS, chunked_encoding
+from mmlens.inputs.preprocessing import pad_to_square
 from mmlens.inputs.protocol import InputsModel
 from mmlens.inputs.templates import IMAGE_PLACEHOLDER, PromptTemplate, get_template
 from mmlens.inputs.vision_spans import VisionLayout
@@ -50,24 +51,6 @@ def _spans_for(ids: list[int], offsets: list[tuple[int, int]], question_range: t
         "text": [i for i, t in enumerate(ids) if t != image_token_id],
     }
     return {k: torch.tensor(v, dtype=torch.long) for k, v in spans.items()}
-
-
-def pad_colour(processor: Any) -> tuple[int, ...]:
-    """LLaVA's ``expand2square`` background: ``int(c * 255)`` of the image mean, truncated as
-    the original code does (CLIP's mean gives ``(122, 116, 104)``)."""
-    mean = getattr(processor.image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
-    return tuple(int(c * 255) for c in mean)
-
-
-def pad_to_square(image: Image.Image, processor: Any) -> Image.Image:
-    """Original LLaVA-1.5's preprocessing: centre the image on a square of the mean colour."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    canvas = Image.new("RGB", (side, side), pad_colour(processor))
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
 
 
 def encode_prompt(processor: Any, image: Image.Image, question: str, template: PromptTemplate,

@@ -231,13 +231,3 @@ def language_config_from_hf(tc: Any) -> LanguageConfig:
                          "(use_sliding_window=True), which mmlens does not support")
     return language_config(tc, qkv_bias=True, o_bias=False,
                            original_architecture="Qwen2ForCausalLM")
-
-
-def from_hf_config(hf_config: Any) -> MultimodalConfig:
-    """Read a Hugging Face config through the family adapter registered for its model_type.
-
-    Raises for a model type no family accepts, listing the supported families.
-    """
-    from mmlens.model.families import family_for
-
-    return family_for(getattr(hf_config, "model_type", None)).read_config(hf_config)

@@ -20,7 +20,7 @@ from mmlens import HookedMultimodalTransformer
 from mmlens.inputs.anyres_spans import anyres_related_positions
 from mmlens.inputs.templates import LLAMA3, VICUNA_V1
 from mmlens.inputs.tiling import AnyresGeometry, read_image_sizes
-from mmlens.model.config import from_hf_config
+from mmlens.model.families import from_hf_config
 
 # (height, width)
 SIZES = {"portrait": (90, 40), "landscape": (40, 90), "square": (64, 64),

@@ -8,7 +8,7 @@ from tiny import IMAGE_TOKEN, tiny_inputs, tiny_llava
 from typecheck import unchecked
 
 from mmlens import HookedMultimodalTransformer
-from mmlens.model.config import from_hf_config
+from mmlens.model.families import from_hf_config
 
 
 @pytest.fixture(scope="module")

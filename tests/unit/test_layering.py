@@ -1,4 +1,5 @@
-"""The package's layers: no subpackage imports one above it, so there is no import cycle.
+"""The package's layers: no subpackage imports one above it, and no two modules import each
+other in a loop.
 
 Every ``import`` in every module counts, including imports inside functions and under
 ``TYPE_CHECKING``: a dependency is a dependency wherever it is written.
@@ -82,3 +83,40 @@ def test_the_checker_sees_function_level_imports(tmp_path):
     module.write_text("def f():\n    from mmlens.experiments import x\nimport mmlens.model.y\n"
                       "from mmlens import methods\n")
     assert imported_subpackages(module) == {("experiments", 2), ("model", 3), ("methods", 4)}
+
+
+def _module_of(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_imports(path: Path, modules: set[str]) -> set[str]:
+    """The mmlens modules one file imports (a name taken from a package counts as its submodule
+    where one of that name exists), inside functions included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names if alias.name in modules)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in modules:
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in modules else node.module)
+    return found
+
+
+def test_no_two_modules_import_each_other_in_a_loop():
+    paths = {_module_of(path): path for path in PACKAGE.rglob("*.py")}
+    graph = {name: module_imports(path, set(paths)) - {name} for name, path in paths.items()}
+    done: set[str] = set()
+
+    def visit(name: str, stack: list[str]) -> None:
+        assert name not in stack, f"import loop: {' -> '.join([*stack[stack.index(name):], name])}"
+        if name not in done:
+            stack.append(name)
+            for target in sorted(graph[name]):
+                visit(target, stack)
+            stack.pop()
+            done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])

@@ -13,7 +13,7 @@ from transformers import CLIPImageProcessorPil, LlavaNextImageProcessorPil, PreT
 
 from mmlens.inputs.image_tokens import chunked_encoding
 from mmlens.inputs.pixel_rule import pixel_rule_mask
-from mmlens.inputs.prepare import pad_colour, pad_to_square
+from mmlens.inputs.preprocessing import pad_colour, pad_to_square
 from mmlens.inputs.templates import LLAMA3_PAPER, VICUNA_V1_PAPER
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]

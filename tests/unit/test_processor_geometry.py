@@ -5,7 +5,7 @@ from transformers import CLIPImageProcessor
 
 from mmlens.core.errors import MMLensError
 from mmlens.inputs.geometry import preprocess_transform
-from mmlens.inputs.spans import check_preprocessing, processor_geometry
+from mmlens.inputs.preprocessing import check_preprocessing, processor_geometry
 
 
 class _Processor:

@@ -7,6 +7,9 @@ hooked model ask it, nothing else branches on the model type. See ``docs/archite
 
 from __future__ import annotations
 
+from typing import Any
+
+from mmlens.model.config import MultimodalConfig
 from mmlens.model.families.base import Family
 from mmlens.model.families.llava import LlavaFamily
 from mmlens.model.families.llava_next import LlavaNextFamily
@@ -37,6 +40,14 @@ def supported_families() -> str:
     )
 
 
+def from_hf_config(hf_config: Any) -> MultimodalConfig:
+    """Read a Hugging Face config through the family adapter registered for its model_type.
+
+    Raises for a model type no family accepts, listing the supported families.
+    """
+    return family_for(getattr(hf_config, "model_type", None)).read_config(hf_config)
+
+
 def family_for(model_type: str | None) -> Family:
     """The adapter for a Hugging Face ``model_type``; raises listing the supported families."""
     family = FAMILIES.get(model_type)  # type: ignore[arg-type]
@@ -47,4 +58,5 @@ def family_for(model_type: str | None) -> Family:
 
 
 __all__ = ["FAMILIES", "Family", "LlavaFamily", "LlavaNextFamily", "LlavaOnevisionFamily",
-           "Qwen25VLFamily", "QwenVLFamily", "family_for", "register", "supported_families"]
+           "Qwen25VLFamily", "QwenVLFamily", "family_for", "from_hf_config", "register",
+           "supported_families"]

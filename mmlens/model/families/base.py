@@ -172,7 +172,7 @@ class Family:
         Families whose processor fixes the geometry (tiling, dynamic resolution) take any known
         mode; their ``box_positions`` follow the processor itself.
         """
-        from mmlens.inputs.spans import checked_mode
+        from mmlens.inputs.preprocessing import checked_mode
 
         return checked_mode(mode)
 

@@ -96,7 +96,7 @@ class LlavaFamily(Family):
         """``mode`` where the processor agrees (``"pad"`` always does); by default ``"pad"`` for
         a checkpoint trained on padded images (LLaVA-1.5), else the processor's own geometry."""
         from mmlens.inputs.checkpoints import default_preprocessing
-        from mmlens.inputs.spans import check_preprocessing
+        from mmlens.inputs.preprocessing import check_preprocessing
 
         if mode is None and default_preprocessing(model) == "pad":
             mode = "pad"
