@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from mmlens.experiments.engine import CleanRun, greedy_continue
+from mmlens.model.protocol import HookedModel
 
 
-def model_answer(model, clean: CleanRun, token: int, gold: str, max_new_tokens: int) -> str:
+def model_answer(model: HookedModel, clean: CleanRun, token: int, gold: str,
+                 max_new_tokens: int) -> str:
     """The greedy answer text, decoding no further once it cannot equal ``gold``."""
     tokenizer = model.tokenizer
     target = gold.strip().lower()

@@ -51,7 +51,7 @@ def answer_variants(model: HookedModel, answer: str, wrong: str | None) -> dict[
 
 
 @torch.no_grad()
-def lens_record(model, clean: CleanRun, variants: Mapping[str, int]) -> dict[str, Any]:
+def lens_record(model: HookedModel, clean: CleanRun, variants: Mapping[str, int]) -> dict[str, Any]:
     """Each reading's probability and rank of each variant token, per layer, from one clean run.
 
     Returns ``{"variants": {name: token}, "readings": {reading: {"first_layer": int, "prob":

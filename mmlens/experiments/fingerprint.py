@@ -27,6 +27,8 @@ import torch
 from jaxtyping import Shaped
 from torch import Tensor
 
+from mmlens.model.protocol import HookedModel
+
 PRIME = 2**31 - 1
 CHUNK = 1 << 22  # elements per pass: bounds the temporary memory on the device
 METRIC = ("p = softmax(logits[last])[answer token]; rel_change = (p_block - p_base) / p_base * "
@@ -71,7 +73,7 @@ def weights_checksum(model: torch.nn.Module) -> str:
     return _digest(parts)
 
 
-def config_digest(model) -> str:
+def config_digest(model: HookedModel) -> str:
     """The Hugging Face config, less the fields that name where it was read from."""
     hf_config = getattr(model.cfg, "hf_config", None)
     if hf_config is None:
@@ -82,7 +84,7 @@ def config_digest(model) -> str:
     return _digest([json.dumps(settings, sort_keys=True, default=str)])
 
 
-def processor_digest(model) -> str:
+def processor_digest(model: HookedModel) -> str:
     """Image-processor settings, chat template and the tokenizer's vocabulary."""
     processor = getattr(model, "processor", None)
     if processor is None:

@@ -15,6 +15,8 @@ import re
 
 import torch
 
+from mmlens.model.protocol import HookedModel
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -55,7 +57,7 @@ def bytes_per_row(cfg, q_len: int, k_len: int, dtype: torch.dtype) -> int:
     return 2 * (elements * size + q_len * k_len + 4 * cfg.d_vocab)  # mask bytes, logits
 
 
-def auto_batch_size(model, q_len: int, k_len: int, *, n_rows: int,
+def auto_batch_size(model: HookedModel, q_len: int, k_len: int, *, n_rows: int,
                     max_memory: int | None = None) -> int:
     """Rows per batch that fit ``max_memory`` bytes, or 80% of the free memory of the device
     of the first decoder block; at least 1, at most ``n_rows``."""

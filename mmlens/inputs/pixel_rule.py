@@ -24,6 +24,7 @@ from mmlens.core.sizes import ImageSize, SizeOrPair, as_image_size
 from mmlens.data.example import Box
 from mmlens.inputs.geometry import other_image_positions
 from mmlens.inputs.preprocessing import pad_to_square
+from mmlens.inputs.protocol import InputsModel
 from mmlens.inputs.tiling import AnyresGeometry
 
 RED = (255, 0, 0)
@@ -96,7 +97,7 @@ def pixel_rule_mask(processor: Any, cfg: Any, boxes: Sequence[Box], image_size: 
     return related, newline
 
 
-def add_pixel_rule_spans(model: Any, batch: Any, images: Sequence[Image.Image],
+def add_pixel_rule_spans(model: InputsModel, batch: Any, images: Sequence[Image.Image],
                          boxes: Sequence[Sequence[Box]], *, mode: str) -> None:
     """Add ``related`` and ``other`` spans by the pixel rule (``other`` leaves out newlines)."""
     related, other = [], []

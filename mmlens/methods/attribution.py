@@ -24,6 +24,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mmlens.model.protocol import HookedModel
+
 ATTRIBUTION_NAMES = {
     "resid_pre": "blocks.{}.hook_resid_pre",
     "attn_out": "blocks.{}.hook_attn_out",
@@ -38,7 +40,7 @@ PER_HEAD = ("z",)
 
 
 def attribution_patching(
-    model: Any, clean: Any, corrupted: Any, metric: Callable[[Tensor], Tensor], *,
+    model: HookedModel, clean: Any, corrupted: Any, metric: Callable[[Tensor], Tensor], *,
     names: str | Sequence[str] = "resid_pre",
 ) -> pd.DataFrame:
     """Scores of every (layer, position[, head]) of the ``names`` activations: a tidy frame
