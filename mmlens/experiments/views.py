@@ -4,11 +4,21 @@ question looks.
     views = example_views(model, examples, records, settings)    # list of plain dicts
     (run_dir / "views.json").write_text(json.dumps(views))        # the report draws them
 
-For the first kept example of each task: the base image as the vision tower receives it
-(un-normalised), the question, the gold and the model's answer, the related patches of the
-base grid, and the attention from the question positions to each base patch, averaged over
-heads, question positions and layers. This is one extra forward per task, with attention
-patterns on, outside the sweep.
+For the first kept example of each task: the image the grid of image tokens covers, as the
+vision tower receives it (un-normalised), the question, the gold and the model's answer, the
+grid's shape (``rows`` x ``cols``, row-major) and the side in pixels of one of its cells
+(``cell_px``), the related cells (indices into the grid), and the attention from the question
+positions to each cell's image token, averaged over heads, question positions and layers:
+
+- LLaVA-1.5: the ``grid x grid`` patches of the one image (a CLS feature is left out);
+- LLaVA-NeXT / LLaVA-OneVision (anyres): the base tile's ``grid x grid`` patches (the whole
+  image squashed to one tile); the high-resolution tiles are not shown;
+- Qwen2-VL / Qwen2.5-VL: the ``(grid_h / merge) x (grid_w / merge)`` merged cells of the
+  resized image (28x28 px each for the released checkpoints), reassembled from the packed
+  ``pixel_values`` by undoing the processor's patch packing and normalisation
+  (``mmlens.inputs.qwen_geometry.unpack_patches``).
+
+This is one extra forward per task, with attention patterns on, outside the sweep.
 """
 
 from __future__ import annotations
@@ -16,20 +26,81 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from jaxtyping import Float, Int
 from PIL import Image
+from torch import Tensor
 
 
-def _image_png(model: Any, pixel_values: torch.Tensor) -> str:
-    """The base image the vision tower sees, as a base64 PNG."""
-    pixels = pixel_values.reshape(-1, *pixel_values.shape[-3:])[0].float().cpu()
+@dataclass(frozen=True)
+class ViewGrid:
+    """The grid a view draws: its shape, the side of one cell in pixels of ``pixels``, the
+    sequence positions of its tokens (row-major) and the image under it, still normalised."""
+
+    rows: int
+    cols: int
+    cell_px: int
+    positions: Int[Tensor, " rows_x_cols"]
+    pixels: Float[Tensor, "3 height width"]
+
+
+def _fixed_grid(model: Any, batch: Any) -> ViewGrid:
+    """LLaVA-1.5's grid, or the base tile's of LLaVA-NeXT / OneVision (base features first)."""
+    grid = model.cfg.vision.grid_size
+    image = batch.positions("image", 0)
+    if not model.cfg.is_anyres and (len(image) == grid**2 + 1
+                                    or model.cfg.feature_select_strategy == "full"):
+        image = image[1:]  # the CLS feature covers no patch (anyres towers never keep it)
+    if len(image) < grid**2:
+        raise ValueError(f"the example has {len(image)} image positions but a {grid}x{grid} "
+                         "patch grid needs at least that many: does the processor match the "
+                         "model's vision config?")
+    pixels = batch.pixel_values.reshape(-1, *batch.pixel_values.shape[-3:])[0]
+    return ViewGrid(grid, grid, model.cfg.vision.patch_size, image[:grid**2], pixels)
+
+
+def _qwen_grid(model: Any, batch: Any) -> ViewGrid:
+    """Qwen-VL's merged cells of the one resized image, in image-token order."""
+    from mmlens.inputs.qwen_geometry import unpack_patches
+
+    vision = model.cfg.vision
+    t, grid_h, grid_w = (int(n) for n in torch.as_tensor(batch.image_sizes).reshape(-1, 3)[0])
+    rows, cols = grid_h // vision.merge_size, grid_w // vision.merge_size
+    image = batch.positions("image", 0)
+    if t != 1 or len(image) != rows * cols:
+        raise ValueError(f"the example has {len(image)} image tokens but image_grid_thw "
+                         f"{[t, grid_h, grid_w]} merges into {t}x{rows}x{cols}: a view needs "
+                         "one still image, prepared with this model's processor")
+    pixels = unpack_patches(batch.pixel_values.reshape(-1, batch.pixel_values.shape[-1]),
+                            grid_h, grid_w, vision.patch_size, vision.merge_size,
+                            vision.temporal_patch_size)
+    return ViewGrid(rows, cols, vision.token_size, image, pixels)
+
+
+def view_grid(model: Any, batch: Any) -> ViewGrid:
+    """The grid of example 0 of ``batch``: a fixed square patch grid, or Qwen-VL's cells."""
+    if hasattr(model.cfg.vision, "grid_size"):
+        return _fixed_grid(model, batch)
+    if hasattr(model.cfg.vision, "merge_size"):
+        return _qwen_grid(model, batch)
+    raise ValueError(f"no example view for {model.cfg.model_type!r}: its vision config has "
+                     "neither a fixed patch grid nor Qwen-VL's merged cells")
+
+
+def _image_png(model: Any, pixels: Float[Tensor, "3 height width"]) -> str:
+    """The normalised image the vision tower sees, un-normalised, as a base64 PNG."""
     image_processor = model.processor.image_processor
-    mean = torch.tensor(getattr(image_processor, "image_mean", [0.0] * 3))[:, None, None]
-    std = torch.tensor(getattr(image_processor, "image_std", [1.0] * 3))[:, None, None]
-    array = ((pixels * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    normalised = getattr(image_processor, "do_normalize", True)
+    mean = getattr(image_processor, "image_mean", None) if normalised else None
+    std = getattr(image_processor, "image_std", None) if normalised else None
+    mean = torch.tensor(mean or [0.0] * 3)[:, None, None]
+    std = torch.tensor(std or [1.0] * 3)[:, None, None]
+    values = pixels.float().cpu() * std + mean
+    array = (values.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
@@ -45,35 +116,30 @@ def example_view(model: Any, record: Any, prepare_options: Mapping[str, Any],
     batch = prepare(model, [image], [record.question], boxes=[record.boxes_for(image.size)],
                     **prepare_options)
     batch = batch.to(model.embed.W_E.device)
-    grid = model.cfg.vision.grid_size
-    image = batch.positions("image", 0)
-    if len(image) == grid**2 + 1 or model.cfg.feature_select_strategy == "full":
-        image = image[1:]  # CLS first
-    base = image[:grid**2]
+    grid = view_grid(model, batch)
+    cells = grid.positions
     question = batch.positions("question", 0)
-    total = torch.zeros(grid**2, dtype=torch.float32, device=base.device)
+    total = torch.zeros(len(cells), dtype=torch.float32, device=cells.device)
 
     def keep(pattern: torch.Tensor, hook) -> None:
-        total.add_(pattern[0][:, question][:, :, base].float().mean((0, 1)))
+        total.add_(pattern[0][:, question][:, :, cells].float().mean((0, 1)))
 
     names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
     with model.hooks(fwd_hooks=[(name, keep) for name in names]):
         model(batch.input_ids, batch.pixel_values, attention_mask=batch.attention_mask,
               image_sizes=batch.image_sizes, stop_at_layer=model.cfg.n_layers)
-    related = torch.isin(base, batch.positions("related", 0)).nonzero().flatten()
+    related = torch.isin(cells, batch.positions("related", 0)).nonzero().flatten()
     return {"example_id": str(record.example_id), "task": str(record.task),
             "question": record.question, "answer": str(record.answer),
-            "model_answer": model_answer, "grid": grid, "image_png": _image_png(
-                model, batch.pixel_values), "related": related.tolist(),
+            "model_answer": model_answer, "rows": grid.rows, "cols": grid.cols,
+            "cell_px": grid.cell_px, "image_png": _image_png(model, grid.pixels),
+            "related": related.tolist(),
             "attention": (total / model.cfg.n_layers).cpu().tolist()}
 
 
 def example_views(model: Any, examples: Sequence[Any], records: Sequence[Mapping[str, Any]],
                   prepare_options: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The first kept example of each task, in task order; none for a family without a fixed
-    square patch grid (Qwen-VL's dynamic resolution)."""
-    if not hasattr(model.cfg.vision, "grid_size"):
-        return []
+    """The first kept example of each task, in task order."""
     by_id = {str(e.example_id): e for e in examples}
     views, seen = [], set()
     for record in records:

@@ -1,5 +1,9 @@
 """An example image with its related patches outlined and the question's attention over the
-patch grid (the views ``mmlens.experiments.views`` saves)."""
+patch grid (the views ``mmlens.experiments.views`` saves).
+
+A view's grid is ``rows`` x ``cols`` cells in row-major order over the whole image; views saved
+before grids could be rectangular hold a square ``grid`` instead, and still draw.
+"""
 
 from __future__ import annotations
 
@@ -13,40 +17,68 @@ import plotly.graph_objects as go
 from PIL import Image
 
 
+def view_shape(view: Mapping[str, Any]) -> tuple[int, int]:
+    """``(rows, cols)`` of a view's grid (``grid`` x ``grid`` for an old view); raises when the
+    view lacks a grid or its attention does not fill it."""
+    task = view.get("task", "?")
+    if "rows" in view and "cols" in view:
+        rows, cols = int(view["rows"]), int(view["cols"])
+    elif "grid" in view:
+        rows = cols = int(view["grid"])
+    else:
+        raise ValueError(f"the view of task {task!r} has neither rows/cols nor grid: is it an "
+                         "entry of a run folder's views.json?")
+    n_values = len(view["attention"])
+    if n_values != rows * cols:
+        raise ValueError(f"the view of task {task!r} holds {n_values} attention values for a "
+                         f"{rows}x{cols} grid: the views.json entry is damaged; rerun the study")
+    bad = [i for i in view["related"] if not 0 <= int(i) < rows * cols]
+    if bad:
+        raise ValueError(f"the view of task {task!r} marks cell {bad[0]}, outside its "
+                         f"{rows}x{cols} grid: the views.json entry is damaged; rerun the study")
+    return rows, cols
+
+
 def example_view_figure(view: Mapping[str, Any]) -> go.Figure:
-    """Two panels' worth in one: the image with red outlines on related patches and the
+    """Two panels' worth in one: the image with red outlines on related cells and the
     attention heatmap laid over it."""
+    rows, cols = view_shape(view)
     pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(view["image_png"]))))
     height, width = pixels.shape[:2]
-    grid = int(view["grid"])
-    attention = np.asarray(view["attention"], dtype=float).reshape(grid, grid)
-    step_x, step_y = width / grid, height / grid
+    attention = np.asarray(view["attention"], dtype=float).reshape(rows, cols)
+    step_x, step_y = width / cols, height / rows
     figure = go.Figure(go.Image(z=pixels, name="image"))
     figure.add_trace(go.Heatmap(
-        z=attention, x=(np.arange(grid) + 0.5) * step_x, y=(np.arange(grid) + 0.5) * step_y,
+        z=attention, x=(np.arange(cols) + 0.5) * step_x, y=(np.arange(rows) + 0.5) * step_y,
         colorscale="Inferno", opacity=0.5, colorbar={"title": "attention"}, name="attention"))
     for index in view["related"]:
-        row, col = divmod(int(index), grid)
+        row, col = divmod(int(index), cols)
         figure.add_shape(type="rect", x0=col * step_x, x1=(col + 1) * step_x, y0=row * step_y,
                          y1=(row + 1) * step_y, line={"color": "red", "width": 2})
+    # Keep the image's aspect: the longer side gets 480 px.
+    scale = 480 / max(width, height)
     figure.update_layout(title=f"{view['task']}: {view['question']} (gold {view['answer']!r}, "
                                f"model {str(view.get('model_answer') or '').strip()!r})",
-                         template="simple_white", width=560, height=520)
+                         template="simple_white", width=round(width * scale) + 80,
+                         height=round(height * scale) + 40)
     figure.update_yaxes(autorange="reversed", scaleanchor="x", showticklabels=False)
     figure.update_xaxes(showticklabels=False)
     return figure
 
 
 def view_caption(view: Mapping[str, Any]) -> str:
-    """How much of the question's attention to the image lands on the related patches."""
+    """How much of the question's attention to the image lands on the related cells."""
+    rows, cols = view_shape(view)
     attention = np.asarray(view["attention"], dtype=float)
-    related = list(view["related"])
+    related = [int(i) for i in view["related"]]
     total = attention.sum()
+    cell = f" of {int(view['cell_px'])} px" if view.get("cell_px") else ""
+    grid = f"{rows}x{cols} cells{cell}"
     if not related or total <= 0:
-        return (f"No related patch in this example's base grid; the question's attention is "
-                f"spread over {len(attention)} patches.")
+        return (f"No related patch in this example's grid ({grid}); the question's attention "
+                f"is spread over {len(attention)} patches.")
     share = attention[related].sum() / total
-    return (f"Red outlines: the {len(related)} related patches of {len(attention)}. They draw "
-            f"{share:.0%} of the question's attention to the image (mean over layers, heads "
-            f"and question tokens), against {len(related) / len(attention):.0%} if it were "
-            "uniform.")
+    return (f"Red outlines: the {len(related)} related patches of {len(attention)} ({grid}). "
+            f"They draw {share:.0%} of the question's attention to the image (mean over "
+            f"layers, heads and question tokens), against {len(related) / len(attention):.0%} "
+            "if it were uniform.")

@@ -1,6 +1,10 @@
 """``mmlens flow`` / ``mmlens hooks`` offline on tiny saved Qwen-VL checkpoints, and loading
 rules: no video processor needed, no usable processor is an error at load time."""
 
+import base64
+import html
+import io
+import json
 import shutil
 
 import pandas as pd
@@ -25,16 +29,48 @@ def model_dir(request, tmp_path_factory):
     return folder
 
 
-def test_flow_runs_offline_on_a_saved_checkpoint(model_dir, tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def flow_run(model_dir, tmp_path_factory):
+    """``mmlens flow`` on the saved checkpoint, one example of two tasks: the run folder."""
+    out = tmp_path_factory.mktemp("run") / "run"
     code = main(["flow", "--model", str(model_dir), "--per-task", "1", "--no-filter", "--quiet",
                  "--tasks", "ChooseAttr,QueryAttr", "--out", str(out)])
     assert code == 0
+    return out
+
+
+def test_flow_runs_offline_on_a_saved_checkpoint(flow_run):
+    out = flow_run
     frame = pd.read_csv(out / "flow.csv")
     assert set(frame.flow) == set(DEFAULT_FLOWS)
     assert len(frame) == 2 * len(DEFAULT_FLOWS) * 4
     assert frame.p_block.between(0, 1).all() and frame.rel_change.abs().max() > 0
     assert (out / "report.html").is_file()
+
+
+def test_flow_writes_one_view_per_task_and_the_report_draws_them(flow_run):
+    from PIL import Image
+
+    from mmlens.plotting.views import view_caption
+
+    out = flow_run
+    views = json.loads((out / "views.json").read_text())
+    records = {}
+    for line in (out / "examples.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["example_id"]] = record
+    assert [view["task"] for view in views] == ["ChooseAttr", "QueryAttr"]
+    page = (out / "report.html").read_text()
+    for view in views:
+        spans = records[view["example_id"]]["spans"]
+        image = spans["image"]
+        # one cell per image token; the related cells are the sweep's related tokens
+        assert view["rows"] * view["cols"] == len(image) == len(view["attention"])
+        assert view["related"] == [image.index(p) for p in spans["related"]]
+        png = Image.open(io.BytesIO(base64.b64decode(view["image_png"])))
+        assert png.size == (view["cols"] * view["cell_px"], view["rows"] * view["cell_px"])
+        assert 0 < sum(view["attention"]) <= 1 + 1e-5
+        assert f"Example: {view['task']}" in page and html.escape(view_caption(view)) in page
 
 
 def test_loaded_model_equals_the_hf_checkpoint(model_dir):
