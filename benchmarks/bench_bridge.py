@@ -2,13 +2,16 @@
 
 One run times, side by side on the same random weights, a forward and a full
 ``run_with_cache`` of mmlens, of the HF model (sdpa; eager with hidden states and attentions as
-HF's nearest to a cache) and of TransformerLens 4's bridge wrapping that same HF model
-instance, and checks how far each one's logits are from HF's. The shapes are those of
-``bench_onevision.py`` (2260 positions, 2214 image tokens) and ``bench_qwen.py`` (191
-positions, 144 image tokens), scaled-down widths unless ``--real-shapes``.
+HF's nearest to a cache) and of TransformerLens 4's bridge wrapping a copy of that HF model
+(booting swaps the bridge's wrappers into the model it wraps), and checks how far each one's
+logits are from HF's. The calls are timed in turn, round after round (median of
+``--repeats``), so a change of load on a shared machine weighs on every column alike. The
+shapes are those of ``bench_onevision.py`` (2260 positions, 2214 image tokens) and
+``bench_qwen.py`` (191 positions, 144 image tokens), scaled-down widths unless
+``--real-shapes``.
 
-    python benchmarks/bench_bridge.py --threads 1                  # both families, CPU
-    python benchmarks/bench_bridge.py --threads 1 --family qwen2_5_vl --repeats 5
+    python benchmarks/bench_bridge.py --threads 1 --repeats 5      # both families, CPU
+    python benchmarks/bench_bridge.py --threads 1 --family qwen2_5_vl
     python benchmarks/bench_bridge.py --device cuda --dtype bfloat16 --real-shapes
 
 Without the bridge (``--no-bridge``, or a TransformerLens without ``model_bridge``) its
@@ -16,7 +19,8 @@ columns are skipped with the reason; when the bridge cannot wrap a family the ex
 is printed instead of a number.
 
 Run it in a venv of its own, never the development one: TransformerLens's bridge needs
-torchvision for Qwen2.5-VL, and PyPI's torchvision wheels are built against CUDA torch
+torchvision for Qwen2.5-VL and pip-installs it at boot when it is missing (``_bridge.py``
+refuses that), and PyPI's torchvision wheels are built against CUDA torch
 (beside a CPU build of torch, ``import torchvision`` fails with "operator torchvision::nms
 does not exist"). Two venvs, both from pinned versions:
 
@@ -36,13 +40,17 @@ does not exist"). Two venvs, both from pinned versions:
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
+import statistics
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
 from _bridge import boot_bridge
-from _common import measure
+from _common import PeakMemory, sync
 from transformers import LlavaOnevisionForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
 
 from mmlens import HookedMultimodalTransformer
@@ -107,43 +115,54 @@ def n_patterns(cache) -> str:
     return f"{len(names)} tensors, {sum('pattern' in name for name in names)} attention patterns"
 
 
+def interleaved(fns: dict[str, Callable[[], object]], device: str,
+                repeats: int) -> dict[str, tuple[float, float]]:
+    """Median seconds and peak extra MiB of each call, the calls taken in turn each round: on a
+    machine shared with other jobs a change of load then weighs on every column alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    peaks = {}
+    for name, fn in fns.items():
+        with PeakMemory(device) as mem:
+            fn()
+            sync(device)
+        peaks[name] = mem.peak / 2**20
+    return {name: (statistics.median(times[name]), peaks[name]) for name in fns}
+
+
+def hf_with_states(hf: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> object:
+    """HF's nearest to a cache: eager attention returning hidden states and attentions."""
+    hf.set_attn_implementation("eager")
+    try:
+        return hf(**inputs, output_hidden_states=True, output_attentions=True)
+    finally:
+        hf.set_attn_implementation("sdpa")
+
+
 def bench(case: Case, device: str, dtype: torch.dtype, repeats: int, use_bridge: bool) -> None:
     hf, model, batch, ids = case.hf, case.model, case.batch, case.batch.input_ids
-    rows = {
-        "mmlens forward": measure(lambda: model(batch), device, repeats),
-        "HF sdpa forward": measure(lambda: hf(**case.hf_inputs), device, repeats),
-        "mmlens run_with_cache (every hook)": measure(lambda: model.run_with_cache(batch),
-                                                      device, repeats),
+    # Booting swaps the wrapped model's submodules for the bridge's wrappers in place, so the
+    # bridge wraps a copy (same weights) and ``hf`` stays plain Hugging Face.
+    bridge, why = boot_bridge(copy.deepcopy(hf), dtype, device) if use_bridge else (
+        None, "--no-bridge")
+    fns = {
+        "mmlens forward": lambda: model(batch),
+        "HF sdpa forward": lambda: hf(**case.hf_inputs),
+        "mmlens run_with_cache (every hook)": lambda: model.run_with_cache(batch),
+        "HF eager + hidden states + attentions": lambda: hf_with_states(hf, case.hf_inputs),
     }
-    hf.set_attn_implementation("eager")
-    rows["HF eager + hidden states + attentions"] = measure(
-        lambda: hf(**case.hf_inputs, output_hidden_states=True, output_attentions=True), device,
-        repeats)
-    hf.set_attn_implementation("sdpa")
-    checks = []  # one more pass of each, outside the timings: do the logits agree?
-    reference = hf(**case.hf_inputs).logits
-    checks.append(f"max |logits mmlens - HF|: {max_diff(model(batch), reference):.2e}")
-    logits, cache = model.run_with_cache(batch)
-    checks.append(f"max |logits mmlens run_with_cache - HF|: {max_diff(logits, reference):.2e}; "
-                  f"mmlens cache: {n_patterns(cache)}")
-    del logits, cache
-    # Booting swaps the HF model's submodules for the bridge's wrappers in place, so every
-    # pure-HF figure is taken above, before it.
-    bridge, why = boot_bridge(hf, dtype, device) if use_bridge else (None, "--no-bridge")
     if bridge is not None:
-        rows["TL bridge forward"] = measure(lambda: bridge(ids, **case.bridge_kwargs), device,
-                                            repeats)
-        rows["TL bridge run_with_cache"] = measure(
-            lambda: bridge.run_with_cache(ids, **case.bridge_kwargs), device, repeats)
-        ours, theirs = model(batch), bridge(ids, **case.bridge_kwargs)
-        checks.append(f"max |logits TL bridge - HF|: {max_diff(theirs, reference):.2e}; "
-                      f"max |logits TL bridge - mmlens|: {max_diff(theirs, ours):.2e} "
-                      f"(mmlens after the boot - HF before it: {max_diff(ours, reference):.2e})")
-        del ours, theirs
-        logits, cache = bridge.run_with_cache(ids, **case.bridge_kwargs)
-        checks.append(f"max |logits TL bridge run_with_cache - HF|: "
-                      f"{max_diff(logits, reference):.2e}; TL bridge cache: {n_patterns(cache)}")
-        del logits, cache
+        fns["TL bridge forward"] = lambda: bridge(ids, **case.bridge_kwargs)
+        fns["TL bridge run_with_cache"] = lambda: bridge.run_with_cache(ids, **case.bridge_kwargs)
+    rows = interleaved(fns, device, repeats)
 
     print(f"{'':42s} {'seconds':>9s} {'peak MiB':>9s}")
     for name, (seconds, mib) in rows.items():
@@ -159,7 +178,23 @@ def bench(case: Case, device: str, dtype: torch.dtype, repeats: int, use_bridge:
              "mmlens run_with_cache (every hook)", "TL bridge run_with_cache")]
     for label, a, b in ratios:
         print(f"{label:52s} {rows[a][0] / rows[b][0]:6.2f}x")
-    print("\n".join(checks))
+
+    # One more pass of each, outside the timings: do the logits agree?
+    reference = hf(**case.hf_inputs).logits
+    ours = model(batch)
+    print(f"max |logits mmlens - HF|: {max_diff(ours, reference):.2e}")
+    logits, cache = model.run_with_cache(batch)
+    print(f"max |logits mmlens run_with_cache - HF|: {max_diff(logits, reference):.2e}; "
+          f"mmlens cache: {n_patterns(cache)}")
+    del logits, cache
+    if bridge is not None:
+        theirs = bridge(ids, **case.bridge_kwargs)
+        print(f"max |logits TL bridge - HF|: {max_diff(theirs, reference):.2e}; "
+              f"max |logits TL bridge - mmlens|: {max_diff(theirs, ours):.2e}")
+        del theirs
+        logits, cache = bridge.run_with_cache(ids, **case.bridge_kwargs)
+        print(f"max |logits TL bridge run_with_cache - HF|: {max_diff(logits, reference):.2e}; "
+              f"TL bridge cache: {n_patterns(cache)}")
 
 
 def installed(name: str) -> str:
