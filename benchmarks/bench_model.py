@@ -10,35 +10,12 @@ side by side in one run. Widths are scaled down on CPU; ``--real-shapes`` uses L
 from __future__ import annotations
 
 import argparse
-import tempfile
 
 import torch
+from _bridge import boot_bridge
 from _common import build_hf, llava_config, llava_inputs, measure
 
 from mmlens import HookedMultimodalTransformer
-
-
-def bridge_for(hf_model, dtype, device):
-    """TransformerLens 4's bridge around the same in-memory HF model, or None if unavailable."""
-    try:
-        from tokenizers import Tokenizer, models
-        from transformer_lens.model_bridge import TransformerBridge
-        from transformers import PreTrainedTokenizerFast
-    except ImportError as err:
-        print(f"TransformerBridge unavailable: {err}")
-        return None
-    vocab = {f"t{i}": i for i in range(hf_model.config.text_config.vocab_size)}
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, "t0")),
-                                        unk_token="t0", pad_token="t0")
-    folder = tempfile.mkdtemp()
-    hf_model.config.architectures = [type(hf_model).__name__]
-    hf_model.config.save_pretrained(folder)
-    try:
-        return TransformerBridge.boot_transformers(folder, hf_model=hf_model, tokenizer=tokenizer,
-                                                   dtype=dtype, device=device)
-    except Exception as err:  # the bridge is a peer to compare with, not a requirement
-        print(f"TransformerBridge could not wrap the model: {type(err).__name__}: {err}")
-        return None
 
 
 def main() -> None:
@@ -67,8 +44,10 @@ def main() -> None:
     rows["HF eager + hidden states + attentions"] = measure(
         lambda: hf(**inputs, output_hidden_states=True, output_attentions=True), device,
         args.repeats)
-    bridge = None if args.no_bridge else bridge_for(hf, dtype, device)
-    if bridge is not None:
+    bridge, why = boot_bridge(hf, dtype, device) if not args.no_bridge else (None, "--no-bridge")
+    if bridge is None:
+        print(f"TL bridge skipped: {why}")
+    else:
         rows["TL bridge forward"] = measure(lambda: bridge(ids, pixel_values=pixels), device,
                                             args.repeats)
         rows["TL bridge run_with_cache"] = measure(
