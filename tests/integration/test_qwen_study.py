@@ -151,6 +151,11 @@ def test_the_paper_pixel_rule_is_refused_outside_the_llava_families(setup):
         model.prepare(_images()[:1], QUESTIONS[:1], boxes=BOXES[:1], related_rule="paper")
     with pytest.raises(ValueError, match="preprocessing 'pad' does not fit this model"):
         resolve_settings(model, preprocessing="pad")
+    with pytest.raises(ValueError, match=r"pixel rule .* not 'qwen2(_5)?_vl': pass "
+                       r"--related-rule geometry"):
+        resolve_settings(model, "llava-hf/llava-1.5-7b-hf")  # a paper preset on Qwen
+    assert resolve_settings(model, "llava-hf/llava-1.5-7b-hf",
+                            related_rule="geometry").template.name == "vicuna_v1_paper"
     settings = resolve_settings(model, "Qwen/Qwen2.5-VL-7B-Instruct")
     assert (settings.template.name, settings.preprocessing, settings.related_rule,
             settings.window) == ("qwen_vl", "dynamic", "geometry", min(7, TEXT_LAYERS))
