@@ -248,11 +248,10 @@ def _found_preset(model: Any) -> tuple[StudyPreset | None, str]:
 
 def _fixed_preprocessing(model: Any) -> str | None:
     """``"anyres"`` / ``"dynamic"`` where the model's processor fixes the geometry."""
-    if getattr(model.cfg, "is_anyres", False):
-        return "anyres"
-    if getattr(model.cfg, "mrope_section", None):  # Qwen-VL's dynamic resolution
-        return "dynamic"
-    return None
+    family = getattr(model, "family", None)
+    if family is not None:
+        return family.fixed_preprocessing
+    return "anyres" if getattr(model.cfg, "is_anyres", False) else None  # a config alone
 
 
 def _check(settings: StudySettings, model: Any) -> None:

@@ -25,6 +25,7 @@ from mmlens.model.loading.convert import take
 
 class LlavaNextFamily(LlavaFamily):
     name = "llava_next"
+    fixed_preprocessing = "anyres"
     model_types = ("llava_next",)
     hf_class = "LlavaNextForConditionalGeneration"
     description = "LLaVA-NeXT (LLaVA-1.5 on anyres tiles with image_newline)"

@@ -36,6 +36,7 @@ from mmlens.model.loading.convert_qwen import convert_qwen_vision, qwen_vision_c
 
 class QwenVLFamily(Family):
     name = "qwen2_vl"
+    fixed_preprocessing = "dynamic"
     model_types = ("qwen2_vl",)
     hf_class = "Qwen2VLForConditionalGeneration"
     description = ("Qwen2-VL (Qwen vision transformer with 2D rotary, 2x2 patch merger, Qwen2 "
