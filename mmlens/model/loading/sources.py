@@ -23,7 +23,7 @@ _TRUE = ("1", "true", "yes", "on")
 
 def resolve_source(name_or_path: str) -> tuple[str, bool]:
     """``(path or hub name, is_local)`` for a bundled name, a local folder or a hub name."""
-    from mmlens.zoo.registry import BUNDLED, resolve_bundled
+    from mmlens.core.bundled import BUNDLED, resolve_bundled
 
     bundled = resolve_bundled(name_or_path)
     if bundled is not None:
