@@ -1,0 +1,155 @@
+"""Causal image maps: the batched map equals one full forward per region (block_attention +
+run_with_hooks, or a residual patch), on the bundled LLaVA-1.5 and a tiny Qwen2-VL; the
+regions' grid places and pixel boxes; bad arguments refused."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from PIL import Image
+from tiny_qwen import tiny_qwen, tiny_qwen_processor
+
+from mmlens import HookedMultimodalTransformer
+from mmlens.core.errors import MMLensError
+from mmlens.data.shapes import generate_per_task
+from mmlens.methods import block_attention, causal_map
+from mmlens.methods.image_regions import image_token_cells
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    model = HookedMultimodalTransformer.from_pretrained("shapes-llava").eval()
+    examples = generate_per_task(1, seed=7, tasks=["ChooseAttr", "QueryAttr"])
+    from mmlens.inputs.prepare import prepare_examples
+
+    return model, prepare_examples(model, examples)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    model = HookedMultimodalTransformer.from_hf_model(
+        tiny_qwen("qwen2_vl", text_layers=3), processor=tiny_qwen_processor()).eval()
+    gen = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(24, 40, 3, generator=gen) * 255).byte().numpy())]
+    batch = model.prepare(images, ["What color is the circle?"])
+    return model, batch, images
+
+
+def _naive(model, batch, frame, dst, layers, hooks_for=None):
+    """One full forward per row of ``frame``: p(target) with that region blocked (or patched)."""
+    probs = []
+    for _, row in frame.iterrows():
+        one = batch.select(int(row.example))
+        offset = batch.input_ids.shape[1] - one.input_ids.shape[1]
+        positions = [p - offset for p in row.position]
+        with torch.no_grad():
+            token = int(model(one)[0, -1].argmax())
+            targets = dst if isinstance(dst, str) else [dst[int(row.example)] - offset]
+            hooks = (block_attention([positions], targets, layers, batch=one) if hooks_for is None
+                     else hooks_for(one, int(row.example), positions))
+            logits = model.run_with_hooks(one, fwd_hooks=hooks)[0, -1].float()
+        probs.append(float(logits.softmax(-1)[token]))
+    return torch.tensor(probs, dtype=torch.float64)
+
+
+def _check(frame, naive):
+    fast = torch.tensor(frame.p_block.to_numpy())
+    assert (fast - naive).abs().max() <= 1e-6
+    values = (fast - torch.tensor(frame.p_base.to_numpy())) / torch.tensor(frame.p_base.to_numpy())
+    assert torch.allclose(torch.tensor(frame.value.to_numpy()), values)
+    assert (fast - torch.tensor(frame.p_base.to_numpy())).abs().max() > 1e-6  # it did something
+
+
+@pytest.mark.parametrize("dst, cell, layers", [("last", 1, [2, 3, 4]), ("question", 3, [0, 1])])
+def test_llava_map_equals_one_forward_per_region(shapes, dst, cell, layers):
+    model, batch = shapes
+    frame = causal_map(model, batch, dst, layers=layers, cell=cell, batch_size=16)
+    n_regions = 64 if cell == 1 else 9  # 8x8 tokens; 3x3 blocks, edge blocks smaller
+    assert len(frame) == len(batch) * n_regions
+    assert sorted(len(p) for p in frame.position[frame.example == 0])[-1] == cell**2
+    assert frame.groupby("example").position.sum().map(len).tolist() == [64, 64]
+    _check(frame, _naive(model, batch, frame, dst, layers))
+
+
+def test_span_regions_and_a_word_as_dst(shapes):
+    model, batch = shapes
+    word = [q[:1] for q in batch.span("question")]
+    frame = causal_map(model, batch, word, layers=[1, 2], regions=["related", "other"])
+    assert frame.region.tolist() == ["related", "other"] * 2
+    for _, row in frame.iterrows():
+        span = batch.positions(row.region, int(row.example)).tolist()
+        assert row.position == span
+    _check(frame, _naive(model, batch, frame, word, [1, 2]))
+
+
+def test_patch_map_equals_one_patched_forward_per_region(shapes):
+    model, batch = shapes
+    corrupted = dataclasses.replace(batch, pixel_values=batch.pixel_values.flip(0))
+    layer = 2
+    frame = causal_map(model, batch, layers=[layer], cell=2, mode="patch", corrupted=corrupted)
+
+    def patch(one, example, positions):
+        other = corrupted.select(example)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(other, names_filter=f"blocks.{layer}.hook_resid_pre")
+        source = cache[f"blocks.{layer}.hook_resid_pre"]
+
+        def hook(resid, hook):
+            resid = resid.clone()
+            resid[:, positions] = source[:, positions]
+            return resid
+
+        return [(f"blocks.{layer}.hook_resid_pre", hook)]
+
+    _check(frame, _naive(model, batch, frame, "last", [layer], patch))
+
+
+def test_qwen_map_equals_one_forward_per_region(qwen):
+    model, batch, images = qwen
+    frame = causal_map(model, batch, "last", layers=[1, 2], images=images)
+    assert len(frame) == len(batch.positions("image", 0))
+    _check(frame, _naive(model, batch, frame, "last", [1, 2]))
+
+
+def test_qwen_cells_cover_the_original_image(qwen):
+    model, batch, images = qwen
+    cells = image_token_cells(model, batch, 0, images[0].size)
+    rows, cols = max(c.row for c in cells) + 1, max(c.col for c in cells) + 1
+    assert rows * cols == len(cells)
+    width, height = images[0].size
+    for c in cells:  # the resized image's cells, scaled back: an even partition
+        assert c.box == pytest.approx((c.col * width / cols, c.row * height / rows,
+                                       (c.col + 1) * width / cols, (c.row + 1) * height / rows))
+
+
+def test_llava_pixel_boxes_undo_the_padding(shapes):
+    model, _ = shapes
+    image = Image.new("RGB", (150, 100), "white")
+    batch = model.prepare([image], ["Is the circle red?"], preprocessing="pad")
+    cells = image_token_cells(model, batch, 0, image.size, "pad")
+    side = 150 / 8  # the padded square is 150 px, cut into 8x8 patches
+    for c in cells:
+        expected = (c.col * side, min(max(c.row * side - 25, 0), 100),
+                    (c.col + 1) * side, min(max((c.row + 1) * side - 25, 0), 100))
+        assert c.box == pytest.approx(expected)
+    assert [c.position for c in cells] == batch.positions("image", 0).tolist()
+
+
+def test_bad_arguments_are_refused(shapes):
+    model, batch = shapes
+    with pytest.raises(MMLensError, match="corrupted="):
+        causal_map(model, batch, mode="patch")
+    with pytest.raises(MMLensError, match="unknown mode"):
+        causal_map(model, batch, mode="ablate")
+    with pytest.raises(MMLensError, match="cell must be"):
+        causal_map(model, batch, cell=0)
+    with pytest.raises(MMLensError, match="holds no image token"):
+        causal_map(model, batch, regions=["question"])
+    with pytest.raises(MMLensError, match="pixel boxes need"):
+        causal_map(model, dataclasses.replace(batch, examples=None))
+    with pytest.raises(MMLensError, match="tokens differ"):
+        causal_map(model, batch, mode="patch", corrupted=batch.select([1, 0]))
+    with pytest.raises(ValueError, match="outside"):
+        causal_map(model, batch, layers=[99])
