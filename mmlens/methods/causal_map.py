@@ -10,6 +10,7 @@ One row per example and region: ``example, region, position`` (the region's imag
 positions), ``tile, row, col`` (its top-left token on its grid, ``image_regions``), ``x0, y0,
 x1, y1`` (its pixel box in the original image), ``p_base``, ``p_block`` and ``value = (p_block
 - p_base) / p_base``, the relative change of the target's probability at the last position.
+``frame.attrs`` records ``dst``, ``mode``, ``layers`` and ``dst_positions`` (per example).
 
 Exact and batched, as the study's engine (``mmlens.experiments.engine``): a region's knockout
 changes nothing before the first ``dst`` position nor below the window's first layer ``a``,
@@ -94,7 +95,11 @@ def causal_map(
             other = clean_run(model, single_example(corrupted_batch, i))
             probs = _patched_probs(model, clean, other, positions, layers[0], token, batch_size)
         frames.append(_frame(i, example_regions, offset, clean.prob(token), probs))
-    return pd.DataFrame([row for frame in frames for row in frame], columns=COLUMNS)
+    frame = pd.DataFrame([row for rows in frames for row in rows], columns=COLUMNS)
+    # What the map measured, for figures and captions (``mmlens.plotting.causal_map_figure``).
+    frame.attrs.update(dst=dst if isinstance(dst, str) else "positions", mode=mode,
+                       layers=list(layers), dst_positions=[t.tolist() for t in targets])
+    return frame
 
 
 def _per_example(dst: PositionSpec, batch: MultimodalBatch) -> list[Tensor]:

@@ -153,3 +153,31 @@ def test_bad_arguments_are_refused(shapes):
         causal_map(model, batch, mode="patch", corrupted=batch.select([1, 0]))
     with pytest.raises(ValueError, match="outside"):
         causal_map(model, batch, layers=[99])
+
+
+def test_figure_draws_each_region_at_its_box_beside_attention(shapes):
+    from mmlens.plotting import causal_map_figure, region_attention
+
+    model, batch = shapes
+    layers = [1, 2]
+    frame = causal_map(model, batch, layers=layers, cell=2)
+    names = [f"blocks.{layer}.attn.hook_pattern" for layer in layers]
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch, names_filter=names)
+    attention = region_attention(cache, frame)
+    row = frame.iloc[len(frame) - 3]  # an example-1 region: positions index the padded batch
+    last = batch.positions("last", int(row.example))
+    expected = sum(float(cache[name][int(row.example), :, last][..., row.position].sum(-1).mean())
+                   for name in names) / len(names)
+    assert attention.iloc[len(frame) - 3] == pytest.approx(expected, rel=1e-5)
+    image = batch.examples[0].load_image()
+    figure = causal_map_figure(frame, image, cache=cache)
+    rows = frame[frame.example == 0]
+    boxes = [(s.x0, s.y0, s.x1, s.y1) for s in figure.layout.shapes]
+    assert boxes == [tuple(r) for r in rows[["x0", "y0", "x1", "y1"]].to_numpy()] * 2
+    worst = rows.loc[rows.value.idxmin()]
+    titles = [a.text for a in figure.layout.annotations]
+    assert f"{worst.value:+.1%} at {worst.region}" in titles[0]
+    assert "layers 1-2" in titles[0] and "attention from last" in titles[1]
+    with pytest.raises(KeyError, match="hook_pattern"):
+        region_attention({}, frame)
