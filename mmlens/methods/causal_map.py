@@ -35,7 +35,13 @@ from mmlens.core.errors import MMLensError
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.methods.clean_run import CleanRun, clean_run, last_logits, single_example
 from mmlens.methods.edges import blocked_edges, check_attendable
-from mmlens.methods.image_regions import Region, grid_regions, image_token_cells, span_regions
+from mmlens.methods.image_regions import (
+    Region,
+    grid_regions,
+    image_token_cells,
+    original_size,
+    span_regions,
+)
 from mmlens.methods.knockout import PositionSpec, _check_layers, resolve_positions
 from mmlens.model.protocol import HookedModel
 
@@ -83,7 +89,7 @@ def causal_map(
     for i in range(len(batch)):
         one = single_example(batch, i)
         offset = batch.input_ids.shape[1] - one.input_ids.shape[1]
-        cells = image_token_cells(model, one, 0, _image_size(batch, images, i), preprocessing)
+        cells = image_token_cells(model, one, 0, original_size(batch, images, i), preprocessing)
         example_regions = _regions(cells, cell, regions, batch, i, offset)
         clean = clean_run(model, one)
         token = clean.prediction() if tokens[i] is None else tokens[i]
@@ -115,17 +121,6 @@ def _targets(model: HookedModel, target: Any, n: int) -> list[int | None]:
         raise MMLensError(f"target gives {len(target)} tokens for {n} examples: give one, or "
                           "one per example")
     return [model.to_single_token(t) if isinstance(t, str) else t for t in target]
-
-
-def _image_size(batch: MultimodalBatch, images: Sequence[Any] | None, i: int) -> Any:
-    if images is not None:
-        if len(images) != len(batch):
-            raise MMLensError(f"images gives {len(images)} images for {len(batch)} examples")
-        return images[i] if isinstance(images[i], tuple) else images[i].size
-    if batch.examples:
-        return batch.examples[i].load_image().size
-    raise MMLensError("the regions' pixel boxes need the original images' sizes: pass images= "
-                      "(the images, or (width, height) sizes, given to model.prepare)")
 
 
 def _regions(cells: Any, cell: int, regions: Any, batch: MultimodalBatch, i: int,

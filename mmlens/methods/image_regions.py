@@ -53,6 +53,21 @@ class Region:
     box: PixelBox
 
 
+def original_size(batch: Any, images: Sequence[Any] | None, example: int) -> SizeOrPair:
+    """The size of the image ``example`` was prepared from: ``images[example]`` (an image, or a
+    ``(width, height)`` size), else the batch's example record's image."""
+    if images is not None:
+        if len(images) != len(batch):
+            raise MMLensError(f"images gives {len(images)} images for {len(batch)} examples: "
+                              "give one per example")
+        image = images[example]
+        return image if isinstance(image, tuple) else ImageSize.of(image)
+    if batch.examples:
+        return ImageSize.of(batch.examples[example].load_image())
+    raise MMLensError("the regions' pixel boxes need the original images' sizes: pass images= "
+                      "(the images, or (width, height) sizes, given to model.prepare)")
+
+
 def image_token_cells(model: Any, batch: Any, example: int, image_size: SizeOrPair,
                       mode: str | None = None) -> list[TokenCell]:
     """Every image token of ``example`` that covers pixels, in input order.

@@ -3,7 +3,7 @@ image maps."""
 
 from mmlens.plotting.attention import attention_mass, attention_mass_heatmap, image_attention
 from mmlens.plotting.attribution import attribution_figure
-from mmlens.plotting.causal_maps import causal_map_figure, region_attention
+from mmlens.plotting.causal_maps import causal_map_figure, feature_map_figure, region_attention
 from mmlens.plotting.curves import (
     knockout_curves,
     layer_span_heatmap,
@@ -16,6 +16,7 @@ __all__ = [
     "attention_mass",
     "attention_mass_heatmap",
     "causal_map_figure",
+    "feature_map_figure",
     "image_attention",
     "knockout_curves",
     "layer_span_heatmap",

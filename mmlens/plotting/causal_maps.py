@@ -1,4 +1,5 @@
-"""A causal image map drawn over its image, beside the raw attention to the same regions.
+"""A causal image map drawn over its image, beside the raw attention to the same regions; an
+SAE feature's activations over the image drawn the same way (``feature_map_figure``).
 
     frame = causal_map(model, batch, dst="last", layers=layers)
     _, cache = model.run_with_cache(batch, names_filter=lambda n: n.endswith("hook_pattern"))
@@ -84,6 +85,42 @@ def causal_map_figure(frame: pd.DataFrame, image: Any, *, example: int = 0, tile
     return figure
 
 
+def feature_map_figure(frame: pd.DataFrame, image: Any, *, feature: int | None = None,
+                       example: int = 0, tile: int | None = None,
+                       opacity: float = 0.55) -> go.Figure:
+    """One SAE feature's activation at each image token of ``example``, over ``image``
+    (``mmlens.methods.sae_features.image_features``'s frame; ``feature`` default: the
+    example's first)."""
+    missing = {"example", "feature", "tile", "x0", "y0", "x1", "y1", "activation"} - set(
+        frame.columns)
+    if missing:
+        raise ValueError(f"feature_map_figure needs an image_features frame; missing columns "
+                         f"{', '.join(sorted(missing))}")
+    rows = frame[frame["example"] == example]
+    if rows.empty:
+        raise ValueError(f"the frame has no rows for example {example}")
+    feature = int(rows["feature"].iloc[0]) if feature is None else feature
+    rows = rows[rows["feature"] == feature]
+    if rows.empty:
+        raise ValueError(f"the frame has no rows for feature {feature} of example {example}: "
+                         f"it holds {sorted(set(frame['feature']))}")
+    if tile is None:
+        tile = int(rows["tile"].value_counts().idxmax())
+    rows = rows[rows["tile"] == tile]
+    pixels = np.asarray(image)[..., :3]
+    top = rows.loc[rows["activation"].idxmax()]
+    hook = frame.attrs.get("hook_name", "the SAE's hook")
+    figure = make_subplots(rows=1, cols=1, subplot_titles=[
+        f"feature {feature} at {hook}: strongest {top['activation']:.3g} at {top['region']}, "
+        f"active on {int((rows['activation'] > 0).sum())} of {len(rows)} tokens"])
+    figure.add_trace(go.Image(z=pixels, hoverinfo="skip"), row=1, col=1)
+    _draw_regions(figure, rows, rows["activation"], "activation", 1, 1, "Inferno", opacity)
+    figure.update_xaxes(showticklabels=False, range=[0, pixels.shape[1]])
+    figure.update_yaxes(showticklabels=False, range=[pixels.shape[0], 0], scaleanchor="x")
+    figure.update_layout(width=520, height=500, showlegend=False)
+    return figure
+
+
 def _draw_regions(figure: go.Figure, rows: pd.DataFrame, values: pd.Series, name: str,
                   column: int, n_panels: int, colorscale: str, opacity: float) -> None:
     """Filled rectangles at the regions' pixel boxes; a marker trace carries the colour bar
@@ -92,14 +129,14 @@ def _draw_regions(figure: go.Figure, rows: pd.DataFrame, values: pd.Series, name
     if name == "value":
         bound = float(np.nanmax(np.abs(array))) or 1.0
         low, high, scale = -bound, bound, colorscale
-    else:
+    else:  # attention, feature activations: non-negative
         low, high, scale = 0.0, float(np.nanmax(array)) or 1.0, "Inferno"
     colours = sample_colorscale(scale, list(np.clip((array - low) / (high - low), 0, 1)))
     for (_, row), colour in zip(rows.iterrows(), colours, strict=True):
         figure.add_shape(type="rect", x0=row.x0, y0=row.y0, x1=row.x1, y1=row.y1,
                          fillcolor=colour, opacity=opacity, line={"width": 0},
                          row=1, col=column)
-    label = "relative change" if name == "value" else "attention"
+    label = "relative change" if name == "value" else name
     figure.add_trace(go.Scatter(
         x=(rows["x0"] + rows["x1"]) / 2, y=(rows["y0"] + rows["y1"]) / 2, mode="markers",
         marker={"size": 1, "opacity": 0, "color": array, "colorscale": scale, "cmin": low,
