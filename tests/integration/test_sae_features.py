@@ -79,7 +79,8 @@ def test_feature_flow_ablates_the_top_features_of_the_span(shapes, weights, tmp_
         chosen = np.argsort(-acts.sum(0))[:4]
         assert sorted(row.feature_ids[LANGUAGE_HOOK]) == sorted(chosen.tolist())
 
-        def by_hand(resid, hook):  # subtract the chosen features' decoder images at related
+        def by_hand(resid, hook, related=related, chosen=chosen):  # subtract the chosen
+            # features' decoder images at the related positions
             x = resid[0, related].double().numpy()
             a, _ = numpy_sae(weights, x, "standard")
             edit = a[:, chosen] @ weights["W_dec"][chosen].double().numpy()
