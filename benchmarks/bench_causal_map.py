@@ -13,9 +13,9 @@ difference.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from bench_batched_patching import timed
 
 from mmlens import HookedMultimodalTransformer
 from mmlens.data.shapes import generate_per_task
@@ -35,16 +35,6 @@ def one_forward_per_region(model, batch, frame, layers) -> torch.Tensor:
         logits = model.run_with_hooks(one, fwd_hooks=hooks)[0, -1].float()
         probs.append(float(logits.softmax(-1)[tokens[example]]))
     return torch.tensor(probs, dtype=torch.float64)
-
-
-def timed(fn, device: str):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
 
 
 def main() -> None:

@@ -206,6 +206,9 @@ def _resume(model: HookedModel, clean: CleanRun, suffix: Tensor, start: int, lay
 
 def _frame(example: int, regions: list[Region], offset: int, p_base: float,
            probs: Tensor) -> list[tuple]:
+    def relative(p: float) -> float:  # a target the clean run gives no mass has no change
+        return (p - p_base) / p_base if p_base > 0 else float("nan")
+
     return [(example, region.label, (region.positions + offset).tolist(), region.tile,
-             region.row, region.col, *region.box, p_base, float(p), (float(p) - p_base) / p_base)
+             region.row, region.col, *region.box, p_base, float(p), relative(float(p)))
             for region, p in zip(regions, probs, strict=True)]

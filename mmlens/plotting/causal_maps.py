@@ -55,17 +55,7 @@ def causal_map_figure(frame: pd.DataFrame, image: Any, *, example: int = 0, tile
     ``tile``: which grid to draw where regions come from several (LLaVA-NeXT's base tile 0 and
     high-resolution grid 1); default: the grid holding most of the example's regions.
     """
-    missing = {"example", "tile", "x0", "y0", "x1", "y1", "value", "region"} - set(frame.columns)
-    if missing:
-        raise ValueError(f"causal_map_figure needs a causal_map frame; missing columns "
-                         f"{', '.join(sorted(missing))}")
-    rows = frame[frame["example"] == example]
-    if rows.empty:
-        raise ValueError(f"the frame has no rows for example {example}: examples are "
-                         f"{sorted(set(frame['example']))}")
-    if tile is None:
-        tile = int(rows["tile"].value_counts().idxmax())
-    rows = rows[rows["tile"] == tile]
+    rows = _rows(frame, "value", "causal_map", example, tile)
     pixels = np.asarray(image)[..., :3]
     panels = [("value", rows["value"])]
     if cache is not None:
@@ -91,22 +81,12 @@ def feature_map_figure(frame: pd.DataFrame, image: Any, *, feature: int | None =
     """One SAE feature's activation at each image token of ``example``, over ``image``
     (``mmlens.methods.sae_features.image_features``'s frame; ``feature`` default: the
     example's first)."""
-    missing = {"example", "feature", "tile", "x0", "y0", "x1", "y1", "activation"} - set(
-        frame.columns)
-    if missing:
-        raise ValueError(f"feature_map_figure needs an image_features frame; missing columns "
-                         f"{', '.join(sorted(missing))}")
-    rows = frame[frame["example"] == example]
-    if rows.empty:
-        raise ValueError(f"the frame has no rows for example {example}")
+    rows = _rows(frame, "activation", "image_features", example, tile)
     feature = int(rows["feature"].iloc[0]) if feature is None else feature
     rows = rows[rows["feature"] == feature]
     if rows.empty:
         raise ValueError(f"the frame has no rows for feature {feature} of example {example}: "
-                         f"it holds {sorted(set(frame['feature']))}")
-    if tile is None:
-        tile = int(rows["tile"].value_counts().idxmax())
-    rows = rows[rows["tile"] == tile]
+                         f"it holds features {sorted(set(frame['feature']))}")
     pixels = np.asarray(image)[..., :3]
     top = rows.loc[rows["activation"].idxmax()]
     hook = frame.attrs.get("hook_name", "the SAE's hook")
@@ -119,6 +99,23 @@ def feature_map_figure(frame: pd.DataFrame, image: Any, *, feature: int | None =
     figure.update_yaxes(showticklabels=False, range=[pixels.shape[0], 0], scaleanchor="x")
     figure.update_layout(width=520, height=500, showlegend=False)
     return figure
+
+
+def _rows(frame: pd.DataFrame, value: str, maker: str, example: int,
+          tile: int | None) -> pd.DataFrame:
+    """The rows one figure draws: one example, one grid (default: the grid holding most of
+    them); refuses frames without a map's columns."""
+    missing = {"example", "region", "tile", "x0", "y0", "x1", "y1", value} - set(frame.columns)
+    if missing:
+        raise ValueError(f"the figure needs a frame from {maker}; missing columns "
+                         f"{', '.join(sorted(missing))}")
+    rows = frame[frame["example"] == example]
+    if rows.empty:
+        raise ValueError(f"the frame has no rows for example {example}: it holds examples "
+                         f"{sorted(set(frame['example']))}")
+    if tile is None:
+        tile = int(rows["tile"].value_counts().idxmax())
+    return rows[rows["tile"] == tile]
 
 
 def _draw_regions(figure: go.Figure, rows: pd.DataFrame, values: pd.Series, name: str,

@@ -181,3 +181,45 @@ def test_figure_draws_each_region_at_its_box_beside_attention(shapes):
     assert "layers 1-2" in titles[0] and "attention from last" in titles[1]
     with pytest.raises(KeyError, match="hook_pattern"):
         region_attention({}, frame)
+
+
+@pytest.fixture(scope="module")
+def next_model():
+    from tiny_next import random_image, tiny_next, tiny_processor
+
+    model = HookedMultimodalTransformer.from_hf_model(tiny_next(),
+                                                      processor=tiny_processor()).eval()
+    images = [random_image(90, 40, seed=0), random_image(40, 90, seed=1)]  # (height, width)
+    return model, model.prepare(images, ["What color is the square?", "Which shape is red?"]), \
+        images
+
+
+def test_next_cells_cover_the_image_on_both_grids(next_model):
+    model, batch, images = next_model
+    for i, image in enumerate(images):
+        width, height = image.size
+        cells = image_token_cells(model, batch, i, image.size)
+        newline = batch.positions("image_newline", i).tolist()
+        image_positions = batch.positions("image", i).tolist()
+        assert [c.position for c in cells] == [p for p in image_positions if p not in newline]
+        base = [c for c in cells if c.tile == 0]
+        assert len(base) == 16  # the 4x4 patches of the whole image squashed to one tile
+        for c in base:
+            assert c.box == pytest.approx((c.col * width / 4, c.row * height / 4,
+                                           (c.col + 1) * width / 4, (c.row + 1) * height / 4))
+        tiles = [c for c in cells if c.tile == 1]
+        rows, cols = max(c.row for c in tiles) + 1, max(c.col for c in tiles) + 1
+        assert rows == len(newline) and rows * cols == len(tiles)
+        assert min(c.box[0] for c in tiles) == 0 and max(c.box[2] for c in tiles) == width
+        assert min(c.box[1] for c in tiles) == 0 and max(c.box[3] for c in tiles) == height
+        for c in tiles:  # row-major on the packed grid, boxes move right and down with it
+            right = next((d for d in tiles if (d.row, d.col) == (c.row, c.col + 1)), None)
+            if right is not None:
+                assert right.box[0] >= c.box[0] and right.box[1] == c.box[1]
+
+
+def test_next_map_equals_one_forward_per_region(next_model):
+    model, batch, images = next_model
+    frame = causal_map(model, batch, "last", layers=[0, 1], cell=2, images=images)
+    assert set(frame.tile) == {0, 1}
+    _check(frame, _naive(model, batch, frame, "last", [0, 1]))
