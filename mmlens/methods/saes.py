@@ -108,6 +108,10 @@ class SAE(nn.Module):
             raise MMLensError(f"the SAE reads vectors of d_in={self.d_in} but the activation"
                               f"{where} has width {x.shape[-1]} ({tuple(x.shape)}): splice it "
                               "at the hook it was trained on (its cfg.json's hook_name)")
+        if x.device != self.W_enc.device:
+            raise MMLensError(f"the SAE is on {self.W_enc.device} but the activation at "
+                              f"{self.hook_name} is on {x.device}: load it there "
+                              "(load_sae(path, device=...)) or move it with sae.to(device)")
         return x
 
     def extra_repr(self) -> str:
