@@ -23,6 +23,7 @@ the corrupted run's and resumes from the first image position.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,7 +56,7 @@ def causal_map(
     model: HookedModel, batch: MultimodalBatch, dst: PositionSpec = "last", *,
     layers: int | Sequence[int] | None = None, target: int | str | Sequence[int] | None = None,
     cell: int = 1, regions: str | Sequence[str] | dict[str, Any] | None = None,
-    mode: str = "knockout", corrupted: MultimodalBatch | Tensor | None = None,
+    mode: str = "knockout", corrupted: Any = None,
     images: Sequence[Any] | None = None, preprocessing: str | None = None,
     batch_size: int = 64,
 ) -> pd.DataFrame:
@@ -67,7 +68,8 @@ def causal_map(
     a one-token string, one id per example, or None (each example's clean top token).
     ``cell``: tokens per side of a grid region; ``regions`` instead: span names (``"related"``)
     or ``{name: positions per example}``. ``mode="patch"`` patches each region from
-    ``corrupted`` (a batch of the same prompts with other images, or its ``pixel_values``).
+    ``corrupted``: a batch of the same prompts with other images, its ``pixel_values``, or
+    other images (one for every example, or one each) for the batch's questions.
     ``images``: the images (or ``(width, height)`` sizes) given to ``prepare``, for the pixel
     boxes; default: the batch's examples' images. ``batch_size``: variants per forward.
     """
@@ -82,7 +84,7 @@ def causal_map(
     layers = _check_layers(range(n_layers) if layers is None else layers, n_layers, "language")
     if not layers:
         raise MMLensError("layers is empty: give the window's layers (window_layers(...))")
-    corrupted_batch = _corrupted_batch(batch, corrupted) if mode == "patch" else None
+    corrupted_batch = _corrupted_batch(model, batch, corrupted) if mode == "patch" else None
     targets = _per_example(dst, batch)
     tokens = _targets(model, target, len(batch))
     frames = []
@@ -135,20 +137,28 @@ def _regions(cells: Any, cell: int, regions: Any, batch: MultimodalBatch, i: int
     return span_regions(cells, {name: positions - offset for name, positions in named.items()})
 
 
-def _corrupted_batch(batch: MultimodalBatch, corrupted: Any) -> MultimodalBatch:
+def _corrupted_batch(model: HookedModel, batch: MultimodalBatch,
+                     corrupted: Any) -> MultimodalBatch:
+    """The batch to patch from: given, the batch with other ``pixel_values``, or the batch's
+    questions prepared with other images (one image, or one per example)."""
     if isinstance(corrupted, Tensor):
         if batch.pixel_values is None or corrupted.shape != batch.pixel_values.shape:
             raise MMLensError(f"corrupted pixel_values {tuple(corrupted.shape)} do not match the "
                               "batch's: give pixel values of the same shape, or a batch")
-        import dataclasses
-
         return dataclasses.replace(batch, pixel_values=corrupted)
     if not isinstance(corrupted, MultimodalBatch):
-        raise MMLensError("corrupted must be a MultimodalBatch (model.prepare with other images) "
-                          f"or pixel_values, not {type(corrupted).__name__}")
+        if not batch.examples:
+            raise MMLensError("corrupted images need the batch's questions: give a batch "
+                              "prepared from the same questions with the other images "
+                              "(model.prepare), or their pixel_values")
+        images = list(corrupted) if isinstance(corrupted, list | tuple) else [corrupted] * len(
+            batch)
+        corrupted = model.prepare(images, [e.question for e in batch.examples],
+                                  examples=batch.examples)
     if not torch.equal(corrupted.input_ids, batch.input_ids):
         raise MMLensError("the corrupted batch's tokens differ from the batch's: patch between "
-                          "the same prompts with images giving as many image tokens")
+                          "the same prompts with images giving as many image tokens (prepared "
+                          "with the same template and preprocessing)")
     return corrupted
 
 

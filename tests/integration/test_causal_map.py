@@ -104,6 +104,9 @@ def test_patch_map_equals_one_patched_forward_per_region(shapes):
         return [(f"blocks.{layer}.hook_resid_pre", hook)]
 
     _check(frame, _naive(model, batch, frame, "last", [layer], patch))
+    images = [e.load_image() for e in reversed(batch.examples)]  # the same swap, as images
+    by_image = causal_map(model, batch, layers=[layer], cell=2, mode="patch", corrupted=images)
+    assert (by_image.p_block - frame.p_block).abs().max() <= 1e-6
 
 
 def test_qwen_map_equals_one_forward_per_region(qwen):
