@@ -122,7 +122,12 @@ def _targets(model: HookedModel, target: Any, n: int) -> list[int | None]:
     if len(target) != n:
         raise MMLensError(f"target gives {len(target)} tokens for {n} examples: give one, or "
                           "one per example")
-    return [model.to_single_token(t) if isinstance(t, str) else t for t in target]
+    tokens = [model.to_single_token(t) if isinstance(t, str) else t for t in target]
+    vocab = model.cfg.d_vocab
+    bad = [t for t in tokens if t is not None and not 0 <= int(t) < vocab]
+    if bad:
+        raise MMLensError(f"target token {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+    return [None if t is None else int(t) for t in tokens]
 
 
 def _regions(cells: Any, cell: int, regions: Any, batch: MultimodalBatch, i: int,

@@ -156,6 +156,10 @@ def test_bad_arguments_are_refused(shapes):
         causal_map(model, batch, mode="patch", corrupted=batch.select([1, 0]))
     with pytest.raises(ValueError, match="outside"):
         causal_map(model, batch, layers=[99])
+    with pytest.raises(MMLensError, match="outside the vocabulary"):
+        causal_map(model, batch, target=10**6)
+    with pytest.raises(MMLensError, match="2 examples"):
+        causal_map(model, batch, target=[3])
 
 
 def test_figure_draws_each_region_at_its_box_beside_attention(shapes):
