@@ -70,7 +70,8 @@ def test_llava_map_equals_one_forward_per_region(shapes, dst, cell, layers):
     assert len(frame) == len(batch) * n_regions
     assert sorted(len(p) for p in frame.position[frame.example == 0])[-1] == cell**2
     assert frame.groupby("example").position.sum().map(len).tolist() == [64, 64]
-    _check(frame, _naive(model, batch, frame, dst, layers))
+    checked = frame.iloc[::3] if cell == 1 else frame  # every third token keeps the test quick
+    _check(checked, _naive(model, batch, checked, dst, layers))
 
 
 def test_span_regions_and_a_word_as_dst(shapes):
