@@ -191,13 +191,20 @@ def test_figure_draws_each_region_at_its_box_beside_attention(shapes):
         region_attention({}, frame)
 
 
-@pytest.fixture(scope="module")
-def next_model():
-    from tiny_next import random_image, tiny_next, tiny_processor
+@pytest.fixture(scope="module", params=["llava_next", "onevision"])
+def next_model(request):
+    """LLaVA-NeXT (tiles), and LLaVA-OneVision whose anyres-max downscales the tile grid."""
+    if request.param == "llava_next":
+        from tiny_next import random_image, tiny_next, tiny_processor
 
-    model = HookedMultimodalTransformer.from_hf_model(tiny_next(),
-                                                      processor=tiny_processor()).eval()
-    images = [random_image(90, 40, seed=0), random_image(40, 90, seed=1)]  # (height, width)
+        hf, processor = tiny_next(), tiny_processor()
+    else:
+        from tiny_onevision import random_image, tiny_onevision, tiny_processor
+
+        hf = tiny_onevision()
+        processor = tiny_processor(hf.config)
+    model = HookedMultimodalTransformer.from_hf_model(hf, processor=processor).eval()
+    images = [random_image(90, 40, seed=0), random_image(60, 150, seed=1)]  # (height, width)
     return model, model.prepare(images, ["What color is the square?", "Which shape is red?"]), \
         images
 
@@ -210,16 +217,22 @@ def test_next_cells_cover_the_image_on_both_grids(next_model):
         newline = batch.positions("image_newline", i).tolist()
         image_positions = batch.positions("image", i).tolist()
         assert [c.position for c in cells] == [p for p in image_positions if p not in newline]
-        base = [c for c in cells if c.tile == 0]
-        assert len(base) == 16  # the 4x4 patches of the whole image squashed to one tile
+        base, grid = [c for c in cells if c.tile == 0], model.cfg.vision.grid_size
+        assert len(base) == grid**2  # the patches of the whole image squashed to one tile
         for c in base:
-            assert c.box == pytest.approx((c.col * width / 4, c.row * height / 4,
-                                           (c.col + 1) * width / 4, (c.row + 1) * height / 4))
+            assert c.box == pytest.approx((c.col * width / grid, c.row * height / grid,
+                                           (c.col + 1) * width / grid,
+                                           (c.row + 1) * height / grid))
         tiles = [c for c in cells if c.tile == 1]
         rows, cols = max(c.row for c in tiles) + 1, max(c.col for c in tiles) + 1
         assert rows == len(newline) and rows * cols == len(tiles)
-        assert min(c.box[0] for c in tiles) == 0 and max(c.box[2] for c in tiles) == width
-        assert min(c.box[1] for c in tiles) == 0 and max(c.box[3] for c in tiles) == height
+        # the grid spans the image, up to the feature rows / columns the unpadding rounds off
+        cell_w, cell_h = width / cols, height / rows
+        assert all(0 <= c.box[0] <= c.box[2] <= width and 0 <= c.box[1] <= c.box[3] <= height
+                   for c in tiles)
+        x0, x1 = min(c.box[0] for c in tiles), max(c.box[2] for c in tiles)
+        y0, y1 = min(c.box[1] for c in tiles), max(c.box[3] for c in tiles)
+        assert x0 < cell_w and x1 > width - cell_w and y0 < cell_h and y1 > height - cell_h
         for c in tiles:  # row-major on the packed grid, boxes move right and down with it
             right = next((d for d in tiles if (d.row, d.col) == (c.row, c.col + 1)), None)
             if right is not None:
