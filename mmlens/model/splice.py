@@ -51,6 +51,9 @@ def splice(model: Any, modules: Sequence[nn.Module], **settings: Any) -> Iterato
             for sub_name, point in module.named_modules():
                 if isinstance(point, HookPoint):
                     full = f"{name}.{sub_name}"
+                    if full in model.hook_dict:
+                        raise MMLensError(f"{full} is already a hook point: a module is "
+                                          f"spliced at {name} already; leave that block first")
                     point.name = full
                     model.hook_dict[full] = model.mod_dict[full] = point
                     added.append(full)

@@ -1,6 +1,6 @@
 """Causal image maps: the batched map equals one full forward per region (block_attention +
-run_with_hooks, or a residual patch), on the bundled LLaVA-1.5 and a tiny Qwen2-VL; the
-regions' grid places and pixel boxes; bad arguments refused."""
+run_with_hooks, or a residual patch), on the bundled LLaVA-1.5 and tiny Qwen2-VL, LLaVA-NeXT and
+LLaVA-OneVision; the regions' grid places and pixel boxes; the figure; bad arguments refused."""
 
 from __future__ import annotations
 

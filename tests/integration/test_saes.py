@@ -202,6 +202,12 @@ def test_bad_files_are_refused(setup, tmp_path):
             torch.no_grad(), model.saes([narrow]):
         model(batch)
     assert f"{LANGUAGE_HOOK}.hook_sae_input" not in model.hook_dict
+    with model.saes([narrow]), pytest.raises(MMLensError, match="spliced at blocks.1"), \
+            model.saes([load_sae(tmp_path / "narrow")]):
+        pass
+    assert f"{LANGUAGE_HOOK}.hook_sae_input" not in model.hook_dict
+    with torch.no_grad():
+        model(batch)  # runs: the narrow SAE (which would raise) is off the hook
     with pytest.raises(KeyError, match="unknown hook name"), model.saes(
             [load_sae(tmp_path / "narrow", hook_name="blocks.9.hook_resid_post")]):
         pass
