@@ -186,7 +186,7 @@ def _blocked_probs(model: HookedModel, clean: CleanRun, regions: list[Tensor], d
 
 def _masker(blocked: Tensor) -> Any:
     def hook(mask: Tensor, hook: Any) -> Tensor:
-        return mask & ~blocked
+        return mask & ~blocked.to(mask.device)  # a no-op unless the model spans devices
 
     return hook
 
