@@ -1,5 +1,6 @@
 """Interventions as composable hooks: attention knockout, position ablation, layer windows."""
 
+from mmlens.methods.causal_map import causal_map
 from mmlens.methods.knockout import (
     PositionSpec,
     ablate_positions,
@@ -12,6 +13,7 @@ __all__ = [
     "PositionSpec",
     "ablate_positions",
     "block_attention",
+    "causal_map",
     "resolve_positions",
     "window_layers",
 ]

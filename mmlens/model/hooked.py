@@ -285,6 +285,16 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         self.check_hook_names([n for n, _ in [*fwd_hooks, *bwd_hooks] if isinstance(n, str)])
         return super().hooks(list(fwd_hooks), list(bwd_hooks), *args, **kwargs)
 
+    def saes(self, saes: Any, use_error_term: bool = True) -> Any:
+        """Context manager splicing sparse autoencoders into their hooks
+        (``mmlens.methods.saes``; each SAE names its hook). With ``use_error_term`` the
+        outputs are unchanged; ``"{hook}.hook_sae_acts_post"`` and the SAE's other hook points
+        are in ``hook_dict`` inside the block. See ``mmlens.model.splice``."""
+        from mmlens.model.splice import splice
+
+        return splice(self, [saes] if isinstance(saes, torch.nn.Module) else saes,
+                      use_error_term=use_error_term)
+
     # ----------------------------------------------------------------- helpers
     def prepare(self, images: Any, questions: Any, **kwargs: Any) -> MultimodalBatch:
         """Prompts, pixel values and named position spans for images and questions."""
