@@ -13,7 +13,7 @@ from mmlens import HookedMultimodalTransformer
 from mmlens.cli import main
 from mmlens.core.errors import MMLensError
 from mmlens.data.example import Example
-from mmlens.data.shapes import generate_per_task
+from mmlens.data.shapes import export_gqa, generate_per_task
 from mmlens.inputs.prepare import prepare, prepare_examples
 from mmlens.methods import block_attention
 from mmlens.zoo.registry import BUNDLED
@@ -176,3 +176,21 @@ def test_cli_truncated_image_is_one_line_and_the_run_completes_once_replaced(tmp
     line = _one_error_line(capsys, main(args))
     assert "examples.images" in line and "another --out" in line
     assert main([*args[:-3], "--out", str(tmp_path / "fresh"), "--quiet"]) == 0
+
+
+def test_box_outside_the_image_is_refused_by_prepare_and_by_flow(model, tmp_path, capsys):
+    with pytest.raises(MMLensError, match=r"example 0: box \(120, 5, 10, 10\) \(x, y, w, h\) "
+                       r"lies outside the 112x112 image"):
+        prepare(model, Image.new("RGB", (112, 112)), "Is it red?", boxes=[[(120, 5, 10, 10)]])
+    # under --empty-spans zero such a box used to give rows of exactly 0% change
+    folder = export_gqa(generate_per_task(1, seed=5, tasks=["ChooseAttr"]), tmp_path / "gqa")
+    graphs = json.loads((folder / "sceneGraphs.json").read_text())
+    (graph,) = graphs.values()
+    for obj in graph["objects"].values():
+        obj["x"] = graph["width"] + 4
+    (folder / "sceneGraphs.json").write_text(json.dumps(graphs))
+    out = tmp_path / "run"
+    line = _one_error_line(capsys, main(["flow", "--data", str(folder), "--empty-spans", "zero",
+                                         "--out", str(out), "--quiet"]))
+    assert "lies outside the" in line and "sceneGraphs.json: object" in line
+    assert not (out / "flow.csv").exists()
