@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mmlens.core.errors import MMLensError, MMLensFileNotFoundError
 from mmlens.core.sizes import ImageSize, SizeOrPair, as_image_size
@@ -21,6 +21,8 @@ TASKS: tuple[str, ...] = (
     "LogicalObj",
     "QueryAttr",
 )
+
+ORIENTATION_TAG = 0x0112  # EXIF "Orientation": 1 upright, 2-8 flipped and/or rotated
 
 Box = tuple[float, float, float, float]
 """An object box ``(x, y, w, h)`` in pixels of the original image, GQA's convention."""
@@ -36,6 +38,8 @@ class Example:
     data records for the image its boxes were drawn on (``None``: not recorded); ``boxes_for``
     checks the loaded image against it, and with ``rescale_boxes`` rescales the boxes to an
     image of the same aspect ratio at another resolution.
+    ``exif_orientation`` is the EXIF orientation (2-8) that ``load_image`` applied to the file
+    it read (1: the tag says upright; ``None``: no tag, or not read from a file).
     """
 
     example_id: str
@@ -49,9 +53,15 @@ class Example:
     image_path: Path | None = None
     image_size: SizeOrPair | None = None
     rescale_boxes: bool = False
+    exif_orientation: int | None = None
 
     def load_image(self) -> Image.Image:
-        """The example's image as 8-bit RGB (``to_rgb``), read from ``image_path`` if needed."""
+        """The example's image as 8-bit RGB (``to_rgb``), read from ``image_path`` if needed.
+
+        A file's EXIF orientation is applied (``PIL.ImageOps.exif_transpose``, as Hugging
+        Face's ``load_image`` does), so the image is upright as a viewer shows it; the tag is
+        kept in ``exif_orientation``. Boxes are in pixels of the upright image.
+        """
         from mmlens.core.images import to_rgb
 
         if self.image is not None:
@@ -70,7 +80,8 @@ class Example:
         try:
             with Image.open(self.image_path) as img:
                 img.load()
-                return to_rgb(img, source=where)
+                self.exif_orientation = img.getexif().get(ORIENTATION_TAG)
+                return to_rgb(ImageOps.exif_transpose(img), source=where)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             if isinstance(err, MMLensError):
                 raise

@@ -194,3 +194,28 @@ def test_box_outside_the_image_is_refused_by_prepare_and_by_flow(model, tmp_path
                                          "--out", str(out), "--quiet"]))
     assert "lies outside the" in line and "sceneGraphs.json: object" in line
     assert not (out / "flow.csv").exists()
+
+
+def test_prompt_longer_than_the_context_is_refused_with_the_lengths(model):
+    assert model.cfg.n_ctx == 256
+    image = Image.new("RGB", (112, 112))
+    with pytest.raises(MMLensError, match=r"image 0: the prompt is \d{3} tokens \(image tokens "
+                       r"included\) but the model takes at most 256 \(its max_position_embeddings"):
+        prepare(model, image, "Is the square red? " * 60)
+    assert prepare(model, image, "Is the square red? " * 20).input_ids.shape[1] <= 256
+
+
+def test_exif_orientation_is_applied_and_recorded_in_examples_jsonl(tmp_path):
+    subsets, images, out = tmp_path / "subsets", tmp_path / "images", tmp_path / "run"
+    examples = generate_per_task(1, seed=5, tasks=["ChooseAttr"])
+    write_paper_subsets(subsets, images, examples)
+    (path,) = images.iterdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: viewers turn it 90 degrees clockwise
+    examples[0].image.transpose(Image.Transpose.ROTATE_90).save(path, quality=95, exif=exif)
+    # the upright image matches the size the CSV records; the stored one is turned
+    assert main(["reproduce", "--model", "shapes-llava", "--gqa-images", str(images),
+                 "--subsets", str(subsets), "--out", str(out), "--quiet", "--no-filter"]) == 0
+    (line,) = [json.loads(text) for text in (out / "examples.jsonl").read_text().splitlines()]
+    assert line["exif_orientation"] == 6
+    assert line["image_size"] == list(examples[0].image.size)
