@@ -20,6 +20,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 def check_count(value: Any, name: str, flag: str, *, least: int = 1) -> None:
     """Refuse ``value`` unless it is None or a whole number >= ``least``, naming the flag."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)
                               or value < least):
         raise MMLensError(f"{name}={value!r} ({flag}): give a whole number of at least {least}")
 
