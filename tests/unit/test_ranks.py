@@ -30,7 +30,12 @@ def test_the_surviving_rank_names_what_happened_and_how_to_resume(tmp_path):
     ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(rank), str(store)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in range(2)]
-    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    try:
+        outputs = [rank.communicate(timeout=120) for rank in ranks]
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                rank.kill()
     assert ranks[0].returncode == 3
     out, err = outputs[1]
     assert ranks[1].returncode == 0, err[-2000:]
