@@ -86,7 +86,7 @@ def check_device(device: str | None) -> None:
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device} asked for, but torch sees no CUDA GPU here: pass "
                          "--device cpu, or run where a GPU and a CUDA build of torch are")
-    backend = getattr(torch.backends, parsed.type, None) or getattr(torch, parsed.type, None)
+    backend = {"mps": torch.backends.mps, "xpu": getattr(torch, "xpu", None)}.get(parsed.type)
     if parsed.type in ("mps", "xpu") and not (backend and backend.is_available()):
         raise MMLensError(f"--device {device} asked for, but torch has no {parsed.type} "
                           "backend here: pass --device cpu")
