@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 from mmlens.core.errors import MMLensError
 from mmlens.core.sizes import ImageSize
-from mmlens.data.example import TASKS, Box, Example, check_box
+from mmlens.data.example import TASKS, Box, Example, check_box, check_image_id
 
 GQA_TYPES: dict[str, tuple[str, ...]] = {
     "ChooseAttr": ("chooseAttr", "materialChoose", "typeChoose", "activityChoose"),
@@ -177,7 +177,9 @@ def _build_example(qid: str, task: str, entry: Any, graphs: dict, files: _GqaFil
     )
     object_ids = _question_objects(entry, files.questions, qid)
     object_ids = object_ids[:1] if task in CENTRAL_OBJECT_TASKS else object_ids[:2]
-    boxes = [_object_box(graphs, files.scene_graphs, image_id, obj, qid) for obj in object_ids]
+    size = _recorded_size(graphs.get(image_id), files.scene_graphs, image_id)
+    boxes = [_object_box(graphs, files.scene_graphs, image_id, obj, qid, size)
+             for obj in object_ids]
     wrong = None
     if task in CHOOSE_TASKS:
         wrong = _wrong_from_program(entry.get("semantic"), answer)
@@ -190,8 +192,8 @@ def _build_example(qid: str, task: str, entry: Any, graphs: dict, files: _GqaFil
         image_id=image_id,
         boxes=boxes,
         wrong_answer=wrong,
-        image_path=_image_path(files.images, image_id),
-        image_size=_recorded_size(graphs.get(image_id), files.scene_graphs, image_id),
+        image_path=_image_path(files.images, image_id, files.questions, qid),
+        image_size=size,
     )
 
 
@@ -230,6 +232,11 @@ def _question_objects(entry: dict, path: Path, qid: str) -> list[str]:
             objects = [object_of(d) for d in deps]
         return [obj for obj in objects if obj is not None]
     spans = _field(_field(entry, "annotations", path, qid), "question", path, qid)
+    if not isinstance(spans, dict) or not all(re.fullmatch(r"\d+(:\d+)?", str(span))
+                                              for span in spans):
+        raise MMLensError(f"{path.name}: question '{qid}', field annotations.question: "
+                          f"{spans!r} must map token spans such as \"3\" or \"5:7\" (whole "
+                          "numbers) to object ids")
     in_question_order = sorted(spans, key=lambda span: int(span.split(":")[0]))  # "3", "5:7"
     return list(dict.fromkeys(str(spans[span]) for span in in_question_order))
 
@@ -250,7 +257,8 @@ def _wrong_from_program(program: Any, answer: str) -> str | None:
     return others[0]
 
 
-def _object_box(graphs: dict, graphs_path: Path, image_id: str, obj: str, qid: str) -> Box:
+def _object_box(graphs: dict, graphs_path: Path, image_id: str, obj: str, qid: str,
+                size: ImageSize | None) -> Box:
     if image_id not in graphs:
         raise ValueError(
             f"{graphs_path.name}: no scene graph for image '{image_id}' (question '{qid}'): "
@@ -266,10 +274,11 @@ def _object_box(graphs: dict, graphs_path: Path, image_id: str, obj: str, qid: s
         _field(objects[obj], k, graphs_path, f"{image_id}/{obj}", what="object") for k in "xywh"
     ]
     return check_box(fields, f"{graphs_path.name}: object '{obj}' of image '{image_id}' "
-                     f"(question '{qid}')")
+                     f"(question '{qid}')", size)
 
 
-def _image_path(images_dir: Path, image_id: str) -> Path:
+def _image_path(images_dir: Path, image_id: str, path: Path, qid: str) -> Path:
+    check_image_id(image_id, f"{path.name}: question '{qid}', field 'imageId'")
     for suffix in (".jpg", ".png"):
         candidate = images_dir / f"{image_id}{suffix}"
         if candidate.is_file():
@@ -305,6 +314,9 @@ def _read_json_object(path: Path) -> dict:
             data = json.load(handle, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as err:
         raise MMLensError(f"{path.name}: not valid JSON ({err}): is the file complete?") from err
+    except RecursionError:
+        raise MMLensError(f"{path}: JSON nested too deeply to read; a GQA file nests a few "
+                          "levels: is it the right file?") from None
     except UnicodeDecodeError as err:
         raise MMLensError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}): save the "
                           "file as UTF-8") from err

@@ -2,7 +2,8 @@
 
 ``examples.jsonl``: one JSON object per example, kept or dropped: ``example_id``, ``task``,
 ``prompt`` (the exact text given to the tokenizer, the image placeholder once as ``<image>``),
-``input_ids``, ``image_size`` ``[width, height]`` as loaded, ``spans`` ``{name: [absolute
+``input_ids``, ``image_size`` ``[width, height]`` as loaded, ``exif_orientation`` (the EXIF
+orientation applied to the image file, 2-8; 1 or null: none), ``spans`` ``{name: [absolute
 positions]}``, ``answer`` (gold), ``model_answer`` (greedy, decoded until it can no longer
 equal the gold answer), ``kept``.
 
@@ -57,7 +58,9 @@ def example_lines(records: Sequence[Mapping[str, Any]], golds: Mapping[str, str]
         lines.append({
             "example_id": record["example_id"], "task": record["task"],
             "prompt": provenance.get("prompt"), "input_ids": provenance.get("input_ids"),
-            "image_size": provenance.get("image_size"), "spans": provenance.get("spans"),
+            "image_size": provenance.get("image_size"),
+            "exif_orientation": provenance.get("exif_orientation"),
+            "spans": provenance.get("spans"),
             "answer": golds.get(record["example_id"], provenance.get("answer")),
             "model_answer": record.get("model_answer"), "kept": not record.get("dropped"),
         })

@@ -20,6 +20,7 @@ import json
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ SMALL_WIDTH = 1024
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     """Run the block on ``threads`` CPU threads (None: unchanged), then restore the count."""
+    check_count(threads, "threads", "--threads")
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -59,11 +61,40 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def check_count(value: Any, name: str, flag: str, *, least: int = 1) -> None:
+    """Refuse ``value`` unless it is None or a whole number >= ``least``, naming the flag."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)
+                              or value < least):
+        raise MMLensError(f"{name}={value!r} ({flag}): give a whole number of at least {least}")
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+"""The device types mmlens runs on (each where torch finds its backend)."""
+
+
 def check_device(device: str | None) -> None:
-    """Refuse a CUDA device where torch sees none, before anything is loaded."""
-    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+    """Refuse a device torch cannot run here (unknown, or no such GPU), before any loading."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise MMLensError(f"--device {device!r} is not a device mmlens runs on: pass cpu, "
+                          "cuda, cuda:N, mps or xpu")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device} asked for, but torch sees no CUDA GPU here: pass "
                          "--device cpu, or run where a GPU and a CUDA build of torch are")
+    backend = {"mps": torch.backends.mps, "xpu": getattr(torch, "xpu", None)}.get(parsed.type)
+    if parsed.type in ("mps", "xpu") and not (backend and backend.is_available()):
+        raise MMLensError(f"--device {device} asked for, but torch has no {parsed.type} "
+                          "backend here: pass --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and (
+            parsed.index >= torch.cuda.device_count()):
+        raise MMLensError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA "
+                          f"GPU(s), numbered from 0: pass cuda:0 to "
+                          f"cuda:{torch.cuda.device_count() - 1}")
 
 
 def default_out_dir() -> Path:
@@ -170,6 +201,8 @@ def run_study(
     and rank 0 writes the tables and report.
     """
     check_device(device)
+    check_count(threads, "threads", "--threads")
+    check_count(seed, "seed", "--seed", least=0)
     flow_names = [flow.name for flow in parse_flows(flows)]
     examples = load_examples(data, tasks=tasks, per_task=per_task, seed=seed, images=images)
     for example in examples:

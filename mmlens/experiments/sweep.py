@@ -264,8 +264,10 @@ def _provenance(source: ExampleSource, index: int, example: MultimodalBatch) -> 
     size = source.image_sizes.get(index)
     gold = source.gold(index) if source.records is not None and hasattr(
         source.records[index], "answer") else None
+    record = source.records[index] if source.records is not None else None
     return {"prompt": prompts[0], "input_ids": example.input_ids[0].tolist(), "answer": gold,
             "image_size": list(size) if size is not None else None,
+            "exif_orientation": getattr(record, "exif_orientation", None),
             "spans": {name: [int(p) for p in positions]
                       for name, positions in example.spans[0].items()}}
 

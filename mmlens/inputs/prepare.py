@@ -92,6 +92,16 @@ def encode_prompt(processor: Any, image: Image.Image, question: str, template: P
     return out, spans, prompt
 
 
+def _check_context(model: InputsModel, length: int, name: str) -> None:
+    """Refuse a prompt longer than the model's context: past it, positions were never trained."""
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx is not None and length > n_ctx:
+        raise MMLensError(f"{name}: the prompt is {length} tokens (image tokens included) but "
+                          f"the model takes at most {n_ctx} (its max_position_embeddings): "
+                          "shorten the question, use a smaller image, or a model with a "
+                          "longer context")
+
+
 def prepare(model: InputsModel, images: Any, questions: Any, *,
             template: str | PromptTemplate | None = None,
             boxes: Sequence[Sequence[tuple[float, float, float, float]]] | None = None,
@@ -134,6 +144,8 @@ def prepare(model: InputsModel, images: Any, questions: Any, *,
         model_images = [pad_to_square(img, processor) for img in images]
     encoded = [encode_prompt(processor, img, q, template, image_token_id, tokenization)
                for img, q in zip(model_images, questions, strict=True)]
+    for name, (out, _, _) in zip(names, encoded, strict=True):
+        _check_context(model, out["input_ids"].shape[1], name)
     width = max(out["input_ids"].shape[1] for out, _, _ in encoded)
     pad_id = processor.tokenizer.pad_token_id
     pad_id = 0 if pad_id is None else pad_id

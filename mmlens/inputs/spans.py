@@ -37,15 +37,15 @@ def add_patch_spans(model: InputsModel, batch: Any, images: Sequence[Any],
                 "related_rule='geometry', which maps boxes through this family's processor")
         from mmlens.inputs.pixel_rule import add_pixel_rule_spans
 
-        checked = [[check_box(box, f"example {i}") for box in example_boxes]
-                   for i, example_boxes in enumerate(boxes)]
+        checked = [[check_box(box, f"example {i}", ImageSize.of(image)) for box in example_boxes]
+                   for i, (image, example_boxes) in enumerate(zip(images, boxes, strict=True))]
         add_pixel_rule_spans(model, batch, images, checked, mode=mode)
         return
     related, other = [], []
     for i, (image, example_boxes) in enumerate(zip(images, boxes, strict=True)):
         example = batch.examples[i] if batch.examples else None
         where = f"example {getattr(example, 'example_id', i)!r}"
-        example_boxes = [check_box(box, where) for box in example_boxes]
+        example_boxes = [check_box(box, where, ImageSize.of(image)) for box in example_boxes]
         # The family maps boxes through its processor's resizing/tiling, as the pixels go.
         rel, rest = model.family.box_positions(
             model, ImageSize.of(image), example_boxes, batch.positions("image", i), mode)

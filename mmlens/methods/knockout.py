@@ -274,8 +274,16 @@ def ablate_positions(
     means: dict[str, Tensor] | None = None,
     model: Any = None,
 ) -> list[Hook]:
-    """Hooks that replace activations ``[batch, pos, ...]`` at ``positions`` with zero, or with
-    ``means[hook_name]`` (broadcastable to one position's activation, e.g. ``[d_model]``).
+    """Hooks that replace activations ``[batch, pos, *rest]`` at ``positions`` with zero, or with
+    ``means[hook_name]`` of shape (``rest`` is e.g. ``[d_model]`` or ``[n_heads, d_head]``):
+
+    - ``rest`` (or a shape that broadcasts to it): one value for every ablated position;
+    - ``[pos, *rest]``, ``pos`` the activation's positions (e.g. ``cache[name].mean(0)``):
+      each ablated position gets its own position's mean;
+    - ``[n, *rest]``, ``n`` the number of ablated positions (of each example): one value per
+      ablated position, in the order of ``positions``.
+
+    Any other shape is refused, naming these.
 
     Positions index the activation's position axis, so use these in runs without a key/value
     cache. On language hooks ``positions`` is resolved as in ``block_attention``. On vision
@@ -311,7 +319,7 @@ def _ablator(resolved: Tensor | list[Tensor],
         if len(per_example) != len(activation):
             raise ValueError(f"ablate_positions at {hook.name}: positions were given for "
                              f"{len(per_example)} examples but the model runs {len(activation)}")
-        value = 0.0 if means is None else means[hook.name].to(activation)
+        mean = None if means is None else means[hook.name].to(activation)
         ablated = activation.clone()
         for i, pos in enumerate(per_example):
             if not pos.numel():
@@ -319,7 +327,32 @@ def _ablator(resolved: Tensor | list[Tensor],
             if int(pos.max()) >= activation.shape[1]:
                 raise IndexError(f"ablate_positions at {hook.name}: position {int(pos.max())} "
                                  f"is past the activation's {activation.shape[1]} positions")
-            ablated[i, pos.to(activation.device)] = value
+            pos = pos.to(activation.device)
+            ablated[i, pos] = 0.0 if mean is None else _mean_at(mean, pos, activation, hook.name)
         return ablated
 
     return ablate
+
+
+def _mean_at(mean: Tensor, pos: Tensor, activation: Tensor, name: str) -> Tensor:
+    """The replacement values ``[len(pos), *rest]`` from a mean of one of the documented shapes."""
+    rest = tuple(activation.shape[2:])
+    shape = tuple(mean.shape)
+    if shape == (activation.shape[1], *rest):
+        return mean[pos]
+    if shape == (len(pos), *rest):
+        return mean
+    if len(shape) <= len(rest) and _broadcasts(shape, rest):
+        return mean.expand(len(pos), *rest)
+    raise ValueError(
+        f"ablate_positions at {name}: means has shape {list(shape)}; give {list(rest)} (one "
+        f"value for every position), [{activation.shape[1]}, *{list(rest)}] (a mean per "
+        f"position of the activation [batch, {activation.shape[1]}, *{list(rest)}]) or "
+        f"[{len(pos)}, *{list(rest)}] (one per ablated position, in order)")
+
+
+def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False

@@ -116,6 +116,7 @@ class LanguageConfig:
     original_architecture: str = "LlamaForCausalLM"
     default_prepend_bos: bool = True
     device: Any = None
+    n_ctx: int | None = None  # max_position_embeddings: the longest prompt the model takes
 
 
 @dataclass
@@ -124,7 +125,9 @@ class MultimodalConfig:
 
     ``model_type`` is the Hugging Face model type; it names the family adapter
     (``mmlens.model.families.FAMILIES``) that builds and runs the model. TransformerLens helpers
-    read language fields (``cfg.n_layers``...) straight off this object.
+    read language fields (``cfg.n_layers``, ``cfg.n_ctx``...) straight off this object.
+    ``model_name`` (the name it was loaded by), ``dtype`` and ``device`` (of the token
+    embedding; the first part's under a device map) are kept up to date by the model.
     """
 
     model_type: str
@@ -138,6 +141,9 @@ class MultimodalConfig:
     image_grid_pinpoints: list[list[int]] | None = None
     anyres_max_tiles: int | None = None
     hf_config: Any = field(default=None, repr=False)
+    model_name: str = field(default="", repr=False)
+    dtype: torch.dtype = field(default=torch.float32, repr=False)
+    device: torch.device = field(default=torch.device("cpu"), repr=False)
 
     @property
     def is_anyres(self) -> bool:
@@ -210,6 +216,7 @@ def language_config(tc: Any, **overrides: Any) -> LanguageConfig:
         o_bias=attention_bias,
         mlp_bias=bool(getattr(tc, "mlp_bias", False)),
         act_fn=tc.hidden_act,
+        n_ctx=getattr(tc, "max_position_embeddings", None),
     )
     fields.update(overrides)
     return LanguageConfig(**fields)

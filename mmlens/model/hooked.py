@@ -86,6 +86,7 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         from mmlens.model.devices import dispatch
 
         dispatch(self, device_map)
+        self.sync_cfg_placement()
         return self
 
     @classmethod
@@ -327,11 +328,6 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         if len(ids) != 1:
             raise ValueError(f"{text!r} is {len(ids)} tokens, not one: {ids}")
         return ids[0]
-
-    def tokens_to_residual_directions(self, tokens: Tensor | int) -> Tensor:
-        """Unembedding directions ``[..., d_model]``, with ``ln_final``'s weight folded in so that
-        ``(resid / ln_final.hook_scale) @ direction`` is the token's logit."""
-        return (self.unembed.W_U * self.ln_final.w[:, None]).T[tokens]
 
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:

@@ -115,3 +115,26 @@ def test_every_example_dropped_says_why(tmp_path, capsys):
     assert "all 2 examples were dropped: 2 wrong answer" in err
     assert "pass --no-filter to keep the examples the model answers wrongly" in err
     assert len(pd.read_csv(tmp_path / "run" / "dropped.csv")) == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--threads", "0"], "threads=0 (--threads): give a whole number of at least 1"),
+    (["--threads", "-2"], "threads=-2 (--threads): give a whole number of at least 1"),
+    (["--seed", "-1"], "seed=-1 (--seed): give a whole number of at least 0"),
+    (["--device", "tpu"], "--device 'tpu' is not a device mmlens runs on: pass cpu, cuda"),
+    (["--device", "cuda:x"], "--device 'cuda:x' is not a device mmlens runs on"),
+])
+def test_bad_arguments_are_one_line_naming_the_flag(tmp_path, capsys, extra, message):
+    assert flow(tmp_path / "run", *extra) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    assert last.startswith("mmlens flow: error: ") and message in last
+    assert not (tmp_path / "run" / "flow.jsonl").exists()
+
+
+def test_hooks_with_an_unknown_device_is_one_line(capsys):
+    assert main(["hooks", "--device", "tpu"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "mmlens hooks: error: --device 'tpu' is not a device mmlens runs on: pass cpu, cuda, "
+        "cuda:N, mps or xpu")

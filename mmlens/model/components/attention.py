@@ -74,7 +74,8 @@ class Attention(nn.Module):
         the model's ``set_use_attn_result`` refreshes its hook names.
         """
         if use_attn_result and not self.use_attn_result:
-            self.hook_result = HookPoint()  # [batch, q_pos, n_heads, d_model]
+            # in the model's train/eval mode: TL's patching refuses a module left in training
+            self.hook_result = HookPoint().train(self.training)  # [batch, q_pos, n_heads, d_model]
         elif not use_attn_result and self.use_attn_result:
             del self.hook_result
         self.use_attn_result = bool(use_attn_result)
