@@ -152,9 +152,9 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
                 pixel_values = self._bound_images["pixel_values"]
                 image_sizes = self._bound_images.get("image_sizes")
             input_ids = input
-            resid = self.embed_inputs(input, pixel_values, image_sizes=image_sizes)
+            resid, injections = self._embed(input, pixel_values, image_sizes)
         else:
-            resid = input
+            resid, injections = input, None
         batch, q_len = resid.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(batch, q_len, dtype=torch.long, device=resid.device)
@@ -174,7 +174,7 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         resid = self.language(
             resid, attention_mask=attention_mask, position_ids=position_ids,
             start_at_layer=start_at_layer or 0, stop_at_layer=stop_at_layer,
-            past_kv_cache=past_kv_cache,
+            past_kv_cache=past_kv_cache, injections=injections,
         )
         if stop_at_layer is not None:
             return resid
@@ -215,11 +215,22 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         image_sizes: Tensor | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """Token embeddings with the image features merged in at the image-token positions."""
+        return self._embed(input_ids, pixel_values, image_sizes)[0]
+
+    def _embed(
+        self, input_ids: Tensor, pixel_values: Tensor | None, image_sizes: Tensor | None
+    ) -> tuple[Tensor, dict[int, Tensor] | None]:
+        """``embed_inputs`` and the features the family adds after decoder layers
+        (``{layer: [batch, pos, d_model]}``, zero off the image tokens), or None."""
         embeds = self.hook_token_embed(self.embed(input_ids))
-        features = None
+        features, injections = None, None
         if pixel_values is not None:
-            features = self.encode_images(pixel_values.to(input_ids.device), image_sizes)
-        return self.hook_embed(self.family.merge(input_ids, embeds, features, self.cfg))
+            features, per_layer = self.family.encode_image_layers(
+                self, pixel_values.to(input_ids.device), image_sizes)
+            injections = {layer: self.family.merge(input_ids, torch.zeros_like(embeds), added,
+                                                   self.cfg)
+                          for layer, added in per_layer.items()} or None
+        return self.hook_embed(self.family.merge(input_ids, embeds, features, self.cfg)), injections
 
     def position_ids(
         self, input_ids: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None, *,

@@ -81,6 +81,12 @@ class QwenVLFamily(Family):
         """``pixel_values`` packed ``[n_patches, dim]`` (HF's layout) or per image
         ``[images, max_patches, dim]`` (``prepare``'s), with ``image_sizes`` the
         ``image_grid_thw [images, 3]``."""
+        pixel_values, grid = self._packed(pixel_values, image_sizes)
+        return model.merger(model.vision(pixel_values, grid))[0]
+
+    @staticmethod
+    def _packed(pixel_values: Tensor, image_sizes: Tensor | None) -> tuple[Tensor, Tensor]:
+        """HF's packed ``[n_patches, dim]`` patches and the ``[images, 3]`` grid."""
         if image_sizes is None:
             raise ValueError("Qwen-VL needs image_grid_thw [images, 3] with its pixel_values: "
                              "pass the processor's image_grid_thw as image_sizes=, or build the "
@@ -92,8 +98,7 @@ class QwenVLFamily(Family):
                 raise ValueError(f"pixel_values holds {pixel_values.shape[0]} images but "
                                  f"image_grid_thw {len(counts)}: give one grid row per image")
             pixel_values = torch.cat([p[:n] for p, n in zip(pixel_values, counts, strict=True)])
-        features = model.merger(model.vision(pixel_values, grid))
-        return features[0]
+        return pixel_values, grid
 
     def position_ids(
         self,
