@@ -25,6 +25,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from mmlens.core.errors import MMLensError
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.model.components import Embed, RMSNorm, Unembed
 from mmlens.model.config import MultimodalConfig
@@ -121,6 +122,7 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         past_kv_cache: KeyValueCache | None = None,
         tokens: Int[Tensor, "batch pos"] | None = None,
         loss_per_token: bool = False,
+        injections: dict[int, Tensor] | None = None,
     ) -> Tensor | tuple[Tensor, Tensor] | None:
         """Run the model.
 
@@ -132,7 +134,9 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         ``[batch, pos - 1]``), ``"both"`` (logits, loss) or None. With ``start_at_layer`` the
         loss needs ``tokens=``. ``stop_at_layer`` returns the residual stream entering it.
         ``position_ids`` default to the family's (``position_ids``); a ``past_kv_cache`` records
-        them.
+        them. ``injections`` (only with ``start_at_layer``): ``{layer: [batch, pos, d_model]}``
+        added to those blocks' outputs, the ``blocks.{l}.hook_deepstack`` activations of the run
+        being resumed (``{}`` for none); required when resuming before a DeepStack layer.
         """
         if isinstance(input, str) or (isinstance(input, list | tuple) and input
                                       and all(isinstance(t, str) for t in input)):
@@ -152,9 +156,19 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
                 pixel_values = self._bound_images["pixel_values"]
                 image_sizes = self._bound_images.get("image_sizes")
             input_ids = input
+            if injections is not None:
+                raise ValueError("injections= resumes a run (with start_at_layer); a run from "
+                                 "input_ids computes its own from the images")
             resid, injections = self._embed(input, pixel_values, image_sizes)
         else:
-            resid, injections = input, None
+            resid = input
+            if injections is None and start_at_layer < self.cfg.text.deepstack_layers:
+                raise MMLensError(
+                    f"resuming at layer {start_at_layer} skips the image features DeepStack "
+                    f"adds after blocks 0-{self.cfg.text.deepstack_layers - 1}: pass "
+                    "injections={layer: the run's blocks.{layer}.hook_deepstack activation} "
+                    "for the layers from start_at_layer on (sliced to the resumed positions), "
+                    "or injections={} for a prompt without images")
         batch, q_len = resid.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(batch, q_len, dtype=torch.long, device=resid.device)
