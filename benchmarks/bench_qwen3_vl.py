@@ -16,15 +16,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from _common import measure
-from bench_qwen import timed
+from _common import measure, sweep_speedup
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from mmlens import HookedMultimodalTransformer
-from mmlens.experiments import DEFAULT_FLOWS, default_window, parse_flows
-from mmlens.experiments.engine import clean_run, fast_knockout_probs
-from mmlens.experiments.knockouts import window_knockouts
-from mmlens.experiments.naive import naive_knockout_probs
+from mmlens.experiments import DEFAULT_FLOWS
 from mmlens.inputs.batch import MultimodalBatch
 
 IMAGE_TOKEN, GRID, PATCH, BEFORE, QUESTION, AFTER = 151655, 24, 16, 12, 12, 6
@@ -97,25 +93,7 @@ def main() -> None:
     print(f"  mmlens forward                        {ours_s:8.3f} s   {ours_s / hf_s:.2f}x HF")
     print(f"  mmlens run_with_cache (every hook)    {cache_s:8.3f} s   {cache_s / hf_s:.2f}x HF")
 
-    n_layers = cfg.n_layers
-    window = default_window(n_layers)
-    cells = window_knockouts(parse_flows(FLOWS), batch.spans[0], window, n_layers)
-    step = max(1, n_layers // args.naive_layers)
-    centres = list(range(0, n_layers, step))[:args.naive_layers]
-    chosen = [i for i, cell in enumerate(cells) if cell.layer in centres]
-    clean = clean_run(model, batch)
-    token = clean.prediction(exclude=IMAGE_TOKEN)
-    knockouts = [cell.knockout for cell in cells]
-    fast, fast_s = timed(lambda: fast_knockout_probs(
-        model, clean_run(model, batch), knockouts, token), args.device)
-    naive, naive_s = timed(lambda: naive_knockout_probs(
-        model, batch, [knockouts[i] for i in chosen], token), args.device)
-    naive_s *= len(cells) / len(chosen)
-    gap = (fast[chosen] - naive).abs().max().item()
-    print(f"sweep: {len(cells)} knockouts ({len(FLOWS)} flows incl. deepstack->image x "
-          f"{n_layers} layers, window {window}); naive ran {len(chosen)}, time extrapolated")
-    print(f"  fast {fast_s:.2f} s/example, naive {naive_s:.2f} s/example, speed-up "
-          f"{naive_s / fast_s:.1f}x, max |p_block fast - naive| {gap:.1e}")
+    sweep_speedup(model, batch, FLOWS, args.naive_layers, args.device, IMAGE_TOKEN)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from mmlens.model.components.blocks import LanguageBlock
 from mmlens.model.components.deepstack import DeepStackBlock
 from mmlens.model.components.mrope import MRotaryEmbedding
 from mmlens.model.components.qwen_vision import PatchMerger, QwenVisionTower
-from mmlens.model.config import LanguageConfig, MultimodalConfig, language_config
+from mmlens.model.config import LanguageConfig, MultimodalConfig
 from mmlens.model.families.qwen_vl import QwenVLFamily
 from mmlens.model.loading.convert_qwen3 import convert_qwen3_vl, qwen3_vision_config
 
@@ -43,24 +43,12 @@ class Qwen3VLFamily(QwenVLFamily):
                    "Qwen/Qwen3-VL-8B-Instruct")
 
     def read_config(self, hf_config: Any) -> MultimodalConfig:
-        tc = hf_config.text_config
-        section = (getattr(tc, "rope_parameters", None) or {}).get("mrope_section")
-        if section is None:
-            raise ValueError(f"{self.name}: the text config has no rope_parameters"
-                             "['mrope_section']; is this a Qwen3-VL checkpoint?")
         vision = qwen3_vision_config(hf_config)
-        return MultimodalConfig(
-            model_type=hf_config.model_type,
-            vision=vision,
-            text=language_config(
-                tc, rope_type="mrope", mrope_section=tuple(section), mrope_interleaved=True,
-                qk_norm=True, original_architecture="Qwen3ForCausalLM",
-                deepstack_layers=min(len(vision.deepstack_layers), tc.num_hidden_layers)),
-            image_token_id=hf_config.image_token_id,
-            feature_layers=[vision.n_layers],
-            feature_select_strategy="full",
-            hf_config=hf_config,
-        )
+        n_layers = hf_config.text_config.num_hidden_layers
+        # HF adds the j-th DeepStack features after block j while there are blocks
+        return self._config(hf_config, vision, mrope_interleaved=True, qk_norm=True,
+                            original_architecture="Qwen3ForCausalLM",
+                            deepstack_layers=min(len(vision.deepstack_layers), n_layers))
 
     def convert_state_dict(self, state: dict[str, Tensor],
                            cfg: MultimodalConfig) -> dict[str, Tensor]:

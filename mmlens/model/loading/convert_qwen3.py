@@ -21,7 +21,7 @@ from torch import Tensor
 
 from mmlens.model.config import MultimodalConfig, QwenVisionConfig
 from mmlens.model.loading.convert import _prefix, convert_language, take
-from mmlens.model.loading.convert_qwen import _ATTENTION, _norms, _split_qkv
+from mmlens.model.loading.convert_qwen import convert_vision_blocks
 
 _MLP = {"mlp.in_weight": "mlp.linear_fc1.weight", "mlp.in_bias": "mlp.linear_fc1.bias",
         "mlp.out_weight": "mlp.linear_fc2.weight", "mlp.out_bias": "mlp.linear_fc2.bias"}
@@ -63,13 +63,7 @@ def convert_qwen3_vl(state: dict[str, Tensor], cfg: MultimodalConfig) -> dict[st
     out = {"vision.W_patch": take(state, p + "patch_embed.proj.weight"),
            "vision.b_patch": take(state, p + "patch_embed.proj.bias"),
            "vision.W_pos": take(state, p + "pos_embed.weight")}
-    table = {**_norms(vc), **_ATTENTION, **_MLP}
-    for layer in range(vc.n_layers):
-        ours, theirs = f"vision.blocks.{layer}.", f"{p}blocks.{layer}."
-        for name, hf_name in table.items():
-            out[ours + name] = take(state, theirs + hf_name)
-        _split_qkv(take(state, theirs + "attn.qkv.weight"), out, ours, "weight")
-        _split_qkv(take(state, theirs + "attn.qkv.bias"), out, ours, "bias")
+    out |= convert_vision_blocks(state, p, vc, _MLP)
     out |= _merger(state, p + "merger.", "merger")
     for j in range(len(vc.deepstack_layers)):
         out |= _merger(state, f"{p}deepstack_merger_list.{j}.", f"deepstack.{j}")
