@@ -61,6 +61,15 @@ def test_saved_folder_loads_with_its_own_prompt_and_equals_hf(folder, model):
     assert (ref - ours)[real].abs().max() <= 1e-4
 
 
+def test_hooks_lists_the_deepstack_hooks(folder, capsys):
+    assert main(["hooks", "--model", str(folder)]) == 0
+    listed = capsys.readouterr().out
+    for name in ("vision.hook_pos_embed", "deepstack.1.hook_out", "blocks.1.hook_deepstack",
+                 "blocks.0.attn.q_norm.hook_scale"):
+        assert name in listed
+    assert "blocks.2.hook_deepstack" not in listed  # two injections in the tiny config
+
+
 def test_flow_runs_offline_with_the_deepstack_flow(folder, tmp_path):
     out = tmp_path / "run"
     code = main(["flow", "--model", str(folder), "--per-task", "1", "--no-filter", "--quiet",
