@@ -20,7 +20,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from jaxtyping import Float
@@ -241,6 +241,11 @@ def fast_knockout_probs(model: HookedModel, clean: CleanRun, knockouts: Sequence
     """
     tokens = [token] if isinstance(token, int) else list(token)
     n_layers = model.cfg.n_layers
+    # A DeepStack removal changes nothing in layers without an injection: drop those, so a
+    # window past the injected blocks costs only the final norm.
+    knockouts = [replace(k, layers=tuple(layer for layer in k.layers
+                                         if layer in clean.injections))
+                 if k.removes_injection else k for k in knockouts]
     groups: dict[int, list[int]] = defaultdict(list)
     for index, knockout in enumerate(knockouts):
         groups[_start(knockout, clean.n_positions, n_layers)[0]].append(index)
