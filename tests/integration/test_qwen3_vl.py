@@ -260,6 +260,36 @@ def test_every_image_side_hook_is_on_the_data_path(model):
         assert (edited - clean).abs().max() > 1e-4, name
 
 
+VARIANTS = {
+    "unsorted-deepstack": dict(vision_config={"deepstack_visual_indexes": [2, 0]}),
+    "more-deepstack-than-blocks": dict(vision_config={"deepstack_visual_indexes": [0, 1, 2]},
+                                       text_config={"num_hidden_layers": 2}),
+    "biases-tied-embeddings": dict(text_config={"attention_bias": True},
+                                   tie_word_embeddings=True),
+    "8x8-table-one-injection": dict(vision_config={"num_position_embeddings": 64,
+                                                   "deepstack_visual_indexes": [1]}),
+    "mha-equal-sections": dict(text_config={
+        "num_key_value_heads": 4, "head_dim": 12,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
+                            "mrope_section": [2, 2, 2], "mrope_interleaved": True}}),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_other_configs_match_hf(variant):
+    hf = tiny_hf_model("qwen3_vl", **VARIANTS[variant])
+    model = HookedMultimodalTransformer.from_hf_model(hf)
+    inputs = _inputs(*BATCHES["sizes-left-padded"])
+    with torch.no_grad():
+        ref = hf(**inputs)
+        ours = model(inputs["input_ids"], inputs["pixel_values"], **_ours(model, inputs))
+    real = inputs["attention_mask"].bool()
+    assert (ref.logits - ours)[real].abs().max() <= 1e-4
+    n_injected = min(len(ref.image_outputs.deepstack_features), model.cfg.n_layers)
+    assert [n for n in model.hook_dict if n.endswith("hook_deepstack")] == [
+        f"blocks.{layer}.hook_deepstack" for layer in range(n_injected)]
+
+
 @pytest.mark.parametrize("vision, message", [
     ({"deepstack_visual_indexes": [0, 3]}, "deepstack_visual_indexes"),
     ({"deepstack_visual_indexes": [1, 1]}, "deepstack_visual_indexes"),
