@@ -9,7 +9,8 @@ image-side modules and decides how images are encoded and merged and how decoder
 are computed; this class composes them and owns the hooks, caches and running.
 
 ``hook_embed`` is the merged embedding, i.e. what the embedding contributes to the residual
-stream, so TransformerLens's ``decompose_resid`` / ``accumulated_resid`` add up.
+stream, so TransformerLens's ``decompose_resid`` / ``accumulated_resid`` add up (on Qwen3-VL,
+``decompose_resid`` plus the ``blocks.{l}.hook_deepstack`` additions).
 """
 
 from __future__ import annotations

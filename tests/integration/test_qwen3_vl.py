@@ -236,6 +236,29 @@ def test_resuming_needs_the_injections_and_equals_the_full_run(model):
     assert torch.equal(full, resumed)
 
 
+def test_decompose_resid_adds_up_with_the_deepstack_additions(model):
+    inputs = _inputs(*BATCHES["square"])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(inputs["input_ids"], inputs["pixel_values"],
+                                        **_ours(model, inputs))
+    parts = cache.decompose_resid(layer=3).sum(0)
+    added = cache["blocks.0.hook_deepstack"] + cache["blocks.1.hook_deepstack"]
+    resid = cache["blocks.2.hook_resid_post"]
+    assert (parts - resid).abs().max() > 1e-2  # TransformerLens leaves the additions out
+    assert (parts + added - resid).abs().max() <= 1e-5
+
+
+def test_injections_and_removal_positions_are_checked(model):
+    inputs = _inputs(*BATCHES["sizes-left-padded"])
+    with pytest.raises(ValueError, match="start_at_layer"):
+        model(inputs["input_ids"], inputs["pixel_values"], **_ours(model, inputs),
+              injections={})
+    hooks = remove_deepstack(model, 0, positions=[torch.tensor([4])])
+    with pytest.raises(MMLensError, match="positions for 1 examples"):
+        model.run_with_hooks(inputs["input_ids"], inputs["pixel_values"],
+                             **_ours(model, inputs), fwd_hooks=hooks)
+
+
 def test_every_image_side_hook_is_on_the_data_path(model):
     inputs = _inputs(*BATCHES["tall"])
     args, kwargs = (inputs["input_ids"], inputs["pixel_values"]), _ours(model, inputs)
