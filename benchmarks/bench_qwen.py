@@ -40,18 +40,20 @@ def config(real_shapes: bool) -> Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
 
 
-def layout(device: str, dtype: torch.dtype) -> MultimodalBatch:
+def layout(device: str, dtype: torch.dtype, *, patch: int = 14, before: int = BEFORE,
+           after: int = AFTER) -> MultimodalBatch:
+    """One GRID x GRID-patch image after ``before`` tokens, a question and ``after`` tokens."""
     gen = torch.Generator().manual_seed(0)
     n_image = GRID * GRID // 4
-    ids = torch.cat([torch.randint(0, 150000, (BEFORE,), generator=gen),
+    ids = torch.cat([torch.randint(0, 150000, (before,), generator=gen),
                      torch.full((n_image,), IMAGE_TOKEN),
-                     torch.randint(0, 150000, (QUESTION + AFTER,), generator=gen)])[None]
-    image = torch.arange(BEFORE, BEFORE + n_image)
+                     torch.randint(0, 150000, (QUESTION + after,), generator=gen)])[None]
+    image = torch.arange(before, before + n_image)
     related = image.reshape(GRID // 2, GRID // 2)[3:7, 4:8].flatten()
     spans = {"image": image, "question": torch.arange(image[-1] + 1, image[-1] + 1 + QUESTION),
              "last": torch.tensor([ids.shape[1] - 1]), "related": related,
              "other": image[~torch.isin(image, related)]}
-    pixels = torch.randn(1, GRID * GRID, 3 * 2 * 14 * 14, generator=gen)
+    pixels = torch.randn(1, GRID * GRID, 3 * 2 * patch * patch, generator=gen)
     return MultimodalBatch(ids.to(device), torch.ones_like(ids).to(device),
                            pixels.to(device, dtype), [spans],
                            image_sizes=torch.tensor([[1, GRID, GRID]], device=device))

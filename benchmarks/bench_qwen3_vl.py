@@ -17,13 +17,13 @@ import argparse
 
 import torch
 from _common import measure, sweep_speedup
+from bench_qwen import GRID, IMAGE_TOKEN, layout
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from mmlens import HookedMultimodalTransformer
 from mmlens.experiments import DEFAULT_FLOWS
-from mmlens.inputs.batch import MultimodalBatch
 
-IMAGE_TOKEN, GRID, PATCH, BEFORE, QUESTION, AFTER = 151655, 24, 16, 12, 12, 6
+PATCH = 16
 FLOWS = (*DEFAULT_FLOWS, "deepstack->image")
 
 
@@ -34,30 +34,15 @@ def config(real_shapes: bool) -> Qwen3VLConfig:
                   out_hidden_size=2048 // scale, num_position_embeddings=2304,
                   deepstack_visual_indexes=[5, 11, 17] if real_shapes else [1, 3, 5])
     text = dict(hidden_size=2048 // scale, intermediate_size=6144 // scale,
-                num_hidden_layers=28 if real_shapes else 8, num_attention_heads=16 // scale * 2,
-                num_key_value_heads=8 // scale * 2, head_dim=128 // scale * 2,
+                num_hidden_layers=28 if real_shapes else 8,
+                num_attention_heads=16 if real_shapes else 8,
+                num_key_value_heads=8 if real_shapes else 4,
+                head_dim=128 if real_shapes else 64,
                 vocab_size=151936, tie_word_embeddings=True,
                 rope_parameters={"rope_type": "default", "rope_theta": 5e6,
                                  "mrope_section": [24, 20, 20] if real_shapes else [12, 10, 10],
                                  "mrope_interleaved": True})
     return Qwen3VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
-
-
-def layout(device: str, dtype: torch.dtype) -> MultimodalBatch:
-    gen = torch.Generator().manual_seed(0)
-    n_image = GRID * GRID // 4
-    ids = torch.cat([torch.randint(0, 150000, (BEFORE,), generator=gen),
-                     torch.full((n_image,), IMAGE_TOKEN),
-                     torch.randint(0, 150000, (QUESTION + AFTER,), generator=gen)])[None]
-    image = torch.arange(BEFORE, BEFORE + n_image)
-    related = image.reshape(GRID // 2, GRID // 2)[3:7, 4:8].flatten()
-    spans = {"image": image, "question": torch.arange(image[-1] + 1, image[-1] + 1 + QUESTION),
-             "last": torch.tensor([ids.shape[1] - 1]), "related": related,
-             "other": image[~torch.isin(image, related)], "deepstack": image}
-    pixels = torch.randn(1, GRID * GRID, 3 * 2 * PATCH * PATCH, generator=gen)
-    return MultimodalBatch(ids.to(device), torch.ones_like(ids).to(device),
-                           pixels.to(device, dtype), [spans],
-                           image_sizes=torch.tensor([[1, GRID, GRID]], device=device))
 
 
 @torch.no_grad()
@@ -75,7 +60,8 @@ def main() -> None:
     torch.manual_seed(0)
     hf = Qwen3VLForConditionalGeneration(config(args.real_shapes)).to(args.device, dtype).eval()
     model = HookedMultimodalTransformer.from_hf_model(hf).eval()
-    batch = layout(args.device, dtype)
+    batch = layout(args.device, dtype, patch=PATCH, before=12, after=6)
+    batch.spans[0]["deepstack"] = batch.spans[0]["image"]  # where DeepStack adds its features
     hf_inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                      pixel_values=batch.pixel_values[0], image_grid_thw=batch.image_sizes,
                      mm_token_type_ids=(batch.input_ids == IMAGE_TOKEN).int())
