@@ -20,6 +20,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from jaxtyping import Float
@@ -68,8 +69,9 @@ def _edge_masks(knockouts: Sequence[Knockout], position: int, n_keys: int) -> Te
     Raises when a row would leave a query with no key to attend to (its softmax would be
     undefined), as ``block_attention`` does.
     """
-    blocked = blocked_edges([k.source for k in knockouts], [k.target for k in knockouts],
-                            n_keys - position, n_keys)
+    nothing = torch.zeros(0, dtype=torch.long)  # a DeepStack removal blocks no edge
+    blocked = blocked_edges([nothing if k.removes_injection else k.source for k in knockouts],
+                            [k.target for k in knockouts], n_keys - position, n_keys)
     causal = torch.arange(n_keys)[None, :] <= torch.arange(position, n_keys)[:, None]
     check_attendable((causal & ~blocked)[:, None], position, "knockout sweep", "knockout")
     return blocked
@@ -89,6 +91,33 @@ def _mask_hook(blocked: Tensor, active: Tensor):
     return hook
 
 
+def _removed_injections(knockouts: Sequence[Knockout], position: int, n_positions: int,
+                        layers: Sequence[int]) -> dict[int, Tensor]:
+    """Per injected layer, where each row removes the DeepStack features ``[rows, suffix]``."""
+    removed = {}
+    for layer in layers:
+        rows = torch.zeros(len(knockouts), n_positions - position, dtype=torch.bool)
+        for row, knockout in enumerate(knockouts):
+            if knockout.removes_injection and layer in knockout.layers:
+                rows[row, knockout.target - position] = True
+        if bool(rows.any()):
+            removed[layer] = rows
+    return removed
+
+
+def _injections(clean: CleanRun, removed: dict[int, Tensor], layer: int, position: int,
+                n: int) -> dict[int, Tensor]:
+    """The clean run's injection after ``layer`` for the first ``n`` rows' suffix, with the
+    rows' removals applied; ``{}`` where the layer has none."""
+    injected = clean.injections.get(layer)
+    if injected is None:
+        return {}
+    added = injected[:, position:].expand(n, -1, -1)
+    if layer in removed:
+        added = added.masked_fill(removed[layer][:n, :, None].to(added.device), 0)
+    return {layer: added}
+
+
 @torch.no_grad()
 def _run_rows(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout], position: int,
               tokens: list[int]) -> Float[Tensor, "rows n_tokens"]:
@@ -102,6 +131,7 @@ def _run_rows(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout]
     active = torch.tensor([[layer in k.layers for k in knockouts] for layer in range(n_layers)])
     hooks = [(f"blocks.{layer}.attn.hook_mask", _mask_hook(blocked, active[layer].to(device)))
              for layer in range(starts[0], n_layers) if bool(active[layer].any())]
+    removed = _removed_injections(knockouts, position, clean.n_positions, list(clean.injections))
     prefix = clean.cache.truncate(position)
     # One row of positions broadcasts over the batch in the rotary tables.
     positions = clean.position_ids[..., position:clean.n_positions]
@@ -119,7 +149,8 @@ def _run_rows(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout]
             resid = model(resid, start_at_layer=layer, stop_at_layer=layer + 1,
                           past_kv_cache=prefix.expand(n), position_ids=positions,
                           attention_mask=torch.ones(n, resid.shape[1], dtype=torch.long,
-                                                    device=device))
+                                                    device=device),
+                          injections=_injections(clean, removed, layer, position, n))
     return last_logits(model, resid).softmax(-1)[:, tokens]
 
 
@@ -135,6 +166,11 @@ def fast_knockout_probs(model: HookedModel, clean: CleanRun, knockouts: Sequence
     """
     tokens = [token] if isinstance(token, int) else list(token)
     n_layers = model.cfg.n_layers
+    # A DeepStack removal changes nothing in layers without an injection: drop those, so a
+    # window past the injected blocks costs only the final norm.
+    knockouts = [replace(k, layers=tuple(layer for layer in k.layers
+                                         if layer in clean.injections))
+                 if k.removes_injection else k for k in knockouts]
     groups: dict[int, list[int]] = defaultdict(list)
     for index, knockout in enumerate(knockouts):
         groups[_start(knockout, clean.n_positions, n_layers)[0]].append(index)

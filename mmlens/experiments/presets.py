@@ -39,6 +39,7 @@ from mmlens.inputs.spans import PIXEL_RULE_FAMILIES, RELATED_RULES
 from mmlens.inputs.templates import (
     LLAMA3_PAPER,
     ONEVISION,
+    QWEN3_VL,
     QWEN_VL,
     VICUNA_V1,
     VICUNA_V1_PAPER,
@@ -107,6 +108,13 @@ FAMILY_PRESETS: dict[str, StudyPreset] = {
                                  ("Qwen/Qwen2-VL-7B-Instruct", 28),
                                  ("Qwen/Qwen2.5-VL-3B-Instruct", 36),
                                  ("Qwen/Qwen2.5-VL-7B-Instruct", 28))),
+        *(StudyPreset(name, QWEN3_VL, default_window(n_layers), "dynamic", n_layers,
+                      **_NOT_PAPER,
+                      notes="not in the paper: its instruction in Qwen3-VL's chat template, "
+                            "its window scaled to the depth")
+          for name, n_layers in (("Qwen/Qwen3-VL-2B-Instruct", 28),
+                                 ("Qwen/Qwen3-VL-4B-Instruct", 36),
+                                 ("Qwen/Qwen3-VL-8B-Instruct", 36))),
     )
 }
 PRESETS: dict[str, StudyPreset] = {**PAPER_PRESETS, **FAMILY_PRESETS}
@@ -221,8 +229,10 @@ def _preset_settings(model: Any, preset: str | StudyPreset | None) -> StudySetti
     fixed = _fixed_preprocessing(model)
     if preset is None:
         tokenizer = getattr(getattr(model, "processor", None), "tokenizer", None)
+        template = get_template(getattr(getattr(model, "family", None), "prompt_template", None),
+                                tokenizer)
         return StudySettings(
-            None, source, get_template(None, tokenizer), fixed or default_preprocessing(model),
+            None, source, template, fixed or default_preprocessing(model),
             "whole", "geometry", "skip", check_window(None, n_layers))
     window = min(preset.window, n_layers)
     preprocessing = fixed or preset.preprocessing

@@ -39,6 +39,7 @@ from mmlens.experiments.knockouts import (
     DEFAULT_FLOWS,
     Flow,
     check_flow_spans,
+    flow_spans,
     parse_flows,
     window_knockouts,
 )
@@ -130,7 +131,7 @@ def information_flow(
     if lens and model.tokenizer is None:
         raise ValueError("lens=True tracks answer words, but this model has no tokenizer: "
                          "load it with from_pretrained")
-    check_flow_spans(flows, source.prepare(0).spans[0])
+    check_flow_spans(flows, flow_spans(source.prepare(0).spans[0], model, flows))
     options = {"flows": flows, "settings": settings, "only_correct": only_correct,
                "method": method, "batching": (batch_size, max_memory),
                "max_new_tokens": max_new_tokens,
@@ -203,7 +204,7 @@ def _one_example(model: HookedModel, source: ExampleSource, index: int, *, flows
                  lens: bool) -> dict[str, Any]:
     example_id, task = source.example_id(index), source.task(index)
     example = source.prepare(index)
-    spans = example.spans[0]
+    spans = flow_spans(example.spans[0], model, flows)
     check_flow_spans(flows, spans)
     record: dict[str, Any] = {"example_id": example_id, "task": task,
                               "provenance": _provenance(source, index, example)}

@@ -129,6 +129,8 @@ def prepare(model: InputsModel, images: Any, questions: Any, *,
                          "image per question")
     if any(img is None for img in images):
         raise ValueError("an image is missing (None): every question needs its image")
+    if template is None:  # the family's own prompt, else one chosen from the vocabulary
+        template = getattr(getattr(model, "family", None), "prompt_template", None)
     template = get_template(template, processor.tokenizer)
     image_token_id = model.cfg.image_token_id
     records = list(examples) if examples is not None else []

@@ -1,5 +1,5 @@
 """Prompt templates: the paper's Vicuna v1 prompt, the Llama-3 chat prompt, the Qwen chat
-prompt of LLaVA-OneVision and the Qwen-VL chat prompt."""
+prompt of LLaVA-OneVision and the Qwen-VL and Qwen3-VL chat prompts."""
 
 from __future__ import annotations
 
@@ -68,6 +68,14 @@ QWEN_VL = PromptTemplate(
 """Qwen2-VL / Qwen2.5-VL's chat template for one image and the paper's instruction; the
 processor expands ``<image>`` (its ``<|image_pad|>``) to one token per merged 28x28 px cell."""
 
+QWEN3_VL = PromptTemplate(
+    "qwen3_vl",
+    "<|im_start|>user\n<|vision_start|><image><|vision_end|>{question}\nAnswer the question "
+    "using a single word or phrase.<|im_end|>\n<|im_start|>assistant\n",
+)
+"""Qwen3-VL's chat template (no default system prompt) for one image and the paper's
+instruction."""
+
 PAPER_SUFFIX = " \nAnswer the question using a single word or phrase."
 """What the paper's code appends to every question (note the space before the newline)."""
 
@@ -87,8 +95,8 @@ LLAMA3_PAPER = PromptTemplate(
 )
 """The Llama-3 conversation with ``PAPER_SUFFIX`` after the question, followed by ``" \n"``."""
 
-TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL, VICUNA_V1_PAPER,
-                                 LLAMA3_PAPER)}
+TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL, QWEN3_VL,
+                                 VICUNA_V1_PAPER, LLAMA3_PAPER)}
 
 
 def get_template(template: str | PromptTemplate | None, tokenizer: object = None) -> PromptTemplate:

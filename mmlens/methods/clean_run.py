@@ -9,7 +9,7 @@ the cached keys/values of positions ``< p`` and gets exactly the numbers of a fu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float
@@ -37,6 +37,9 @@ class CleanRun:
     logits: Float[Tensor, " d_vocab"]
     n_positions: int
     position_ids: Tensor
+    injections: dict[int, Tensor] = field(default_factory=dict)
+    """Features the family added after decoder blocks (Qwen3-VL's DeepStack), by layer
+    ``[1, pos, d_model]``: a resumed suffix gets its slice of them."""
 
     def prediction(self, exclude: int | None = None) -> int:
         """The argmax token at the last position, never ``exclude`` (the image token)."""
@@ -70,14 +73,22 @@ def clean_run(model: HookedModel, example: MultimodalBatch) -> CleanRun:
 
         return hook
 
+    injections: dict[int, Tensor] = {}
+
+    def keep_injection(tensor: Tensor, hook) -> None:
+        injections[int(hook.name.split(".")[1])] = tensor.detach()
+
     hooks = [(f"blocks.{layer}.hook_resid_pre", keep(layer)) for layer in range(n_layers)]
     hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", keep(n_layers)))
+    hooks += [(name, keep_injection) for name in model.hook_dict
+              if name.endswith(".hook_deepstack") and name.startswith("blocks.")]
     cache = KeyValueCache.empty(n_layers)
     with model.hooks(fwd_hooks=hooks):
         final = model(example.input_ids, example.pixel_values, image_sizes=example.image_sizes,
                       past_kv_cache=cache, stop_at_layer=n_layers)
     return CleanRun(resid=resid, cache=cache, logits=last_logits(model, final)[0],
-                    n_positions=example.input_ids.shape[1], position_ids=cache.position_ids)
+                    n_positions=example.input_ids.shape[1], position_ids=cache.position_ids,
+                    injections=injections)
 
 
 def last_logits(model: HookedModel, final_resid: Float[Tensor, "batch pos d_model"]

@@ -47,6 +47,9 @@ class QwenVisionConfig:
     """The Qwen vision transformer. ``full_attention_layers`` None: every layer is full.
 
     ``window_size`` is in pixels of the resized image (Qwen2.5-VL: 112, i.e. 4x4 merged tokens).
+    Qwen3-VL adds a bias on the patch embedding (``patch_bias``), a learned square table of
+    ``n_position_embeddings`` positions resampled to each image's grid, and ``deepstack_layers``:
+    the vision blocks whose outputs are merged and added into the first decoder layers.
     """
 
     d_model: int
@@ -65,6 +68,9 @@ class QwenVisionConfig:
     full_attention_layers: tuple[int, ...] | None = None
     rope_theta: float = 10000.0
     eps: float = 1e-6
+    patch_bias: bool = False
+    n_position_embeddings: int | None = None
+    deepstack_layers: tuple[int, ...] = ()
 
     @property
     def d_head(self) -> int:
@@ -90,7 +96,10 @@ class LanguageConfig:
     ``qkv_bias`` / ``o_bias``: biases on the query/key/value and output projections (Llama:
     neither or both as ``attention_bias``; Qwen2: q/k/v only). ``rope_type`` names the rotary
     scheme the family builds (``"default"`` = 1D positions; ``"mrope"`` = Qwen-VL's 3D positions,
-    ``mrope_section`` frequencies per axis).
+    ``mrope_section`` frequencies per axis, in blocks or, ``mrope_interleaved``, as Qwen3-VL's
+    t, h, w, t, h, w... interleave). ``qk_norm``: an RMSNorm over each head's queries and keys
+    before the rotary (Qwen3). ``deepstack_layers``: how many of the first blocks receive
+    Qwen3-VL's DeepStack features (``blocks.{l}.hook_deepstack``).
     """
 
     n_layers: int
@@ -108,6 +117,9 @@ class LanguageConfig:
     mlp_bias: bool = False
     rope_type: str = "default"
     mrope_section: tuple[int, ...] | None = None
+    mrope_interleaved: bool = False
+    qk_norm: bool = False
+    deepstack_layers: int = 0
     act_fn: str = "silu"
     normalization_type: str = "RMS"
     positional_embedding_type: str = "rotary"

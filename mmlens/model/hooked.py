@@ -9,7 +9,8 @@ image-side modules and decides how images are encoded and merged and how decoder
 are computed; this class composes them and owns the hooks, caches and running.
 
 ``hook_embed`` is the merged embedding, i.e. what the embedding contributes to the residual
-stream, so TransformerLens's ``decompose_resid`` / ``accumulated_resid`` add up.
+stream, so TransformerLens's ``decompose_resid`` / ``accumulated_resid`` add up (on Qwen3-VL,
+``decompose_resid`` plus the ``blocks.{l}.hook_deepstack`` additions).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import Tensor
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from mmlens.core.errors import MMLensError
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.model.components import Embed, RMSNorm, Unembed
 from mmlens.model.config import MultimodalConfig
@@ -122,6 +124,7 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         past_kv_cache: KeyValueCache | None = None,
         tokens: Int[Tensor, "batch pos"] | None = None,
         loss_per_token: bool = False,
+        injections: dict[int, Tensor] | None = None,
     ) -> Tensor | tuple[Tensor, Tensor] | None:
         """Run the model.
 
@@ -133,7 +136,9 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         ``[batch, pos - 1]``), ``"both"`` (logits, loss) or None. With ``start_at_layer`` the
         loss needs ``tokens=``. ``stop_at_layer`` returns the residual stream entering it.
         ``position_ids`` default to the family's (``position_ids``); a ``past_kv_cache`` records
-        them.
+        them. ``injections`` (only with ``start_at_layer``): ``{layer: [batch, pos, d_model]}``
+        added to those blocks' outputs, the ``blocks.{l}.hook_deepstack`` activations of the run
+        being resumed (``{}`` for none); required when resuming before a DeepStack layer.
         """
         if isinstance(input, str) or (isinstance(input, list | tuple) and input
                                       and all(isinstance(t, str) for t in input)):
@@ -153,9 +158,19 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
                 pixel_values = self._bound_images["pixel_values"]
                 image_sizes = self._bound_images.get("image_sizes")
             input_ids = input
-            resid = self.embed_inputs(input, pixel_values, image_sizes=image_sizes)
+            if injections is not None:
+                raise ValueError("injections= resumes a run (with start_at_layer); a run from "
+                                 "input_ids computes its own from the images")
+            resid, injections = self._embed(input, pixel_values, image_sizes)
         else:
             resid = input
+            if injections is None and start_at_layer < self.cfg.text.deepstack_layers:
+                raise MMLensError(
+                    f"resuming at layer {start_at_layer} skips the image features DeepStack "
+                    f"adds after blocks 0-{self.cfg.text.deepstack_layers - 1}: pass "
+                    "injections={layer: the run's blocks.{layer}.hook_deepstack activation} "
+                    "for the layers from start_at_layer on (sliced to the resumed positions), "
+                    "or injections={} for a prompt without images")
         batch, q_len = resid.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(batch, q_len, dtype=torch.long, device=resid.device)
@@ -175,7 +190,7 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         resid = self.language(
             resid, attention_mask=attention_mask, position_ids=position_ids,
             start_at_layer=start_at_layer or 0, stop_at_layer=stop_at_layer,
-            past_kv_cache=past_kv_cache,
+            past_kv_cache=past_kv_cache, injections=injections,
         )
         if stop_at_layer is not None:
             return resid
@@ -216,11 +231,22 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         image_sizes: Tensor | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """Token embeddings with the image features merged in at the image-token positions."""
+        return self._embed(input_ids, pixel_values, image_sizes)[0]
+
+    def _embed(
+        self, input_ids: Tensor, pixel_values: Tensor | None, image_sizes: Tensor | None
+    ) -> tuple[Tensor, dict[int, Tensor] | None]:
+        """``embed_inputs`` and the features the family adds after decoder layers
+        (``{layer: [batch, pos, d_model]}``, zero off the image tokens), or None."""
         embeds = self.hook_token_embed(self.embed(input_ids))
-        features = None
+        features, injections = None, None
         if pixel_values is not None:
-            features = self.encode_images(pixel_values.to(input_ids.device), image_sizes)
-        return self.hook_embed(self.family.merge(input_ids, embeds, features, self.cfg))
+            features, per_layer = self.family.encode_image_layers(
+                self, pixel_values.to(input_ids.device), image_sizes)
+            injections = {layer: self.family.merge(input_ids, torch.zeros_like(embeds), added,
+                                                   self.cfg)
+                          for layer, added in per_layer.items()} or None
+        return self.hook_embed(self.family.merge(input_ids, embeds, features, self.cfg)), injections
 
     def position_ids(
         self, input_ids: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None, *,

@@ -68,9 +68,12 @@ class LanguageStack:
         start_at_layer: int = 0,
         stop_at_layer: int | None = None,
         past_kv_cache: KeyValueCache | None = None,
+        injections: dict[int, Tensor] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """``attention_mask`` covers the cached and the new positions; ``position_ids`` are the
-        new positions' (``[batch, pos]``, or the family's own layout such as M-RoPE's)."""
+        new positions' (``[batch, pos]``, or the family's own layout such as M-RoPE's).
+        ``injections[l]`` ``[batch, pos, d_model]`` is added to block ``l``'s output
+        (Qwen3-VL's DeepStack features, ``blocks.{l}.hook_deepstack``)."""
         q_len = resid.shape[1]
         rotary = self.rotary(position_ids, resid.dtype)
         mask = build_mask(attention_mask, q_len)
@@ -78,7 +81,8 @@ class LanguageStack:
         for layer in range(start_at_layer, stop):
             past = None if past_kv_cache is None else past_kv_cache.layers[layer]
             resid, present = self.blocks[layer](
-                resid, mask=mask, causal=True, rotary=rotary, past_key_value=past
+                resid, mask=mask, causal=True, rotary=rotary, past_key_value=past,
+                **({"inject": injections[layer]} if injections and layer in injections else {}),
             )
             if past_kv_cache is not None:
                 past_kv_cache.update(layer, present)

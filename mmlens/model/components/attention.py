@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformer_lens.hook_points import HookPoint
 
+from mmlens.model.components.norms import RMSNorm
 from mmlens.model.components.rotary import apply_rotary
 
 KeyValue = tuple[Tensor, Tensor]
@@ -25,9 +26,10 @@ class Attention(nn.Module):
     """``z = softmax(mask(q k^T / sqrt(d_head))) v``; ``out = z W_O + b_O``.
 
     Hooks (TransformerLens names and shapes): ``hook_q`` ``[batch, pos, n_heads, d_head]``,
-    ``hook_k``/``hook_v`` ``[batch, pos, n_kv_heads, d_head]``, ``hook_rot_q``/``hook_rot_k``
-    (after rotary, language only), ``hook_mask`` ``[batch, 1, q_pos, k_pos]`` (True = may
-    attend), ``hook_attn_scores``/``hook_pattern`` ``[batch, n_heads, q_pos, k_pos]``,
+    ``hook_k``/``hook_v`` ``[batch, pos, n_kv_heads, d_head]``, ``q_norm.*``/``k_norm.*``
+    (Qwen3's per-head RMSNorm, between ``hook_q``/``hook_k`` and the rotary), ``hook_rot_q``/
+    ``hook_rot_k`` (after rotary, language only), ``hook_mask`` ``[batch, 1, q_pos, k_pos]``
+    (True = may attend), ``hook_attn_scores``/``hook_pattern`` ``[batch, n_heads, q_pos, k_pos]``,
     ``hook_z`` ``[batch, q_pos, n_heads, d_head]``; with ``set_use_attn_result(True)`` also
     ``hook_result`` ``[batch, q_pos, n_heads, d_model]`` (each head's output; their sum over
     heads plus ``b_O`` is the attention output).
@@ -42,6 +44,7 @@ class Attention(nn.Module):
         qkv_bias: bool = False,
         out_bias: bool = False,
         rotary: bool = False,
+        qk_norm_eps: float | None = None,
     ):
         super().__init__()
         self.n_heads, self.d_head = n_heads, d_head
@@ -58,6 +61,9 @@ class Attention(nn.Module):
         self.hook_q = HookPoint()  # [batch, pos, n_heads, d_head]
         self.hook_k = HookPoint()  # [batch, pos, n_kv_heads, d_head]
         self.hook_v = HookPoint()  # [batch, pos, n_kv_heads, d_head]
+        # Qwen3: each head's query and key RMS-normalised (own weights) before the rotary.
+        self.q_norm = RMSNorm(d_head, qk_norm_eps) if qk_norm_eps is not None else None
+        self.k_norm = RMSNorm(d_head, qk_norm_eps) if qk_norm_eps is not None else None
         if rotary:
             self.hook_rot_q = HookPoint()  # [batch, pos, n_heads, d_head]
             self.hook_rot_k = HookPoint()  # [batch, pos, n_kv_heads, d_head]
@@ -126,6 +132,8 @@ class Attention(nn.Module):
         q = self.hook_q(F.linear(x, self.q_weight, self.q_bias).view(batch, q_len, -1, self.d_head))
         k = self.hook_k(F.linear(x, self.k_weight, self.k_bias).view(batch, q_len, -1, self.d_head))
         v = self.hook_v(F.linear(x, self.v_weight, self.v_bias).view(batch, q_len, -1, self.d_head))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary:
             cos, sin = rotary
             q = self.hook_rot_q(apply_rotary(q, cos, sin))

@@ -14,6 +14,7 @@ from mmlens.model.families.base import Family
 from mmlens.model.families.llava import LlavaFamily
 from mmlens.model.families.llava_next import LlavaNextFamily
 from mmlens.model.families.onevision import LlavaOnevisionFamily
+from mmlens.model.families.qwen3_vl import Qwen3VLFamily
 from mmlens.model.families.qwen_vl import Qwen25VLFamily, QwenVLFamily
 
 FAMILIES: dict[str, Family] = {}
@@ -27,7 +28,7 @@ def register(family: Family) -> Family:
 
 
 for _family in (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), QwenVLFamily(),
-                Qwen25VLFamily()):
+                Qwen25VLFamily(), Qwen3VLFamily()):
     register(_family)
 
 
@@ -58,5 +59,5 @@ def family_for(model_type: str | None) -> Family:
 
 
 __all__ = ["FAMILIES", "Family", "LlavaFamily", "LlavaNextFamily", "LlavaOnevisionFamily",
-           "Qwen25VLFamily", "QwenVLFamily", "family_for", "from_hf_config", "register",
-           "supported_families"]
+           "Qwen25VLFamily", "Qwen3VLFamily", "QwenVLFamily", "family_for", "from_hf_config",
+           "register", "supported_families"]

@@ -8,6 +8,7 @@ looks at the model type itself::
     HF state dict ──convert_state_dict──▶ our weights (rename tables)
     build_image_modules ──▶ vision tower, connector (and packer): registered in this order
     pixel_values ──encode_images──▶ image features [n_image_tokens, d_model]
+        (encode_image_layers: also features added after some decoder layers, DeepStack)
     token embeddings + features ──merge──▶ hook_embed
     input_ids (+ cache, image sizes) ──position_ids──▶ decoder positions ──rotary──▶ cos, sin
     prepare: stack_pixel_values, add_image_spans, box_positions (the processor's geometry)
@@ -58,6 +59,9 @@ class Family:
     description: ClassVar[str]
     checkpoints: ClassVar[tuple[str, ...]] = ()
     image_sizes_key: ClassVar[str] = "image_sizes"
+    prompt_template: ClassVar[str | None] = None
+    """The name of the family's default prompt template (``mmlens.inputs.templates``); None:
+    chosen from the tokenizer's vocabulary."""
 
     # ------------------------------------------------------------- configuration and weights
     def read_config(self, hf_config: Any) -> MultimodalConfig:
@@ -119,6 +123,13 @@ class Family:
     ) -> Float[Tensor, "n_image_tokens d_model"]:
         """Pixels -> image features in text width, one row per image token, in input order."""
         raise NotImplementedError
+
+    def encode_image_layers(
+        self, model: Any, pixel_values: Tensor, image_sizes: Tensor | None
+    ) -> tuple[Tensor, dict[int, Tensor]]:
+        """``encode_images`` and, by decoder layer, features added to that layer's output at the
+        image tokens (Qwen3-VL's DeepStack); none by default."""
+        return self.encode_images(model, pixel_values, image_sizes), {}
 
     def merge(
         self,

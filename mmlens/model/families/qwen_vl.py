@@ -27,7 +27,12 @@ from torch import Tensor, nn
 from mmlens.core.sizes import ImageSize
 from mmlens.model.components.mrope import MRotaryEmbedding, mrope_position_ids
 from mmlens.model.components.qwen_vision import PatchMerger, QwenVisionTower
-from mmlens.model.config import LanguageConfig, MultimodalConfig, language_config
+from mmlens.model.config import (
+    LanguageConfig,
+    MultimodalConfig,
+    QwenVisionConfig,
+    language_config,
+)
 from mmlens.model.families.base import Family
 from mmlens.model.kv_cache import KeyValueCache
 from mmlens.model.loading.convert import convert_language
@@ -46,19 +51,25 @@ class QwenVLFamily(Family):
 
     def read_config(self, hf_config: Any) -> MultimodalConfig:
         tc = hf_config.text_config
+        if getattr(tc, "use_sliding_window", False):
+            raise ValueError(f"{self.name}: sliding-window attention in the decoder is not "
+                             "supported (use_sliding_window is set in the text config)")
+        return self._config(hf_config, qwen_vision_config(hf_config), qkv_bias=True,
+                            o_bias=False)
+
+    def _config(self, hf_config: Any, vision: QwenVisionConfig,
+                **text: Any) -> MultimodalConfig:
+        """The config of a Qwen-VL family: ``vision`` and the M-RoPE decoder (``text``: its
+        family's options)."""
+        tc = hf_config.text_config
         section = (getattr(tc, "rope_parameters", None) or {}).get("mrope_section")
         if section is None:
             raise ValueError(f"{self.name}: the text config has no rope_parameters"
                              "['mrope_section']; is this a Qwen-VL checkpoint?")
-        if getattr(tc, "use_sliding_window", False):
-            raise ValueError(f"{self.name}: sliding-window attention in the decoder is not "
-                             "supported (use_sliding_window is set in the text config)")
-        vision = qwen_vision_config(hf_config)
         return MultimodalConfig(
             model_type=hf_config.model_type,
             vision=vision,
-            text=language_config(tc, qkv_bias=True, o_bias=False, rope_type="mrope",
-                                 mrope_section=tuple(section)),
+            text=language_config(tc, rope_type="mrope", mrope_section=tuple(section), **text),
             image_token_id=hf_config.image_token_id,
             feature_layers=[vision.n_layers],
             feature_select_strategy="full",
@@ -81,6 +92,12 @@ class QwenVLFamily(Family):
         """``pixel_values`` packed ``[n_patches, dim]`` (HF's layout) or per image
         ``[images, max_patches, dim]`` (``prepare``'s), with ``image_sizes`` the
         ``image_grid_thw [images, 3]``."""
+        pixel_values, grid = self._packed(pixel_values, image_sizes)
+        return model.merger(model.vision(pixel_values, grid))[0]
+
+    @staticmethod
+    def _packed(pixel_values: Tensor, image_sizes: Tensor | None) -> tuple[Tensor, Tensor]:
+        """HF's packed ``[n_patches, dim]`` patches and the ``[images, 3]`` grid."""
         if image_sizes is None:
             raise ValueError("Qwen-VL needs image_grid_thw [images, 3] with its pixel_values: "
                              "pass the processor's image_grid_thw as image_sizes=, or build the "
@@ -92,8 +109,7 @@ class QwenVLFamily(Family):
                 raise ValueError(f"pixel_values holds {pixel_values.shape[0]} images but "
                                  f"image_grid_thw {len(counts)}: give one grid row per image")
             pixel_values = torch.cat([p[:n] for p, n in zip(pixel_values, counts, strict=True)])
-        features = model.merger(model.vision(pixel_values, grid))
-        return features[0]
+        return pixel_values, grid
 
     def position_ids(
         self,

@@ -44,17 +44,25 @@ def _split_qkv(weight: Tensor, out: dict[str, Tensor], prefix: str, kind: str) -
     out[f"{prefix}attn.v_{kind}"] = v
 
 
-def convert_qwen_vision(state: dict[str, Tensor], vc: QwenVisionConfig) -> dict[str, Tensor]:
-    """Vision transformer and patch merger: ``vision.*`` and ``merger.*``."""
-    p = _prefix(state, "model.visual.", "visual.")
-    out = {"vision.W_patch": take(state, p + "patch_embed.proj.weight")}
-    table = {**_norms(vc), **_ATTENTION, **(_GATED_MLP if vc.gated_mlp else _PLAIN_MLP)}
+def convert_vision_blocks(state: dict[str, Tensor], p: str, vc: QwenVisionConfig,
+                          mlp: dict[str, str]) -> dict[str, Tensor]:
+    """``vision.blocks.{l}.*`` from HF's ``{p}blocks.{l}.*`` (``mlp``: the MLP's names)."""
+    out: dict[str, Tensor] = {}
+    table = {**_norms(vc), **_ATTENTION, **mlp}
     for layer in range(vc.n_layers):
         ours, theirs = f"vision.blocks.{layer}.", f"{p}blocks.{layer}."
         for name, hf_name in table.items():
             out[ours + name] = take(state, theirs + hf_name)
         _split_qkv(take(state, theirs + "attn.qkv.weight"), out, ours, "weight")
         _split_qkv(take(state, theirs + "attn.qkv.bias"), out, ours, "bias")
+    return out
+
+
+def convert_qwen_vision(state: dict[str, Tensor], vc: QwenVisionConfig) -> dict[str, Tensor]:
+    """Vision transformer and patch merger: ``vision.*`` and ``merger.*``."""
+    p = _prefix(state, "model.visual.", "visual.")
+    out = {"vision.W_patch": take(state, p + "patch_embed.proj.weight")}
+    out |= convert_vision_blocks(state, p, vc, _GATED_MLP if vc.gated_mlp else _PLAIN_MLP)
     merger = dict(_MERGER)
     if not vc.rms_norm:
         merger["ln_q.b"] = "ln_q.bias"
