@@ -4,7 +4,8 @@
 ``prompt`` (the exact text given to the tokenizer, the image placeholder once as ``<image>``),
 ``input_ids``, ``image_size`` ``[width, height]`` as loaded, ``spans`` ``{name: [absolute
 positions]}``, ``answer`` (gold), ``model_answer`` (greedy, decoded until it can no longer
-equal the gold answer), ``kept``.
+equal the gold answer), ``kept``, ``metric_tokens`` (under ``logit-diff``: the ids of the
+answer and the wrong option compared, ``{"answer": id, "foil": id}``; else null).
 
 ``run.json`` gets ``versions`` (mmlens, torch, transformers) and ``weights_sha256`` (a digest
 of every parameter) from ``run_provenance``.
@@ -60,6 +61,7 @@ def example_lines(records: Sequence[Mapping[str, Any]], golds: Mapping[str, str]
             "image_size": provenance.get("image_size"), "spans": provenance.get("spans"),
             "answer": golds.get(record["example_id"], provenance.get("answer")),
             "model_answer": record.get("model_answer"), "kept": not record.get("dropped"),
+            "metric_tokens": record.get("metric_tokens"),
         })
     return lines
 

@@ -20,6 +20,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from mmlens.experiments.answer_forms import paired_tokens
 from mmlens.experiments.controls import control_spans
 from mmlens.experiments.correctness import model_answer, wrong_answer_reason
 from mmlens.experiments.distributed import Ranks, StoreProgress, current_ranks
@@ -150,7 +151,7 @@ def information_flow(
             "flows": [f.name for f in flows], "only_correct": only_correct,
             "extra_spans": spans_digest(spans), **record,
             "template": template_digest(settings.template),
-            "metric_tokens": "wrong" if options["wrong"] else "answer",
+            "metric_tokens": "answer and foil, produced form" if options["wrong"] else "answer",
             "controls": controls, "seed": seed if controls else None, "lens": lens,
             "max_new_tokens": max_new_tokens,
         }
@@ -229,8 +230,10 @@ def _one_example(model: HookedModel, source: ExampleSource, index: int, *, flows
         return {**record, "dropped": "; ".join(sorted(set(skipped.values())))}
     tokens = [token]
     record_wrong = getattr(source.records[index], "wrong_answer", None) if source.records else None
-    if wrong and record_wrong:
-        tokens.append(answer_variants(model, record_wrong, None)["lower"])
+    if wrong and record_wrong and gold is not None:
+        answer_id, foil_id = paired_tokens(model.tokenizer, token, gold, record_wrong)
+        if foil_id is not None:
+            tokens += [answer_id, foil_id]
     cells = window_knockouts(run, spans, settings.window, model.cfg.n_layers)
     knockouts = [cell.knockout for cell in cells]
     if not knockouts:
@@ -250,9 +253,10 @@ def _one_example(model: HookedModel, source: ExampleSource, index: int, *, flows
     record.update({"answer_token": token, "answer": answer, "p_base": base[0],
                    "p_block": {name: [p[0] for p in rows] for name, rows in p_block.items()},
                    "skipped": skipped, "zeroed": sorted(empty) if not skipped else []})
-    if len(tokens) > 1:
-        record.update({"wrong_token": tokens[1], "p_wrong_base": base[1],
-                       "p_wrong_block": {n: [p[1] for p in rows] for n, rows in p_block.items()}})
+    if len(tokens) > 1:  # logit-diff: the answer and the wrong option in the produced form
+        record.update({"metric_tokens": {"answer": tokens[1], "foil": tokens[2]},
+                       "p_metric_base": base[1:],
+                       "p_metric_block": {n: [p[1:] for p in rows] for n, rows in p_block.items()}})
     if lens and gold is not None:
         record["lens"] = lens_record(model, clean, answer_variants(model, gold, record_wrong))
     return record
