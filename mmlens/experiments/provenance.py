@@ -1,7 +1,9 @@
 """What a run folder records about where its numbers came from.
 
 ``examples.jsonl``: one JSON object per example, kept or dropped: ``example_id``, ``task``,
-``prompt`` (the exact text given to the tokenizer, the image placeholder once as ``<image>``),
+``prompt`` (the exact text given to the tokenizer: under ``tokenization="whole"`` the image
+token's string once per image token, e.g. Qwen-VL's ``<|image_pad|>``; under ``"chunks"``
+``<image>`` once, where the image ids go),
 ``input_ids``, ``image_size`` ``[width, height]`` as loaded, ``spans`` ``{name: [absolute
 positions]}``, ``answer`` (gold), ``model_answer`` (greedy, decoded until it can no longer
 equal the gold answer), ``kept``, ``metric_tokens`` (under ``logit-diff``: the ids of the

@@ -31,7 +31,7 @@ SECTIONS = (
     ("Related vs other image patches to the question", ("related->question", "other->question")),
 )
 READINGS = {
-    "paper": "the paper's reading: hidden states times the unembedding, no norm (layer -1: "
+    "paper": "the paper's reading: hidden states times the unembedding, no norm (layer 0: "
              "the embeddings; the last layer: the model's output)",
     "final_norm": "with the final norm (the usual logit lens)",
     "no_norm": "after each layer, no norm",
