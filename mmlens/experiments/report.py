@@ -172,6 +172,7 @@ def _tables(peaks: pd.DataFrame, dropped: pd.DataFrame, unit: str) -> str:
         counts = (kinds.groupby(["task", "flow", "reason"]).size().rename("examples")
                   .reset_index())
         parts.append("<h2>Left out</h2><p>flow <i>all</i>: the whole example (e.g. answered "
-                     "wrongly); otherwise only that flow (e.g. no related patches).</p>"
+                     "wrongly); otherwise only that flow (e.g. no related patches, or under "
+                     "logit-diff no wrong option).</p>"
                      + counts.to_html(index=False))
     return "\n".join(parts)
