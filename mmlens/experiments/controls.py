@@ -27,6 +27,14 @@ from mmlens.experiments.knockouts import Flow
 PREFIX = "random_"
 
 
+def control_seed_of(controls: bool, control_seed: int | None, seed: int) -> int | None:
+    """The seed controls are drawn from: ``control_seed``, by default ``seed`` (the data's);
+    None without controls."""
+    if not controls:
+        return None
+    return seed if control_seed is None else control_seed
+
+
 def control_flow(flow: Flow) -> Flow:
     """The control of ``flow``: ``random_related->question`` for ``related->question``."""
     return Flow(PREFIX + flow.source, flow.target)

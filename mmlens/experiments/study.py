@@ -28,6 +28,7 @@ import torch
 
 from mmlens.core.errors import MMLensError
 from mmlens.experiments.atomic import write_atomic
+from mmlens.experiments.controls import control_seed_of
 from mmlens.experiments.distributed import close_ranks, init_ranks, rank_device
 from mmlens.experiments.knockouts import DEFAULT_FLOWS, parse_flows
 from mmlens.experiments.lock import FolderBusyError, RunLock
@@ -221,7 +222,9 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
     on_cpu = hooked.embed.W_E.device.type == "cpu"
     if threads is None and on_cpu and hooked.cfg.d_model <= SMALL_WIDTH:
         threads = 1
-    resolved = resolve_settings(hooked, preset, window=window, **settings)
+    resolved = resolve_settings(hooked, preset, window=window,
+                                control_seed=control_seed_of(controls, control_seed, seed),
+                                filter_max_new_tokens=filter_max_new_tokens, **settings)
     if ranks.is_main:
         print(f"mmlens: {resolved.describe()}", file=sys.stderr)
     arguments = {"model": model, "data": data, "tasks": tasks, "per_task": per_task,

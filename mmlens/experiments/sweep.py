@@ -23,7 +23,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from mmlens.experiments.answer_forms import paired_tokens
-from mmlens.experiments.controls import control_spans
+from mmlens.experiments.controls import control_seed_of, control_spans
 from mmlens.experiments.correctness import model_answer, wrong_answer_reason
 from mmlens.experiments.distributed import Ranks, StoreProgress, current_ranks
 from mmlens.experiments.emergence import answer_variants, lens_record
@@ -131,8 +131,7 @@ def information_flow(
     settings = resolve_settings(model, preset, template=template, preprocessing=preprocessing,
                                 tokenization=tokenization, related_rule=related_rule,
                                 empty_spans=empty_spans, window=window,
-                                control_seed=(seed if control_seed is None else control_seed)
-                                if controls else None,
+                                control_seed=control_seed_of(controls, control_seed, seed),
                                 filter_max_new_tokens=max_new_tokens)
     source = ExampleSource(model, examples, spans, **settings.prepare_options())
     if only_correct:

@@ -135,3 +135,15 @@ def test_information_flow_warns_with_the_counts_when_every_example_is_dropped(st
     assert frame.empty and len(dropped_examples(frame)) == 2
     assert pd.Series([r.get("dropped") for r in frame.attrs["records"]]).str.startswith(
         "wrong answer").all()
+
+
+def test_the_cli_passes_the_control_seed_and_filter_length_on():
+    from mmlens.cli import _parser, _settings
+
+    for command in ("flow", "reproduce"):
+        required = [] if command == "flow" else ["--model", "m", "--gqa-images", "i",
+                                                 "--subsets", "s", "--out", "o"]
+        args = _parser().parse_args([command, *required, "--control-seed", "3",
+                                     "--filter-max-new-tokens", "32"])
+        settings = _settings(args)
+        assert (settings["control_seed"], settings["filter_max_new_tokens"]) == (3, 32)

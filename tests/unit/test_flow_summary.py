@@ -4,6 +4,7 @@
 import pandas as pd
 import pytest
 
+from mmlens.experiments.captions import flow_caption
 from mmlens.experiments.summary import flow_summary
 
 
@@ -101,3 +102,6 @@ def test_n_examples_counts_only_examples_with_a_value():
     assert pd.isna(summary.loc[("LogicalObj", "question->last")].peak_change)
     everything = summary.loc[("all", "question->last")]
     assert everything.n_examples == 2 and everything.peak_change == pytest.approx(-60)
+    # the caption repeats the count of examples with a value, not of rows
+    text = flow_caption(summary.reset_index(), "question->last", window=3, n_layers=7)
+    assert "; 2 examples." in text
