@@ -26,7 +26,8 @@ from mmlens.experiments.knockouts import Flow
 from mmlens.methods.windows import window_layers
 
 METRICS: tuple[str, ...] = ("prob", "logprob", "logit-diff")
-NO_FOIL = "no wrong option: logit-diff has no value (rows kept, change NaN)"
+NO_FOIL = ("no wrong option (or one sharing the answer's first token): logit-diff has no value; "
+           "its rows are kept with change NaN")
 COLUMNS = ["example_id", "task", "flow", "layer", "window_start", "window_end", "answer_token",
            "answer", "p_base", "p_block", "rel_change"]
 
