@@ -147,6 +147,8 @@ def _header(summary: dict, flow: pd.DataFrame, dropped: pd.DataFrame) -> str:
         "tokenization": summary.get("tokenization"),
         "related patches": summary.get("related_rule"),
         "empty spans": summary.get("empty_spans"), "metric": summary.get("metric"),
+        "control seed": summary.get("control_seed"),
+        "filter decodes up to": summary.get("filter_max_new_tokens"),
         "seconds": summary.get("seconds"),
     }
     items = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>"
