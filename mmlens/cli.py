@@ -90,8 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="layers per knockout (default 9 for 40 layers, 7 for 32, ~7/32)")
     flow.add_argument("--device", default=None, help="e.g. cpu, cuda (default cpu)")
     flow.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
-    flow.add_argument("--seed", type=int, default=0,
-                      help="data seed, and the controls' unless --control-seed (default 0)")
+    flow.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
     flow.add_argument("--no-filter", action="store_true",
                       help="keep examples the model answers wrongly")
     flow.add_argument("--batch-size", type=_batch_size, default=64,
