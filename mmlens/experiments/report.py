@@ -36,6 +36,7 @@ READINGS = {
     "final_norm": "with the final norm (the usual logit lens)",
     "no_norm": "after each layer, no norm",
 }
+AXES = {"paper": "hidden_states index (0: the embeddings, L: the output)"}
 REQUIRED = ("flow.csv", "dropped.csv", "emergence.csv")
 
 
@@ -124,12 +125,13 @@ def _emergence_figures(emergence: pd.DataFrame) -> list:
             title = f"Answer emergence, {name}"
             figures.append((title, explain + emergence_caption(rows),
                             lens_trajectories(rows, title=title, by="label",
-                                              xaxis_title="layer")))
+                                              xaxis_title=AXES.get(reading, "layer"))))
     paper = labelled[labelled["reading"] == "paper"]
     for task, rows in paper.groupby("task", sort=True):
         title = f"Answer emergence, {task} (the paper's reading)"
         figures.append((title, emergence_caption(rows),
-                        lens_trajectories(rows, title=title, by="label", xaxis_title="layer")))
+                        lens_trajectories(rows, title=title, by="label",
+                                          xaxis_title=AXES["paper"])))
     return figures
 
 
