@@ -50,13 +50,20 @@ def _study_options(command: argparse.ArgumentParser) -> None:
                          help="prob (relative change, the paper's), logprob or logit-diff")
     command.add_argument("--controls", action="store_true",
                          help="add a random control per flow (same size, same modality)")
+    command.add_argument("--control-seed", type=int, default=None,
+                         help="seed of the random controls (default: --seed)")
+    command.add_argument("--filter-max-new-tokens", type=int, default=None,
+                         help="tokens the correctness filter decodes at most (default 128, "
+                         "the paper's)")
 
 
 def _settings(args: argparse.Namespace) -> dict:
     return {"preset": args.preset, "template": args.template,
             "preprocessing": args.preprocessing, "tokenization": args.tokenization,
             "related_rule": args.related_rule, "empty_spans": args.empty_spans,
-            "metric": args.metric, "controls": args.controls}
+            "metric": args.metric, "controls": args.controls,
+            "control_seed": args.control_seed,
+            "filter_max_new_tokens": args.filter_max_new_tokens}
 
 
 RESCALE_HELP = ("images whose size differs from the size the data records, with the same aspect "

@@ -1,11 +1,14 @@
 """What a run folder records about where its numbers came from.
 
 ``examples.jsonl``: one JSON object per example, kept or dropped: ``example_id``, ``task``,
-``prompt`` (the exact text given to the tokenizer, the image placeholder once as ``<image>``),
+``prompt`` (the exact text given to the tokenizer: under ``tokenization="whole"`` the image
+token's string once per image token, e.g. Qwen-VL's ``<|image_pad|>``; under ``"chunks"``
+``<image>`` once, where the image ids go),
 ``input_ids``, ``image_size`` ``[width, height]`` as loaded, ``exif_orientation`` (the EXIF
 orientation applied to the image file, 2-8; 1 or null: none), ``spans`` ``{name: [absolute
 positions]}``, ``answer`` (gold), ``model_answer`` (greedy, decoded until it can no longer
-equal the gold answer), ``kept``.
+equal the gold answer), ``kept``, ``metric_tokens`` (under ``logit-diff``: the ids of the
+answer and the wrong option compared, ``{"answer": id, "foil": id}``; else null).
 
 ``run.json`` gets ``versions`` (mmlens, torch, transformers) and ``weights_sha256`` (a digest
 of every parameter) from ``run_provenance``.
@@ -63,6 +66,7 @@ def example_lines(records: Sequence[Mapping[str, Any]], golds: Mapping[str, str]
             "spans": provenance.get("spans"),
             "answer": golds.get(record["example_id"], provenance.get("answer")),
             "model_answer": record.get("model_answer"), "kept": not record.get("dropped"),
+            "metric_tokens": record.get("metric_tokens"),
         })
     return lines
 

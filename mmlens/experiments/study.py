@@ -19,6 +19,7 @@ import hashlib
 import json
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from numbers import Integral
 from pathlib import Path
@@ -28,12 +29,13 @@ import torch
 
 from mmlens.core.errors import MMLensError
 from mmlens.experiments.atomic import write_atomic
+from mmlens.experiments.controls import control_seed_of
 from mmlens.experiments.distributed import close_ranks, init_ranks, rank_device
 from mmlens.experiments.knockouts import DEFAULT_FLOWS, parse_flows
 from mmlens.experiments.lock import FolderBusyError, RunLock
 from mmlens.experiments.presets import resolve_settings
 from mmlens.experiments.provenance import run_provenance
-from mmlens.experiments.sweep import dropped_examples, information_flow
+from mmlens.experiments.sweep import AllDroppedWarning, dropped_examples, information_flow
 from mmlens.experiments.tables import (
     STORE_NAME,
     all_dropped_message,
@@ -182,6 +184,8 @@ def run_study(
     preset: str | None = None,
     metric: str = "prob",
     controls: bool = False,
+    control_seed: int | None = None,
+    filter_max_new_tokens: int | None = None,
     **settings: str | None,
 ) -> Path:
     """Run the information-flow study and write its tables and report into ``out``.
@@ -190,7 +194,9 @@ def run_study(
     any model; None finds it from the model's name or config; ``"none"``: no preset.
     ``settings``: ``template``, ``preprocessing``, ``tokenization``, ``related_rule``,
     ``empty_spans`` overriding the preset's. ``metric``: ``prob`` | ``logprob`` |
-    ``logit-diff``. ``controls``: a random control per flow.
+    ``logit-diff``. ``controls``: a random control per flow, drawn from ``control_seed``
+    (default: ``seed``, the data's). ``filter_max_new_tokens``: how far the correctness filter
+    decodes (default 128, the paper's).
 
     ``threads``: CPU threads for torch. By default a small model (``d_model`` up to 1024) on
     the CPU runs on one thread: its many small operations gain little from more, and stall
@@ -226,7 +232,9 @@ def run_study(
                       dtype=dtype, seed=seed, only_correct=only_correct, batch_size=batch_size,
                       progress=progress, threads=threads, shard=shard, ranks=ranks,
                       max_memory=max_memory, device_map=device_map, rescale_boxes=rescale_boxes,
-                      preset=preset, metric=metric, controls=controls, settings=settings)
+                      preset=preset, metric=metric, controls=controls,
+                      control_seed=control_seed, filter_max_new_tokens=filter_max_new_tokens,
+                      settings=settings)
     finally:
         lock.release()
         close_ranks(ranks)
@@ -237,7 +245,8 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
            seed: int, only_correct: bool, batch_size: int | str, progress: bool,
            threads: int | None, shard: tuple[int, int] | None, ranks,
            max_memory: int | None, device_map: str | dict | None, rescale_boxes: bool,
-           preset: str | None, metric: str, controls: bool, settings: dict[str, Any]) -> Path:
+           preset: str | None, metric: str, controls: bool, control_seed: int | None,
+           filter_max_new_tokens: int | None, settings: dict[str, Any]) -> Path:
     from mmlens.experiments.report import build_report
     from mmlens.model.hooked import HookedMultimodalTransformer
 
@@ -246,23 +255,29 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
     on_cpu = hooked.embed.W_E.device.type == "cpu"
     if threads is None and on_cpu and hooked.cfg.d_model <= SMALL_WIDTH:
         threads = 1
-    resolved = resolve_settings(hooked, preset, window=window, **settings)
+    resolved = resolve_settings(hooked, preset, window=window,
+                                control_seed=control_seed_of(controls, control_seed, seed),
+                                filter_max_new_tokens=filter_max_new_tokens, **settings)
     if ranks.is_main:
         print(f"mmlens: {resolved.describe()}", file=sys.stderr)
     arguments = {"model": model, "data": data, "tasks": tasks, "per_task": per_task,
                  "flows": flow_names, "window": window, "device": device, "dtype": dtype,
                  "seed": seed, "only_correct": only_correct, "threads": threads,
                  "rescale_boxes": rescale_boxes, "shard": list(shard) if shard else None,
-                 "preset": preset, "metric": metric, "controls": controls, **settings}
+                 "preset": preset, "metric": metric, "controls": controls,
+                 "control_seed": control_seed, "filter_max_new_tokens": filter_max_new_tokens,
+                 **settings}
     # The store's signature covers every example, so the shards of one study can be merged.
     mine = examples[shard[0]::shard[1]] if shard is not None else examples
-    with torch_threads(threads):
+    with torch_threads(threads), warnings.catch_warnings():
+        warnings.simplefilter("ignore", AllDroppedWarning)  # refused below, with the folder
         started = time.time()
         frame = information_flow(
             hooked, examples, flows=flow_names, preset=resolved, only_correct=only_correct,
             store=out / STORE_NAME, batch_size=batch_size, max_memory=max_memory,
             progress=progress, ranks=ranks, shard=shard, metric=metric, controls=controls,
-            seed=seed, lens=hooked.tokenizer is not None,
+            seed=seed, control_seed=control_seed, max_new_tokens=filter_max_new_tokens,
+            lens=hooked.tokenizer is not None,
         )
         sweep_seconds = round(time.time() - started, 2)
         if not ranks.is_main:
