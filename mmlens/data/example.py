@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
@@ -146,10 +147,31 @@ def check_box(box: Any, where: str, image_size: SizeOrPair | None = None) -> Box
     return numbers
 
 
+class BoxOutsideImageError(MMLensError):
+    """A box with no pixel inside its image: the study drops its example, naming the reason."""
+
+
+def warn_boxes_outside(examples: list[Example], source: str) -> None:
+    """Warn, with their count and first ids, about examples whose box lies outside the image
+    size the data records: they load (the data stays complete) but the study drops them."""
+    outside = []
+    for example in examples:
+        if example.image_size is None:
+            continue
+        size = as_image_size(example.image_size)
+        if any(box[0] >= size.width or box[1] >= size.height for box in example.boxes):
+            outside.append(example.example_id)
+    if outside:
+        warnings.warn(f"{source}: {len(outside)} example(s) have a box outside their recorded "
+                      f"image ({', '.join(outside[:5])}{' ...' if len(outside) > 5 else ''}); "
+                      "the study drops them as 'box outside the image' (see dropped.csv)",
+                      stacklevel=3)
+
+
 def _check_inside(box: Box, given: tuple, where: str, size: ImageSize) -> None:
     x, y, _, _ = box
     if x >= size.width or y >= size.height:
-        raise MMLensError(
+        raise BoxOutsideImageError(
             f"{where}: box {given} (x, y, w, h) lies outside the {size.width}x{size.height} "
             "image, with no pixel inside it: fix the box, or use the image the data was "
             "annotated on")

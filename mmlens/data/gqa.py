@@ -19,7 +19,14 @@ from typing import Any, NamedTuple
 
 from mmlens.core.errors import MMLensError
 from mmlens.core.sizes import ImageSize
-from mmlens.data.example import TASKS, Box, Example, check_box, check_image_id
+from mmlens.data.example import (
+    TASKS,
+    Box,
+    Example,
+    check_box,
+    check_image_id,
+    warn_boxes_outside,
+)
 
 GQA_TYPES: dict[str, tuple[str, ...]] = {
     "ChooseAttr": ("chooseAttr", "materialChoose", "typeChoose", "activityChoose"),
@@ -73,6 +80,7 @@ def load_gqa(
             examples.append(_build_example(str(qid), task, entry, graphs, files))
     for example in examples:
         example.rescale_boxes = rescale_boxes
+    warn_boxes_outside(examples, files.scene_graphs.name)
     return sample_per_task(examples, n_per_task, seed)
 
 
@@ -178,7 +186,7 @@ def _build_example(qid: str, task: str, entry: Any, graphs: dict, files: _GqaFil
     object_ids = _question_objects(entry, files.questions, qid)
     object_ids = object_ids[:1] if task in CENTRAL_OBJECT_TASKS else object_ids[:2]
     size = _recorded_size(graphs.get(image_id), files.scene_graphs, image_id)
-    boxes = [_object_box(graphs, files.scene_graphs, image_id, obj, qid, size)
+    boxes = [_object_box(graphs, files.scene_graphs, image_id, obj, qid)
              for obj in object_ids]
     wrong = None
     if task in CHOOSE_TASKS:
@@ -257,8 +265,7 @@ def _wrong_from_program(program: Any, answer: str) -> str | None:
     return others[0]
 
 
-def _object_box(graphs: dict, graphs_path: Path, image_id: str, obj: str, qid: str,
-                size: ImageSize | None) -> Box:
+def _object_box(graphs: dict, graphs_path: Path, image_id: str, obj: str, qid: str) -> Box:
     if image_id not in graphs:
         raise ValueError(
             f"{graphs_path.name}: no scene graph for image '{image_id}' (question '{qid}'): "
@@ -274,7 +281,7 @@ def _object_box(graphs: dict, graphs_path: Path, image_id: str, obj: str, qid: s
         _field(objects[obj], k, graphs_path, f"{image_id}/{obj}", what="object") for k in "xywh"
     ]
     return check_box(fields, f"{graphs_path.name}: object '{obj}' of image '{image_id}' "
-                     f"(question '{qid}')", size)
+                     f"(question '{qid}')")
 
 
 def _image_path(images_dir: Path, image_id: str, path: Path, qid: str) -> Path:

@@ -18,7 +18,14 @@ from pathlib import Path
 
 from mmlens.core.errors import MMLensError
 from mmlens.core.sizes import ImageSize
-from mmlens.data.example import TASKS, Box, Example, check_box, check_image_id
+from mmlens.data.example import (
+    TASKS,
+    Box,
+    Example,
+    check_box,
+    check_image_id,
+    warn_boxes_outside,
+)
 from mmlens.data.gqa import CENTRAL_OBJECT_TASKS, GQA_TYPES, check_tasks, sample_per_task
 
 REQUIRED_COLUMNS = ("question_id", "img_id", "question", "answer")
@@ -106,6 +113,7 @@ def _read_rows(path: Path, images_dir: Path | None) -> list[Example]:
             where = f"{path.name} row {row_number} (line {line})"
             examples.append(_row_example(row, file_task, columns, where, images_dir))
             line = reader.line_num + 1
+    warn_boxes_outside(examples, path.name)
     return examples
 
 
@@ -190,7 +198,7 @@ def _box(row: dict, prefix: str, columns: list[str], where: str,
         raise PaperSubsetError(f"{where}, columns {names[2]!r}/{names[3]!r}: negative size")
     if numbers[0] < 0 or numbers[1] < 0:
         raise PaperSubsetError(f"{where}, columns {names[0]!r}/{names[1]!r}: negative position")
-    return check_box(numbers, f"{where}, the {prefix}", size)
+    return check_box(numbers, f"{where}, the {prefix}")
 
 
 def _task_from_name(path: Path, columns: list[str]) -> str | None:

@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from mmlens.data.example import BoxOutsideImageError
 from mmlens.experiments.answer_forms import paired_tokens
 from mmlens.experiments.controls import control_seed_of, control_spans
 from mmlens.experiments.correctness import model_answer, wrong_answer_reason
@@ -140,7 +141,7 @@ def information_flow(
     if lens and model.tokenizer is None:
         raise ValueError("lens=True tracks answer words, but this model has no tokenizer: "
                          "load it with from_pretrained")
-    check_flow_spans(flows, flow_spans(source.prepare(0).spans[0], model, flows))
+    check_flow_spans(flows, flow_spans(_first_usable(source).spans[0], model, flows))
     options = {"flows": flows, "settings": settings, "only_correct": only_correct,
                "method": method, "batching": (batch_size, max_memory),
                "max_new_tokens": settings.filter_max_new_tokens,
@@ -224,6 +225,16 @@ def _warn_all_dropped(frame: pd.DataFrame, n_examples: int) -> None:
                       f"; {a}" for a in advice), AllDroppedWarning, stacklevel=3)
 
 
+def _first_usable(source: ExampleSource) -> MultimodalBatch:
+    """The first example that prepares (one whose box misses its image is dropped later)."""
+    for index in range(len(source)):
+        try:
+            return source.prepare(index)
+        except BoxOutsideImageError:
+            continue
+    return source.prepare(0)  # every example is unusable: raise the first one's reason
+
+
 class SharedRecords(list):
     """The stored records, shared rather than copied: pandas deep-copies ``attrs`` on every
     operation, which for a long run's records would cost far more than the sweep."""
@@ -238,7 +249,11 @@ def _one_example(model: HookedModel, source: ExampleSource, index: int, *, flows
                  max_new_tokens: int, wrong: bool, controls: bool, seed: int | None,
                  lens: bool) -> dict[str, Any]:
     example_id, task = source.example_id(index), source.task(index)
-    example = source.prepare(index)
+    try:
+        example = source.prepare(index)
+    except BoxOutsideImageError as err:  # the data's own box misses its image: nothing to block
+        return {"example_id": example_id, "task": task,
+                "dropped": f"box outside the image: {err}"}
     spans = flow_spans(example.spans[0], model, flows)
     check_flow_spans(flows, spans)
     record: dict[str, Any] = {"example_id": example_id, "task": task,

@@ -219,3 +219,18 @@ def test_exif_orientation_is_applied_and_recorded_in_examples_jsonl(tmp_path):
     (line,) = [json.loads(text) for text in (out / "examples.jsonl").read_text().splitlines()]
     assert line["exif_orientation"] == 6
     assert line["image_size"] == list(examples[0].image.size)
+
+
+def test_study_drops_an_example_whose_box_misses_its_image_instead_of_zero_rows(model):
+    from mmlens.experiments.sweep import dropped_examples, information_flow
+
+    examples = generate_per_task(2, seed=3, tasks=["ChooseAttr"])
+    size = examples[0].load_image().size
+    examples[0].boxes = [(size[0] + 4, 0, 5, 5)]
+    frame = information_flow(model, examples, flows=["related->last"], only_correct=False,
+                             empty_spans="zero", progress=False)
+    dropped = dropped_examples(frame)
+    row = dropped[dropped.example_id == examples[0].example_id]
+    assert list(row.reason.str.startswith("box outside the image")) == [True]
+    assert examples[0].example_id not in set(frame.example_id)
+    assert examples[1].example_id in set(frame.example_id)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mmlens.core.errors import MMLensError
-from mmlens.data.example import Example
+from mmlens.data.example import BoxOutsideImageError, Example
 from mmlens.data.gqa import load_gqa
 from mmlens.data.paper_subsets import PaperSubsetError, load_paper_subsets
 from mmlens.experiments.study import load_examples
@@ -187,24 +187,35 @@ def test_box_outside_the_image_is_refused_naming_example_box_and_size():
     assert overhang.boxes_for((100, 80)) == [(90.0, 70.0, 30.0, 30.0)]
 
 
-def test_gqa_box_outside_its_recorded_image_names_the_object(tmp_path):
+def test_gqa_box_outside_its_recorded_image_loads_with_a_count_and_is_refused_when_used(
+        tmp_path):
     folder = Path(shutil.copytree(GQA, tmp_path / "gqa"))
     graphs = json.loads((GQA / "sceneGraphs.json").read_text())
     graphs["1001"]["objects"]["11"]["x"] = graphs["1001"]["width"] + 3
     (folder / "sceneGraphs.json").write_text(json.dumps(graphs))
-    with pytest.raises(MMLensError, match=r"object '11' of image '1001' \(question 'q0\d'\): box "
-                       r"\(15, 2, 3, 4\) .* outside the 12x8 image"):
-        load_gqa(folder)
+    with pytest.warns(UserWarning, match=r"sceneGraphs.json: \d+ example\(s\) have a box "
+                      r"outside their recorded image .*dropped.csv"):
+        examples = load_gqa(folder)
+    hit = [ex for ex in examples if ex.image_id == "1001" and (15, 2, 3, 4) in ex.boxes]
+    assert hit, "the example still loads, so the data stays complete"
+    with pytest.raises(BoxOutsideImageError, match=r"box \(15.0, 2.0, 3.0, 4.0\) .* outside "
+                       r"the 12x8 image"):
+        hit[0].boxes_for((12, 8))
 
 
-def test_paper_subset_box_outside_its_image_names_the_row(tmp_path):
+def test_paper_subset_box_outside_its_image_loads_with_a_count_and_is_refused_when_used(
+        tmp_path):
     folder = tmp_path / "subsets"
     folder.mkdir()
     shutil.copy(SUBSETS / CHOOSE_ATTR, folder)
     _set_cell(folder / CHOOSE_ATTR, "central object y", "375")
-    with pytest.raises(MMLensError, match=rf"{CHOOSE_ATTR} row 1 \(line 2\), the central object:"
-                       r" box \(120.0, 375.0, 60.0, 80.0\) .* outside the 500x375 image"):
-        load_paper_subsets(folder, tmp_path)
+    with pytest.warns(UserWarning, match=rf"{CHOOSE_ATTR}: 1 example\(s\) have a box outside"):
+        examples = load_paper_subsets(folder, tmp_path)
+    outside = [ex for ex in examples if ex.boxes[0][1] == 375.0]
+    assert len(outside) == 1
+    with pytest.raises(BoxOutsideImageError, match=r"box \(120.0, 375.0, 60.0, 80.0\) .* "
+                       r"outside the 500x375 image"):
+        outside[0].boxes_for((500, 375))
 
 
 @pytest.mark.parametrize("image_id", ["../secret", "a/../../secret", "/etc/hostname",
