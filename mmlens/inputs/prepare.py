@@ -80,7 +80,9 @@ def encode_prompt(processor: Any, image: Image.Image, question: str, template: P
         spans = _spans_for(ids, offsets, (q_start, q_start + len(question)), image_token_id,
                            processor.tokenizer.bos_token_id)
         return out, spans, prompt
-    expanded_prefix = template.prefix.replace(IMAGE_PLACEHOLDER, image_str * n_image)
+    start, end = getattr(processor, "image_wrap", ("", ""))  # InternVL's <img> ... </img>
+    expanded_prefix = template.prefix.replace(IMAGE_PLACEHOLDER,
+                                              start + image_str * n_image + end)
     expanded = expanded_prefix + question + template.suffix
     tok = processor.tokenizer(expanded, return_offsets_mapping=True)
     if tok["input_ids"] != ids:

@@ -24,19 +24,23 @@ class ComposedProcessor:
     ``count_image_tokens(row)`` gives the image tokens of one image from its row of the image
     processor's ``sizes_key`` output: ``(height, width)`` of the original image for
     ``image_sizes`` (LLaVA-OneVision), ``(t, h, w)`` patches for ``image_grid_thw`` (Qwen-VL).
-    Each ``image_token`` in a prompt is expanded to that many, images taken in order.
+    Each ``image_token`` in a prompt is expanded to that many, images taken in order, between
+    ``image_wrap`` (InternVL: ``<img>``, ``</img>``); ``image_kwargs`` go to the image processor.
     """
 
     def __init__(self, tokenizer: Any, image_processor: Any, *,
                  count_image_tokens: Callable[[tuple[int, ...]], int],
                  chat_template: str | None = None, image_token: str = "<image>",
-                 sizes_key: str = "image_sizes"):
+                 sizes_key: str = "image_sizes", image_wrap: tuple[str, str] = ("", ""),
+                 image_kwargs: dict[str, Any] | None = None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template
         self.image_token = image_token
         self.count_image_tokens = count_image_tokens
         self.sizes_key = sizes_key
+        self.image_wrap = image_wrap
+        self.image_kwargs = dict(image_kwargs or {})
         if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
             raise ValueError(f"the tokenizer has no {image_token!r} token: is it the tokenizer of "
                              "this checkpoint?")
@@ -46,12 +50,12 @@ class ComposedProcessor:
         texts = [text] if isinstance(text, str) else list(text)
         data: dict[str, Any] = {}
         if images:
-            pixels = self.image_processor(list(images), return_tensors="pt")
+            pixels = self.image_processor(list(images), return_tensors="pt", **self.image_kwargs)
             data.update(pixels)
             if self.sizes_key not in pixels:
                 raise ValueError(f"the image processor returned {', '.join(pixels)} but no "
                                  f"{self.sizes_key!r}: is it this checkpoint's image processor?")
-            sizes = [tuple(int(v) for v in row)
+            sizes = [tuple(int(v) for v in row.reshape(-1))
                      for row in torch.as_tensor(pixels[self.sizes_key])]
             texts = self._expand(texts, sizes)
         tokens = self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kwargs)
@@ -68,7 +72,8 @@ class ComposedProcessor:
             pieces = text.split(self.image_token)
             out = pieces[0]
             for piece in pieces[1:]:
-                out += self.image_token * next(counts) + piece
+                start, end = self.image_wrap
+                out += start + self.image_token * next(counts) + end + piece
             expanded.append(out)
         return expanded
 

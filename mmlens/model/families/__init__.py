@@ -11,6 +11,7 @@ from typing import Any
 
 from mmlens.model.config import MultimodalConfig
 from mmlens.model.families.base import Family
+from mmlens.model.families.internvl import InternVLFamily
 from mmlens.model.families.llava import LlavaFamily
 from mmlens.model.families.llava_next import LlavaNextFamily
 from mmlens.model.families.onevision import LlavaOnevisionFamily
@@ -28,7 +29,7 @@ def register(family: Family) -> Family:
 
 
 for _family in (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), QwenVLFamily(),
-                Qwen25VLFamily(), Qwen3VLFamily()):
+                Qwen25VLFamily(), Qwen3VLFamily(), InternVLFamily()):
     register(_family)
 
 
@@ -58,6 +59,7 @@ def family_for(model_type: str | None) -> Family:
     return family
 
 
-__all__ = ["FAMILIES", "Family", "LlavaFamily", "LlavaNextFamily", "LlavaOnevisionFamily",
+__all__ = ["FAMILIES", "Family", "InternVLFamily", "LlavaFamily", "LlavaNextFamily",
+           "LlavaOnevisionFamily",
            "Qwen25VLFamily", "Qwen3VLFamily", "QwenVLFamily", "family_for", "from_hf_config",
            "register", "supported_families"]

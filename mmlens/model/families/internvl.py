@@ -1,0 +1,88 @@
+"""InternVL 3: InternViT on dynamic tiles plus a thumbnail, pixel shuffle, a LayerNorm + MLP
+projector and a Qwen2 decoder (``InternVLForConditionalGeneration``, not remote code).
+
+The GotOcr2 image processor cuts each image into the grid of ``S x S`` tiles whose aspect ratio
+is closest to the image's (at most ``max_patches``), and adds a thumbnail (the whole image at
+``S x S``) when there is more than one tile. Every tile is one row of the tower; its ``g x g``
+patches are pixel-shuffled into ``g/2 x g/2`` image tokens (``mmlens.model.intern_vision``).
+In the prompt an image is ``<img>`` + ``<IMG_CONTEXT>`` x (tokens per tile x tiles) +
+``</img>``, tiles in reading order, the thumbnail last; features replace the ``<IMG_CONTEXT>``
+tokens in order. Positions are 1D. HF's ``InternVLProcessor`` needs a video processor (and so
+torchvision); the family composes the tokenizer, the PIL image processor and the chat template
+(``mmlens.model.loading.internvl_processor``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from mmlens.core.sizes import ImageSize
+from mmlens.model.config import MultimodalConfig, language_config_from_hf
+from mmlens.model.families.base import Family
+from mmlens.model.intern_vision import InternVisionTower, ShuffleProjector
+from mmlens.model.loading.convert_internvl import convert_internvl, internvl_vision_config
+
+
+class InternVLFamily(Family):
+    name = "internvl"
+    fixed_preprocessing = "anyres"
+    model_types = ("internvl",)
+    hf_class = "InternVLForConditionalGeneration"
+    description = ("InternVL 3 (InternViT on dynamic tiles plus a thumbnail, 2x2 pixel "
+                   "shuffle, LayerNorm + MLP projector, Qwen2 decoder)")
+    checkpoints = ("OpenGVLab/InternVL3-1B-hf", "OpenGVLab/InternVL3-2B-hf",
+                   "OpenGVLab/InternVL3-8B-hf")
+    image_sizes_key = "num_patches"
+
+    def read_config(self, hf_config: Any) -> MultimodalConfig:
+        vision, feature = internvl_vision_config(hf_config)
+        return MultimodalConfig(
+            model_type="internvl", vision=vision,
+            text=language_config_from_hf(hf_config.text_config),
+            image_token_id=hf_config.image_token_id, feature_layers=[feature],
+            feature_select_strategy=hf_config.vision_feature_select_strategy,
+            projector_act=hf_config.projector_hidden_act, hf_config=hf_config)
+
+    def convert_state_dict(self, state: dict[str, Tensor],
+                           cfg: MultimodalConfig) -> dict[str, Tensor]:
+        return convert_internvl(state, cfg)
+
+    def build_image_modules(self, cfg: MultimodalConfig) -> dict[str, nn.Module]:
+        return {"vision": InternVisionTower(cfg.vision),
+                "projector": ShuffleProjector(cfg.vision, cfg.text.d_model, cfg.projector_act)}
+
+    def encode_images(
+        self, model: Any, pixel_values: Tensor, image_sizes: Tensor | None
+    ) -> Float[Tensor, "n_image_tokens d_model"]:
+        """``pixel_values [tiles, 3, S, S]`` (every image's tiles, thumbnails included, in
+        order) -> one feature per image token."""
+        features = model.projector(model.vision(pixel_values.to(model.embed.W_E.dtype)))
+        return features.reshape(-1, features.shape[-1])
+
+    def load_processor(self, path: str, **kwargs: Any) -> Any:
+        """Composed from the checkpoint's parts (HF's processor needs torchvision)."""
+        from transformers import AutoConfig
+
+        from mmlens.model.loading.internvl_processor import load_internvl_processor
+
+        cfg = self.read_config(AutoConfig.from_pretrained(path))
+        return load_internvl_processor(path, cfg.vision.tokens_per_tile, **kwargs)
+
+    def preprocessing_mode(self, model: Any, mode: str | None) -> str:
+        """Any known mode: the tiling is the processor's, and ``box_positions`` follows it."""
+        return Family.preprocessing_mode(self, model, mode)
+
+    def box_positions(
+        self, model: Any, image_size: ImageSize, boxes: Sequence[Any],
+        image_positions: Tensor, mode: str,
+    ) -> tuple[Tensor, Tensor]:
+        from mmlens.inputs.geometry import other_image_positions
+        from mmlens.inputs.internvl_spans import internvl_related_positions
+
+        related = internvl_related_positions(model.processor.image_processor, model.cfg.vision,
+                                             image_size, boxes, image_positions)
+        return related, other_image_positions(image_positions, related)

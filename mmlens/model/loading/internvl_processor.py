@@ -1,0 +1,58 @@
+"""InternVL's processor: ``inputs.processor.ComposedProcessor`` with InternVL's image tokens,
+composed without a video processor (so without torchvision).
+
+Hugging Face's ``InternVLProcessor`` requires a video processor, and every HF video processor
+needs torchvision. Images only need the tokenizer, the GotOcr2 PIL image processor (tiles plus a
+thumbnail) and the chat template: each ``<IMG_CONTEXT>`` in a prompt becomes
+``<img>`` + ``<IMG_CONTEXT>`` x (``image_seq_length`` x the image's tiles) + ``</img>``, as HF's
+processor writes it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mmlens.inputs.processor import ComposedProcessor, read_chat_template
+
+IMAGE_TOKEN, START_TOKEN, END_TOKEN = "<IMG_CONTEXT>", "<img>", "</img>"
+
+
+def internvl_processor(tokenizer: Any, image_processor: Any, image_seq_length: int,
+                       chat_template: str | None = None) -> ComposedProcessor:
+    """``processor(images=[...], text=[...])`` as HF's ``InternVLProcessor`` does it for images
+    (tiles always on, as HF's processor asks the image processor). Returns ``input_ids``,
+    ``attention_mask``, ``pixel_values [tiles, 3, S, S]`` and ``num_patches [images]``."""
+    for token in (START_TOKEN, END_TOKEN):
+        if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
+            raise ValueError(f"the tokenizer has no {token!r} token: is it the tokenizer of "
+                             "this InternVL checkpoint?")
+
+    def count_image_tokens(num_patches: tuple[int, ...]) -> int:
+        return image_seq_length * num_patches[0]
+
+    return ComposedProcessor(
+        tokenizer, image_processor, count_image_tokens=count_image_tokens,
+        chat_template=chat_template or getattr(tokenizer, "chat_template", None),
+        image_token=IMAGE_TOKEN, sizes_key="num_patches", image_wrap=(START_TOKEN, END_TOKEN),
+        image_kwargs={"crop_to_patches": True})
+
+
+def load_internvl_processor(path: str | Path, image_seq_length: int,
+                            **kwargs: Any) -> ComposedProcessor:
+    """Tokenizer, GotOcr2 PIL image processor and chat template of a checkpoint folder or hub
+    name; raises saying which piece is missing."""
+    from transformers import AutoTokenizer, GotOcr2ImageProcessorPil
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: no usable tokenizer ({error}); an InternVL checkpoint needs "
+                         "tokenizer.json / tokenizer_config.json") from error
+    try:
+        image_processor = GotOcr2ImageProcessorPil.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: no usable image processor ({error}); an InternVL checkpoint "
+                         "needs preprocessor_config.json") from error
+    return internvl_processor(tokenizer, image_processor, image_seq_length,
+                              read_chat_template(str(path), tokenizer))
