@@ -39,6 +39,7 @@ from mmlens.inputs.checkpoints import (
 from mmlens.inputs.image_tokens import TOKENIZATIONS
 from mmlens.inputs.spans import PIXEL_RULE_FAMILIES, RELATED_RULES
 from mmlens.inputs.templates import (
+    INTERNVL,
     LLAMA3_PAPER,
     ONEVISION,
     QWEN3_VL,
@@ -117,6 +118,13 @@ FAMILY_PRESETS: dict[str, StudyPreset] = {
           for name, n_layers in (("Qwen/Qwen3-VL-2B-Instruct", 28),
                                  ("Qwen/Qwen3-VL-4B-Instruct", 36),
                                  ("Qwen/Qwen3-VL-8B-Instruct", 36))),
+        *(StudyPreset(name, INTERNVL, default_window(n_layers), "anyres", n_layers,
+                      **_NOT_PAPER,
+                      notes="not in the paper: its instruction in InternVL 3's chat template, "
+                            "its window scaled to the depth")
+          for name, n_layers in (("OpenGVLab/InternVL3-1B-hf", 24),
+                                 ("OpenGVLab/InternVL3-2B-hf", 28),
+                                 ("OpenGVLab/InternVL3-8B-hf", 28))),
     )
 }
 PRESETS: dict[str, StudyPreset] = {**PAPER_PRESETS, **FAMILY_PRESETS}

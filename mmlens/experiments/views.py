@@ -16,7 +16,9 @@ positions to each cell's image token, averaged over heads, question positions an
 - Qwen2-VL / Qwen2.5-VL: the ``(grid_h / merge) x (grid_w / merge)`` merged cells of the
   resized image (28x28 px each for the released checkpoints), reassembled from the packed
   ``pixel_values`` by undoing the processor's patch packing and normalisation
-  (``mmlens.inputs.qwen_geometry.unpack_patches``).
+  (``mmlens.inputs.qwen_geometry.unpack_patches``);
+- InternVL 3: the thumbnail tile (the whole image squashed to one tile) and its ``g/2 x g/2``
+  pixel-shuffled tokens (2x2 patches each); the other tiles are not shown.
 
 This is one extra forward per task, with attention patterns on, outside the sweep.
 """
@@ -81,8 +83,24 @@ def _qwen_grid(model: Any, batch: Any) -> ViewGrid:
     return ViewGrid(rows, cols, vision.token_size, image, pixels)
 
 
+def _thumbnail_grid(model: Any, batch: Any) -> ViewGrid:
+    """InternVL's last tile (the thumbnail: the whole image squashed to one tile; the only
+    tile of a one-tile image) and its pixel-shuffled tokens, the image's last ones."""
+    vision, (n_tiles,) = model.cfg.vision, batch.image_sizes[0].tolist()
+    side = vision.image_size // vision.patch_size // 2
+    image = batch.positions("image", 0)
+    if len(image) != n_tiles * side**2:
+        raise ValueError(f"the example has {len(image)} image tokens but {n_tiles} tiles make "
+                         f"{n_tiles * side**2}: prepare it with this model's processor")
+    return ViewGrid(side, side, 2 * vision.patch_size, image[-side**2:],
+                    batch.pixel_values[0, n_tiles - 1])
+
+
 def view_grid(model: Any, batch: Any) -> ViewGrid:
-    """The grid of example 0 of ``batch``: a fixed square patch grid, or Qwen-VL's cells."""
+    """The grid of example 0 of ``batch``: a fixed square patch grid, Qwen-VL's cells, or
+    InternVL's thumbnail."""
+    if hasattr(model.cfg.vision, "tokens_per_tile"):
+        return _thumbnail_grid(model, batch)
     if hasattr(model.cfg.vision, "grid_size"):
         return _fixed_grid(model, batch)
     if hasattr(model.cfg.vision, "merge_size"):

@@ -55,8 +55,10 @@ class ComposedProcessor:
             if self.sizes_key not in pixels:
                 raise ValueError(f"the image processor returned {', '.join(pixels)} but no "
                                  f"{self.sizes_key!r}: is it this checkpoint's image processor?")
-            sizes = [tuple(int(v) for v in row.reshape(-1))
-                     for row in torch.as_tensor(pixels[self.sizes_key])]
+            # one row per image (InternVL's num_patches is one number an image)
+            rows = torch.as_tensor(pixels[self.sizes_key])
+            data[self.sizes_key] = rows = rows.reshape(len(rows), -1)
+            sizes = [tuple(int(v) for v in row) for row in rows]
             texts = self._expand(texts, sizes)
         tokens = self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kwargs)
         return BatchFeature({**tokens, **data})

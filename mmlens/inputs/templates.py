@@ -1,5 +1,5 @@
 """Prompt templates: the paper's Vicuna v1 prompt, the Llama-3 chat prompt, the Qwen chat
-prompt of LLaVA-OneVision and the Qwen-VL and Qwen3-VL chat prompts."""
+prompt of LLaVA-OneVision and the Qwen-VL, Qwen3-VL and InternVL 3 chat prompts."""
 
 from __future__ import annotations
 
@@ -76,6 +76,15 @@ QWEN3_VL = PromptTemplate(
 """Qwen3-VL's chat template (no default system prompt) for one image and the paper's
 instruction."""
 
+INTERNVL = PromptTemplate(
+    "internvl",
+    "<|im_start|>user\n<image>\n{question}\nAnswer the question using a single word or "
+    "phrase.<|im_end|>\n<|im_start|>assistant\n",
+)
+"""InternVL 3's chat template (``-hf`` checkpoints: no default system prompt; the processor
+expands ``<image>``, its ``<IMG_CONTEXT>``, to ``<img>`` + one token per tile's token +
+``</img>``) for one image and the paper's instruction."""
+
 PAPER_SUFFIX = " \nAnswer the question using a single word or phrase."
 """What the paper's code appends to every question (note the space before the newline)."""
 
@@ -95,7 +104,7 @@ LLAMA3_PAPER = PromptTemplate(
 )
 """The Llama-3 conversation with ``PAPER_SUFFIX`` after the question, followed by ``" \n"``."""
 
-TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL, QWEN3_VL,
+TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL, QWEN3_VL, INTERNVL,
                                  VICUNA_V1_PAPER, LLAMA3_PAPER)}
 
 

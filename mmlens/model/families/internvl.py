@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
@@ -37,6 +38,7 @@ class InternVLFamily(Family):
     checkpoints = ("OpenGVLab/InternVL3-1B-hf", "OpenGVLab/InternVL3-2B-hf",
                    "OpenGVLab/InternVL3-8B-hf")
     image_sizes_key = "num_patches"
+    prompt_template = "internvl"
 
     def read_config(self, hf_config: Any) -> MultimodalConfig:
         vision, feature = internvl_vision_config(hf_config)
@@ -58,10 +60,40 @@ class InternVLFamily(Family):
     def encode_images(
         self, model: Any, pixel_values: Tensor, image_sizes: Tensor | None
     ) -> Float[Tensor, "n_image_tokens d_model"]:
-        """``pixel_values [tiles, 3, S, S]`` (every image's tiles, thumbnails included, in
-        order) -> one feature per image token."""
-        features = model.projector(model.vision(pixel_values.to(model.embed.W_E.dtype)))
+        """Every image's tiles (thumbnails included), in order -> one feature per image token.
+
+        ``pixel_values``: HF's ``[tiles, 3, S, S]``, or ``prepare``'s ``[examples, most
+        tiles, 3, S, S]`` (zero padded) with ``image_sizes`` ``[examples, 1]`` (the
+        processor's ``num_patches``) saying how many tiles are real.
+        """
+        features = model.projector(model.vision(self._tiles(pixel_values, image_sizes).to(
+            model.embed.W_E.dtype)))
         return features.reshape(-1, features.shape[-1])
+
+    @staticmethod
+    def _tiles(pixel_values: Tensor, image_sizes: Tensor | None) -> Tensor:
+        if pixel_values.ndim == 4:
+            return pixel_values
+        if image_sizes is None or pixel_values.ndim != 5:
+            raise ValueError(
+                f"InternVL takes pixel_values [tiles, 3, S, S], or [examples, tiles, 3, S, S] "
+                f"with image_sizes (the processor's num_patches); got "
+                f"{list(pixel_values.shape)}{'' if image_sizes is not None else ' without'}"
+                f"{' image_sizes' if image_sizes is None else ''}: use model.prepare")
+        counts = image_sizes.reshape(len(image_sizes), -1)[:, 0].tolist()
+        if len(counts) != len(pixel_values) or max(counts) > pixel_values.shape[1]:
+            raise ValueError(f"image_sizes {counts} (tiles an image) do not fit pixel_values "
+                             f"{list(pixel_values.shape)}: were they prepared together?")
+        return torch.cat([tiles[:n] for tiles, n in zip(pixel_values, counts, strict=True)])
+
+    def stack_pixel_values(self, pixel_values: Sequence[Tensor]) -> Tensor:
+        """Each example's tiles ``[n_i, 3, S, S]`` -> ``[examples, max n_i, 3, S, S]`` (zero
+        padded; ``num_patches`` says how many are real), so a batch slices by example."""
+        longest = max(p.shape[0] for p in pixel_values)
+        out = pixel_values[0].new_zeros(len(pixel_values), longest, *pixel_values[0].shape[1:])
+        for i, tiles in enumerate(pixel_values):
+            out[i, :tiles.shape[0]] = tiles
+        return out
 
     def load_processor(self, path: str, **kwargs: Any) -> Any:
         """Composed from the checkpoint's parts (HF's processor needs torchvision)."""

@@ -1,0 +1,160 @@
+"""InternVL 3 through prepare and the study: a saved tiny folder loads (processor composed
+without torchvision) and equals HF on processed images with their own prompt; HF's own tiling
+and image-token run; related spans against a processor-painted image; ``mmlens flow`` offline,
+``mmlens hooks``; the fast sweep equals the naive one."""
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from mmlens import HookedMultimodalTransformer
+from mmlens.cli import main
+from mmlens.experiments import information_flow
+from mmlens.inputs.processor import ComposedProcessor
+from mmlens.inputs.templates import INTERNVL
+from mmlens.zoo.tiny import tiny_checkpoint, tiny_hf_model
+from mmlens.zoo.tiny.internvl import IMAGE_SEQ_LENGTH, IMAGE_SIZES, SPECIALS, TILE
+
+IMAGE = SPECIALS.index("<IMG_CONTEXT>")
+QUESTIONS = ["What color is the square?", "Which shape is red?", "Is the circle left or right "
+             "of the square?"]
+# one box per tiny image size: across a tile border, in a corner, in the middle
+BOXES = [[(25, 3, 14, 20)], [(0, 30, 11, 23)], [(17, 19, 15, 9)]]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_checkpoint("internvl", tmp_path_factory.mktemp("internvl"),
+                           text_config={"num_hidden_layers": 4})
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    return HookedMultimodalTransformer.from_pretrained(str(folder))
+
+
+def _painted(background=0, paint=255):
+    images = []
+    for size, ((x, y, w, h),) in zip(IMAGE_SIZES, BOXES, strict=True):
+        pixels = np.full((size.height, size.width, 3), background, dtype=np.uint8)
+        pixels[y:y + h, x:x + w] = paint
+        images.append(Image.fromarray(pixels))
+    return images
+
+
+def test_saved_folder_loads_with_its_own_prompt_and_equals_hf(folder, model):
+    from transformers import GotOcr2ImageProcessorPil, InternVLProcessor
+
+    assert isinstance(model.processor, ComposedProcessor)
+    assert model.family.prompt_template == INTERNVL.name
+    images = _painted()
+    batch = model.prepare(images, QUESTIONS)
+    # HF's tiling: the PIL image processor with crop_to_patches, as HF's processor asks
+    reference = GotOcr2ImageProcessorPil.from_pretrained(folder)(
+        images, crop_to_patches=True, return_tensors="pt")
+    assert reference["num_patches"].tolist() == [3, 3, 5]  # 2x1, 1x2, 2x2 tiles + thumbnails
+    tiles = torch.cat([p[:n] for p, (n,) in zip(batch.pixel_values, batch.image_sizes.tolist(),
+                                                strict=True)])
+    assert batch.pixel_values.shape[:2] == (3, 5)  # zero padded to the most tiles
+    assert torch.equal(tiles, reference["pixel_values"])
+    assert torch.equal(batch.image_sizes, reference["num_patches"][:, None])  # a row an image
+    # HF's image run, from HF's own InternVLProcessor.replace_image_token
+    tokens = SimpleNamespace(start_image_token="<img>", end_image_token="</img>",
+                             image_token="<IMG_CONTEXT>", image_seq_length=IMAGE_SEQ_LENGTH)
+    tokenizer = model.processor.tokenizer
+    for i, n in enumerate(reference["num_patches"].tolist()):
+        run = InternVLProcessor.replace_image_token(tokens, {"num_patches": [n]}, 0)
+        expected = INTERNVL.format(QUESTIONS[i]).replace("<image>", run)
+        real = batch.input_ids[i, batch.attention_mask[i].bool()]
+        assert real.tolist() == tokenizer(expected)["input_ids"]
+        assert len(batch.positions("image", i)) == n * IMAGE_SEQ_LENGTH
+    hf = type(tiny_hf_model("internvl")).from_pretrained(folder).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 pixel_values=tiles).logits
+        ours = model(batch)
+    real = batch.attention_mask.bool()
+    assert (ref - ours)[real].abs().max() <= 1e-4
+
+
+def test_related_tokens_are_those_the_painted_box_reaches(model):
+    """Paint each box white on black, run the processor, and read which image tokens' 8x8 px
+    squares (2x2 patches of their tile, thumbnails included) the paint reaches."""
+    images = _painted()
+    batch = model.prepare(images, QUESTIONS, boxes=BOXES)
+    pixels = torch.cat([p[:n] for p, (n,) in zip(batch.pixel_values, batch.image_sizes.tolist(),
+                                                 strict=True)])  # black is -1, white +1
+    per_side, token_px = TILE // 8, 8
+    squares = pixels.reshape(-1, 3, per_side, token_px, per_side, token_px).permute(
+        0, 2, 4, 1, 3, 5).flatten(3)  # [tiles, token row, token col, pixels]
+    touched = (squares > -1 + 1e-6).any(-1)  # any paint, blur included
+    solid = (squares > 0).any(-1)  # clearly painted pixels
+    start = 0
+    for i, (n,) in enumerate(batch.image_sizes.tolist()):
+        image = batch.positions("image", i)
+        related = torch.isin(image, batch.positions("related", i))
+        other = torch.isin(image, batch.positions("other", i))
+        assert torch.equal(related, ~other)
+        reach = touched[start:start + n].flatten()
+        clear = solid[start:start + n].flatten()
+        assert bool(related[clear].all()), i  # every clearly painted token is related
+        assert not bool(related[~reach].any()), i  # no related token is unpainted
+        assert n > 1 and bool(related[-IMAGE_SEQ_LENGTH:].any()), i  # thumbnail included
+        start += n
+
+
+def test_boxes_need_the_images_own_tiling(model):
+    from mmlens.core.errors import MMLensError
+    from mmlens.core.sizes import ImageSize
+
+    batch = model.prepare(_painted()[:1], QUESTIONS[:1])
+    with pytest.raises(MMLensError, match="image tokens but its"):
+        model.family.box_positions(model, ImageSize(50, 50), BOXES[0],
+                                   batch.positions("image", 0), "anyres")
+
+
+def test_folder_without_an_image_processor_fails_at_load(folder, tmp_path):
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    (copy / "preprocessor_config.json").unlink()
+    with pytest.raises(ValueError, match="no usable image processor"):
+        HookedMultimodalTransformer.from_pretrained(str(copy))
+
+
+def test_hooks_lists_the_internvl_hooks(folder, capsys):
+    assert main(["hooks", "--model", str(folder)]) == 0
+    listed = capsys.readouterr().out
+    for name in ("vision.embed.hook_pos_embed", "vision.blocks.2.hook_attn_out",
+                 "projector.hook_in", "projector.ln.hook_scale", "blocks.3.hook_resid_post"):
+        assert name in listed
+
+
+def test_flow_runs_offline(folder, tmp_path):
+    out = tmp_path / "run"
+    code = main(["flow", "--model", str(folder), "--per-task", "1", "--no-filter", "--quiet",
+                 "--tasks", "ChooseAttr,QueryAttr", "--flows", "image->last,related->last",
+                 "--out", str(out)])
+    assert code == 0
+    frame = pd.read_csv(out / "flow.csv")
+    assert set(frame.flow) == {"image->last", "related->last"}
+    assert frame[frame.flow == "image->last"].rel_change.abs().max() > 0
+    assert (out / "report.html").is_file()
+    views = json.loads((out / "views.json").read_text())
+    # the thumbnail's 3x3 tokens of 8 px (2x2 patches each)
+    assert views and all((v["rows"], v["cols"], v["cell_px"]) == (3, 3, 8) for v in views)
+
+
+def test_fast_sweep_equals_naive(model):
+    batch = model.prepare(_painted(), QUESTIONS, boxes=BOXES)
+    flows = ["image->last", "related->last", "other->last", "question->last"]
+    runs = {method: information_flow(model, batch, flows=flows, window=1, method=method,
+                                     only_correct=False)
+            for method in ("fast", "naive")}
+    fast, naive = (runs[m].sort_values(["example_id", "flow", "layer"]) for m in runs)
+    assert len(fast) == 3 * 4 * model.cfg.n_layers
+    assert np.abs(fast.p_block.to_numpy() - naive.p_block.to_numpy()).max() <= 1e-5
