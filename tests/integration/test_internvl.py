@@ -245,3 +245,22 @@ def test_tiles_of_another_size_are_refused(model):
     inputs = _inputs(*BATCHES["one-tile"])
     with pytest.raises(ValueError, match="24x24 tiles"):
         model(inputs["input_ids"], inputs["pixel_values"][..., :20, :20])
+
+
+def test_padded_tiles_equal_flat_tiles_and_need_their_counts(model):
+    inputs = _inputs(*BATCHES["tiles-left-padded"])
+    flat = inputs["pixel_values"]  # 3 + 1 + 5 tiles
+    padded = torch.zeros(3, 5, *flat.shape[1:])
+    for i, (start, n) in enumerate([(0, 3), (3, 1), (4, 5)]):
+        padded[i, :n] = flat[start:start + n]
+    counts = torch.tensor([[3], [1], [5]])
+    with torch.no_grad():
+        ref = model(inputs["input_ids"], flat, attention_mask=inputs["attention_mask"])
+        ours = model(inputs["input_ids"], padded, attention_mask=inputs["attention_mask"],
+                     image_sizes=counts)
+        assert torch.equal(ref, ours)
+        with pytest.raises(ValueError, match="without image_sizes"):
+            model(inputs["input_ids"], padded, attention_mask=inputs["attention_mask"])
+        with pytest.raises(ValueError, match="do not fit"):
+            model(inputs["input_ids"], padded, attention_mask=inputs["attention_mask"],
+                  image_sizes=torch.tensor([[3], [6], [5]]))
