@@ -15,9 +15,10 @@ a 12-token question. ``--real-shapes`` uses InternVL3-1B's widths and depths.
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
-from _common import measure, sweep_speedup
+from _common import measure, sweep_speedup, timed
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from mmlens import HookedMultimodalTransformer
@@ -96,6 +97,11 @@ def main() -> None:
     print(f"  HF sdpa forward                       {hf_s:8.3f} s")
     print(f"  mmlens forward                        {ours_s:8.3f} s   {ours_s / hf_s:.2f}x HF")
     print(f"  mmlens run_with_cache (every hook)    {cache_s:8.3f} s   {cache_s / hf_s:.2f}x HF")
+    # on a shared machine the load drifts between the blocks above: alternate the two forwards
+    ratios = [timed(lambda: model(batch), args.device)[1]
+              / timed(lambda: hf(**hf_inputs).logits, args.device)[1] for _ in range(4)]
+    print(f"  mmlens forward / HF, alternated 4 rounds: median {statistics.median(ratios):.2f}x "
+          f"(rounds {', '.join(f'{r:.2f}' for r in ratios)})")
 
     sweep_speedup(model, batch, DEFAULT_FLOWS, args.naive_layers, args.device, IMAGE_TOKEN)
 

@@ -71,10 +71,18 @@ def token_box_mask(image_processor: Any, token_px: int, image_size: ImageSize,
 
 
 def internvl_related_positions(image_processor: Any, vision: Any, image_size: ImageSize,
-                               boxes: Sequence[Any], image_positions: Tensor) -> Tensor:
+                               boxes: Sequence[Any], image_positions: Tensor,
+                               mode: str | None = None) -> Tensor:
     """Sequence positions of the image tokens the boxes reach; ``image_positions`` are the
-    image's ``<IMG_CONTEXT>`` positions in order. Raises when their count is not what the
-    processor's tiling makes (another processor or another image)."""
+    image's ``<IMG_CONTEXT>`` positions in order. ``mode="pad"``: the image was padded to a
+    centred square before the processor saw it (``prepare(..., preprocessing="pad")``). Raises
+    when the positions' count is not what the processor's tiling makes (another processor or
+    another image)."""
+    if mode == "pad":
+        side = max(image_size.width, image_size.height)
+        shift_x, shift_y = (side - image_size.width) // 2, (side - image_size.height) // 2
+        boxes = [(x + shift_x, y + shift_y, w, h) for x, y, w, h in boxes]
+        image_size = ImageSize(side, side)
     if tile_side(image_processor) != vision.image_size:
         raise MMLensError(f"the image processor makes {tile_side(image_processor)} px tiles but "
                           f"the vision tower takes {vision.image_size} px: is "

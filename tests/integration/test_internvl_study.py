@@ -109,6 +109,25 @@ def test_related_tokens_are_those_the_painted_box_reaches(model):
         start += n
 
 
+def test_padded_images_map_boxes_through_the_square(model):
+    """``preprocessing="pad"`` tiles the padded square; its related tokens are those of the
+    square image itself with the boxes moved onto it."""
+    from mmlens.inputs.preprocessing import pad_to_square
+
+    images = _painted()
+    padded = model.prepare(images, QUESTIONS, boxes=BOXES, preprocessing="pad")
+    squares = [pad_to_square(image, model.processor) for image in images]
+    moved = [[(x + (max(i.size) - i.size[0]) // 2, y + (max(i.size) - i.size[1]) // 2, w, h)
+              for x, y, w, h in boxes] for i, boxes in zip(images, BOXES, strict=True)]
+    direct = model.prepare(squares, QUESTIONS, boxes=moved)
+    assert torch.equal(padded.input_ids, direct.input_ids)
+    for i in range(len(images)):
+        assert torch.equal(padded.positions("related", i), direct.positions("related", i))
+    assert not torch.equal(padded.positions("related", 0),
+                           model.prepare(images[:1], QUESTIONS[:1], boxes=BOXES[:1])
+                           .positions("related", 0))
+
+
 def test_boxes_need_the_images_own_tiling(model):
     from mmlens.core.errors import MMLensError
     from mmlens.core.sizes import ImageSize

@@ -105,7 +105,8 @@ class InternVLFamily(Family):
         return load_internvl_processor(path, cfg.vision.tokens_per_tile, **kwargs)
 
     def preprocessing_mode(self, model: Any, mode: str | None) -> str:
-        """Any known mode: the tiling is the processor's, and ``box_positions`` follows it."""
+        """Any known mode: the tiling is the processor's, and ``box_positions`` follows it
+        (``"pad"``: through the square the image was padded to first)."""
         return Family.preprocessing_mode(self, model, mode)
 
     def box_positions(
@@ -116,5 +117,5 @@ class InternVLFamily(Family):
         from mmlens.inputs.internvl_spans import internvl_related_positions
 
         related = internvl_related_positions(model.processor.image_processor, model.cfg.vision,
-                                             image_size, boxes, image_positions)
+                                             image_size, boxes, image_positions, mode)
         return related, other_image_positions(image_positions, related)
