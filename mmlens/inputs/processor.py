@@ -96,6 +96,26 @@ class ComposedProcessor:
             (folder / "chat_template.jinja").write_text(self.chat_template)
 
 
+def load_parts(path: str | Path, image_processor_class: type, family: str,
+               **kwargs: Any) -> tuple[Any, Any]:
+    """A checkpoint's tokenizer (``AutoTokenizer``) and its image processor of
+    ``image_processor_class``; raises saying which piece is missing (a model without them is
+    unusable for ``prepare``)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: no usable tokenizer ({error}); a {family} checkpoint needs "
+                         "tokenizer.json / tokenizer_config.json") from error
+    try:
+        image_processor = image_processor_class.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: no usable image processor ({error}); a {family} checkpoint "
+                         "needs preprocessor_config.json") from error
+    return tokenizer, image_processor
+
+
 def read_chat_template(name_or_path: str, tokenizer: Any = None) -> str | None:
     """The checkpoint's chat template: ``chat_template.jinja``, ``chat_template.json``, then the
     tokenizer's own; None when there is none."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmlens.inputs.processor import ComposedProcessor, read_chat_template
+from mmlens.inputs.processor import ComposedProcessor, load_parts, read_chat_template
 
 IMAGE_TOKEN, START_TOKEN, END_TOKEN = "<IMG_CONTEXT>", "<img>", "</img>"
 
@@ -42,17 +42,8 @@ def load_internvl_processor(path: str | Path, image_seq_length: int,
                             **kwargs: Any) -> ComposedProcessor:
     """Tokenizer, GotOcr2 PIL image processor and chat template of a checkpoint folder or hub
     name; raises saying which piece is missing."""
-    from transformers import AutoTokenizer, GotOcr2ImageProcessorPil
+    from transformers import GotOcr2ImageProcessorPil
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: no usable tokenizer ({error}); an InternVL checkpoint needs "
-                         "tokenizer.json / tokenizer_config.json") from error
-    try:
-        image_processor = GotOcr2ImageProcessorPil.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: no usable image processor ({error}); an InternVL checkpoint "
-                         "needs preprocessor_config.json") from error
+    tokenizer, image_processor = load_parts(path, GotOcr2ImageProcessorPil, "InternVL", **kwargs)
     return internvl_processor(tokenizer, image_processor, image_seq_length,
                               read_chat_template(str(path), tokenizer))
