@@ -177,3 +177,14 @@ def test_fast_sweep_equals_naive(model):
     fast, naive = (runs[m].sort_values(["example_id", "flow", "layer"]) for m in runs)
     assert len(fast) == 3 * 4 * model.cfg.n_layers
     assert np.abs(fast.p_block.to_numpy() - naive.p_block.to_numpy()).max() <= 1e-5
+
+
+@pytest.mark.parametrize("name, n_layers", [("OpenGVLab/InternVL3-1B-hf", 24),
+                                            ("OpenGVLab/InternVL3-8B-hf", 28)])
+def test_presets_use_internvls_prompt_and_a_scaled_window(name, n_layers):
+    from mmlens.experiments.presets import PRESETS
+    from mmlens.methods.windows import default_window
+
+    preset = PRESETS[name]
+    assert preset.template is INTERNVL and preset.preprocessing == "anyres"
+    assert (preset.n_layers, preset.window) == (n_layers, default_window(n_layers))
