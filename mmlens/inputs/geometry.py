@@ -27,28 +27,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from fractions import Fraction
-from numbers import Rational, Real
-from typing import Literal
+from numbers import Real
 
 import torch
 
-from mmlens.core.sizes import ImageSize, SizeOrPair, as_image_size
+from mmlens.core.sizes import SizeOrPair, as_image_size
 from mmlens.data.example import Box
+from mmlens.inputs.layouts.grid import MODES, GridLayout, Mode, preprocess_transform
+from mmlens.inputs.token_map import CornerBox, corner_box
 
-Mode = Literal["resize_crop", "resize", "pad"]
-MODES: tuple[str, ...] = ("resize_crop", "resize", "pad")
-
-CornerBox = tuple[Rational, Rational, Rational, Rational]
-"""A box as exact half-open corners ``(x0, y0, x1, y1)``: it covers ``[x0, x1) x [y0, y1)``
-(ints or ``Fraction``s: exact rationals)."""
-
-
-def corner_box(box: Box) -> CornerBox:
-    """GQA's ``(x, y, w, h)`` as exact corners ``(x0, y0, x1, y1)``."""
-    x, y, w, h = (Fraction(v) for v in box)
-    if w < 0 or h < 0:
-        raise ValueError(f"box {tuple(box)} has a negative width or height: boxes are (x, y, w, h)")
-    return (x, y, x + w, y + h)
+__all__ = ["MODES", "CornerBox", "Mode", "boxes_to_patch_mask", "canvas_patch_mask",
+           "corner_box", "other_image_positions", "preprocess_transform",
+           "related_image_positions", "scale_and_shift"]
 
 
 def scale_and_shift(
@@ -94,30 +84,6 @@ def canvas_patch_mask(
     return mask.flatten()
 
 
-def preprocess_transform(
-    image_size: SizeOrPair, crop_size: int = 336, mode: Mode = "resize_crop"
-) -> tuple[tuple[Fraction, Fraction], tuple[Fraction, Fraction]]:
-    """``(scale, shift)``, each x first, taking original-image pixels to pixels of the
-    ``crop_size`` square."""
-    size = as_image_size(image_size)
-    width, height = size.width, size.height
-    if mode == "resize_crop":
-        short, long = min(width, height), max(width, height)
-        new_long = int(crop_size * long / short)  # Hugging Face's rounding of the long edge
-        new_w, new_h = (crop_size, new_long) if width <= height else (new_long, crop_size)
-        scale = (Fraction(new_w, width), Fraction(new_h, height))
-        shift = (Fraction(-((new_w - crop_size) // 2)), Fraction(-((new_h - crop_size) // 2)))
-        return scale, shift
-    if mode == "resize":
-        return (Fraction(crop_size, width), Fraction(crop_size, height)), (Fraction(0), Fraction(0))
-    if mode == "pad":
-        side = max(width, height)
-        scale = Fraction(crop_size, side)
-        pad_x, pad_y = (side - width) // 2, (side - height) // 2
-        return (scale, scale), (pad_x * scale, pad_y * scale)
-    raise ValueError(f"unknown preprocessing mode {mode!r}: use one of {MODES}")
-
-
 def boxes_to_patch_mask(
     boxes: Iterable[Box],
     image_size: SizeOrPair,
@@ -128,11 +94,12 @@ def boxes_to_patch_mask(
     """Which of the ``(crop_size // patch_size) ** 2`` patches any box touches.
 
     ``boxes`` are ``(x, y, w, h)`` in pixels of the original image, of size ``image_size``.
-    Returns a row-major bool mask ``[grid * grid]`` (576 for LLaVA-1.5's 336 px, 14 px patches).
+    Returns a row-major bool mask ``[grid * grid]`` (576 for LLaVA-1.5's 336 px, 14 px patches),
+    read off the image's token map (``mmlens.inputs.layouts.grid``).
     """
-    scale, shift = preprocess_transform(image_size, crop_size, mode)
-    corners = [scale_and_shift(corner_box(box), scale, shift) for box in boxes]
-    return canvas_patch_mask(corners, ImageSize(crop_size, crop_size), patch_size)
+    token_map = GridLayout(crop_size, patch_size, class_token=False).token_map(
+        as_image_size(image_size), mode)
+    return token_map.related(boxes)
 
 
 def _as_positions(

@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from mmlens.core.sizes import ImageSize
+from mmlens.inputs.layouts.merged import MergedLayout
 from mmlens.model.components.mrope import MRotaryEmbedding, mrope_position_ids
 from mmlens.model.components.qwen_vision import PatchMerger, QwenVisionTower
 from mmlens.model.config import LanguageConfig, MultimodalConfig, language_config
@@ -135,16 +135,16 @@ class QwenVLFamily(Family):
             out[i, :patches.shape[0]] = patches
         return out
 
-    def box_positions(
-        self, model: Any, image_size: ImageSize, boxes: Sequence[Any],
-        image_positions: Tensor, mode: str,
-    ) -> tuple[Tensor, Tensor]:
-        """Boxes through ``smart_resize`` onto the 28x28 px cells of the image tokens; Qwen
-        neither pads nor crops, so ``mode`` does not apply."""
-        from mmlens.inputs.qwen_geometry import qwen_box_positions
-
-        return qwen_box_positions(boxes, image_size, model.processor.image_processor,
-                                  image_positions)
+    def image_layout(self, model: Any) -> MergedLayout:
+        """Merged cells of the processor's dynamic resolution (its ``min_pixels`` /
+        ``max_pixels``); without a processor, the vision config's patch geometry with no
+        bound on the pixel count (enough to map a prepared batch's tokens to patches)."""
+        processor = getattr(model, "processor", None)
+        if processor is not None:
+            return MergedLayout.from_image_processor(processor.image_processor)
+        vision = model.cfg.vision
+        return MergedLayout(vision.patch_size, vision.merge_size, vision.temporal_patch_size,
+                            min_pixels=vision.token_size**2, max_pixels=2**62)
 
     def load_processor(self, path: str, **kwargs: Any) -> Any:
         from mmlens.model.loading.qwen_processor import load_qwen_processor
