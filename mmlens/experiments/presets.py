@@ -249,9 +249,7 @@ def _found_preset(model: Any) -> tuple[StudyPreset | None, str]:
 def _fixed_preprocessing(model: Any) -> str | None:
     """``"anyres"`` / ``"dynamic"`` where the model's processor fixes the geometry."""
     family = getattr(model, "family", None)
-    if family is not None:
-        return family.fixed_preprocessing
-    return "anyres" if getattr(model.cfg, "is_anyres", False) else None  # a config alone
+    return None if family is None else family.fixed_preprocessing
 
 
 def _check(settings: StudySettings, model: Any) -> None:

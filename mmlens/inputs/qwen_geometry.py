@@ -16,11 +16,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
 from mmlens.data.example import Box
-from mmlens.inputs.layouts.merged import MergedLayout, packed_patch_order
+from mmlens.inputs.layouts.merged import MergedLayout, packed_patch_order, unpack_patches
 
 __all__ = ["packed_patch_order", "qwen_box_patches", "qwen_box_positions", "resized_size",
            "unpack_patches"]
@@ -29,34 +29,6 @@ __all__ = ["packed_patch_order", "qwen_box_patches", "qwen_box_positions", "resi
 def resized_size(image_size: tuple[int, int], image_processor: Any) -> tuple[int, int]:
     """``(W, H)`` the processor resizes a ``(W, H)`` image to (its ``smart_resize``)."""
     return tuple(MergedLayout.from_image_processor(image_processor).resized(image_size))
-
-
-def unpack_patches(
-    pixel_values: Float[Tensor, "n_patches patch_dim"], grid_h: int, grid_w: int,
-    patch_size: int, merge_size: int, temporal_patch_size: int, n_channels: int = 3,
-) -> Float[Tensor, "n_channels height width"]:
-    """The resized image ``[C, grid_h * patch_size, grid_w * patch_size]`` back from one
-    image's packed patches (still rescaled and normalised as the processor left them).
-
-    The processor packs each patch as ``(C, temporal, patch, patch)`` (the still image repeated
-    over ``temporal``) and the patches in merge-block order: ``(grid_h / merge, grid_w / merge)``
-    blocks row-major, then ``merge x merge`` patches row-major inside a block. Only the first
-    ``grid_h * grid_w`` rows are read (``prepare`` pads examples to the longest).
-    """
-    if grid_h % merge_size or grid_w % merge_size:
-        raise ValueError(f"a {grid_h}x{grid_w} patch grid does not split into {merge_size}x"
-                         f"{merge_size} merge blocks: is image_grid_thw this image's?")
-    n_patches = grid_h * grid_w
-    dim = n_channels * temporal_patch_size * patch_size**2
-    if pixel_values.shape[0] < n_patches or pixel_values.shape[-1] != dim:
-        raise ValueError(f"pixel_values {tuple(pixel_values.shape)} cannot hold a {grid_h}x"
-                         f"{grid_w} grid of {dim}-value patches: pass one image's packed rows")
-    blocks = pixel_values[:n_patches].reshape(
-        grid_h // merge_size, grid_w // merge_size, merge_size, merge_size,
-        n_channels, temporal_patch_size, patch_size, patch_size)[:, :, :, :, :, 0]
-    # (block_row, block_col, row_in_block, col_in_block, C, py, px) -> (C, y, x)
-    return blocks.permute(4, 0, 2, 5, 1, 3, 6).reshape(
-        n_channels, grid_h * patch_size, grid_w * patch_size)
 
 
 def qwen_box_positions(

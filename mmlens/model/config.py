@@ -139,11 +139,6 @@ class MultimodalConfig:
     anyres_max_tiles: int | None = None
     hf_config: Any = field(default=None, repr=False)
 
-    @property
-    def is_anyres(self) -> bool:
-        """Tiled images (LLaVA-NeXT, LLaVA-OneVision): a base tile plus high-resolution tiles."""
-        return self.model_type in ("llava_next", "llava_onevision")
-
     def __getattr__(self, name: str) -> Any:
         # Language fields are read as cfg.n_layers, cfg.d_model... as in TransformerLens.
         if name.startswith("__") or name in ("text", "vision"):

@@ -27,11 +27,20 @@ from torch import Tensor, nn
 from mmlens.inputs.layouts.merged import MergedLayout
 from mmlens.model.components.mrope import MRotaryEmbedding, mrope_position_ids
 from mmlens.model.components.qwen_vision import PatchMerger, QwenVisionTower
-from mmlens.model.config import LanguageConfig, MultimodalConfig, language_config
+from mmlens.model.config import (
+    LanguageConfig,
+    MultimodalConfig,
+    QwenVisionConfig,
+    language_config,
+)
 from mmlens.model.families.base import Family
 from mmlens.model.kv_cache import KeyValueCache
 from mmlens.model.loading.convert import convert_language
-from mmlens.model.loading.convert_qwen import convert_qwen_vision, qwen_vision_config
+from mmlens.model.loading.convert_qwen import (
+    convert_qwen_vision,
+    qwen2_vision_config,
+    qwen25_vision_config,
+)
 
 
 class QwenVLFamily(Family):
@@ -53,7 +62,7 @@ class QwenVLFamily(Family):
         if getattr(tc, "use_sliding_window", False):
             raise ValueError(f"{self.name}: sliding-window attention in the decoder is not "
                              "supported (use_sliding_window is set in the text config)")
-        vision = qwen_vision_config(hf_config)
+        vision = self.read_vision_config(hf_config.vision_config)
         return MultimodalConfig(
             model_type=hf_config.model_type,
             vision=vision,
@@ -64,6 +73,10 @@ class QwenVLFamily(Family):
             feature_select_strategy="full",
             hf_config=hf_config,
         )
+
+    def read_vision_config(self, vc: Any) -> QwenVisionConfig:
+        """The vision transformer's config (Qwen2-VL's: LayerNorm, plain MLP)."""
+        return qwen2_vision_config(vc)
 
     def convert_state_dict(self, state: dict[str, Tensor],
                            cfg: MultimodalConfig) -> dict[str, Tensor]:
@@ -159,3 +172,6 @@ class Qwen25VLFamily(QwenVLFamily):
     description = ("Qwen2.5-VL (Qwen2-VL with window attention, RMSNorm and gated MLPs in the "
                    "vision transformer)")
     checkpoints = ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct")
+
+    def read_vision_config(self, vc: Any) -> QwenVisionConfig:
+        return qwen25_vision_config(vc)
