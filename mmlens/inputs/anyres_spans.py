@@ -81,12 +81,12 @@ def image_position_map(image_size: SizeOrPair, grid_info: Any) -> list[ImagePosi
     token_map = _map(image_size, grid_info)
     n_cols = _geometry(grid_info).tile_grid(token_map.image_size).cols
     out = []
-    for token in token_map.tokens:
+    for k, token in enumerate(token_map.tokens):
         tile_row, tile_col = divmod(token.tile - 1, n_cols) if token.tile > 0 else (-1, -1)
         if token.kind == "newline":
             tile_col = -1
         out.append(ImagePosition(token.kind, tile_row, tile_col, token.row, token.col,
-                                 token.pixel_box))
+                                 token_map.pixel_box(k)))
     return out
 
 

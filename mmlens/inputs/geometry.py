@@ -24,64 +24,18 @@ origin) -> ``canvas_patch_mask`` on each tile's canvas.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
-from fractions import Fraction
-from numbers import Real
 
 import torch
 
 from mmlens.core.sizes import SizeOrPair, as_image_size
 from mmlens.data.example import Box
 from mmlens.inputs.layouts.grid import MODES, GridLayout, Mode, preprocess_transform
-from mmlens.inputs.token_map import CornerBox, corner_box
+from mmlens.inputs.token_map import CornerBox, canvas_patch_mask, corner_box, scale_and_shift
 
 __all__ = ["MODES", "CornerBox", "Mode", "boxes_to_patch_mask", "canvas_patch_mask",
            "corner_box", "other_image_positions", "preprocess_transform",
            "related_image_positions", "scale_and_shift"]
-
-
-def scale_and_shift(
-    box: CornerBox, scale: tuple[Real, Real], shift: tuple[Real, Real] = (0, 0)
-) -> CornerBox:
-    """Map corners with ``x -> x * scale_x + shift_x`` (same for y).
-
-    Pass ``scale`` as ``Fraction(new_size, old_size)`` to keep patch borders exact.
-    """
-    sx, sy = Fraction(scale[0]), Fraction(scale[1])
-    ox, oy = Fraction(shift[0]), Fraction(shift[1])
-    x0, y0, x1, y1 = box
-    return (x0 * sx + ox, y0 * sy + oy, x1 * sx + ox, y1 * sy + oy)
-
-
-def canvas_patch_mask(
-    boxes: Iterable[CornerBox], canvas_size: SizeOrPair, patch_size: int = 14
-) -> torch.BoolTensor:
-    """Patches of a canvas of ``canvas_size`` that overlap any box given in canvas coordinates.
-
-    Boxes are clipped to the canvas; a box wholly outside it marks nothing. The patch grid is
-    ``size // patch_size``: where the side is not a whole number of patches (SigLIP's 384-px
-    tiles of 14-px patches cover 378 px), the convolution drops the last pixels, and a box
-    there marks no patch. Returns a row-major mask of shape ``[grid_h * grid_w]``.
-    """
-    canvas = as_image_size(canvas_size, "canvas size")
-    grid_w, grid_h = canvas.width // patch_size, canvas.height // patch_size
-    if grid_w == 0 or grid_h == 0:
-        raise ValueError(f"canvas {canvas} holds no whole "
-                         f"{patch_size}-pixel patch: pass the size of the canvas the vision "
-                         "tower sees")
-    width, height = grid_w * patch_size, grid_h * patch_size  # the pixels the patches see
-    mask = torch.zeros(grid_h, grid_w, dtype=torch.bool)
-    for x0, y0, x1, y1 in boxes:
-        x0, x1 = max(x0, 0), min(x1, width)
-        y0, y1 = max(y0, 0), min(y1, height)
-        if x1 <= x0 or y1 <= y0:
-            continue
-        # half-open: the last covered patch is the one holding the pixel just left of x1
-        cols = slice(math.floor(x0 / patch_size), math.ceil(x1 / patch_size))
-        rows = slice(math.floor(y0 / patch_size), math.ceil(y1 / patch_size))
-        mask[rows, cols] = True
-    return mask.flatten()
 
 
 def boxes_to_patch_mask(

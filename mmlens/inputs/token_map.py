@@ -28,10 +28,12 @@ towers) adds a module and its token kinds; the consumers above need no change.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from numbers import Rational
+from functools import cached_property
+from numbers import Rational, Real
 from typing import Any
 
 import torch
@@ -39,7 +41,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from mmlens.core.errors import MMLensError
-from mmlens.core.sizes import ImageSize
+from mmlens.core.sizes import ImageSize, SizeOrPair, as_image_size
 from mmlens.data.example import Box
 
 KINDS: tuple[str, ...] = ("cell", "class", "base", "tile", "newline", "merged", "thumbnail",
@@ -62,43 +64,123 @@ def corner_box(box: Box) -> CornerBox:
     return (x, y, x + w, y + h)
 
 
+def clip_box(box: CornerBox, size: ImageSize) -> CornerBox:
+    """``box`` cut to the image ``[0, width) x [0, height)`` (maybe empty)."""
+    x0, y0, x1, y1 = box
+    return (max(x0, 0), max(y0, 0), min(x1, size.width), min(y1, size.height))
+
+
+def scale_and_shift(
+    box: CornerBox, scale: tuple[Real, Real], shift: tuple[Real, Real] = (0, 0)
+) -> CornerBox:
+    """Map corners with ``x -> x * scale_x + shift_x`` (same for y).
+
+    Pass ``scale`` as ``Fraction(new_size, old_size)`` to keep patch borders exact.
+    """
+    sx, sy = Fraction(scale[0]), Fraction(scale[1])
+    ox, oy = Fraction(shift[0]), Fraction(shift[1])
+    x0, y0, x1, y1 = box
+    return (x0 * sx + ox, y0 * sy + oy, x1 * sx + ox, y1 * sy + oy)
+
+
+def canvas_patch_mask(
+    boxes: Iterable[CornerBox], canvas_size: SizeOrPair, patch_size: int = 14
+) -> torch.BoolTensor:
+    """Patches of a canvas of ``canvas_size`` that overlap any box given in canvas coordinates.
+
+    Boxes are clipped to the canvas; a box wholly outside it marks nothing. The patch grid is
+    ``size // patch_size``: where the side is not a whole number of patches (SigLIP's 384-px
+    tiles of 14-px patches cover 378 px), the convolution drops the last pixels, and a box
+    there marks no patch. Returns a row-major mask of shape ``[grid_h * grid_w]``.
+    """
+    canvas = as_image_size(canvas_size, "canvas size")
+    grid_w, grid_h = canvas.width // patch_size, canvas.height // patch_size
+    if grid_w == 0 or grid_h == 0:
+        raise ValueError(f"canvas {canvas} holds no whole "
+                         f"{patch_size}-pixel patch: pass the size of the canvas the vision "
+                         "tower sees")
+    width, height = grid_w * patch_size, grid_h * patch_size  # the pixels the patches see
+    mask = torch.zeros(grid_h, grid_w, dtype=torch.bool)
+    for x0, y0, x1, y1 in boxes:
+        x0, x1 = max(x0, 0), min(x1, width)
+        y0, y1 = max(y0, 0), min(y1, height)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        # half-open: the last covered patch is the one holding the pixel just left of x1
+        cols = slice(math.floor(x0 / patch_size), math.ceil(x1 / patch_size))
+        rows = slice(math.floor(y0 / patch_size), math.ceil(y1 / patch_size))
+        mask[rows, cols] = True
+    return mask.flatten()
+
+
 PatchRef = tuple[int, int]
 """``(tile, index)``: the tower row of this image's tile and the position in it."""
 
 
 @dataclass(frozen=True)
+class TileFrame:
+    """How the original image lands on one tile the tower sees: ``canvas = original * scale +
+    shift`` (x first), cut into ``patch`` px patches, ``grid_h x grid_w`` of them (pixels past
+    the last whole patch are seen by none). The patch at ``(row, col)`` is at tower index
+    ``offset + ((row // m) * (grid_w // m) + col // m) * m * m + (row % m) * m + col % m``
+    with ``m = merge``: row-major for ``merge = 1``, merge-block order otherwise (Qwen-VL)."""
+
+    scale: tuple[Rational, Rational]
+    shift: tuple[Rational, Rational]
+    patch: int
+    grid_h: int
+    grid_w: int
+    offset: int = 0
+    merge: int = 1
+
+    def index(self, row: int, col: int) -> int:
+        m = self.merge
+        return self.offset + ((row // m) * (self.grid_w // m) + col // m) * m * m + (
+            row % m) * m + col % m
+
+    def place(self, index: int) -> tuple[int, int]:
+        """``(row, col)`` of the patch at tower index ``index``."""
+        m = self.merge
+        block, inside = divmod(index - self.offset, m * m)
+        block_row, block_col = divmod(block, self.grid_w // m)
+        return block_row * m + inside // m, block_col * m + inside % m
+
+    def patch_box(self, index: int, size: ImageSize) -> CornerBox:
+        """The original pixels the patch at ``index`` sees, clipped to the image."""
+        row, col = self.place(index)
+        p = self.patch
+        return patch_box((col * p, row * p, (col + 1) * p, (row + 1) * p), self.scale,
+                         self.shift, size)
+
+
+@dataclass(frozen=True)
 class TokenPlace:
     """One image token. ``tile`` -1, ``row`` / ``col`` -1 where they do not apply (a newline
-    keeps the row of the feature row it ends); ``box`` None for a token no pixel reaches."""
+    keeps the tile and row of the feature row it ends); ``patches`` empty for a token no patch
+    made (a newline)."""
 
     kind: str
     tile: int
     row: int
     col: int
     patches: tuple[PatchRef, ...]
-    box: CornerBox | None
-
-    @property
-    def pixel_box(self) -> tuple[float, float, float, float] | None:
-        """``box`` as floats ``(x0, y0, x1, y1)``."""
-        return None if self.box is None else tuple(float(v) for v in self.box)
 
 
 @dataclass(frozen=True)
 class ImageTokenMap:
     """Every image token of one image, in input order (see the module docstring).
 
-    ``n_tiles``: the vision-tower rows the image runs as (a packed tower: 1, its patches in
-    the processor's order); ``tower_length``: positions in each row (class token included;
-    a packed tower: this image's patches); ``packed``: whether every image of a call shares
-    one tower row (Qwen-VL), so ``index`` counts from the image's first patch in that row.
+    ``frames[t]``: how the image lands on tile ``t`` (``len(frames)`` tower rows; a packed
+    tower: 1, its patches in the processor's order); ``tower_length``: positions in each row
+    (class token included; a packed tower: this image's patches); ``packed``: whether every
+    image of a call shares one tower row (Qwen-VL), so ``index`` counts from the image's first
+    patch in that row. ``mode``: the preprocessing the map was built for.
     """
 
     image_size: ImageSize
     mode: str | None
     tokens: tuple[TokenPlace, ...]
-    patch_boxes: dict[PatchRef, CornerBox]
-    n_tiles: int
+    frames: tuple[TileFrame, ...]
     tower_length: int
     class_offset: int
     packed: bool = False
@@ -107,23 +189,55 @@ class ImageTokenMap:
         return len(self.tokens)
 
     @property
+    def n_tiles(self) -> int:
+        return len(self.frames)
+
+    @property
     def kinds(self) -> list[str]:
         return [t.kind for t in self.tokens]
 
+    @cached_property
+    def patch_boxes(self) -> dict[PatchRef, CornerBox]:
+        """Every patch of every tile with its box in original pixels (empty where it sees only
+        padding)."""
+        return {(t, f.index(r, c)): f.patch_box(f.index(r, c), self.image_size)
+                for t, f in enumerate(self.frames)
+                for r in range(f.grid_h) for c in range(f.grid_w)}
+
+    def box(self, token: int) -> CornerBox | None:
+        """Token ``token``'s box in original pixels: the union of its patches' (None for a
+        token no patch made), exact and half-open, clipped to the image."""
+        patches = self.tokens[token].patches
+        if not patches or self.tokens[token].kind == "class":
+            return None
+        return union_box([self.frames[t].patch_box(i, self.image_size) for t, i in patches])
+
+    def pixel_box(self, token: int) -> tuple[float, float, float, float] | None:
+        """``box(token)`` as floats."""
+        box = self.box(token)
+        return None if box is None else tuple(float(v) for v in box)
+
     def sees_pixels(self) -> Bool[Tensor, " n_tokens"]:
         """Tokens made from patches (not a class token, a newline or a separator)."""
-        return torch.tensor([any(p in self.patch_boxes for p in t.patches)
-                             for t in self.tokens], dtype=torch.bool)
+        return torch.tensor([bool(t.patches) and t.kind != "class" for t in self.tokens],
+                            dtype=torch.bool)
 
     def related_patches(self, boxes: Iterable[Box]) -> set[PatchRef]:
         """Patches holding a pixel of any box; ``boxes`` are ``(x, y, w, h)`` in the original
         image's pixels (half-open, exact: a box ending on a patch border stays out of the
-        next patch; an empty box touches nothing)."""
-        corners = [c for c in (corner_box(b) for b in boxes) if c[2] > c[0] and c[3] > c[1]]
-        return {ref for ref, (x0, y0, x1, y1) in self.patch_boxes.items()
-                if x1 > x0 and y1 > y0 and any(
-                    bx0 < x1 and bx1 > x0 and by0 < y1 and by1 > y0
-                    for bx0, by0, bx1, by1 in corners)}
+        next patch; an empty box, or its part outside the image, touches nothing)."""
+        corners = [clip_box(corner_box(b), self.image_size) for b in boxes]
+        corners = [c for c in corners if c[2] > c[0] and c[3] > c[1]]
+        refs: set[PatchRef] = set()
+        if not corners:
+            return refs
+        for t, frame in enumerate(self.frames):
+            canvas = ImageSize(frame.grid_w * frame.patch, frame.grid_h * frame.patch)
+            mask = canvas_patch_mask([scale_and_shift(c, frame.scale, frame.shift)
+                                      for c in corners], canvas, frame.patch)
+            for k in mask.nonzero().flatten().tolist():
+                refs.add((t, frame.index(*divmod(k, frame.grid_w))))
+        return refs
 
     def related(self, boxes: Iterable[Box]) -> Bool[Tensor, " n_tokens"]:
         """Tokens any of whose patches holds a pixel of any box."""

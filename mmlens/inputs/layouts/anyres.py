@@ -24,14 +24,7 @@ from torch import Tensor
 
 from mmlens.core.sizes import ImageSize, SizeOrPair, as_image_size
 from mmlens.inputs.tiling import AnyresGeometry, bilinear_sources, read_image_sizes
-from mmlens.inputs.token_map import (
-    ImageLayout,
-    ImageTokenMap,
-    PatchRef,
-    TokenPlace,
-    patch_box,
-    union_box,
-)
+from mmlens.inputs.token_map import ImageLayout, ImageTokenMap, PatchRef, TileFrame, TokenPlace
 
 
 def tile_transform(
@@ -82,28 +75,22 @@ class AnyresLayout(ImageLayout):
             seen = ImageSize(side, side)
             pad = (Fraction((side - size.width) // 2), Fraction((side - size.height) // 2))
         base_scale = (Fraction(tile, seen.width), Fraction(tile, seen.height))
-        base_shift = (pad[0] * base_scale[0], pad[1] * base_scale[1])
-        tokens: list[TokenPlace] = []
-        boxes: dict[PatchRef, Any] = {}
-        for r in range(grid):
-            for c in range(grid):
-                ref = (0, offset + r * grid + c)
-                boxes[ref] = patch_box((c * patch, r * patch, (c + 1) * patch, (r + 1) * patch),
-                                       base_scale, base_shift, size)
-                tokens.append(TokenPlace("base", 0, r, c, (ref,), boxes[ref]))
+        base = TileFrame(base_scale, (pad[0] * base_scale[0], pad[1] * base_scale[1]), patch,
+                         grid, grid, offset=offset)
+        tokens = [TokenPlace("base", 0, r, c, ((0, base.index(r, c)),))
+                  for r in range(grid) for c in range(grid)]
         scale, paste, _ = tile_transform(seen, geometry)
-        shift = (paste[0] + pad[0] * scale[0], paste[1] + pad[1] * scale[1])
-        n_cols = geometry.tile_grid(seen).cols
+        tile_rows, tile_cols = geometry.tile_grid(seen)
+        frames = [base] + [
+            TileFrame(scale, (paste[0] + pad[0] * scale[0] - col * tile,
+                              paste[1] + pad[1] * scale[1] - row * tile),
+                      patch, grid, grid, offset=offset)
+            for row in range(tile_rows) for col in range(tile_cols)]
 
         def source(row: int, col: int) -> PatchRef:
-            """The patch of the tiles' feature grid at ``(row, col)``, with its box."""
-            ref = (1 + (row // grid) * n_cols + col // grid,
-                   offset + (row % grid) * grid + col % grid)
-            if ref not in boxes:
-                x0 = (col // grid) * tile + (col % grid) * patch
-                y0 = (row // grid) * tile + (row % grid) * patch
-                boxes[ref] = patch_box((x0, y0, x0 + patch, y0 + patch), scale, shift, size)
-            return ref
+            """The patch at ``(row, col)`` of the tiles' feature grid."""
+            tile_index = 1 + (row // grid) * tile_cols + col // grid
+            return tile_index, frames[tile_index].index(row % grid, col % grid)
 
         kept = geometry.kept_region(seen)
         packed = geometry.feature_grid(seen)
@@ -116,11 +103,11 @@ class AnyresLayout(ImageLayout):
             for cols in col_lists:
                 refs = tuple(source(i, j) for i in rows for j in cols)
                 tokens.append(TokenPlace("tile", refs[0][0], rows[0] % grid, cols[0] % grid,
-                                         refs, union_box([boxes[ref] for ref in refs])))
+                                         refs))
             first = source(rows[0], kept.col_start)[0]
-            tokens.append(TokenPlace("newline", first, rows[0] % grid, -1, (), None))
-        return ImageTokenMap(size, mode, tuple(tokens), boxes, geometry.n_tiles(seen),
-                             self.tower_length, offset)
+            tokens.append(TokenPlace("newline", first, rows[0] % grid, -1, ()))
+        return ImageTokenMap(size, mode, tuple(tokens), tuple(frames), self.tower_length,
+                             offset)
 
     def input_maps(self, batch: Any) -> list[list[ImageTokenMap]]:
         return [[self.token_map(size)] for size in read_image_sizes(batch.image_sizes,

@@ -17,7 +17,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mmlens.core.sizes import ImageSize, SizeOrPair, as_image_size
-from mmlens.inputs.token_map import ImageLayout, ImageTokenMap, TokenPlace, patch_box
+from mmlens.inputs.token_map import ImageLayout, ImageTokenMap, TileFrame, TokenPlace
 
 Mode = Literal["resize_crop", "resize", "pad"]
 MODES: tuple[str, ...] = ("resize_crop", "resize", "pad")
@@ -73,19 +73,13 @@ class GridLayout(ImageLayout):
         size = as_image_size(image_size)
         mode = mode or "resize_crop"
         scale, shift = preprocess_transform(size, self.crop_size, mode)
-        grid, patch, offset = self.grid, self.patch_size, self.class_offset
-        tokens, boxes = [], {}
-        if self.class_feature:
-            tokens.append(TokenPlace("class", 0, -1, -1, ((0, 0),), None))
-        for r in range(grid):
-            for c in range(grid):
-                ref = (0, offset + r * grid + c)
-                box = patch_box((c * patch, r * patch, (c + 1) * patch, (r + 1) * patch),
-                                scale, shift, size)
-                boxes[ref] = box
-                tokens.append(TokenPlace("cell", 0, r, c, (ref,), box))
-        return ImageTokenMap(size, mode, tuple(tokens), boxes, n_tiles=1,
-                             tower_length=self.tower_length, class_offset=offset)
+        grid = self.grid
+        frame = TileFrame(scale, shift, self.patch_size, grid, grid, offset=self.class_offset)
+        tokens = [TokenPlace("class", 0, -1, -1, ((0, 0),))] if self.class_feature else []
+        tokens += [TokenPlace("cell", 0, r, c, ((0, frame.index(r, c)),))
+                   for r in range(grid) for c in range(grid)]
+        return ImageTokenMap(size, mode, tuple(tokens), (frame,),
+                             tower_length=self.tower_length, class_offset=self.class_offset)
 
     def input_maps(self, batch: Any) -> list[list[ImageTokenMap]]:
         square = self.token_map(ImageSize(self.crop_size, self.crop_size), "resize")

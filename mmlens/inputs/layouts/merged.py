@@ -20,7 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mmlens.core.sizes import ImageSize, as_image_size
-from mmlens.inputs.token_map import ImageLayout, ImageTokenMap, TokenPlace, patch_box, union_box
+from mmlens.inputs.token_map import ImageLayout, ImageTokenMap, TileFrame, TokenPlace
 
 
 def packed_patch_order(grid_h: int, grid_w: int, merge_size: int) -> Int[Tensor, " n_patches"]:
@@ -103,20 +103,15 @@ class MergedLayout(ImageLayout):
         patch, merge = self.patch_size, self.merge_size
         grid_h, grid_w = resized.height // patch, resized.width // patch
         scale = (Fraction(resized.width, size.width), Fraction(resized.height, size.height))
-        order = packed_patch_order(grid_h, grid_w, merge).tolist()
-        boxes = {}
-        for packed, flat in enumerate(order):
-            r, c = divmod(flat, grid_w)
-            boxes[(0, packed)] = patch_box(
-                (c * patch, r * patch, (c + 1) * patch, (r + 1) * patch), scale, (0, 0), size)
+        frame = TileFrame(scale, (Fraction(0), Fraction(0)), patch, grid_h, grid_w,
+                          merge=merge)
         per_token, cols = merge * merge, grid_w // merge
-        tokens = []
-        for k in range(len(order) // per_token):
-            refs = tuple((0, k * per_token + j) for j in range(per_token))
-            tokens.append(TokenPlace("merged", 0, k // cols, k % cols, refs,
-                                     union_box([boxes[ref] for ref in refs])))
-        return ImageTokenMap(size, mode, tuple(tokens), boxes, n_tiles=1,
-                             tower_length=len(order), class_offset=0, packed=True)
+        tokens = tuple(
+            TokenPlace("merged", 0, k // cols, k % cols,
+                       tuple((0, k * per_token + j) for j in range(per_token)))
+            for k in range(grid_h * grid_w // per_token))
+        return ImageTokenMap(size, mode, tokens, (frame,), tower_length=grid_h * grid_w,
+                             class_offset=0, packed=True)
 
     def _grids(self, batch: Any) -> list[list[int]]:
         return torch.as_tensor(batch.image_sizes).reshape(-1, 3).tolist()
