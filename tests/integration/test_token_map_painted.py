@@ -76,6 +76,9 @@ CASES = [
     ("qwen2_5_vl", lambda: _qwen("qwen2_5_vl"), 0, [((24, 48), None, (12, 30, 8, 8))]),
 ]
 
+every_family = pytest.mark.parametrize("name, build, offset, images", CASES,
+                                       ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+
 
 def _layout(name, hf_config, image_processor):
     family = family_for(name)
@@ -108,8 +111,7 @@ def _patch_size(hf_config):
     return hf_config.vision_config.patch_size
 
 
-@pytest.mark.parametrize("name, build, offset, images", CASES,
-                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@every_family
 def test_each_patch_holds_the_pixels_of_its_box(name, build, offset, images):
     hf_config, image_processor = build()
     layout = _layout(name, hf_config, image_processor)
@@ -133,8 +135,7 @@ def test_each_patch_holds_the_pixels_of_its_box(name, build, offset, images):
                 assert not inside.any(), f"{ref} only sees padding but holds image pixels"
 
 
-@pytest.mark.parametrize("name, build, offset, images", CASES,
-                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+@every_family
 def test_related_tokens_are_those_the_painted_box_reaches(name, build, offset, images):
     hf_config, image_processor = build()
     layout = _layout(name, hf_config, image_processor)
