@@ -60,15 +60,12 @@ def view_grid(model: Any, batch: Any) -> ViewGrid:
                          "image layout (Family.image_layout), or the batch was not built by "
                          "model.prepare")
     token_map = batch.token_maps[0][0]
-    shown = [k for k, t in enumerate(token_map.tokens)
-             if t.tile == 0 and t.row >= 0 and t.col >= 0]
-    rows = 1 + max(token_map.tokens[k].row for k in shown)
-    cols = 1 + max(token_map.tokens[k].col for k in shown)
+    rows, cols, shown = token_map.grid_cells(0)
     image = batch.positions("image", 0)
-    if len(shown) != rows * cols or len(image) < len(token_map):
-        raise ValueError(f"the example's image map holds {len(shown)} cells for a {rows}x{cols} "
-                         f"grid and its prompt {len(image)} image tokens for {len(token_map)}: "
-                         "was the batch prepared with this model's processor?")
+    if len(image) < len(token_map):
+        raise ValueError(f"the example's prompt holds {len(image)} image tokens but its image "
+                         f"map {len(token_map)}: was the batch prepared with this model's "
+                         "processor?")
     return ViewGrid(rows, cols, layout.cell_px, image[torch.tensor(shown)],
                     layout.view_pixels(batch, 0))
 

@@ -248,6 +248,19 @@ class ImageTokenMap:
         return torch.tensor([any(p in patches for p in t.patches) for t in self.tokens],
                             dtype=torch.bool)
 
+    def grid_cells(self, tile: int = 0) -> tuple[int, int, list[int]]:
+        """``(rows, cols, tokens)``: the tokens of tile ``tile`` that have a place on its grid
+        (a class token or a newline has none), row-major, and the grid's shape."""
+        cells = [k for k, t in enumerate(self.tokens)
+                 if t.tile == tile and t.row >= 0 and t.col >= 0]
+        rows = 1 + max(self.tokens[k].row for k in cells)
+        cols = 1 + max(self.tokens[k].col for k in cells)
+        if len(cells) != rows * cols:
+            raise ValueError(f"tile {tile} has {len(cells)} tokens on a {rows}x{cols} grid: "
+                             "its tokens do not cover the grid once (an unpadded or "
+                             "downscaled tile?)")
+        return rows, cols, cells
+
     def tower_positions(self, tokens: Sequence[int]) -> list[list[int]]:
         """The tower patches of image tokens ``tokens``: one sorted list per tile."""
         per_tile: list[set[int]] = [set() for _ in range(self.n_tiles)]

@@ -5,6 +5,7 @@ Checked on the data path (zeroing the mapped tower patches changes exactly the c
 features) and against Hugging Face's eager SigLIP attention with an edited mask.
 """
 
+import numpy as np
 import pytest
 import torch
 from tiny_onevision import PATCH, QUESTIONS, TILE, random_image, tiny_onevision, tiny_processor
@@ -128,3 +129,16 @@ def test_cls_is_refused_on_a_tower_without_a_class_token(models, batch):
         ablate_positions("vision.blocks.0.hook_resid_pre", "cls", batch=batch)
     with pytest.raises(IndexError, match="patches, no class token"):
         block_attention([N_PATCHES], "patches", [0], tower="vision", model=model)
+
+
+def test_image_attention_draws_the_base_tile_from_the_map(models, batch):
+    from mmlens.plotting import image_attention
+
+    _, model = models
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch, names_filter="blocks.1.attn.hook_pattern")
+    figure = image_attention(cache, batch, layer=1, example=1)
+    base = batch.positions("image", 1)[:N_PATCHES]  # the base tile's features come first
+    last = batch.positions("last", 1)
+    expected = cache["blocks.1.attn.hook_pattern"][1].mean(0)[last][:, base].mean(0)
+    assert np.allclose(np.asarray(figure.data[0].z), expected.reshape(4, 4).numpy())

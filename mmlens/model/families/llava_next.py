@@ -62,7 +62,7 @@ class LlavaNextFamily(LlavaFamily):
         add_anyres_spans(model, batch)
 
     def preprocessing_mode(self, model: Any, mode: str | None) -> str:
-        """Any known mode: the tiling is the model's, and ``box_positions`` follows it."""
+        """Any known mode: the tiling is the model's, and its ``image_layout`` follows it."""
         return Family.preprocessing_mode(self, model, mode)
 
     def image_layout(self, model: Any) -> AnyresLayout:
