@@ -1,7 +1,8 @@
 """The image-token map: what every image token of one image is made from.
 
     token_map = layout.token_map(ImageSize(640, 480), mode="pad")
-    token_map.tokens[k]       # TokenPlace(kind, tile, row, col, patches, box) of image token k
+    token_map.tokens[k]       # TokenPlace(kind, tile, row, col, patches) of image token k
+    token_map.box(k)          # its box in the original image's pixels (x0, y0, x1, y1)
     token_map.related(boxes)  # bool [n_tokens]: tokens whose patches see a pixel of a box
 
 ``prepare`` builds one map per image (``batch.token_maps``) from the layout its model's family
@@ -14,10 +15,12 @@ A token's ``patches`` are ``(tile, index)`` pairs: ``tile`` the row of this imag
 the vision tower (0 for a one-tile image and for a packed tower; LLaVA-NeXT: 0 the base tile,
 then the high-resolution tiles row by row) and ``index`` the position in that tower row, the
 class-token offset included (``class_offset``: 1 for CLIP, whose rows start with the class
-token, 0 for SigLIP and Qwen-VL). Every patch has a box in the original image's pixels, exact
-(``Fraction``) and half-open, clipped to the image (empty where the patch sees only padding). A
-token is related to an object box when any of its patches holds a pixel of the box; its own
-``box`` is the union of its patches' boxes.
+token, 0 for SigLIP and Qwen-VL). Each tile has a ``TileFrame``: how the original pixels land
+on it (scale and shift, exact ``Fraction``s), its patch grid and the tower order of its
+patches. So every patch has a box in the original image's pixels, half-open, clipped to the
+image (empty where the patch sees only padding); a token is related to an object box when any
+of its patches holds a pixel of the box (the box is pushed forward through the frames, as the
+pixels go), and its own box is the union of its patches' boxes.
 
 One module per layout, each an ``ImageLayout``: ``layouts.grid`` (a square crop, with or
 without a class token: LLaVA-1.5), ``layouts.anyres`` (base tile, tiles, newlines and the
