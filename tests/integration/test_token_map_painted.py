@@ -107,15 +107,16 @@ def _patch(pixels, ref, offset, patch):
     return pixels[tile, :, row * patch:(row + 1) * patch, col * patch:(col + 1) * patch]
 
 
-def _patch_size(hf_config):
-    return hf_config.vision_config.patch_size
+def _family_case(name, build):
+    """The case's image processor, its family's layout and the tower's patch side."""
+    hf_config, image_processor = build()
+    return (image_processor, _layout(name, hf_config, image_processor),
+            hf_config.vision_config.patch_size)
 
 
 @every_family
 def test_each_patch_holds_the_pixels_of_its_box(name, build, offset, images):
-    hf_config, image_processor = build()
-    layout = _layout(name, hf_config, image_processor)
-    patch = _patch_size(hf_config)
+    image_processor, layout, patch = _family_case(name, build)
     for (width, height), mode, _ in images:
         xs, ys = np.meshgrid(np.arange(width), np.arange(height))
         coded = np.stack([xs + 1, ys + 1, np.full_like(xs, 255)], -1).astype(np.uint8)
@@ -137,9 +138,7 @@ def test_each_patch_holds_the_pixels_of_its_box(name, build, offset, images):
 
 @every_family
 def test_related_tokens_are_those_the_painted_box_reaches(name, build, offset, images):
-    hf_config, image_processor = build()
-    layout = _layout(name, hf_config, image_processor)
-    patch = _patch_size(hf_config)
+    image_processor, layout, patch = _family_case(name, build)
     for (width, height), mode, box in images:
         noise = np.random.default_rng(0).integers(20, 230, (height, width, 3), dtype=np.uint8)
         x, y, w, h = box
