@@ -21,7 +21,7 @@ from mmlens.inputs.image_tokens import TOKENIZATIONS, chunked_encoding
 from mmlens.inputs.preprocessing import pad_to_square
 from mmlens.inputs.protocol import InputsModel
 from mmlens.inputs.templates import IMAGE_PLACEHOLDER, PromptTemplate, get_template
-from mmlens.inputs.vision_spans import VisionLayout
+from mmlens.inputs.token_map import build_token_maps
 
 
 def _as_list(value: Any) -> list:
@@ -139,7 +139,7 @@ def prepare(model: InputsModel, images: Any, questions: Any, *,
     images = [to_rgb(img, source=name) for img, name in zip(images, names, strict=True)]
     if preprocessing is not None or boxes is not None:
         preprocessing = model.family.preprocessing_mode(model, preprocessing)
-    elif not model.cfg.is_anyres:
+    elif model.family.fixed_preprocessing != "anyres":
         preprocessing = default_preprocessing(model)
     model_images = images
     if preprocessing == "pad":
@@ -170,8 +170,10 @@ def prepare(model: InputsModel, images: Any, questions: Any, *,
         input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
         spans=spans, image_sizes=image_sizes, prompts=[p for _, _, p in encoded],
         examples=list(examples) if examples is not None else None,
-        tokenizer=processor.tokenizer, vision_layout=VisionLayout.from_config(model.cfg),
+        tokenizer=processor.tokenizer, image_layout=model.family.image_layout(model),
     )
+    # What every image token is made from: tower patches, pixels (mmlens.inputs.token_map).
+    batch.token_maps = build_token_maps(batch.image_layout, batch, images, preprocessing)
     model.family.add_image_spans(model, batch)
     if boxes is not None:
         from mmlens.inputs.spans import add_patch_spans
