@@ -1,0 +1,21 @@
+"""Tiny Qwen2.5-VL: Qwen2-VL's tiny shapes with RMSNorm and gated MLPs in the vision tower,
+16 px attention windows (2x2 tokens) and full attention in vision layer 1."""
+
+from __future__ import annotations
+
+from transformers import Qwen2_5_VLConfig
+
+from mmlens.zoo.tiny._qwen import IMAGE_SIZES, MERGE, PATCH, TEMPORAL, processor, text_config
+from mmlens.zoo.tiny._qwen import token_ids as _token_ids
+
+HF_CLASS = "Qwen2_5_VLForConditionalGeneration"
+__all__ = ["HF_CLASS", "IMAGE_SIZES", "hf_config", "processor"]
+
+
+def hf_config(*, vision_layers: int = 3, text_layers: int = 3,
+              n_kv_heads: int = 2) -> Qwen2_5_VLConfig:
+    vision = dict(depth=vision_layers, hidden_size=32, intermediate_size=40, out_hidden_size=48,
+                  num_heads=4, patch_size=PATCH, spatial_merge_size=MERGE,
+                  temporal_patch_size=TEMPORAL, window_size=16, fullatt_block_indexes=[1])
+    return Qwen2_5_VLConfig(vision_config=vision,
+                            text_config=text_config(text_layers, n_kv_heads), **_token_ids())
