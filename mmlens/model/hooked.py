@@ -25,12 +25,14 @@ from torch import Tensor
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from mmlens.core.errors import MMLensError
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.model.components import Embed, RMSNorm, Unembed
 from mmlens.model.config import MultimodalConfig
 from mmlens.model.families import family_for
 from mmlens.model.kv_cache import KeyValueCache
 from mmlens.model.language import LanguageStack
+from mmlens.model.processor_inputs import read_processor_outputs
 from mmlens.model.tl_api import TransformerLensAPI, check_pretrained_kwargs, language_model_loss
 
 
@@ -108,7 +110,7 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
     def forward(
         self,
         input: Int[Tensor, "batch pos"] | MultimodalBatch | Float[Tensor, "batch pos d_model"]
-        | str | list[str],
+        | str | list[str] | None = None,
         pixel_values: Float[Tensor, "images *tiles channels height width"]
         | Float[Tensor, "*patch_images n_patches patch_dim"] | None = None,
         *,
@@ -121,6 +123,7 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         past_kv_cache: KeyValueCache | None = None,
         tokens: Int[Tensor, "batch pos"] | None = None,
         loss_per_token: bool = False,
+        **processor_outputs: Any,
     ) -> Tensor | tuple[Tensor, Tensor] | None:
         """Run the model.
 
@@ -133,7 +136,20 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         loss needs ``tokens=``. ``stop_at_layer`` returns the residual stream entering it.
         ``position_ids`` default to the family's (``position_ids``); a ``past_kv_cache`` records
         them.
+
+        A processor's outputs go in under HF's names: ``model(**processor(images=...,
+        text=...))`` (``input_ids``, ``pixel_values`` in the processor's layout,
+        ``attention_mask`` and the family's geometry key, e.g. Qwen's ``image_grid_thw``;
+        ``mm_token_type_ids`` / ``batch_num_images`` are checked, not needed). Any other
+        keyword raises, listing the accepted names.
         """
+        if processor_outputs:
+            input, image_sizes = self._read_processor_outputs(
+                input, processor_outputs, pixel_values=pixel_values,
+                attention_mask=attention_mask, image_sizes=image_sizes)
+        if input is None:
+            raise MMLensError("no input: pass input_ids (or a prepared batch, or text), e.g. "
+                              "model(**processor(images=..., text=...))")
         if isinstance(input, str) or (isinstance(input, list | tuple) and input
                                       and all(isinstance(t, str) for t in input)):
             input = self.to_tokens(list(input) if not isinstance(input, str) else input)
@@ -194,6 +210,23 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         loss = language_model_loss(logits, tokens, attention_mask, self.cfg.image_token_id,
                                    per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
+
+    def _read_processor_outputs(self, input: Any, outputs: dict[str, Any], *,
+                                pixel_values: Tensor | None, attention_mask: Tensor | None,
+                                image_sizes: Tensor | None) -> tuple[Any, Tensor | None]:
+        """``input`` and ``image_sizes`` from HF-named keywords (``input_ids``, the family's
+        geometry key), the rest checked (``mmlens.model.processor_inputs``)."""
+        given = {"pixel_values": pixel_values, "attention_mask": attention_mask,
+                 "image_sizes": image_sizes, **outputs}
+        read = read_processor_outputs(
+            {k: v for k, v in given.items() if v is not None},
+            sizes_key=self.family.image_sizes_key, image_token_id=self.cfg.image_token_id,
+            family=self.family.name)
+        if "input_ids" in read:
+            if input is not None:
+                raise MMLensError("got input and input_ids: pass the tokens once")
+            input = read["input_ids"]
+        return input, read.get("image_sizes")
 
     def encode_images(
         self, pixel_values: Tensor, image_sizes: Tensor | None = None
