@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -319,11 +319,18 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         return super().hooks(list(fwd_hooks), list(bwd_hooks), *args, **kwargs)
 
     # ----------------------------------------------------------------- helpers
-    def prepare(self, images: Any, questions: Any, **kwargs: Any) -> MultimodalBatch:
-        """Prompts, pixel values and named position spans for images and questions."""
+    def prepare(self, images: Any, questions: Any, *, template: Any = None,
+                boxes: Sequence[Sequence[tuple[float, float, float, float]]] | None = None,
+                examples: Sequence[Any] | None = None, preprocessing: str | None = None,
+                tokenization: str = "whole", related_rule: str = "geometry") -> MultimodalBatch:
+        """Prompts, pixel values and named position spans for images and questions: one entry
+        of ``images`` per question (an image, a list of several, or None for text only); see
+        ``mmlens.inputs.prepare.prepare`` for the options."""
         from mmlens.inputs.prepare import prepare
 
-        return prepare(self, images, questions, **kwargs)
+        return prepare(self, images, questions, template=template, boxes=boxes,
+                       examples=examples, preprocessing=preprocessing,
+                       tokenization=tokenization, related_rule=related_rule)
 
     def generate(self, input: Any, pixel_values: Tensor | None = None, **kwargs: Any) -> Any:
         """Greedy or sampled continuation with images, a key/value cache and active hooks;

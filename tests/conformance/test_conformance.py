@@ -16,6 +16,7 @@ from mmlens import HookedMultimodalTransformer
 from mmlens.cli import main
 from mmlens.core.errors import MMLensError
 from mmlens.experiments import DEFAULT_FLOWS, information_flow
+from mmlens.inputs.templates import IMAGE_PLACEHOLDER
 from mmlens.methods import block_attention
 from mmlens.methods.lens import decode, lens_names, residual_stack
 from mmlens.model.families import FAMILIES as REGISTERED
@@ -218,3 +219,23 @@ def test_flow_runs_end_to_end_on_a_saved_tiny_checkpoint(tiny, tmp_path):
     assert run["n_examples"] == 2 and run["n_layers"] == model.cfg.n_layers
     assert run["versions"]["mmlens"] and len(run["weights_sha256"]) == 64
     assert (out / "report.html").is_file()
+
+
+def test_several_images_and_a_text_only_prompt_match_hf(tiny):
+    """``prepare`` with two images in one prompt and none in the other: HF's model on the
+    processor's outputs for the same prompts gives the same logits; each image has its span."""
+    model, images = tiny.model, tiny.images[:2]
+    batch = model.prepare([images, None], tiny.questions[:2])
+    spans = batch.spans[0]
+    assert torch.equal(torch.cat([spans["image_0"], spans["image_1"]]), spans["image"])
+    assert len(batch.spans[1]["image"]) == 0 and "image_0" not in batch.spans[1]
+    image = model.processor.tokenizer.convert_ids_to_tokens(model.cfg.image_token_id)
+    text = [prompt.replace(IMAGE_PLACEHOLDER, image) for prompt in batch.prompts]
+    inputs = dict(model.processor(images=images, text=text, padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        ours = model(batch)
+        reference = tiny.hf(**inputs).logits
+    for row in range(2):
+        n = int(batch.attention_mask[row].sum())
+        assert torch.equal(batch.input_ids[row, -n:], inputs["input_ids"][row, -n:])
+        assert (ours[row, -n:] - reference[row, -n:]).abs().max() <= 1e-4, row
