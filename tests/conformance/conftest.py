@@ -24,6 +24,9 @@ from mmlens.zoo.tiny import tiny_families, tiny_hf_model, tiny_module, tiny_proc
 from mmlens.zoo.tiny.tokenizer import QUESTIONS
 
 FAMILIES = tiny_families()
+VARIANTS = [(family, name) for family in FAMILIES
+            for name in getattr(tiny_module(family), "VARIANTS", {})]
+"""Every (family, variant) of the tiny modules' ``VARIANTS``: hf_config overrides."""
 
 
 def random_images(module: ModuleType) -> list[Image.Image]:
@@ -66,6 +69,13 @@ def hf_decoder_layers(module: ModuleType, hf: Any) -> list[torch.nn.Module]:
     return list(hf.model.language_model.layers)
 
 
+def processor_inputs(processor: Any, image_token_id: int, images: list[Image.Image],
+                     questions: list[str]) -> dict[str, torch.Tensor]:
+    """The processor's outputs for one image per question, left padded."""
+    text = prompts(processor, image_token_id, questions)
+    return dict(processor(images=images, text=text, padding=True, return_tensors="pt"))
+
+
 @dataclass
 class Tiny:
     """One family's tiny models and inputs, shared by the checks of a module."""
@@ -81,8 +91,8 @@ class Tiny:
 
     def single(self, index: int) -> dict[str, torch.Tensor]:
         """The processor's outputs for image ``index`` alone."""
-        text = prompts(self.processor, self.model.cfg.image_token_id, [self.questions[index]])
-        return dict(self.processor(images=[self.images[index]], text=text, return_tensors="pt"))
+        return processor_inputs(self.processor, self.model.cfg.image_token_id,
+                                [self.images[index]], [self.questions[index]])
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -95,6 +105,5 @@ def tiny(request: pytest.FixtureRequest) -> Tiny:
     model = HookedMultimodalTransformer.from_hf_model(hf, processor).eval()
     images = random_images(module)
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(len(images))]
-    text = prompts(processor, model.cfg.image_token_id, questions)
-    inputs = dict(processor(images=images, text=text, padding=True, return_tensors="pt"))
+    inputs = processor_inputs(processor, model.cfg.image_token_id, images, questions)
     return Tiny(name, module, hf, model, processor, images, questions, inputs)

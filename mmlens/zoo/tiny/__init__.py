@@ -11,6 +11,7 @@ offline processor for it::
 
 and, optionally (the conformance suite and ``tiny_hf_model`` use defaults without them)::
 
+    VARIANTS: dict[str, dict]           # named hf_config overrides parity is also checked on
     def perturb(model) -> None          # extra weight spread after the common one
 
 ``tiny_checkpoint(family, folder)`` writes the weights (every parameter perturbed, so norms and

@@ -8,7 +8,7 @@ from typing import Any
 
 from mmlens.core.sizes import ImageSize
 
-IMAGE_SIZES = (ImageSize(45, 29), ImageSize(22, 38))
+IMAGE_SIZES = (ImageSize(45, 29), ImageSize(22, 38), ImageSize(32, 32), ImageSize(60, 20))
 VOCAB = 120
 IMAGE_TOKEN = 110
 VIDEO_TOKEN = 111

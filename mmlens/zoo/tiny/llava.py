@@ -10,7 +10,17 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaProces
 from mmlens.core.sizes import ImageSize
 
 HF_CLASS = "LlavaForConditionalGeneration"
-IMAGE_SIZES = (ImageSize(40, 30), ImageSize(29, 45))
+IMAGE_SIZES = (ImageSize(40, 30), ImageSize(29, 45), ImageSize(32, 32))
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+VARIANTS = {  # hf_config overrides the conformance suite checks parity on, beside the default
+    "mha-last-layer": dict(n_kv_heads=4, feature_layer=-1),
+    "full-strategy": dict(strategy="full"),
+    "layer-list": dict(n_kv_heads=1, feature_layer=[-3, -1]),
+    "first-layer": dict(feature_layer=1, image_size=48),
+    "llama3-rope": dict(rope_parameters=LLAMA3_ROPE),
+}
 VOCAB = 96
 IMAGE_TOKEN = 4  # "<image>" in the shapes-llava vocabulary
 PAD_TOKEN = 3

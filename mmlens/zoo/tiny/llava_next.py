@@ -16,8 +16,9 @@ from mmlens.inputs.templates import LLAMA3, VICUNA_V1
 from mmlens.zoo.tiny.tokenizer import QUESTIONS, word_tokenizer
 
 HF_CLASS = "LlavaNextForConditionalGeneration"
-# a wide image (2 high-resolution tiles), a tall one (2) and a near-square one (4)
-IMAGE_SIZES = (ImageSize(61, 29), ImageSize(27, 50), ImageSize(45, 41))
+# portrait, landscape, square, smaller than a tile, large, elongated
+IMAGE_SIZES = (ImageSize(40, 90), ImageSize(90, 40), ImageSize(64, 64), ImageSize(20, 20),
+               ImageSize(100, 150), ImageSize(200, 30))
 TILE, PATCH = 32, 8
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 VOCAB = 128
@@ -27,6 +28,10 @@ IMAGE_TOKEN = SPECIALS.index("<image>")
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
+VARIANTS = {  # hf_config overrides the conformance suite checks parity on, beside the default
+    "llama3": dict(rope_parameters=LLAMA3_ROPE, n_kv_heads=1),  # and the Llama-3 vocabulary
+    "feature-layers": dict(feature_layer=[-3, -1], n_kv_heads=4),
+}
 
 
 def hf_config(*, pinpoints: list[list[int]] | None = None, feature_layer: int | list = -2,

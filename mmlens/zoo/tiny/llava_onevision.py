@@ -18,11 +18,18 @@ from mmlens.core.sizes import ImageSize
 from mmlens.zoo.tiny.tokenizer import QUESTIONS, word_tokenizer
 
 HF_CLASS = "LlavaOnevisionForConditionalGeneration"
-# wide (32x64 canvas, kept), square (64x64, downscaled to 5 x 5), wide on 64x96 (to 4 x 6)
-IMAGE_SIZES = (ImageSize(61, 29), ImageSize(45, 43), ImageSize(93, 61))
+# wide (kept 4 x 8), square (downscaled), unpadded + downscaled, tall, tiny, elongated
+IMAGE_SIZES = (ImageSize(64, 32), ImageSize(64, 64), ImageSize(90, 40), ImageSize(60, 90),
+               ImageSize(10, 10), ImageSize(70, 20))
 TILE, PATCH = 32, 8
 PINPOINTS = [[32, 64], [64, 32], [64, 64], [64, 96], [96, 64]]
 ASPECT = "anyres_max_2"
+VARIANTS = {  # hf_config overrides the conformance suite checks parity on, beside the default
+    "penultimate-mqa": dict(feature_layer=-2, n_kv_heads=1),
+    "layer-list-mha": dict(feature_layer=[-3, -1], n_kv_heads=4),
+    # as SigLIP's 384-px tiles of 14-px patches: 36-px tiles of 8-px patches (4 x 4, 32 px)
+    "tiles-not-whole-patches": dict(tile=36, pinpoints=[[36, 72], [72, 36], [72, 72]]),
+}
 VOCAB = 128
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 IMAGE_TOKEN = SPECIALS.index("<image>")
