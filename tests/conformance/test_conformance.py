@@ -11,7 +11,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import (
+from families import (
     VARIANTS,
     hf_decoder_layers,
     hf_vision_layers,

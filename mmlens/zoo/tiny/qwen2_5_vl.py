@@ -29,11 +29,14 @@ def hf_config(*, vision_layers: int = 3, text_layers: int = 3,
 def hf_vision_rows(hf: Any, inputs: Mapping[str, Any]) -> Tensor:
     """Which of our vision rows (the processor's patch order) each row of HF's vision blocks
     holds: HF runs the blocks on the patches regrouped by attention window."""
-    from transformers.vision_utils import get_vision_window_index
-
     visual = hf.model.visual
-    window_index, _ = get_vision_window_index(
-        inputs["image_grid_thw"], spatial_merge_size=visual.spatial_merge_size,
-        window_size=visual.window_size, patch_size=visual.patch_size)
+    if hasattr(visual, "get_window_index"):  # transformers before the shared vision_utils
+        window_index, _ = visual.get_window_index(inputs["image_grid_thw"])
+    else:
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(
+            inputs["image_grid_thw"], spatial_merge_size=visual.spatial_merge_size,
+            window_size=visual.window_size, patch_size=visual.patch_size)
     unit = MERGE**2
     return (window_index[:, None] * unit + torch.arange(unit)).flatten()
