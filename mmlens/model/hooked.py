@@ -32,7 +32,7 @@ from mmlens.model.config import MultimodalConfig
 from mmlens.model.families import family_for
 from mmlens.model.kv_cache import KeyValueCache
 from mmlens.model.language import LanguageStack
-from mmlens.model.processor_inputs import read_processor_outputs
+from mmlens.model.processor_inputs import CHECKED_NAMES, read_processor_outputs
 from mmlens.model.tl_api import TransformerLensAPI, check_pretrained_kwargs, language_model_loss
 
 
@@ -332,11 +332,20 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
                        examples=examples, preprocessing=preprocessing,
                        tokenization=tokenization, related_rule=related_rule)
 
-    def generate(self, input: Any, pixel_values: Tensor | None = None, **kwargs: Any) -> Any:
+    def generate(self, input: Any = None, pixel_values: Tensor | None = None,
+                 **kwargs: Any) -> Any:
         """Greedy or sampled continuation with images, a key/value cache and active hooks;
-        see ``mmlens.model.generation.generate``."""
+        see ``mmlens.model.generation.generate``. A processor's outputs go in under HF's names,
+        as in ``forward``: ``model.generate(**processor(...), max_new_tokens=5)``."""
         from mmlens.model.generation import generate
 
+        hf_names = {"input_ids", self.family.image_sizes_key, *CHECKED_NAMES} - {"image_sizes"}
+        outputs = {k: kwargs.pop(k) for k in list(kwargs) if k in hf_names}
+        if outputs:
+            input, kwargs["image_sizes"] = self._read_processor_outputs(
+                input, outputs, pixel_values=pixel_values,
+                attention_mask=kwargs.get("attention_mask"),
+                image_sizes=kwargs.get("image_sizes"))
         return generate(self, input, pixel_values, **kwargs)
 
     def to_tokens(self, text: str | list[str], prepend_bos: bool = True) -> Tensor:

@@ -107,10 +107,7 @@ def test_generate_matches_hf_greedy(tiny):
     inputs = tiny.inputs
     ref = tiny.hf.generate(**inputs, max_new_tokens=5, do_sample=False,
                            pad_token_id=tiny.processor.tokenizer.pad_token_id, eos_token_id=None)
-    ours = tiny.model.generate(
-        inputs["input_ids"], inputs["pixel_values"], attention_mask=inputs["attention_mask"],
-        image_sizes=inputs.get(tiny.model.family.image_sizes_key), max_new_tokens=5,
-        eos_token_id=None)
+    ours = tiny.model.generate(**inputs, max_new_tokens=5, eos_token_id=None)
     assert torch.equal(ref, ours)
 
 
