@@ -13,6 +13,11 @@ and, optionally (the conformance suite and ``tiny_hf_model`` use defaults withou
 
     VARIANTS: dict[str, dict]           # named hf_config overrides parity is also checked on
     def perturb(model) -> None          # extra weight spread after the common one
+    def hf_vision_rows(hf, inputs)      # our vision rows in HF's block order (Qwen2.5's windows)
+    def hf_vision_layers(hf)            # HF's vision blocks, where the tower has several lists
+    def hf_decoder_layers(hf)           # HF's decoder layers, if not model.language_model.layers
+
+Modules whose name starts with ``_`` hold what several families share (``_qwen``).
 
 ``tiny_checkpoint(family, folder)`` writes the weights (every parameter perturbed, so norms and
 biases are not trivial) and the processor; mmlens and HF's own class both load the folder. The
