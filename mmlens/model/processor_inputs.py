@@ -3,9 +3,9 @@
 A processor returns ``input_ids``, ``attention_mask``, ``pixel_values`` in its own layout and,
 per family, the images' geometry under the name the family declares (``Family.image_sizes_key``:
 ``image_sizes`` for LLaVA-NeXT and OneVision, ``image_grid_thw`` for Qwen-VL), plus bookkeeping
-that the model can check but does not need (``mm_token_type_ids``, ``batch_num_images``,
-``token_type_ids``). ``read_processor_outputs`` maps them onto ``forward``'s arguments and
-refuses any other name, listing the accepted ones.
+that the model can check but does not need (``mm_token_type_ids``, ``batch_num_images``).
+``read_processor_outputs`` maps them onto ``forward``'s arguments and refuses any other name,
+listing the accepted ones.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from mmlens.core.errors import MMLensError
 
 FORWARD_NAMES = ("input_ids", "pixel_values", "attention_mask", "image_sizes")
 """HF names that are ``forward`` arguments of the same meaning."""
-CHECKED_NAMES = ("mm_token_type_ids", "batch_num_images", "token_type_ids")
-"""HF names the model does not need; each is checked against the rest of the inputs."""
+CHECKED_NAMES = ("mm_token_type_ids", "batch_num_images")
+"""HF names the model does not need; each is checked against the rest of the inputs. A name
+that changes what a model computes (PaliGemma's ``token_type_ids``) is not one of them: the
+family that reads it must take it."""
 
 
 def accepted_names(sizes_key: str) -> list[str]:
