@@ -11,6 +11,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from mmlens.core.errors import MMLensError
+
 
 @dataclass
 class MultimodalBatch:
@@ -66,6 +68,10 @@ class MultimodalBatch:
         by ``model.prepare``."""
         from mmlens.inputs.vision_spans import vision_positions
 
+        if any("image_0" in spans or not len(spans.get("image", [0])) for spans in self.spans):
+            raise MMLensError(f"span {name!r} cannot be mapped into the vision tower: a prompt "
+                              "of this batch has several images or none; vision-tower spans "
+                              "need one image per prompt (give explicit patch indices)")
         layout = self.image_layout
         if model is not None:
             layout = model.family.image_layout(model)

@@ -175,8 +175,13 @@ class Family:
         return positions_from_mask(attention_mask)[:, -q_len:]
 
     # ------------------------------------------------------------- the processor's geometry
+    def split_pixel_values(self, pixel_values: Tensor,
+                           image_sizes: Tensor | None) -> list[Tensor]:
+        """One prompt's processor ``pixel_values`` -> one tensor per image (images first)."""
+        return list(pixel_values.split(1))
+
     def stack_pixel_values(self, pixel_values: Sequence[Tensor]) -> Tensor:
-        """The processor's per-example ``pixel_values`` -> one batch tensor."""
+        """The per-image ``pixel_values`` (``split_pixel_values``) -> one batch tensor."""
         return torch.cat(list(pixel_values))
 
     def add_image_spans(self, model: Any, batch: Any) -> None:

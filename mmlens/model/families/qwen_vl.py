@@ -151,8 +151,14 @@ class QwenVLFamily(Family):
                                           cfg.vision.merge_size, attention_mask[:, -q_len:])
         return positions
 
+    def split_pixel_values(self, pixel_values: Tensor,
+                           image_sizes: Tensor | None) -> list[Tensor]:
+        """A prompt's packed patches ``[n, dim]`` -> each image's, by ``image_grid_thw``."""
+        counts = torch.as_tensor(image_sizes).reshape(-1, 3).prod(-1).tolist()
+        return list(pixel_values.split(counts))
+
     def stack_pixel_values(self, pixel_values: Sequence[Tensor]) -> Tensor:
-        """Each example's packed patches ``[n_i, dim]`` -> ``[examples, max n_i, dim]``
+        """Each image's packed patches ``[n_i, dim]`` -> ``[images, max n_i, dim]``
         (zero padded; ``image_grid_thw`` says how many rows are real)."""
         longest = max(p.shape[0] for p in pixel_values)
         out = pixel_values[0].new_zeros(len(pixel_values), longest, pixel_values[0].shape[-1])
