@@ -21,5 +21,5 @@ def tiny(request: pytest.FixtureRequest) -> Tiny:
     model = HookedMultimodalTransformer.from_hf_model(hf, processor).eval()
     images = random_images(module)
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(len(images))]
-    inputs = processor_inputs(processor, model.cfg.image_token_id, images, questions)
+    inputs = processor_inputs(model, images, questions)
     return Tiny(name, module, hf, model, processor, images, questions, inputs)

@@ -33,10 +33,12 @@ def random_images(module: ModuleType) -> list[Image.Image]:
         for i, size in enumerate(module.IMAGE_SIZES)]
 
 
-def prompts(processor: Any, image_token_id: int, questions: list[str]) -> list[str]:
-    """The default template of the tokenizer, with the processor's own image token."""
-    template = get_template(None, processor.tokenizer)
-    image = processor.tokenizer.convert_ids_to_tokens(image_token_id)
+def prompts(model: HookedMultimodalTransformer, questions: list[str]) -> list[str]:
+    """The family's prompt template (else the one the tokenizer's vocabulary picks), with the
+    processor's own image token, as ``prepare`` writes them."""
+    tokenizer = model.processor.tokenizer
+    template = get_template(model.family.prompt_template, tokenizer)
+    image = tokenizer.convert_ids_to_tokens(model.cfg.image_token_id)
     return [template.prefix.replace(IMAGE_PLACEHOLDER, image) + q + template.suffix
             for q in questions]
 
@@ -66,11 +68,11 @@ def hf_decoder_layers(module: ModuleType, hf: Any) -> list[torch.nn.Module]:
     return list(hf.model.language_model.layers)
 
 
-def processor_inputs(processor: Any, image_token_id: int, images: list[Image.Image],
+def processor_inputs(model: HookedMultimodalTransformer, images: list[Image.Image],
                      questions: list[str]) -> dict[str, torch.Tensor]:
-    """The processor's outputs for one image per question, left padded."""
-    text = prompts(processor, image_token_id, questions)
-    return dict(processor(images=images, text=text, padding=True, return_tensors="pt"))
+    """The model's processor's outputs for one image per question, left padded."""
+    text = prompts(model, questions)
+    return dict(model.processor(images=images, text=text, padding=True, return_tensors="pt"))
 
 
 @dataclass
@@ -88,5 +90,5 @@ class Tiny:
 
     def single(self, index: int) -> dict[str, torch.Tensor]:
         """The processor's outputs for image ``index`` alone."""
-        return processor_inputs(self.processor, self.model.cfg.image_token_id,
+        return processor_inputs(self.model,
                                 [self.images[index]], [self.questions[index]])
