@@ -6,7 +6,8 @@
 positions]}``, ``answer`` (gold), ``model_answer`` (greedy, decoded until it can no longer
 equal the gold answer), ``kept``.
 
-``run.json`` gets ``versions`` (mmlens, torch, transformers) and ``weights_sha256`` (a digest
+``run.json`` gets ``versions`` (mmlens, torch, transformers), ``mmlens_source`` (a digest of
+the installed package's source, ``fingerprint.source_digest``) and ``weights_sha256`` (a digest
 of every parameter) from ``run_provenance``.
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 
-def _version(package: str) -> str | None:
+def version_of(package: str) -> str | None:
     try:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
@@ -41,8 +42,11 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 
 def run_provenance(model: torch.nn.Module) -> dict[str, Any]:
-    """Versions and the weight checksum, for ``run.json``."""
-    return {"versions": {name: _version(name) for name in ("mmlens", "torch", "transformers")},
+    """Versions, the package's source digest and the weight checksum, for ``run.json``."""
+    from mmlens.experiments.fingerprint import source_digest
+
+    return {"versions": {name: version_of(name) for name in ("mmlens", "torch", "transformers")},
+            "mmlens_source": source_digest(),
             "weights_sha256": weights_sha256(model)}
 
 

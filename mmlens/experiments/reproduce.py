@@ -41,6 +41,7 @@ def reproduce(
     only_correct: bool = True,
     metric: str = "prob",
     controls: bool = False,
+    break_lock: bool = False,
     **settings: str | None,
 ) -> Path:
     """Run the paper's study for one model; resumable like ``mmlens flow``.
@@ -61,5 +62,5 @@ def reproduce(
         flows=PAPER_FLOWS, device=device, dtype=dtype, only_correct=only_correct,
         batch_size=batch_size, max_memory=max_memory, device_map=device_map, progress=progress,
         rescale_boxes=rescale_boxes, shard=shard, preset=preset, metric=metric,
-        controls=controls, **settings,
+        controls=controls, break_lock=break_lock, **settings,
     )

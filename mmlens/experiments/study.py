@@ -151,6 +151,7 @@ def run_study(
     preset: str | None = None,
     metric: str = "prob",
     controls: bool = False,
+    break_lock: bool = False,
     **settings: str | None,
 ) -> Path:
     """Run the information-flow study and write its tables and report into ``out``.
@@ -166,18 +167,24 @@ def run_study(
     badly when other work shares the cores. ``rescale_boxes``: an image whose size differs
     from the size the data records (same aspect ratio) gets its boxes rescaled, not refused.
     ``shard=(K, N)``: only the K-th of N disjoint shares of the examples (``mmlens merge``
-    joins the shards' folders). Under ``torchrun`` the examples are dealt out over the ranks
-    and rank 0 writes the tables and report.
+    joins the shards' folders; each shard needs its own folder). ``break_lock``: take the
+    folder's lock from a run known to be gone (``mmlens.experiments.lock``). Under
+    ``torchrun`` the examples are dealt out over the ranks and rank 0 writes the tables and
+    report.
     """
     check_device(device)
     flow_names = [flow.name for flow in parse_flows(flows)]
     examples = load_examples(data, tasks=tasks, per_task=per_task, seed=seed, images=images)
+    if shard is not None and shard[0] >= len(examples):
+        raise MMLensError(f"shard {shard[0]}/{shard[1]} is empty: the {len(examples)} examples "
+                          f"fill only shards 0 to {len(examples) - 1}; split into at most "
+                          f"{len(examples)} shards, or merge the shards that hold examples")
     for example in examples:
         example.rescale_boxes = rescale_boxes
     out = Path(out) if out is not None else default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     ranks = init_ranks(device)
-    lock = RunLock(out)
+    lock = RunLock(out, break_lock=break_lock)
     try:
         refusal = None
         if ranks.is_main:

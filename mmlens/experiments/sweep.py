@@ -25,16 +25,8 @@ from mmlens.experiments.correctness import model_answer, wrong_answer_reason
 from mmlens.experiments.distributed import Ranks, StoreProgress, current_ranks
 from mmlens.experiments.emergence import answer_variants, lens_record
 from mmlens.experiments.engine import clean_run, fast_knockout_probs
-from mmlens.experiments.examples import ExampleSource, model_fingerprint
-from mmlens.experiments.fingerprint import (
-    METRIC,
-    code_digest,
-    config_digest,
-    processor_digest,
-    spans_digest,
-    template_digest,
-    weights_checksum,
-)
+from mmlens.experiments.examples import ExampleSource
+from mmlens.experiments.fingerprint import spans_digest, study_signature, template_digest
 from mmlens.experiments.knockouts import (
     DEFAULT_FLOWS,
     Flow,
@@ -142,11 +134,9 @@ def information_flow(
     results = None
     if store is not None:
         record = settings.record()
+        record.pop("preset_source")  # how the preset was found may name the model's folder
         signature = {
-            "kind": "information_flow", "model": model_fingerprint(model),
-            "weights": weights_checksum(model), "config": config_digest(model),
-            "processor": processor_digest(model), **source.digests(),
-            "span_rule": code_digest(), "metric": METRIC,
+            **study_signature(model, source.digests()),
             "flows": [f.name for f in flows], "only_correct": only_correct,
             "extra_spans": spans_digest(spans), **record,
             "template": template_digest(settings.template),
@@ -154,7 +144,7 @@ def information_flow(
             "controls": controls, "seed": seed if controls else None, "lens": lens,
             "max_new_tokens": max_new_tokens,
         }
-        results = ResultStore.open(store, signature, writer=ranks.rank)
+        results = ResultStore.open(store, signature, writer=ranks.rank, part=shard)
         ranks.barrier()  # every rank has read the store before any appends to it
     done = {} if results is None else results.done
     todo = ranks.mine([i for i in indices if source.example_id(i) not in done])

@@ -72,7 +72,7 @@ def test_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_module, "_write_line", full)
+    monkeypatch.setattr(store_module, "_append_line", full)
     assert flow(tmp_path / "run") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("mmlens flow: error: no space left on the device while writing")
