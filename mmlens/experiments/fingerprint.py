@@ -40,6 +40,7 @@ PRIME = 2**31 - 1
 CHUNK = 1 << 22  # elements per pass: bounds the temporary memory on the device
 METRIC = ("p = softmax(logits[last])[answer token]; rel_change = (p_block - p_base) / p_base * "
           "100; filter: greedy answer strip().lower() == gold strip().lower()")
+SUB_PROCESSORS = ("tokenizer", "image_processor", "video_processor", "feature_extractor")
 # Fields that say where a config was read from, not what it holds: another folder, same run.
 LOCATION_KEYS = ("_name_or_path", "name_or_path", "transformers_version", "vocab_file",
                  "merges_file", "tokenizer_file", "is_local", "local_files_only", "_commit_hash")
@@ -108,15 +109,18 @@ def processor_digests(model: HookedModel) -> dict[str, str]:
     """The processor by content, one digest per part, so a refusal names the part that moved:
     ``tokenizer`` (the whole ``tokenizer.json``: vocabulary, merges, normalizer, pre-tokenizer,
     post-processor, decoder), ``tokenizer_config`` (``tokenizer_config.json`` less the fields
-    that say where it was read from), ``special_tokens``, ``chat_template``, ``image`` (the
-    image processor's settings) and ``config`` (the processor's own settings)."""
+    that say where it was read from), ``special_tokens``, ``chat_template``, ``image`` and
+    ``video`` (those processors' settings) and ``config`` (the processor's own settings)."""
     processor = getattr(model, "processor", None)
     if processor is None:
         return {"processor": "none"}
     tokenizer = getattr(processor, "tokenizer", None)
-    image_processor = getattr(processor, "image_processor", None)
-    parts = {"config": _settings(processor.to_dict()),
-             "image": _settings(image_processor.to_dict()) if image_processor else "none"}
+    parts = {"config": _settings({k: v for k, v in processor.to_dict().items()
+                                  if k not in SUB_PROCESSORS})}
+    for attribute in SUB_PROCESSORS[1:]:
+        part = getattr(processor, attribute, None)
+        if part is not None:
+            parts[attribute.split("_")[0]] = _settings(part.to_dict())
     chat_template = getattr(processor, "chat_template", None)
     if tokenizer is not None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
