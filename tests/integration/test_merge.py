@@ -36,6 +36,8 @@ def test_a_killed_merge_is_redone_in_the_same_folder(shards, tmp_path, monkeypat
     assert main(["merge", str(out), *map(str, shards)]) == 0
     summary = check_run_folder(out)
     assert summary["n_examples"] == 2 and (out / "report.html").is_file()
+    assert summary["mmlens_source"] == fingerprint.source_digest()  # the code, in run.json
+    assert summary["versions"]["mmlens"] == fingerprint.version_of("mmlens")
 
 
 def test_a_folder_holding_a_run_is_not_merged_into(shards, capsys):
