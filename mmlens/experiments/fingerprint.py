@@ -115,12 +115,11 @@ def processor_digests(model: HookedModel) -> dict[str, str]:
     if processor is None:
         return {"processor": "none"}
     tokenizer = getattr(processor, "tokenizer", None)
-    parts = {"config": _settings({k: v for k, v in processor.to_dict().items()
-                                  if k not in SUB_PROCESSORS})}
+    parts = {"config": _settings(_as_dict(processor), leave_out=SUB_PROCESSORS)}
     for attribute in SUB_PROCESSORS[1:]:
         part = getattr(processor, attribute, None)
         if part is not None:
-            parts[attribute.split("_")[0]] = _settings(part.to_dict())
+            parts[attribute.split("_")[0]] = _settings(_as_dict(part))
     chat_template = getattr(processor, "chat_template", None)
     if tokenizer is not None:
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -137,9 +136,15 @@ def processor_digests(model: HookedModel) -> dict[str, str]:
     return {f"processor.{name}": _digest([text]) for name, text in parts.items()}
 
 
-def _settings(settings: dict[str, Any]) -> str:
+def _as_dict(part: Any) -> dict[str, Any]:
+    """A Hugging Face processor's settings; a processor of another kind: its class only."""
+    to_dict = getattr(part, "to_dict", None)
+    return to_dict() if callable(to_dict) else {"class": type(part).__qualname__}
+
+
+def _settings(settings: dict[str, Any], leave_out: Sequence[str] = ()) -> str:
     """Settings as JSON, less the fields that name where they were read from."""
-    kept = {k: v for k, v in settings.items() if k not in LOCATION_KEYS}
+    kept = {k: v for k, v in settings.items() if k not in LOCATION_KEYS and k not in leave_out}
     return json.dumps(kept, sort_keys=True, default=str)
 
 
