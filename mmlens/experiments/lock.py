@@ -20,6 +20,7 @@ breaks only the holder it read, so two breakers cannot both win.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -119,7 +120,8 @@ class RunLock:
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             self.holder["heartbeat"] = time.time()
-            _write(self._fd, self.holder)
+            with contextlib.suppress(OSError):  # a full disk: the next beat tries again
+                _write(self._fd, self.holder)
 
     def _break(self, holder: dict[str, Any] | None) -> None:
         """Take the lock from ``holder``, if it still holds it: one breaker at a time."""

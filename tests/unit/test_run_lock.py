@@ -78,6 +78,16 @@ def test_a_lock_from_another_host_goes_by_its_heartbeat(tmp_path):
         assert read_holder(tmp_path / LOCK_NAME)["host"] == taken.holder["host"]
 
 
+def test_the_holder_keeps_its_heartbeat_fresh(tmp_path, monkeypatch):
+    monkeypatch.setattr(lock_module, "HEARTBEAT_SECONDS", 0.05)
+    with RunLock(tmp_path):
+        first = read_holder(tmp_path / LOCK_NAME)["heartbeat"]
+        deadline = time.time() + 10
+        while read_holder(tmp_path / LOCK_NAME)["heartbeat"] == first:
+            assert time.time() < deadline, "no heartbeat written"
+            time.sleep(0.02)
+
+
 @pytest.mark.filterwarnings("ignore:breaking the lock")
 def test_two_concurrent_breakers_cannot_both_win(tmp_path, monkeypatch):
     breakers = 8
