@@ -23,7 +23,7 @@ import functools
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ from jaxtyping import Shaped
 from torch import Tensor
 
 from mmlens.core.sizes import as_image_size
-from mmlens.experiments.provenance import version_of
 from mmlens.model.protocol import HookedModel
 
 PRIME = 2**31 - 1
@@ -207,6 +206,14 @@ def _recorded_size(record: Any) -> list[int] | None:
         return None
     size = as_image_size(size, f"recorded image size of {getattr(record, 'example_id', '?')!r}")
     return [int(size.width), int(size.height)]
+
+
+def version_of(package: str) -> str | None:
+    """The installed version of ``package``; None when it is not installed."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def code_digests() -> dict[str, Any]:

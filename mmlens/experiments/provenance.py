@@ -16,18 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def version_of(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+from mmlens.experiments.fingerprint import source_digest, version_of
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -43,8 +37,6 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 def run_provenance(model: torch.nn.Module) -> dict[str, Any]:
     """Versions, the package's source digest and the weight checksum, for ``run.json``."""
-    from mmlens.experiments.fingerprint import source_digest
-
     return {"versions": {name: version_of(name) for name in ("mmlens", "torch", "transformers")},
             "mmlens_source": source_digest(),
             "weights_sha256": weights_sha256(model)}
