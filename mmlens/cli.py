@@ -22,9 +22,9 @@ import warnings
 
 from mmlens.data.example import TASKS
 from mmlens.experiments.knockouts import DEFAULT_FLOWS
-from mmlens.experiments.lock import FolderBusyError
 from mmlens.experiments.metrics import METRICS
 from mmlens.experiments.presets import EMPTY_SPANS, PRESETS
+from mmlens.experiments.runfolder.lock import FolderBusyError
 from mmlens.experiments.study import DEFAULT_MODEL, DEFAULT_PER_TASK
 from mmlens.inputs.image_tokens import TOKENIZATIONS
 from mmlens.inputs.spans import RELATED_RULES
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"results in {out}: flow.csv, summary.csv, dropped.csv, emergence.csv, "
                       "examples.jsonl, report.html")
         elif args.command == "merge":
-            from mmlens.experiments.merge import merge_shards
+            from mmlens.experiments.runfolder.merge import merge_shards
 
             print(f"merged into {merge_shards(args.out, args.shards, break_lock=args.break_lock)}")
         elif args.command == "report":

@@ -101,6 +101,6 @@ class ExampleSource:
 
     def digests(self) -> dict[str, Any]:
         """Digests of the examples' ids, questions, answers, tasks, boxes and image bytes."""
-        from mmlens.experiments.fingerprint import examples_digests
+        from mmlens.experiments.runfolder.fingerprint import examples_digests
 
         return examples_digests(self.records, self.ids, self.batch)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mmlens.experiments.fingerprint import source_digest, version_of
+from mmlens.experiments.runfolder.fingerprint import source_digest, version_of
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -70,6 +70,6 @@ def examples_jsonl(records: Sequence[Mapping[str, Any]],
 def write_examples(path: str | Path, records: Sequence[Mapping[str, Any]],
                    golds: Mapping[str, str] | None = None) -> Path:
     """Write ``examples.jsonl`` (atomically: a reader never sees half of it)."""
-    from mmlens.experiments.atomic import write_atomic
+    from mmlens.experiments.runfolder.atomic import write_atomic
 
     return write_atomic(Path(path), examples_jsonl(records, golds))

@@ -26,12 +26,12 @@ from typing import Any
 import torch
 
 from mmlens.core.errors import MMLensError
-from mmlens.experiments.atomic import write_atomic
-from mmlens.experiments.distributed import close_ranks, init_ranks, rank_device
 from mmlens.experiments.knockouts import DEFAULT_FLOWS, parse_flows
-from mmlens.experiments.lock import FolderBusyError, RunLock
 from mmlens.experiments.presets import resolve_settings
 from mmlens.experiments.provenance import run_provenance
+from mmlens.experiments.runfolder.atomic import write_atomic
+from mmlens.experiments.runfolder.distributed import close_ranks, init_ranks, rank_device
+from mmlens.experiments.runfolder.lock import FolderBusyError, RunLock
 from mmlens.experiments.sweep import dropped_examples, information_flow
 from mmlens.experiments.tables import (
     STORE_NAME,
@@ -168,7 +168,7 @@ def run_study(
     from the size the data records (same aspect ratio) gets its boxes rescaled, not refused.
     ``shard=(K, N)``: only the K-th of N disjoint shares of the examples (``mmlens merge``
     joins the shards' folders; each shard needs its own folder). ``break_lock``: take the
-    folder's lock from a run known to be gone (``mmlens.experiments.lock``). Under
+    folder's lock from a run known to be gone (``mmlens.experiments.runfolder.lock``). Under
     ``torchrun`` the examples are dealt out over the ranks and rank 0 writes the tables and
     report.
     """

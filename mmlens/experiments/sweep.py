@@ -22,11 +22,9 @@ from tqdm.auto import tqdm
 
 from mmlens.experiments.controls import control_spans
 from mmlens.experiments.correctness import model_answer, wrong_answer_reason
-from mmlens.experiments.distributed import Ranks, StoreProgress, current_ranks
 from mmlens.experiments.emergence import answer_variants, lens_record
 from mmlens.experiments.engine import clean_run, fast_knockout_probs
 from mmlens.experiments.examples import ExampleSource
-from mmlens.experiments.fingerprint import spans_digest, study_signature, template_digest
 from mmlens.experiments.knockouts import (
     DEFAULT_FLOWS,
     Flow,
@@ -37,7 +35,9 @@ from mmlens.experiments.knockouts import (
 from mmlens.experiments.metrics import METRICS, results_frame
 from mmlens.experiments.naive import naive_knockout_probs
 from mmlens.experiments.presets import StudySettings, resolve_settings
-from mmlens.experiments.store import ResultStore, read_store
+from mmlens.experiments.runfolder.distributed import Ranks, StoreProgress, current_ranks
+from mmlens.experiments.runfolder.fingerprint import spans_digest, study_signature, template_digest
+from mmlens.experiments.runfolder.store import ResultStore, read_store
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.model.protocol import HookedModel
 

@@ -10,9 +10,9 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from mmlens.cli import main
-from mmlens.experiments import store as store_module
 from mmlens.experiments import sweep
-from mmlens.experiments.lock import RunLock
+from mmlens.experiments.runfolder import store as store_module
+from mmlens.experiments.runfolder.lock import RunLock
 from mmlens.zoo import BUNDLED
 from mmlens.zoo.build import build_config, build_processor
 

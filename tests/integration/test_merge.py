@@ -6,7 +6,8 @@ import json
 import pytest
 
 from mmlens.cli import main
-from mmlens.experiments import fingerprint, report
+from mmlens.experiments import report
+from mmlens.experiments.runfolder import fingerprint
 from mmlens.experiments.tables import check_run_folder
 from mmlens.zoo import BUNDLED
 

@@ -11,8 +11,13 @@ from tokenizers import normalizers, pre_tokenizers, processors
 
 from mmlens import HookedMultimodalTransformer
 from mmlens.data.shapes import generate_per_task
-from mmlens.experiments import fingerprint, information_flow, sweep
-from mmlens.experiments.fingerprint import source_digest, tensor_checksum, weights_checksum
+from mmlens.experiments import information_flow, sweep
+from mmlens.experiments.runfolder import fingerprint
+from mmlens.experiments.runfolder.fingerprint import (
+    source_digest,
+    tensor_checksum,
+    weights_checksum,
+)
 from mmlens.inputs.templates import VICUNA_V1
 from mmlens.zoo import BUNDLED
 
@@ -189,7 +194,7 @@ def test_the_same_model_from_another_folder_resumes(examples, tmp_path, monkeypa
 
 
 def test_the_source_digest_is_content_not_place(tmp_path):
-    package = Path(fingerprint.__file__).resolve().parents[1]
+    package = Path(fingerprint.__file__).resolve().parents[2]
     copies = [tmp_path / "site-a" / "mmlens", tmp_path / "site-b" / "mmlens"]
     for folder in copies:
         shutil.copytree(package, folder, ignore=shutil.ignore_patterns("__pycache__"))

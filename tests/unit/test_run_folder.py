@@ -13,10 +13,11 @@ import torch
 from tiny import IMAGE_TOKEN, tiny_inputs, tiny_llava
 
 from mmlens import HookedMultimodalTransformer
-from mmlens.experiments import atomic, information_flow, sweep
-from mmlens.experiments.atomic import write_atomic
-from mmlens.experiments.lock import RunLock
-from mmlens.experiments.store import read_store
+from mmlens.experiments import information_flow, sweep
+from mmlens.experiments.runfolder import atomic
+from mmlens.experiments.runfolder.atomic import write_atomic
+from mmlens.experiments.runfolder.lock import RunLock
+from mmlens.experiments.runfolder.store import read_store
 from mmlens.inputs.batch import MultimodalBatch
 
 

@@ -12,8 +12,14 @@ import time
 import pytest
 
 from mmlens.cli import main
-from mmlens.experiments import lock as lock_module
-from mmlens.experiments.lock import LOCK_NAME, STALE_SECONDS, FolderBusyError, RunLock, read_holder
+from mmlens.experiments.runfolder import lock as lock_module
+from mmlens.experiments.runfolder.lock import (
+    LOCK_NAME,
+    STALE_SECONDS,
+    FolderBusyError,
+    RunLock,
+    read_holder,
+)
 from mmlens.zoo import BUNDLED
 
 

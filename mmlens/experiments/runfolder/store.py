@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmlens.experiments.atomic import write_atomic
+from mmlens.experiments.runfolder.atomic import write_atomic
 
 FORMAT = "mmlens-results/2"
 CHECK = re.compile(rb',"check":"([0-9a-f]{16})"}$')

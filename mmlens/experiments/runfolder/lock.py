@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from mmlens.experiments.atomic import file_mode, remove_stale_temporaries
+from mmlens.experiments.runfolder.atomic import file_mode, remove_stale_temporaries
 
 LOCK_NAME = ".mmlens.lock"
 BREAK_NAME = ".mmlens.lock.break"

@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmlens.experiments.atomic import write_atomic
 from mmlens.experiments.knockouts import parse_flows
-from mmlens.experiments.lock import RunLock
-from mmlens.experiments.store import read_store, store_header, write_store
+from mmlens.experiments.runfolder.atomic import write_atomic
+from mmlens.experiments.runfolder.lock import RunLock
+from mmlens.experiments.runfolder.store import read_store, store_header, write_store
 from mmlens.experiments.sweep import SharedRecords, dropped_examples, results_frame
 from mmlens.experiments.tables import (
     STORE_NAME,
