@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmlens.experiments.atomic import write_atomic
 from mmlens.experiments.captions import VARIANT_LABELS, emergence_caption, flow_caption
 from mmlens.experiments.controls import control_flow, is_control
 from mmlens.experiments.knockouts import parse_flow
+from mmlens.experiments.runfolder.atomic import write_atomic
 from mmlens.experiments.summary import flow_summary
 from mmlens.plotting import knockout_curves, lens_trajectories
 from mmlens.plotting.views import example_view_figure, view_caption
