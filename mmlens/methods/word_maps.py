@@ -50,6 +50,24 @@ def span_words(model: HookedModel, batch: MultimodalBatch, span: str = "question
             for group in groups]
 
 
+def word_frames(model: HookedModel, batch: MultimodalBatch, layers: Sequence[int], *,
+                span: str = "question", example: int = 0, words: Sequence[str] | None = None,
+                regions: Any = None, image_size: Any = None,
+                batch_size: int = 64) -> list[tuple[str, Tensor, Any]]:
+    """``(word, positions, causal_map frame)`` per word of ``span`` in ``example`` (only those
+    in ``words`` when given): the word's attention to each region (``regions`` as
+    ``causal_map`` takes them, for the example on its own; default one region per image
+    token) blocked in ``layers``."""
+    one = single_example(batch, example)
+    offset = batch.input_ids.shape[1] - one.input_ids.shape[1]
+    images = None if image_size is None else [image_size]
+    return [(word, positions,
+             causal_map(model, one, dst=[positions - offset], layers=list(layers),
+                        regions=regions, images=images, batch_size=batch_size))
+            for word, positions in span_words(model, batch, span, example)
+            if words is None or word in words]
+
+
 def word_maps(model: HookedModel, batch: MultimodalBatch, layers: Sequence[int], *,
               grid: Tensor | None = None, span: str = "question", example: int = 0,
               image_size: Any = None, batch_size: int = 64) -> list[dict[str, Any]]:
@@ -62,16 +80,12 @@ def word_maps(model: HookedModel, batch: MultimodalBatch, layers: Sequence[int],
     the example. ``image_size``: the original image (or ``(width, height)``), for the pixel
     boxes; default the example's record's image.
     """
-    one = single_example(batch, example)
-    offset = batch.input_ids.shape[1] - one.input_ids.shape[1]
+    offset = batch.input_ids.shape[1] - int(batch.attention_mask[example].sum())
     grid = batch.positions("image", example) if grid is None else torch.as_tensor(grid)
     regions = {str(i): [(grid[i:i + 1] - offset).cpu()] for i in range(len(grid))}
-    images = None if image_size is None else [image_size]
-    maps = []
-    for word, positions in span_words(model, batch, span, example):
-        frame = causal_map(model, one, dst=[positions - offset], layers=list(layers),
-                           regions=regions, images=images, batch_size=batch_size)
-        maps.append({"word": word, "positions": positions.tolist(),
-                     "values": [round(float(v), 6) for v in frame["value"]],
-                     "p_base": float(frame["p_base"].iloc[0])})
-    return maps
+    return [{"word": word, "positions": positions.tolist(),
+             "values": [round(float(v), 6) for v in frame["value"]],
+             "p_base": float(frame["p_base"].iloc[0])}
+            for word, positions, frame in word_frames(
+                model, batch, layers, span=span, example=example, regions=regions,
+                image_size=image_size, batch_size=batch_size)]
