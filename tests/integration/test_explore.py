@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from transformers import LlavaForConditionalGeneration
+from tiny import small_shapes_model
 
-from mmlens import HookedMultimodalTransformer
 from mmlens.core.errors import MMLensError
 from mmlens.data.shapes import generate_per_task
 from mmlens.inputs.prepare import prepare_examples
@@ -17,17 +15,11 @@ from mmlens.methods import causal_map, window_layers
 from mmlens.methods.word_maps import span_words
 from mmlens.plotting import explore
 from mmlens.plotting.explore import map_grid
-from mmlens.zoo.build import build_config, build_processor
 
 
 @pytest.fixture(scope="module")
 def small():
-    processor = build_processor(56)
-    config = build_config(len(processor.tokenizer), image_size=56, vision_layers=2,
-                          text_layers=4, width=32)
-    torch.manual_seed(0)
-    model = HookedMultimodalTransformer.from_hf_model(
-        LlavaForConditionalGeneration(config), processor=processor).eval()
+    model = small_shapes_model()
     examples = generate_per_task(1, seed=1, tasks=["ChooseAttr", "QueryAttr"])
     return model, prepare_examples(model, examples)
 
