@@ -103,8 +103,10 @@ def word_map_caption(view: Mapping[str, Any], index: int) -> str:
     grid = word_map_grid(view, index)
     row, col = divmod(int(np.nanargmin(grid)), grid.shape[1])
     layers = entry["layers"]
-    return (f"Blocking attention from {entry['word']!r} to one image cell at a time in layers "
-            f"{layers[0]}-{layers[-1]}: largest drop {grid[row, col]:+.1%} of the answer's "
+    window = (f"layer {layers[0]}" if len(layers) == 1
+              else f"layers {layers[0]}-{layers[-1]}")
+    return (f"Blocking attention from {entry['word']!r} to one image cell at a time in "
+            f"{window}: largest drop {grid[row, col]:+.1%} of the answer's "
             f"probability ({entry['p_base']:.3f}) at row {row}, column {col}; largest rise "
             f"{np.nanmax(grid):+.1%}.")
 
