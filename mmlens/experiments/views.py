@@ -92,11 +92,12 @@ def _image_png(model: Any, pixels: Float[Tensor, "3 height width"]) -> str:
 
 def map_window(flow: pd.DataFrame, name: str, task: str, n_layers: int) -> list[int]:
     """The study's window (``flow.attrs["window"]`` layers) centred at the layer where ``name``
-    lowers ``task``'s answer most on average; the middle layer when the run lacks that flow."""
+    lowers ``task``'s answer most on average; the middle layer when the run has no value for
+    that flow (absent, or undefined as a logit difference without a wrong answer)."""
     from mmlens.methods.windows import window_layers
 
     value = "change" if "change" in flow.columns else "rel_change"
-    rows = flow[(flow["flow"] == name) & (flow["task"] == task)]
+    rows = flow[(flow["flow"] == name) & (flow["task"] == task)].dropna(subset=[value])
     centre = (int(rows.groupby("layer")[value].mean().idxmin()) if not rows.empty
               else n_layers // 2)
     return window_layers(centre, int(flow.attrs.get("window") or 1), n_layers)
