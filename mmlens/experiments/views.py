@@ -23,8 +23,8 @@ The grid is tile 0 of the image's token map (``mmlens.inputs.token_map``):
 This is one extra forward per task, with attention patterns on, outside the sweep. With the
 sweep's table (``flow=``), each view also holds ``word_maps``: the causal map over the grid of
 each question word and of the last position (``mmlens.methods.word_maps``), in the study's
-window centred where this task's ``image->question`` (for the last position ``image->last``)
-flow drops most; one clean run and one batched forward per word.
+window centred where the example's own ``image->question`` (for the last position
+``image->last``) flow drops most; one clean run and one batched forward per word.
 """
 
 from __future__ import annotations
@@ -90,27 +90,30 @@ def _image_png(model: Any, pixels: Float[Tensor, "3 height width"]) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def map_window(flow: pd.DataFrame, name: str, task: str, n_layers: int) -> list[int]:
+def map_window(flow: pd.DataFrame, name: str, example_id: str, n_layers: int) -> list[int]:
     """The study's window (``flow.attrs["window"]`` layers) centred at the layer where ``name``
-    lowers ``task``'s answer most on average; the middle layer when the run has no value for
-    that flow (absent, or undefined as a logit difference without a wrong answer)."""
+    lowers the answer of example ``example_id`` most: the example's own rows, so a run split
+    into shards and merged gets the same window. The middle layer when the example has no
+    value for that flow (absent, or undefined as a logit difference without a wrong
+    answer)."""
     from mmlens.methods.windows import window_layers
 
     value = "change" if "change" in flow.columns else "rel_change"
-    rows = flow[(flow["flow"] == name) & (flow["task"] == task)].dropna(subset=[value])
+    rows = flow[(flow["flow"] == name) & (flow["example_id"].astype(str) == str(example_id))]
+    rows = rows.dropna(subset=[value])
     centre = (int(rows.groupby("layer")[value].mean().idxmin()) if not rows.empty
               else n_layers // 2)
     return window_layers(centre, int(flow.attrs.get("window") or 1), n_layers)
 
 
 def _word_maps(model: Any, batch: Any, grid: ViewGrid, image: Any, flow: pd.DataFrame,
-               task: str) -> list[dict[str, Any]]:
+               example_id: str) -> list[dict[str, Any]]:
     """The causal map over the view's grid of each question word, then of the last position."""
     from mmlens.methods.word_maps import word_maps
 
     maps = []
     for span, name in (("question", "image->question"), ("last", "image->last")):
-        layers = map_window(flow, name, task, model.cfg.n_layers)
+        layers = map_window(flow, name, example_id, model.cfg.n_layers)
         for entry in word_maps(model, batch, layers, grid=grid.positions, span=span,
                                image_size=image.size):
             maps.append({**entry, "span": span, "layers": layers})
@@ -142,7 +145,7 @@ def example_view(model: Any, record: Any, prepare_options: Mapping[str, Any],
               image_sizes=batch.image_sizes, stop_at_layer=model.cfg.n_layers)
     related = torch.isin(cells, batch.positions("related", 0)).nonzero().flatten()
     maps = {} if flow is None else {"word_maps": _word_maps(model, batch, grid, image, flow,
-                                                              str(record.task))}
+                                                              str(record.example_id))}
     return {"example_id": str(record.example_id), "task": str(record.task),
             "question": record.question, "answer": str(record.answer),
             "model_answer": model_answer, "rows": grid.rows, "cols": grid.cols,
