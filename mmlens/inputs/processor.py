@@ -26,13 +26,14 @@ class ComposedProcessor:
     ``image_sizes`` (LLaVA-OneVision), ``(t, h, w)`` patches for ``image_grid_thw`` (Qwen-VL).
     Each ``image_token`` in a prompt is expanded to that many, images taken in order, between
     ``image_wrap`` (InternVL: ``<img>``, ``</img>``); ``image_kwargs`` go to the image processor.
+    ``mm_token_type_ids=True`` adds HF's ``mm_token_type_ids`` output (1 at image tokens).
     """
 
     def __init__(self, tokenizer: Any, image_processor: Any, *,
                  count_image_tokens: Callable[[tuple[int, ...]], int],
                  chat_template: str | None = None, image_token: str = "<image>",
                  sizes_key: str = "image_sizes", image_wrap: tuple[str, str] = ("", ""),
-                 image_kwargs: dict[str, Any] | None = None):
+                 image_kwargs: dict[str, Any] | None = None, mm_token_type_ids: bool = False):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template
@@ -41,6 +42,7 @@ class ComposedProcessor:
         self.sizes_key = sizes_key
         self.image_wrap = image_wrap
         self.image_kwargs = dict(image_kwargs or {})
+        self.mm_token_type_ids = mm_token_type_ids
         if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
             raise ValueError(f"the tokenizer has no {image_token!r} token: is it the tokenizer of "
                              "this checkpoint?")
@@ -61,6 +63,12 @@ class ComposedProcessor:
             sizes = [tuple(int(v) for v in row) for row in rows]
             texts = self._expand(texts, sizes)
         tokens = self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kwargs)
+        if self.mm_token_type_ids:  # as HF's Qwen-VL processors: 1 at image tokens, else 0
+            image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+            ids = tokens["input_ids"]
+            tokens["mm_token_type_ids"] = (
+                (ids == image_id).int() if isinstance(ids, torch.Tensor)
+                else [[int(t == image_id) for t in row] for row in ids])
         return BatchFeature({**tokens, **data})
 
     def _expand(self, texts: list[str], sizes: list[tuple[int, ...]]) -> list[str]:

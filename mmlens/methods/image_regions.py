@@ -77,9 +77,10 @@ def image_token_cells(model: Any, batch: Any, example: int, image_size: SizeOrPa
     """
     size = as_image_size(image_size, "image size")
     image = batch.positions("image", example)
-    if model.cfg.is_anyres:
+    geometry = model.family.fixed_preprocessing  # the family says how its processor tiles
+    if geometry == "anyres":
         return _anyres_cells(model, image, size, mode)
-    if getattr(model.cfg.vision, "merge_size", None) is not None:
+    if geometry == "dynamic":
         return _qwen_cells(model, batch, example, image, size)
     return _fixed_cells(model, image, size, mode)
 
