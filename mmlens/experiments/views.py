@@ -10,7 +10,8 @@ grid's shape (``rows`` x ``cols``, row-major) and the side in pixels of one of i
 (``cell_px``), the related cells (indices into the grid), and the attention from the question
 positions to each cell's image token, averaged over heads, question positions and layers:
 
-The grid is tile 0 of the image's token map (``mmlens.inputs.token_map``):
+The grid is the view tile (``ImageLayout.view_tile``: tile 0, InternVL's thumbnail) of the
+image's token map (``mmlens.inputs.token_map``):
 
 - LLaVA-1.5: the ``grid x grid`` patches of the one image (a CLS feature is left out);
 - LLaVA-NeXT / LLaVA-OneVision (anyres): the base tile's ``grid x grid`` patches (the whole
@@ -58,8 +59,9 @@ class ViewGrid:
 
 
 def view_grid(model: Any, batch: Any) -> ViewGrid:
-    """The grid of example 0 of ``batch``: the tokens of tile 0 of its image's token map that
-    have a place in it (``row`` / ``col``; a class token or a newline has none), row-major."""
+    """The grid of example 0 of ``batch``: the tokens of the layout's view tile (tile 0;
+    InternVL's thumbnail) of its image's token map that have a place in it (``row`` / ``col``;
+    a class token or a newline has none), row-major."""
     layout = batch.image_layout if batch.image_layout is not None else (
         model.family.image_layout(model))
     if layout is None or not batch.token_maps:
@@ -67,7 +69,7 @@ def view_grid(model: Any, batch: Any) -> ViewGrid:
                          "image layout (Family.image_layout), or the batch was not built by "
                          "model.prepare")
     token_map = batch.token_maps[0][0]
-    rows, cols, shown = token_map.grid_cells(0)
+    rows, cols, shown = token_map.grid_cells(layout.view_tile(token_map))
     image = batch.positions("image", 0)
     if len(image) < len(token_map):
         raise ValueError(f"the example's prompt holds {len(image)} image tokens but its image "

@@ -26,14 +26,17 @@ class ComposedProcessor:
     ``image_sizes`` (LLaVA-OneVision), ``(t, h, w)`` patches for ``image_grid_thw`` (Qwen-VL).
     Each ``image_token`` in a prompt is expanded to that many, images taken in order, between
     ``image_wrap`` (InternVL: ``<img>``, ``</img>``); ``image_kwargs`` go to the image processor.
-    ``mm_token_type_ids=True`` adds HF's ``mm_token_type_ids`` output (1 at image tokens).
+    ``mm_token_type_ids=True`` adds HF's ``mm_token_type_ids`` output (1 at image tokens);
+    ``sizes_output=False`` leaves the ``sizes_key`` rows out, as HF's processor does
+    (InternVL's ``num_patches``).
     """
 
     def __init__(self, tokenizer: Any, image_processor: Any, *,
                  count_image_tokens: Callable[[tuple[int, ...]], int],
                  chat_template: str | None = None, image_token: str = "<image>",
                  sizes_key: str = "image_sizes", image_wrap: tuple[str, str] = ("", ""),
-                 image_kwargs: dict[str, Any] | None = None, mm_token_type_ids: bool = False):
+                 image_kwargs: dict[str, Any] | None = None, mm_token_type_ids: bool = False,
+                 sizes_output: bool = True):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template
@@ -43,6 +46,7 @@ class ComposedProcessor:
         self.image_wrap = image_wrap
         self.image_kwargs = dict(image_kwargs or {})
         self.mm_token_type_ids = mm_token_type_ids
+        self.sizes_output = sizes_output
         if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
             raise ValueError(f"the tokenizer has no {image_token!r} token: is it the tokenizer of "
                              "this checkpoint?")
@@ -62,6 +66,8 @@ class ComposedProcessor:
             data[self.sizes_key] = rows = rows.reshape(len(rows), -1)
             sizes = [tuple(int(v) for v in row) for row in rows]
             texts = self._expand(texts, sizes)
+            if not self.sizes_output:
+                del data[self.sizes_key]
         tokens = self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kwargs)
         if self.mm_token_type_ids:  # as HF's Qwen-VL processors: 1 at image tokens, else 0
             image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)

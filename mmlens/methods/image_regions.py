@@ -7,9 +7,11 @@ groups of neighbouring tokens.
 A token's grid is the one it was cut from: LLaVA-1.5's ``grid x grid`` patches (tile 0);
 LLaVA-NeXT / OneVision's base tile (tile 0) and the packed high-resolution feature grid of
 all the tiles (tile 1; newline tokens belong to no region); Qwen-VL's merged cells of the
-resized image (tile 0). Pixel boxes are half-open ``(x0, y0, x1, y1)`` in pixels of the
-original image, clipped to it, from the geometry ``prepare`` maps object boxes with
-(``mmlens.inputs.geometry``, ``anyres_spans``, ``qwen_geometry``).
+resized image (tile 0); InternVL's tiles and thumbnail, each its own grid (read off the
+image's token map, ``mmlens.inputs.layouts.tiles``). Pixel boxes are half-open
+``(x0, y0, x1, y1)`` in pixels of the original image, clipped to it, from the geometry
+``prepare`` maps object boxes with (``mmlens.inputs.geometry``, ``anyres_spans``,
+``qwen_geometry``).
 """
 
 from __future__ import annotations
@@ -79,6 +81,11 @@ def image_token_cells(model: Any, batch: Any, example: int, image_size: SizeOrPa
     image = batch.positions("image", example)
     geometry = model.family.fixed_preprocessing  # the family says how its processor tiles
     if geometry == "anyres":
+        from mmlens.inputs.layouts.anyres import AnyresLayout
+
+        layout = model.family.image_layout(model)
+        if not isinstance(layout, AnyresLayout):  # another tiling: read its token map
+            return _map_cells(layout, image, size, mode)
         return _anyres_cells(model, image, size, mode)
     if geometry == "dynamic":
         return _qwen_cells(model, batch, example, image, size)
@@ -129,6 +136,20 @@ def _anyres_cells(model: Any, image: Tensor, size: ImageSize,
         cells.append(TokenCell(position, 1, packed_row, packed_col, box))
         packed_col += 1
     return cells
+
+
+def _map_cells(layout: Any, image: Tensor, size: ImageSize,
+               mode: str | None) -> list[TokenCell]:
+    """Every token of the image's map with a pixel box, on its own tile's grid (InternVL: each
+    tile, then the thumbnail)."""
+    from mmlens.inputs.token_map import check_token_count
+
+    token_map = layout.token_map(size, mode)
+    check_token_count(token_map, len(image), "the example")
+    return [TokenCell(position, place.tile, place.row, place.col, token_map.pixel_box(k))
+            for k, (position, place) in enumerate(zip(image.tolist(), token_map.tokens,
+                                                      strict=True))
+            if token_map.box(k) is not None]
 
 
 def _qwen_cells(model: Any, batch: Any, example: int, image: Tensor,

@@ -1,21 +1,18 @@
 """InternVL 3 through prepare and the study: a saved tiny folder loads (processor composed
 without torchvision) and equals HF on processed images with their own prompt; HF's own tiling
-and image-token run; related spans against a processor-painted image; ``mmlens flow`` offline,
-``mmlens hooks``; the fast sweep equals the naive one."""
+and image-token run; related spans (through the image-token map) against a processor-painted
+image, also padded to a square; ``mmlens hooks``; InternVL's presets."""
 
-import json
 import shutil
 from types import SimpleNamespace
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
 from mmlens import HookedMultimodalTransformer
 from mmlens.cli import main
-from mmlens.experiments import information_flow
 from mmlens.inputs.processor import ComposedProcessor
 from mmlens.inputs.templates import INTERNVL
 from mmlens.zoo.tiny import tiny_checkpoint, tiny_hf_model
@@ -128,16 +125,6 @@ def test_padded_images_map_boxes_through_the_square(model):
                            .positions("related", 0))
 
 
-def test_boxes_need_the_images_own_tiling(model):
-    from mmlens.core.errors import MMLensError
-    from mmlens.core.sizes import ImageSize
-
-    batch = model.prepare(_painted()[:1], QUESTIONS[:1])
-    with pytest.raises(MMLensError, match="image tokens but its"):
-        model.family.box_positions(model, ImageSize(50, 50), BOXES[0],
-                                   batch.positions("image", 0), "anyres")
-
-
 def test_folder_without_an_image_processor_fails_at_load(folder, tmp_path):
     copy = shutil.copytree(folder, tmp_path / "copy")
     (copy / "preprocessor_config.json").unlink()
@@ -151,32 +138,6 @@ def test_hooks_lists_the_internvl_hooks(folder, capsys):
     for name in ("vision.embed.hook_pos_embed", "vision.blocks.2.hook_attn_out",
                  "projector.hook_in", "projector.ln.hook_scale", "blocks.3.hook_resid_post"):
         assert name in listed
-
-
-def test_flow_runs_offline(folder, tmp_path):
-    out = tmp_path / "run"
-    code = main(["flow", "--model", str(folder), "--per-task", "1", "--no-filter", "--quiet",
-                 "--tasks", "ChooseAttr,QueryAttr", "--flows", "image->last,related->last",
-                 "--out", str(out)])
-    assert code == 0
-    frame = pd.read_csv(out / "flow.csv")
-    assert set(frame.flow) == {"image->last", "related->last"}
-    assert frame[frame.flow == "image->last"].rel_change.abs().max() > 0
-    assert (out / "report.html").is_file()
-    views = json.loads((out / "views.json").read_text())
-    # the thumbnail's 3x3 tokens of 8 px (2x2 patches each)
-    assert views and all((v["rows"], v["cols"], v["cell_px"]) == (3, 3, 8) for v in views)
-
-
-def test_fast_sweep_equals_naive(model):
-    batch = model.prepare(_painted(), QUESTIONS, boxes=BOXES)
-    flows = ["image->last", "related->last", "other->last", "question->last"]
-    runs = {method: information_flow(model, batch, flows=flows, window=1, method=method,
-                                     only_correct=False)
-            for method in ("fast", "naive")}
-    fast, naive = (runs[m].sort_values(["example_id", "flow", "layer"]) for m in runs)
-    assert len(fast) == 3 * 4 * model.cfg.n_layers
-    assert np.abs(fast.p_block.to_numpy() - naive.p_block.to_numpy()).max() <= 1e-5
 
 
 @pytest.mark.parametrize("name, n_layers", [("OpenGVLab/InternVL3-1B-hf", 24),

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from mmlens.core.sizes import ImageSize
+from mmlens.inputs.layouts.tiles import TilesLayout
 from mmlens.model.config import MultimodalConfig, language_config_from_hf
 from mmlens.model.families.base import Family
 from mmlens.model.intern_vision import InternVisionTower, ShuffleProjector
@@ -37,7 +37,7 @@ class InternVLFamily(Family):
                    "shuffle, LayerNorm + MLP projector, Qwen2 decoder)")
     checkpoints = ("OpenGVLab/InternVL3-1B-hf", "OpenGVLab/InternVL3-2B-hf",
                    "OpenGVLab/InternVL3-8B-hf")
-    image_sizes_key = "num_patches"
+    image_sizes_key = "image_sizes"  # prepare's tile counts; HF's processor gives none
     prompt_template = "internvl"
 
     def read_config(self, hf_config: Any) -> MultimodalConfig:
@@ -86,9 +86,32 @@ class InternVLFamily(Family):
                              f"{list(pixel_values.shape)}: were they prepared together?")
         return torch.cat([tiles[:n] for tiles, n in zip(pixel_values, counts, strict=True)])
 
+    def processor_sizes(self, model: Any, out: Any) -> Tensor:
+        """Each image's tile count ``[images, 1]`` (the image processor's ``num_patches``,
+        which HF's processor drops), read off the prompt: an image's run of image tokens is
+        ``tokens_per_tile`` per tile."""
+        ids = torch.as_tensor(out["input_ids"])[0]
+        is_image = torch.cat([torch.tensor([False]), ids == model.cfg.image_token_id,
+                              torch.tensor([False])])
+        edges = (is_image[1:].int() - is_image[:-1].int()).nonzero().flatten()
+        runs = edges[1::2] - edges[::2]
+        per_tile = model.cfg.vision.tokens_per_tile
+        if bool((runs % per_tile).any()) or len(runs) * per_tile == 0 or (
+                int(runs.sum()) // per_tile != len(out["pixel_values"])):
+            raise ValueError(f"the prompt's image-token runs {runs.tolist()} are not "
+                             f"{per_tile} per tile of its {len(out['pixel_values'])} tiles: "
+                             "was it processed with this model's processor?")
+        return (runs // per_tile).reshape(-1, 1)
+
+    def split_pixel_values(self, pixel_values: Tensor,
+                           image_sizes: Tensor | None) -> list[Tensor]:
+        """A prompt's tiles ``[n, 3, S, S]`` -> each image's, by ``num_patches``."""
+        counts = torch.as_tensor(image_sizes).reshape(-1).tolist()
+        return list(pixel_values.split(counts))
+
     def stack_pixel_values(self, pixel_values: Sequence[Tensor]) -> Tensor:
-        """Each example's tiles ``[n_i, 3, S, S]`` -> ``[examples, max n_i, 3, S, S]`` (zero
-        padded; ``num_patches`` says how many are real), so a batch slices by example."""
+        """Each image's tiles ``[n_i, 3, S, S]`` -> ``[images, max n_i, 3, S, S]`` (zero
+        padded; ``num_patches`` says how many are real), so a batch slices by image."""
         longest = max(p.shape[0] for p in pixel_values)
         out = pixel_values[0].new_zeros(len(pixel_values), longest, *pixel_values[0].shape[1:])
         for i, tiles in enumerate(pixel_values):
@@ -105,17 +128,17 @@ class InternVLFamily(Family):
         return load_internvl_processor(path, cfg.vision.tokens_per_tile, **kwargs)
 
     def preprocessing_mode(self, model: Any, mode: str | None) -> str:
-        """Any known mode: the tiling is the processor's, and ``box_positions`` follows it
+        """Any known mode: the tiling is the processor's, and ``image_layout`` follows it
         (``"pad"``: through the square the image was padded to first)."""
         return Family.preprocessing_mode(self, model, mode)
 
-    def box_positions(
-        self, model: Any, image_size: ImageSize, boxes: Sequence[Any],
-        image_positions: Tensor, mode: str,
-    ) -> tuple[Tensor, Tensor]:
-        from mmlens.inputs.geometry import other_image_positions
-        from mmlens.inputs.internvl_spans import internvl_related_positions
-
-        related = internvl_related_positions(model.processor.image_processor, model.cfg.vision,
-                                             image_size, boxes, image_positions, mode)
-        return related, other_image_positions(image_positions, related)
+    def image_layout(self, model: Any) -> TilesLayout:
+        """The processor's tiles plus a thumbnail, 2x2 pixel shuffle, a class token in each
+        tower row; without a processor, the vision config's tile with the processor's default
+        bounds on the tile count."""
+        processor = getattr(model, "processor", None)
+        if processor is not None:
+            return TilesLayout.from_image_processor(processor.image_processor, model.cfg.vision)
+        vision = model.cfg.vision
+        return TilesLayout(vision.image_size, vision.patch_size,
+                           shuffle=round(1 / vision.shuffle_scale))

@@ -21,8 +21,9 @@ IMAGE_TOKEN, START_TOKEN, END_TOKEN = "<IMG_CONTEXT>", "<img>", "</img>"
 def internvl_processor(tokenizer: Any, image_processor: Any, image_seq_length: int,
                        chat_template: str | None = None) -> ComposedProcessor:
     """``processor(images=[...], text=[...])`` as HF's ``InternVLProcessor`` does it for images
-    (tiles always on, as HF's processor asks the image processor). Returns ``input_ids``,
-    ``attention_mask``, ``pixel_values [tiles, 3, S, S]`` and ``num_patches [images]``."""
+    (tiles always on, as HF's processor asks the image processor). Returns what HF's does:
+    ``input_ids``, ``attention_mask`` and ``pixel_values [tiles, 3, S, S]`` (each image's tile
+    count, ``num_patches``, is read back off its image tokens: ``InternVLFamily``)."""
     for token in (START_TOKEN, END_TOKEN):
         if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
             raise ValueError(f"the tokenizer has no {token!r} token: is it the tokenizer of "
@@ -35,7 +36,7 @@ def internvl_processor(tokenizer: Any, image_processor: Any, image_seq_length: i
         tokenizer, image_processor, count_image_tokens=count_image_tokens,
         chat_template=chat_template or getattr(tokenizer, "chat_template", None),
         image_token=IMAGE_TOKEN, sizes_key="num_patches", image_wrap=(START_TOKEN, END_TOKEN),
-        image_kwargs={"crop_to_patches": True})
+        image_kwargs={"crop_to_patches": True}, sizes_output=False)
 
 
 def load_internvl_processor(path: str | Path, image_seq_length: int,

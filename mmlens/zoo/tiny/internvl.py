@@ -16,6 +16,18 @@ HF_CLASS = "InternVLForConditionalGeneration"
 # 2x1 tiles + thumbnail, 1x2 tiles + thumbnail, 2x2 tiles + thumbnail
 IMAGE_SIZES = (ImageSize(61, 29), ImageSize(27, 53), ImageSize(50, 50))
 
+VARIANTS = {
+    "rms-norm-no-qkv-bias": dict(vision_config={"norm_type": "rms_norm",
+                                                "attention_bias": False}),
+    "final-norm": dict(vision_config={"use_mean_pooling": False}),
+    "second-to-last-layer": dict(vision_feature_layer=-2),
+    "untied-mha-decoder": dict(tie_word_embeddings=False,
+                               text_config={"tie_word_embeddings": False,
+                                            "num_key_value_heads": 4}),
+}
+"""hf_config overrides the conformance suite checks for parity: RMSNorm without q/k/v biases,
+the tower's final norm, another feature layer, an untied multi-head decoder."""
+
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
             "<video>", "<unk>")
 NAMED = {"start_image_token": "<img>", "end_image_token": "</img>",
