@@ -62,6 +62,15 @@ def _qwen(family):
     return tiny_qwen_config(family), processor
 
 
+def _internvl():
+    from mmlens.zoo.tiny import internvl
+
+    hf_config = internvl.hf_config()
+    processor = internvl.processor(hf_config).image_processor
+    processor.resample = NEAREST
+    return hf_config, processor
+
+
 # (family, builder, class_offset of the tower, [(width, height), mode, box (x, y, w, h)])
 CASES = [
     ("llava", lambda: _llava("default"), 1, [((16, 8), "pad", (2, 0, 6, 4)),
@@ -74,6 +83,9 @@ CASES = [
                                         ((32, 32), None, (0, 0, 2, 2))]),
     ("qwen2_vl", lambda: _qwen("qwen2_vl"), 0, [((40, 24), None, (6, 2, 10, 12))]),
     ("qwen2_5_vl", lambda: _qwen("qwen2_5_vl"), 0, [((24, 48), None, (12, 30, 8, 8))]),
+    ("internvl", _internvl, 1, [((40, 20), None, (10, 4, 12, 8)),
+                                ((20, 36), "pad", (2, 6, 8, 10)), ((30, 30), None, (4, 4, 6, 6)),
+                                ((16, 16), None, (2, 2, 4, 4))]),
 ]
 
 every_family = pytest.mark.parametrize("name, build, offset, images", CASES,
@@ -110,8 +122,9 @@ def _patch(pixels, ref, offset, patch):
 def _family_case(name, build):
     """The case's image processor, its family's layout and the tower's patch side."""
     hf_config, image_processor = build()
+    patch = hf_config.vision_config.patch_size  # InternViT's is (height, width)
     return (image_processor, _layout(name, hf_config, image_processor),
-            hf_config.vision_config.patch_size)
+            patch[0] if isinstance(patch, (tuple, list)) else patch)
 
 
 @every_family
