@@ -164,7 +164,8 @@ class _Run:
         _, kept = self.gradient(torch.zeros(shape), drop)
         scores = torch.zeros(shape)
         for i, (pattern, pattern_grad) in enumerate(kept):
-            pattern, pattern_grad = pattern.float(), pattern_grad.float()
+            dtype = torch.promote_types(pattern.dtype, torch.float32)
+            pattern, pattern_grad = pattern.to(dtype), pattern_grad.to(dtype)
             for f, edges in enumerate(self.blocked.to(pattern.device)):
                 edges = edges[:, None]  # [batch, 1, q, k]
                 if corrected:
