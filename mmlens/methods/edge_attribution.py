@@ -11,10 +11,10 @@ metric(a=0)``, per (flow, layer[, head]):
 - ``"atp*"``: AtP*'s saturation fix (Kramar et al. 2024): the pattern with the edges removed
   is recomputed exactly, row by row, and only the step from pattern to metric is linear:
   ``sum (p_blocked - p) * d metric / d p``. Same cost as ``"atp"``;
-- ``"ig"``: integrated gradients: ``d metric / d a`` averaged at the ``steps`` midpoints
-  ``a = (k + 1/2) / steps``, every group moving together. Its scores sum to the effect of
-  blocking every group at once (exactly as ``steps`` grows), so one flow in one layer (and
-  one head) gives that knockout itself.
+- ``"ig"``: integrated gradients: each group (flow, layer[, head]) on its own path, ``d
+  metric / d a`` averaged at the ``steps`` midpoints ``a = (k + 1/2) / steps``; as ``steps``
+  grows it becomes that group's knockout effect exactly (completeness). ``groups x steps``
+  passes, stacked ``batch_size`` rows at a time.
 
 ``graddrop=True`` adds AtP*'s GradDrop for ``"atp"`` / ``"atp*"``: the estimate is taken once
 per layer ``d`` with the backward pass through that layer's residual contributions (its
@@ -31,6 +31,7 @@ blocks them.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -54,21 +55,22 @@ def edge_attribution(
     model: HookedModel, batch: MultimodalBatch, metric: Metric, *,
     flows: Sequence[str] = EDGE_FLOWS, layers: Sequence[int] | None = None,
     heads: bool | Sequence[int] = False, method: str = "atp", steps: int = 16,
-    graddrop: bool = False,
+    graddrop: bool = False, batch_size: int = 32,
 ) -> pd.DataFrame:
     """Estimated ``metric(blocked) - metric(clean)`` per flow and layer (and head): a tidy
     frame with columns ``flow``, ``layer``, (``head``,) ``score``.
 
     ``metric`` maps logits ``[batch, pos, d_vocab]`` to a scalar (e.g. ``answer_prob_metric``).
     ``heads=False`` blocks all heads of a layer together; ``True`` scores every head; a list
-    scores those heads only. ``steps``: integrated-gradients steps (``method="ig"``).
+    scores those heads only. ``steps``: integrated-gradients steps (``method="ig"``), each
+    group on its own path; ``batch_size`` bounds the rows (examples x groups) per pass.
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not known: use one of {', '.join(METHODS)}")
     if graddrop and method == "ig":
         raise ValueError("graddrop applies to method 'atp' or 'atp*', not to 'ig'")
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be at least 1, got {steps}, {batch_size}")
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     layers = list(range(n_layers)) if layers is None else list(layers)
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
@@ -81,10 +83,7 @@ def edge_attribution(
     shape = (len(flows), len(layers), 1 if head_list is None else len(head_list))
     run = _Run(model, batch, metric, blocked, layers, head_list)
     if method == "ig":
-        total = torch.zeros(shape)
-        for step in range(steps):
-            total += run.gradient(torch.full(shape, (step + 0.5) / steps))[0]
-        scores = total / steps
+        scores = run.integrated_gradients(shape, steps, max(1, batch_size // len(batch)))
     elif not graddrop:
         scores = run.estimate(shape, corrected=method == "atp*")
     else:
@@ -130,17 +129,32 @@ def _blocked(batch: MultimodalBatch, flows: list[str]) -> Tensor:
 
 
 class _Run:
-    """Forward/backward passes with the flows' edges at a given mask strength."""
+    """Forward/backward passes with the flows' edges at given mask strengths.
+
+    Layers below the first scored one are the same at every strength, so each pass resumes
+    from the residual stream entering it. A pass stacks ``R`` copies of the batch, copy ``r``
+    at strengths ``strength[r]`` ``[flows, layers, heads]``; the metric is taken per copy and
+    summed, so each copy's gradient is its own.
+    """
 
     def __init__(self, model: Any, batch: MultimodalBatch, metric: Metric, blocked: Tensor,
                  layers: list[int], head_list: list[int] | None):
-        self.model, self.batch, self.metric = model, batch, metric
+        self.model, self.metric = model, metric
         self.blocked, self.layers, self.head_list = blocked, layers, head_list
+        self.first = min(layers)
+        start = f"blocks.{self.first}.hook_resid_pre"
+        with torch.no_grad():
+            _, cache = model.run_with_cache(batch, names_filter=start.__eq__)
+        self.start, self.n = cache[start], len(batch)
+        self.mask = batch.attention_mask
+        self.positions = model.position_ids(batch.input_ids, batch.attention_mask,
+                                            image_sizes=batch.image_sizes)
 
     def gradient(self, strength: Tensor, drop: int | None = None,
                  ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """``d metric / d strength`` ``[flows, layers, heads]`` and each layer's (pattern,
+        """``d metric / d strength`` (``strength``'s shape) and each layer's (pattern,
         d metric / d pattern)."""
+        copies = strength.shape[0]
         strength = strength.clone().requires_grad_(True)
         patterns: list[Tensor] = []
         hooks = [(f"blocks.{layer}.attn.hook_pattern", self._edit(strength, i, patterns))
@@ -148,20 +162,40 @@ class _Run:
         if drop is not None:
             hooks += [(f"blocks.{drop}.hook_{part}_out", _cut_gradient) for part in ("attn", "mlp")]
         with torch.enable_grad(), self.model.hooks(fwd_hooks=hooks):
-            value = self.metric(self.model(self.batch))
-            if value.ndim != 0:
-                raise ValueError(f"the metric returned shape {tuple(value.shape)}: edge "
+            logits = self.model(
+                self.start.repeat(copies, 1, 1), start_at_layer=self.first,
+                attention_mask=self.mask.repeat(copies, 1),
+                position_ids=self.positions.repeat(*[1] * (self.positions.ndim - 2), copies, 1))
+            values = [self.metric(part) for part in logits.split(self.n)]
+            if values[0].ndim != 0:
+                raise ValueError(f"the metric returned shape {tuple(values[0].shape)}: edge "
                                  "attribution needs a scalar (average over the batch)")
-            grads = torch.autograd.grad(value, [strength, *patterns], allow_unused=True)
+            grads = torch.autograd.grad(sum(values), [strength, *patterns], allow_unused=True)
         kept = [(p.detach(), torch.zeros_like(p) if g is None else g.detach())
                 for p, g in zip(patterns, grads[1:], strict=True)]
         first = grads[0] if grads[0] is not None else torch.zeros_like(strength)
         return first.detach(), kept
 
+    def integrated_gradients(self, shape: tuple[int, ...], steps: int,
+                             per_pass: int) -> Tensor:
+        """Each group alone moved from strength 0 to 1: mean gradient at the midpoints."""
+        groups = list(itertools.product(*(range(size) for size in shape)))
+        scores = torch.zeros(shape)
+        for first in range(0, len(groups), per_pass):
+            chunk = groups[first:first + per_pass]
+            for step in range(steps):
+                strength = torch.zeros(len(chunk), *shape)
+                for row, group in enumerate(chunk):
+                    strength[(row, *group)] = (step + 0.5) / steps
+                grad, _ = self.gradient(strength)
+                for row, group in enumerate(chunk):
+                    scores[group] += grad[(row, *group)] / steps
+        return scores
+
     def estimate(self, shape: tuple[int, ...], corrected: bool, drop: int | None = None) -> Tensor:
         """At strength 0: the linear term in the blocked edges' mask-logits (``atp``), or the
         pattern recomputed with them removed and linear from there on (``atp*``)."""
-        _, kept = self.gradient(torch.zeros(shape), drop)
+        _, kept = self.gradient(torch.zeros(1, *shape), drop)
         scores = torch.zeros(shape)
         for i, (pattern, pattern_grad) in enumerate(kept):
             dtype = torch.promote_types(pattern.dtype, torch.float32)
@@ -183,18 +217,19 @@ class _Run:
 
         def hook(pattern: Tensor, hook: Any) -> Tensor:
             n_heads = pattern.shape[1]
-            per_head = strength[:, index].to(pattern.device, pattern.dtype)  # [flows, heads]
+            per_head = strength[:, :, index].to(pattern.device, pattern.dtype)  # [R, F, heads]
             if head_list is None:
-                per_head = per_head.expand(-1, n_heads)
+                per_head = per_head.expand(-1, -1, n_heads)
             else:
-                per_head = torch.zeros(len(per_head), n_heads, dtype=pattern.dtype,
+                per_head = torch.zeros(*per_head.shape[:2], n_heads, dtype=pattern.dtype,
                                        device=pattern.device).index_copy(
-                    1, torch.tensor(head_list, device=pattern.device), per_head)
+                    2, torch.tensor(head_list, device=pattern.device), per_head)
             edges = blocked.to(pattern.device, pattern.dtype)
             # Flows block disjoint edges: edge weights 1 - sum_f a_f B_f; the mass taken off
             # goes to the keys no flow blocks, in proportion, so a = 1 is the knockout itself.
-            removed = pattern * torch.einsum("fh,fbqk->bhqk", per_head, edges)
-            free = pattern * (1 - edges.sum(0))[:, None]
+            cut = torch.einsum("rfh,fbqk->rbhqk", per_head, edges).flatten(0, 1)
+            removed = pattern * cut
+            free = pattern * (1 - edges.sum(0)).repeat(len(per_head), 1, 1)[:, None]
             share = free / free.sum(-1, keepdim=True).clamp_min(torch.finfo(pattern.dtype).tiny)
             edited = pattern - removed + removed.sum(-1, keepdim=True) * share
             patterns.append(edited)

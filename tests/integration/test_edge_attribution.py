@@ -140,10 +140,28 @@ def test_graddrop_leaves_the_last_layer_at_its_magnitude(run):
     ({"flows": ["image"]}, "cannot read flow"),
     ({"heads": [4]}, "not distinct heads"),
     ({"layers": [3]}, "not layers of this model"),
-    ({"method": "ig", "steps": 0}, "steps must be at least 1"),
+    ({"method": "ig", "steps": 0}, "steps and batch_size must be at least 1"),
     ({"flows": ["bos->bos"]}, "would attend to nothing"),
 ])
 def test_bad_input_is_refused(run, kwargs, message):
     model, batch, metric = run
     with pytest.raises(ValueError, match=message):
         edge_attribution(model, batch, metric, **kwargs)
+
+
+def test_integrated_gradients_put_each_group_on_its_own_path(run):
+    """Several flows and layers in one call, stacked in one pass or one group per pass: each
+    score is that group's own knockout, not a share of blocking them all."""
+    model, batch, metric = run
+    clean = value(model, batch, metric)
+    flows = ["image->question", "question->last"]
+    stacked = edge_attribution(model, batch, metric, flows=flows, layers=[0, 2], method="ig",
+                               steps=32, batch_size=64)
+    alone = edge_attribution(model, batch, metric, flows=flows, layers=[0, 2], method="ig",
+                             steps=32, batch_size=1)
+    assert stacked["score"].to_numpy() == pytest.approx(alone["score"].to_numpy(), abs=1e-9)
+    for row in stacked.itertuples():
+        source, target = row.flow.split("->")
+        exact = value(model, batch, metric, block_attention(source, target, [row.layer],
+                                                            batch=batch)) - clean
+        assert row.score == pytest.approx(exact, abs=3e-3)
