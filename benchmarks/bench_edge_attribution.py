@@ -34,6 +34,7 @@ ESTIMATES = {
     "atp* + graddrop": dict(method="atp*", graddrop=True),
     "ig, 4 steps": dict(method="ig", steps=4),
     "ig, 16 steps": dict(method="ig", steps=16),
+    "ig, 64 steps": dict(method="ig", steps=64),
 }
 
 

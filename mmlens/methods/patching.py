@@ -290,8 +290,9 @@ def _sweep(model: HookedModel, clean: MultimodalBatch, corrupted: MultimodalBatc
                     start[:, offset:].repeat(copies, 1, 1), start_at_layer=layer,
                     fwd_hooks=hooks, past_kv_cache=kv_cache.truncate(offset).tile(copies),
                     attention_mask=None if mask is None else mask[:, offset:].repeat(copies, 1),
-                    position_ids=positions[..., offset:].repeat(
-                        *[1] * (positions.ndim - 2), copies, 1),
+                    # One example: its row of positions broadcasts in the rotary tables.
+                    position_ids=positions[..., offset:] if n == 1 else positions[
+                        ..., offset:].repeat(*[1] * (positions.ndim - 2), copies, 1),
                 )
             for c, part in zip(chunk, logits.split(n), strict=True):
                 full = torch.cat([corrupted_logits[:, :offset].to(part), part], dim=1)
