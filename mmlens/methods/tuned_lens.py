@@ -63,8 +63,10 @@ class TunedLens(nn.Module):
 
 
 def model_name(model: HookedModel) -> str:
-    """The name a lens is saved under: the checkpoint's name or path, else the model type."""
-    return str(getattr(model.cfg.hf_config, "_name_or_path", "") or model.cfg.model_type)
+    """The name a lens is saved under: the checkpoint's name (a local folder's last part, so
+    the same checkpoint elsewhere matches), else the model type."""
+    name = str(getattr(model.cfg.hf_config, "_name_or_path", "") or model.cfg.model_type)
+    return Path(name).name if Path(name).is_absolute() else name
 
 
 def load_tuned_lens(folder: str | Path, model: HookedModel) -> TunedLens:
