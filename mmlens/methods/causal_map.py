@@ -213,6 +213,10 @@ def _resume(model: HookedModel, clean: CleanRun, suffix: Tensor, start: int, lay
     with model.hooks(fwd_hooks=hooks):
         final = model(suffix, start_at_layer=layer, stop_at_layer=model.cfg.n_layers,
                       past_kv_cache=clean.cache.truncate(start).expand(n),
+                      # what the family adds after early blocks (DeepStack), for these positions
+                      injections={added: features[:, start:].expand(n, -1, -1)
+                                  for added, features in clean.injections.items()
+                                  if added >= layer},
                       position_ids=clean.position_ids[..., start:clean.n_positions],
                       attention_mask=torch.ones(n, suffix.shape[1], dtype=torch.long,
                                                 device=suffix.device))
