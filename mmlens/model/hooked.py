@@ -26,7 +26,7 @@ from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from mmlens.inputs.batch import MultimodalBatch
-from mmlens.model.components import Embed, RMSNorm, Unembed
+from mmlens.model.components import Unembed
 from mmlens.model.config import MultimodalConfig
 from mmlens.model.families import family_for
 from mmlens.model.kv_cache import KeyValueCache
@@ -50,12 +50,12 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         # Registered in data-flow order (vision, connector...), the order of the hook names.
         for name, module in self.family.build_image_modules(cfg).items():
             self.add_module(name, module)
-        self.embed = Embed(cfg.text.d_vocab, cfg.text.d_model)
+        self.embed = self.family.build_embed(cfg.text)
         self.hook_token_embed = HookPoint()  # [batch, pos, d_model], before the merge
         self.hook_embed = HookPoint()  # [batch, pos, d_model], image features merged in
         self.blocks = self.family.build_blocks(cfg.text)
         self.language = LanguageStack(cfg.text, self.blocks, self.family.rotary(cfg.text))
-        self.ln_final = RMSNorm(cfg.text.d_model, cfg.text.eps)
+        self.ln_final = self.family.build_final_norm(cfg.text)
         self.unembed = Unembed(cfg.text.d_model, cfg.text.d_vocab)
         self._bound_images: dict[str, Any] | None = None
         self.device_map: dict[str, str] | None = None  # set by place()
@@ -121,6 +121,7 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         past_kv_cache: KeyValueCache | None = None,
         tokens: Int[Tensor, "batch pos"] | None = None,
         loss_per_token: bool = False,
+        token_type_ids: Int[Tensor, "batch pos"] | None = None,
     ) -> Tensor | tuple[Tensor, Tensor] | None:
         """Run the model.
 
@@ -132,7 +133,9 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         ``[batch, pos - 1]``), ``"both"`` (logits, loss) or None. With ``start_at_layer`` the
         loss needs ``tokens=``. ``stop_at_layer`` returns the residual stream entering it.
         ``position_ids`` default to the family's (``position_ids``); a ``past_kv_cache`` records
-        them.
+        them. ``token_type_ids`` (1 = image token) tell a family whose mask depends on the
+        token kinds (Gemma 3's bidirectional image blocks) where the images are when the run
+        resumes from a residual stream.
         """
         if isinstance(input, str) or (isinstance(input, list | tuple) and input
                                       and all(isinstance(t, str) for t in input)):
@@ -171,10 +174,13 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
                 past_kv_cache=past_kv_cache, image_sizes=image_sizes)
         if past_kv_cache is not None:
             past_kv_cache.record_positions(position_ids)
+        masks = self.family.attention_masks(
+            self.cfg, attention_mask=attention_mask, q_len=q_len, input_ids=input_ids,
+            token_type_ids=token_type_ids, past_kv_cache=past_kv_cache)
         resid = self.language(
             resid, attention_mask=attention_mask, position_ids=position_ids,
             start_at_layer=start_at_layer or 0, stop_at_layer=stop_at_layer,
-            past_kv_cache=past_kv_cache,
+            past_kv_cache=past_kv_cache, masks=masks,
         )
         if stop_at_layer is not None:
             return resid
@@ -183,7 +189,7 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         if return_type not in ("logits", "loss", "both"):
             raise ValueError(f"return_type {return_type!r} is not supported: use 'logits', "
                              "'loss', 'both' or None")
-        logits = self.unembed(self.ln_final(resid))
+        logits = self.family.final_logits(self.unembed(self.ln_final(resid)), self.cfg)
         if return_type == "logits":
             return logits
         if tokens is None and start_at_layer is None:

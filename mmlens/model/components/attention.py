@@ -22,13 +22,20 @@ KeyValue = tuple[Tensor, Tensor]
 
 
 class Attention(nn.Module):
-    """``z = softmax(mask(q k^T / sqrt(d_head))) v``; ``out = z W_O + b_O``.
+    """``z = softmax(mask(q k^T * scale)) v``; ``out = z W_O + b_O``; ``scale`` is
+    ``d_head ** -0.5`` unless given (Gemma: ``query_pre_attn_scalar ** -0.5``).
+
+    Options: ``qk_norm`` (a norm module each for queries and keys, applied per head before
+    rotary, Gemma 3), ``softcap`` (scores become ``softcap * tanh(scores / softcap)`` before
+    the mask, Gemma 2; it always takes the explicit path, SDPA has no such step).
 
     Hooks (TransformerLens names and shapes): ``hook_q`` ``[batch, pos, n_heads, d_head]``,
     ``hook_k``/``hook_v`` ``[batch, pos, n_kv_heads, d_head]``, ``hook_rot_q``/``hook_rot_k``
     (after rotary, language only), ``hook_mask`` ``[batch, 1, q_pos, k_pos]`` (True = may
     attend), ``hook_attn_scores``/``hook_pattern`` ``[batch, n_heads, q_pos, k_pos]``,
-    ``hook_z`` ``[batch, q_pos, n_heads, d_head]``; with ``set_use_attn_result(True)`` also
+    ``hook_z`` ``[batch, q_pos, n_heads, d_head]``; with ``qk_norm`` also ``hook_q_normed`` /
+    ``hook_k_normed`` (after ``q_norm.*`` / ``k_norm.*``, before rotary); with
+    ``set_use_attn_result(True)`` also
     ``hook_result`` ``[batch, q_pos, n_heads, d_model]`` (each head's output; their sum over
     heads plus ``b_O`` is the attention output).
     """
@@ -42,9 +49,14 @@ class Attention(nn.Module):
         qkv_bias: bool = False,
         out_bias: bool = False,
         rotary: bool = False,
+        scale: float | None = None,
+        softcap: float | None = None,
+        qk_norm: tuple[nn.Module, nn.Module] | None = None,
     ):
         super().__init__()
         self.n_heads, self.d_head = n_heads, d_head
+        self.scale = d_head**-0.5 if scale is None else scale
+        self.softcap = softcap
         self.n_kv_heads = n_kv_heads or n_heads
         self.rotary = rotary
         self.q_weight = nn.Parameter(torch.empty(n_heads * d_head, d_model))
@@ -58,6 +70,11 @@ class Attention(nn.Module):
         self.hook_q = HookPoint()  # [batch, pos, n_heads, d_head]
         self.hook_k = HookPoint()  # [batch, pos, n_kv_heads, d_head]
         self.hook_v = HookPoint()  # [batch, pos, n_kv_heads, d_head]
+        self.qk_norm = qk_norm is not None
+        if qk_norm is not None:
+            self.q_norm, self.k_norm = qk_norm
+            self.hook_q_normed = HookPoint()  # [batch, pos, n_heads, d_head]
+            self.hook_k_normed = HookPoint()  # [batch, pos, n_kv_heads, d_head]
         if rotary:
             self.hook_rot_q = HookPoint()  # [batch, pos, n_heads, d_head]
             self.hook_rot_k = HookPoint()  # [batch, pos, n_kv_heads, d_head]
@@ -102,7 +119,7 @@ class Attention(nn.Module):
             self.o_weight.shape[0])
 
     def _needs_explicit_pattern(self) -> bool:
-        return any(
+        return self.softcap is not None or any(
             hook.fwd_hooks or hook.bwd_hooks for hook in (self.hook_attn_scores, self.hook_pattern)
         )
 
@@ -125,6 +142,9 @@ class Attention(nn.Module):
         q = self.hook_q(F.linear(x, self.q_weight, self.q_bias).view(batch, q_len, -1, self.d_head))
         k = self.hook_k(F.linear(x, self.k_weight, self.k_bias).view(batch, q_len, -1, self.d_head))
         v = self.hook_v(F.linear(x, self.v_weight, self.v_bias).view(batch, q_len, -1, self.d_head))
+        if self.qk_norm:
+            q = self.hook_q_normed(self.q_norm(q))
+            k = self.hook_k_normed(self.k_norm(k))
         if self.rotary:
             cos, sin = rotary
             q = self.hook_rot_q(apply_rotary(q, cos, sin))
@@ -147,7 +167,7 @@ class Attention(nn.Module):
             z = self._explicit(q, k, v, mask, use_causal_flag)
         else:
             z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=use_causal_flag,
+                q, k, v, attn_mask=mask, is_causal=use_causal_flag, scale=self.scale,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             )
         z = self.hook_z(z.transpose(1, 2))  # [batch, q_pos, n_heads, d_head]
@@ -165,7 +185,9 @@ class Attention(nn.Module):
         if repeats > 1:
             k = k.repeat_interleave(repeats, dim=1)
             v = v.repeat_interleave(repeats, dim=1)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.d_head**-0.5
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         if causal:
             mask = default_mask(q.shape[0], q.shape[2], k.shape[2], True, q.device)
         if mask is not None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from mmlens.model.config import MultimodalConfig
 from mmlens.model.families.base import Family
+from mmlens.model.families.gemma3 import Gemma3Family
 from mmlens.model.families.llava import LlavaFamily
 from mmlens.model.families.llava_next import LlavaNextFamily
 from mmlens.model.families.onevision import LlavaOnevisionFamily
@@ -27,7 +28,7 @@ def register(family: Family) -> Family:
 
 
 for _family in (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), QwenVLFamily(),
-                Qwen25VLFamily()):
+                Qwen25VLFamily(), Gemma3Family()):
     register(_family)
 
 
@@ -57,6 +58,7 @@ def family_for(model_type: str | None) -> Family:
     return family
 
 
-__all__ = ["FAMILIES", "Family", "LlavaFamily", "LlavaNextFamily", "LlavaOnevisionFamily",
+__all__ = ["FAMILIES", "Family", "Gemma3Family", "LlavaFamily", "LlavaNextFamily",
+           "LlavaOnevisionFamily",
            "Qwen25VLFamily", "QwenVLFamily", "family_for", "from_hf_config", "register",
            "supported_families"]

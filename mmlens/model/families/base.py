@@ -10,6 +10,8 @@ looks at the model type itself::
     pixel_values ──encode_images──▶ image features [n_image_tokens, d_model]
     token embeddings + features ──merge──▶ hook_embed
     input_ids (+ cache, image sizes) ──position_ids──▶ decoder positions ──rotary──▶ cos, sin
+    attention_mask (+ token kinds) ──attention_masks──▶ one "may attend" mask per layer
+    build_embed / build_blocks / build_final_norm / final_logits: the decoder's parts
     prepare: stack_pixel_values, add_image_spans, box_positions (the processor's geometry)
 
 Subclasses set the class attributes and override the methods whose rule differs; a new family
@@ -27,10 +29,10 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from mmlens.core.sizes import ImageSize
-from mmlens.model.components import RotaryEmbedding
+from mmlens.model.components import Embed, RMSNorm, RotaryEmbedding
 from mmlens.model.config import LanguageConfig, MultimodalConfig
 from mmlens.model.kv_cache import KeyValueCache
-from mmlens.model.language import LanguageStack, positions_from_mask
+from mmlens.model.language import LanguageStack, build_mask, positions_from_mask
 from mmlens.model.merge import merge_image_features
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer.json",
@@ -134,6 +136,38 @@ class Family:
         """The decoder blocks (``blocks.{l}.*``); Llama-style by default, options from ``cfg``
         (``qkv_bias``, ``o_bias``, ``mlp_bias``, grouped-query heads)."""
         return LanguageStack.build_blocks(cfg)
+
+    def build_embed(self, cfg: LanguageConfig) -> nn.Module:
+        """The token embedding (``embed``, ``W_E``); Gemma's scales it by ``sqrt(d_model)``."""
+        return Embed(cfg.d_vocab, cfg.d_model)
+
+    def build_final_norm(self, cfg: LanguageConfig) -> nn.Module:
+        """The norm before the unembedding (``ln_final``)."""
+        return RMSNorm(cfg.d_model, cfg.eps)
+
+    def final_logits(self, logits: Tensor, cfg: MultimodalConfig) -> Tensor:
+        """The unembedding's output -> the model's logits (Gemma 2: soft-capped)."""
+        return logits
+
+    def attention_masks(
+        self,
+        cfg: MultimodalConfig,
+        *,
+        attention_mask: Int[Tensor, "batch k_pos"],
+        q_len: int,
+        input_ids: Int[Tensor, "batch pos"] | None,
+        token_type_ids: Int[Tensor, "batch pos"] | None = None,
+        past_kv_cache: KeyValueCache | None = None,
+    ) -> list[Tensor | None]:
+        """The mask rule: one boolean "may attend" mask ``[batch, 1, q_pos, k_pos]`` per
+        decoder layer (None = plain causal), which ``blocks.{l}.attn.hook_mask`` receives and a
+        knockout ANDs its blocked edges into. Causal with padding by default.
+
+        ``attention_mask`` covers the cached and the new positions (new ones last);
+        ``token_type_ids`` (1 = image token, as Gemma's processor gives them) stand in for
+        ``input_ids`` when a run resumes from a residual stream.
+        """
+        return [build_mask(attention_mask, q_len)] * cfg.text.n_layers
 
     def rotary(self, cfg: LanguageConfig) -> Any:
         """The decoder's rotary tables: ``rotary(position_ids, dtype) -> (cos, sin)``, each
