@@ -50,17 +50,17 @@ class ViewGrid:
 
 def _fixed_grid(model: Any, batch: Any) -> ViewGrid:
     """LLaVA-1.5's grid, or the base tile's of LLaVA-NeXT / OneVision (base features first)."""
-    grid = model.cfg.vision.grid_size
+    grid, cell_px = model.family.image_token_grid(model.cfg)
     image = batch.positions("image", 0)
-    if not model.cfg.is_anyres and (len(image) == grid**2 + 1
-                                    or model.cfg.feature_select_strategy == "full"):
+    if model.cfg.vision.has_class_token and not model.cfg.is_anyres and (
+            len(image) == grid**2 + 1 or model.cfg.feature_select_strategy == "full"):
         image = image[1:]  # the CLS feature covers no patch (anyres towers never keep it)
     if len(image) < grid**2:
         raise ValueError(f"the example has {len(image)} image positions but a {grid}x{grid} "
                          "patch grid needs at least that many: does the processor match the "
                          "model's vision config?")
     pixels = batch.pixel_values.reshape(-1, *batch.pixel_values.shape[-3:])[0]
-    return ViewGrid(grid, grid, model.cfg.vision.patch_size, image[:grid**2], pixels)
+    return ViewGrid(grid, grid, cell_px, image[:grid**2], pixels)
 
 
 def _qwen_grid(model: Any, batch: Any) -> ViewGrid:

@@ -24,13 +24,15 @@ class ComposedProcessor:
     ``count_image_tokens(row)`` gives the image tokens of one image from its row of the image
     processor's ``sizes_key`` output: ``(height, width)`` of the original image for
     ``image_sizes`` (LLaVA-OneVision), ``(t, h, w)`` patches for ``image_grid_thw`` (Qwen-VL).
-    Each ``image_token`` in a prompt is expanded to that many, images taken in order.
+    Each ``image_token`` in a prompt is expanded to that many, images taken in order. With
+    ``sizes_key=None`` every image makes the same number of tokens (``count_image_tokens(())``,
+    Gemma 3).
     """
 
     def __init__(self, tokenizer: Any, image_processor: Any, *,
                  count_image_tokens: Callable[[tuple[int, ...]], int],
                  chat_template: str | None = None, image_token: str = "<image>",
-                 sizes_key: str = "image_sizes"):
+                 sizes_key: str | None = "image_sizes"):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template
@@ -48,12 +50,15 @@ class ComposedProcessor:
         if images:
             pixels = self.image_processor(list(images), return_tensors="pt")
             data.update(pixels)
-            if self.sizes_key not in pixels:
+            if self.sizes_key is None:
+                texts = self._expand(texts, [()] * len(pixels["pixel_values"]))
+            elif self.sizes_key not in pixels:
                 raise ValueError(f"the image processor returned {', '.join(pixels)} but no "
                                  f"{self.sizes_key!r}: is it this checkpoint's image processor?")
-            sizes = [tuple(int(v) for v in row)
-                     for row in torch.as_tensor(pixels[self.sizes_key])]
-            texts = self._expand(texts, sizes)
+            else:
+                sizes = [tuple(int(v) for v in row)
+                         for row in torch.as_tensor(pixels[self.sizes_key])]
+                texts = self._expand(texts, sizes)
         tokens = self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kwargs)
         return BatchFeature({**tokens, **data})
 

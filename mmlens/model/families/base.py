@@ -212,6 +212,11 @@ class Family:
 
         return checked_mode(mode)
 
+    def image_token_grid(self, cfg: MultimodalConfig) -> tuple[int, int]:
+        """One square image's grid of image tokens: ``(tokens per side, pixels of the resized
+        image per token)``; one token per patch by default."""
+        return cfg.vision.grid_size, cfg.vision.patch_size
+
     def box_positions(
         self, model: Any, image_size: ImageSize, boxes: Sequence[Any],
         image_positions: Tensor, mode: str,

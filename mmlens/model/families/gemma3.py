@@ -251,6 +251,39 @@ class Gemma3Family(LlavaFamily):
             bidirectional = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
         return gemma_masks(cfg.text, attention_mask, q_len, bidirectional)  # type: ignore[arg-type]
 
+    def load_processor(self, path: str, **kwargs: Any) -> Any:
+        """Composed from the checkpoint's tokenizer and PIL image processor (no torchvision):
+        each ``<image_soft_token>`` of a prompt becomes ``mm_tokens_per_image`` of them, so
+        a template writes the image as Gemma's processor expands it."""
+        from transformers import AutoConfig, AutoTokenizer
+        from transformers.models.gemma3.image_processing_pil_gemma3 import (
+            Gemma3ImageProcessorPil,
+        )
+
+        from mmlens.inputs.processor import ComposedProcessor, read_chat_template
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            image_processor = Gemma3ImageProcessorPil.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise MMLensError(f"{path} has no usable tokenizer or image processor ({error}); a "
+                              "Gemma 3 checkpoint needs its tokenizer files and "
+                              "preprocessor_config.json") from error
+        if getattr(image_processor, "do_pan_and_scan", False):
+            raise MMLensError("the image processor has do_pan_and_scan=True: pan-and-scan crops "
+                              "are not supported, set it to false in preprocessor_config.json")
+        hf_config = AutoConfig.from_pretrained(path)
+        n_tokens = hf_config.mm_tokens_per_image
+        return ComposedProcessor(
+            tokenizer, image_processor, count_image_tokens=lambda _: n_tokens,
+            chat_template=read_chat_template(path, tokenizer), sizes_key=None,
+            image_token=tokenizer.convert_ids_to_tokens(hf_config.image_token_id))
+
+    def image_token_grid(self, cfg: MultimodalConfig) -> tuple[int, int]:
+        """Each image token averages a ``kernel x kernel`` block of patches."""
+        side = int(round(cfg.hf_config.mm_tokens_per_image**0.5))
+        return side, cfg.vision.image_size // side
+
     def box_positions(
         self, model: Any, image_size: ImageSize, boxes: Sequence[Any],
         image_positions: Tensor, mode: str,
@@ -258,10 +291,10 @@ class Gemma3Family(LlavaFamily):
         """Each image token is the average of a ``kernel x kernel`` block of patches."""
         from mmlens.inputs.geometry import other_image_positions, related_image_positions
 
-        side = model.cfg.vision.image_size
-        tokens_per_side = int(round(model.cfg.hf_config.mm_tokens_per_image**0.5))
-        related = related_image_positions(boxes, image_size, image_positions, crop_size=side,
-                                          patch_size=side // tokens_per_side, mode=mode)
+        _, cell_px = self.image_token_grid(model.cfg)
+        related = related_image_positions(
+            boxes, image_size, image_positions, crop_size=model.cfg.vision.image_size,
+            patch_size=cell_px, mode=mode)
         return related, other_image_positions(image_positions, related)
 
 

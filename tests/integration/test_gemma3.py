@@ -1,0 +1,188 @@
+"""Gemma 3 against Hugging Face's own model on the tiny config (``mmlens.zoo.tiny.gemma3``):
+two sliding-window layers (window 4) and two global ones with their own rotary bases, grouped-
+query attention, images pooled to 4 tokens that attend to each other both ways."""
+
+import pytest
+import torch
+from PIL import Image
+
+from mmlens import HookedMultimodalTransformer
+from mmlens.core.errors import MMLensError
+from mmlens.methods import block_attention
+from mmlens.methods.lens import decode
+from mmlens.model.language import positions_from_mask
+from mmlens.zoo.tiny import gemma3 as tiny
+from mmlens.zoo.tiny import tiny_hf_model, tiny_processor
+
+PROMPT = "<start_of_turn>user\n<start_of_image>{}<end_of_turn>\n<start_of_turn>model\n"
+QUESTIONS = ("What color is the square?", "Which shape is red?")
+
+
+def _images(n: int) -> list[Image.Image]:
+    generator = torch.Generator().manual_seed(1)
+    return [Image.fromarray((torch.rand(size.height, size.width, 3, generator=generator) * 255)
+                            .byte().numpy()) for size in tiny.IMAGE_SIZES[:n]]
+
+
+def _inputs(hf, n: int = 2) -> dict:
+    """HF's processor: a left-padded batch of different images, with its token_type_ids."""
+    processor = tiny_processor("gemma3", hf.config)
+    return processor(images=[[image] for image in _images(n)],
+                     text=[PROMPT.format(q) for q in QUESTIONS[:n]], return_tensors="pt",
+                     padding=True)
+
+
+def _hf(inputs, hf, **kwargs):
+    return hf(**inputs, position_ids=positions_from_mask(inputs["attention_mask"]), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    hf = tiny_hf_model("gemma3")
+    return hf, HookedMultimodalTransformer.from_hf_model(hf, tiny_processor("gemma3", hf.config))
+
+
+@torch.no_grad()
+def test_float32_parity_on_a_left_padded_batch(pair):
+    hf, model = pair
+    inputs = _inputs(hf)
+    assert not bool(inputs["attention_mask"].all())  # the batch is padded
+    # the processor's token types are exactly the image tokens: ours read them off input_ids
+    is_image = inputs["input_ids"] == model.cfg.image_token_id
+    assert torch.equal(inputs["token_type_ids"] == 1, is_image)
+    ref = _hf(inputs, hf, output_hidden_states=True)
+    logits, cache = model.run_with_cache(inputs["input_ids"], inputs["pixel_values"],
+                                         attention_mask=inputs["attention_mask"])
+    real = inputs["attention_mask"].bool()
+    assert (ref.logits - logits)[real].abs().max() <= 1e-4
+    for layer in range(model.cfg.n_layers):
+        ours = cache[f"blocks.{layer}.hook_resid_pre"]
+        assert (ref.hidden_states[layer] - ours)[real].abs().max() <= 1e-5, layer
+    final = model.ln_final(cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"])
+    assert (ref.hidden_states[-1] - final)[real].abs().max() <= 1e-5
+    vision = hf.model.vision_tower(inputs["pixel_values"], output_hidden_states=True)
+    for layer in range(model.cfg.vision.n_layers):
+        ours = cache[f"vision.blocks.{layer}.hook_resid_post"]
+        assert (vision.hidden_states[layer + 1] - ours).abs().max() <= 1e-5, layer
+    features = ref.image_outputs.pooler_output
+    assert (features - cache["projector.hook_out"]).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_masks_are_bidirectional_in_an_image_and_cut_to_the_window(pair):
+    hf, model = pair
+    inputs = _inputs(hf, 1)
+    _, cache = model.run_with_cache(inputs["input_ids"], inputs["pixel_values"],
+                                    names_filter=lambda name: name.endswith("hook_mask"))
+    image = (inputs["input_ids"][0] == model.cfg.image_token_id).nonzero().flatten()
+    last = inputs["input_ids"].shape[1] - 1
+    for layer, kind in enumerate(model.cfg.text.layer_types):
+        mask = cache[f"blocks.{layer}.attn.hook_mask"][0, 0]
+        assert bool(mask[image[0], image[-1]])  # the first image token sees the last one
+        assert not bool(mask[image[-1] + 1, image[-1] + 2])  # text stays causal
+        assert bool(mask[last, 0]) == (kind == "full_attention")  # the window of 4
+
+
+def _eager_knockout(hf, inputs, blocked: dict[int, list[tuple[int, int]]]):
+    """HF's eager model with its own masks, the (query, key) edges of each layer blocked."""
+    hf.set_attn_implementation("eager")
+    handles = []
+    for layer, edges in blocked.items():
+        def edit(module, args, kwargs, edges=edges):
+            mask = kwargs["attention_mask"].clone()
+            for query, key in edges:
+                if mask.dtype == torch.bool:
+                    mask[:, :, query, key] = False
+                else:
+                    mask[:, :, query, key] = torch.finfo(mask.dtype).min
+            return args, {**kwargs, "attention_mask": mask}
+
+        attn = hf.model.language_model.layers[layer].self_attn
+        handles.append(attn.register_forward_pre_hook(edit, with_kwargs=True))
+    try:
+        return _hf(inputs, hf).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+        hf.set_attn_implementation("sdpa")
+
+
+@torch.no_grad()
+def test_knockout_equals_hf_eager_with_only_the_blocked_edges_added(pair):
+    hf, model = pair
+    inputs = _inputs(hf, 1)
+    image = (inputs["input_ids"][0] == model.cfg.image_token_id).nonzero().flatten().tolist()
+    last = inputs["input_ids"].shape[1] - 1
+    # image -> last in the global layers; in layer 0 (sliding) the first image token stops
+    # seeing the last one but keeps the rest of its image
+    hooks = (block_attention(image, [last], [2, 4])
+             + block_attention([image[-1]], [image[0]], [0]))
+    ours = model.run_with_hooks(inputs["input_ids"], inputs["pixel_values"], fwd_hooks=hooks)
+    to_last = [(last, key) for key in image]
+    ref = _eager_knockout(hf, inputs, {2: to_last, 4: to_last, 0: [(image[0], image[-1])]})
+    clean = _hf(inputs, hf).logits
+    assert (ref - clean).abs().max() > 1e-3  # the knockout changes the answer
+    assert (ours - ref).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_lens_last_point_is_the_logits_and_generate_is_hfs(pair):
+    hf, model = pair
+    inputs = _inputs(hf, 1)
+    logits, cache = model.run_with_cache(inputs["input_ids"], inputs["pixel_values"])
+    final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    assert (decode(model, final) - logits).abs().max() <= 1e-5
+    ref = hf.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    ours = model.generate(inputs["input_ids"], inputs["pixel_values"], max_new_tokens=6,
+                          stop_at_eos=False)
+    assert torch.equal(ours, ref)
+
+
+@torch.no_grad()
+def test_resuming_needs_the_image_positions(pair):
+    hf, model = pair
+    inputs = _inputs(hf, 1)
+    logits, cache = model.run_with_cache(inputs["input_ids"], inputs["pixel_values"])
+    resid = cache["blocks.1.hook_resid_pre"]
+    with pytest.raises(MMLensError, match="token_type_ids"):
+        model(resid, start_at_layer=1)
+    resumed = model(resid, start_at_layer=1, token_type_ids=inputs["token_type_ids"])
+    assert (resumed - logits).abs().max() <= 1e-5
+
+
+def test_bfloat16_runs_close_to_hf():
+    hf = tiny_hf_model("gemma3", dtype=torch.bfloat16)
+    model = HookedMultimodalTransformer.from_hf_model(hf)
+    inputs = _inputs(hf)
+    inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        ref = _hf(inputs, hf).logits
+        logits = model(inputs["input_ids"], inputs["pixel_values"],
+                       attention_mask=inputs["attention_mask"])
+    assert logits.dtype == torch.bfloat16
+    real = inputs["attention_mask"].bool()
+    assert (ref.float().softmax(-1) - logits.float().softmax(-1))[real].abs().max() <= 2e-2
+
+
+@torch.no_grad()
+def test_every_hook_is_on_the_data_path(pair):
+    hf, model = pair
+    inputs = _inputs(hf, 1)
+    names = list(model.hook_dict)
+    for name in ("blocks.0.ln1_post.hook_scale", "blocks.0.ln2_post.hook_normalized",
+                 "blocks.0.attn.hook_q_normed", "blocks.0.attn.k_norm.hook_scale",
+                 "vision.ln_post.hook_scale", "projector.hook_pooled",
+                 "projector.norm.hook_scale", "projector.hook_out",
+                 "vision.blocks.1.hook_resid_post"):
+        assert name in names
+    clean = model(inputs["input_ids"], inputs["pixel_values"])
+    for name in names:
+        def nudge(x, hook):
+            if x.dtype == torch.bool:  # a mask: each query sees itself only
+                return x & torch.eye(*x.shape[-2:], dtype=torch.bool)
+            # not a uniform scale or shift, which a following norm would undo
+            return x * 1.25 + 0.05 * torch.linspace(-1, 1, x.shape[-1], dtype=x.dtype)
+
+        out = model.run_with_hooks(inputs["input_ids"], inputs["pixel_values"],
+                                   fwd_hooks=[(name, nudge)])
+        assert (out - clean).abs().max() > 1e-6, name
