@@ -1,0 +1,46 @@
+"""Gemma 3 through the study: the fast knockout sweep equals one full forward per knockout on
+every flow, and ``mmlens flow`` runs offline on a saved tiny checkpoint."""
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from mmlens import HookedMultimodalTransformer
+from mmlens.cli import main
+from mmlens.experiments import DEFAULT_FLOWS
+from mmlens.experiments.engine import clean_run, fast_knockout_probs, single_example
+from mmlens.experiments.knockouts import parse_flows, window_knockouts
+from mmlens.experiments.naive import naive_knockout_probs
+from mmlens.zoo.tiny import tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_checkpoint("gemma3", tmp_path_factory.mktemp("gemma3"))
+
+
+def test_fast_sweep_equals_the_naive_path_on_every_flow(folder):
+    model = HookedMultimodalTransformer.from_pretrained(str(folder))
+    batch = model.prepare([Image.new("RGB", (37, 29), "red")], ["What color is the square?"],
+                          boxes=[[(0, 0, 12, 10)]])
+    assert batch.positions("related", 0).numel() and batch.positions("other", 0).numel()
+    example = single_example(batch)
+    knockouts = [cell.knockout for cell in window_knockouts(
+        parse_flows(DEFAULT_FLOWS), example.spans[0], 3, model.cfg.n_layers)]
+    clean = clean_run(model, example)
+    token = clean.prediction(exclude=model.cfg.image_token_id)
+    fast = fast_knockout_probs(model, clean, knockouts, token)
+    naive = naive_knockout_probs(model, example, knockouts, token)
+    assert (fast - naive).abs().max() <= 1e-5
+    assert (naive - clean.prob(token)).abs().max() > 1e-4  # the knockouts do something
+
+
+def test_flow_runs_offline_on_a_saved_checkpoint(folder, tmp_path):
+    out = tmp_path / "run"
+    code = main(["flow", "--model", str(folder), "--per-task", "1", "--no-filter", "--quiet",
+                 "--tasks", "ChooseAttr,QueryAttr", "--out", str(out)])
+    assert code == 0
+    frame = pd.read_csv(out / "flow.csv")
+    assert set(frame.flow) == set(DEFAULT_FLOWS)
+    assert frame.p_block.between(0, 1).all() and frame.rel_change.abs().max() > 0
+    assert (out / "report.html").is_file() and (out / "views.json").is_file()
