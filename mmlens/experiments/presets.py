@@ -37,6 +37,7 @@ from mmlens.inputs.checkpoints import (
 from mmlens.inputs.image_tokens import TOKENIZATIONS
 from mmlens.inputs.spans import PIXEL_RULE_FAMILIES, RELATED_RULES
 from mmlens.inputs.templates import (
+    GEMMA3,
     LLAMA3_PAPER,
     ONEVISION,
     QWEN_VL,
@@ -107,6 +108,10 @@ FAMILY_PRESETS: dict[str, StudyPreset] = {
                                  ("Qwen/Qwen2-VL-7B-Instruct", 28),
                                  ("Qwen/Qwen2.5-VL-3B-Instruct", 36),
                                  ("Qwen/Qwen2.5-VL-7B-Instruct", 28))),
+        *(StudyPreset(name, GEMMA3, default_window(n_layers), "resize", n_layers, **_NOT_PAPER,
+                      notes="not in the paper: its instruction in Gemma 3's chat template, its "
+                            "window scaled to the depth; the processor resizes without cropping")
+          for name, n_layers in (("google/gemma-3-4b-it", 34), ("google/gemma-3-12b-it", 48))),
     )
 }
 PRESETS: dict[str, StudyPreset] = {**PAPER_PRESETS, **FAMILY_PRESETS}

@@ -102,7 +102,8 @@ TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL, GEMMA3, 
 
 def get_template(template: str | PromptTemplate | None, tokenizer: object = None) -> PromptTemplate:
     """A template by name, or the default for a tokenizer (Llama-3 vocabularies get LLAMA3,
-    Qwen-VL ones QWEN_VL, Gemma 3 ones GEMMA3, Qwen chat vocabularies with an ``<image>`` token ONEVISION)."""
+    Qwen-VL ones QWEN_VL, Gemma 3 ones GEMMA3, Qwen chat vocabularies with an ``<image>``
+    token ONEVISION)."""
     if isinstance(template, PromptTemplate):
         return template
     if template is None:
