@@ -56,7 +56,8 @@ def hf_config(**overrides: Any) -> Any:
 def tokenizer() -> Any:
     """Word-level, Gemma's special tokens first, ``<bos>`` prepended, left padding."""
     return word_tokenizer(
-        SPECIALS, ["user model Answer the question using a single word or phrase ."], vocab=VOCAB, unk="<unk>", bos="<bos>",
+        SPECIALS, ["user model Answer the question using a single word or phrase ."],
+        vocab=VOCAB, unk="<unk>", bos="<bos>",
         eos_token="<eos>", pad_token="<pad>",
         extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                               "image_token": "<image_soft_token>"})
