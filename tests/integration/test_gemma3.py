@@ -44,16 +44,25 @@ def pair():
 
 @torch.no_grad()
 def test_float32_parity_on_a_left_padded_batch(pair):
+    """The SDPA forward against HF's SDPA; the cached run (explicit scores, as every hook is
+    on) against HF's eager attention, which it matches bit for bit on this config."""
     hf, model = pair
     inputs = _inputs(hf)
     assert not bool(inputs["attention_mask"].all())  # the batch is padded
     # the processor's token types are exactly the image tokens: ours read them off input_ids
     is_image = inputs["input_ids"] == model.cfg.image_token_id
     assert torch.equal(inputs["token_type_ids"] == 1, is_image)
-    ref = _hf(inputs, hf, output_hidden_states=True)
+    real = inputs["attention_mask"].bool()
+    logits = model(inputs["input_ids"], inputs["pixel_values"],
+                   attention_mask=inputs["attention_mask"])
+    assert (_hf(inputs, hf).logits - logits)[real].abs().max() <= 1e-4
+    hf.set_attn_implementation("eager")
+    try:
+        ref = _hf(inputs, hf, output_hidden_states=True)
+    finally:
+        hf.set_attn_implementation("sdpa")
     logits, cache = model.run_with_cache(inputs["input_ids"], inputs["pixel_values"],
                                          attention_mask=inputs["attention_mask"])
-    real = inputs["attention_mask"].bool()
     assert (ref.logits - logits)[real].abs().max() <= 1e-4
     for layer in range(model.cfg.n_layers):
         ours = cache[f"blocks.{layer}.hook_resid_pre"]

@@ -166,9 +166,16 @@ class Attention(nn.Module):
         if self._needs_explicit_pattern():
             z = self._explicit(q, k, v, mask, use_causal_flag)
         else:
+            grouped = self.n_kv_heads != self.n_heads
+            if grouped and mask is not None:
+                # SDPA's fused kernels take grouped heads only without a mask (CUDA falls back
+                # to the math kernel otherwise); repeat the heads as Hugging Face does
+                repeats = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+                grouped = False
             z = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=use_causal_flag, scale=self.scale,
-                enable_gqa=self.n_kv_heads != self.n_heads,
+                enable_gqa=grouped,
             )
         z = self.hook_z(z.transpose(1, 2))  # [batch, q_pos, n_heads, d_head]
         if self.use_attn_result:

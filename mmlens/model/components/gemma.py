@@ -17,7 +17,9 @@ class GemmaRMSNorm(nn.Module):
     """``y = x / sqrt(mean(x^2) + eps) * (1 + w)``, all in float32, cast back at the end (as
     Gemma does, unlike Llama which casts before the weight).
 
-    ``hook_scale`` ``[..., 1]`` is the divisor, ``hook_normalized`` the float32 quotient.
+    ``hook_scale`` ``[..., 1]`` is the divisor, ``hook_normalized`` the float32 quotient. The
+    quotient is ``x * rsqrt(...)`` as Gemma computes it (bit for bit) unless a hook replaced
+    the divisor, which then divides.
     """
 
     def __init__(self, d_model: int, eps: float):
@@ -30,8 +32,10 @@ class GemmaRMSNorm(nn.Module):
     def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
         dtype = x.dtype
         x = x.float()
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        normalized = self.hook_normalized(x / scale)
+        inverse = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        divisor = inverse.reciprocal()
+        scale = self.hook_scale(divisor)
+        normalized = self.hook_normalized(x * inverse if scale is divisor else x / scale)
         return (normalized * (1.0 + self.w.float())).to(dtype)
 
 
