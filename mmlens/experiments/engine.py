@@ -43,7 +43,8 @@ class CleanRun:
     (and of any tokens decoded after it). ``logits`` ``[d_vocab]`` (float32) is the prediction
     at the last prompt position. ``position_ids`` are the decoder positions the model's family
     gave the prompt (``[1, pos]``, or the family's own layout such as M-RoPE's); a knockout's
-    suffix is recomputed at exactly these positions.
+    suffix is recomputed at exactly these positions. ``token_type_ids`` are the token kinds
+    the family's mask rule reads (Gemma 3's image tokens), None where it needs none.
     """
 
     resid: list[Tensor]
@@ -51,6 +52,7 @@ class CleanRun:
     logits: Float[Tensor, " d_vocab"]
     n_positions: int
     position_ids: Tensor
+    token_type_ids: Tensor | None = None
 
     def prediction(self, exclude: int | None = None) -> int:
         """The argmax token at the last position, never ``exclude`` (the image token)."""
@@ -91,7 +93,8 @@ def clean_run(model: HookedModel, example: MultimodalBatch) -> CleanRun:
         final = model(example.input_ids, example.pixel_values, image_sizes=example.image_sizes,
                       past_kv_cache=cache, stop_at_layer=n_layers)
     return CleanRun(resid=resid, cache=cache, logits=last_logits(model, final)[0],
-                    n_positions=example.input_ids.shape[1], position_ids=cache.position_ids)
+                    n_positions=example.input_ids.shape[1], position_ids=cache.position_ids,
+                    token_type_ids=model.family.token_type_ids(model.cfg, example.input_ids))
 
 
 def last_logits(model: HookedModel, final_resid: Float[Tensor, "batch pos d_model"]
@@ -171,6 +174,7 @@ def _run_rows(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout]
     # One row of positions broadcasts over the batch in the rotary tables.
     positions = clean.position_ids[..., position:clean.n_positions]
     resid = clean.resid[0].new_empty(0, clean.n_positions - position, model.cfg.d_model)
+    kinds = None if clean.token_type_ids is None else clean.token_type_ids[:, position:]
     with model.hooks(fwd_hooks=hooks):
         for layer in range(starts[0], n_layers + 1):
             joining = bisect_right(starts, layer) - resid.shape[0]
@@ -184,7 +188,8 @@ def _run_rows(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout]
             resid = model(resid, start_at_layer=layer, stop_at_layer=layer + 1,
                           past_kv_cache=prefix.expand(n), position_ids=positions,
                           attention_mask=torch.ones(n, resid.shape[1], dtype=torch.long,
-                                                    device=device))
+                                                    device=device),
+                          token_type_ids=None if kinds is None else kinds.expand(n, -1))
     return last_logits(model, resid).softmax(-1)[:, tokens]
 
 
@@ -202,7 +207,9 @@ def fast_knockout_probs(model: HookedModel, clean: CleanRun, knockouts: Sequence
     n_layers = model.cfg.n_layers
     groups: dict[int, list[int]] = defaultdict(list)
     for index, knockout in enumerate(knockouts):
-        groups[_start(knockout, clean.n_positions, n_layers)[0]].append(index)
+        position = _start(knockout, clean.n_positions, n_layers)[0]
+        # a bidirectional block (Gemma 3's image) is recomputed whole
+        groups[model.family.exact_suffix_start(clean.token_type_ids, position)].append(index)
     probs = torch.empty(len(knockouts), len(tokens))
     for position, indices in groups.items():
         indices.sort(key=lambda i: _start(knockouts[i], clean.n_positions, n_layers)[1])

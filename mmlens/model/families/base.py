@@ -169,6 +169,19 @@ class Family:
         """
         return [build_mask(attention_mask, q_len)] * cfg.text.n_layers
 
+    def token_type_ids(self, cfg: MultimodalConfig,
+                       input_ids: Int[Tensor, "batch pos"]) -> Tensor | None:
+        """The token kinds the mask rule reads (``attention_masks``' ``token_type_ids``), for a
+        run that resumes from a residual stream; None where the rule needs none."""
+        return None
+
+    def exact_suffix_start(self, token_type_ids: Tensor | None, position: int) -> int:
+        """The first position from which recomputing a prompt's suffix is exact when queries
+        from ``position`` on change: earlier positions must never attend to later ones. Plain
+        causal attention: ``position`` itself; a bidirectional block containing it moves the
+        start to the block's first position."""
+        return position
+
     def rotary(self, cfg: LanguageConfig) -> Any:
         """The decoder's rotary tables: ``rotary(position_ids, dtype) -> (cos, sin)``, each
         ``[batch, pos, 1, d_head]`` (a batch of 1 broadcasts over the rows)."""

@@ -220,15 +220,28 @@ class Gemma3Family(LlavaFamily):
     def rotary(self, cfg: LanguageConfig) -> Any:
         return LayerTypeRotary(cfg.rope_by_type)  # type: ignore[attr-defined]
 
+    def token_type_ids(self, cfg: MultimodalConfig, input_ids: Tensor) -> Tensor:
+        return (input_ids == cfg.image_token_id).long()
+
+    def exact_suffix_start(self, token_type_ids: Tensor | None, position: int) -> int:
+        """The start of the image block ``position`` falls in (its tokens see each other)."""
+        if token_type_ids is None:
+            raise MMLensError("Gemma 3's suffix runs need the prompt's token_type_ids")
+        kinds = token_type_ids[0].tolist()
+        while 0 < position < len(kinds) and kinds[position] == 1 and kinds[position - 1] == 1:
+            position -= 1
+        return position
+
     def attention_masks(
         self, cfg: MultimodalConfig, *, attention_mask: Tensor, q_len: int,
         input_ids: Tensor | None, token_type_ids: Tensor | None = None,
         past_kv_cache: KeyValueCache | None = None,
     ) -> list[Tensor | None]:
         """Causal, each image's tokens bidirectional among themselves, sliding layers cut to
-        their window. A cached run's new tokens must be text (an image block needs its whole
-        self in one pass); resuming from a residual stream without a cache needs
-        ``token_type_ids``."""
+        their window. Resuming from a residual stream needs ``token_type_ids`` (of the new
+        positions, or of the whole sequence); a cached run's new positions are taken as text
+        without them. The image blocks among a cached run's new positions must start there
+        (``exact_suffix_start``): the cache cannot see them."""
         past = attention_mask.shape[1] - q_len
         if input_ids is not None:
             is_image = input_ids == cfg.image_token_id
@@ -243,12 +256,9 @@ class Gemma3Family(LlavaFamily):
             is_image = None  # a cached run's new positions: text after the images
         bidirectional = None
         if is_image is not None and bool(is_image.any()):
-            if past:
-                raise MMLensError(
-                    "image tokens among the new positions of a cached run: Gemma 3's image "
-                    "tokens attend to their whole image, so run the image in one pass")
             blocks = image_blocks(is_image)
-            bidirectional = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+            same = (blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0)
+            bidirectional = torch.nn.functional.pad(same, (past, 0), value=False)
         return gemma_masks(cfg.text, attention_mask, q_len, bidirectional)  # type: ignore[arg-type]
 
     def load_processor(self, path: str, **kwargs: Any) -> Any:
