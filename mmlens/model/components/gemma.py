@@ -57,25 +57,26 @@ class GemmaBlock(nn.Module):
     """``resid_mid = resid_pre + ln1_post(attn(ln1(resid_pre)))``,
     ``resid_post = resid_mid + ln2_post(mlp(ln2(resid_mid)))``.
 
+    Gemma (1) has no post-norms (``post_norms=False``: ``ln1_post`` / ``ln2_post`` pass through).
     ``hook_attn_out`` / ``hook_mlp_out`` are what is added to the residual stream (after the
     post-norms), so ``decompose_resid`` adds up. ``layer_type`` picks this layer's rotary
     tables when the stack hands a dict of them (``"sliding_attention"``, ``"full_attention"``).
     """
 
     def __init__(self, attn: Attention, mlp: GatedMLP, d_model: int, eps: float,
-                 layer_type: str = "full_attention"):
+                 layer_type: str = "full_attention", post_norms: bool = True):
         super().__init__()
         self.layer_type = layer_type
         # Registered in data-flow order, which is the order of the model's hook names.
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
         self.ln1 = GemmaRMSNorm(d_model, eps)
         self.attn = attn
-        self.ln1_post = GemmaRMSNorm(d_model, eps)
+        self.ln1_post = GemmaRMSNorm(d_model, eps) if post_norms else nn.Identity()
         self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
         self.ln2 = GemmaRMSNorm(d_model, eps)
         self.mlp = mlp
-        self.ln2_post = GemmaRMSNorm(d_model, eps)
+        self.ln2_post = GemmaRMSNorm(d_model, eps) if post_norms else nn.Identity()
         self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 

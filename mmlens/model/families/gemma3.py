@@ -34,140 +34,28 @@ from torch import Tensor, nn
 
 from mmlens.core.errors import MMLensError
 from mmlens.core.sizes import ImageSize
-from mmlens.model.components import Attention, GatedMLP, RotaryEmbedding
-from mmlens.model.components.gemma import GemmaBlock, GemmaRMSNorm, PooledProjector, ScaledEmbed
+from mmlens.model.components.gemma import GemmaRMSNorm, PooledProjector, ScaledEmbed
 from mmlens.model.config import LanguageConfig, MultimodalConfig
+from mmlens.model.families.gemma_text import (
+    LayerTypeRotary,
+    convert_gemma_language,
+    gemma_blocks,
+    gemma_masks,
+    gemma_text_config,
+    image_blocks,
+)
 from mmlens.model.families.llava import LlavaFamily, clip_vision_config
 from mmlens.model.families.onevision import convert_siglip_vision
 from mmlens.model.kv_cache import KeyValueCache
 from mmlens.model.loading.convert import find_prefix, take
 from mmlens.model.siglip import SiglipPostNormTower
 
-SLIDING, FULL = "sliding_attention", "full_attention"
-_GEMMA_BLOCK = {
-    "attn.q_weight": "self_attn.q_proj.weight", "attn.k_weight": "self_attn.k_proj.weight",
-    "attn.v_weight": "self_attn.v_proj.weight", "attn.o_weight": "self_attn.o_proj.weight",
-    "attn.q_bias": "self_attn.q_proj.bias", "attn.k_bias": "self_attn.k_proj.bias",
-    "attn.v_bias": "self_attn.v_proj.bias", "attn.o_bias": "self_attn.o_proj.bias",
-    "attn.q_norm.w": "self_attn.q_norm.weight", "attn.k_norm.w": "self_attn.k_norm.weight",
-    "mlp.gate_weight": "mlp.gate_proj.weight", "mlp.in_weight": "mlp.up_proj.weight",
-    "mlp.out_weight": "mlp.down_proj.weight",
-    "ln1.w": "input_layernorm.weight", "ln1_post.w": "post_attention_layernorm.weight",
-    "ln2.w": "pre_feedforward_layernorm.weight", "ln2_post.w": "post_feedforward_layernorm.weight",
-}
 
-
-@dataclasses.dataclass
-class GemmaLanguageConfig(LanguageConfig):
-    """A Gemma 2 / 3 decoder: ``layer_types`` per layer (``"sliding_attention"`` or
-    ``"full_attention"``), the window, the score scale and soft-caps, and the inverse
-    frequencies of each layer type (Gemma 3's local base for the sliding layers)."""
-
-    layer_types: tuple[str, ...] = ()
-    sliding_window: int | None = None
-    query_pre_attn_scalar: float = 1.0
-    attn_softcap: float | None = None
-    final_softcap: float | None = None
-    qk_norm: bool = False
-    rope_by_type: dict[str, tuple[Tensor, float]] = dataclasses.field(default_factory=dict)
-
-
-def _rope_for(tc: Any, layer_type: str) -> tuple[Tensor, float]:
-    """Inverse frequencies and attention scaling of one layer type, as HF computes them."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    params = tc.rope_parameters[layer_type]
-    if params["rope_type"] == "default":
-        dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        base = params["rope_theta"]
-        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
-    if params["rope_type"] not in ROPE_INIT_FUNCTIONS:
-        raise MMLensError(f"rope type {params['rope_type']!r} of the {layer_type} layers is not "
-                          f"supported: use one of default, {', '.join(ROPE_INIT_FUNCTIONS)}")
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[params["rope_type"]](
-        tc, torch.device("cpu"), layer_type=layer_type)
-    return inv_freq.float(), float(scaling)
-
-
-def gemma3_text_config(tc: Any) -> GemmaLanguageConfig:
-    """A ``Gemma3TextConfig`` read; refuses settings HF's multimodal model does not run."""
+def gemma3_text(tc: Any) -> Any:
     if tc.model_type != "gemma3_text":
         raise MMLensError(f"text model {tc.model_type!r} is not supported for Gemma 3: mmlens "
                           "supports gemma3_text")
-    if getattr(tc, "use_bidirectional_attention", False):
-        raise MMLensError("use_bidirectional_attention=True (EmbeddingGemma) is not supported: "
-                          "mmlens runs Gemma 3's causal decoder")
-    types = tuple(tc.layer_types)
-    if set(types) - {SLIDING, FULL}:
-        raise MMLensError(f"layer types {sorted(set(types) - {SLIDING, FULL})} are not supported: "
-                          f"Gemma 3 layers are {SLIDING} or {FULL}")
-    rope = {t: _rope_for(tc, t) for t in sorted(set(types))}
-    bias = bool(getattr(tc, "attention_bias", False))
-    return GemmaLanguageConfig(
-        n_layers=tc.num_hidden_layers, d_model=tc.hidden_size, n_heads=tc.num_attention_heads,
-        n_key_value_heads=tc.num_key_value_heads, d_head=tc.head_dim,
-        d_mlp=tc.intermediate_size, d_vocab=tc.vocab_size, eps=tc.rms_norm_eps,
-        rope_inv_freq=rope[types[0]][0], rope_attention_scaling=rope[types[0]][1],
-        qkv_bias=bias, o_bias=bias, act_fn=tc.hidden_activation,
-        original_architecture="Gemma3ForCausalLM", layer_types=types,
-        sliding_window=tc.sliding_window, query_pre_attn_scalar=tc.query_pre_attn_scalar,
-        qk_norm=True, rope_by_type=rope)
-
-
-class LayerTypeRotary:
-    """``(position_ids, dtype) -> {layer_type: (cos, sin)}``; each block takes its own."""
-
-    def __init__(self, rope_by_type: dict[str, tuple[Tensor, float]]):
-        self.by_type = {t: RotaryEmbedding(f, s) for t, (f, s) in rope_by_type.items()}
-
-    def __call__(self, position_ids: Tensor,
-                 dtype: torch.dtype) -> dict[str, tuple[Tensor, Tensor]]:
-        return {t: rotary(position_ids, dtype) for t, rotary in self.by_type.items()}
-
-
-def gemma_blocks(cfg: GemmaLanguageConfig) -> nn.ModuleList:
-    """One ``GemmaBlock`` per layer, each with its layer type."""
-
-    def attention() -> Attention:
-        norms = (GemmaRMSNorm(cfg.d_head, cfg.eps), GemmaRMSNorm(cfg.d_head, cfg.eps))
-        return Attention(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.n_key_value_heads,
-                         qkv_bias=cfg.qkv_bias, out_bias=cfg.o_bias, rotary=True,
-                         scale=cfg.query_pre_attn_scalar**-0.5, softcap=cfg.attn_softcap,
-                         qk_norm=norms if cfg.qk_norm else None)
-
-    return nn.ModuleList([
-        GemmaBlock(attention(), GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn), cfg.d_model,
-                   cfg.eps, layer_type) for layer_type in cfg.layer_types])
-
-
-def image_blocks(is_image: Tensor) -> Tensor:
-    """Runs of consecutive image tokens numbered 0, 1, ... per row; -1 elsewhere (HF's
-    ``get_block_sequence_ids_for_mask``)."""
-    previous = torch.nn.functional.pad(is_image, (1, 0), value=False)[:, :-1]
-    ids = torch.cumsum((is_image & ~previous).int(), dim=1) - 1
-    return torch.where(is_image, ids, -1)
-
-
-def gemma_masks(cfg: GemmaLanguageConfig, attention_mask: Tensor, q_len: int,
-                bidirectional: Tensor | None) -> list[Tensor]:
-    """Per layer: causal, OR'd with ``bidirectional`` ``[batch, q, k]`` where given, AND the
-    padding, AND (sliding layers) the window ``k > q - sliding_window`` in sequence indices.
-    Padding queries may attend everywhere (their outputs are never read)."""
-    k_len = attention_mask.shape[1]
-    device = attention_mask.device
-    q_idx = torch.arange(k_len - q_len, k_len, device=device)[:, None]
-    k_idx = torch.arange(k_len, device=device)[None, :]
-    allowed = (k_idx <= q_idx)[None]
-    if bidirectional is not None:
-        allowed = allowed | bidirectional
-    allowed = allowed & attention_mask.bool()[:, None, :]
-    query_pad = ~attention_mask.bool()[:, -q_len:, None]
-    full = (allowed | query_pad)[:, None]
-    masks = {FULL: full}
-    if SLIDING in cfg.layer_types:
-        window = k_idx > q_idx - cfg.sliding_window
-        masks[SLIDING] = ((allowed & window[None]) | query_pad)[:, None]
-    return [masks[t] for t in cfg.layer_types]
+    return gemma_text_config(tc)
 
 
 class Gemma3Family(LlavaFamily):
@@ -186,7 +74,7 @@ class Gemma3Family(LlavaFamily):
         vision = dataclasses.replace(clip_vision_config(vc, [vc.num_hidden_layers]),
                                      has_class_token=False)
         return MultimodalConfig(
-            model_type="gemma3", vision=vision, text=gemma3_text_config(hf_config.text_config),
+            model_type="gemma3", vision=vision, text=gemma3_text(hf_config.text_config),
             image_token_id=hf_config.image_token_id, feature_layers=[vc.num_hidden_layers],
             feature_select_strategy="full", projector_act="none", projector_bias=False,
             hf_config=hf_config)
@@ -306,19 +194,3 @@ class Gemma3Family(LlavaFamily):
             boxes, image_size, image_positions, crop_size=model.cfg.vision.image_size,
             patch_size=cell_px, mode=mode)
         return related, other_image_positions(image_positions, related)
-
-
-def convert_gemma_language(state: dict[str, Tensor], cfg: MultimodalConfig) -> dict[str, Tensor]:
-    """The Gemma decoder, final norm and unembedding (tied to the embedding when absent)."""
-    p = find_prefix(state, "model.language_model.", "language_model.model.")
-    out = {"embed.W_E": take(state, p + "embed_tokens.weight"),
-           "ln_final.w": take(state, p + "norm.weight")}
-    for layer in range(cfg.text.n_layers):
-        for ours, theirs in _GEMMA_BLOCK.items():
-            optional = ours.endswith("_bias") or ".q_norm" in ours or ".k_norm" in ours
-            weight = take(state, f"{p}layers.{layer}.{theirs}", optional=optional)
-            if weight is not None:
-                out[f"blocks.{layer}.{ours}"] = weight
-    head = take(state, "lm_head.weight", optional=True)
-    out["unembed.weight"] = head if head is not None else out["embed.W_E"]
-    return out
