@@ -100,7 +100,8 @@ def clean_run(model: HookedModel, example: MultimodalBatch) -> CleanRun:
 def last_logits(model: HookedModel, final_resid: Float[Tensor, "batch pos d_model"]
                 ) -> Float[Tensor, "batch d_vocab"]:
     """Float32 logits at the last position only (the sweep never reads the others)."""
-    return model.unembed(model.ln_final(final_resid[:, -1:]))[:, -1].float()
+    logits = model.unembed(model.ln_final(final_resid[:, -1:]))
+    return model.family.final_logits(logits, model.cfg)[:, -1].float()
 
 
 @torch.no_grad()

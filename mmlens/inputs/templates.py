@@ -96,8 +96,13 @@ GEMMA3 = PromptTemplate(
 the image as its processor expands it (``\n\n<start_of_image>``, ``mm_tokens_per_image``
 soft tokens, ``<end_of_image>\n\n``); ``<image>`` stands for the soft tokens."""
 
-TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL, GEMMA3, VICUNA_V1_PAPER,
-                                 LLAMA3_PAPER)}
+PALIGEMMA = PromptTemplate("paligemma", "<image><bos>answer en {question}\n")
+"""PaliGemma's prompt form (its processor's): the image tokens, then BOS, the task prefix
+``answer en`` and the question, ended by a newline; the whole prompt is the prefix that
+attends both ways."""
+
+TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL, GEMMA3, PALIGEMMA,
+                                 VICUNA_V1_PAPER, LLAMA3_PAPER)}
 
 
 def get_template(template: str | PromptTemplate | None, tokenizer: object = None) -> PromptTemplate:
@@ -112,6 +117,9 @@ def get_template(template: str | PromptTemplate | None, tokenizer: object = None
             return QWEN_VL
         if "<start_of_image>" in vocab:
             return GEMMA3
+        if "<image>" in vocab and "<bos>" in vocab and "<start_of_turn>" not in vocab and (
+                getattr(tokenizer, "bos_token", None) == "<bos>"):
+            return PALIGEMMA
         if "<|start_header_id|>" in vocab:
             return LLAMA3
         if "<|im_start|>" in vocab and IMAGE_PLACEHOLDER in vocab:

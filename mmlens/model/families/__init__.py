@@ -15,6 +15,7 @@ from mmlens.model.families.gemma3 import Gemma3Family
 from mmlens.model.families.llava import LlavaFamily
 from mmlens.model.families.llava_next import LlavaNextFamily
 from mmlens.model.families.onevision import LlavaOnevisionFamily
+from mmlens.model.families.paligemma import PaliGemmaFamily
 from mmlens.model.families.qwen_vl import Qwen25VLFamily, QwenVLFamily
 
 FAMILIES: dict[str, Family] = {}
@@ -28,7 +29,7 @@ def register(family: Family) -> Family:
 
 
 for _family in (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), QwenVLFamily(),
-                Qwen25VLFamily(), Gemma3Family()):
+                Qwen25VLFamily(), Gemma3Family(), PaliGemmaFamily()):
     register(_family)
 
 
@@ -59,6 +60,6 @@ def family_for(model_type: str | None) -> Family:
 
 
 __all__ = ["FAMILIES", "Family", "Gemma3Family", "LlavaFamily", "LlavaNextFamily",
-           "LlavaOnevisionFamily",
+           "LlavaOnevisionFamily", "PaliGemmaFamily",
            "Qwen25VLFamily", "QwenVLFamily", "family_for", "from_hf_config", "register",
            "supported_families"]

@@ -79,13 +79,14 @@ def gemma_text_config(tc: Any) -> GemmaLanguageConfig:
     Gemma: no post-norms, scores scaled by ``head_dim ** -0.5``. Gemma 2: post-norms,
     ``query_pre_attn_scalar``, attention and final soft-caps, alternating sliding layers.
     Gemma 3: as Gemma 2 with q/k norms and a rotary base per layer type; its multimodal model
-    applies no soft-cap (HF passes none), so none is read.
+    applies no soft-cap (HF passes none), so none is read. (PaliGemma sets
+    ``use_bidirectional_attention`` on its decoder; its masks are the family's prefix rule.)
     """
     kind = tc.model_type
     if kind not in GEMMA_TEXT:
         raise MMLensError(f"text model {kind!r} is not a Gemma decoder: mmlens supports "
                           f"{', '.join(GEMMA_TEXT)}")
-    if getattr(tc, "use_bidirectional_attention", False):
+    if kind == "gemma3_text" and getattr(tc, "use_bidirectional_attention", False):
         raise MMLensError("use_bidirectional_attention=True (embedding models) is not "
                           "supported: mmlens runs Gemma's causal decoder")
     types = tuple(getattr(tc, "layer_types", None) or [FULL] * tc.num_hidden_layers)
