@@ -85,6 +85,14 @@ def vision_positions(batch: Any, name: str, layout: VisionLayout) -> list[Tensor
             raise ValueError(f"the batch has {batch.pixel_values.shape[0]} images for "
                              f"{len(batch)} examples: spans map to the vision tower only with "
                              "one image per example")
+        for i in range(len(batch)):
+            n_image = len(batch.positions("image", i))
+            if layout.n_positions is not None and n_image not in (layout.n_positions - 1,
+                                                                  layout.n_positions):
+                raise ValueError(
+                    f"example {i} has {n_image} image tokens for {layout.n_positions - 1} vision "
+                    "patches: its image tokens pool several patches each (Gemma 3), so spans do "
+                    "not map to single vision positions; hook the projector (projector.*) instead")
         return [_feature_indices(batch, name, i) + layout.cls_offset for i in range(len(batch))]
     from mmlens.inputs.anyres_spans import image_position_map
     from mmlens.inputs.tiling import read_image_sizes

@@ -195,3 +195,4 @@ def test_every_hook_is_on_the_data_path(pair):
         out = model.run_with_hooks(inputs["input_ids"], inputs["pixel_values"],
                                    fwd_hooks=[(name, nudge)])
         assert (out - clean).abs().max() > 1e-6, name
+

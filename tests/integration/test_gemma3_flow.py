@@ -12,6 +12,7 @@ from mmlens.experiments import DEFAULT_FLOWS
 from mmlens.experiments.engine import clean_run, fast_knockout_probs, single_example
 from mmlens.experiments.knockouts import Knockout, parse_flows, window_knockouts
 from mmlens.experiments.naive import naive_knockout_probs
+from mmlens.methods import block_attention
 from mmlens.zoo.tiny import tiny_checkpoint
 
 
@@ -51,3 +52,12 @@ def test_flow_runs_offline_on_a_saved_checkpoint(folder, tmp_path):
     assert set(frame.flow) == set(DEFAULT_FLOWS)
     assert frame.p_block.between(0, 1).all() and frame.rel_change.abs().max() > 0
     assert (out / "report.html").is_file() and (out / "views.json").is_file()
+
+
+def test_vision_spans_of_pooled_tokens_are_refused(folder):
+    model = HookedMultimodalTransformer.from_pretrained(str(folder))
+    batch = model.prepare([Image.new("RGB", (37, 29), "red")], ["What color is the square?"],
+                          boxes=[[(0, 0, 10, 10)]])
+    assert batch.positions("related", 0).numel() == 1  # one pooled token under the box
+    with pytest.raises(ValueError, match="pool several patches"):
+        block_attention("related", "other", [0], tower="vision", batch=batch, model=model)
