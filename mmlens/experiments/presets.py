@@ -40,6 +40,7 @@ from mmlens.inputs.templates import (
     GEMMA3,
     LLAMA3_PAPER,
     ONEVISION,
+    PALIGEMMA,
     QWEN_VL,
     VICUNA_V1,
     VICUNA_V1_PAPER,
@@ -112,6 +113,11 @@ FAMILY_PRESETS: dict[str, StudyPreset] = {
                       notes="not in the paper: its instruction in Gemma 3's chat template, its "
                             "window scaled to the depth; the processor resizes without cropping")
           for name, n_layers in (("google/gemma-3-4b-it", 34), ("google/gemma-3-12b-it", 48))),
+        *(StudyPreset(name, PALIGEMMA, default_window(n_layers), "resize", n_layers, **_NOT_PAPER,
+                      notes="not in the paper: PaliGemma's prompt form (answer en), a prefix "
+                            "that attends both ways; window scaled to the depth")
+          for name, n_layers in (("google/paligemma-3b-pt-224", 18),
+                                 ("google/paligemma2-3b-pt-224", 26))),
     )
 }
 PRESETS: dict[str, StudyPreset] = {**PAPER_PRESETS, **FAMILY_PRESETS}
