@@ -264,6 +264,8 @@ def _sweep(model: HookedModel, clean: MultimodalBatch, corrupted: MultimodalBatc
     mask = corrupted.attention_mask
     # Resuming from a residual stream: the prompt's positions (3D for M-RoPE families).
     positions = model.position_ids(corrupted.input_ids, mask, image_sizes=corrupted.image_sizes)
+    # the token kinds a family's mask rule reads (Gemma 3's images, PaliGemma's prefix)
+    kinds = model.family.token_type_ids(model.cfg, corrupted.input_ids)
     scores = torch.zeros(len(layers), len(cells))
     for row, layer in enumerate(layers):
         name = COMPONENTS[component].format(layer)
@@ -277,6 +279,7 @@ def _sweep(model: HookedModel, clean: MultimodalBatch, corrupted: MultimodalBatc
                     attention_mask=None if mask is None else mask.repeat(len(chunk), 1),
                     position_ids=positions.repeat(
                         *[1] * (positions.ndim - 2), len(chunk), 1),
+                    token_type_ids=None if kinds is None else kinds.repeat(len(chunk), 1),
                 )
             for offset, part in enumerate(logits.split(n)):
                 scores[row, first + offset] = float(metric(part))

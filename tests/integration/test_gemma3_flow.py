@@ -61,3 +61,27 @@ def test_vision_spans_of_pooled_tokens_are_refused(folder):
     assert batch.positions("related", 0).numel() == 1  # one pooled token under the box
     with pytest.raises(ValueError, match="pool several patches"):
         block_attention("related", "other", [0], tower="vision", batch=batch, model=model)
+
+
+def test_patching_resumes_with_the_image_blocks(folder):
+    """Each resumed patch equals one full forward with the same patch hook."""
+    from mmlens.methods.patching import (
+        answer_prob_metric,
+        corrupt_image,
+        patch_activation,
+        patch_positions,
+    )
+
+    model = HookedMultimodalTransformer.from_pretrained(str(folder))
+    clean = model.prepare([Image.new("RGB", (37, 29), "red")], ["What color is the square?"])
+    corrupted = corrupt_image(clean, noise=1.0, seed=0)
+    answer = int(model(clean)[0, -1].argmax())
+    metric = answer_prob_metric(answer)
+    scores = patch_positions(model, clean, corrupted, metric, layers=[1])
+    _, cache = model.run_with_cache(clean, names_filter="blocks.1.hook_resid_pre")
+    image = int(clean.positions("image", 0)[1])
+    pairs = [(torch.tensor([image]), torch.tensor([image]))]
+    hooks = patch_activation("blocks.1.hook_resid_pre", cache["blocks.1.hook_resid_pre"], pairs)
+    with torch.no_grad():
+        full = metric(model.run_with_hooks(corrupted, fwd_hooks=hooks))
+    assert abs(float(scores[0, image]) - float(full)) <= 1e-6
