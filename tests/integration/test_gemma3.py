@@ -196,3 +196,29 @@ def test_every_hook_is_on_the_data_path(pair):
                                    fwd_hooks=[(name, nudge)])
         assert (out - clean).abs().max() > 1e-6, name
 
+
+
+@torch.no_grad()
+def test_pan_and_scan_crops_are_blocks_of_their_own(pair):
+    """HF's processor with pan-and-scan on: the image and its crops, each its own block."""
+    hf, model = pair
+    generator = torch.Generator().manual_seed(3)
+    wide = Image.fromarray((torch.rand(30, 100, 3, generator=generator) * 255).byte().numpy())
+    inputs = tiny_processor("gemma3", hf.config)(
+        images=[[wide]], text=[PROMPT.format(QUESTIONS[0])], return_tensors="pt",
+        do_pan_and_scan=True, pan_and_scan_min_crop_size=16, pan_and_scan_max_num_crops=3)
+    inputs.pop("num_crops", None)
+    assert inputs["pixel_values"].shape[0] == 4  # the image and 3 crops
+    hf.set_attn_implementation("eager")
+    try:
+        ref = _hf(inputs, hf, output_hidden_states=True)
+    finally:
+        hf.set_attn_implementation("sdpa")
+    logits, cache = model.run_with_cache(inputs["input_ids"], inputs["pixel_values"])
+    assert (ref.logits - logits).abs().max() <= 1e-4
+    for layer in range(model.cfg.n_layers):
+        ours = cache[f"blocks.{layer}.hook_resid_pre"]
+        assert (ref.hidden_states[layer] - ours).abs().max() <= 1e-5, layer
+    mask = cache["blocks.2.attn.hook_mask"][0, 0]  # a global layer
+    image = (inputs["input_ids"][0] == model.cfg.image_token_id).nonzero().flatten()
+    assert bool(mask[image[0], image[3]]) and not bool(mask[image[0], image[4]])

@@ -20,7 +20,8 @@ The HF module tree read here (``Gemma3ForConditionalGeneration``, transformers >
 
 HF's ``Gemma3ForConditionalGeneration`` applies neither attention nor final logit
 soft-capping (its attention never passes ``attn_logit_softcapping``); neither does this port.
-Pan-and-scan crops are not supported (the processor's default is off).
+Pan-and-scan crops from HF's processor run as they are (each crop is its own image block);
+``prepare``'s composed processor refuses pan-and-scan (the processor's default is off).
 """
 
 from __future__ import annotations
