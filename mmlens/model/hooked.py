@@ -325,9 +325,10 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         return ids[0]
 
     def tokens_to_residual_directions(self, tokens: Tensor | int) -> Tensor:
-        """Unembedding directions ``[..., d_model]``, with ``ln_final``'s weight folded in so that
-        ``(resid / ln_final.hook_scale) @ direction`` is the token's logit."""
-        return (self.unembed.W_U * self.ln_final.w[:, None]).T[tokens]
+        """Unembedding directions ``[..., d_model]``, with ``ln_final``'s gain (``w``; Gemma's
+        ``1 + w``) folded in so that ``(resid / ln_final.hook_scale) @ direction`` is the
+        token's logit (before a family's soft-cap)."""
+        return (self.unembed.W_U * self.ln_final.gain[:, None]).T[tokens]
 
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:

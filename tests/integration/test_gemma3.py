@@ -222,3 +222,15 @@ def test_pan_and_scan_crops_are_blocks_of_their_own(pair):
     mask = cache["blocks.2.attn.hook_mask"][0, 0]  # a global layer
     image = (inputs["input_ids"][0] == model.cfg.image_token_id).nonzero().flatten()
     assert bool(mask[image[0], image[3]]) and not bool(mask[image[0], image[4]])
+
+
+@torch.no_grad()
+def test_residual_directions_fold_gemmas_norm_gain(pair):
+    hf, model = pair
+    inputs = _inputs(hf, 1)
+    logits, cache = model.run_with_cache(inputs["input_ids"], inputs["pixel_values"])
+    final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"][0, -1]
+    token = int(logits[0, -1].argmax())
+    direction = model.tokens_to_residual_directions(token)
+    scale = cache["ln_final.hook_scale"][0, -1]
+    assert abs(float((final / scale) @ direction) - float(logits[0, -1, token])) <= 1e-4

@@ -29,6 +29,11 @@ class GemmaRMSNorm(nn.Module):
         self.hook_scale = HookPoint()  # [..., 1]
         self.hook_normalized = HookPoint()  # [..., d_model], float32
 
+    @property
+    def gain(self) -> Float[Tensor, " d_model"]:
+        """What multiplies the normalised input: ``1 + w``."""
+        return 1.0 + self.w
+
     def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
         dtype = x.dtype
         x = x.float()

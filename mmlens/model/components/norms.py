@@ -23,6 +23,11 @@ class RMSNorm(nn.Module):
         self.hook_scale = HookPoint()  # [batch, pos, 1]
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
 
+    @property
+    def gain(self) -> Float[Tensor, " d_model"]:
+        """What multiplies the normalised input: ``w``."""
+        return self.w
+
     def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
         dtype = x.dtype
         x = x.float()
