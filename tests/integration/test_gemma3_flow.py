@@ -85,3 +85,17 @@ def test_patching_resumes_with_the_image_blocks(folder):
     with torch.no_grad():
         full = metric(model.run_with_hooks(corrupted, fwd_hooks=hooks))
     assert abs(float(scores[0, image]) - float(full)) <= 1e-6
+
+
+def test_a_pan_and_scan_processor_is_refused_at_load_time(folder, tmp_path):
+    import json
+    import shutil
+
+    from mmlens.core.errors import MMLensError
+
+    copy = shutil.copytree(folder, tmp_path / "pan")
+    config = json.loads((copy / "processor_config.json").read_text())
+    config["image_processor"]["do_pan_and_scan"] = True
+    (copy / "processor_config.json").write_text(json.dumps(config))
+    with pytest.raises(MMLensError, match="pan-and-scan"):
+        HookedMultimodalTransformer.from_pretrained(str(copy))
