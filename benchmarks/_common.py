@@ -117,3 +117,45 @@ def measure(fn: Callable[[], object], device: str, repeats: int = 5,
             fn()
             sync(device)
     return statistics.median(times), mem.peak / 2**20
+
+
+def timed(fn: Callable[[], object], device: str, repeats: int = 1) -> tuple[object, float]:
+    """The result of ``fn`` and its best time over ``repeats`` calls, in seconds."""
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        result = fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
+@torch.no_grad()
+def sweep_speedup(model: object, batch: object, flows: tuple[str, ...], naive_layers: int,
+                  device: str, exclude: int) -> None:
+    """Print the fast sweep's and the naive sweep's time per example (the naive one run at
+    ``naive_layers`` centre layers and extrapolated) and their largest difference."""
+    from mmlens.experiments import default_window, parse_flows
+    from mmlens.experiments.engine import clean_run, fast_knockout_probs
+    from mmlens.experiments.knockouts import window_knockouts
+    from mmlens.experiments.naive import naive_knockout_probs
+
+    n_layers = model.cfg.n_layers
+    window = default_window(n_layers)
+    cells = window_knockouts(parse_flows(flows), batch.spans[0], window, n_layers)
+    step = max(1, n_layers // naive_layers)
+    centres = list(range(0, n_layers, step))[:naive_layers]
+    chosen = [i for i, cell in enumerate(cells) if cell.layer in centres]
+    token = clean_run(model, batch).prediction(exclude=exclude)
+    knockouts = [cell.knockout for cell in cells]
+    fast, fast_s = timed(lambda: fast_knockout_probs(
+        model, clean_run(model, batch), knockouts, token), device)
+    naive, naive_s = timed(lambda: naive_knockout_probs(
+        model, batch, [knockouts[i] for i in chosen], token), device)
+    naive_s *= len(cells) / len(chosen)
+    gap = (fast[chosen] - naive).abs().max().item()
+    print(f"sweep: {len(cells)} knockouts ({len(flows)} flows x {n_layers} layers, "
+          f"window {window}); naive ran {len(chosen)}, time extrapolated")
+    print(f"  fast {fast_s:.2f} s/example, naive {naive_s:.2f} s/example, speed-up "
+          f"{naive_s / fast_s:.1f}x, max |p_block fast - naive| {gap:.1e}")

@@ -12,16 +12,13 @@ system prompt and a 12-token question. ``--real-shapes`` uses Qwen2.5-VL-7B's wi
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from _common import sweep_speedup, timed
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from mmlens import HookedMultimodalTransformer
-from mmlens.experiments import DEFAULT_FLOWS, default_window, parse_flows
-from mmlens.experiments.engine import clean_run, fast_knockout_probs
-from mmlens.experiments.knockouts import window_knockouts
-from mmlens.experiments.naive import naive_knockout_probs
+from mmlens.experiments import DEFAULT_FLOWS
 from mmlens.inputs.batch import MultimodalBatch
 
 IMAGE_TOKEN, GRID, BEFORE, QUESTION, AFTER = 151655, 24, 20, 12, 15
@@ -43,34 +40,23 @@ def config(real_shapes: bool) -> Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
 
 
-def layout(device: str, dtype: torch.dtype) -> MultimodalBatch:
+def layout(device: str, dtype: torch.dtype, *, patch: int = 14, before: int = BEFORE,
+           after: int = AFTER) -> MultimodalBatch:
+    """One GRID x GRID-patch image after ``before`` tokens, a question and ``after`` tokens."""
     gen = torch.Generator().manual_seed(0)
     n_image = GRID * GRID // 4
-    ids = torch.cat([torch.randint(0, 150000, (BEFORE,), generator=gen),
+    ids = torch.cat([torch.randint(0, 150000, (before,), generator=gen),
                      torch.full((n_image,), IMAGE_TOKEN),
-                     torch.randint(0, 150000, (QUESTION + AFTER,), generator=gen)])[None]
-    image = torch.arange(BEFORE, BEFORE + n_image)
+                     torch.randint(0, 150000, (QUESTION + after,), generator=gen)])[None]
+    image = torch.arange(before, before + n_image)
     related = image.reshape(GRID // 2, GRID // 2)[3:7, 4:8].flatten()
     spans = {"image": image, "question": torch.arange(image[-1] + 1, image[-1] + 1 + QUESTION),
              "last": torch.tensor([ids.shape[1] - 1]), "related": related,
              "other": image[~torch.isin(image, related)]}
-    pixels = torch.randn(1, GRID * GRID, 3 * 2 * 14 * 14, generator=gen)
+    pixels = torch.randn(1, GRID * GRID, 3 * 2 * patch * patch, generator=gen)
     return MultimodalBatch(ids.to(device), torch.ones_like(ids).to(device),
                            pixels.to(device, dtype), [spans],
                            image_sizes=torch.tensor([[1, GRID, GRID]], device=device))
-
-
-def timed(fn, device: str, repeats: int = 1) -> tuple[object, float]:
-    best = float("inf")
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return result, best
 
 
 @torch.no_grad()
@@ -108,25 +94,7 @@ def main() -> None:
     for name, (_, seconds) in results.items():
         print(f"  {name:38}{seconds:8.3f} s")
 
-    n_layers = model.cfg.n_layers
-    window = default_window(n_layers)
-    cells = window_knockouts(parse_flows(DEFAULT_FLOWS), batch.spans[0], window, n_layers)
-    step = max(1, n_layers // args.naive_layers)
-    centres = list(range(0, n_layers, step))[:args.naive_layers]
-    chosen = [i for i, cell in enumerate(cells) if cell.layer in centres]
-    clean = clean_run(model, batch)
-    token = clean.prediction(exclude=IMAGE_TOKEN)
-    knockouts = [cell.knockout for cell in cells]
-    fast, fast_s = timed(lambda: fast_knockout_probs(
-        model, clean_run(model, batch), knockouts, token), args.device)
-    naive, naive_s = timed(lambda: naive_knockout_probs(
-        model, batch, [knockouts[i] for i in chosen], token), args.device)
-    naive_s *= len(cells) / len(chosen)
-    gap = (fast[chosen] - naive).abs().max().item()
-    print(f"sweep: {len(cells)} knockouts ({len(DEFAULT_FLOWS)} flows x {n_layers} layers, "
-          f"window {window}); naive ran {len(chosen)}, time extrapolated")
-    print(f"  fast {fast_s:.2f} s/example, naive {naive_s:.2f} s/example, speed-up "
-          f"{naive_s / fast_s:.1f}x, max |p_block fast - naive| {gap:.1e}")
+    sweep_speedup(model, batch, DEFAULT_FLOWS, args.naive_layers, args.device, IMAGE_TOKEN)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,14 @@ from typing import Any, NamedTuple
 
 from mmlens.core.errors import MMLensError
 from mmlens.core.sizes import ImageSize
-from mmlens.data.example import TASKS, Box, Example, check_box
+from mmlens.data.example import (
+    TASKS,
+    Box,
+    Example,
+    check_box,
+    check_image_id,
+    warn_boxes_outside,
+)
 
 GQA_TYPES: dict[str, tuple[str, ...]] = {
     "ChooseAttr": ("chooseAttr", "materialChoose", "typeChoose", "activityChoose"),
@@ -73,6 +80,7 @@ def load_gqa(
             examples.append(_build_example(str(qid), task, entry, graphs, files))
     for example in examples:
         example.rescale_boxes = rescale_boxes
+    warn_boxes_outside(examples, files.scene_graphs.name)
     return sample_per_task(examples, n_per_task, seed)
 
 
@@ -177,7 +185,9 @@ def _build_example(qid: str, task: str, entry: Any, graphs: dict, files: _GqaFil
     )
     object_ids = _question_objects(entry, files.questions, qid)
     object_ids = object_ids[:1] if task in CENTRAL_OBJECT_TASKS else object_ids[:2]
-    boxes = [_object_box(graphs, files.scene_graphs, image_id, obj, qid) for obj in object_ids]
+    size = _recorded_size(graphs.get(image_id), files.scene_graphs, image_id)
+    boxes = [_object_box(graphs, files.scene_graphs, image_id, obj, qid)
+             for obj in object_ids]
     wrong = None
     if task in CHOOSE_TASKS:
         wrong = _wrong_from_program(entry.get("semantic"), answer)
@@ -190,8 +200,8 @@ def _build_example(qid: str, task: str, entry: Any, graphs: dict, files: _GqaFil
         image_id=image_id,
         boxes=boxes,
         wrong_answer=wrong,
-        image_path=_image_path(files.images, image_id),
-        image_size=_recorded_size(graphs.get(image_id), files.scene_graphs, image_id),
+        image_path=_image_path(files.images, image_id, files.questions, qid),
+        image_size=size,
     )
 
 
@@ -230,6 +240,11 @@ def _question_objects(entry: dict, path: Path, qid: str) -> list[str]:
             objects = [object_of(d) for d in deps]
         return [obj for obj in objects if obj is not None]
     spans = _field(_field(entry, "annotations", path, qid), "question", path, qid)
+    if not isinstance(spans, dict) or not all(re.fullmatch(r"\d+(:\d+)?", str(span))
+                                              for span in spans):
+        raise MMLensError(f"{path.name}: question '{qid}', field annotations.question: "
+                          f"{spans!r} must map token spans such as \"3\" or \"5:7\" (whole "
+                          "numbers) to object ids")
     in_question_order = sorted(spans, key=lambda span: int(span.split(":")[0]))  # "3", "5:7"
     return list(dict.fromkeys(str(spans[span]) for span in in_question_order))
 
@@ -269,7 +284,8 @@ def _object_box(graphs: dict, graphs_path: Path, image_id: str, obj: str, qid: s
                      f"(question '{qid}')")
 
 
-def _image_path(images_dir: Path, image_id: str) -> Path:
+def _image_path(images_dir: Path, image_id: str, path: Path, qid: str) -> Path:
+    check_image_id(image_id, f"{path.name}: question '{qid}', field 'imageId'")
     for suffix in (".jpg", ".png"):
         candidate = images_dir / f"{image_id}{suffix}"
         if candidate.is_file():
@@ -305,6 +321,9 @@ def _read_json_object(path: Path) -> dict:
             data = json.load(handle, object_pairs_hook=unique_keys)
     except json.JSONDecodeError as err:
         raise MMLensError(f"{path.name}: not valid JSON ({err}): is the file complete?") from err
+    except RecursionError:
+        raise MMLensError(f"{path}: JSON nested too deeply to read; a GQA file nests a few "
+                          "levels: is it the right file?") from None
     except UnicodeDecodeError as err:
         raise MMLensError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}): save the "
                           "file as UTF-8") from err

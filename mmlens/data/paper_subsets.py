@@ -18,7 +18,14 @@ from pathlib import Path
 
 from mmlens.core.errors import MMLensError
 from mmlens.core.sizes import ImageSize
-from mmlens.data.example import TASKS, Box, Example
+from mmlens.data.example import (
+    TASKS,
+    Box,
+    Example,
+    check_box,
+    check_image_id,
+    warn_boxes_outside,
+)
 from mmlens.data.gqa import CENTRAL_OBJECT_TASKS, GQA_TYPES, check_tasks, sample_per_task
 
 REQUIRED_COLUMNS = ("question_id", "img_id", "question", "answer")
@@ -83,6 +90,10 @@ def read_subset_csv(path: str | Path, images_dir: Path | None = None) -> list[Ex
         raise PaperSubsetError(
             f"{path}: not UTF-8 text (byte {err.start}: {err.reason}): save the file as UTF-8"
         ) from err
+    except csv.Error as err:
+        hint = (f" (the csv module reads fields of up to {csv.field_size_limit()} characters): "
+                "is a quote left open?" if "field limit" in str(err) else ": check its quoting")
+        raise PaperSubsetError(f"{path}: cannot be read as CSV, {err}{hint}") from err
 
 
 def _read_rows(path: Path, images_dir: Path | None) -> list[Example]:
@@ -102,6 +113,7 @@ def _read_rows(path: Path, images_dir: Path | None) -> list[Example]:
             where = f"{path.name} row {row_number} (line {line})"
             examples.append(_row_example(row, file_task, columns, where, images_dir))
             line = reader.line_num + 1
+    warn_boxes_outside(examples, path.name)
     return examples
 
 
@@ -126,9 +138,10 @@ def _row_example(
         if not row[column].strip():
             raise PaperSubsetError(f"{where}, column {column!r}: empty")
     prefixes = ("central object",) if task in CENTRAL_OBJECT_TASKS else ("object1", "object2")
-    boxes = [_box(row, prefix, columns, where) for prefix in prefixes]
+    size = _image_size(row, columns, where)
+    boxes = [_box(row, prefix, columns, where, size) for prefix in prefixes]
     wrong = (row.get("false option") or "").strip()
-    image_id = row["img_id"].strip()
+    image_id = check_image_id(row["img_id"].strip(), f"{where}, column 'img_id'")
     return Example(
         example_id=row["question_id"].strip(),
         question=row["question"].strip(),
@@ -138,7 +151,7 @@ def _row_example(
         boxes=[box for box in boxes if box is not None],
         wrong_answer=None if wrong in ABSENT else wrong,
         image_path=images_dir / f"{image_id}.jpg" if images_dir is not None else None,
-        image_size=_image_size(row, columns, where),
+        image_size=size,
     )
 
 
@@ -156,7 +169,8 @@ def _image_size(row: dict, columns: list[str], where: str) -> ImageSize | None:
     return size
 
 
-def _box(row: dict, prefix: str, columns: list[str], where: str) -> Box | None:
+def _box(row: dict, prefix: str, columns: list[str], where: str,
+         size: ImageSize | None) -> Box | None:
     """The ``(x, y, w, h)`` in columns ``'{prefix} x'`` ..., or ``None`` for an absent object."""
     names = [f"{prefix} {k}" for k in "xywh"]
     missing = [n for n in names if n not in columns]
@@ -184,7 +198,7 @@ def _box(row: dict, prefix: str, columns: list[str], where: str) -> Box | None:
         raise PaperSubsetError(f"{where}, columns {names[2]!r}/{names[3]!r}: negative size")
     if numbers[0] < 0 or numbers[1] < 0:
         raise PaperSubsetError(f"{where}, columns {names[0]!r}/{names[1]!r}: negative position")
-    return tuple(numbers)
+    return check_box(numbers, f"{where}, the {prefix}")
 
 
 def _task_from_name(path: Path, columns: list[str]) -> str | None:

@@ -4,7 +4,9 @@
     emergence_caption(emergence_rows)
 
 Nothing here is a fixed claim about the results; sentences about the paper are labelled as
-the paper's (``PAPER_NOTES``).
+the paper's (``PAPER_NOTES``). An emergence curve with several equally high peaks (equal to
+rounding, ``PEAK_TOLERANCE``) is captioned with every one of them; a flow's caption names the
+summary's peak, the earliest of equally large drops (``mmlens.experiments.summary``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,23 @@ VARIANT_LABELS = {
     "lower": "answer, lowercase", "capitalised": "answer, capitalised",
     "wrong": "wrong option, lowercase", "wrong_capitalised": "wrong option, capitalised",
 }
+
+
+PEAK_TOLERANCE = 1e-6
+
+
+def peak_layers(curve: pd.Series) -> list[int]:
+    """The layers (index) where ``curve`` reaches its maximum, one per separate peak: of a run
+    of adjacent layers at the maximum, the first."""
+    at_top = (curve - curve.max()).abs() <= PEAK_TOLERANCE * max(1.0, abs(curve.max()))
+    starts = at_top & ~at_top.shift(1, fill_value=False)
+    return [int(layer) for layer in curve.index[starts.to_numpy()]]
+
+
+def _layers_text(layers: list[int]) -> str:
+    if len(layers) == 1:
+        return f"layer {layers[0]}"
+    return "layers " + ", ".join(str(layer) for layer in layers[:-1]) + f" and {layers[-1]}"
 
 
 def _num(value: float, unit: str) -> str:
@@ -85,9 +104,13 @@ def emergence_caption(rows: pd.DataFrame) -> str:
     means = rows.groupby(["variant", "layer"])["prob"].mean().unstack("variant")
     parts = []
     for variant in [v for v in VARIANT_LABELS if v in means.columns]:
-        curve = means[variant]
-        parts.append(f"{VARIANT_LABELS[variant]} peaks at layer {int(curve.idxmax())} "
-                     f"(mean p {curve.max():.2f})")
+        curve = means[variant].dropna()
+        if curve.empty:
+            continue
+        layers = peak_layers(curve)
+        each = " each" if len(layers) > 1 else ""
+        parts.append(f"{VARIANT_LABELS[variant]} peaks at {_layers_text(layers)} "
+                     f"(mean p {curve.max():.2f}{each})")
     text = "; ".join(parts) + "."
     if {"lower", "capitalised"} <= set(means.columns):
         lead = means["lower"] > means["capitalised"]

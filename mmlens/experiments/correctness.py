@@ -1,9 +1,16 @@
-"""The correctness filter, one for the whole study: greedy answer vs gold, ``strip().lower()``."""
+"""The correctness filter, one for the whole study: greedy answer vs gold, ``strip().lower()``.
+
+The greedy answer is decoded for at most ``FILTER_MAX_NEW_TOKENS`` tokens (the paper's 128,
+a setting: ``--filter-max-new-tokens``), and no further once it cannot equal the gold answer
+or the model ends it, so the cap costs nothing on short answers.
+"""
 
 from __future__ import annotations
 
 from mmlens.experiments.engine import CleanRun, greedy_continue
 from mmlens.model.protocol import HookedModel
+
+FILTER_MAX_NEW_TOKENS = 128
 
 
 def model_answer(model: HookedModel, clean: CleanRun, token: int, gold: str,

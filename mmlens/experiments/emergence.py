@@ -7,10 +7,10 @@ The residual stream at the last position is read through the unembedding (``mmle
 in three ways (the ``reading`` column):
 
 - ``paper``: Hugging Face's ``hidden_states[0..L]`` times the unembedding with no norm in
-  between, as the paper's code reads them. Layer ``-1`` is ``hidden_states[0]`` (the merged
-  embeddings), layer ``l`` is ``hidden_states[l + 1]``; the last point, layer ``L - 1``, is the
-  model's output, which Hugging Face returns after the final norm.
-- ``no_norm``: the residual after each layer ``0..L-1``, no norm.
+  between, as the paper's code reads them, on the paper's axis: layer ``l`` is
+  ``hidden_states[l]``, so layer 0 is the merged embeddings and layer ``L`` the model's output
+  (which Hugging Face returns after the final norm).
+- ``no_norm``: the residual after each layer ``0..L-1``, no norm (the paper's layer ``l + 1``).
 - ``final_norm``: the residual after each layer through the final norm (the usual logit lens).
 
 The residuals come from the study's one clean run per example (``CleanRun``): the sweep stores
@@ -29,7 +29,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mmlens.experiments.correctness import model_answer, wrong_answer_reason
+from mmlens.experiments.correctness import (
+    FILTER_MAX_NEW_TOKENS,
+    model_answer,
+    wrong_answer_reason,
+)
 from mmlens.experiments.engine import CleanRun, clean_run
 from mmlens.experiments.examples import ExampleSource
 from mmlens.experiments.presets import resolve_settings
@@ -61,7 +65,7 @@ def lens_record(model: HookedModel, clean: CleanRun, variants: Mapping[str, int]
     resid = torch.stack([r[0, -1] for r in clean.resid])  # [layers + 1, d_model]
     paper = torch.cat([decode(model, resid[:n_layers], apply_ln=False).float(),
                        clean.logits[None].to(resid.device)])
-    readings = {"paper": (-1, paper),
+    readings = {"paper": (0, paper),
                 "no_norm": (0, decode(model, resid[1:], apply_ln=False).float()),
                 "final_norm": (0, decode(model, resid[1:], apply_ln=True).float())}
     tokens = list(variants.values())
@@ -103,7 +107,7 @@ def answer_emergence(
     template: Any = None,
     preprocessing: str | None = None,
     tokenization: str | None = None,
-    max_new_tokens: int = 8,
+    max_new_tokens: int = FILTER_MAX_NEW_TOKENS,
 ) -> pd.DataFrame:
     """The answer's probability and rank at the last position, per layer and reading.
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 
 import torch
 from jaxtyping import Float
@@ -28,80 +28,12 @@ from torch import Tensor
 
 from mmlens.experiments.knockouts import Knockout
 from mmlens.experiments.memory import auto_batch_size
-from mmlens.inputs.batch import MultimodalBatch
+from mmlens.methods.clean_run import CleanRun as CleanRun
+from mmlens.methods.clean_run import clean_run as clean_run
+from mmlens.methods.clean_run import last_logits as last_logits
+from mmlens.methods.clean_run import single_example as single_example
 from mmlens.methods.edges import blocked_edges, check_attendable
-from mmlens.model.kv_cache import KeyValueCache
 from mmlens.model.protocol import HookedModel
-
-
-@dataclass
-class CleanRun:
-    """The unmodified run of one (unpadded) example.
-
-    ``resid[l]`` is the residual stream entering layer ``l`` ``[1, pos, d_model]``; ``resid[L]``
-    is the stream after the last layer. ``cache`` holds every layer's keys/values of the prompt
-    (and of any tokens decoded after it). ``logits`` ``[d_vocab]`` (float32) is the prediction
-    at the last prompt position. ``position_ids`` are the decoder positions the model's family
-    gave the prompt (``[1, pos]``, or the family's own layout such as M-RoPE's); a knockout's
-    suffix is recomputed at exactly these positions. ``token_type_ids`` are the token kinds
-    the family's mask rule reads (Gemma 3's image tokens), None where it needs none.
-    """
-
-    resid: list[Tensor]
-    cache: KeyValueCache
-    logits: Float[Tensor, " d_vocab"]
-    n_positions: int
-    position_ids: Tensor
-    token_type_ids: Tensor | None = None
-
-    def prediction(self, exclude: int | None = None) -> int:
-        """The argmax token at the last position, never ``exclude`` (the image token)."""
-        logits = self.logits.clone()
-        if exclude is not None:
-            logits[exclude] = float("-inf")
-        return int(logits.argmax())
-
-    def prob(self, token: int) -> float:
-        return float(self.logits.softmax(-1)[token])
-
-
-def single_example(batch: MultimodalBatch, index: int = 0) -> MultimodalBatch:
-    """Example ``index`` of ``batch`` on its own, without padding; refuses inner padding."""
-    one = batch.select(index)
-    if not bool(one.attention_mask.all()):
-        raise ValueError(f"example {index} has padding inside its prompt: the knockout engine "
-                         "needs left padding only, as model.prepare produces")
-    return one
-
-
-@torch.no_grad()
-def clean_run(model: HookedModel, example: MultimodalBatch) -> CleanRun:
-    """Run one unpadded example once, keeping per-layer residuals and keys/values."""
-    n_layers = model.cfg.n_layers
-    resid: list[Tensor | None] = [None] * (n_layers + 1)
-
-    def keep(layer: int):
-        def hook(tensor: Tensor, hook) -> None:
-            resid[layer] = tensor.detach()
-
-        return hook
-
-    hooks = [(f"blocks.{layer}.hook_resid_pre", keep(layer)) for layer in range(n_layers)]
-    hooks.append((f"blocks.{n_layers - 1}.hook_resid_post", keep(n_layers)))
-    cache = KeyValueCache.empty(n_layers)
-    with model.hooks(fwd_hooks=hooks):
-        final = model(example.input_ids, example.pixel_values, image_sizes=example.image_sizes,
-                      past_kv_cache=cache, stop_at_layer=n_layers)
-    return CleanRun(resid=resid, cache=cache, logits=last_logits(model, final)[0],
-                    n_positions=example.input_ids.shape[1], position_ids=cache.position_ids,
-                    token_type_ids=model.family.token_type_ids(model.cfg, example.input_ids))
-
-
-def last_logits(model: HookedModel, final_resid: Float[Tensor, "batch pos d_model"]
-                ) -> Float[Tensor, "batch d_vocab"]:
-    """Float32 logits at the last position only (the sweep never reads the others)."""
-    logits = model.unembed(model.ln_final(final_resid[:, -1:]))
-    return model.family.final_logits(logits, model.cfg)[:, -1].float()
 
 
 @torch.no_grad()
@@ -137,8 +69,9 @@ def _edge_masks(knockouts: Sequence[Knockout], position: int, n_keys: int) -> Te
     Raises when a row would leave a query with no key to attend to (its softmax would be
     undefined), as ``block_attention`` does.
     """
-    blocked = blocked_edges([k.source for k in knockouts], [k.target for k in knockouts],
-                            n_keys - position, n_keys)
+    nothing = torch.zeros(0, dtype=torch.long)  # a DeepStack removal blocks no edge
+    blocked = blocked_edges([nothing if k.removes_injection else k.source for k in knockouts],
+                            [k.target for k in knockouts], n_keys - position, n_keys)
     causal = torch.arange(n_keys)[None, :] <= torch.arange(position, n_keys)[:, None]
     check_attendable((causal & ~blocked)[:, None], position, "knockout sweep", "knockout")
     return blocked
@@ -158,6 +91,33 @@ def _mask_hook(blocked: Tensor, active: Tensor):
     return hook
 
 
+def _removed_injections(knockouts: Sequence[Knockout], position: int, n_positions: int,
+                        layers: Sequence[int]) -> dict[int, Tensor]:
+    """Per injected layer, where each row removes the DeepStack features ``[rows, suffix]``."""
+    removed = {}
+    for layer in layers:
+        rows = torch.zeros(len(knockouts), n_positions - position, dtype=torch.bool)
+        for row, knockout in enumerate(knockouts):
+            if knockout.removes_injection and layer in knockout.layers:
+                rows[row, knockout.target - position] = True
+        if bool(rows.any()):
+            removed[layer] = rows
+    return removed
+
+
+def _injections(clean: CleanRun, removed: dict[int, Tensor], layer: int, position: int,
+                n: int) -> dict[int, Tensor]:
+    """The clean run's injection after ``layer`` for the first ``n`` rows' suffix, with the
+    rows' removals applied; ``{}`` where the layer has none."""
+    injected = clean.injections.get(layer)
+    if injected is None:
+        return {}
+    added = injected[:, position:].expand(n, -1, -1)
+    if layer in removed:
+        added = added.masked_fill(removed[layer][:n, :, None].to(added.device), 0)
+    return {layer: added}
+
+
 @torch.no_grad()
 def _run_rows(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout], position: int,
               tokens: list[int]) -> Float[Tensor, "rows n_tokens"]:
@@ -171,6 +131,7 @@ def _run_rows(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout]
     active = torch.tensor([[layer in k.layers for k in knockouts] for layer in range(n_layers)])
     hooks = [(f"blocks.{layer}.attn.hook_mask", _mask_hook(blocked, active[layer].to(device)))
              for layer in range(starts[0], n_layers) if bool(active[layer].any())]
+    removed = _removed_injections(knockouts, position, clean.n_positions, list(clean.injections))
     prefix = clean.cache.truncate(position)
     # One row of positions broadcasts over the batch in the rotary tables.
     positions = clean.position_ids[..., position:clean.n_positions]
@@ -190,7 +151,8 @@ def _run_rows(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout]
                           past_kv_cache=prefix.expand(n), position_ids=positions,
                           attention_mask=torch.ones(n, resid.shape[1], dtype=torch.long,
                                                     device=device),
-                          token_type_ids=None if kinds is None else kinds.expand(n, -1))
+                          token_type_ids=None if kinds is None else kinds.expand(n, -1),
+                          injections=_injections(clean, removed, layer, position, n))
     return last_logits(model, resid).softmax(-1)[:, tokens]
 
 
@@ -206,6 +168,11 @@ def fast_knockout_probs(model: HookedModel, clean: CleanRun, knockouts: Sequence
     """
     tokens = [token] if isinstance(token, int) else list(token)
     n_layers = model.cfg.n_layers
+    # A DeepStack removal changes nothing in layers without an injection: drop those, so a
+    # window past the injected blocks costs only the final norm.
+    knockouts = [replace(k, layers=tuple(layer for layer in k.layers
+                                         if layer in clean.injections))
+                 if k.removes_injection else k for k in knockouts]
     groups: dict[int, list[int]] = defaultdict(list)
     for index, knockout in enumerate(knockouts):
         position = _start(knockout, clean.n_positions, n_layers)[0]

@@ -15,14 +15,17 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from mmlens.core.errors import MMLensError
 from mmlens.methods.windows import check_window, default_window, window_layers
 
-__all__ = ["DEFAULT_FLOWS", "Flow", "Knockout", "WindowKnockout", "check_flow_spans",
-           "check_window", "default_window", "parse_flow", "parse_flows", "window_knockouts"]
+__all__ = ["DEEPSTACK", "DEFAULT_FLOWS", "Flow", "Knockout", "WindowKnockout",
+           "check_flow_spans", "check_window", "default_window", "flow_spans", "parse_flow",
+           "parse_flows", "window_knockouts"]
 
 DEFAULT_FLOWS: tuple[str, ...] = (
     "image->question",
@@ -33,6 +36,12 @@ DEFAULT_FLOWS: tuple[str, ...] = (
     "other->question",
 )
 """The six flows of the paper."""
+
+DEEPSTACK = "deepstack"
+"""The source span of flows that remove Qwen3-VL's DeepStack features instead of blocking
+attention: ``"deepstack->image"`` drops what DeepStack adds to the image tokens (or, e.g.,
+``"deepstack->related"``, to those of the target span) in the window's layers. The span is the
+image tokens, where the features are added."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,9 @@ class Knockout:
     source: Tensor
     target: Tensor
     layers: tuple[int, ...]
+    removes_injection: bool = False
+    """A ``deepstack->...`` flow: the DeepStack features added at ``target`` after ``layers``
+    are removed; no attention edge is blocked."""
 
     @property
     def is_empty(self) -> bool:
@@ -132,5 +144,19 @@ def window_knockouts(
         target = torch.as_tensor(spans[flow.target], dtype=torch.long).cpu()
         for centre in range(n_layers):
             layers = tuple(window_layers(centre, window, n_layers))
-            cells.append(WindowKnockout(flow.name, centre, Knockout(source, target, layers)))
+            cells.append(WindowKnockout(flow.name, centre, Knockout(
+                source, target, layers, removes_injection=flow.source == DEEPSTACK)))
     return cells
+
+
+def flow_spans(spans: Mapping[str, Tensor], model: Any,
+               flows: Iterable[Flow] = ()) -> dict[str, Tensor]:
+    """An example's spans plus ``deepstack`` (its image tokens) on a model with DeepStack;
+    raises for a ``deepstack->...`` flow on a model without."""
+    out = dict(spans)
+    if getattr(model.cfg.text, "deepstack_layers", 0) and "image" in spans:
+        out[DEEPSTACK] = spans["image"]
+    elif any(flow.source == DEEPSTACK for flow in flows):
+        raise MMLensError(f"flows from {DEEPSTACK!r} remove DeepStack features, which this "
+                          f"model ({model.cfg.model_type}) does not add: drop those flows")
+    return out

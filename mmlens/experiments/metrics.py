@@ -5,7 +5,9 @@ Metrics (what a knockout's effect is measured in):
 - ``prob`` (the paper's): ``rel_change = (p_block - p_base) / p_base * 100``, in percent.
 - ``logprob``: ``change = log p_block - log p_base``.
 - ``logit-diff``: the answer's logit minus the wrong option's, ``change`` = knocked out minus
-  clean; examples without a wrong option get NaN.
+  clean. Both tokens are in the form of the token the model produced (``Red`` vs ``Green``,
+  ``mmlens.experiments.answer_forms``); the record's ``metric_tokens`` names them. Examples
+  without a wrong option get NaN, and a ``dropped`` entry per flow saying so.
 
 ``rel_change`` is always there; the other metrics add ``metric_base``, ``metric_block`` and
 ``change``.
@@ -24,6 +26,8 @@ from mmlens.experiments.knockouts import Flow
 from mmlens.methods.windows import window_layers
 
 METRICS: tuple[str, ...] = ("prob", "logprob", "logit-diff")
+NO_FOIL = ("no wrong option (or one sharing the answer's first token): logit-diff has no value; "
+           "its rows are kept with change NaN")
 COLUMNS = ["example_id", "task", "flow", "layer", "window_start", "window_end", "answer_token",
            "answer", "p_base", "p_block", "rel_change"]
 
@@ -38,12 +42,11 @@ def metric_values(record: Mapping[str, Any], flow: str, metric: str
     p_base, p_block = record["p_base"], record["p_block"][flow]
     if metric == "logprob":
         return _log(p_base), [_log(p) for p in p_block]
-    if "p_wrong_base" not in record:
+    if "metric_tokens" not in record:
         return float("nan"), [float("nan")] * len(p_block)
-    wrong_base, wrong_block = record["p_wrong_base"], record["p_wrong_block"][flow]
+    (answer, wrong), block = record["p_metric_base"], record["p_metric_block"][flow]
     # logit(a) - logit(w) = log p(a) - log p(w): the shared normaliser cancels
-    return (_log(p_base) - _log(wrong_base),
-            [_log(p) - _log(w) for p, w in zip(p_block, wrong_block, strict=True)])
+    return _log(answer) - _log(wrong), [_log(a) - _log(w) for a, w in block]
 
 
 def results_frame(records: Sequence[Mapping[str, Any]], flows: Sequence[Flow], window: int,
@@ -63,6 +66,9 @@ def results_frame(records: Sequence[Mapping[str, Any]], flows: Sequence[Flow], w
         for flow, reason in record.get("skipped", {}).items():
             dropped.append({"example_id": record["example_id"], "task": record["task"],
                             "flow": flow, "reason": reason})
+        if metric == "logit-diff" and "metric_tokens" not in record:
+            dropped.extend({"example_id": record["example_id"], "task": record["task"],
+                            "flow": name, "reason": NO_FOIL} for name in record["p_block"])
         p_base = record["p_base"]
         for name in names:
             if name not in record["p_block"]:

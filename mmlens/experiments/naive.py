@@ -16,14 +16,19 @@ from torch import Tensor
 from mmlens.experiments.engine import last_logits
 from mmlens.experiments.knockouts import Knockout
 from mmlens.inputs.batch import MultimodalBatch
-from mmlens.methods import block_attention
+from mmlens.methods import block_attention, remove_deepstack
+from mmlens.methods.deepstack import deepstack_layers
 from mmlens.model.protocol import HookedModel
 
 
-def knockout_hooks(knockout: Knockout) -> list:
-    """``block_attention`` hooks for one knockout; none when it blocks nothing."""
+def knockout_hooks(knockout: Knockout, model: HookedModel | None = None) -> list:
+    """``block_attention`` hooks for one knockout (``remove_deepstack`` hooks for a
+    ``deepstack->...`` one); none when it blocks nothing."""
     if knockout.is_empty:
         return []
+    if knockout.removes_injection:
+        layers = [layer for layer in knockout.layers if layer in deepstack_layers(model)]
+        return remove_deepstack(model, layers, knockout.target) if layers else []
     return block_attention(knockout.source, knockout.target, list(knockout.layers))
 
 
@@ -39,7 +44,7 @@ def naive_knockout_probs(model: HookedModel, example: MultimodalBatch,
         final = model.run_with_hooks(
             example.input_ids, example.pixel_values, attention_mask=example.attention_mask,
             image_sizes=example.image_sizes, stop_at_layer=model.cfg.n_layers,
-            fwd_hooks=knockout_hooks(knockout),
+            fwd_hooks=knockout_hooks(knockout, model),
         )
         probs[row] = last_logits(model, final)[0].softmax(-1)[tokens].cpu()
     return probs[:, 0] if isinstance(token, int) else probs

@@ -11,7 +11,8 @@ A paper preset sets, for one of the paper's four checkpoints, what the paper's c
 2. related patches by the paper's pixel rule (``related_rule="paper"``);
 3. LLaVA-1.5 images padded to a square with ``int(mean * 255)`` (``preprocessing="pad"``);
 4. a flow whose span is empty blocks nothing and counts a 0% change (``empty_spans="zero"``);
-5. window 7 (32 layers) or 9 (40 layers).
+5. window 7 (32 layers) or 9 (40 layers);
+6. the correctness filter decoding up to 128 tokens (``filter_max_new_tokens``).
 
 ``FAMILY_PRESETS`` hold the models the paper did not study (LLaVA-OneVision, Qwen2-VL /
 Qwen2.5-VL, the bundled ``shapes-llava``): their own chat template with the paper's answer
@@ -27,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from mmlens.experiments.correctness import FILTER_MAX_NEW_TOKENS
 from mmlens.experiments.knockouts import DEFAULT_FLOWS as PAPER_FLOWS
 from mmlens.inputs.checkpoints import (
     PAPER_CHECKPOINTS,
@@ -35,12 +37,13 @@ from mmlens.inputs.checkpoints import (
     paper_checkpoint,
 )
 from mmlens.inputs.image_tokens import TOKENIZATIONS
-from mmlens.inputs.spans import PIXEL_RULE_FAMILIES, RELATED_RULES
+from mmlens.inputs.spans import RELATED_RULES
 from mmlens.inputs.templates import (
     GEMMA3,
     LLAMA3_PAPER,
     ONEVISION,
     PALIGEMMA,
+    QWEN3_VL,
     QWEN_VL,
     VICUNA_V1,
     VICUNA_V1_PAPER,
@@ -118,6 +121,13 @@ FAMILY_PRESETS: dict[str, StudyPreset] = {
                             "that attends both ways; window scaled to the depth")
           for name, n_layers in (("google/paligemma-3b-pt-224", 18),
                                  ("google/paligemma2-3b-pt-224", 26))),
+        *(StudyPreset(name, QWEN3_VL, default_window(n_layers), "dynamic", n_layers,
+                      **_NOT_PAPER,
+                      notes="not in the paper: its instruction in Qwen3-VL's chat template, "
+                            "its window scaled to the depth")
+          for name, n_layers in (("Qwen/Qwen3-VL-2B-Instruct", 28),
+                                 ("Qwen/Qwen3-VL-4B-Instruct", 36),
+                                 ("Qwen/Qwen3-VL-8B-Instruct", 36))),
     )
 }
 PRESETS: dict[str, StudyPreset] = {**PAPER_PRESETS, **FAMILY_PRESETS}
@@ -168,6 +178,8 @@ class StudySettings:
     related_rule: str
     empty_spans: str
     window: int
+    control_seed: int | None = None
+    filter_max_new_tokens: int = FILTER_MAX_NEW_TOKENS
 
     def prepare_options(self) -> dict[str, Any]:
         """Keyword arguments for ``prepare`` / ``prepare_examples``."""
@@ -181,7 +193,9 @@ class StudySettings:
         return {"preset": self.preset, "preset_source": self.preset_source,
                 "template": self.template.name, "preprocessing": self.preprocessing,
                 "tokenization": self.tokenization, "related_rule": self.related_rule,
-                "empty_spans": self.empty_spans, "window": self.window}
+                "empty_spans": self.empty_spans, "window": self.window,
+                "control_seed": self.control_seed,
+                "filter_max_new_tokens": self.filter_max_new_tokens}
 
     def describe(self) -> str:
         """One line for the log."""
@@ -189,7 +203,10 @@ class StudySettings:
                  else f"no preset ({self.preset_source})")
         return (f"{found}: template {self.template.name}, images {self.preprocessing}, "
                 f"tokenization {self.tokenization}, related patches by {self.related_rule} rule, "
-                f"empty spans {self.empty_spans}, window {self.window}")
+                f"empty spans {self.empty_spans}, window {self.window}, correctness filter "
+                f"decodes up to {self.filter_max_new_tokens} tokens"
+                + (f", control seed {self.control_seed}" if self.control_seed is not None
+                   else ""))
 
 
 def resolve_settings(
@@ -197,13 +214,16 @@ def resolve_settings(
     template: str | PromptTemplate | None = None, preprocessing: str | None = None,
     tokenization: str | None = None, related_rule: str | None = None,
     empty_spans: str | None = None, window: int | None = None,
+    control_seed: int | None = None, filter_max_new_tokens: int | None = None,
 ) -> StudySettings:
     """The study's settings: the preset's (given, or found from the model), then overrides.
 
     ``preset``: a preset's model name (``PRESETS``: the paper's four checkpoints and the other
     families'; applied to any model, a local folder included), ``"none"`` for no preset, or
     None to find it from the model's name or config. Every keyword given overrides the
-    preset's choice.
+    preset's choice. ``control_seed``: the seed of the random controls (None: no controls);
+    ``filter_max_new_tokens``: how far the correctness filter decodes (default 128, the
+    paper's).
     """
     if isinstance(preset, StudySettings):
         base = preset
@@ -213,6 +233,7 @@ def resolve_settings(
         "template": None if template is None else get_template(template),
         "preprocessing": preprocessing, "tokenization": tokenization,
         "related_rule": related_rule, "empty_spans": empty_spans, "window": window,
+        "control_seed": control_seed, "filter_max_new_tokens": filter_max_new_tokens,
     }.items() if v is not None}
     settings = replace(base, **overrides)
     _check(settings, model)
@@ -232,8 +253,10 @@ def _preset_settings(model: Any, preset: str | StudyPreset | None) -> StudySetti
     fixed = _fixed_preprocessing(model)
     if preset is None:
         tokenizer = getattr(getattr(model, "processor", None), "tokenizer", None)
+        template = get_template(getattr(getattr(model, "family", None), "prompt_template", None),
+                                tokenizer)
         return StudySettings(
-            None, source, get_template(None, tokenizer), fixed or default_preprocessing(model),
+            None, source, template, fixed or default_preprocessing(model),
             "whole", "geometry", "skip", check_window(None, n_layers))
     window = min(preset.window, n_layers)
     preprocessing = fixed or preset.preprocessing
@@ -260,9 +283,7 @@ def _found_preset(model: Any) -> tuple[StudyPreset | None, str]:
 def _fixed_preprocessing(model: Any) -> str | None:
     """``"anyres"`` / ``"dynamic"`` where the model's processor fixes the geometry."""
     family = getattr(model, "family", None)
-    if family is not None:
-        return family.fixed_preprocessing
-    return "anyres" if getattr(model.cfg, "is_anyres", False) else None  # a config alone
+    return None if family is None else family.fixed_preprocessing
 
 
 def _check(settings: StudySettings, model: Any) -> None:
@@ -279,14 +300,20 @@ def _check(settings: StudySettings, model: Any) -> None:
         raise ValueError(f"preprocessing {settings.preprocessing!r} does not fit this model "
                          f"(its processor's is {fixed or 'pad, resize_crop or resize'!r}): "
                          "leave preprocessing unset")
-    family = getattr(getattr(model, "family", None), "name", None)
-    if settings.related_rule == "paper" and family is not None and (
-            family not in PIXEL_RULE_FAMILIES):
+    family = getattr(model, "family", None)
+    if settings.related_rule == "paper" and family is not None and not family.pixel_rule:
         raise ValueError(f"the paper's pixel rule (related_rule 'paper') is defined for the "
-                         f"{', '.join(PIXEL_RULE_FAMILIES)} families, not {family!r}: pass "
+                         f"paper's families (LLaVA-1.5, LLaVA-NeXT), not {family.name!r}: pass "
                          "--related-rule geometry (related_rule='geometry'), which maps boxes "
                          "through this family's processor")
     check_window(settings.window, model.cfg.n_layers)
+    counts = {"filter_max_new_tokens (--filter-max-new-tokens)":
+              (settings.filter_max_new_tokens, 1),
+              "control_seed (--control-seed)": (settings.control_seed, 0)}
+    for name, (value, least) in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < least):
+            raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
 
 
 def preset_for(model_name: str, n_layers: int | None = None) -> StudyPreset:

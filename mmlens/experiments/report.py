@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmlens.experiments.atomic import write_atomic
 from mmlens.experiments.captions import VARIANT_LABELS, emergence_caption, flow_caption
 from mmlens.experiments.controls import control_flow, is_control
 from mmlens.experiments.knockouts import parse_flow
+from mmlens.experiments.runfolder.atomic import write_atomic
 from mmlens.experiments.summary import flow_summary
 from mmlens.plotting import knockout_curves, lens_trajectories
 from mmlens.plotting.views import example_view_figure, view_caption
@@ -31,11 +31,12 @@ SECTIONS = (
     ("Related vs other image patches to the question", ("related->question", "other->question")),
 )
 READINGS = {
-    "paper": "the paper's reading: hidden states times the unembedding, no norm (layer -1: "
+    "paper": "the paper's reading: hidden states times the unembedding, no norm (layer 0: "
              "the embeddings; the last layer: the model's output)",
     "final_norm": "with the final norm (the usual logit lens)",
     "no_norm": "after each layer, no norm",
 }
+AXES = {"paper": "hidden_states index (0: the embeddings, L: the output)"}
 REQUIRED = ("flow.csv", "dropped.csv", "emergence.csv")
 
 
@@ -124,12 +125,13 @@ def _emergence_figures(emergence: pd.DataFrame) -> list:
             title = f"Answer emergence, {name}"
             figures.append((title, explain + emergence_caption(rows),
                             lens_trajectories(rows, title=title, by="label",
-                                              xaxis_title="layer")))
+                                              xaxis_title=AXES.get(reading, "layer"))))
     paper = labelled[labelled["reading"] == "paper"]
     for task, rows in paper.groupby("task", sort=True):
         title = f"Answer emergence, {task} (the paper's reading)"
         figures.append((title, emergence_caption(rows),
-                        lens_trajectories(rows, title=title, by="label", xaxis_title="layer")))
+                        lens_trajectories(rows, title=title, by="label",
+                                          xaxis_title=AXES["paper"])))
     return figures
 
 
@@ -147,6 +149,8 @@ def _header(summary: dict, flow: pd.DataFrame, dropped: pd.DataFrame) -> str:
         "tokenization": summary.get("tokenization"),
         "related patches": summary.get("related_rule"),
         "empty spans": summary.get("empty_spans"), "metric": summary.get("metric"),
+        "control seed": summary.get("control_seed"),
+        "filter decodes up to": summary.get("filter_max_new_tokens"),
         "seconds": summary.get("seconds"),
     }
     items = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>"
@@ -172,6 +176,7 @@ def _tables(peaks: pd.DataFrame, dropped: pd.DataFrame, unit: str) -> str:
         counts = (kinds.groupby(["task", "flow", "reason"]).size().rename("examples")
                   .reset_index())
         parts.append("<h2>Left out</h2><p>flow <i>all</i>: the whole example (e.g. answered "
-                     "wrongly); otherwise only that flow (e.g. no related patches).</p>"
+                     "wrongly); otherwise only that flow (e.g. no related patches, or under "
+                     "logit-diff no wrong option).</p>"
                      + counts.to_html(index=False))
     return "\n".join(parts)

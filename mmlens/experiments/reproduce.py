@@ -41,6 +41,9 @@ def reproduce(
     only_correct: bool = True,
     metric: str = "prob",
     controls: bool = False,
+    control_seed: int | None = None,
+    filter_max_new_tokens: int | None = None,
+    break_lock: bool = False,
     **settings: str | None,
 ) -> Path:
     """Run the paper's study for one model; resumable like ``mmlens flow``.
@@ -48,7 +51,8 @@ def reproduce(
     ``preset``: the paper preset (default: found from the model's name or config; ``"none"``
     for none); ``settings`` (``template``, ``preprocessing``, ``tokenization``,
     ``related_rule``, ``empty_spans``, ``window``) override its choices. ``only_correct=False``
-    keeps the examples the model answers wrongly. ``rescale_boxes``: images at another
+    keeps the examples the model answers wrongly. ``control_seed``, ``filter_max_new_tokens``:
+    as in ``run_study``. ``rescale_boxes``: images at another
     resolution than the subsets record (same aspect ratio) get their boxes rescaled instead of
     being refused.
     """
@@ -61,5 +65,6 @@ def reproduce(
         flows=PAPER_FLOWS, device=device, dtype=dtype, only_correct=only_correct,
         batch_size=batch_size, max_memory=max_memory, device_map=device_map, progress=progress,
         rescale_boxes=rescale_boxes, shard=shard, preset=preset, metric=metric,
-        controls=controls, **settings,
+        controls=controls, control_seed=control_seed,
+        filter_max_new_tokens=filter_max_new_tokens, break_lock=break_lock, **settings,
     )

@@ -19,20 +19,23 @@ import hashlib
 import json
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mmlens.core.errors import MMLensError
-from mmlens.experiments.atomic import write_atomic
-from mmlens.experiments.distributed import close_ranks, init_ranks, rank_device
+from mmlens.experiments.controls import control_seed_of
 from mmlens.experiments.knockouts import DEFAULT_FLOWS, parse_flows
-from mmlens.experiments.lock import FolderBusyError, RunLock
 from mmlens.experiments.presets import resolve_settings
 from mmlens.experiments.provenance import run_provenance
-from mmlens.experiments.sweep import dropped_examples, information_flow
+from mmlens.experiments.runfolder.atomic import write_atomic
+from mmlens.experiments.runfolder.distributed import close_ranks, init_ranks, rank_device
+from mmlens.experiments.runfolder.lock import FolderBusyError, RunLock
+from mmlens.experiments.sweep import AllDroppedWarning, dropped_examples, information_flow
 from mmlens.experiments.tables import (
     STORE_NAME,
     all_dropped_message,
@@ -50,6 +53,7 @@ SMALL_WIDTH = 1024
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     """Run the block on ``threads`` CPU threads (None: unchanged), then restore the count."""
+    check_count(threads, "threads", "--threads")
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -59,11 +63,40 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def check_count(value: Any, name: str, flag: str, *, least: int = 1) -> None:
+    """Refuse ``value`` unless it is None or a whole number >= ``least``, naming the flag."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)
+                              or value < least):
+        raise MMLensError(f"{name}={value!r} ({flag}): give a whole number of at least {least}")
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+"""The device types mmlens runs on (each where torch finds its backend)."""
+
+
 def check_device(device: str | None) -> None:
-    """Refuse a CUDA device where torch sees none, before anything is loaded."""
-    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+    """Refuse a device torch cannot run here (unknown, or no such GPU), before any loading."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in DEVICE_TYPES:
+        raise MMLensError(f"--device {device!r} is not a device mmlens runs on: pass cpu, "
+                          "cuda, cuda:N, mps or xpu")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device} asked for, but torch sees no CUDA GPU here: pass "
                          "--device cpu, or run where a GPU and a CUDA build of torch are")
+    backend = {"mps": torch.backends.mps, "xpu": getattr(torch, "xpu", None)}.get(parsed.type)
+    if parsed.type in ("mps", "xpu") and not (backend and backend.is_available()):
+        raise MMLensError(f"--device {device} asked for, but torch has no {parsed.type} "
+                          "backend here: pass --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and (
+            parsed.index >= torch.cuda.device_count()):
+        raise MMLensError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA "
+                          f"GPU(s), numbered from 0: pass cuda:0 to "
+                          f"cuda:{torch.cuda.device_count() - 1}")
 
 
 def default_out_dir() -> Path:
@@ -151,6 +184,9 @@ def run_study(
     preset: str | None = None,
     metric: str = "prob",
     controls: bool = False,
+    control_seed: int | None = None,
+    filter_max_new_tokens: int | None = None,
+    break_lock: bool = False,
     **settings: str | None,
 ) -> Path:
     """Run the information-flow study and write its tables and report into ``out``.
@@ -159,25 +195,35 @@ def run_study(
     any model; None finds it from the model's name or config; ``"none"``: no preset.
     ``settings``: ``template``, ``preprocessing``, ``tokenization``, ``related_rule``,
     ``empty_spans`` overriding the preset's. ``metric``: ``prob`` | ``logprob`` |
-    ``logit-diff``. ``controls``: a random control per flow.
+    ``logit-diff``. ``controls``: a random control per flow, drawn from ``control_seed``
+    (default: ``seed``, the data's). ``filter_max_new_tokens``: how far the correctness filter
+    decodes (default 128, the paper's).
 
     ``threads``: CPU threads for torch. By default a small model (``d_model`` up to 1024) on
     the CPU runs on one thread: its many small operations gain little from more, and stall
     badly when other work shares the cores. ``rescale_boxes``: an image whose size differs
     from the size the data records (same aspect ratio) gets its boxes rescaled, not refused.
     ``shard=(K, N)``: only the K-th of N disjoint shares of the examples (``mmlens merge``
-    joins the shards' folders). Under ``torchrun`` the examples are dealt out over the ranks
-    and rank 0 writes the tables and report.
+    joins the shards' folders; each shard needs its own folder). ``break_lock``: take the
+    folder's lock from a run known to be gone (``mmlens.experiments.runfolder.lock``). Under
+    ``torchrun`` the examples are dealt out over the ranks and rank 0 writes the tables and
+    report.
     """
     check_device(device)
+    check_count(threads, "threads", "--threads")
+    check_count(seed, "seed", "--seed", least=0)
     flow_names = [flow.name for flow in parse_flows(flows)]
     examples = load_examples(data, tasks=tasks, per_task=per_task, seed=seed, images=images)
+    if shard is not None and shard[0] >= len(examples):
+        raise MMLensError(f"shard {shard[0]}/{shard[1]} is empty: the {len(examples)} examples "
+                          f"fill only shards 0 to {len(examples) - 1}; split into at most "
+                          f"{len(examples)} shards, or merge the shards that hold examples")
     for example in examples:
         example.rescale_boxes = rescale_boxes
     out = Path(out) if out is not None else default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     ranks = init_ranks(device)
-    lock = RunLock(out)
+    lock = RunLock(out, break_lock=break_lock)
     try:
         refusal = None
         if ranks.is_main:
@@ -193,7 +239,9 @@ def run_study(
                       dtype=dtype, seed=seed, only_correct=only_correct, batch_size=batch_size,
                       progress=progress, threads=threads, shard=shard, ranks=ranks,
                       max_memory=max_memory, device_map=device_map, rescale_boxes=rescale_boxes,
-                      preset=preset, metric=metric, controls=controls, settings=settings)
+                      preset=preset, metric=metric, controls=controls,
+                      control_seed=control_seed, filter_max_new_tokens=filter_max_new_tokens,
+                      settings=settings)
     finally:
         lock.release()
         close_ranks(ranks)
@@ -204,7 +252,8 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
            seed: int, only_correct: bool, batch_size: int | str, progress: bool,
            threads: int | None, shard: tuple[int, int] | None, ranks,
            max_memory: int | None, device_map: str | dict | None, rescale_boxes: bool,
-           preset: str | None, metric: str, controls: bool, settings: dict[str, Any]) -> Path:
+           preset: str | None, metric: str, controls: bool, control_seed: int | None,
+           filter_max_new_tokens: int | None, settings: dict[str, Any]) -> Path:
     from mmlens.experiments.report import build_report
     from mmlens.model.hooked import HookedMultimodalTransformer
 
@@ -213,23 +262,29 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
     on_cpu = hooked.embed.W_E.device.type == "cpu"
     if threads is None and on_cpu and hooked.cfg.d_model <= SMALL_WIDTH:
         threads = 1
-    resolved = resolve_settings(hooked, preset, window=window, **settings)
+    resolved = resolve_settings(hooked, preset, window=window,
+                                control_seed=control_seed_of(controls, control_seed, seed),
+                                filter_max_new_tokens=filter_max_new_tokens, **settings)
     if ranks.is_main:
         print(f"mmlens: {resolved.describe()}", file=sys.stderr)
     arguments = {"model": model, "data": data, "tasks": tasks, "per_task": per_task,
                  "flows": flow_names, "window": window, "device": device, "dtype": dtype,
                  "seed": seed, "only_correct": only_correct, "threads": threads,
                  "rescale_boxes": rescale_boxes, "shard": list(shard) if shard else None,
-                 "preset": preset, "metric": metric, "controls": controls, **settings}
+                 "preset": preset, "metric": metric, "controls": controls,
+                 "control_seed": control_seed, "filter_max_new_tokens": filter_max_new_tokens,
+                 **settings}
     # The store's signature covers every example, so the shards of one study can be merged.
     mine = examples[shard[0]::shard[1]] if shard is not None else examples
-    with torch_threads(threads):
+    with torch_threads(threads), warnings.catch_warnings():
+        warnings.simplefilter("ignore", AllDroppedWarning)  # refused below, with the folder
         started = time.time()
         frame = information_flow(
             hooked, examples, flows=flow_names, preset=resolved, only_correct=only_correct,
             store=out / STORE_NAME, batch_size=batch_size, max_memory=max_memory,
             progress=progress, ranks=ranks, shard=shard, metric=metric, controls=controls,
-            seed=seed, lens=hooked.tokenizer is not None,
+            seed=seed, control_seed=control_seed, max_new_tokens=filter_max_new_tokens,
+            lens=hooked.tokenizer is not None,
         )
         sweep_seconds = round(time.time() - started, 2)
         if not ranks.is_main:

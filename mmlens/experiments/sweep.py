@@ -13,6 +13,8 @@ run gives the answer-emergence readings (``lens=True``) and the example's proven
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,33 +22,29 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from mmlens.experiments.controls import control_spans
+from mmlens.data.example import BoxOutsideImageError
+from mmlens.experiments.answer_forms import paired_tokens
+from mmlens.experiments.controls import control_seed_of, control_spans
 from mmlens.experiments.correctness import model_answer, wrong_answer_reason
-from mmlens.experiments.distributed import Ranks, StoreProgress, current_ranks
 from mmlens.experiments.emergence import answer_variants, lens_record
 from mmlens.experiments.engine import clean_run, fast_knockout_probs
-from mmlens.experiments.examples import ExampleSource, model_fingerprint
-from mmlens.experiments.fingerprint import (
-    METRIC,
-    code_digest,
-    config_digest,
-    processor_digest,
-    spans_digest,
-    template_digest,
-    weights_checksum,
-)
+from mmlens.experiments.examples import ExampleSource
 from mmlens.experiments.knockouts import (
     DEFAULT_FLOWS,
     Flow,
     check_flow_spans,
+    flow_spans,
     parse_flows,
     window_knockouts,
 )
 from mmlens.experiments.metrics import METRICS, results_frame
 from mmlens.experiments.naive import naive_knockout_probs
 from mmlens.experiments.presets import StudySettings, resolve_settings
-from mmlens.experiments.store import ResultStore, read_store
+from mmlens.experiments.runfolder.distributed import Ranks, StoreProgress, current_ranks
+from mmlens.experiments.runfolder.fingerprint import spans_digest, study_signature, template_digest
+from mmlens.experiments.runfolder.store import ResultStore, read_store
 from mmlens.inputs.batch import MultimodalBatch
+from mmlens.inputs.image_tokens import tokenized_text
 from mmlens.model.protocol import HookedModel
 
 __all__ = ["dropped_examples", "information_flow", "model_answer", "results_frame"]
@@ -77,8 +75,9 @@ def information_flow(
     metric: str = "prob",
     controls: bool = False,
     seed: int = 0,
+    control_seed: int | None = None,
     lens: bool = False,
-    max_new_tokens: int = 8,
+    max_new_tokens: int | None = None,
     shard: tuple[int, int] | None = None,
     ranks: Ranks | None = None,
 ) -> pd.DataFrame:
@@ -99,8 +98,10 @@ def information_flow(
     ``metric``: ``"prob"`` (the paper's relative change, column ``rel_change``), ``"logprob"``
     or ``"logit-diff"`` (answer vs the wrong option; adds ``metric_base``, ``metric_block``,
     ``change``). ``controls``: add a random control per flow (``mmlens.experiments.controls``),
-    drawn from ``seed``. ``lens``: keep each kept example's answer-emergence readings
-    (``emergence_frame(df.attrs["records"])``).
+    drawn from ``control_seed`` (default: ``seed``). ``lens``: keep each kept example's
+    answer-emergence readings (``emergence_frame(df.attrs["records"])``).
+    ``max_new_tokens``: how far the correctness filter decodes (default 128, the paper's).
+    When every example is dropped the frame is empty and a warning gives the count per reason.
 
     Columns: ``example_id, task, flow, layer, window_start, window_end`` (the blocked layers
     are ``window_start .. window_end - 1``: ``window_end`` is exclusive) ``, answer_token,
@@ -123,18 +124,21 @@ def information_flow(
     flows = parse_flows(flows)
     settings = resolve_settings(model, preset, template=template, preprocessing=preprocessing,
                                 tokenization=tokenization, related_rule=related_rule,
-                                empty_spans=empty_spans, window=window)
+                                empty_spans=empty_spans, window=window,
+                                control_seed=control_seed_of(controls, control_seed, seed),
+                                filter_max_new_tokens=max_new_tokens)
     source = ExampleSource(model, examples, spans, **settings.prepare_options())
     if only_correct:
         source.check_gold_answers()
     if lens and model.tokenizer is None:
         raise ValueError("lens=True tracks answer words, but this model has no tokenizer: "
                          "load it with from_pretrained")
-    check_flow_spans(flows, source.prepare(0).spans[0])
+    check_flow_spans(flows, flow_spans(_first_usable(source).spans[0], model, flows))
     options = {"flows": flows, "settings": settings, "only_correct": only_correct,
                "method": method, "batching": (batch_size, max_memory),
-               "max_new_tokens": max_new_tokens,
-               "wrong": metric == "logit-diff", "controls": controls, "seed": seed, "lens": lens}
+               "max_new_tokens": settings.filter_max_new_tokens,
+               "wrong": metric == "logit-diff", "controls": controls,
+               "seed": settings.control_seed, "lens": lens}
     ranks = ranks or current_ranks()
     indices = list(range(len(source)))
     if shard is not None:
@@ -142,19 +146,16 @@ def information_flow(
     results = None
     if store is not None:
         record = settings.record()
+        record.pop("preset_source")  # how the preset was found may name the model's folder
         signature = {
-            "kind": "information_flow", "model": model_fingerprint(model),
-            "weights": weights_checksum(model), "config": config_digest(model),
-            "processor": processor_digest(model), **source.digests(),
-            "span_rule": code_digest(), "metric": METRIC,
+            **study_signature(model, source.digests()),
             "flows": [f.name for f in flows], "only_correct": only_correct,
             "extra_spans": spans_digest(spans), **record,
             "template": template_digest(settings.template),
-            "metric_tokens": "wrong" if options["wrong"] else "answer",
-            "controls": controls, "seed": seed if controls else None, "lens": lens,
-            "max_new_tokens": max_new_tokens,
+            "metric_tokens": "answer and foil, produced form" if options["wrong"] else "answer",
+            "controls": controls, "lens": lens,  # control seed, filter length: in record
         }
-        results = ResultStore.open(store, signature, writer=ranks.rank)
+        results = ResultStore.open(store, signature, writer=ranks.rank, part=shard)
         ranks.barrier()  # every rank has read the store before any appends to it
     done = {} if results is None else results.done
     todo = ranks.mine([i for i in indices if source.example_id(i) not in done])
@@ -185,7 +186,43 @@ def information_flow(
     frame.attrs["records"] = SharedRecords(records)
     frame.attrs["settings"] = settings.record()
     frame.attrs["examples_per_rank"] = counts
+    if frame.empty and records:
+        _warn_all_dropped(frame, len(records))
     return frame
+
+
+class AllDroppedWarning(UserWarning):
+    """Every example was left out: ``information_flow`` returned an empty table."""
+
+
+def drop_counts(dropped: pd.DataFrame) -> Counter:
+    """How many whole examples were left out, per kind of reason (``"wrong answer"``...)."""
+    whole = dropped[dropped["flow"] == "all"]
+    return Counter(" ".join(str(reason).split(" ")[:2]) for reason in whole["reason"])
+
+
+def _warn_all_dropped(frame: pd.DataFrame, n_examples: int) -> None:
+    kinds = drop_counts(dropped_examples(frame))
+    why = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common()) or (
+        "every flow's span was empty")
+    advice = []
+    if kinds.get("wrong answer"):
+        advice.append("pass only_correct=False to keep the examples the model answers wrongly")
+    if not kinds or any(kind.startswith("empty span") for kind in kinds):
+        advice.append("choose flows whose spans the examples have")
+    warnings.warn(f"all {n_examples} examples were dropped ({why}), so the table is empty; "
+                  "dropped_examples(df) gives each one's reason" + "".join(
+                      f"; {a}" for a in advice), AllDroppedWarning, stacklevel=3)
+
+
+def _first_usable(source: ExampleSource) -> MultimodalBatch:
+    """The first example that prepares (one whose box misses its image is dropped later)."""
+    for index in range(len(source)):
+        try:
+            return source.prepare(index)
+        except BoxOutsideImageError:
+            continue
+    return source.prepare(0)  # every example is unusable: raise the first one's reason
 
 
 class SharedRecords(list):
@@ -199,11 +236,15 @@ class SharedRecords(list):
 def _one_example(model: HookedModel, source: ExampleSource, index: int, *, flows: list[Flow],
                  settings: StudySettings, only_correct: bool, method: str,
                  batching: tuple[int | str, int | None],
-                 max_new_tokens: int, wrong: bool, controls: bool, seed: int,
+                 max_new_tokens: int, wrong: bool, controls: bool, seed: int | None,
                  lens: bool) -> dict[str, Any]:
     example_id, task = source.example_id(index), source.task(index)
-    example = source.prepare(index)
-    spans = example.spans[0]
+    try:
+        example = source.prepare(index)
+    except BoxOutsideImageError as err:  # the data's own box misses its image: nothing to block
+        return {"example_id": example_id, "task": task,
+                "dropped": f"box outside the image: {err}"}
+    spans = flow_spans(example.spans[0], model, flows)
     check_flow_spans(flows, spans)
     record: dict[str, Any] = {"example_id": example_id, "task": task,
                               "provenance": _provenance(source, index, example)}
@@ -224,13 +265,17 @@ def _one_example(model: HookedModel, source: ExampleSource, index: int, *, flows
     run = [flow for flow in flows if flow.name not in empty]
     if controls:
         spans, extra = control_spans(run, spans, example_id=example_id, seed=seed)
+        record["provenance"]["spans"].update(
+            {flow.source: [int(p) for p in spans[flow.source]] for flow in extra})
         run += extra
     if not run and skipped:
         return {**record, "dropped": "; ".join(sorted(set(skipped.values())))}
     tokens = [token]
     record_wrong = getattr(source.records[index], "wrong_answer", None) if source.records else None
-    if wrong and record_wrong:
-        tokens.append(answer_variants(model, record_wrong, None)["lower"])
+    if wrong and record_wrong and gold is not None:
+        answer_id, foil_id = paired_tokens(model.tokenizer, token, gold, record_wrong)
+        if foil_id is not None:
+            tokens += [answer_id, foil_id]
     cells = window_knockouts(run, spans, settings.window, model.cfg.n_layers)
     knockouts = [cell.knockout for cell in cells]
     if not knockouts:
@@ -250,22 +295,33 @@ def _one_example(model: HookedModel, source: ExampleSource, index: int, *, flows
     record.update({"answer_token": token, "answer": answer, "p_base": base[0],
                    "p_block": {name: [p[0] for p in rows] for name, rows in p_block.items()},
                    "skipped": skipped, "zeroed": sorted(empty) if not skipped else []})
-    if len(tokens) > 1:
-        record.update({"wrong_token": tokens[1], "p_wrong_base": base[1],
-                       "p_wrong_block": {n: [p[1] for p in rows] for n, rows in p_block.items()}})
+    if len(tokens) > 1:  # logit-diff: the answer and the wrong option in the produced form
+        record.update({"metric_tokens": {"answer": tokens[1], "foil": tokens[2]},
+                       "p_metric_base": base[1:],
+                       "p_metric_block": {n: [p[1:] for p in rows] for n, rows in p_block.items()}})
     if lens and gold is not None:
         record["lens"] = lens_record(model, clean, answer_variants(model, gold, record_wrong))
     return record
 
 
 def _provenance(source: ExampleSource, index: int, example: MultimodalBatch) -> dict[str, Any]:
-    """What the model was given: the prompt text, its ids, the image size and the spans."""
-    prompts = example.prompts or [None]
+    """What the model was given: the text the tokenizer received, its ids, the image size
+    and the spans."""
+    prompt = (example.prompts or [None])[0]
+    input_ids = example.input_ids[0].tolist()
+    tokenizer = getattr(source.model.processor, "tokenizer", None)
+    if prompt is not None and tokenizer is not None:
+        image_token_id = source.model.cfg.image_token_id
+        prompt = tokenized_text(prompt, tokenizer, image_token_id,
+                                input_ids.count(image_token_id),
+                                source.prepare_options.get("tokenization", "whole"))
     size = source.image_sizes.get(index)
     gold = source.gold(index) if source.records is not None and hasattr(
         source.records[index], "answer") else None
-    return {"prompt": prompts[0], "input_ids": example.input_ids[0].tolist(), "answer": gold,
+    record = source.records[index] if source.records is not None else None
+    return {"prompt": prompt, "input_ids": input_ids, "answer": gold,
             "image_size": list(size) if size is not None else None,
+            "exif_orientation": getattr(record, "exif_orientation", None),
             "spans": {name: [int(p) for p in positions]
                       for name, positions in example.spans[0].items()}}
 

@@ -5,28 +5,27 @@
     write_run_json(out, summary, digests)            # run.json last: it vouches for the tables
     check_run_folder(out)                            # before a report is built from them
 
-Each file is replaced atomically (``mmlens.experiments.atomic``), and ``run.json``, written after
-the tables, records a digest of each. A run stopped between two writes leaves tables that
-disagree with ``run.json``; ``check_run_folder`` then refuses to report them, and rerunning the
-same command rebuilds them from the store.
+Each file is replaced atomically (``mmlens.experiments.runfolder.atomic``), and ``run.json``,
+written after the tables, records a digest of each. A run stopped between two writes leaves
+tables that disagree with ``run.json``; ``check_run_folder`` then refuses to report them, and
+rerunning the same command rebuilds them from the store.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from mmlens.experiments.atomic import write_atomic
 from mmlens.experiments.emergence import emergence_frame
 from mmlens.experiments.provenance import examples_jsonl
-from mmlens.experiments.store import read_store
+from mmlens.experiments.runfolder.atomic import write_atomic
+from mmlens.experiments.runfolder.store import read_store
 from mmlens.experiments.summary import flow_summary
-from mmlens.experiments.sweep import dropped_examples
+from mmlens.experiments.sweep import drop_counts, dropped_examples
 
 STORE_NAME = "flow.jsonl"
 
@@ -69,7 +68,7 @@ def all_dropped_message(dropped: pd.DataFrame, n_examples: int, out: Path | None
     """Why no example is left, and what to change (``out``: the run folder, to name its
     ``dropped.csv``)."""
     whole = dropped[dropped["flow"] == "all"]
-    kinds = Counter(" ".join(str(reason).split(" ")[:2]) for reason in whole["reason"])
+    kinds = drop_counts(dropped)
     why = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
     if whole.empty:
         why = "every flow's span was empty"

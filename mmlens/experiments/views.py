@@ -10,6 +10,8 @@ grid's shape (``rows`` x ``cols``, row-major) and the side in pixels of one of i
 (``cell_px``), the related cells (indices into the grid), and the attention from the question
 positions to each cell's image token, averaged over heads, question positions and layers:
 
+The grid is tile 0 of the image's token map (``mmlens.inputs.token_map``):
+
 - LLaVA-1.5: the ``grid x grid`` patches of the one image (a CLS feature is left out);
 - LLaVA-NeXT / LLaVA-OneVision (anyres): the base tile's ``grid x grid`` patches (the whole
   image squashed to one tile); the high-resolution tiles are not shown;
@@ -48,47 +50,24 @@ class ViewGrid:
     pixels: Float[Tensor, "3 height width"]
 
 
-def _fixed_grid(model: Any, batch: Any) -> ViewGrid:
-    """LLaVA-1.5's grid, or the base tile's of LLaVA-NeXT / OneVision (base features first)."""
-    grid, cell_px = model.family.image_token_grid(model.cfg)
-    image = batch.positions("image", 0)
-    if model.cfg.vision.has_class_token and not model.cfg.is_anyres and (
-            len(image) == grid**2 + 1 or model.cfg.feature_select_strategy == "full"):
-        image = image[1:]  # the CLS feature covers no patch (anyres towers never keep it)
-    if len(image) < grid**2:
-        raise ValueError(f"the example has {len(image)} image positions but a {grid}x{grid} "
-                         "patch grid needs at least that many: does the processor match the "
-                         "model's vision config?")
-    pixels = batch.pixel_values.reshape(-1, *batch.pixel_values.shape[-3:])[0]
-    return ViewGrid(grid, grid, cell_px, image[:grid**2], pixels)
-
-
-def _qwen_grid(model: Any, batch: Any) -> ViewGrid:
-    """Qwen-VL's merged cells of the one resized image, in image-token order."""
-    from mmlens.inputs.qwen_geometry import unpack_patches
-
-    vision = model.cfg.vision
-    t, grid_h, grid_w = (int(n) for n in torch.as_tensor(batch.image_sizes).reshape(-1, 3)[0])
-    rows, cols = grid_h // vision.merge_size, grid_w // vision.merge_size
-    image = batch.positions("image", 0)
-    if t != 1 or len(image) != rows * cols:
-        raise ValueError(f"the example has {len(image)} image tokens but image_grid_thw "
-                         f"{[t, grid_h, grid_w]} merges into {t}x{rows}x{cols}: a view needs "
-                         "one still image, prepared with this model's processor")
-    pixels = unpack_patches(batch.pixel_values.reshape(-1, batch.pixel_values.shape[-1]),
-                            grid_h, grid_w, vision.patch_size, vision.merge_size,
-                            vision.temporal_patch_size)
-    return ViewGrid(rows, cols, vision.token_size, image, pixels)
-
-
 def view_grid(model: Any, batch: Any) -> ViewGrid:
-    """The grid of example 0 of ``batch``: a fixed square patch grid, or Qwen-VL's cells."""
-    if hasattr(model.cfg.vision, "grid_size"):
-        return _fixed_grid(model, batch)
-    if hasattr(model.cfg.vision, "merge_size"):
-        return _qwen_grid(model, batch)
-    raise ValueError(f"no example view for {model.cfg.model_type!r}: its vision config has "
-                     "neither a fixed patch grid nor Qwen-VL's merged cells")
+    """The grid of example 0 of ``batch``: the tokens of tile 0 of its image's token map that
+    have a place in it (``row`` / ``col``; a class token or a newline has none), row-major."""
+    layout = batch.image_layout if batch.image_layout is not None else (
+        model.family.image_layout(model))
+    if layout is None or not batch.token_maps:
+        raise ValueError(f"no example view for {model.family.name!r}: its family declares no "
+                         "image layout (Family.image_layout), or the batch was not built by "
+                         "model.prepare")
+    token_map = batch.token_maps[0][0]
+    rows, cols, shown = token_map.grid_cells(0)
+    image = batch.positions("image", 0)
+    if len(image) < len(token_map):
+        raise ValueError(f"the example's prompt holds {len(image)} image tokens but its image "
+                         f"map {len(token_map)}: was the batch prepared with this model's "
+                         "processor?")
+    return ViewGrid(rows, cols, layout.cell_px, image[torch.tensor(shown)],
+                    layout.view_pixels(batch, 0))
 
 
 def _image_png(model: Any, pixels: Float[Tensor, "3 height width"]) -> str:

@@ -45,3 +45,17 @@ def chunked_encoding(tokenizer: Any, prompt: str, image_token_id: int, n_image_t
         offsets.extend((a + start, b + start) if b > a else (0, 0) for a, b in chunk_offsets)
         start += len(chunk) + len(IMAGE_PLACEHOLDER)
     return ids, offsets
+
+
+def tokenized_text(prompt: str, tokenizer: Any, image_token_id: int, n_image_tokens: int,
+                   tokenization: str) -> str:
+    """The text the tokenizer received for ``prompt`` (one ``<image>`` placeholder).
+
+    ``"whole"``: the placeholder expanded to the image token's own string once per image
+    token, as the processor does (Qwen-VL's ``<|image_pad|>``, LLaVA's ``<image>``);
+    ``"chunks"``: the prompt itself, whose placeholder the image ids replace.
+    """
+    if tokenization == "chunks" or prompt.count(IMAGE_PLACEHOLDER) != 1:
+        return prompt
+    image_str = tokenizer.convert_ids_to_tokens(image_token_id)
+    return prompt.replace(IMAGE_PLACEHOLDER, image_str * n_image_tokens)

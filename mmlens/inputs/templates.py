@@ -1,5 +1,5 @@
 """Prompt templates: the paper's Vicuna v1 prompt, the Llama-3 chat prompt, the Qwen chat
-prompt of LLaVA-OneVision, the Qwen-VL chat prompt and Gemma 3's."""
+prompt of LLaVA-OneVision, the Qwen-VL and Qwen3-VL chat prompts, Gemma 3's and PaliGemma's."""
 
 from __future__ import annotations
 
@@ -33,6 +33,18 @@ class PromptTemplate:
 
     def format(self, question: str) -> str:
         return self.prefix + question + self.suffix
+
+    def image_prefix(self, n_images: int) -> str:
+        """``prefix`` with ``n_images`` image placeholders: the placeholder with what wraps it
+        (Qwen-VL's ``<|vision_start|>...<|vision_end|>``) and its newline, repeated, or
+        removed for a text-only prompt."""
+        unit = IMAGE_PLACEHOLDER
+        wrapped = "<|vision_start|>" + unit + "<|vision_end|>"
+        if wrapped in self.prefix:
+            unit = wrapped
+        if unit + "\n" in self.prefix:
+            unit += "\n"
+        return self.prefix.replace(unit, unit * n_images)
 
 
 VICUNA_V1 = PromptTemplate(
@@ -68,6 +80,14 @@ QWEN_VL = PromptTemplate(
 """Qwen2-VL / Qwen2.5-VL's chat template for one image and the paper's instruction; the
 processor expands ``<image>`` (its ``<|image_pad|>``) to one token per merged 28x28 px cell."""
 
+QWEN3_VL = PromptTemplate(
+    "qwen3_vl",
+    "<|im_start|>user\n<|vision_start|><image><|vision_end|>{question}\nAnswer the question "
+    "using a single word or phrase.<|im_end|>\n<|im_start|>assistant\n",
+)
+"""Qwen3-VL's chat template (no default system prompt) for one image and the paper's
+instruction."""
+
 PAPER_SUFFIX = " \nAnswer the question using a single word or phrase."
 """What the paper's code appends to every question (note the space before the newline)."""
 
@@ -101,7 +121,8 @@ PALIGEMMA = PromptTemplate("paligemma", "<image><bos>answer en {question}\n")
 ``answer en`` and the question, ended by a newline; the whole prompt is the prefix that
 attends both ways."""
 
-TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL, GEMMA3, PALIGEMMA,
+TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL, QWEN3_VL, GEMMA3,
+                                 PALIGEMMA,
                                  VICUNA_V1_PAPER, LLAMA3_PAPER)}
 
 

@@ -257,8 +257,11 @@ def _sweep(model: HookedModel, clean: MultimodalBatch, corrupted: MultimodalBatc
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     clean_cache = _clean_cache(model, clean, component, layers)
     starts = {COMPONENTS["resid_pre"].format(layer) for layer in layers}
+    deepstack = [n for n in model.hook_dict if n.startswith("blocks.") and n.endswith(
+        ".hook_deepstack")]  # features added after early blocks (Qwen3-VL), resumed with the run
     with torch.no_grad():
-        _, corrupted_cache = model.run_with_cache(corrupted, names_filter=starts.__contains__)
+        _, corrupted_cache = model.run_with_cache(
+            corrupted, names_filter=lambda n: n in starts or n in deepstack)
     n = len(corrupted)
     per_forward = max(1, batch_size // n)
     mask = corrupted.attention_mask
@@ -274,8 +277,11 @@ def _sweep(model: HookedModel, clean: MultimodalBatch, corrupted: MultimodalBatc
             chunk = cells[first:first + per_forward]
             hooks = [(name, _stacked_patch(name, clean_cache[name], chunk))]
             with torch.no_grad():
+                injections = {int(n.split(".")[1]): corrupted_cache[n].repeat(len(chunk), 1, 1)
+                              for n in deepstack if n in corrupted_cache.cache_dict}
                 logits = model.run_with_hooks(
                     start.repeat(len(chunk), 1, 1), start_at_layer=layer, fwd_hooks=hooks,
+                    injections=injections,
                     attention_mask=None if mask is None else mask.repeat(len(chunk), 1),
                     position_ids=positions.repeat(
                         *[1] * (positions.ndim - 2), len(chunk), 1),

@@ -47,6 +47,9 @@ class QwenVisionConfig:
     """The Qwen vision transformer. ``full_attention_layers`` None: every layer is full.
 
     ``window_size`` is in pixels of the resized image (Qwen2.5-VL: 112, i.e. 4x4 merged tokens).
+    Qwen3-VL adds a bias on the patch embedding (``patch_bias``), a learned square table of
+    ``n_position_embeddings`` positions resampled to each image's grid, and ``deepstack_layers``:
+    the vision blocks whose outputs are merged and added into the first decoder layers.
     """
 
     d_model: int
@@ -65,6 +68,9 @@ class QwenVisionConfig:
     full_attention_layers: tuple[int, ...] | None = None
     rope_theta: float = 10000.0
     eps: float = 1e-6
+    patch_bias: bool = False
+    n_position_embeddings: int | None = None
+    deepstack_layers: tuple[int, ...] = ()
 
     @property
     def d_head(self) -> int:
@@ -90,7 +96,10 @@ class LanguageConfig:
     ``qkv_bias`` / ``o_bias``: biases on the query/key/value and output projections (Llama:
     neither or both as ``attention_bias``; Qwen2: q/k/v only). ``rope_type`` names the rotary
     scheme the family builds (``"default"`` = 1D positions; ``"mrope"`` = Qwen-VL's 3D positions,
-    ``mrope_section`` frequencies per axis).
+    ``mrope_section`` frequencies per axis, in blocks or, ``mrope_interleaved``, as Qwen3-VL's
+    t, h, w, t, h, w... interleave). ``qk_norm``: an RMSNorm over each head's queries and keys
+    before the rotary (Qwen3). ``deepstack_layers``: how many of the first blocks receive
+    Qwen3-VL's DeepStack features (``blocks.{l}.hook_deepstack``).
     """
 
     n_layers: int
@@ -108,6 +117,9 @@ class LanguageConfig:
     mlp_bias: bool = False
     rope_type: str = "default"
     mrope_section: tuple[int, ...] | None = None
+    mrope_interleaved: bool = False
+    qk_norm: bool = False
+    deepstack_layers: int = 0
     act_fn: str = "silu"
     normalization_type: str = "RMS"
     positional_embedding_type: str = "rotary"
@@ -116,6 +128,7 @@ class LanguageConfig:
     original_architecture: str = "LlamaForCausalLM"
     default_prepend_bos: bool = True
     device: Any = None
+    n_ctx: int | None = None  # max_position_embeddings: the longest prompt the model takes
 
 
 @dataclass
@@ -124,7 +137,9 @@ class MultimodalConfig:
 
     ``model_type`` is the Hugging Face model type; it names the family adapter
     (``mmlens.model.families.FAMILIES``) that builds and runs the model. TransformerLens helpers
-    read language fields (``cfg.n_layers``...) straight off this object.
+    read language fields (``cfg.n_layers``, ``cfg.n_ctx``...) straight off this object.
+    ``model_name`` (the name it was loaded by), ``dtype`` and ``device`` (of the token
+    embedding; the first part's under a device map) are kept up to date by the model.
     """
 
     model_type: str
@@ -138,11 +153,9 @@ class MultimodalConfig:
     image_grid_pinpoints: list[list[int]] | None = None
     anyres_max_tiles: int | None = None
     hf_config: Any = field(default=None, repr=False)
-
-    @property
-    def is_anyres(self) -> bool:
-        """Tiled images (LLaVA-NeXT, LLaVA-OneVision): a base tile plus high-resolution tiles."""
-        return self.model_type in ("llava_next", "llava_onevision")
+    model_name: str = field(default="", repr=False)
+    dtype: torch.dtype = field(default=torch.float32, repr=False)
+    device: torch.device = field(default=torch.device("cpu"), repr=False)
 
     def __getattr__(self, name: str) -> Any:
         # Language fields are read as cfg.n_layers, cfg.d_model... as in TransformerLens.
@@ -210,6 +223,7 @@ def language_config(tc: Any, **overrides: Any) -> LanguageConfig:
         o_bias=attention_bias,
         mlp_bias=bool(getattr(tc, "mlp_bias", False)),
         act_fn=tc.hidden_act,
+        n_ctx=getattr(tc, "max_position_embeddings", None),
     )
     fields.update(overrides)
     return LanguageConfig(**fields)

@@ -9,14 +9,15 @@ image-side modules and decides how images are encoded and merged and how decoder
 are computed; this class composes them and owns the hooks, caches and running.
 
 ``hook_embed`` is the merged embedding, i.e. what the embedding contributes to the residual
-stream, so TransformerLens's ``decompose_resid`` / ``accumulated_resid`` add up.
+stream, so TransformerLens's ``decompose_resid`` / ``accumulated_resid`` add up (on Qwen3-VL,
+``decompose_resid`` plus the ``blocks.{l}.hook_deepstack`` additions).
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -25,12 +26,14 @@ from torch import Tensor
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from mmlens.core.errors import MMLensError
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.model.components import Unembed
 from mmlens.model.config import MultimodalConfig
 from mmlens.model.families import family_for
 from mmlens.model.kv_cache import KeyValueCache
 from mmlens.model.language import LanguageStack
+from mmlens.model.processor_inputs import CHECKED_NAMES, read_processor_outputs, refuse_unread
 from mmlens.model.tl_api import TransformerLensAPI, check_pretrained_kwargs, language_model_loss
 
 
@@ -86,6 +89,7 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         from mmlens.model.devices import dispatch
 
         dispatch(self, device_map)
+        self.sync_cfg_placement()
         return self
 
     @classmethod
@@ -108,7 +112,7 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
     def forward(
         self,
         input: Int[Tensor, "batch pos"] | MultimodalBatch | Float[Tensor, "batch pos d_model"]
-        | str | list[str],
+        | str | list[str] | None = None,
         pixel_values: Float[Tensor, "images *tiles channels height width"]
         | Float[Tensor, "*patch_images n_patches patch_dim"] | None = None,
         *,
@@ -122,6 +126,8 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         tokens: Int[Tensor, "batch pos"] | None = None,
         loss_per_token: bool = False,
         token_type_ids: Int[Tensor, "batch pos"] | None = None,
+        injections: dict[int, Tensor] | None = None,
+        **processor_outputs: Any,
     ) -> Tensor | tuple[Tensor, Tensor] | None:
         """Run the model.
 
@@ -133,10 +139,30 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         ``[batch, pos - 1]``), ``"both"`` (logits, loss) or None. With ``start_at_layer`` the
         loss needs ``tokens=``. ``stop_at_layer`` returns the residual stream entering it.
         ``position_ids`` default to the family's (``position_ids``); a ``past_kv_cache`` records
-        them. ``token_type_ids`` (1 = image token) tell a family whose mask depends on the
-        token kinds (Gemma 3's bidirectional image blocks) where the images are when the run
-        resumes from a residual stream.
+        them. ``token_type_ids`` (the processor's token kinds: 1 = image token for Gemma 3, 1 =
+        answer for PaliGemma) tell a family whose mask depends on the token kinds where its
+        bidirectional blocks are; needed when the run resumes from a residual stream.
+        ``injections`` (only with ``start_at_layer``): ``{layer: [batch, pos, d_model]}`` added
+        to those blocks' outputs, the ``blocks.{l}.hook_deepstack`` activations of the run being
+        resumed (``{}`` for none); required when resuming before a DeepStack layer.
+
+        A processor's outputs go in under HF's names: ``model(**processor(images=...,
+        text=...))`` (``input_ids``, ``pixel_values`` in the processor's layout,
+        ``attention_mask`` and the family's geometry key, e.g. Qwen's ``image_grid_thw``;
+        ``token_type_ids`` for a family that reads them, ``Family.processor_keys``;
+        ``mm_token_type_ids`` / ``batch_num_images`` are checked, not needed). Any other
+        keyword raises, listing the accepted names.
         """
+        if token_type_ids is not None:
+            refuse_unread("token_type_ids", self.family.name, self.family.image_sizes_key,
+                          self.family.processor_keys)
+        if processor_outputs:
+            input, image_sizes = self._read_processor_outputs(
+                input, processor_outputs, pixel_values=pixel_values,
+                attention_mask=attention_mask, image_sizes=image_sizes)
+        if input is None:
+            raise MMLensError("no input: pass input_ids (or a prepared batch, or text), e.g. "
+                              "model(**processor(images=..., text=...))")
         if isinstance(input, str) or (isinstance(input, list | tuple) and input
                                       and all(isinstance(t, str) for t in input)):
             input = self.to_tokens(list(input) if not isinstance(input, str) else input)
@@ -155,9 +181,19 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
                 pixel_values = self._bound_images["pixel_values"]
                 image_sizes = self._bound_images.get("image_sizes")
             input_ids = input
-            resid = self.embed_inputs(input, pixel_values, image_sizes=image_sizes)
+            if injections is not None:
+                raise ValueError("injections= resumes a run (with start_at_layer); a run from "
+                                 "input_ids computes its own from the images")
+            resid, injections = self._embed(input, pixel_values, image_sizes)
         else:
             resid = input
+            if injections is None and start_at_layer < self.cfg.text.deepstack_layers:
+                raise MMLensError(
+                    f"resuming at layer {start_at_layer} skips the image features DeepStack "
+                    f"adds after blocks 0-{self.cfg.text.deepstack_layers - 1}: pass "
+                    "injections={layer: the run's blocks.{layer}.hook_deepstack activation} "
+                    "for the layers from start_at_layer on (sliced to the resumed positions), "
+                    "or injections={} for a prompt without images")
         batch, q_len = resid.shape[:2]
         if attention_mask is None:
             attention_mask = torch.ones(batch, q_len, dtype=torch.long, device=resid.device)
@@ -180,7 +216,7 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         resid = self.language(
             resid, attention_mask=attention_mask, position_ids=position_ids,
             start_at_layer=start_at_layer or 0, stop_at_layer=stop_at_layer,
-            past_kv_cache=past_kv_cache, masks=masks,
+            past_kv_cache=past_kv_cache, masks=masks, injections=injections,
         )
         if stop_at_layer is not None:
             return resid
@@ -200,6 +236,23 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         loss = language_model_loss(logits, tokens, attention_mask, self.cfg.image_token_id,
                                    per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
+
+    def _read_processor_outputs(self, input: Any, outputs: dict[str, Any], *,
+                                pixel_values: Tensor | None, attention_mask: Tensor | None,
+                                image_sizes: Tensor | None) -> tuple[Any, Tensor | None]:
+        """``input`` and ``image_sizes`` from HF-named keywords (``input_ids``, the family's
+        geometry key), the rest checked (``mmlens.model.processor_inputs``)."""
+        given = {"pixel_values": pixel_values, "attention_mask": attention_mask,
+                 "image_sizes": image_sizes, **outputs}
+        read = read_processor_outputs(
+            {k: v for k, v in given.items() if v is not None},
+            sizes_key=self.family.image_sizes_key, image_token_id=self.cfg.image_token_id,
+            family=self.family.name, family_keys=self.family.processor_keys)
+        if "input_ids" in read:
+            if input is not None:
+                raise MMLensError("got input and input_ids: pass the tokens once")
+            input = read["input_ids"]
+        return input, read.get("image_sizes")
 
     def encode_images(
         self, pixel_values: Tensor, image_sizes: Tensor | None = None
@@ -221,11 +274,22 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         image_sizes: Tensor | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """Token embeddings with the image features merged in at the image-token positions."""
+        return self._embed(input_ids, pixel_values, image_sizes)[0]
+
+    def _embed(
+        self, input_ids: Tensor, pixel_values: Tensor | None, image_sizes: Tensor | None
+    ) -> tuple[Tensor, dict[int, Tensor] | None]:
+        """``embed_inputs`` and the features the family adds after decoder layers
+        (``{layer: [batch, pos, d_model]}``, zero off the image tokens), or None."""
         embeds = self.hook_token_embed(self.embed(input_ids))
-        features = None
+        features, injections = None, None
         if pixel_values is not None:
-            features = self.encode_images(pixel_values.to(input_ids.device), image_sizes)
-        return self.hook_embed(self.family.merge(input_ids, embeds, features, self.cfg))
+            features, per_layer = self.family.encode_image_layers(
+                self, pixel_values.to(input_ids.device), image_sizes)
+            injections = {layer: self.family.merge(input_ids, torch.zeros_like(embeds), added,
+                                                   self.cfg)
+                          for layer, added in per_layer.items()} or None
+        return self.hook_embed(self.family.merge(input_ids, embeds, features, self.cfg)), injections
 
     def position_ids(
         self, input_ids: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None, *,
@@ -291,18 +355,44 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         self.check_hook_names([n for n, _ in [*fwd_hooks, *bwd_hooks] if isinstance(n, str)])
         return super().hooks(list(fwd_hooks), list(bwd_hooks), *args, **kwargs)
 
+    def saes(self, saes: Any, use_error_term: bool = True) -> Any:
+        """Context manager splicing sparse autoencoders into their hooks
+        (``mmlens.methods.saes``; each SAE names its hook). With ``use_error_term`` the
+        outputs are unchanged; ``"{hook}.hook_sae_acts_post"`` and the SAE's other hook points
+        are in ``hook_dict`` inside the block. See ``mmlens.model.splice``."""
+        from mmlens.model.splice import splice
+
+        return splice(self, [saes] if isinstance(saes, torch.nn.Module) else saes,
+                      use_error_term=use_error_term)
+
     # ----------------------------------------------------------------- helpers
-    def prepare(self, images: Any, questions: Any, **kwargs: Any) -> MultimodalBatch:
-        """Prompts, pixel values and named position spans for images and questions."""
+    def prepare(self, images: Any, questions: Any, *, template: Any = None,
+                boxes: Sequence[Sequence[tuple[float, float, float, float]]] | None = None,
+                examples: Sequence[Any] | None = None, preprocessing: str | None = None,
+                tokenization: str = "whole", related_rule: str = "geometry") -> MultimodalBatch:
+        """Prompts, pixel values and named position spans for images and questions: one entry
+        of ``images`` per question (an image, a list of several, or None for text only); see
+        ``mmlens.inputs.prepare.prepare`` for the options."""
         from mmlens.inputs.prepare import prepare
 
-        return prepare(self, images, questions, **kwargs)
+        return prepare(self, images, questions, template=template, boxes=boxes,
+                       examples=examples, preprocessing=preprocessing,
+                       tokenization=tokenization, related_rule=related_rule)
 
-    def generate(self, input: Any, pixel_values: Tensor | None = None, **kwargs: Any) -> Any:
+    def generate(self, input: Any = None, pixel_values: Tensor | None = None,
+                 **kwargs: Any) -> Any:
         """Greedy or sampled continuation with images, a key/value cache and active hooks;
-        see ``mmlens.model.generation.generate``."""
+        see ``mmlens.model.generation.generate``. A processor's outputs go in under HF's names,
+        as in ``forward``: ``model.generate(**processor(...), max_new_tokens=5)``."""
         from mmlens.model.generation import generate
 
+        hf_names = {"input_ids", self.family.image_sizes_key, *CHECKED_NAMES} - {"image_sizes"}
+        outputs = {k: kwargs.pop(k) for k in list(kwargs) if k in hf_names}
+        if outputs:
+            input, kwargs["image_sizes"] = self._read_processor_outputs(
+                input, outputs, pixel_values=pixel_values,
+                attention_mask=kwargs.get("attention_mask"),
+                image_sizes=kwargs.get("image_sizes"))
         return generate(self, input, pixel_values, **kwargs)
 
     def to_tokens(self, text: str | list[str], prepend_bos: bool = True) -> Tensor:
@@ -323,12 +413,6 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         if len(ids) != 1:
             raise ValueError(f"{text!r} is {len(ids)} tokens, not one: {ids}")
         return ids[0]
-
-    def tokens_to_residual_directions(self, tokens: Tensor | int) -> Tensor:
-        """Unembedding directions ``[..., d_model]``, with ``ln_final``'s gain (``w``; Gemma's
-        ``1 + w``) folded in so that ``(resid / ln_final.hook_scale) @ direction`` is the
-        token's logit (before a family's soft-cap)."""
-        return (self.unembed.W_U * self.ln_final.gain[:, None]).T[tokens]
 
     def _require_tokenizer(self) -> Any:
         if self.tokenizer is None:

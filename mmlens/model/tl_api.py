@@ -87,6 +87,21 @@ class TransformerLensAPI:
     blocks: Any
     embed: Any
     vision: Any
+    unembed: Any
+    ln_final: Any
+
+    # ----------------------------------------------------------------- cfg.dtype, cfg.device
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        # .to(), .cuda(), .half()... all pass here: keep cfg.dtype / cfg.device true
+        result = super()._apply(fn, *args, **kwargs)
+        self.sync_cfg_placement()
+        return result
+
+    def sync_cfg_placement(self) -> None:
+        """Set ``cfg.dtype`` and ``cfg.device`` from the token embedding's weight."""
+        embed = self._modules.get("embed")
+        if embed is not None:  # None while __init__ is still building the model
+            self.cfg.dtype, self.cfg.device = embed.W_E.dtype, embed.W_E.device
 
     # ----------------------------------------------------------------- weight stacks
     def _stack(self, get: Any) -> Tensor:
@@ -191,6 +206,16 @@ class TransformerLensAPI:
                                  f"{tokens.shape[0]}: pass one row, or a MultimodalBatch")
             tokens = tokens[0]
         return decode_each(self._require_tokenizer(), tokens)
+
+    def tokens_to_residual_directions(
+        self, tokens: str | int | Int[Tensor, ""] | Int[Tensor, " pos"] | Int[Tensor, "batch pos"],
+    ) -> Float[Tensor, "... d_model"]:
+        """Unembedding directions ``[..., d_model]`` (``[d_model]`` for one token, given as a
+        string of one token, an id or a 0-d tensor), with ``ln_final``'s weight folded in so
+        that ``(resid / ln_final.hook_scale) @ direction`` is the token's logit."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        return (self.unembed.W_U * self.ln_final.gain[:, None]).T[tokens]
 
     def get_token_position(
         self, single_token: str | int, input: str | Tensor | Any, mode: str = "first",

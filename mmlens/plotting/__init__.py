@@ -1,7 +1,9 @@
-"""Figures (plotly) for knockouts, the logit lens, patching and attention between spans."""
+"""Figures (plotly) for knockouts, the logit lens, patching, attention between spans and causal
+image maps."""
 
 from mmlens.plotting.attention import attention_mass, attention_mass_heatmap, image_attention
 from mmlens.plotting.attribution import attribution_figure
+from mmlens.plotting.causal_maps import causal_map_figure, feature_map_figure, region_attention
 from mmlens.plotting.curves import (
     knockout_curves,
     layer_span_heatmap,
@@ -13,9 +15,12 @@ __all__ = [
     "attribution_figure",
     "attention_mass",
     "attention_mass_heatmap",
+    "causal_map_figure",
+    "feature_map_figure",
     "image_attention",
     "knockout_curves",
     "layer_span_heatmap",
     "lens_trajectories",
     "mean_with_band",
+    "region_attention",
 ]

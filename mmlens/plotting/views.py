@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import textwrap
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,9 +40,14 @@ def view_shape(view: Mapping[str, Any]) -> tuple[int, int]:
     return rows, cols
 
 
+OUTLINE = ({"color": "black", "width": 4}, {"color": "white", "width": 2})
+"""A related cell's outline: white on a black border, visible on shapes of any colour."""
+TITLE_CHAR_PX = 9  # a title character's width at plotly's default title font, generously
+
+
 def example_view_figure(view: Mapping[str, Any]) -> go.Figure:
-    """Two panels' worth in one: the image with red outlines on related cells and the
-    attention heatmap laid over it."""
+    """Two panels' worth in one: the image with white, black-bordered outlines on related
+    cells and the attention heatmap laid over it; the title wraps to the figure's width."""
     rows, cols = view_shape(view)
     pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(view["image_png"]))))
     height, width = pixels.shape[:2]
@@ -51,16 +57,21 @@ def example_view_figure(view: Mapping[str, Any]) -> go.Figure:
     figure.add_trace(go.Heatmap(
         z=attention, x=(np.arange(cols) + 0.5) * step_x, y=(np.arange(rows) + 0.5) * step_y,
         colorscale="Inferno", opacity=0.5, colorbar={"title": "attention"}, name="attention"))
-    for index in view["related"]:
-        row, col = divmod(int(index), cols)
-        figure.add_shape(type="rect", x0=col * step_x, x1=(col + 1) * step_x, y0=row * step_y,
-                         y1=(row + 1) * step_y, line={"color": "red", "width": 2})
+    for line in OUTLINE:  # every border first, so no white line is covered by a neighbour's
+        for index in view["related"]:
+            row, col = divmod(int(index), cols)
+            figure.add_shape(type="rect", x0=col * step_x, x1=(col + 1) * step_x,
+                             y0=row * step_y, y1=(row + 1) * step_y, line=line)
     # Keep the image's aspect: the longer side gets 480 px.
     scale = 480 / max(width, height)
-    figure.update_layout(title=f"{view['task']}: {view['question']} (gold {view['answer']!r}, "
-                               f"model {str(view.get('model_answer') or '').strip()!r})",
-                         template="simple_white", width=round(width * scale) + 80,
-                         height=round(height * scale) + 40)
+    figure_width = round(width * scale) + 80
+    title = (f"{view['task']}: {view['question']} (gold {view['answer']!r}, "
+             f"model {str(view.get('model_answer') or '').strip()!r})")
+    lines = textwrap.wrap(title, width=figure_width // TITLE_CHAR_PX) or [""]
+    figure.update_layout(title={"text": "<br>".join(lines), "x": 0.02, "xanchor": "left"},
+                         template="simple_white", width=figure_width,
+                         height=round(height * scale) + 40 + 24 * len(lines),
+                         margin={"t": 40 + 24 * len(lines), "l": 20, "r": 20, "b": 20})
     figure.update_yaxes(autorange="reversed", scaleanchor="x", showticklabels=False)
     figure.update_xaxes(showticklabels=False)
     return figure
@@ -78,7 +89,7 @@ def view_caption(view: Mapping[str, Any]) -> str:
         return (f"No related patch in this example's grid ({grid}); the question's attention "
                 f"is spread over {len(attention)} patches.")
     share = attention[related].sum() / total
-    return (f"Red outlines: the {len(related)} related patches of {len(attention)} ({grid}). "
+    return (f"White outlines: the {len(related)} related patches of {len(attention)} ({grid}). "
             f"They draw {share:.0%} of the question's attention to the image (mean over "
             f"layers, heads and question tokens), against {len(related) / len(attention):.0%} "
             "if it were uniform.")

@@ -18,7 +18,8 @@ def test_page_lists_every_hook_with_its_shape(tmp_path):
     batch = model.prepare(Image.new("RGB", (37, 29)), "What color is the square?")
     _, cache = model.run_with_cache(batch)
     vc, tc = model.cfg.vision, model.cfg.text
-    sizes = {"1": 1, "batch": 1, "patch": vc.n_patches, "token": 4,
+    sizes = {"1": 1, "batch": 1, "patch": vc.n_patches,
+             "token": model.cfg.hf_config.mm_tokens_per_image,
              "pos": batch.input_ids.shape[1], "d_vision": vc.d_model, "v_heads": vc.n_heads,
              "v_d_head": vc.d_head, "v_d_mlp": vc.d_mlp, "d_model": tc.d_model,
              "n_heads": tc.n_heads, "n_kv_heads": tc.n_key_value_heads, "d_head": tc.d_head,

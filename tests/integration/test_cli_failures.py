@@ -10,9 +10,9 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from mmlens.cli import main
-from mmlens.experiments import store as store_module
 from mmlens.experiments import sweep
-from mmlens.experiments.lock import RunLock
+from mmlens.experiments.runfolder import store as store_module
+from mmlens.experiments.runfolder.lock import RunLock
 from mmlens.zoo import BUNDLED
 from mmlens.zoo.build import build_config, build_processor
 
@@ -72,7 +72,7 @@ def test_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_module, "_write_line", full)
+    monkeypatch.setattr(store_module, "_append_line", full)
     assert flow(tmp_path / "run") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("mmlens flow: error: no space left on the device while writing")
@@ -115,3 +115,26 @@ def test_every_example_dropped_says_why(tmp_path, capsys):
     assert "all 2 examples were dropped: 2 wrong answer" in err
     assert "pass --no-filter to keep the examples the model answers wrongly" in err
     assert len(pd.read_csv(tmp_path / "run" / "dropped.csv")) == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--threads", "0"], "threads=0 (--threads): give a whole number of at least 1"),
+    (["--threads", "-2"], "threads=-2 (--threads): give a whole number of at least 1"),
+    (["--seed", "-1"], "seed=-1 (--seed): give a whole number of at least 0"),
+    (["--device", "tpu"], "--device 'tpu' is not a device mmlens runs on: pass cpu, cuda"),
+    (["--device", "cuda:x"], "--device 'cuda:x' is not a device mmlens runs on"),
+])
+def test_bad_arguments_are_one_line_naming_the_flag(tmp_path, capsys, extra, message):
+    assert flow(tmp_path / "run", *extra) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err
+    assert last.startswith("mmlens flow: error: ") and message in last
+    assert not (tmp_path / "run" / "flow.jsonl").exists()
+
+
+def test_hooks_with_an_unknown_device_is_one_line(capsys):
+    assert main(["hooks", "--device", "tpu"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "mmlens hooks: error: --device 'tpu' is not a device mmlens runs on: pass cpu, cuda, "
+        "cuda:N, mps or xpu")

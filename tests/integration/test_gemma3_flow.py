@@ -1,13 +1,11 @@
 """Gemma 3 through the study: the fast knockout sweep equals one full forward per knockout on
 every flow, and ``mmlens flow`` runs offline on a saved tiny checkpoint."""
 
-import pandas as pd
 import pytest
 import torch
 from PIL import Image
 
 from mmlens import HookedMultimodalTransformer
-from mmlens.cli import main
 from mmlens.experiments import DEFAULT_FLOWS
 from mmlens.experiments.engine import clean_run, fast_knockout_probs, single_example
 from mmlens.experiments.knockouts import Knockout, parse_flows, window_knockouts
@@ -43,24 +41,21 @@ def test_fast_sweep_equals_the_naive_path_on_every_flow(folder):
     assert (naive - clean.prob(token)).abs().max() > 1e-4  # the knockouts do something
 
 
-def test_flow_runs_offline_on_a_saved_checkpoint(folder, tmp_path):
-    out = tmp_path / "run"
-    code = main(["flow", "--model", str(folder), "--per-task", "1", "--no-filter", "--quiet",
-                 "--tasks", "ChooseAttr,QueryAttr", "--out", str(out)])
-    assert code == 0
-    frame = pd.read_csv(out / "flow.csv")
-    assert set(frame.flow) == set(DEFAULT_FLOWS)
-    assert frame.p_block.between(0, 1).all() and frame.rel_change.abs().max() > 0
-    assert (out / "report.html").is_file() and (out / "views.json").is_file()
-
-
-def test_vision_spans_of_pooled_tokens_are_refused(folder):
+def test_vision_spans_of_pooled_tokens_are_their_pooled_patches(folder):
+    """A pooled token's vision-tower span is its kernel x kernel block of patches, and a vision
+    knockout of those patches runs."""
     model = HookedMultimodalTransformer.from_pretrained(str(folder))
     batch = model.prepare([Image.new("RGB", (37, 29), "red")], ["What color is the square?"],
                           boxes=[[(0, 0, 10, 10)]])
-    assert batch.positions("related", 0).numel() == 1  # one pooled token under the box
-    with pytest.raises(ValueError, match="pool several patches"):
-        block_attention("related", "other", [0], tower="vision", batch=batch, model=model)
+    # 37x29 resized to 32x32: the box reaches x < 8.6, y < 11.0, so the 8-px tokens of rows
+    # and columns 0-1 of the 4x4 token grid; each pools 2x2 of the 8x8 grid of 4-px patches
+    image = batch.positions("image", 0)
+    assert batch.positions("related", 0).tolist() == image[[0, 1, 4, 5]].tolist()
+    patches = sorted(row * 8 + col for row in range(4) for col in range(4))
+    assert batch.vision_positions("related")[0].tolist() == patches
+    hooks = block_attention("related", "other", [0], tower="vision", batch=batch, model=model)
+    with torch.no_grad():
+        assert not torch.equal(model.run_with_hooks(batch, fwd_hooks=hooks), model(batch))
 
 
 def test_patching_resumes_with_the_image_blocks(folder):
@@ -94,8 +89,8 @@ def test_a_pan_and_scan_processor_is_refused_at_load_time(folder, tmp_path):
     from mmlens.core.errors import MMLensError
 
     copy = shutil.copytree(folder, tmp_path / "pan")
-    config = json.loads((copy / "processor_config.json").read_text())
-    config["image_processor"]["do_pan_and_scan"] = True
-    (copy / "processor_config.json").write_text(json.dumps(config))
+    config = json.loads((copy / "preprocessor_config.json").read_text())
+    config["do_pan_and_scan"] = True
+    (copy / "preprocessor_config.json").write_text(json.dumps(config))
     with pytest.raises(MMLensError, match="pan-and-scan"):
         HookedMultimodalTransformer.from_pretrained(str(copy))

@@ -13,7 +13,7 @@ from mmlens import HookedMultimodalTransformer
 from mmlens.cli import main
 from mmlens.core.errors import MMLensError
 from mmlens.data.example import Example
-from mmlens.data.shapes import generate_per_task
+from mmlens.data.shapes import export_gqa, generate_per_task
 from mmlens.inputs.prepare import prepare, prepare_examples
 from mmlens.methods import block_attention
 from mmlens.zoo.registry import BUNDLED
@@ -176,3 +176,62 @@ def test_cli_truncated_image_is_one_line_and_the_run_completes_once_replaced(tmp
     line = _one_error_line(capsys, main(args))
     assert "examples.images" in line and "another --out" in line
     assert main([*args[:-3], "--out", str(tmp_path / "fresh"), "--quiet"]) == 0
+
+
+def test_box_outside_the_image_is_refused_by_prepare_and_by_flow(model, tmp_path, capsys):
+    with pytest.raises(MMLensError, match=r"example 0: box \(120, 5, 10, 10\) \(x, y, w, h\) "
+                       r"lies outside the 112x112 image"):
+        prepare(model, Image.new("RGB", (112, 112)), "Is it red?", boxes=[[(120, 5, 10, 10)]])
+    # under --empty-spans zero such a box used to give rows of exactly 0% change
+    folder = export_gqa(generate_per_task(1, seed=5, tasks=["ChooseAttr"]), tmp_path / "gqa")
+    graphs = json.loads((folder / "sceneGraphs.json").read_text())
+    (graph,) = graphs.values()
+    for obj in graph["objects"].values():
+        obj["x"] = graph["width"] + 4
+    (folder / "sceneGraphs.json").write_text(json.dumps(graphs))
+    out = tmp_path / "run"
+    line = _one_error_line(capsys, main(["flow", "--data", str(folder), "--empty-spans", "zero",
+                                         "--out", str(out), "--quiet"]))
+    # every example's box misses its image: nothing to study, and the error names the box
+    assert "lies outside the 112x112 image" in line and "example 'shapes5-ChooseAttr" in line
+    assert not (out / "flow.csv").exists()
+
+
+def test_prompt_longer_than_the_context_is_refused_with_the_lengths(model):
+    assert model.cfg.n_ctx == 256
+    image = Image.new("RGB", (112, 112))
+    with pytest.raises(MMLensError, match=r"image 0: the prompt is \d{3} tokens \(image tokens "
+                       r"included\) but the model takes at most 256 \(its max_position_embeddings"):
+        prepare(model, image, "Is the square red? " * 60)
+    assert prepare(model, image, "Is the square red? " * 20).input_ids.shape[1] <= 256
+
+
+def test_exif_orientation_is_applied_and_recorded_in_examples_jsonl(tmp_path):
+    subsets, images, out = tmp_path / "subsets", tmp_path / "images", tmp_path / "run"
+    examples = generate_per_task(1, seed=5, tasks=["ChooseAttr"])
+    write_paper_subsets(subsets, images, examples)
+    (path,) = images.iterdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: viewers turn it 90 degrees clockwise
+    examples[0].image.transpose(Image.Transpose.ROTATE_90).save(path, quality=95, exif=exif)
+    # the upright image matches the size the CSV records; the stored one is turned
+    assert main(["reproduce", "--model", "shapes-llava", "--gqa-images", str(images),
+                 "--subsets", str(subsets), "--out", str(out), "--quiet", "--no-filter"]) == 0
+    (line,) = [json.loads(text) for text in (out / "examples.jsonl").read_text().splitlines()]
+    assert line["exif_orientation"] == 6
+    assert line["image_size"] == list(examples[0].image.size)
+
+
+def test_study_drops_an_example_whose_box_misses_its_image_instead_of_zero_rows(model):
+    from mmlens.experiments.sweep import dropped_examples, information_flow
+
+    examples = generate_per_task(2, seed=3, tasks=["ChooseAttr"])
+    size = examples[0].load_image().size
+    examples[0].boxes = [(size[0] + 4, 0, 5, 5)]
+    frame = information_flow(model, examples, flows=["related->last"], only_correct=False,
+                             empty_spans="zero", progress=False)
+    dropped = dropped_examples(frame)
+    row = dropped[dropped.example_id == examples[0].example_id]
+    assert list(row.reason.str.startswith("box outside the image")) == [True]
+    assert examples[0].example_id not in set(frame.example_id)
+    assert examples[1].example_id in set(frame.example_id)

@@ -61,7 +61,7 @@ def test_the_paper_lens_axis_is_hidden_states_times_the_unembedding(tiny):
     token = 7
     record = lens_record(model, clean_run(model, example), {"t": token})
     paper = record["readings"]["paper"]
-    assert paper["first_layer"] == -1 and len(paper["prob"]) == LAYERS + 1
+    assert paper["first_layer"] == 0 and len(paper["prob"]) == LAYERS + 1  # hidden_states[0..L]
     with torch.no_grad():
         out = hf(input_ids=example.input_ids, pixel_values=example.pixel_values,
                  attention_mask=example.attention_mask, output_hidden_states=True)
@@ -149,7 +149,7 @@ def test_example_views_outline_the_related_patches_and_hold_attention(tmp_path):
     # attention of each question token sums to at most 1 over all keys
     assert 0 < sum(view["attention"]) <= 1 + 1e-5
     figure = example_view_figure(view)
-    assert len(figure.layout.shapes) == len(view["related"])
+    assert len(figure.layout.shapes) == 2 * len(view["related"])  # a border and a line each
     assert f"the {len(view['related'])} related patches of {grid**2}" in view_caption(view)
 
 
@@ -169,7 +169,8 @@ def test_the_paper_settings_on_an_anyres_model():
         assert batch.prompts[i] == VICUNA_V1_PAPER.format(QUESTIONS[i])
         image, newline = batch.positions("image", i), batch.positions("image_newline", i)
         related, other = batch.positions("related", i), batch.positions("other", i)
-        mask, is_newline = pixel_rule_mask(processor, model.cfg, boxes[i], (w, h), "resize_crop")
+        mask, is_newline = pixel_rule_mask(processor, model.family.image_layout(model), boxes[i],
+                                             (w, h), "resize_crop")
         assert torch.equal(related, image[mask]) and torch.equal(newline, image[is_newline])
         assert sorted(related.tolist() + other.tolist() + newline.tolist()) == image.tolist()
         question = batch.positions("question", i)

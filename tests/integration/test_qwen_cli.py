@@ -114,5 +114,6 @@ def test_presets_cover_the_released_checkpoints():
 def test_an_unsupported_checkpoint_is_refused_listing_the_qwen_families():
     from mmlens.model.families import family_for
 
-    with pytest.raises(ValueError, match=r"qwen2_vl: Qwen2-VL .*qwen2_5_vl: Qwen2\.5-VL"):
-        family_for("qwen3_vl")
+    with pytest.raises(ValueError, match=r"qwen2_vl: Qwen2-VL .*qwen2_5_vl: Qwen2\.5-VL"
+                                         r".*qwen3_vl: Qwen3-VL"):
+        family_for("qwen3_vl_moe")

@@ -159,3 +159,16 @@ def test_the_paper_pixel_rule_is_refused_outside_the_llava_families(setup):
     settings = resolve_settings(model, "Qwen/Qwen2.5-VL-7B-Instruct")
     assert (settings.template.name, settings.preprocessing, settings.related_rule,
             settings.window) == ("qwen_vl", "dynamic", "geometry", min(7, TEXT_LAYERS))
+
+
+def test_examples_jsonl_holds_the_text_the_tokenizer_received(setup):
+    from mmlens.experiments.provenance import example_lines
+
+    _, model, batch = setup
+    frame = information_flow(model, batch, flows=["question->last"], window=1,
+                             only_correct=False, progress=False)
+    tokenizer = model.processor.tokenizer
+    for line in example_lines(frame.attrs["records"]):
+        assert "<image>" not in line["prompt"]
+        assert "<|vision_start|><|image_pad|><|image_pad|>" in line["prompt"]
+        assert tokenizer(line["prompt"])["input_ids"] == line["input_ids"]

@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageColor
 from tiny_qwen import FAMILIES, MERGE, PATCH, tiny_qwen, tiny_qwen_processor
 
 from mmlens import HookedMultimodalTransformer
@@ -30,10 +30,10 @@ def _png(view) -> np.ndarray:
 
 
 def _outlined_cells(figure, step_x: float, step_y: float) -> set[tuple[int, int]]:
-    """(row, col) of each red rectangle, checking that it spans exactly one cell."""
+    """(row, col) of each outlined cell, checking that it spans exactly one cell."""
     cells = set()
     for shape in figure.layout.shapes:
-        assert shape.line.color == "red"
+        assert shape.line.color in ("black", "white")
         assert (shape.x1 - shape.x0, shape.y1 - shape.y0) == pytest.approx((step_x, step_y))
         cells.add((round(shape.y0 / step_y), round(shape.x0 / step_x)))
     return cells
@@ -183,3 +183,31 @@ def test_a_damaged_view_is_refused_naming_its_task():
         view_caption({k: v for k, v in _old_view().items() if k != "grid"})
     with pytest.raises(ValueError, match="marks cell 12, outside its 3x4 grid"):
         view_caption(_old_view(rows=3, cols=4, related=[12], attention=[0.1] * 12))
+
+
+def _luminance(colour: str) -> float:
+    red, green, blue = ImageColor.getrgb(colour)
+    return (0.2126 * red + 0.7152 * green + 0.0722 * blue) / 255
+
+
+def test_outlines_show_on_shapes_of_any_colour_and_a_long_title_wraps():
+    view = _old_view(question="Is the large square to the left or to the right of the small "
+                              "yellow triangle near the top edge?")
+    figure = example_view_figure(view)
+    shapes = list(figure.layout.shapes)
+    for cell in view["related"]:
+        lines = [s.line for s in shapes if (round(s.y0 / 10), round(s.x0 / 10)) == divmod(cell, 3)]
+        # a wide dark border drawn first, a narrower white line on top of it
+        assert [line.color for line in lines] == ["black", "white"]
+        assert lines[0].width > lines[1].width
+    # on every colour a shape can have, one of the two lines stands out
+    for colour in ("red", "green", "blue", "yellow", "white", "black", "gray", "orange"):
+        contrast = max(abs(_luminance(line.line.color) - _luminance(colour)) for line in shapes)
+        assert contrast >= 0.45, colour
+    title = figure.layout.title.text
+    lines = title.split("<br>")
+    assert len(lines) > 1 and " ".join(lines) == (
+        f"ChooseAttr: {view['question']} (gold 'red', model 'red')")
+    # each line fits the figure (at a generous 9 px per character), and the top margin holds them
+    assert max(len(line) for line in lines) * 9 <= figure.layout.width
+    assert figure.layout.margin.t >= 24 * len(lines)

@@ -48,3 +48,26 @@ def test_the_emergence_caption_follows_which_form_leads():
     assert "answer, lowercase peaks at layer 3 (mean p 0.60)" in text
     assert "answer, capitalised peaks at layer 5" in text
     assert "leads from layer 1 until layer 4" in text
+
+
+def test_a_curve_with_two_equal_peaks_is_captioned_with_both():
+    rows = []
+    for layer in range(8):
+        lower = [0.0, 0.4, 0.2, 0.1, 0.4, 0.4, 0.1, 0.0][layer]  # peaks at 1 and 4..5
+        capital = [0.0, 0.1, 0.3, 0.2, 0.1, 0.1, 0.1, 0.1][layer]
+        for variant, prob in (("lower", lower), ("capitalised", capital)):
+            rows.append({"example_id": "a", "layer": layer, "variant": variant, "prob": prob})
+    text = emergence_caption(pd.DataFrame(rows))
+    assert "answer, lowercase peaks at layers 1 and 4 (mean p 0.40 each)" in text
+    assert "answer, capitalised peaks at layer 2 (mean p 0.30)" in text
+
+
+def test_of_two_equal_drops_the_flow_caption_names_the_earlier_as_documented():
+    rows = []
+    for example, offset in (("a", 1.0), ("b", -1.0)):
+        for layer, value in enumerate([0, -30, -10, 0, -10, -30, 0]):
+            rows.append({"example_id": example, "task": "T", "flow": "question->last",
+                         "layer": layer, "rel_change": value + offset})
+    summary = flow_summary(pd.DataFrame(rows), n_boot=50)
+    text = flow_caption(summary, "question->last", window=1, n_layers=7)
+    assert "-30.0% (95% CI" in text and "at centre layer 1 (blocking layers 1..1)" in text

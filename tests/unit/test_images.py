@@ -123,3 +123,27 @@ def test_example_image_is_converted_with_scaling(tmp_path):
     Image.fromarray(np.round(GRADIENT * 65535).astype(np.uint16)).save(path)
     example = Example("q1", "What?", "yes", "QueryAttr", "depth", image_path=path)
     assert np.abs(_pixels(example.load_image()).astype(int) - EXPECTED).max() <= 1
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_of_a_file_is_applied_and_kept(tmp_path, orientation):
+    upright = np.zeros((8, 16, 3), dtype=np.uint8)  # 16 wide, 8 tall, a red block top left
+    upright[:2, :4] = (255, 0, 0)
+    # what a camera stores: the upright picture undone by the transpose its tag names
+    undo = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90,
+            8: Image.Transpose.ROTATE_270}[orientation]
+    stored = Image.fromarray(upright).transpose(undo)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.png"
+    stored.save(path, exif=exif)
+    example = Example("q1", "?", "a", "ChooseAttr", "1", image_path=path)
+    loaded = example.load_image()
+    assert loaded.size == (16, 8)
+    assert np.array_equal(np.asarray(loaded), upright)
+    assert example.exif_orientation == orientation
+    plain = tmp_path / "plain.png"
+    Image.fromarray(upright).save(plain)
+    untagged = Example("q2", "?", "a", "ChooseAttr", "2", image_path=plain)
+    assert np.array_equal(np.asarray(untagged.load_image()), upright)
+    assert untagged.exif_orientation is None

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from mmlens.core.errors import MMLensError
-from mmlens.data.example import Example
+from mmlens.data.example import BoxOutsideImageError, Example
 from mmlens.data.gqa import load_gqa
 from mmlens.data.paper_subsets import PaperSubsetError, load_paper_subsets
 from mmlens.experiments.study import load_examples
@@ -172,3 +172,96 @@ def test_every_example_dropped_names_the_filter(tmp_path):
     assert "2 wrong answer" in message and "--no-filter" in message
     assert "1 span 'related'" in message
     assert str(tmp_path / "dropped.csv") in message
+
+
+def test_box_outside_the_image_is_refused_naming_example_box_and_size():
+    outside = Example("q7", "Is it red?", "yes", "ChooseAttr", "7", boxes=[(120, 10, 5, 5)])
+    with pytest.raises(MMLensError, match=r"example 'q7': box \(120, 10, 5, 5\) \(x, y, w, h\) "
+                       r"lies outside the 100x80 image"):
+        outside.boxes_for((100, 80))
+    below = Example("q8", "Is it red?", "yes", "ChooseAttr", "8", boxes=[(0, 80, 5, 5)])
+    with pytest.raises(MMLensError, match=r"box \(0, 80, 5, 5\) .* outside the 100x80 image"):
+        below.boxes_for((100, 80))
+    # a box that overhangs the edge is kept (and clipped by the patch geometry)
+    overhang = Example("q6", "Is it red?", "yes", "ChooseAttr", "6", boxes=[(90, 70, 30, 30)])
+    assert overhang.boxes_for((100, 80)) == [(90.0, 70.0, 30.0, 30.0)]
+
+
+def test_gqa_box_outside_its_recorded_image_loads_with_a_count_and_is_refused_when_used(
+        tmp_path):
+    folder = Path(shutil.copytree(GQA, tmp_path / "gqa"))
+    graphs = json.loads((GQA / "sceneGraphs.json").read_text())
+    graphs["1001"]["objects"]["11"]["x"] = graphs["1001"]["width"] + 3
+    (folder / "sceneGraphs.json").write_text(json.dumps(graphs))
+    with pytest.warns(UserWarning, match=r"sceneGraphs.json: \d+ example\(s\) have a box "
+                      r"outside their recorded image .*dropped.csv"):
+        examples = load_gqa(folder)
+    hit = [ex for ex in examples if ex.image_id == "1001" and (15, 2, 3, 4) in ex.boxes]
+    assert hit, "the example still loads, so the data stays complete"
+    with pytest.raises(BoxOutsideImageError, match=r"box \(15.0, 2.0, 3.0, 4.0\) .* outside "
+                       r"the 12x8 image"):
+        hit[0].boxes_for((12, 8))
+
+
+def test_paper_subset_box_outside_its_image_loads_with_a_count_and_is_refused_when_used(
+        tmp_path):
+    folder = tmp_path / "subsets"
+    folder.mkdir()
+    shutil.copy(SUBSETS / CHOOSE_ATTR, folder)
+    _set_cell(folder / CHOOSE_ATTR, "central object y", "375")
+    with pytest.warns(UserWarning, match=rf"{CHOOSE_ATTR}: 1 example\(s\) have a box outside"):
+        examples = load_paper_subsets(folder, tmp_path)
+    outside = [ex for ex in examples if ex.boxes[0][1] == 375.0]
+    assert len(outside) == 1
+    with pytest.raises(BoxOutsideImageError, match=r"box \(120.0, 375.0, 60.0, 80.0\) .* "
+                       r"outside the 500x375 image"):
+        outside[0].boxes_for((500, 375))
+
+
+@pytest.mark.parametrize("image_id", ["../secret", "a/../../secret", "/etc/hostname",
+                                      "C:\\secret", "..\\secret"])
+def test_image_ids_that_leave_the_images_folder_are_refused(tmp_path, image_id):
+    folder = Path(shutil.copytree(GQA, tmp_path / "gqa"))
+    questions = json.loads((GQA / "questions.json").read_text())
+    questions["q01"]["imageId"] = image_id
+    (folder / "questions.json").write_text(json.dumps(questions))
+    graphs = json.loads((GQA / "sceneGraphs.json").read_text())
+    graphs[image_id] = graphs["1001"]
+    (folder / "sceneGraphs.json").write_text(json.dumps(graphs))
+    with pytest.raises(MMLensError, match=r"questions\.json: question 'q01', field 'imageId': "
+                       r"image id .* leads outside the images folder"):
+        load_gqa(folder)
+    subsets = tmp_path / "subsets"
+    subsets.mkdir()
+    shutil.copy(SUBSETS / CHOOSE_ATTR, subsets)
+    _set_cell(subsets / CHOOSE_ATTR, "img_id", image_id)
+    with pytest.raises(MMLensError, match=rf"{CHOOSE_ATTR} row 1 \(line 2\), column "
+                       r"'img_id': image id .* leads outside the images folder"):
+        load_paper_subsets(subsets, tmp_path / "images")
+
+
+def test_deeply_nested_questions_json_names_the_file(tmp_path):
+    folder = Path(shutil.copytree(GQA, tmp_path / "gqa"))
+    (folder / "questions.json").write_text('{"q": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(MMLensError, match=r"questions\.json: JSON nested too deeply"):
+        load_gqa(folder)
+
+
+def test_csv_field_over_the_csv_limit_names_the_file(tmp_path):
+    folder = tmp_path / "subsets"
+    folder.mkdir()
+    shutil.copy(SUBSETS / CHOOSE_ATTR, folder)
+    _set_cell(folder / CHOOSE_ATTR, "captions", "x" * 131_073)
+    with pytest.raises(PaperSubsetError, match=rf"{CHOOSE_ATTR}: cannot be read as CSV, .*field "
+                       r"limit.* up to 131072 characters\): is a quote left open\?"):
+        load_paper_subsets(folder, None)
+
+
+def test_gqa_annotation_spans_that_are_not_whole_numbers_name_the_question(tmp_path):
+    folder = Path(shutil.copytree(GQA, tmp_path / "gqa"))
+    questions = json.loads((GQA / "questions.json").read_text())
+    questions["q02"]["annotations"]["question"] = {"2.5": "11"}  # q02 has no program
+    (folder / "questions.json").write_text(json.dumps(questions))
+    with pytest.raises(MMLensError, match=r"questions\.json: question 'q02', field "
+                       r"annotations\.question: \{'2\.5': '11'\} must map token spans"):
+        load_gqa(folder)

@@ -26,8 +26,9 @@ class Attention(nn.Module):
     ``d_head ** -0.5`` unless given (Gemma: ``query_pre_attn_scalar ** -0.5``).
 
     Options: ``qk_norm`` (a norm module each for queries and keys, applied per head before
-    rotary, Gemma 3), ``softcap`` (scores become ``softcap * tanh(scores / softcap)`` before
-    the mask, Gemma 2; it always takes the explicit path, SDPA has no such step).
+    rotary: Qwen3's RMSNorm, Gemma 3's ``x * (1 + w)``), ``softcap`` (scores become
+    ``softcap * tanh(scores / softcap)`` before the mask, Gemma 2; it always takes the explicit
+    path, SDPA has no such step).
 
     Hooks (TransformerLens names and shapes): ``hook_q`` ``[batch, pos, n_heads, d_head]``,
     ``hook_k``/``hook_v`` ``[batch, pos, n_kv_heads, d_head]``, ``hook_rot_q``/``hook_rot_k``
@@ -91,7 +92,8 @@ class Attention(nn.Module):
         the model's ``set_use_attn_result`` refreshes its hook names.
         """
         if use_attn_result and not self.use_attn_result:
-            self.hook_result = HookPoint()  # [batch, q_pos, n_heads, d_model]
+            # in the model's train/eval mode: TL's patching refuses a module left in training
+            self.hook_result = HookPoint().train(self.training)  # [batch, q_pos, n_heads, d_model]
         elif not use_attn_result and self.use_attn_result:
             del self.hook_result
         self.use_attn_result = bool(use_attn_result)

@@ -38,7 +38,9 @@ class _Block(nn.Module):
         causal: bool = False,
         rotary: tuple[Tensor, Tensor] | None = None,
         past_key_value: KeyValue | None = None,
+        inject: Float[Tensor, "batch pos d_model"] | None = None,
     ) -> tuple[Float[Tensor, "batch pos d_model"], KeyValue]:
+        """``inject``: features added to the block's output (DeepStack blocks only)."""
         resid_pre = self.hook_resid_pre(resid_pre)
         attn_out, present = self.attn(
             self.ln1(resid_pre),
@@ -46,19 +48,26 @@ class _Block(nn.Module):
         )
         resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
-        return self.hook_resid_post(resid_mid + mlp_out), present
+        return self.hook_resid_post(self._add_injection(resid_mid + mlp_out, inject)), present
+
+    def _add_injection(self, resid: Tensor, inject: Tensor | None) -> Tensor:
+        if inject is not None:
+            raise ValueError(f"{type(self).__name__} takes no injected features")
+        return resid
 
 
 class LanguageBlock(_Block):
-    """A Llama / Qwen2 decoder layer: RMSNorm, rotary grouped-query attention (q/k/v biases
-    for Qwen2), gated SiLU MLP."""
+    """A Llama / Qwen2 / Qwen3 decoder layer: RMSNorm, rotary grouped-query attention (q/k/v
+    biases for Qwen2, per-head q/k RMSNorm for Qwen3), gated SiLU MLP."""
 
     def __init__(self, cfg: LanguageConfig):
         super().__init__()
         self._register(
             RMSNorm(cfg.d_model, cfg.eps),
             Attention(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.n_key_value_heads,
-                      qkv_bias=cfg.qkv_bias, out_bias=cfg.o_bias, rotary=True),
+                      qkv_bias=cfg.qkv_bias, out_bias=cfg.o_bias, rotary=True,
+                      qk_norm=(RMSNorm(cfg.d_head, cfg.eps), RMSNorm(cfg.d_head, cfg.eps))
+                      if cfg.qk_norm else None),
             RMSNorm(cfg.d_model, cfg.eps),
             GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, bias=cfg.mlp_bias),
         )

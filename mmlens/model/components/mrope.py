@@ -8,7 +8,9 @@ over its merged grid, and the text after it continues at ``start + max(rows, col
 
 The rotary angles of a head dimension come from one of the three ids: the first
 ``mrope_section[0]`` frequencies from ``t``, the next ``mrope_section[1]`` from ``h``, the rest
-from ``w``.
+from ``w``. Qwen3-VL interleaves them instead: frequency ``i`` reads ``h`` when ``i % 3 == 1``
+and ``i < 3 * mrope_section[1]``, ``w`` when ``i % 3 == 2`` and ``i < 3 * mrope_section[2]``,
+else ``t``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class MRotaryEmbedding:
     """
 
     def __init__(self, inv_freq: Tensor, mrope_section: Sequence[int],
-                 attention_scaling: float = 1.0):
+                 attention_scaling: float = 1.0, interleaved: bool = False):
         if sum(mrope_section) != inv_freq.shape[0]:
             raise ValueError(f"mrope_section {list(mrope_section)} must add up to d_head / 2 = "
                              f"{inv_freq.shape[0]}")
@@ -36,6 +38,18 @@ class MRotaryEmbedding:
         self.inv_freq = inv_freq.detach().float().cpu()
         self.mrope_section = list(mrope_section)
         self.attention_scaling = attention_scaling
+        # Which of the three ids (t, h, w) each frequency reads (on the host: models are built
+        # on the meta device).
+        cpu = torch.device("cpu")
+        if interleaved:
+            index = torch.arange(inv_freq.shape[0], device=cpu)
+            axis = torch.zeros_like(index)
+            for dim in (1, 2):
+                axis[(index % 3 == dim) & (index < 3 * self.mrope_section[dim])] = dim
+        else:
+            axis = torch.cat([torch.full((n,), i % 3, device=cpu)
+                              for i, n in enumerate(self.mrope_section)])
+        self.axis = axis
 
     @torch.no_grad()
     def __call__(
@@ -45,9 +59,10 @@ class MRotaryEmbedding:
         if position_ids.ndim == 2:
             position_ids = position_ids[None].expand(3, -1, -1)
         freqs = position_ids[..., None].float() * self.inv_freq.to(position_ids.device)
-        # freqs [3, batch, pos, d_head / 2]: section i of the frequencies reads id i % 3.
-        chunks = freqs.split(self.mrope_section, dim=-1)
-        freqs = torch.cat([chunk[i % 3] for i, chunk in enumerate(chunks)], dim=-1)
+        # freqs [3, batch, pos, d_head / 2] -> [batch, pos, d_head / 2]: frequency i reads id
+        # axis[i].
+        axis = self.axis.to(freqs.device)[None, None, None].expand(1, *freqs.shape[1:])
+        freqs = freqs.gather(0, axis)[0]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(dtype)
         sin = (emb.sin() * self.attention_scaling).to(dtype)

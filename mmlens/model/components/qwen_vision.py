@@ -17,6 +17,8 @@ processor's order (which ``mmlens.inputs.vision_spans`` maps spans into).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
@@ -91,6 +93,33 @@ def vision_rotary(positions: Int[Tensor, "n_patches 3"], d_head: int, theta: flo
     return emb.cos().to(dtype)[None, :, None], emb.sin().to(dtype)[None, :, None]
 
 
+def interpolate_positions(table: Float[Tensor, "side_sq d"], positions: Int[Tensor, "n_patches 3"],
+                          grid_thw: Int[Tensor, "images 3"]) -> Float[Tensor, "n_patches d"]:
+    """Qwen3-VL's learned positions: the square ``side x side`` table resampled bilinearly
+    (corners aligned) to each patch's image grid, as ``F.interpolate(align_corners=True)``.
+
+    A patch at row ``r`` of an ``h``-row grid reads table row ``r (side - 1) / (h - 1)``,
+    blending its two neighbours (and likewise for columns); the sum is in float32.
+    """
+    side = int(table.shape[0] ** 0.5)
+    counts = grid_thw.prod(-1)
+    sizes = grid_thw[:, 1:].repeat_interleave(counts, dim=0).to(positions.device)
+
+    def taps(index: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
+        source = index.float() * (side - 1) / (size - 1).clamp(min=1)
+        floor = source.floor()
+        frac = source - floor
+        low = floor.long().clamp(0, side - 1)
+        return torch.stack([low, (low + 1).clamp(max=side - 1)], -1), torch.stack(
+            [1 - frac, frac], -1)
+
+    rows, row_w = taps(positions[:, 1], sizes[:, 0])
+    cols, col_w = taps(positions[:, 2], sizes[:, 1])
+    index = (rows[:, :, None] * side + cols[:, None, :]).flatten(1).to(table.device)
+    weight = (row_w[:, :, None] * col_w[:, None, :]).flatten(1).to(table.device)
+    return (table[index].float() * weight[..., None]).sum(1)
+
+
 def _norm(cfg: QwenVisionConfig) -> nn.Module:
     return RMSNorm(cfg.d_model, cfg.eps) if cfg.rms_norm else LayerNorm(cfg.d_model, cfg.eps)
 
@@ -117,17 +146,19 @@ class QwenVisionBlock(_Block):
 class PatchMerger(nn.Module):
     """``merge_size**2`` neighbouring patches -> one token in the text width.
 
-    ``out = W_out GELU(W_in concat(ln_q(p_1..p_4)) + b_in) + b_out``. Hooks: ``hook_in``
+    ``out = W_out GELU(W_in concat(ln_q(p_1..p_4)) + b_in) + b_out``; with ``postshuffle_norm``
+    (Qwen3-VL's DeepStack mergers) ``ln_q`` normalises the concatenation instead. Hooks: ``hook_in``
     ``[1, n_patches, d_vision]``, ``ln_q.*``, ``hook_pre`` / ``hook_post``
     ``[1, n_tokens, 4 d_vision]``, ``hook_out`` ``[1, n_tokens, d_model]``.
     """
 
-    def __init__(self, cfg: QwenVisionConfig):
+    def __init__(self, cfg: QwenVisionConfig, postshuffle_norm: bool = False):
         super().__init__()
         d_in = cfg.d_model * cfg.merge_size**2
         self.d_in = d_in
+        self.postshuffle_norm = postshuffle_norm
         self.hook_in = HookPoint()  # [1, n_patches, d_vision]
-        self.ln_q = _norm(cfg)
+        self.ln_q = LayerNorm(d_in, cfg.eps) if postshuffle_norm else _norm(cfg)
         self.in_weight = nn.Parameter(torch.empty(d_in, d_in))
         self.in_bias = nn.Parameter(torch.zeros(d_in))
         self.out_weight = nn.Parameter(torch.empty(cfg.d_out, d_in))
@@ -138,7 +169,11 @@ class PatchMerger(nn.Module):
 
     def forward(self, x: Float[Tensor, "1 n_patches d_vision"]
                 ) -> Float[Tensor, "1 n_tokens d_model"]:
-        grouped = self.ln_q(self.hook_in(x)).reshape(1, -1, self.d_in)
+        x = self.hook_in(x)
+        if self.postshuffle_norm:
+            grouped = self.ln_q(x.reshape(1, -1, self.d_in))
+        else:
+            grouped = self.ln_q(x).reshape(1, -1, self.d_in)
         pre = self.hook_pre(F.linear(grouped, self.in_weight, self.in_bias))
         post = self.hook_post(F.gelu(pre))
         return self.hook_out(F.linear(post, self.out_weight, self.out_bias))
@@ -147,7 +182,10 @@ class PatchMerger(nn.Module):
 class QwenVisionTower(nn.Module):
     """``pixel_values [n_patches, C*T*P*P]`` + ``grid_thw [images, 3]`` -> ``[1, n_patches, d]``.
 
-    Hooks: ``hook_embed`` (the patch embedding) and ``blocks.{l}.*`` as on the language side.
+    Hooks: ``hook_embed`` (the patch embedding, plus the learned positions where the tower has
+    them) and ``blocks.{l}.*`` as on the language side. Qwen3-VL's learned positions are
+    ``hook_pos_embed`` ``[1, n_patches, d_vision]``: the square table resampled to each image's
+    grid (``interpolate_positions``).
     """
 
     def __init__(self, cfg: QwenVisionConfig):
@@ -155,12 +193,23 @@ class QwenVisionTower(nn.Module):
         self.cfg = cfg
         self.W_patch = nn.Parameter(torch.empty(
             cfg.d_model, cfg.n_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size))
+        self.b_patch = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.patch_bias else None
+        if cfg.n_position_embeddings is not None:
+            self.W_pos = nn.Parameter(torch.empty(cfg.n_position_embeddings, cfg.d_model))
+            self.hook_pos_embed = HookPoint()  # [1, n_patches, d_vision]
         self.hook_embed = HookPoint()  # [1, n_patches, d_vision]
         self.blocks = nn.ModuleList([QwenVisionBlock(cfg) for _ in range(cfg.n_layers)])
 
     def forward(
         self, pixel_values: Float[Tensor, "n_patches patch_dim"], grid_thw: Int[Tensor, "images 3"]
     ) -> Float[Tensor, "1 n_patches d_vision"]:
+        return self.run(pixel_values, grid_thw)[0]
+
+    def run(
+        self, pixel_values: Float[Tensor, "n_patches patch_dim"], grid_thw: Int[Tensor, "images 3"],
+        keep: Sequence[int] = (),
+    ) -> tuple[Float[Tensor, "1 n_patches d_vision"], list[Tensor]]:
+        """The last block's output and, in block order, the outputs of the blocks in ``keep``."""
         cfg = self.cfg
         if pixel_values.ndim != 2 or pixel_values.shape[-1] != cfg.patch_dim:
             raise ValueError(f"pixel_values has shape {list(pixel_values.shape)}; Qwen-VL takes "
@@ -171,9 +220,13 @@ class QwenVisionTower(nn.Module):
                              f"{int(grid_thw.prod(-1).sum())} patches but pixel_values holds "
                              f"{pixel_values.shape[0]}")
         weight = self.W_patch.reshape(cfg.d_model, -1)
-        resid = self.hook_embed(F.linear(pixel_values.to(weight.dtype), weight)[None])
+        embed = F.linear(pixel_values.to(weight.dtype), weight, self.b_patch)[None]
         grid_thw = grid_thw.cpu()
         positions = patch_grid_positions(grid_thw, cfg.merge_size)
+        if cfg.n_position_embeddings is not None:
+            table = interpolate_positions(self.W_pos, positions, grid_thw)
+            embed = embed + self.hook_pos_embed(table.to(embed.dtype)[None])
+        resid = self.hook_embed(embed)
         rotary = vision_rotary(positions.to(resid.device), cfg.d_head, cfg.rope_theta,
                                resid.dtype)
         full = group_mask(attention_groups(grid_thw, cfg.merge_size))
@@ -182,8 +235,11 @@ class QwenVisionTower(nn.Module):
             per_side = cfg.window_size // cfg.token_size
             windowed = group_mask(attention_groups(grid_thw, cfg.merge_size, per_side))
         masks = {False: full, True: windowed}
+        kept = []
         for layer, block in enumerate(self.blocks):
             mask = masks[cfg.is_windowed(layer)]
             resid, _ = block(resid, mask=None if mask is None else mask.to(resid.device),
                              rotary=rotary)
-        return resid
+            if layer in keep:
+                kept.append(resid)
+        return resid, kept

@@ -16,6 +16,7 @@ from mmlens.model.families.llava import LlavaFamily
 from mmlens.model.families.llava_next import LlavaNextFamily
 from mmlens.model.families.onevision import LlavaOnevisionFamily
 from mmlens.model.families.paligemma import PaliGemmaFamily
+from mmlens.model.families.qwen3_vl import Qwen3VLFamily
 from mmlens.model.families.qwen_vl import Qwen25VLFamily, QwenVLFamily
 
 FAMILIES: dict[str, Family] = {}
@@ -29,7 +30,7 @@ def register(family: Family) -> Family:
 
 
 for _family in (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), QwenVLFamily(),
-                Qwen25VLFamily(), Gemma3Family(), PaliGemmaFamily()):
+                Qwen25VLFamily(), Qwen3VLFamily(), Gemma3Family(), PaliGemmaFamily()):
     register(_family)
 
 
@@ -60,6 +61,5 @@ def family_for(model_type: str | None) -> Family:
 
 
 __all__ = ["FAMILIES", "Family", "Gemma3Family", "LlavaFamily", "LlavaNextFamily",
-           "LlavaOnevisionFamily", "PaliGemmaFamily",
-           "Qwen25VLFamily", "QwenVLFamily", "family_for", "from_hf_config", "register",
-           "supported_families"]
+           "LlavaOnevisionFamily", "PaliGemmaFamily", "Qwen25VLFamily", "Qwen3VLFamily",
+           "QwenVLFamily", "family_for", "from_hf_config", "register", "supported_families"]

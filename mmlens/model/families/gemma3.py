@@ -27,14 +27,15 @@ Pan-and-scan crops from HF's processor run as they are (each crop is its own ima
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from mmlens.core.errors import MMLensError
-from mmlens.core.sizes import ImageSize
+from mmlens.inputs.layouts.pooled import PooledGridLayout
+from mmlens.inputs.processor import ComposedProcessor
 from mmlens.model.components.gemma import GemmaRMSNorm, PooledProjector, ScaledEmbed
 from mmlens.model.config import LanguageConfig, MultimodalConfig
 from mmlens.model.families.gemma_text import (
@@ -59,6 +60,17 @@ def gemma3_text(tc: Any) -> Any:
     return gemma_text_config(tc)
 
 
+def gemma3_processor(tokenizer: Any, image_processor: Any, hf_config: Any,
+                     chat_template: str | None = None) -> ComposedProcessor:
+    """Gemma 3's processor from its parts: each ``<image_soft_token>`` of a prompt becomes
+    ``mm_tokens_per_image`` of them, and ``token_type_ids`` are 1 at image tokens, as HF's."""
+    n_tokens = hf_config.mm_tokens_per_image
+    return ComposedProcessor(
+        tokenizer, image_processor, count_image_tokens=lambda _: n_tokens,
+        chat_template=chat_template, sizes_key=None, token_type_ids="image", drop=("num_crops",),
+        image_token=tokenizer.convert_ids_to_tokens(hf_config.image_token_id))
+
+
 class Gemma3Family(LlavaFamily):
     name = "gemma3"
     model_types = ("gemma3",)
@@ -66,6 +78,8 @@ class Gemma3Family(LlavaFamily):
     description = ("Gemma 3 (SigLIP vision tower, average-pooling projector, Gemma 3 decoder "
                    "with sliding-window and global layers, bidirectional image blocks)")
     checkpoints = ("google/gemma-3-4b-it", "google/gemma-3-12b-it")
+    prompt_template = "gemma3"
+    processor_keys = ("token_type_ids",)
 
     def read_config(self, hf_config: Any) -> MultimodalConfig:
         vc = hf_config.vision_config
@@ -159,7 +173,7 @@ class Gemma3Family(LlavaFamily):
             Gemma3ImageProcessorPil,
         )
 
-        from mmlens.inputs.processor import ComposedProcessor, read_chat_template
+        from mmlens.inputs.processor import read_chat_template
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -171,27 +185,13 @@ class Gemma3Family(LlavaFamily):
         if getattr(image_processor, "do_pan_and_scan", False):
             raise MMLensError("the image processor has do_pan_and_scan=True: pan-and-scan crops "
                               "are not supported, set it to false in preprocessor_config.json")
-        hf_config = AutoConfig.from_pretrained(path)
-        n_tokens = hf_config.mm_tokens_per_image
-        return ComposedProcessor(
-            tokenizer, image_processor, count_image_tokens=lambda _: n_tokens,
-            chat_template=read_chat_template(path, tokenizer), sizes_key=None,
-            image_token=tokenizer.convert_ids_to_tokens(hf_config.image_token_id))
+        return gemma3_processor(tokenizer, image_processor, AutoConfig.from_pretrained(path),
+                                read_chat_template(path, tokenizer))
 
-    def image_token_grid(self, cfg: MultimodalConfig) -> tuple[int, int]:
-        """Each image token averages a ``kernel x kernel`` block of patches."""
-        side = int(round(cfg.hf_config.mm_tokens_per_image**0.5))
-        return side, cfg.vision.image_size // side
-
-    def box_positions(
-        self, model: Any, image_size: ImageSize, boxes: Sequence[Any],
-        image_positions: Tensor, mode: str,
-    ) -> tuple[Tensor, Tensor]:
-        """Each image token is the average of a ``kernel x kernel`` block of patches."""
-        from mmlens.inputs.geometry import other_image_positions, related_image_positions
-
-        _, cell_px = self.image_token_grid(model.cfg)
-        related = related_image_positions(
-            boxes, image_size, image_positions, crop_size=model.cfg.vision.image_size,
-            patch_size=cell_px, mode=mode)
-        return related, other_image_positions(image_positions, related)
+    def image_layout(self, model: Any) -> PooledGridLayout:
+        """SigLIP's square, no class token; each image token averages a ``kernel x kernel``
+        block of patches (``mm_tokens_per_image`` tokens an image)."""
+        vision = model.cfg.vision
+        side = math.isqrt(model.cfg.hf_config.mm_tokens_per_image)
+        return PooledGridLayout(vision.image_size, vision.patch_size,
+                                kernel=vision.grid_size // side)

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from mmlens.core.errors import MMLensError
+from mmlens.inputs.layouts.grid import GridLayout
+from mmlens.inputs.processor import ComposedProcessor
 from mmlens.model.components.projector import LinearProjector
 from mmlens.model.config import MultimodalConfig
 from mmlens.model.families.gemma3 import Gemma3Family
@@ -39,6 +41,19 @@ from mmlens.model.loading.convert import find_prefix, take
 from mmlens.model.siglip import SiglipPostNormTower
 
 
+def paligemma_processor(tokenizer: Any, image_processor: Any,
+                        hf_config: Any) -> ComposedProcessor:
+    """PaliGemma's processor from its parts: the tokenizer adds no BOS (the prompt puts it after
+    the image), each ``<image>`` becomes ``num_image_tokens`` of them, and ``token_type_ids``
+    are 0 over the whole prompt (the prefix), as HF's for a prompt without a suffix."""
+    tokenizer.add_bos_token = False
+    n_tokens = hf_config.text_config.num_image_tokens
+    return ComposedProcessor(
+        tokenizer, image_processor, count_image_tokens=lambda _: n_tokens, sizes_key=None,
+        token_type_ids="prefix",
+        image_token=tokenizer.convert_ids_to_tokens(hf_config.image_token_id))
+
+
 class PaliGemmaFamily(Gemma3Family):
     name = "paligemma"
     model_types = ("paligemma",)
@@ -46,6 +61,7 @@ class PaliGemmaFamily(Gemma3Family):
     description = ("PaliGemma / PaliGemma 2 (SigLIP vision tower, linear projector, Gemma or "
                    "Gemma 2 decoder as a prefix LM)")
     checkpoints = ("google/paligemma-3b-pt-224", "google/paligemma2-3b-pt-224")
+    prompt_template = "paligemma"
 
     def read_config(self, hf_config: Any) -> MultimodalConfig:
         vc, tc = hf_config.vision_config, hf_config.text_config
@@ -78,8 +94,10 @@ class PaliGemmaFamily(Gemma3Family):
         return {"vision": SiglipPostNormTower(cfg),
                 "projector": LinearProjector(cfg.vision.d_model, cfg.text.d_model)}
 
-    def image_token_grid(self, cfg: MultimodalConfig) -> tuple[int, int]:
-        return cfg.vision.grid_size, cfg.vision.patch_size
+    def image_layout(self, model: Any) -> GridLayout:
+        """SigLIP's square, no class token: one image token a patch."""
+        vision = model.cfg.vision
+        return GridLayout(vision.image_size, vision.patch_size, class_token=False)
 
     def position_ids(self, cfg: MultimodalConfig, *, input_ids: Tensor | None,
                      attention_mask: Tensor, q_len: int,
@@ -138,8 +156,6 @@ class PaliGemmaFamily(Gemma3Family):
             SiglipImageProcessorPil,
         )
 
-        from mmlens.inputs.processor import ComposedProcessor
-
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             image_processor = SiglipImageProcessorPil.from_pretrained(path)
@@ -147,9 +163,4 @@ class PaliGemmaFamily(Gemma3Family):
             raise MMLensError(f"{path} has no usable tokenizer or image processor ({error}); a "
                               "PaliGemma checkpoint needs its tokenizer files and "
                               "preprocessor_config.json") from error
-        tokenizer.add_bos_token = False
-        hf_config = AutoConfig.from_pretrained(path)
-        n_tokens = hf_config.text_config.num_image_tokens
-        return ComposedProcessor(
-            tokenizer, image_processor, count_image_tokens=lambda _: n_tokens, sizes_key=None,
-            image_token=tokenizer.convert_ids_to_tokens(hf_config.image_token_id))
+        return paligemma_processor(tokenizer, image_processor, AutoConfig.from_pretrained(path))

@@ -43,6 +43,7 @@ def convert_hf_model(cls: type, hf_model: Any, processor: Any = None) -> Any:
     with torch.device("meta"):
         model = cls(cfg, processor=processor)
     model.load_state_dict(state, strict=True, assign=True)
+    cfg.model_name = getattr(hf_model.config, "_name_or_path", "") or cfg.model_type
     return model.to(first.dtype).eval()
 
 
@@ -90,6 +91,7 @@ def load_pretrained(cls: type, name_or_path: str, *, dtype: torch.dtype | str | 
     processor = _family(model_type).load_processor(
         path, trust_remote_code=trust_remote_code, **hub_kwargs)
     model = convert_hf_model(cls, hf_model, processor)
+    model.cfg.model_name = name_or_path
     if device is not None:
         model = model.to(device)
     return model.eval()

@@ -11,6 +11,8 @@ from mmlens.core.sizes import ImageSize
 from mmlens.zoo.tiny.tokenizer import word_tokenizer
 
 HF_CLASS = "PaliGemmaForConditionalGeneration"
+VARIANTS = {"gemma_decoder": {"text_config": {"model_type": "gemma"}}}
+"""PaliGemma 1: a Gemma decoder (no window, no soft-caps)."""
 IMAGE_SIZES = (ImageSize(37, 29), ImageSize(20, 45), ImageSize(64, 64))
 
 SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<image>")
@@ -49,12 +51,26 @@ def tokenizer() -> Any:
                           extra_special_tokens={"image_token": "<image>"})
 
 
-def processor(hf_config: Any) -> Any:
-    """HF's ``PaliGemmaProcessor`` over the PIL SigLIP image processor (no torchvision)."""
-    from transformers import PaliGemmaProcessor
+def image_processor(hf_config: Any) -> Any:
+    """The PIL SigLIP image processor (no torchvision) at the tower's size."""
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     size = hf_config.vision_config.image_size
     image_processor = SiglipImageProcessorPil(size={"height": size, "width": size})
     image_processor.image_seq_length = hf_config.text_config.num_image_tokens
-    return PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer())
+    return image_processor
+
+
+def processor(hf_config: Any) -> Any:
+    """The processor ``from_pretrained`` composes for PaliGemma (``families.paligemma``):
+    prompts in ``templates.PALIGEMMA``'s form, the whole prompt the prefix."""
+    from mmlens.model.families.paligemma import paligemma_processor
+
+    return paligemma_processor(tokenizer(), image_processor(hf_config), hf_config)
+
+
+def hf_processor(hf_config: Any) -> Any:
+    """HF's own ``PaliGemmaProcessor`` (it writes the prompt form; answers as ``suffix=``)."""
+    from transformers import PaliGemmaProcessor
+
+    return PaliGemmaProcessor(image_processor=image_processor(hf_config), tokenizer=tokenizer())

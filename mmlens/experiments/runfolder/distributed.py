@@ -6,8 +6,8 @@
 Under a launcher (``WORLD_SIZE`` > 1 in the environment) ``init_ranks`` joins the
 ``torch.distributed`` group (NCCL on GPUs, gloo on the CPU); the examples still to do are dealt
 out round robin, each to exactly one rank, and each rank appends to its own store shard
-(``mmlens.experiments.store``). Rank 0 waits for the others, then reads every shard. Without a
-launcher everything here is the single process ``Ranks()``.
+(``mmlens.experiments.runfolder.store``). Rank 0 waits for the others, then reads every
+shard. Without a launcher everything here is the single process ``Ranks()``.
 """
 
 from __future__ import annotations
@@ -22,10 +22,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mmlens.experiments.store import shard_files
+from mmlens.core.errors import MMLensError
+from mmlens.experiments.runfolder.store import shard_files
 
 # Ranks wait for each other at the end of a sweep that can run for hours.
 TIMEOUT = datetime.timedelta(hours=12)
+
+
+class RankLostError(MMLensError):
+    """Another rank of a data-parallel run stopped while this one waited for it."""
 
 
 @dataclass(frozen=True)
@@ -42,14 +47,14 @@ class Ranks:
 
     def barrier(self) -> None:
         if self.world > 1:
-            dist.barrier()
+            self._together("the other ranks (barrier)", dist.barrier)
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's ``value``, in rank order (on every rank)."""
         if self.world == 1:
             return [value]
         values: list[Any] = [None] * self.world
-        dist.all_gather_object(values, value)
+        self._together("the other ranks' results", lambda: dist.all_gather_object(values, value))
         return values
 
     def from_main(self, value: Any) -> Any:
@@ -57,8 +62,21 @@ class Ranks:
         if self.world == 1:
             return value
         box = [value]
-        dist.broadcast_object_list(box, src=0)
+        self._together("rank 0's decision", lambda: dist.broadcast_object_list(box, src=0))
         return box[0]
+
+    def _together(self, what: str, collective: Any) -> None:
+        """Run a collective; a rank that died (gloo and NCCL raise ``RuntimeError``) becomes
+        one clear error instead of the backend's traceback."""
+        try:
+            collective()
+        except RuntimeError as err:
+            cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RankLostError(
+                f"rank {self.rank} of {self.world}: another rank stopped while this one waited "
+                f"for {what} ({cause}); this rank's finished examples are kept in its store "
+                "shard: read the other ranks' logs, then run the same launcher command again "
+                "to resume") from err
 
     def mine(self, indices: Sequence[int]) -> list[int]:
         """This rank's share of ``indices``: every ``world``-th one, starting at ``rank``."""

@@ -1,0 +1,229 @@
+"""Causal image maps: where in the image the model took what a text group needed, by knocking
+out (or patching) one image region at a time.
+
+    frame = causal_map(model, batch, dst="last", layers=window_layers(3, 3, 8))
+    frame = causal_map(model, batch, dst="question", cell=2, target="red")
+    frame = causal_map(model, batch, regions=["related", "other"])
+    frame = causal_map(model, batch, mode="patch", corrupted=corrupt_image(batch))
+
+One row per example and region: ``example, region, position`` (the region's image-token
+positions), ``tile, row, col`` (its top-left token on its grid, ``image_regions``), ``x0, y0,
+x1, y1`` (its pixel box in the original image), ``p_base``, ``p_block`` and ``value = (p_block
+- p_base) / p_base``, the relative change of the target's probability at the last position.
+``frame.attrs`` records ``dst``, ``mode``, ``layers`` and ``dst_positions`` (per example).
+
+Exact and batched, as the study's engine (``mmlens.experiments.engine``): a region's knockout
+changes nothing before the first ``dst`` position nor below the window's first layer ``a``,
+so each example runs once (``clean_run``) and the regions' variants resume together, one row
+each, from ``resid[a][:, p:]`` with the clean keys/values of positions ``< p``: the same
+numbers as one full forward per region (``block_attention`` + ``run_with_hooks``). A patch
+replaces the region's residual stream entering layer ``a`` (``a = 0``: the embeddings) with
+the corrupted run's and resumes from the first image position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mmlens.core.errors import MMLensError
+from mmlens.inputs.batch import MultimodalBatch
+from mmlens.methods.clean_run import CleanRun, clean_run, last_logits, single_example
+from mmlens.methods.edges import blocked_edges, check_attendable
+from mmlens.methods.image_regions import (
+    Region,
+    grid_regions,
+    image_token_cells,
+    original_size,
+    span_regions,
+)
+from mmlens.methods.knockout import PositionSpec, _check_layers, resolve_positions
+from mmlens.model.protocol import HookedModel
+
+MODES = ("knockout", "patch")
+COLUMNS = ["example", "region", "position", "tile", "row", "col", "x0", "y0", "x1", "y1",
+           "p_base", "p_block", "value"]
+
+
+@torch.no_grad()
+def causal_map(
+    model: HookedModel, batch: MultimodalBatch, dst: PositionSpec = "last", *,
+    layers: int | Sequence[int] | None = None, target: int | str | Sequence[int] | None = None,
+    cell: int = 1, regions: str | Sequence[str] | dict[str, Any] | None = None,
+    mode: str = "knockout", corrupted: Any = None,
+    images: Sequence[Any] | None = None, preprocessing: str | None = None,
+    batch_size: int = 64,
+) -> pd.DataFrame:
+    """How much each image region carries to ``dst``: a tidy frame, one row per example and
+    region (see the module docstring).
+
+    ``dst``: a span name (``"last"``, ``"question"``) or positions (one list per example,
+    e.g. a word's). ``layers``: the window (default every layer). ``target``: a token id,
+    a one-token string, one id per example, or None (each example's clean top token).
+    ``cell``: tokens per side of a grid region; ``regions`` instead: span names (``"related"``)
+    or ``{name: positions per example}``. ``mode="patch"`` patches each region from
+    ``corrupted``: a batch of the same prompts with other images, its ``pixel_values``, or
+    other images (one for every example, or one each) for the batch's questions.
+    ``images``: the images (or ``(width, height)`` sizes) given to ``prepare``, for the pixel
+    boxes; default: the batch's examples' images. ``batch_size``: variants per forward.
+    """
+    if mode not in MODES:
+        raise MMLensError(f"unknown mode {mode!r}: use 'knockout' or 'patch'")
+    if batch_size < 1:
+        raise MMLensError(f"batch_size must be at least 1, got {batch_size}")
+    if (mode == "patch") != (corrupted is not None):
+        raise MMLensError("mode='patch' needs corrupted= (the same prompts with other images) "
+                          "and only it takes one: pass both, or neither for a knockout")
+    n_layers = model.cfg.n_layers
+    layers = _check_layers(range(n_layers) if layers is None else layers, n_layers, "language")
+    if not layers:
+        raise MMLensError("layers is empty: give the window's layers (window_layers(...))")
+    corrupted_batch = _corrupted_batch(model, batch, corrupted) if mode == "patch" else None
+    targets = _per_example(dst, batch)
+    tokens = _targets(model, target, len(batch))
+    frames = []
+    for i in range(len(batch)):
+        one = single_example(batch, i)
+        offset = batch.input_ids.shape[1] - one.input_ids.shape[1]
+        cells = image_token_cells(model, one, 0, original_size(batch, images, i), preprocessing)
+        example_regions = _regions(cells, cell, regions, batch, i, offset)
+        clean = clean_run(model, one)
+        token = clean.prediction() if tokens[i] is None else tokens[i]
+        positions = [r.positions for r in example_regions]
+        if mode == "knockout":
+            probs = _blocked_probs(model, clean, positions, targets[i] - offset, layers, token,
+                                   batch_size)
+        else:
+            other = clean_run(model, single_example(corrupted_batch, i))
+            probs = _patched_probs(model, clean, other, positions, layers[0], token, batch_size)
+        frames.append(_frame(i, example_regions, offset, clean.prob(token), probs))
+    frame = pd.DataFrame([row for rows in frames for row in rows], columns=COLUMNS)
+    # What the map measured, for figures and captions (``mmlens.plotting.causal_map_figure``).
+    frame.attrs.update(dst=dst if isinstance(dst, str) else "positions", mode=mode,
+                       layers=list(layers), dst_positions=[t.tolist() for t in targets])
+    return frame
+
+
+def _per_example(dst: PositionSpec, batch: MultimodalBatch) -> list[Tensor]:
+    positions = resolve_positions(dst, batch, role="dst")
+    return positions if isinstance(positions, list) else [positions] * len(batch)
+
+
+def _targets(model: HookedModel, target: Any, n: int) -> list[int | None]:
+    if target is None or isinstance(target, int | str):
+        target = [target] * n
+    target = list(target)
+    if len(target) != n:
+        raise MMLensError(f"target gives {len(target)} tokens for {n} examples: give one, or "
+                          "one per example")
+    tokens = [model.to_single_token(t) if isinstance(t, str) else t for t in target]
+    vocab = model.cfg.d_vocab
+    bad = [t for t in tokens if t is not None and not 0 <= int(t) < vocab]
+    if bad:
+        raise MMLensError(f"target token {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+    return [None if t is None else int(t) for t in tokens]
+
+
+def _regions(cells: Any, cell: int, regions: Any, batch: MultimodalBatch, i: int,
+             offset: int) -> list[Region]:
+    if regions is None:
+        return grid_regions(cells, cell)
+    if isinstance(regions, str):
+        regions = [regions]
+    named = ({name: batch.positions(name, i) for name in regions} if not isinstance(regions, dict)
+             else {name: torch.as_tensor(per_example[i]).reshape(-1)
+                   for name, per_example in regions.items()})
+    return span_regions(cells, {name: positions - offset for name, positions in named.items()})
+
+
+def _corrupted_batch(model: HookedModel, batch: MultimodalBatch,
+                     corrupted: Any) -> MultimodalBatch:
+    """The batch to patch from: given, the batch with other ``pixel_values``, or the batch's
+    questions prepared with other images (one image, or one per example)."""
+    if isinstance(corrupted, Tensor):
+        if batch.pixel_values is None or corrupted.shape != batch.pixel_values.shape:
+            raise MMLensError(f"corrupted pixel_values {tuple(corrupted.shape)} do not match the "
+                              "batch's: give pixel values of the same shape, or a batch")
+        return dataclasses.replace(batch, pixel_values=corrupted)
+    if not isinstance(corrupted, MultimodalBatch):
+        if not batch.examples:
+            raise MMLensError("corrupted images need the batch's questions: give a batch "
+                              "prepared from the same questions with the other images "
+                              "(model.prepare), or their pixel_values")
+        images = list(corrupted) if isinstance(corrupted, list | tuple) else [corrupted] * len(
+            batch)
+        corrupted = model.prepare(images, [e.question for e in batch.examples],
+                                  examples=batch.examples)
+    if not torch.equal(corrupted.input_ids, batch.input_ids):
+        raise MMLensError("the corrupted batch's tokens differ from the batch's: patch between "
+                          "the same prompts with images giving as many image tokens (prepared "
+                          "with the same template and preprocessing)")
+    return corrupted
+
+
+def _blocked_probs(model: HookedModel, clean: CleanRun, regions: list[Tensor], dst: Tensor,
+                   layers: list[int], token: int, batch_size: int) -> Float[Tensor, " regions"]:
+    """p(token) with each region's edges from ``dst`` blocked in ``layers``, batched."""
+    start, n_keys = int(dst.min()), clean.n_positions
+    probs = []
+    for first in range(0, len(regions), batch_size):
+        chunk = regions[first:first + batch_size]
+        blocked = blocked_edges(chunk, [dst] * len(chunk), n_keys - start, n_keys)
+        causal = torch.arange(n_keys)[None, :] <= torch.arange(start, n_keys)[:, None]
+        check_attendable((causal & ~blocked)[:, None], start, "causal_map", "region")
+        blocked = blocked.to(clean.resid[0].device)[:, None]
+        hooks = [(f"blocks.{layer}.attn.hook_mask", _masker(blocked)) for layer in layers]
+        suffix = clean.resid[layers[0]][:, start:].expand(len(chunk), -1, -1)
+        probs.append(_resume(model, clean, suffix, start, layers[0], hooks, token))
+    return torch.cat(probs)
+
+
+def _masker(blocked: Tensor) -> Any:
+    def hook(mask: Tensor, hook: Any) -> Tensor:
+        return mask & ~blocked.to(mask.device)  # a no-op unless the model spans devices
+
+    return hook
+
+
+def _patched_probs(model: HookedModel, clean: CleanRun, other: CleanRun, regions: list[Tensor],
+                   layer: int, token: int, batch_size: int) -> Float[Tensor, " regions"]:
+    """p(token) with each region's residual entering ``layer`` taken from ``other``."""
+    start = int(min(int(r.min()) for r in regions))
+    probs = []
+    for first in range(0, len(regions), batch_size):
+        chunk = regions[first:first + batch_size]
+        suffix = clean.resid[layer][:, start:].repeat(len(chunk), 1, 1)
+        for row, positions in enumerate(chunk):
+            suffix[row, positions - start] = other.resid[layer][0, positions]
+        probs.append(_resume(model, clean, suffix, start, layer, [], token))
+    return torch.cat(probs)
+
+
+def _resume(model: HookedModel, clean: CleanRun, suffix: Tensor, start: int, layer: int,
+            hooks: list, token: int) -> Float[Tensor, " rows"]:
+    """Run ``suffix`` (positions ``start..``) from ``layer`` to the end on the clean keys and
+    values of positions ``< start``; p(token) at the last position per row."""
+    n = suffix.shape[0]
+    with model.hooks(fwd_hooks=hooks):
+        final = model(suffix, start_at_layer=layer, stop_at_layer=model.cfg.n_layers,
+                      past_kv_cache=clean.cache.truncate(start).expand(n),
+                      position_ids=clean.position_ids[..., start:clean.n_positions],
+                      attention_mask=torch.ones(n, suffix.shape[1], dtype=torch.long,
+                                                device=suffix.device))
+    return last_logits(model, final).softmax(-1)[:, token].cpu()
+
+
+def _frame(example: int, regions: list[Region], offset: int, p_base: float,
+           probs: Tensor) -> list[tuple]:
+    def relative(p: float) -> float:  # a target the clean run gives no mass has no change
+        return (p - p_base) / p_base if p_base > 0 else float("nan")
+
+    return [(example, region.label, (region.positions + offset).tolist(), region.tile,
+             region.row, region.col, *region.box, p_base, float(p), relative(float(p)))
+            for region, p in zip(regions, probs, strict=True)]
