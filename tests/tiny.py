@@ -66,3 +66,17 @@ def hf_image_features(output) -> torch.Tensor:
     if isinstance(features, list | tuple):
         return torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
     return features.reshape(-1, features.shape[-1])
+
+
+def small_shapes_model(seed: int = 0):
+    """A 4-layer random LLaVA with the bundled model's processor (56 px images, 4x4 tokens):
+    the shapes data's questions and tokenizer in a model that runs in milliseconds."""
+    from mmlens import HookedMultimodalTransformer
+    from mmlens.zoo.build import build_config, build_processor
+
+    processor = build_processor(56)
+    config = build_config(len(processor.tokenizer), image_size=56, vision_layers=2,
+                          text_layers=4, width=32)
+    torch.manual_seed(seed)
+    return HookedMultimodalTransformer.from_hf_model(
+        LlavaForConditionalGeneration(config), processor=processor).eval()

@@ -306,7 +306,7 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
             raise MMLensError(all_dropped_message(dropped, len(mine), out))
         if hooked.processor is not None:
             views = example_views(hooked, mine, frame.attrs["records"],
-                                  resolved.prepare_options())
+                                  resolved.prepare_options(), flow=frame)
             data = json.dumps(views).encode("utf-8")
             write_atomic(out / "views.json", data)
             digests["views.json"] = hashlib.sha256(data).hexdigest()[:16]

@@ -20,7 +20,11 @@ The grid is tile 0 of the image's token map (``mmlens.inputs.token_map``):
   ``pixel_values`` by undoing the processor's patch packing and normalisation
   (``mmlens.inputs.qwen_geometry.unpack_patches``).
 
-This is one extra forward per task, with attention patterns on, outside the sweep.
+This is one extra forward per task, with attention patterns on, outside the sweep. With the
+sweep's table (``flow=``), each view also holds ``word_maps``: the causal map over the grid of
+each question word and of the last position (``mmlens.methods.word_maps``), in the study's
+window centred where the example's own ``image->question`` (for the last position
+``image->last``) flow drops most; one clean run and one batched forward per word.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from PIL import Image
@@ -85,9 +90,40 @@ def _image_png(model: Any, pixels: Float[Tensor, "3 height width"]) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def map_window(flow: pd.DataFrame, name: str, example_id: str, n_layers: int) -> list[int]:
+    """The study's window (``flow.attrs["window"]`` layers) centred at the layer where ``name``
+    lowers the answer of example ``example_id`` most: the example's own rows, so a run split
+    into shards and merged gets the same window. The middle layer when the example has no
+    value for that flow (absent, or undefined as a logit difference without a wrong
+    answer)."""
+    from mmlens.methods.windows import window_layers
+
+    value = "change" if "change" in flow.columns else "rel_change"
+    rows = flow[(flow["flow"] == name) & (flow["example_id"].astype(str) == str(example_id))]
+    rows = rows.dropna(subset=[value])
+    centre = (int(rows.groupby("layer")[value].mean().idxmin()) if not rows.empty
+              else n_layers // 2)
+    return window_layers(centre, int(flow.attrs.get("window") or 1), n_layers)
+
+
+def _word_maps(model: Any, batch: Any, grid: ViewGrid, image: Any, flow: pd.DataFrame,
+               example_id: str) -> list[dict[str, Any]]:
+    """The causal map over the view's grid of each question word, then of the last position."""
+    from mmlens.methods.word_maps import word_maps
+
+    maps = []
+    for span, name in (("question", "image->question"), ("last", "image->last")):
+        layers = map_window(flow, name, example_id, model.cfg.n_layers)
+        for entry in word_maps(model, batch, layers, grid=grid.positions, span=span,
+                               image_size=image.size):
+            maps.append({**entry, "span": span, "layers": layers})
+    maps[-1]["word"] = "last position"
+    return maps
+
+
 @torch.no_grad()
 def example_view(model: Any, record: Any, prepare_options: Mapping[str, Any],
-                 model_answer: str | None) -> dict[str, Any]:
+                 model_answer: str | None, flow: pd.DataFrame | None = None) -> dict[str, Any]:
     """The view of one dataset ``Example`` (see the module docstring)."""
     from mmlens.inputs.prepare import prepare
 
@@ -108,17 +144,21 @@ def example_view(model: Any, record: Any, prepare_options: Mapping[str, Any],
         model(batch.input_ids, batch.pixel_values, attention_mask=batch.attention_mask,
               image_sizes=batch.image_sizes, stop_at_layer=model.cfg.n_layers)
     related = torch.isin(cells, batch.positions("related", 0)).nonzero().flatten()
+    maps = {} if flow is None else {"word_maps": _word_maps(model, batch, grid, image, flow,
+                                                              str(record.example_id))}
     return {"example_id": str(record.example_id), "task": str(record.task),
             "question": record.question, "answer": str(record.answer),
             "model_answer": model_answer, "rows": grid.rows, "cols": grid.cols,
             "cell_px": grid.cell_px, "image_png": _image_png(model, grid.pixels),
             "related": related.tolist(),
-            "attention": (total / model.cfg.n_layers).cpu().tolist()}
+            "attention": (total / model.cfg.n_layers).cpu().tolist(), **maps}
 
 
 def example_views(model: Any, examples: Sequence[Any], records: Sequence[Mapping[str, Any]],
-                  prepare_options: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The first kept example of each task, in task order."""
+                  prepare_options: Mapping[str, Any],
+                  flow: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+    """The first kept example of each task, in task order; with the sweep's table ``flow``,
+    each with its words' causal maps."""
     by_id = {str(e.example_id): e for e in examples}
     views, seen = [], set()
     for record in records:
@@ -126,5 +166,5 @@ def example_views(model: Any, examples: Sequence[Any], records: Sequence[Mapping
             continue
         seen.add(record["task"])
         views.append(example_view(model, by_id[record["example_id"]], prepare_options,
-                                  record.get("model_answer")))
+                                  record.get("model_answer"), flow))
     return sorted(views, key=lambda view: view["task"])
