@@ -94,3 +94,41 @@ def test_a_pan_and_scan_processor_is_refused_at_load_time(folder, tmp_path):
     (copy / "preprocessor_config.json").write_text(json.dumps(config))
     with pytest.raises(MMLensError, match="pan-and-scan"):
         HookedMultimodalTransformer.from_pretrained(str(copy))
+
+
+@pytest.mark.parametrize("family", ["gemma3", "paligemma"])
+@pytest.mark.parametrize("mode", ["knockout", "patch"])
+def test_causal_maps_resume_whole_bidirectional_blocks(family, mode):
+    """A causal map resumes from the start of Gemma 3's image block (a patched image token
+    reaches the tokens before it) and PaliGemma's prefix (a knocked-out question token too):
+    each region's value equals one full forward with the same knockout or patch."""
+    from mmlens.methods.causal_map import causal_map
+    from mmlens.zoo.tiny import tiny_hf_model, tiny_processor
+
+    hf = tiny_hf_model(family)
+    model = HookedMultimodalTransformer.from_hf_model(hf, tiny_processor(family, hf.config))
+    images = [Image.new("RGB", (37, 29), "red")]
+    batch = model.prepare(images, ["What color is the square?"])
+    corrupted = model.prepare([Image.new("RGB", (37, 29), "blue")], ["What color is the square?"])
+    layers = [1] if mode == "patch" else [1, 2]
+    frame = causal_map(model, batch, "question", layers=layers, cell=2, images=images,
+                       **({"mode": "patch", "corrupted": corrupted} if mode == "patch" else {}))
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(corrupted, names_filter="blocks.1.hook_resid_pre")
+        token = int(model(batch)[0, -1].argmax())
+    question = batch.positions("question", 0)
+    for _, row in frame.iterrows():
+        positions = list(row.position)
+        if mode == "patch":
+            def hook(resid, hook, positions=positions):
+                resid = resid.clone()
+                resid[:, positions] = cache["blocks.1.hook_resid_pre"][:, positions]
+                return resid
+
+            hooks = [("blocks.1.hook_resid_pre", hook)]
+        else:
+            hooks = block_attention([positions], [question], layers, batch=batch)
+        with torch.no_grad():
+            full = model.run_with_hooks(batch, fwd_hooks=hooks)[0, -1].float().softmax(-1)
+        assert abs(float(full[token]) - row.p_block) <= 1e-6, row.region
+    assert (frame.p_block - frame.p_base).abs().max() > 1e-6  # the regions matter
