@@ -215,15 +215,17 @@ def _resume(model: HookedModel, clean: CleanRun, suffix: Tensor, start: int, lay
     and DeepStack features from ``layer`` on; p(token) at the last position per row."""
     n = suffix.shape[0]
     kinds = None if clean.token_type_ids is None else clean.token_type_ids[:, start:].expand(n, -1)
-    injections = {later: added[:, start:].expand(n, -1, -1)
-                  for later, added in clean.injections.items() if later >= layer}
     with model.hooks(fwd_hooks=hooks):
         final = model(suffix, start_at_layer=layer, stop_at_layer=model.cfg.n_layers,
                       past_kv_cache=clean.cache.truncate(start).expand(n),
+                      # what the family adds after early blocks (DeepStack), for these positions
+                      injections={added: features[:, start:].expand(n, -1, -1)
+                                  for added, features in clean.injections.items()
+                                  if added >= layer},
                       position_ids=clean.position_ids[..., start:clean.n_positions],
                       attention_mask=torch.ones(n, suffix.shape[1], dtype=torch.long,
                                                 device=suffix.device),
-                      token_type_ids=kinds, injections=injections)
+                      token_type_ids=kinds)
     return last_logits(model, final).softmax(-1)[:, token].cpu()
 
 
