@@ -26,17 +26,23 @@ class ComposedProcessor:
     ``image_sizes`` (LLaVA-OneVision), ``(t, h, w)`` patches for ``image_grid_thw`` (Qwen-VL).
     Each ``image_token`` in a prompt is expanded to that many, images taken in order, between
     ``image_wrap`` (InternVL: ``<img>``, ``</img>``); ``image_kwargs`` go to the image processor.
-    ``mm_token_type_ids=True`` adds HF's ``mm_token_type_ids`` output (1 at image tokens);
-    ``sizes_output=False`` leaves the ``sizes_key`` rows out, as HF's processor does
-    (InternVL's ``num_patches``).
+    With ``sizes_key=None`` every image makes the same number of tokens
+    (``count_image_tokens(())``, Gemma 3). ``mm_token_type_ids=True`` adds HF's
+    ``mm_token_type_ids`` output (1 at image tokens); ``token_type_ids`` adds HF's
+    ``token_type_ids`` as Gemma 3's processor gives them (``"image"``: 1 at image tokens) or
+    PaliGemma's for a prompt without an answer suffix (``"prefix"``: all 0, the whole prompt is
+    the prefix). ``drop``: image-processor outputs the HF processor does not pass on (Gemma 3's
+    ``num_crops``, InternVL's ``num_patches``).
     """
 
     def __init__(self, tokenizer: Any, image_processor: Any, *,
                  count_image_tokens: Callable[[tuple[int, ...]], int],
                  chat_template: str | None = None, image_token: str = "<image>",
-                 sizes_key: str = "image_sizes", image_wrap: tuple[str, str] = ("", ""),
+                 sizes_key: str | None = "image_sizes", image_wrap: tuple[str, str] = ("", ""),
                  image_kwargs: dict[str, Any] | None = None, mm_token_type_ids: bool = False,
-                 sizes_output: bool = True):
+                 token_type_ids: str | None = None, drop: tuple[str, ...] = ()):
+        if token_type_ids not in (None, "image", "prefix"):
+            raise ValueError(f"token_type_ids={token_type_ids!r}: use 'image', 'prefix' or None")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template
@@ -46,7 +52,8 @@ class ComposedProcessor:
         self.image_wrap = image_wrap
         self.image_kwargs = dict(image_kwargs or {})
         self.mm_token_type_ids = mm_token_type_ids
-        self.sizes_output = sizes_output
+        self.token_type_ids = token_type_ids
+        self.drop = drop
         if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
             raise ValueError(f"the tokenizer has no {image_token!r} token: is it the tokenizer of "
                              "this checkpoint?")
@@ -57,25 +64,29 @@ class ComposedProcessor:
         data: dict[str, Any] = {}
         if images:
             pixels = self.image_processor(list(images), return_tensors="pt", **self.image_kwargs)
-            data.update(pixels)
-            if self.sizes_key not in pixels:
+            data.update({k: v for k, v in pixels.items() if k not in self.drop})
+            if self.sizes_key is None:
+                texts = self._expand(texts, [()] * len(pixels["pixel_values"]))
+            elif self.sizes_key not in pixels:
                 raise ValueError(f"the image processor returned {', '.join(pixels)} but no "
                                  f"{self.sizes_key!r}: is it this checkpoint's image processor?")
-            # one row per image (InternVL's num_patches is one number an image)
-            rows = torch.as_tensor(pixels[self.sizes_key])
-            data[self.sizes_key] = rows = rows.reshape(len(rows), -1)
-            sizes = [tuple(int(v) for v in row) for row in rows]
-            texts = self._expand(texts, sizes)
-            if not self.sizes_output:
-                del data[self.sizes_key]
+            else:  # one row per image (InternVL's num_patches is one number an image)
+                rows = torch.as_tensor(pixels[self.sizes_key])
+                sizes = [tuple(int(v) for v in row) for row in rows.reshape(len(rows), -1)]
+                texts = self._expand(texts, sizes)
         tokens = self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kwargs)
         if self.mm_token_type_ids:  # as HF's Qwen-VL processors: 1 at image tokens, else 0
-            image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-            ids = tokens["input_ids"]
-            tokens["mm_token_type_ids"] = (
-                (ids == image_id).int() if isinstance(ids, torch.Tensor)
-                else [[int(t == image_id) for t in row] for row in ids])
+            tokens["mm_token_type_ids"] = self._token_types(tokens["input_ids"], "image")
+        if self.token_type_ids is not None:  # as HF's Gemma 3 / PaliGemma processors
+            tokens["token_type_ids"] = self._token_types(tokens["input_ids"], self.token_type_ids)
         return BatchFeature({**tokens, **data})
+
+    def _token_types(self, ids: Any, rule: str) -> Any:
+        """1 at image tokens (``"image"``) or 0 everywhere (``"prefix"``), as ``ids`` is."""
+        image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        if isinstance(ids, torch.Tensor):
+            return (ids == image_id).int() if rule == "image" else torch.zeros_like(ids)
+        return [[int(rule == "image" and t == image_id) for t in row] for row in ids]
 
     def _expand(self, texts: list[str], sizes: list[tuple[int, ...]]) -> list[str]:
         n_placeholders = sum(t.count(self.image_token) for t in texts)

@@ -84,8 +84,10 @@ def residual_stack(
 def decode(
     model: HookedModel, resid: Float[Tensor, "... d_model"], *, apply_ln: bool = True
 ) -> Float[Tensor, "... d_vocab"]:
-    """Logits: ``unembed(ln_final(resid))``, or ``unembed(resid)`` without the final norm."""
-    return model.unembed(model.ln_final(resid) if apply_ln else resid)
+    """Logits: ``unembed(ln_final(resid))``, or ``unembed(resid)`` without the final norm,
+    through the family's last step (Gemma 2's soft-cap), as the model's own logits."""
+    return model.family.final_logits(
+        model.unembed(model.ln_final(resid) if apply_ln else resid), model.cfg)
 
 
 def answer_tokens(model: HookedModel, answer: str | Sequence[str],

@@ -277,6 +277,8 @@ def _sweep(model: HookedModel, clean: MultimodalBatch, corrupted: MultimodalBatc
     mask = corrupted.attention_mask
     # Resuming from a residual stream: the prompt's positions (3D for M-RoPE families).
     positions = model.position_ids(corrupted.input_ids, mask, image_sizes=corrupted.image_sizes)
+    # the token kinds a family's mask rule reads (Gemma 3's images, PaliGemma's prefix)
+    kinds = model.family.token_type_ids(model.cfg, corrupted.input_ids)
     order = sorted(range(len(cells)), key=lambda c: _first_position(cells[c], n_pos))
     scores = torch.zeros(len(layers), len(cells))
     for row, layer in enumerate(layers):
@@ -285,6 +287,8 @@ def _sweep(model: HookedModel, clean: MultimodalBatch, corrupted: MultimodalBatc
         for first in range(0, len(cells), per_forward):
             chunk = order[first:first + per_forward]
             offset = _first_position(cells[chunk[0]], n_pos)
+            if kinds is not None:  # a bidirectional block is rerun whole (one example's)
+                offset = 0 if n > 1 else model.family.exact_suffix_start(kinds, offset)
             copies = len(chunk)
             hooks = [(name, _stacked_patch(name, clean_cache[name], [cells[c] for c in chunk],
                                            offset))]
@@ -300,6 +304,7 @@ def _sweep(model: HookedModel, clean: MultimodalBatch, corrupted: MultimodalBatc
                     # One example: its row of positions broadcasts in the rotary tables.
                     position_ids=positions[..., offset:] if n == 1 else positions[
                         ..., offset:].repeat(*[1] * (positions.ndim - 2), copies, 1),
+                    token_type_ids=None if kinds is None else kinds[:, offset:].repeat(copies, 1),
                 )
             for c, part in zip(chunk, logits.split(n), strict=True):
                 full = torch.cat([corrupted_logits[:, :offset].to(part), part], dim=1)

@@ -36,7 +36,7 @@ def internvl_processor(tokenizer: Any, image_processor: Any, image_seq_length: i
         tokenizer, image_processor, count_image_tokens=count_image_tokens,
         chat_template=chat_template or getattr(tokenizer, "chat_template", None),
         image_token=IMAGE_TOKEN, sizes_key="num_patches", image_wrap=(START_TOKEN, END_TOKEN),
-        image_kwargs={"crop_to_patches": True}, sizes_output=False)
+        image_kwargs={"crop_to_patches": True}, drop=("num_patches",))
 
 
 def load_internvl_processor(path: str | Path, image_seq_length: int,
