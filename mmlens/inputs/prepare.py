@@ -165,7 +165,7 @@ def prepare(model: InputsModel, images: Any, questions: Any, *,
     # The per-image geometry the family reads: LLaVA-NeXT's image_sizes, Qwen's image_grid_thw.
     sizes_key = model.family.image_sizes_key
     if sizes_key in encoded[0][0]:
-        image_sizes = torch.cat([out[sizes_key] for out, _, _ in encoded])
+        image_sizes = model.family.stack_image_sizes([out[sizes_key] for out, _, _ in encoded])
     batch = MultimodalBatch(
         input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
         spans=spans, image_sizes=image_sizes, prompts=[p for _, _, p in encoded],

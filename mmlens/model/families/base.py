@@ -176,6 +176,10 @@ class Family:
         """The processor's per-example ``pixel_values`` -> one batch tensor."""
         return torch.cat(list(pixel_values))
 
+    def stack_image_sizes(self, image_sizes: Sequence[Tensor]) -> Tensor:
+        """The processor's per-example ``image_sizes_key`` outputs -> one batch tensor."""
+        return torch.cat(list(image_sizes))
+
     def add_image_spans(self, model: Any, batch: Any) -> None:
         """Extra spans over the image tokens (e.g. ``image_newline``); none by default."""
 
