@@ -6,7 +6,8 @@ tokens: the question span is exactly the tokens whose characters overlap the que
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -55,12 +56,15 @@ def _spans_for(ids: list[int], offsets: list[tuple[int, int]], question_range: t
 
 def encode_prompt(processor: Any, image: Image.Image, question: str, template: PromptTemplate,
                   image_token_id: int, tokenization: str = "whole",
+                  image_text: Callable[[Image.Image, str, int], str] | None = None,
                   ) -> tuple[Mapping[str, Any], dict[str, torch.Tensor], str]:
     """Process one image + question; returns processor outputs, spans and the prompt.
 
     ``tokenization="chunks"`` tokenizes the text around ``<image>`` separately, as the original
     LLaVA code does (``mmlens.inputs.image_tokens``); ``"whole"`` keeps the processor's ids.
-    The returned prompt holds the image placeholder once, as ``<image>``.
+    The returned prompt holds the image placeholder once, as ``<image>``. ``image_text(image,
+    image_token, n_image_tokens)``: the text the processor writes for the image (the family's
+    ``image_text``; by default the image token repeated).
     """
     if tokenization not in TOKENIZATIONS:
         raise MMLensError(f"unknown tokenization {tokenization!r}: use one of {TOKENIZATIONS}")
@@ -80,7 +84,9 @@ def encode_prompt(processor: Any, image: Image.Image, question: str, template: P
         spans = _spans_for(ids, offsets, (q_start, q_start + len(question)), image_token_id,
                            processor.tokenizer.bos_token_id)
         return out, spans, prompt
-    expanded_prefix = template.prefix.replace(IMAGE_PLACEHOLDER, image_str * n_image)
+    expanded_image = (image_text(image, image_str, n_image) if image_text is not None
+                      else image_str * n_image)
+    expanded_prefix = template.prefix.replace(IMAGE_PLACEHOLDER, expanded_image)
     expanded = expanded_prefix + question + template.suffix
     tok = processor.tokenizer(expanded, return_offsets_mapping=True)
     if tok["input_ids"] != ids:
@@ -144,7 +150,9 @@ def prepare(model: InputsModel, images: Any, questions: Any, *,
     model_images = images
     if preprocessing == "pad":
         model_images = [pad_to_square(img, processor) for img in images]
-    encoded = [encode_prompt(processor, img, q, template, image_token_id, tokenization)
+    image_text = partial(model.family.image_text, processor)
+    encoded = [encode_prompt(processor, img, q, template, image_token_id, tokenization,
+                             image_text)
                for img, q in zip(model_images, questions, strict=True)]
     for name, (out, _, _) in zip(names, encoded, strict=True):
         _check_context(model, out["input_ids"].shape[1], name)

@@ -1,5 +1,5 @@
 """Prompt templates: the paper's Vicuna v1 prompt, the Llama-3 chat prompt, the Qwen chat
-prompt of LLaVA-OneVision and the Qwen-VL and Qwen3-VL chat prompts."""
+prompt of LLaVA-OneVision, the Qwen-VL and Qwen3-VL chat prompts and SmolVLM's."""
 
 from __future__ import annotations
 
@@ -76,6 +76,15 @@ QWEN3_VL = PromptTemplate(
 """Qwen3-VL's chat template (no default system prompt) for one image and the paper's
 instruction."""
 
+IDEFICS3 = PromptTemplate(
+    "idefics3",
+    "<|im_start|>User:<image>{question}\nAnswer the question using a single word or phrase."
+    "<end_of_utterance>\nAssistant:",
+)
+"""What SmolVLM's (and Idefics3's) chat template renders for one image and the question with
+the paper's answer instruction, generation prompt added; the processor expands ``<image>`` to
+the tiles' markers and tokens and the global view."""
+
 PAPER_SUFFIX = " \nAnswer the question using a single word or phrase."
 """What the paper's code appends to every question (note the space before the newline)."""
 
@@ -95,7 +104,7 @@ LLAMA3_PAPER = PromptTemplate(
 )
 """The Llama-3 conversation with ``PAPER_SUFFIX`` after the question, followed by ``" \n"``."""
 
-TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL, QWEN3_VL,
+TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL, QWEN3_VL, IDEFICS3,
                                  VICUNA_V1_PAPER, LLAMA3_PAPER)}
 
 

@@ -167,18 +167,33 @@ class Idefics3Family(Family):
         """Per-example ``pixel_attention_mask`` ``[1, images, T, T]``, padded as the pixels."""
         return self.stack_pixel_values(image_sizes)
 
+    def image_text(self, processor: Any, image: Any, image_token: str, n_image: int) -> str:
+        """What the processor writes for the image: per tile its markers and tokens, a newline
+        after each row, then the global view (``Idefics3Processor.replace_image_token``)."""
+        rows, cols = self._geometry(processor, image).grid(ImageSize.of(image))
+        return processor.replace_image_token({"rows": [[rows]], "cols": [[cols]]}, 0)
+
     def box_positions(
         self, model: Any, image_size: ImageSize, boxes: Sequence[Any],
         image_positions: Tensor, mode: str,
     ) -> tuple[Tensor, Tensor]:
         """Through the processor's tiling: every tile a box reaches, and the global view."""
         from mmlens.inputs.geometry import other_image_positions
-        from mmlens.inputs.idefics3_geometry import TileGeometry
+        from mmlens.inputs.idefics3_geometry import TileGeometry, tile_box_positions
 
         geometry = TileGeometry.from_processor(model.processor.image_processor,
                                                model.cfg.vision)
-        related = image_positions[geometry.token_mask(image_size, boxes)]
+        related = tile_box_positions(geometry, image_size, boxes, image_positions)
         return related, other_image_positions(image_positions, related)
+
+    @staticmethod
+    def _geometry(processor: Any, image: Any) -> Any:
+        from mmlens.inputs.idefics3_geometry import TileGeometry
+
+        ip = processor.image_processor
+        tokens_a_side = round(processor.image_seq_len ** 0.5)
+        return TileGeometry.from_image_processor(
+            ip, ip.max_image_size["longest_edge"] // tokens_a_side)
 
 
 class SmolVLMFamily(Idefics3Family):
