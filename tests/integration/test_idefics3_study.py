@@ -145,3 +145,23 @@ def test_fast_sweep_equals_naive(model):
     fast, naive = (runs[m].sort_values(["example_id", "flow", "layer"]) for m in runs)
     assert np.abs(fast.p_block.to_numpy() - naive.p_block.to_numpy()).max() <= 1e-5
     assert (fast.p_block - fast.p_base).abs().max() > 1e-5
+
+
+def test_a_saved_smolvlm_folder_loads_without_torchvision_and_equals_hf(tmp_path):
+    folder = tiny_checkpoint("smolvlm", tmp_path / "smolvlm")
+    model = HookedMultimodalTransformer.from_pretrained(str(folder))
+    assert model.family.name == "smolvlm" and model.processor.image_seq_len == TOKENS_PER_TILE
+    hf = type(tiny_hf_model("smolvlm")).from_pretrained(folder).eval()
+    images, boxes = _images()
+    batch = model.prepare(images, QUESTIONS, boxes=boxes)
+    with torch.no_grad():
+        ref = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                 pixel_values=batch.pixel_values,
+                 pixel_attention_mask=batch.image_sizes).logits
+        ours = model(batch)
+    real = batch.attention_mask.bool()
+    assert (ref - ours)[real].abs().max() <= 1e-4
+    config = folder / "processor_config.json"
+    config.write_text(config.read_text().replace('"image_seq_len": 9', '"image_seq_len": 16'))
+    with pytest.raises(MMLensError, match="image_seq_len 16"):
+        HookedMultimodalTransformer.from_pretrained(str(folder))

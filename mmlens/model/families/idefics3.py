@@ -196,6 +196,35 @@ class Idefics3Family(Family):
             ip, ip.max_image_size["longest_edge"] // tokens_a_side)
 
 
+def load_smolvlm_processor(name_or_path: str, cfg: MultimodalConfig) -> Any:
+    """SmolVLM's tokenizer, PIL image processor and chat template, composed into HF's
+    ``Idefics3Processor``, which writes the same image text; ``SmolVLMProcessor`` needs a video
+    processor and so torchvision. ``image_seq_len`` is the checkpoint's (processor_config.json),
+    else the tower's tokens a tile."""
+    import json
+
+    from transformers import AutoTokenizer, Idefics3Processor, SmolVLMImageProcessorPil
+
+    from mmlens.core.errors import MMLensError
+    from mmlens.inputs.processor import checkpoint_file, read_chat_template
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        image_processor = SmolVLMImageProcessorPil.from_pretrained(name_or_path)
+    except (OSError, ValueError) as error:
+        raise MMLensError(
+            f"{name_or_path} has no usable tokenizer or image processor ({error}); a SmolVLM "
+            "checkpoint needs its tokenizer files and preprocessor_config.json") from error
+    config = checkpoint_file(name_or_path, "processor_config.json")
+    seq_len = json.loads(config.read_text()).get("image_seq_len") if config else None
+    expected = cfg.vision.tokens_per_tile
+    if seq_len is not None and seq_len != expected:
+        raise MMLensError(f"processor_config.json gives image_seq_len {seq_len} but the vision "
+                          f"tower makes {expected} tokens a tile: is it from this checkpoint?")
+    return Idefics3Processor(image_processor, tokenizer, image_seq_len=expected,
+                             chat_template=read_chat_template(name_or_path, tokenizer))
+
+
 class SmolVLMFamily(Idefics3Family):
     name = "smolvlm"
     model_types = ("smolvlm",)
@@ -203,3 +232,9 @@ class SmolVLMFamily(Idefics3Family):
     description = ("SmolVLM (Idefics3's network: SigLIP-like vision transformer on tiles plus "
                    "a global view, pixel-shuffle connector, Llama decoder)")
     checkpoints = ("HuggingFaceTB/SmolVLM-256M-Instruct", "HuggingFaceTB/SmolVLM-500M-Instruct")
+
+    def load_processor(self, path: str, **kwargs: Any) -> Any:
+        """Composed from the checkpoint's parts (HF's ``SmolVLMProcessor`` needs torchvision)."""
+        from transformers import AutoConfig
+
+        return load_smolvlm_processor(path, self.read_config(AutoConfig.from_pretrained(path)))

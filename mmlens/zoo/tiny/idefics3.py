@@ -34,7 +34,8 @@ CHAT_TEMPLATE = (
 """SmolVLM's chat template for images and text."""
 
 
-def _fields(overrides: dict[str, Any]) -> dict[str, Any]:
+def config_fields(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The tiny config's fields; `overrides` as `hf_config`'s (popped from the dict)."""
     vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                   num_attention_heads=4, image_size=TILE, patch_size=PATCH,
                   layer_norm_eps=1e-6)
@@ -57,7 +58,7 @@ def hf_config(**overrides: Any) -> Any:
     ``vision_config`` dicts update the towers' fields."""
     from transformers import Idefics3Config
 
-    return Idefics3Config(**_fields(dict(overrides)))
+    return Idefics3Config(**config_fields(dict(overrides)))
 
 
 def tokenizer() -> Any:
