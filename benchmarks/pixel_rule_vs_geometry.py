@@ -17,6 +17,7 @@ import numpy as np
 from transformers import CLIPImageProcessorPil
 
 from mmlens.inputs.geometry import boxes_to_patch_mask
+from mmlens.inputs.layouts.grid import GridLayout
 from mmlens.inputs.pixel_rule import pixel_rule_mask
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -39,13 +40,13 @@ def main() -> None:
     processor = SimpleNamespace(image_processor=CLIPImageProcessorPil(
         size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
         image_mean=CLIP_MEAN))
-    cfg = SimpleNamespace(vision=SimpleNamespace(patch_size=14, image_size=336), is_anyres=False)
+    layout = GridLayout(336, 14)
     for mode in ("pad", "resize_crop"):
         rng = np.random.default_rng(args.seed)
         differ, n_diff, n_related, only_paper = 0, [], [], 0
         for _ in range(args.cases):
             size, boxes = random_case(rng)
-            paper, _ = pixel_rule_mask(processor, cfg, boxes, size, mode)
+            paper, _ = pixel_rule_mask(processor, layout, boxes, size, mode)
             exact = boxes_to_patch_mask(boxes, size, 336, 14, mode)
             diff = int((paper ^ exact).sum())
             only_paper += int((paper & ~exact).sum())

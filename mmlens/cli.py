@@ -22,9 +22,9 @@ import warnings
 
 from mmlens.data.example import TASKS
 from mmlens.experiments.knockouts import DEFAULT_FLOWS
-from mmlens.experiments.lock import FolderBusyError
 from mmlens.experiments.metrics import METRICS
 from mmlens.experiments.presets import EMPTY_SPANS, PRESETS
+from mmlens.experiments.runfolder.lock import FolderBusyError
 from mmlens.experiments.study import DEFAULT_MODEL, DEFAULT_PER_TASK
 from mmlens.inputs.image_tokens import TOKENIZATIONS
 from mmlens.inputs.spans import RELATED_RULES
@@ -55,6 +55,7 @@ def _study_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--filter-max-new-tokens", type=int, default=None,
                          help="tokens the correctness filter decodes at most (default 128, "
                          "the paper's)")
+    command.add_argument("--break-lock", action="store_true", help=BREAK_LOCK_HELP)
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -63,9 +64,12 @@ def _settings(args: argparse.Namespace) -> dict:
             "related_rule": args.related_rule, "empty_spans": args.empty_spans,
             "metric": args.metric, "controls": args.controls,
             "control_seed": args.control_seed,
-            "filter_max_new_tokens": args.filter_max_new_tokens}
+            "filter_max_new_tokens": args.filter_max_new_tokens,
+            "break_lock": args.break_lock}
 
 
+BREAK_LOCK_HELP = ("take over the output folder's lock from a run known to be gone (killed, or "
+                   "its host shut down); the holder broken is named")
 RESCALE_HELP = ("images whose size differs from the size the data records, with the same aspect "
                 "ratio: rescale their boxes (default: refuse them)")
 
@@ -141,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="join the folders of `flow --shard K/N` runs")
     merge.add_argument("out", help="new output folder")
     merge.add_argument("shards", nargs="+", help="the shards' output folders")
+    merge.add_argument("--break-lock", action="store_true", help=BREAK_LOCK_HELP)
     report = commands.add_parser("report", help="rebuild report.html from a run's tables")
     report.add_argument("dir", help="output folder of `mmlens flow`")
     hooks = commands.add_parser("hooks", help="list hook names and activation shapes")
@@ -248,9 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"results in {out}: flow.csv, summary.csv, dropped.csv, emergence.csv, "
                       "examples.jsonl, report.html")
         elif args.command == "merge":
-            from mmlens.experiments.merge import merge_shards
+            from mmlens.experiments.runfolder.merge import merge_shards
 
-            print(f"merged into {merge_shards(args.out, args.shards)}")
+            print(f"merged into {merge_shards(args.out, args.shards, break_lock=args.break_lock)}")
         elif args.command == "report":
             from mmlens.experiments.report import build_report
 

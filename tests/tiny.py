@@ -3,56 +3,26 @@
 from __future__ import annotations
 
 import torch
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-)
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from mmlens.zoo.tiny import llava as builder
+from mmlens.zoo.tiny import tiny_hf_model
 
 IMAGE_TOKEN = 99
 VOCAB = 100
 
 
-def tiny_llava_config(
-    *,
-    n_kv_heads: int = 2,
-    feature_layer: int | list[int] = -2,
-    strategy: str = "default",
-    image_size: int = 32,
-    patch_size: int = 8,
-    vision_layers: int = 3,
-    text_layers: int = 3,
-    rope_parameters: dict | None = None,
-) -> LlavaConfig:
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
-        num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=16,
-    )
-    text_kwargs = dict(
-        hidden_size=48, intermediate_size=96, num_hidden_layers=text_layers,
-        num_attention_heads=4, num_key_value_heads=n_kv_heads, vocab_size=VOCAB,
-        max_position_embeddings=512,
-    )
-    if rope_parameters is not None:
-        text_kwargs["rope_parameters"] = rope_parameters
-    text = LlamaConfig(**text_kwargs)
-    return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
-        vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
-    )
+def tiny_llava_config(**kwargs) -> LlavaConfig:
+    """``mmlens.zoo.tiny.llava.hf_config`` on a 100-word vocabulary with ``<image>`` = 99 (the
+    ids ``tiny_inputs`` draws), no pad id."""
+    return builder.hf_config(vocab=VOCAB, image_token=IMAGE_TOKEN, pad_token=None, **kwargs)
 
 
 def tiny_llava(
     seed: int = 0, dtype: torch.dtype = torch.float32, **kwargs
 ) -> LlavaForConditionalGeneration:
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(tiny_llava_config(**kwargs))
-    # Random init leaves norms at 1 and biases at 0: perturb every weight so parity is a real test.
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.02)
-    return model.to(dtype).eval()
+    return tiny_hf_model("llava", seed=seed, dtype=dtype, scale=0.02, vocab=VOCAB,
+                         image_token=IMAGE_TOKEN, pad_token=None, **kwargs)
 
 
 def n_image_tokens(config: LlavaConfig) -> int:
@@ -96,3 +66,17 @@ def hf_image_features(output) -> torch.Tensor:
     if isinstance(features, list | tuple):
         return torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
     return features.reshape(-1, features.shape[-1])
+
+
+def small_shapes_model(seed: int = 0):
+    """A 4-layer random LLaVA with the bundled model's processor (56 px images, 4x4 tokens):
+    the shapes data's questions and tokenizer in a model that runs in milliseconds."""
+    from mmlens import HookedMultimodalTransformer
+    from mmlens.zoo.build import build_config, build_processor
+
+    processor = build_processor(56)
+    config = build_config(len(processor.tokenizer), image_size=56, vision_layers=2,
+                          text_layers=4, width=32)
+    torch.manual_seed(seed)
+    return HookedMultimodalTransformer.from_hf_model(
+        LlavaForConditionalGeneration(config), processor=processor).eval()

@@ -18,7 +18,7 @@ from mmlens.experiments.presets import (
     StudySettings,
     resolve_settings,
 )
-from mmlens.experiments.store import ResultStore
+from mmlens.experiments.runfolder.store import ResultStore
 from mmlens.experiments.sweep import dropped_examples, information_flow, results_frame
 
 __all__ = [

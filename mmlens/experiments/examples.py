@@ -2,16 +2,13 @@
 
 ``ExampleSource`` takes dataset ``Example`` records (each prepared only when reached, so a
 long run holds one image at a time) or a ready ``MultimodalBatch``, and hands out unpadded
-single-example batches. ``model_fingerprint`` identifies a model for resumable stores.
+single-example batches.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-
-import torch
 
 from mmlens.experiments.engine import single_example
 from mmlens.inputs.batch import MultimodalBatch
@@ -104,20 +101,6 @@ class ExampleSource:
 
     def digests(self) -> dict[str, Any]:
         """Digests of the examples' ids, questions, answers, tasks, boxes and image bytes."""
-        from mmlens.experiments.fingerprint import examples_digests
+        from mmlens.experiments.runfolder.fingerprint import examples_digests
 
         return examples_digests(self.records, self.ids, self.batch)
-
-
-def model_fingerprint(model: HookedModel) -> str:
-    """Name, shape, dtype and a digest of a few weights, for people to read; the store's
-    signature also holds ``weights_checksum``, which covers every element."""
-    hf_config = getattr(model.cfg, "hf_config", None)
-    name = getattr(hf_config, "_name_or_path", "") or "unnamed"
-    digest = hashlib.sha1()
-    samples = (model.embed.W_E[:8], model.unembed.W_U[:, :8], model.blocks[-1].attn.o_weight[:8])
-    for tensor in samples:
-        digest.update(tensor.detach().to("cpu", torch.float32).numpy().tobytes())
-    dtype = str(model.embed.W_E.dtype).replace("torch.", "")
-    return (f"{name} ({model.cfg.n_layers} layers, d_model {model.cfg.d_model}, {dtype}, "
-            f"weights {digest.hexdigest()[:12]})")

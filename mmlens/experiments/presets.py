@@ -37,7 +37,7 @@ from mmlens.inputs.checkpoints import (
     paper_checkpoint,
 )
 from mmlens.inputs.image_tokens import TOKENIZATIONS
-from mmlens.inputs.spans import PIXEL_RULE_FAMILIES, RELATED_RULES
+from mmlens.inputs.spans import RELATED_RULES
 from mmlens.inputs.templates import (
     IDEFICS3,
     LLAMA3_PAPER,
@@ -277,9 +277,7 @@ def _found_preset(model: Any) -> tuple[StudyPreset | None, str]:
 def _fixed_preprocessing(model: Any) -> str | None:
     """``"anyres"`` / ``"dynamic"`` where the model's processor fixes the geometry."""
     family = getattr(model, "family", None)
-    if family is not None:
-        return family.fixed_preprocessing
-    return "anyres" if getattr(model.cfg, "is_anyres", False) else None  # a config alone
+    return None if family is None else family.fixed_preprocessing
 
 
 def _check(settings: StudySettings, model: Any) -> None:
@@ -296,11 +294,10 @@ def _check(settings: StudySettings, model: Any) -> None:
         raise ValueError(f"preprocessing {settings.preprocessing!r} does not fit this model "
                          f"(its processor's is {fixed or 'pad, resize_crop or resize'!r}): "
                          "leave preprocessing unset")
-    family = getattr(getattr(model, "family", None), "name", None)
-    if settings.related_rule == "paper" and family is not None and (
-            family not in PIXEL_RULE_FAMILIES):
+    family = getattr(model, "family", None)
+    if settings.related_rule == "paper" and family is not None and not family.pixel_rule:
         raise ValueError(f"the paper's pixel rule (related_rule 'paper') is defined for the "
-                         f"{', '.join(PIXEL_RULE_FAMILIES)} families, not {family!r}: pass "
+                         f"paper's families (LLaVA-1.5, LLaVA-NeXT), not {family.name!r}: pass "
                          "--related-rule geometry (related_rule='geometry'), which maps boxes "
                          "through this family's processor")
     check_window(settings.window, model.cfg.n_layers)

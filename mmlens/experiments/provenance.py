@@ -10,7 +10,8 @@ positions]}``, ``answer`` (gold), ``model_answer`` (greedy, decoded until it can
 equal the gold answer), ``kept``, ``metric_tokens`` (under ``logit-diff``: the ids of the
 answer and the wrong option compared, ``{"answer": id, "foil": id}``; else null).
 
-``run.json`` gets ``versions`` (mmlens, torch, transformers) and ``weights_sha256`` (a digest
+``run.json`` gets ``versions`` (mmlens, torch, transformers), ``mmlens_source`` (a digest of
+the installed package's source, ``fingerprint.source_digest``) and ``weights_sha256`` (a digest
 of every parameter) from ``run_provenance``.
 """
 
@@ -19,18 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+from mmlens.experiments.runfolder.fingerprint import source_digest, version_of
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -45,8 +40,9 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 
 def run_provenance(model: torch.nn.Module) -> dict[str, Any]:
-    """Versions and the weight checksum, for ``run.json``."""
-    return {"versions": {name: _version(name) for name in ("mmlens", "torch", "transformers")},
+    """Versions, the package's source digest and the weight checksum, for ``run.json``."""
+    return {"versions": {name: version_of(name) for name in ("mmlens", "torch", "transformers")},
+            "mmlens_source": source_digest(),
             "weights_sha256": weights_sha256(model)}
 
 
@@ -81,6 +77,6 @@ def examples_jsonl(records: Sequence[Mapping[str, Any]],
 def write_examples(path: str | Path, records: Sequence[Mapping[str, Any]],
                    golds: Mapping[str, str] | None = None) -> Path:
     """Write ``examples.jsonl`` (atomically: a reader never sees half of it)."""
-    from mmlens.experiments.atomic import write_atomic
+    from mmlens.experiments.runfolder.atomic import write_atomic
 
     return write_atomic(Path(path), examples_jsonl(records, golds))

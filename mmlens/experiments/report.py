@@ -6,7 +6,9 @@
 Figures (plotly, its script inlined once so the file opens offline): flows to the last
 position; image to question; related vs other image patches to the question (each with its
 random control when the run has one); every flow per task; answer emergence per reading and
-per task. Every caption is computed from the tables (``mmlens.experiments.captions``).
+per task. Every caption is computed from the tables (``mmlens.experiments.captions``). Under
+each example view, its question's words: clicking one shows its causal map over the image
+(``mmlens.experiments.word_picker``).
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmlens.experiments.atomic import write_atomic
 from mmlens.experiments.captions import VARIANT_LABELS, emergence_caption, flow_caption
 from mmlens.experiments.controls import control_flow, is_control
 from mmlens.experiments.knockouts import parse_flow
+from mmlens.experiments.runfolder.atomic import write_atomic
 from mmlens.experiments.summary import flow_summary
+from mmlens.experiments.word_picker import PICKER_SCRIPT, word_picker
 from mmlens.plotting import knockout_curves, lens_trajectories
 from mmlens.plotting.views import example_view_figure, view_caption
 
@@ -89,10 +92,13 @@ def build_report(run_dir: str | Path) -> Path:
                         "gives each task's peak.", curves(flow, "Every flow per task")))
     figures += _view_figures(run_dir)
     figures += _emergence_figures(emergence)
-    for index, (title, note, figure) in enumerate(figures):
+    for index, (title, note, figure, *picker) in enumerate(figures):
+        div_id, after = picker or (None, "")
         parts.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(note)}</p>")
-        parts.append(figure.to_html(full_html=False,
-                                    include_plotlyjs="inline" if index == 0 else False))
+        parts.append(figure.to_html(full_html=False, div_id=div_id,
+                                    include_plotlyjs="inline" if index == 0 else False) + after)
+    if any(len(entry) > 3 and entry[4] for entry in figures):
+        parts.append(PICKER_SCRIPT)
     parts.append(_tables(peaks, dropped, unit))
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>mmlens information flow"
             "</title><style>body{font-family:sans-serif;max-width:1200px;margin:auto}"
@@ -102,12 +108,14 @@ def build_report(run_dir: str | Path) -> Path:
 
 
 def _view_figures(run_dir: Path) -> list:
-    """One example per task: image, related patches, the question's attention."""
+    """One example per task: image, related patches, the question's attention, and the
+    picker of its words' causal maps."""
     path = run_dir / "views.json"
     if not path.is_file():
         return []
-    return [(f"Example: {view['task']}", view_caption(view), example_view_figure(view))
-            for view in json.loads(path.read_text())]
+    return [(f"Example: {view['task']}", view_caption(view), example_view_figure(view),
+             f"view-{index}", word_picker(view, f"view-{index}"))
+            for index, view in enumerate(json.loads(path.read_text()))]
 
 
 def _emergence_figures(emergence: pd.DataFrame) -> list:

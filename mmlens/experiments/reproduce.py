@@ -43,6 +43,7 @@ def reproduce(
     controls: bool = False,
     control_seed: int | None = None,
     filter_max_new_tokens: int | None = None,
+    break_lock: bool = False,
     **settings: str | None,
 ) -> Path:
     """Run the paper's study for one model; resumable like ``mmlens flow``.
@@ -65,5 +66,5 @@ def reproduce(
         batch_size=batch_size, max_memory=max_memory, device_map=device_map, progress=progress,
         rescale_boxes=rescale_boxes, shard=shard, preset=preset, metric=metric,
         controls=controls, control_seed=control_seed,
-        filter_max_new_tokens=filter_max_new_tokens, **settings,
+        filter_max_new_tokens=filter_max_new_tokens, break_lock=break_lock, **settings,
     )

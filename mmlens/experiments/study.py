@@ -28,13 +28,13 @@ from typing import Any
 import torch
 
 from mmlens.core.errors import MMLensError
-from mmlens.experiments.atomic import write_atomic
 from mmlens.experiments.controls import control_seed_of
-from mmlens.experiments.distributed import close_ranks, init_ranks, rank_device
 from mmlens.experiments.knockouts import DEFAULT_FLOWS, parse_flows
-from mmlens.experiments.lock import FolderBusyError, RunLock
 from mmlens.experiments.presets import resolve_settings
 from mmlens.experiments.provenance import run_provenance
+from mmlens.experiments.runfolder.atomic import write_atomic
+from mmlens.experiments.runfolder.distributed import close_ranks, init_ranks, rank_device
+from mmlens.experiments.runfolder.lock import FolderBusyError, RunLock
 from mmlens.experiments.sweep import AllDroppedWarning, dropped_examples, information_flow
 from mmlens.experiments.tables import (
     STORE_NAME,
@@ -186,6 +186,7 @@ def run_study(
     controls: bool = False,
     control_seed: int | None = None,
     filter_max_new_tokens: int | None = None,
+    break_lock: bool = False,
     **settings: str | None,
 ) -> Path:
     """Run the information-flow study and write its tables and report into ``out``.
@@ -203,20 +204,26 @@ def run_study(
     badly when other work shares the cores. ``rescale_boxes``: an image whose size differs
     from the size the data records (same aspect ratio) gets its boxes rescaled, not refused.
     ``shard=(K, N)``: only the K-th of N disjoint shares of the examples (``mmlens merge``
-    joins the shards' folders). Under ``torchrun`` the examples are dealt out over the ranks
-    and rank 0 writes the tables and report.
+    joins the shards' folders; each shard needs its own folder). ``break_lock``: take the
+    folder's lock from a run known to be gone (``mmlens.experiments.runfolder.lock``). Under
+    ``torchrun`` the examples are dealt out over the ranks and rank 0 writes the tables and
+    report.
     """
     check_device(device)
     check_count(threads, "threads", "--threads")
     check_count(seed, "seed", "--seed", least=0)
     flow_names = [flow.name for flow in parse_flows(flows)]
     examples = load_examples(data, tasks=tasks, per_task=per_task, seed=seed, images=images)
+    if shard is not None and shard[0] >= len(examples):
+        raise MMLensError(f"shard {shard[0]}/{shard[1]} is empty: the {len(examples)} examples "
+                          f"fill only shards 0 to {len(examples) - 1}; split into at most "
+                          f"{len(examples)} shards, or merge the shards that hold examples")
     for example in examples:
         example.rescale_boxes = rescale_boxes
     out = Path(out) if out is not None else default_out_dir()
     out.mkdir(parents=True, exist_ok=True)
     ranks = init_ranks(device)
-    lock = RunLock(out)
+    lock = RunLock(out, break_lock=break_lock)
     try:
         refusal = None
         if ranks.is_main:
@@ -299,7 +306,7 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
             raise MMLensError(all_dropped_message(dropped, len(mine), out))
         if hooked.processor is not None:
             views = example_views(hooked, mine, frame.attrs["records"],
-                                  resolved.prepare_options())
+                                  resolved.prepare_options(), flow=frame)
             data = json.dumps(views).encode("utf-8")
             write_atomic(out / "views.json", data)
             digests["views.json"] = hashlib.sha256(data).hexdigest()[:16]

@@ -26,19 +26,9 @@ from mmlens.data.example import BoxOutsideImageError
 from mmlens.experiments.answer_forms import paired_tokens
 from mmlens.experiments.controls import control_seed_of, control_spans
 from mmlens.experiments.correctness import model_answer, wrong_answer_reason
-from mmlens.experiments.distributed import Ranks, StoreProgress, current_ranks
 from mmlens.experiments.emergence import answer_variants, lens_record
 from mmlens.experiments.engine import clean_run, fast_knockout_probs
-from mmlens.experiments.examples import ExampleSource, model_fingerprint
-from mmlens.experiments.fingerprint import (
-    METRIC,
-    code_digest,
-    config_digest,
-    processor_digest,
-    spans_digest,
-    template_digest,
-    weights_checksum,
-)
+from mmlens.experiments.examples import ExampleSource
 from mmlens.experiments.knockouts import (
     DEFAULT_FLOWS,
     Flow,
@@ -50,7 +40,9 @@ from mmlens.experiments.knockouts import (
 from mmlens.experiments.metrics import METRICS, results_frame
 from mmlens.experiments.naive import naive_knockout_probs
 from mmlens.experiments.presets import StudySettings, resolve_settings
-from mmlens.experiments.store import ResultStore, read_store
+from mmlens.experiments.runfolder.distributed import Ranks, StoreProgress, current_ranks
+from mmlens.experiments.runfolder.fingerprint import spans_digest, study_signature, template_digest
+from mmlens.experiments.runfolder.store import ResultStore, read_store
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.inputs.image_tokens import tokenized_text
 from mmlens.model.protocol import HookedModel
@@ -154,18 +146,16 @@ def information_flow(
     results = None
     if store is not None:
         record = settings.record()
+        record.pop("preset_source")  # how the preset was found may name the model's folder
         signature = {
-            "kind": "information_flow", "model": model_fingerprint(model),
-            "weights": weights_checksum(model), "config": config_digest(model),
-            "processor": processor_digest(model), **source.digests(),
-            "span_rule": code_digest(), "metric": METRIC,
+            **study_signature(model, source.digests()),
             "flows": [f.name for f in flows], "only_correct": only_correct,
             "extra_spans": spans_digest(spans), **record,
             "template": template_digest(settings.template),
             "metric_tokens": "answer and foil, produced form" if options["wrong"] else "answer",
             "controls": controls, "lens": lens,  # control seed, filter length: in record
         }
-        results = ResultStore.open(store, signature, writer=ranks.rank)
+        results = ResultStore.open(store, signature, writer=ranks.rank, part=shard)
         ranks.barrier()  # every rank has read the store before any appends to it
     done = {} if results is None else results.done
     todo = ranks.mine([i for i in indices if source.example_id(i) not in done])

@@ -5,10 +5,10 @@
     write_run_json(out, summary, digests)            # run.json last: it vouches for the tables
     check_run_folder(out)                            # before a report is built from them
 
-Each file is replaced atomically (``mmlens.experiments.atomic``), and ``run.json``, written after
-the tables, records a digest of each. A run stopped between two writes leaves tables that
-disagree with ``run.json``; ``check_run_folder`` then refuses to report them, and rerunning the
-same command rebuilds them from the store.
+Each file is replaced atomically (``mmlens.experiments.runfolder.atomic``), and ``run.json``,
+written after the tables, records a digest of each. A run stopped between two writes leaves
+tables that disagree with ``run.json``; ``check_run_folder`` then refuses to report them, and
+rerunning the same command rebuilds them from the store.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any
 
 import pandas as pd
 
-from mmlens.experiments.atomic import write_atomic
 from mmlens.experiments.emergence import emergence_frame
 from mmlens.experiments.provenance import examples_jsonl
-from mmlens.experiments.store import read_store
+from mmlens.experiments.runfolder.atomic import write_atomic
+from mmlens.experiments.runfolder.store import read_store
 from mmlens.experiments.summary import flow_summary
 from mmlens.experiments.sweep import drop_counts, dropped_examples
 

@@ -10,6 +10,8 @@ grid's shape (``rows`` x ``cols``, row-major) and the side in pixels of one of i
 (``cell_px``), the related cells (indices into the grid), and the attention from the question
 positions to each cell's image token, averaged over heads, question positions and layers:
 
+The grid is tile 0 of the image's token map (``mmlens.inputs.token_map``):
+
 - LLaVA-1.5: the ``grid x grid`` patches of the one image (a CLS feature is left out);
 - LLaVA-NeXT / LLaVA-OneVision (anyres): the base tile's ``grid x grid`` patches (the whole
   image squashed to one tile); the high-resolution tiles are not shown;
@@ -18,7 +20,11 @@ positions to each cell's image token, averaged over heads, question positions an
   ``pixel_values`` by undoing the processor's patch packing and normalisation
   (``mmlens.inputs.qwen_geometry.unpack_patches``).
 
-This is one extra forward per task, with attention patterns on, outside the sweep.
+This is one extra forward per task, with attention patterns on, outside the sweep. With the
+sweep's table (``flow=``), each view also holds ``word_maps``: the causal map over the grid of
+each question word and of the last position (``mmlens.methods.word_maps``), in the study's
+window centred where the example's own ``image->question`` (for the last position
+``image->last``) flow drops most; one clean run and one batched forward per word.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from PIL import Image
@@ -48,47 +55,24 @@ class ViewGrid:
     pixels: Float[Tensor, "3 height width"]
 
 
-def _fixed_grid(model: Any, batch: Any) -> ViewGrid:
-    """LLaVA-1.5's grid, or the base tile's of LLaVA-NeXT / OneVision (base features first)."""
-    grid = model.cfg.vision.grid_size
-    image = batch.positions("image", 0)
-    if not model.cfg.is_anyres and (len(image) == grid**2 + 1
-                                    or model.cfg.feature_select_strategy == "full"):
-        image = image[1:]  # the CLS feature covers no patch (anyres towers never keep it)
-    if len(image) < grid**2:
-        raise ValueError(f"the example has {len(image)} image positions but a {grid}x{grid} "
-                         "patch grid needs at least that many: does the processor match the "
-                         "model's vision config?")
-    pixels = batch.pixel_values.reshape(-1, *batch.pixel_values.shape[-3:])[0]
-    return ViewGrid(grid, grid, model.cfg.vision.patch_size, image[:grid**2], pixels)
-
-
-def _qwen_grid(model: Any, batch: Any) -> ViewGrid:
-    """Qwen-VL's merged cells of the one resized image, in image-token order."""
-    from mmlens.inputs.qwen_geometry import unpack_patches
-
-    vision = model.cfg.vision
-    t, grid_h, grid_w = (int(n) for n in torch.as_tensor(batch.image_sizes).reshape(-1, 3)[0])
-    rows, cols = grid_h // vision.merge_size, grid_w // vision.merge_size
-    image = batch.positions("image", 0)
-    if t != 1 or len(image) != rows * cols:
-        raise ValueError(f"the example has {len(image)} image tokens but image_grid_thw "
-                         f"{[t, grid_h, grid_w]} merges into {t}x{rows}x{cols}: a view needs "
-                         "one still image, prepared with this model's processor")
-    pixels = unpack_patches(batch.pixel_values.reshape(-1, batch.pixel_values.shape[-1]),
-                            grid_h, grid_w, vision.patch_size, vision.merge_size,
-                            vision.temporal_patch_size)
-    return ViewGrid(rows, cols, vision.token_size, image, pixels)
-
-
 def view_grid(model: Any, batch: Any) -> ViewGrid:
-    """The grid of example 0 of ``batch``: a fixed square patch grid, or Qwen-VL's cells."""
-    if hasattr(model.cfg.vision, "grid_size"):
-        return _fixed_grid(model, batch)
-    if hasattr(model.cfg.vision, "merge_size"):
-        return _qwen_grid(model, batch)
-    raise ValueError(f"no example view for {model.cfg.model_type!r}: its vision config has "
-                     "neither a fixed patch grid nor Qwen-VL's merged cells")
+    """The grid of example 0 of ``batch``: the tokens of tile 0 of its image's token map that
+    have a place in it (``row`` / ``col``; a class token or a newline has none), row-major."""
+    layout = batch.image_layout if batch.image_layout is not None else (
+        model.family.image_layout(model))
+    if layout is None or not batch.token_maps:
+        raise ValueError(f"no example view for {model.family.name!r}: its family declares no "
+                         "image layout (Family.image_layout), or the batch was not built by "
+                         "model.prepare")
+    token_map = batch.token_maps[0][0]
+    rows, cols, shown = token_map.grid_cells(0)
+    image = batch.positions("image", 0)
+    if len(image) < len(token_map):
+        raise ValueError(f"the example's prompt holds {len(image)} image tokens but its image "
+                         f"map {len(token_map)}: was the batch prepared with this model's "
+                         "processor?")
+    return ViewGrid(rows, cols, layout.cell_px, image[torch.tensor(shown)],
+                    layout.view_pixels(batch, 0))
 
 
 def _image_png(model: Any, pixels: Float[Tensor, "3 height width"]) -> str:
@@ -106,9 +90,40 @@ def _image_png(model: Any, pixels: Float[Tensor, "3 height width"]) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def map_window(flow: pd.DataFrame, name: str, example_id: str, n_layers: int) -> list[int]:
+    """The study's window (``flow.attrs["window"]`` layers) centred at the layer where ``name``
+    lowers the answer of example ``example_id`` most: the example's own rows, so a run split
+    into shards and merged gets the same window. The middle layer when the example has no
+    value for that flow (absent, or undefined as a logit difference without a wrong
+    answer)."""
+    from mmlens.methods.windows import window_layers
+
+    value = "change" if "change" in flow.columns else "rel_change"
+    rows = flow[(flow["flow"] == name) & (flow["example_id"].astype(str) == str(example_id))]
+    rows = rows.dropna(subset=[value])
+    centre = (int(rows.groupby("layer")[value].mean().idxmin()) if not rows.empty
+              else n_layers // 2)
+    return window_layers(centre, int(flow.attrs.get("window") or 1), n_layers)
+
+
+def _word_maps(model: Any, batch: Any, grid: ViewGrid, image: Any, flow: pd.DataFrame,
+               example_id: str) -> list[dict[str, Any]]:
+    """The causal map over the view's grid of each question word, then of the last position."""
+    from mmlens.methods.word_maps import word_maps
+
+    maps = []
+    for span, name in (("question", "image->question"), ("last", "image->last")):
+        layers = map_window(flow, name, example_id, model.cfg.n_layers)
+        for entry in word_maps(model, batch, layers, grid=grid.positions, span=span,
+                               image_size=image.size):
+            maps.append({**entry, "span": span, "layers": layers})
+    maps[-1]["word"] = "last position"
+    return maps
+
+
 @torch.no_grad()
 def example_view(model: Any, record: Any, prepare_options: Mapping[str, Any],
-                 model_answer: str | None) -> dict[str, Any]:
+                 model_answer: str | None, flow: pd.DataFrame | None = None) -> dict[str, Any]:
     """The view of one dataset ``Example`` (see the module docstring)."""
     from mmlens.inputs.prepare import prepare
 
@@ -129,17 +144,21 @@ def example_view(model: Any, record: Any, prepare_options: Mapping[str, Any],
         model(batch.input_ids, batch.pixel_values, attention_mask=batch.attention_mask,
               image_sizes=batch.image_sizes, stop_at_layer=model.cfg.n_layers)
     related = torch.isin(cells, batch.positions("related", 0)).nonzero().flatten()
+    maps = {} if flow is None else {"word_maps": _word_maps(model, batch, grid, image, flow,
+                                                              str(record.example_id))}
     return {"example_id": str(record.example_id), "task": str(record.task),
             "question": record.question, "answer": str(record.answer),
             "model_answer": model_answer, "rows": grid.rows, "cols": grid.cols,
             "cell_px": grid.cell_px, "image_png": _image_png(model, grid.pixels),
             "related": related.tolist(),
-            "attention": (total / model.cfg.n_layers).cpu().tolist()}
+            "attention": (total / model.cfg.n_layers).cpu().tolist(), **maps}
 
 
 def example_views(model: Any, examples: Sequence[Any], records: Sequence[Mapping[str, Any]],
-                  prepare_options: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The first kept example of each task, in task order."""
+                  prepare_options: Mapping[str, Any],
+                  flow: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+    """The first kept example of each task, in task order; with the sweep's table ``flow``,
+    each with its words' causal maps."""
     by_id = {str(e.example_id): e for e in examples}
     views, seen = [], set()
     for record in records:
@@ -147,5 +166,5 @@ def example_views(model: Any, examples: Sequence[Any], records: Sequence[Mapping
             continue
         seen.add(record["task"])
         views.append(example_view(model, by_id[record["example_id"]], prepare_options,
-                                  record.get("model_answer")))
+                                  record.get("model_answer"), flow))
     return sorted(views, key=lambda view: view["task"])

@@ -11,6 +11,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from mmlens.core.errors import MMLensError
+
 
 @dataclass
 class MultimodalBatch:
@@ -18,6 +20,9 @@ class MultimodalBatch:
 
     ``input_ids`` / ``attention_mask`` ``[batch, pos]`` (left padded), ``pixel_values``
     ``[images, 3, H, W]`` (LLaVA-NeXT: ``[images, tiles, 3, H, W]`` with ``image_sizes``).
+    ``token_maps[i]``: one ``ImageTokenMap`` per image of example ``i`` (what each image token
+    is made from: tower patches, pixels; ``mmlens.inputs.token_map``), from ``image_layout``,
+    the layout of the model's family.
     ``spans[i][name]`` is a sorted LongTensor of absolute positions in row ``i``: ``image``,
     ``question`` (the raw question's tokens only), ``last``, ``bos``, ``system``, ``suffix``
     (instruction after the question), ``text``, and any span added with ``add_span`` (e.g.
@@ -32,7 +37,8 @@ class MultimodalBatch:
     prompts: list[str] = field(default_factory=list)
     examples: list[Any] | None = None
     tokenizer: Any = field(default=None, repr=False, compare=False)
-    vision_layout: Any = field(default=None, repr=False, compare=False)
+    image_layout: Any = field(default=None, repr=False, compare=False)
+    token_maps: list[list[Any]] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -54,22 +60,27 @@ class MultimodalBatch:
         return [decode_each(self.tokenizer, row) for row in self.input_ids]
 
     def vision_positions(self, name: str, model: Any = None) -> list[Tensor]:
-        """Span ``name`` inside the vision tower: patch indices (0 = CLS), one LongTensor per
-        vision-tower row (LLaVA-1.5: per example; LLaVA-NeXT: per tile, each image's base tile
-        first; Qwen-VL: one row of every image's packed patches, no CLS). See
-        ``mmlens.inputs.vision_spans``. ``model`` is needed only for a batch not built by
-        ``model.prepare``."""
-        from mmlens.inputs.vision_spans import VisionLayout, vision_positions
+        """Span ``name`` inside the vision tower: patch indices (0 = the class token on a tower
+        with one: CLIP; SigLIP and Qwen-VL have none), one LongTensor per vision-tower row
+        (LLaVA-1.5: per example; LLaVA-NeXT / OneVision: per tile, each image's base tile
+        first; Qwen-VL: one row of every image's packed patches). Read off the batch's image
+        maps (``mmlens.inputs.vision_spans``). ``model`` is needed only for a batch not built
+        by ``model.prepare``."""
+        from mmlens.inputs.vision_spans import vision_positions
 
-        layout = self.vision_layout
+        if any("image_0" in spans or not len(spans.get("image", [0])) for spans in self.spans):
+            raise MMLensError(f"span {name!r} cannot be mapped into the vision tower: a prompt "
+                              "of this batch has several images or none; vision-tower spans "
+                              "need one image per prompt (give explicit patch indices)")
+        layout = self.image_layout
         if model is not None:
-            layout = VisionLayout.from_config(model.cfg)
+            layout = model.family.image_layout(model)
         if layout is None:
             raise ValueError(f"span {name!r} cannot be mapped into the vision tower: the batch "
                              "was not built by model.prepare (pass model=), or the model's "
-                             "vision tower has no patch layout spans map into: give explicit "
-                             "patch indices")
-        return vision_positions(self, name, layout)
+                             "family declares no image layout (Family.image_layout): give "
+                             "explicit patch indices")
+        return vision_positions(self, name, layout, self.token_maps)
 
     @property
     def span_names(self) -> list[str]:
@@ -124,6 +135,8 @@ class MultimodalBatch:
             spans=[{k: v - start for k, v in self.spans[i].items()} for i in indices],
             prompts=[self.prompts[i] for i in indices] if self.prompts else [],
             examples=[self.examples[i] for i in indices] if self.examples else None,
+            token_maps=None if self.token_maps is None else [self.token_maps[i]
+                                                             for i in indices],
         )
 
     def to(self, device: str | torch.device) -> MultimodalBatch:

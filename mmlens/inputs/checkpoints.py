@@ -48,7 +48,9 @@ def paper_checkpoint(model: Any) -> tuple[str, str] | None:
     found = checkpoint_from_name(name) if name else None
     if found is not None:
         return found, f"model name {name!r}"
-    shape = (bool(cfg.is_anyres), int(cfg.n_layers), int(cfg.d_model), int(cfg.d_vocab))
+    family = getattr(model, "family", None)
+    anyres = family is not None and family.fixed_preprocessing == "anyres"
+    shape = (anyres, int(cfg.n_layers), int(cfg.d_model), int(cfg.d_vocab))
     if shape in _SHAPES:
         return _SHAPES[shape], (f"config shape (anyres {shape[0]}, {shape[1]} layers, d_model "
                                 f"{shape[2]}, vocabulary {shape[3]})")

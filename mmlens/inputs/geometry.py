@@ -24,98 +24,18 @@ origin) -> ``canvas_patch_mask`` on each tile's canvas.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
-from fractions import Fraction
-from numbers import Rational, Real
-from typing import Literal
 
 import torch
 
-from mmlens.core.sizes import ImageSize, SizeOrPair, as_image_size
+from mmlens.core.sizes import SizeOrPair, as_image_size
 from mmlens.data.example import Box
+from mmlens.inputs.layouts.grid import MODES, GridLayout, Mode, preprocess_transform
+from mmlens.inputs.token_map import CornerBox, canvas_patch_mask, corner_box, scale_and_shift
 
-Mode = Literal["resize_crop", "resize", "pad"]
-MODES: tuple[str, ...] = ("resize_crop", "resize", "pad")
-
-CornerBox = tuple[Rational, Rational, Rational, Rational]
-"""A box as exact half-open corners ``(x0, y0, x1, y1)``: it covers ``[x0, x1) x [y0, y1)``
-(ints or ``Fraction``s: exact rationals)."""
-
-
-def corner_box(box: Box) -> CornerBox:
-    """GQA's ``(x, y, w, h)`` as exact corners ``(x0, y0, x1, y1)``."""
-    x, y, w, h = (Fraction(v) for v in box)
-    if w < 0 or h < 0:
-        raise ValueError(f"box {tuple(box)} has a negative width or height: boxes are (x, y, w, h)")
-    return (x, y, x + w, y + h)
-
-
-def scale_and_shift(
-    box: CornerBox, scale: tuple[Real, Real], shift: tuple[Real, Real] = (0, 0)
-) -> CornerBox:
-    """Map corners with ``x -> x * scale_x + shift_x`` (same for y).
-
-    Pass ``scale`` as ``Fraction(new_size, old_size)`` to keep patch borders exact.
-    """
-    sx, sy = Fraction(scale[0]), Fraction(scale[1])
-    ox, oy = Fraction(shift[0]), Fraction(shift[1])
-    x0, y0, x1, y1 = box
-    return (x0 * sx + ox, y0 * sy + oy, x1 * sx + ox, y1 * sy + oy)
-
-
-def canvas_patch_mask(
-    boxes: Iterable[CornerBox], canvas_size: SizeOrPair, patch_size: int = 14
-) -> torch.BoolTensor:
-    """Patches of a canvas of ``canvas_size`` that overlap any box given in canvas coordinates.
-
-    Boxes are clipped to the canvas; a box wholly outside it marks nothing. The patch grid is
-    ``size // patch_size``: where the side is not a whole number of patches (SigLIP's 384-px
-    tiles of 14-px patches cover 378 px), the convolution drops the last pixels, and a box
-    there marks no patch. Returns a row-major mask of shape ``[grid_h * grid_w]``.
-    """
-    canvas = as_image_size(canvas_size, "canvas size")
-    grid_w, grid_h = canvas.width // patch_size, canvas.height // patch_size
-    if grid_w == 0 or grid_h == 0:
-        raise ValueError(f"canvas {canvas} holds no whole "
-                         f"{patch_size}-pixel patch: pass the size of the canvas the vision "
-                         "tower sees")
-    width, height = grid_w * patch_size, grid_h * patch_size  # the pixels the patches see
-    mask = torch.zeros(grid_h, grid_w, dtype=torch.bool)
-    for x0, y0, x1, y1 in boxes:
-        x0, x1 = max(x0, 0), min(x1, width)
-        y0, y1 = max(y0, 0), min(y1, height)
-        if x1 <= x0 or y1 <= y0:
-            continue
-        # half-open: the last covered patch is the one holding the pixel just left of x1
-        cols = slice(math.floor(x0 / patch_size), math.ceil(x1 / patch_size))
-        rows = slice(math.floor(y0 / patch_size), math.ceil(y1 / patch_size))
-        mask[rows, cols] = True
-    return mask.flatten()
-
-
-def preprocess_transform(
-    image_size: SizeOrPair, crop_size: int = 336, mode: Mode = "resize_crop"
-) -> tuple[tuple[Fraction, Fraction], tuple[Fraction, Fraction]]:
-    """``(scale, shift)``, each x first, taking original-image pixels to pixels of the
-    ``crop_size`` square."""
-    size = as_image_size(image_size)
-    width, height = size.width, size.height
-    if mode == "resize_crop":
-        short, long = min(width, height), max(width, height)
-        new_long = int(crop_size * long / short)  # Hugging Face's rounding of the long edge
-        new_w, new_h = (crop_size, new_long) if width <= height else (new_long, crop_size)
-        scale = (Fraction(new_w, width), Fraction(new_h, height))
-        shift = (Fraction(-((new_w - crop_size) // 2)), Fraction(-((new_h - crop_size) // 2)))
-        return scale, shift
-    if mode == "resize":
-        return (Fraction(crop_size, width), Fraction(crop_size, height)), (Fraction(0), Fraction(0))
-    if mode == "pad":
-        side = max(width, height)
-        scale = Fraction(crop_size, side)
-        pad_x, pad_y = (side - width) // 2, (side - height) // 2
-        return (scale, scale), (pad_x * scale, pad_y * scale)
-    raise ValueError(f"unknown preprocessing mode {mode!r}: use one of {MODES}")
+__all__ = ["MODES", "CornerBox", "Mode", "boxes_to_patch_mask", "canvas_patch_mask",
+           "corner_box", "other_image_positions", "preprocess_transform",
+           "related_image_positions", "scale_and_shift"]
 
 
 def boxes_to_patch_mask(
@@ -128,11 +48,12 @@ def boxes_to_patch_mask(
     """Which of the ``(crop_size // patch_size) ** 2`` patches any box touches.
 
     ``boxes`` are ``(x, y, w, h)`` in pixels of the original image, of size ``image_size``.
-    Returns a row-major bool mask ``[grid * grid]`` (576 for LLaVA-1.5's 336 px, 14 px patches).
+    Returns a row-major bool mask ``[grid * grid]`` (576 for LLaVA-1.5's 336 px, 14 px patches),
+    read off the image's token map (``mmlens.inputs.layouts.grid``).
     """
-    scale, shift = preprocess_transform(image_size, crop_size, mode)
-    corners = [scale_and_shift(corner_box(box), scale, shift) for box in boxes]
-    return canvas_patch_mask(corners, ImageSize(crop_size, crop_size), patch_size)
+    token_map = GridLayout(crop_size, patch_size, class_token=False).token_map(
+        as_image_size(image_size), mode)
+    return token_map.related(boxes)
 
 
 def _as_positions(

@@ -6,6 +6,7 @@ with each object box filled red by PIL,
 pushes it through the image's own preprocessing (pad to square or anyres tiling, resize with
 the processor's resampling, crop) with rescaling and normalisation off, and calls an image
 position related when its patch holds at least one pixel that is exactly ``(255, 0, 0)``.
+The red patches become tokens through the image's token map (``mmlens.inputs.token_map``).
 Resampling blurs the box edges, so this differs from the exact box arithmetic of
 ``mmlens.inputs.geometry`` by a patch or two along some edges (``docs/reproducing.md``).
 """
@@ -20,12 +21,11 @@ from jaxtyping import Bool, Float
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from mmlens.core.sizes import ImageSize, SizeOrPair, as_image_size
+from mmlens.core.sizes import SizeOrPair, as_image_size
 from mmlens.data.example import Box
-from mmlens.inputs.geometry import other_image_positions
 from mmlens.inputs.preprocessing import pad_to_square
 from mmlens.inputs.protocol import InputsModel
-from mmlens.inputs.tiling import AnyresGeometry
+from mmlens.inputs.token_map import ImageLayout, ImageTokenMap, PatchRef
 
 RED = (255, 0, 0)
 GREEN = (0, 255, 0)
@@ -64,54 +64,43 @@ def red_patches(pixels: Float[Tensor, "3 height width"], patch_size: int
     return red.reshape(rows, patch_size, cols, patch_size).any(dim=3).any(dim=1)
 
 
-def pixel_rule_mask(processor: Any, cfg: Any, boxes: Sequence[Box], image_size: SizeOrPair,
-                    mode: str) -> tuple[Bool[Tensor, " n"], Bool[Tensor, " n"]]:
-    """``(related, newline)`` over one image's feature positions (CLS excluded).
+def red_patch_refs(processor: Any, token_map: ImageTokenMap, boxes: Sequence[Box],
+                   patch_size: int) -> set[PatchRef]:
+    """The tower patches (``(tile, index)``) holding a red pixel of the processed mask."""
+    tiles = processed_mask(processor, box_mask_image(token_map.image_size, boxes),
+                           token_map.mode or "")
+    offset = token_map.class_offset
+    return {(tile, offset + int(k)) for tile in range(min(len(tiles), token_map.n_tiles))
+            for k in red_patches(tiles[tile], patch_size).flatten().nonzero().flatten()}
 
-    For LLaVA-1.5 ``n`` is the grid's patches; for anyres, the base tile's patches, then the
-    kept high-resolution rows each ended by its newline position, as the model orders them.
+
+def pixel_rule_mask(processor: Any, layout: ImageLayout, boxes: Sequence[Box],
+                    image_size: SizeOrPair, mode: str
+                    ) -> tuple[Bool[Tensor, " n"], Bool[Tensor, " n"]]:
+    """``(related, newline)`` over one image's tokens, in the order of its token map
+    (``layout.token_map(image_size, mode)``): a token is related when a patch it is made from
+    holds a red pixel. For LLaVA-1.5 ``n`` is the grid's patches (a class-token feature first
+    where the features keep it); for anyres, the base tile's patches, then the kept
+    high-resolution rows each ended by its newline position, as the model orders them.
     """
-    patch = cfg.vision.patch_size
-    tiles = processed_mask(processor, box_mask_image(image_size, boxes), mode)
-    base = red_patches(tiles[0], patch).flatten()
-    if not cfg.is_anyres:
-        return base, torch.zeros_like(base)
-    geometry = AnyresGeometry.from_config(cfg)
-    size = as_image_size(image_size)
-    if mode == "pad":
-        side = max(size.width, size.height)
-        size = ImageSize(width=side, height=side)
-    tile_rows, tile_cols = geometry.tile_grid(size)
-    grid = geometry.grid
-    canvas = torch.zeros(tile_rows * grid, tile_cols * grid, dtype=torch.bool)
-    for index in range(tile_rows * tile_cols):
-        row, col = divmod(index, tile_cols)
-        canvas[row * grid:(row + 1) * grid, col * grid:(col + 1) * grid] = red_patches(
-            tiles[1 + index], patch)
-    row0, row1, col0, col1 = geometry.kept_region(size)
-    kept = canvas[row0:row1, col0:col1]
-    no, yes = (torch.full((kept.shape[0], 1), v, dtype=torch.bool) for v in (False, True))
-    related = torch.cat([base, torch.cat([kept, no], dim=1).flatten()])
-    newline = torch.cat([torch.zeros_like(base),
-                         torch.cat([torch.zeros_like(kept), yes], dim=1).flatten()])
-    return related, newline
+    token_map = layout.token_map(as_image_size(image_size), mode)
+    red = red_patch_refs(processor, token_map, boxes, layout.cell_px)
+    newline = torch.tensor([k == "newline" for k in token_map.kinds], dtype=torch.bool)
+    return token_map.tokens_of(red), newline
 
 
 def add_pixel_rule_spans(model: InputsModel, batch: Any, images: Sequence[Image.Image],
-                         boxes: Sequence[Sequence[Box]], *, mode: str) -> None:
-    """Add ``related`` and ``other`` spans by the pixel rule (``other`` leaves out newlines)."""
+                         boxes: Sequence[Sequence[Box]], maps: Sequence[ImageTokenMap], *,
+                         mode: str) -> None:
+    """Add ``related`` and ``other`` spans by the pixel rule (``other``: the tokens made from
+    patches that are not related; no newline, no class token). ``maps``: each example's."""
+    patch = model.family.image_layout(model).cell_px
     related, other = [], []
-    for i, (image, example_boxes) in enumerate(zip(images, boxes, strict=True)):
+    for i, (token_map, example_boxes) in enumerate(zip(maps, boxes, strict=True)):
         positions = batch.positions("image", i)
-        if model.cfg.feature_select_strategy == "full" and not model.cfg.is_anyres:
-            positions = positions[1:]  # the CLS feature covers no patch
-        mask, newline = pixel_rule_mask(model.processor, model.cfg, example_boxes, image.size,
-                                        mode)
-        if mask.numel() != positions.numel():
-            raise ValueError(f"example {i}: the pixel rule gives {mask.numel()} patches but the "
-                             f"prompt holds {positions.numel()} image positions: does the "
-                             "processor match the model's vision config?")
-        related.append(positions[mask])
-        other.append(other_image_positions(positions[~newline], positions[mask]))
+        touched = token_map.tokens_of(red_patch_refs(model.processor, token_map,
+                                                     example_boxes, patch))
+        related.append(positions[touched])
+        other.append(positions[token_map.sees_pixels() & ~touched])
     batch.add_span("related", related)
     batch.add_span("other", other)

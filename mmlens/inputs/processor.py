@@ -25,18 +25,20 @@ class ComposedProcessor:
     processor's ``sizes_key`` output: ``(height, width)`` of the original image for
     ``image_sizes`` (LLaVA-OneVision), ``(t, h, w)`` patches for ``image_grid_thw`` (Qwen-VL).
     Each ``image_token`` in a prompt is expanded to that many, images taken in order.
+    ``mm_token_type_ids=True`` adds HF's ``mm_token_type_ids`` output (1 at image tokens).
     """
 
     def __init__(self, tokenizer: Any, image_processor: Any, *,
                  count_image_tokens: Callable[[tuple[int, ...]], int],
                  chat_template: str | None = None, image_token: str = "<image>",
-                 sizes_key: str = "image_sizes"):
+                 sizes_key: str = "image_sizes", mm_token_type_ids: bool = False):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template
         self.image_token = image_token
         self.count_image_tokens = count_image_tokens
         self.sizes_key = sizes_key
+        self.mm_token_type_ids = mm_token_type_ids
         if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
             raise ValueError(f"the tokenizer has no {image_token!r} token: is it the tokenizer of "
                              "this checkpoint?")
@@ -55,6 +57,12 @@ class ComposedProcessor:
                      for row in torch.as_tensor(pixels[self.sizes_key])]
             texts = self._expand(texts, sizes)
         tokens = self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kwargs)
+        if self.mm_token_type_ids:  # as HF's Qwen-VL processors: 1 at image tokens, else 0
+            image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+            ids = tokens["input_ids"]
+            tokens["mm_token_type_ids"] = (
+                (ids == image_id).int() if isinstance(ids, torch.Tensor)
+                else [[int(t == image_id) for t in row] for row in ids])
         return BatchFeature({**tokens, **data})
 
     def _expand(self, texts: list[str], sizes: list[tuple[int, ...]]) -> list[str]:

@@ -9,10 +9,9 @@ from mmlens.core.errors import MMLensError
 from mmlens.core.sizes import ImageSize
 from mmlens.data.example import Box, check_box
 from mmlens.inputs.protocol import InputsModel
+from mmlens.inputs.token_map import ImageTokenMap, build_token_maps
 
 RELATED_RULES: tuple[str, ...] = ("geometry", "paper")
-PIXEL_RULE_FAMILIES: tuple[str, ...] = ("llava", "llava_next")
-"""The families the paper's pixel rule is defined for (the paper's own checkpoints)."""
 
 
 def add_patch_spans(model: InputsModel, batch: Any, images: Sequence[Any],
@@ -29,27 +28,46 @@ def add_patch_spans(model: InputsModel, batch: Any, images: Sequence[Any],
     if rule not in RELATED_RULES:
         raise MMLensError(f"unknown related rule {rule!r}: use one of {RELATED_RULES}")
     mode = model.family.preprocessing_mode(model, mode)
+    maps = _token_maps(model, batch, images, mode)
     if rule == "paper":
-        if model.family.name not in PIXEL_RULE_FAMILIES:
+        if not model.family.pixel_rule:
             raise MMLensError(
-                f"related_rule='paper' (the paper's red-pixel mask) is defined for the "
-                f"{', '.join(PIXEL_RULE_FAMILIES)} families, not {model.family.name!r}: use "
+                f"related_rule='paper' (the paper's red-pixel mask) is defined for the paper's "
+                f"families (LLaVA-1.5, LLaVA-NeXT), not {model.family.name!r}: use "
                 "related_rule='geometry', which maps boxes through this family's processor")
         from mmlens.inputs.pixel_rule import add_pixel_rule_spans
 
         checked = [[check_box(box, f"example {i}", ImageSize.of(image)) for box in example_boxes]
                    for i, (image, example_boxes) in enumerate(zip(images, boxes, strict=True))]
-        add_pixel_rule_spans(model, batch, images, checked, mode=mode)
+        add_pixel_rule_spans(model, batch, images, checked, maps, mode=mode)
         return
     related, other = [], []
     for i, (image, example_boxes) in enumerate(zip(images, boxes, strict=True)):
         example = batch.examples[i] if batch.examples else None
         where = f"example {getattr(example, 'example_id', i)!r}"
         example_boxes = [check_box(box, where, ImageSize.of(image)) for box in example_boxes]
-        # The family maps boxes through its processor's resizing/tiling, as the pixels go.
-        rel, rest = model.family.box_positions(
-            model, ImageSize.of(image), example_boxes, batch.positions("image", i), mode)
-        related.append(rel)
-        other.append(rest)
+        # The image's token map follows the processor's resizing/tiling, as the pixels go.
+        positions, token_map = batch.positions("image", i), maps[i]
+        touched = token_map.related(example_boxes)
+        related.append(positions[touched])
+        other.append(positions[token_map.sees_pixels() & ~touched])
     batch.add_span("related", related)
     batch.add_span("other", other)
+
+
+def _token_maps(model: InputsModel, batch: Any, images: Sequence[Any],
+                mode: str) -> list[ImageTokenMap]:
+    """The map of each example's image: the batch's own where it was built for these images
+    and this preprocessing, else built here from the model's image layout."""
+    layout = model.family.image_layout(model)
+    if layout is None:
+        raise MMLensError(f"the {model.family.name!r} family declares no image layout "
+                          "(Family.image_layout), so boxes cannot be mapped to its image tokens")
+    if len(images) != len(batch):
+        raise ValueError(f"got {len(images)} images but the batch has {len(batch)} examples")
+    maps = batch.token_maps
+    if maps is None or any(len(m) != 1 for m in maps) or any(
+            m[0].mode != mode or m[0].image_size != ImageSize.of(image)
+            for m, image in zip(maps, images, strict=True)):
+        maps = build_token_maps(layout, batch, images, mode)
+    return [m[0] for m in maps]

@@ -34,6 +34,18 @@ class PromptTemplate:
     def format(self, question: str) -> str:
         return self.prefix + question + self.suffix
 
+    def image_prefix(self, n_images: int) -> str:
+        """``prefix`` with ``n_images`` image placeholders: the placeholder with what wraps it
+        (Qwen-VL's ``<|vision_start|>...<|vision_end|>``) and its newline, repeated, or
+        removed for a text-only prompt."""
+        unit = IMAGE_PLACEHOLDER
+        wrapped = "<|vision_start|>" + unit + "<|vision_end|>"
+        if wrapped in self.prefix:
+            unit = wrapped
+        if unit + "\n" in self.prefix:
+            unit += "\n"
+        return self.prefix.replace(unit, unit * n_images)
+
 
 VICUNA_V1 = PromptTemplate(
     "vicuna_v1",

@@ -27,6 +27,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from mmlens.inputs.batch import MultimodalBatch
+from mmlens.inputs.token_map import ImageLayout
 from mmlens.methods.edges import blocked_edges, check_attendable
 
 PositionSpec = str | int | Sequence[int] | Tensor | Sequence[Sequence[int] | Tensor]
@@ -73,41 +74,46 @@ def resolve_positions(
     return per_example
 
 
-def _vision_positions(
-    spec: PositionSpec, role: str, n_positions: int | None
-) -> Tensor | list[Tensor]:
-    """Patch indices on the vision tower (0 = CLS); ``"cls"`` and ``"patches"`` name them."""
+def _tower_layout(batch: MultimodalBatch | None, model: Any) -> ImageLayout | None:
+    """The image layout of the model's family (or of the batch ``prepare`` built), if known."""
+    if model is not None:
+        return model.family.image_layout(model)
+    return None if batch is None else batch.image_layout
+
+
+def _vision_positions(spec: PositionSpec, role: str,
+                      layout: ImageLayout | None) -> Tensor | list[Tensor]:
+    """Patch indices on the vision tower (0 = the class token where the tower has one);
+    ``"cls"`` and ``"patches"`` name them, read off the family's image layout."""
     if not isinstance(spec, str):
         return resolve_positions(spec, None, role=role)
+    if spec == "cls" and layout is not None and not layout.class_token:
+        raise ValueError(f"{role}='cls': this model's vision tower has no class token (SigLIP "
+                         "and similar towers start at patch 0): name patches with 'patches', "
+                         "a span of batch= or patch indices")
     if spec == "cls":
         return torch.tensor([0])
-    if spec == "patches" and n_positions is not None:
-        return torch.arange(1, n_positions)
+    if spec == "patches" and layout is not None:
+        return torch.arange(layout.class_offset, layout.tower_length)
     if spec == "patches":
         raise ValueError(f"{role}='patches' needs model= to know the number of patches")
     raise ValueError(f"{role}={spec!r}: on the vision tower give patch indices (0 = CLS) or "
                      "'cls' / 'patches'; text spans such as 'image' name language positions")
 
 
-def _packed_tower(batch: MultimodalBatch | None, model: Any) -> bool:
-    """Whether the vision tower packs patches without CLS or a fixed grid (Qwen-VL)."""
-    if model is not None:
-        return not hasattr(model.cfg.vision, "n_patches")
-    layout = None if batch is None else batch.vision_layout
-    return getattr(layout, "patches_per_token", None) is not None
-
-
-def _vision_spec(spec: PositionSpec, batch: MultimodalBatch | None, model: Any, role: str,
-                 n_positions: int | None) -> Tensor | list[Tensor]:
+def _vision_spec(spec: PositionSpec, batch: MultimodalBatch | None, model: Any,
+                 role: str) -> Tensor | list[Tensor]:
     """Positions on the vision tower: a span of ``batch`` mapped into the tower's patches (one
     list per vision row), ``"cls"`` / ``"patches"``, or explicit patch indices."""
-    if isinstance(spec, str) and spec in ("cls", "patches") and _packed_tower(batch, model):
+    layout = _tower_layout(batch, model)
+    packed = layout is not None and layout.packed
+    if isinstance(spec, str) and spec in ("cls", "patches") and packed:
         raise ValueError(f"{role}={spec!r}: this model's vision tower has no class token and no "
                          "fixed patch grid (dynamic resolution): give a span name of batch= "
                          "(mapped to its patches) or packed patch indices, all images of the "
                          "call in order (see mmlens.inputs.vision_spans)")
     if not isinstance(spec, str) or spec in ("cls", "patches"):
-        return _vision_positions(spec, role, n_positions)
+        return _vision_positions(spec, role, layout)
     if batch is None:
         raise ValueError(f"{role}={spec!r} is a span name: on the vision tower pass batch= (the "
                          "batch from model.prepare) so the span can be mapped to the tower's "
@@ -165,14 +171,14 @@ def block_attention(
     if model is not None:
         n_layers = model.cfg.n_layers if tower == "language" else model.cfg.vision.n_layers
         n_heads = model.cfg.n_heads if tower == "language" else model.cfg.vision.n_heads
-        n_patches = getattr(model.cfg.vision, "n_patches", None)
-        if tower == "vision" and n_patches is not None:
-            n_positions = n_patches + 1
+    layout = _tower_layout(batch, model) if tower == "vision" else None
+    if layout is not None:
+        n_positions = layout.tower_length  # None on a packed tower: checked at each run
     layers = _check_layers(layers, n_layers, tower)
     head_list = _check_heads(heads, n_heads)
     if tower == "vision":
-        src_pos = _vision_spec(src, batch, model, "src", n_positions)
-        dst_pos = _vision_spec(dst, batch, model, "dst", n_positions)
+        src_pos = _vision_spec(src, batch, model, "src")
+        dst_pos = _vision_spec(dst, batch, model, "dst")
     else:
         src_pos = resolve_positions(src, batch, role="src")
         dst_pos = resolve_positions(dst, batch, role="dst")
@@ -180,7 +186,8 @@ def block_attention(
     if tower == "language" and batch is not None:
         limit, what = batch.input_ids.shape[1], "the batch"
     elif tower == "vision" and n_positions is not None:
-        limit, what = n_positions, "the vision tower (CLS + patches)"
+        limit, what = n_positions, ("the vision tower (CLS + patches)" if layout.class_token
+                                    else "the vision tower (patches, no class token)")
     if limit is not None:
         _check_range(src_pos, "src", limit, what)
         _check_range(dst_pos, "dst", limit, what)
@@ -301,7 +308,7 @@ def ablate_positions(
     hooks = []
     for name in names:
         if name.startswith("vision."):
-            resolved = _vision_spec(positions, batch, model, "positions", None)
+            resolved = _vision_spec(positions, batch, model, "positions")
         elif isinstance(positions, str) and not name.startswith(LANGUAGE_PREFIXES):
             raise ValueError(f"positions={positions!r} is a span name but {name} has neither the "
                              "prompt's positions nor the vision tower's: give explicit indices "

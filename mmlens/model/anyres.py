@@ -41,7 +41,7 @@ class AnyresPacker(nn.Module):
 
     def __init__(self, cfg: Any):
         super().__init__()
-        has_cls = getattr(cfg.vision, "has_class_token", True)
+        has_cls = cfg.vision.has_class_token
         if has_cls and cfg.feature_select_strategy != "default":
             raise ValueError(
                 f"vision_feature_select_strategy {cfg.feature_select_strategy!r} keeps CLIP's CLS "

@@ -192,11 +192,6 @@ class MultimodalConfig:
     dtype: torch.dtype = field(default=torch.float32, repr=False)
     device: torch.device = field(default=torch.device("cpu"), repr=False)
 
-    @property
-    def is_anyres(self) -> bool:
-        """Tiled images (LLaVA-NeXT, LLaVA-OneVision): a base tile plus high-resolution tiles."""
-        return self.model_type in ("llava_next", "llava_onevision")
-
     def __getattr__(self, name: str) -> Any:
         # Language fields are read as cfg.n_layers, cfg.d_model... as in TransformerLens.
         if name.startswith("__") or name in ("text", "vision"):

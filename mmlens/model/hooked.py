@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from mmlens.model.config import MultimodalConfig
 from mmlens.model.families import family_for
 from mmlens.model.kv_cache import KeyValueCache
 from mmlens.model.language import LanguageStack
+from mmlens.model.processor_inputs import CHECKED_NAMES, read_processor_outputs
 from mmlens.model.tl_api import TransformerLensAPI, check_pretrained_kwargs, language_model_loss
 
 
@@ -111,7 +112,7 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
     def forward(
         self,
         input: Int[Tensor, "batch pos"] | MultimodalBatch | Float[Tensor, "batch pos d_model"]
-        | str | list[str],
+        | str | list[str] | None = None,
         pixel_values: Float[Tensor, "images *tiles channels height width"]
         | Float[Tensor, "*patch_images n_patches patch_dim"] | None = None,
         *,
@@ -126,6 +127,7 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         tokens: Int[Tensor, "batch pos"] | None = None,
         loss_per_token: bool = False,
         injections: dict[int, Tensor] | None = None,
+        **processor_outputs: Any,
     ) -> Tensor | tuple[Tensor, Tensor] | None:
         """Run the model.
 
@@ -140,7 +142,20 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         them. ``injections`` (only with ``start_at_layer``): ``{layer: [batch, pos, d_model]}``
         added to those blocks' outputs, the ``blocks.{l}.hook_deepstack`` activations of the run
         being resumed (``{}`` for none); required when resuming before a DeepStack layer.
+
+        A processor's outputs go in under HF's names: ``model(**processor(images=...,
+        text=...))`` (``input_ids``, ``pixel_values`` in the processor's layout,
+        ``attention_mask`` and the family's geometry key, e.g. Qwen's ``image_grid_thw``;
+        ``mm_token_type_ids`` / ``batch_num_images`` are checked, not needed). Any other
+        keyword raises, listing the accepted names.
         """
+        if processor_outputs:
+            input, image_sizes = self._read_processor_outputs(
+                input, processor_outputs, pixel_values=pixel_values,
+                attention_mask=attention_mask, image_sizes=image_sizes)
+        if input is None:
+            raise MMLensError("no input: pass input_ids (or a prepared batch, or text), e.g. "
+                              "model(**processor(images=..., text=...))")
         if isinstance(input, str) or (isinstance(input, list | tuple) and input
                                       and all(isinstance(t, str) for t in input)):
             input = self.to_tokens(list(input) if not isinstance(input, str) else input)
@@ -211,6 +226,23 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         loss = language_model_loss(logits, tokens, attention_mask, self.cfg.image_token_id,
                                    per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
+
+    def _read_processor_outputs(self, input: Any, outputs: dict[str, Any], *,
+                                pixel_values: Tensor | None, attention_mask: Tensor | None,
+                                image_sizes: Tensor | None) -> tuple[Any, Tensor | None]:
+        """``input`` and ``image_sizes`` from HF-named keywords (``input_ids``, the family's
+        geometry key), the rest checked (``mmlens.model.processor_inputs``)."""
+        given = {"pixel_values": pixel_values, "attention_mask": attention_mask,
+                 "image_sizes": image_sizes, **outputs}
+        read = read_processor_outputs(
+            {k: v for k, v in given.items() if v is not None},
+            sizes_key=self.family.image_sizes_key, image_token_id=self.cfg.image_token_id,
+            family=self.family.name)
+        if "input_ids" in read:
+            if input is not None:
+                raise MMLensError("got input and input_ids: pass the tokens once")
+            input = read["input_ids"]
+        return input, read.get("image_sizes")
 
     def encode_images(
         self, pixel_values: Tensor, image_sizes: Tensor | None = None
@@ -324,17 +356,33 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
                       use_error_term=use_error_term)
 
     # ----------------------------------------------------------------- helpers
-    def prepare(self, images: Any, questions: Any, **kwargs: Any) -> MultimodalBatch:
-        """Prompts, pixel values and named position spans for images and questions."""
+    def prepare(self, images: Any, questions: Any, *, template: Any = None,
+                boxes: Sequence[Sequence[tuple[float, float, float, float]]] | None = None,
+                examples: Sequence[Any] | None = None, preprocessing: str | None = None,
+                tokenization: str = "whole", related_rule: str = "geometry") -> MultimodalBatch:
+        """Prompts, pixel values and named position spans for images and questions: one entry
+        of ``images`` per question (an image, a list of several, or None for text only); see
+        ``mmlens.inputs.prepare.prepare`` for the options."""
         from mmlens.inputs.prepare import prepare
 
-        return prepare(self, images, questions, **kwargs)
+        return prepare(self, images, questions, template=template, boxes=boxes,
+                       examples=examples, preprocessing=preprocessing,
+                       tokenization=tokenization, related_rule=related_rule)
 
-    def generate(self, input: Any, pixel_values: Tensor | None = None, **kwargs: Any) -> Any:
+    def generate(self, input: Any = None, pixel_values: Tensor | None = None,
+                 **kwargs: Any) -> Any:
         """Greedy or sampled continuation with images, a key/value cache and active hooks;
-        see ``mmlens.model.generation.generate``."""
+        see ``mmlens.model.generation.generate``. A processor's outputs go in under HF's names,
+        as in ``forward``: ``model.generate(**processor(...), max_new_tokens=5)``."""
         from mmlens.model.generation import generate
 
+        hf_names = {"input_ids", self.family.image_sizes_key, *CHECKED_NAMES} - {"image_sizes"}
+        outputs = {k: kwargs.pop(k) for k in list(kwargs) if k in hf_names}
+        if outputs:
+            input, kwargs["image_sizes"] = self._read_processor_outputs(
+                input, outputs, pixel_values=pixel_values,
+                attention_mask=kwargs.get("attention_mask"),
+                image_sizes=kwargs.get("image_sizes"))
         return generate(self, input, pixel_values, **kwargs)
 
     def to_tokens(self, text: str | list[str], prepend_bos: bool = True) -> Tensor:

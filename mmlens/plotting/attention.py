@@ -59,14 +59,17 @@ def attention_mass_heatmap(frame: pd.DataFrame, title: str | None = None) -> go.
 
 
 def image_attention(
-    cache: Any, batch: MultimodalBatch, grid_size: int, *, layer: int, example: int = 0,
+    cache: Any, batch: MultimodalBatch, grid_size: int | None = None, *, layer: int,
+    example: int = 0,
     query: PositionSpec = "last", head: int | None = None, image: Any = None,
     opacity: float = 0.6,
 ) -> go.Figure:
     """Attention from ``query`` to the image patches as a heatmap over the patch grid.
 
-    ``grid_size`` is ``model.cfg.vision.grid_size``; the first ``grid_size**2`` image positions
-    (after CLS when the features keep it) are the (base) image's patches in row-major order.
+    The grid is tile 0 of the example's first image map (``batch.token_maps``, from
+    ``model.prepare``): LLaVA-1.5's patches, the base tile of LLaVA-NeXT / OneVision, Qwen-VL's
+    merged cells. For a batch without maps give ``grid_size``: the first ``grid_size**2`` image
+    positions (after CLS when the features keep it) are then read as a square patch grid.
     ``head=None`` averages the heads; several query positions are averaged. With ``image`` (a
     PIL image or ``[H, W, 3]`` array, ideally the model's resized view) the heatmap is laid over
     it with ``opacity``.
@@ -76,25 +79,32 @@ def image_attention(
         raise KeyError(f"the cache has no {name}: run model.run_with_cache(batch)")
     queries = _per_example(resolve_positions(query, batch, role="query"), len(batch))[example]
     image_positions = batch.positions("image", example)
-    n_patches = grid_size**2
-    if len(image_positions) < n_patches:
-        raise ValueError(f"example {example} has {len(image_positions)} image positions but a "
-                         f"{grid_size}x{grid_size} grid needs {n_patches}: pass "
-                         "model.cfg.vision.grid_size")
-    if len(image_positions) == n_patches + 1:
-        image_positions = image_positions[1:]  # the "full" feature strategy keeps CLS first
+    if batch.token_maps:
+        rows, cols, cells = batch.token_maps[example][0].grid_cells(0)
+        image_positions = image_positions[torch.tensor(cells)]
+    elif grid_size is None:
+        raise ValueError("the batch has no image maps (it was not built by model.prepare): "
+                         "pass grid_size=model.cfg.vision.grid_size")
+    else:
+        rows = cols = grid_size
+        if len(image_positions) < rows * cols:
+            raise ValueError(f"example {example} has {len(image_positions)} image positions but "
+                             f"a {grid_size}x{grid_size} grid needs {rows * cols}: pass "
+                             "model.cfg.vision.grid_size")
+        if len(image_positions) == rows * cols + 1:
+            image_positions = image_positions[1:]  # the "full" feature strategy keeps CLS first
     pattern = cache[name][example]  # [head, q_pos, k_pos]
     pattern = pattern.mean(0) if head is None else pattern[head]
-    weights = pattern[queries][:, image_positions[:n_patches]].float().mean(0)
-    grid = weights.reshape(grid_size, grid_size).detach().cpu().numpy()
+    weights = pattern[queries][:, image_positions[:rows * cols]].float().mean(0)
+    grid = weights.reshape(rows, cols).detach().cpu().numpy()
     figure = go.Figure()
-    height = width = grid_size
+    height, width = rows, cols
     if image is not None:
         pixels = np.asarray(image)[..., :3]
         height, width = pixels.shape[:2]
         figure.add_trace(go.Image(z=pixels, name="image"))
-    centres_x = (np.arange(grid_size) + 0.5) * width / grid_size
-    centres_y = (np.arange(grid_size) + 0.5) * height / grid_size
+    centres_x = (np.arange(cols) + 0.5) * width / cols
+    centres_y = (np.arange(rows) + 0.5) * height / rows
     figure.add_trace(go.Heatmap(z=grid, x=centres_x, y=centres_y, colorscale="Inferno",
                                 opacity=opacity if image is not None else 1.0,
                                 colorbar={"title": "attention"}, name="attention"))

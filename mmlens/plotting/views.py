@@ -47,7 +47,9 @@ TITLE_CHAR_PX = 9  # a title character's width at plotly's default title font, g
 
 def example_view_figure(view: Mapping[str, Any]) -> go.Figure:
     """Two panels' worth in one: the image with white, black-bordered outlines on related
-    cells and the attention heatmap laid over it; the title wraps to the figure's width."""
+    cells and the attention heatmap laid over it (trace 1); the title wraps to the figure's
+    width. A view with ``word_maps`` gets a third trace, hidden, for one word's causal map
+    (``word_map_grid``): the report's word picker fills it."""
     rows, cols = view_shape(view)
     pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(view["image_png"]))))
     height, width = pixels.shape[:2]
@@ -57,6 +59,13 @@ def example_view_figure(view: Mapping[str, Any]) -> go.Figure:
     figure.add_trace(go.Heatmap(
         z=attention, x=(np.arange(cols) + 0.5) * step_x, y=(np.arange(rows) + 0.5) * step_y,
         colorscale="Inferno", opacity=0.5, colorbar={"title": "attention"}, name="attention"))
+    if view.get("word_maps"):
+        first = word_map_grid(view, 0)
+        bound = float(np.nanmax(np.abs(first))) or 1.0
+        figure.add_trace(go.Heatmap(
+            z=first, x=(np.arange(cols) + 0.5) * step_x, y=(np.arange(rows) + 0.5) * step_y,
+            colorscale="RdBu", zmin=-bound, zmax=bound, opacity=0.6, visible=False,
+            colorbar={"title": "relative change"}, name="causal map"))
     for line in OUTLINE:  # every border first, so no white line is covered by a neighbour's
         for index in view["related"]:
             row, col = divmod(int(index), cols)
@@ -75,6 +84,31 @@ def example_view_figure(view: Mapping[str, Any]) -> go.Figure:
     figure.update_yaxes(autorange="reversed", scaleanchor="x", showticklabels=False)
     figure.update_xaxes(showticklabels=False)
     return figure
+
+
+def word_map_grid(view: Mapping[str, Any], index: int) -> np.ndarray:
+    """Word ``index``'s causal map as the view's ``rows x cols`` grid."""
+    rows, cols = view_shape(view)
+    values = np.asarray(view["word_maps"][index]["values"], dtype=float)
+    if values.size != rows * cols:
+        raise ValueError(f"the view of task {view.get('task', '?')!r} holds {values.size} map "
+                         f"values for a {rows}x{cols} grid: the views.json entry is damaged; "
+                         "rerun the study")
+    return values.reshape(rows, cols)
+
+
+def word_map_caption(view: Mapping[str, Any], index: int) -> str:
+    """Where blocking the word's attention lowers the answer most, and in which layers."""
+    entry = view["word_maps"][index]
+    grid = word_map_grid(view, index)
+    row, col = divmod(int(np.nanargmin(grid)), grid.shape[1])
+    layers = entry["layers"]
+    window = (f"layer {layers[0]}" if len(layers) == 1
+              else f"layers {layers[0]}-{layers[-1]}")
+    return (f"Blocking attention from {entry['word']!r} to one image cell at a time in "
+            f"{window}: largest drop {grid[row, col]:+.1%} of the answer's "
+            f"probability ({entry['p_base']:.3f}) at row {row}, column {col}; largest rise "
+            f"{np.nanmax(grid):+.1%}.")
 
 
 def view_caption(view: Mapping[str, Any]) -> str:

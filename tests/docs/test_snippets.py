@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-RUNNABLE_PAGES = ("index.md", "concepts.md", "comparison.md", "causal-maps.md", "saes.md")
+RUNNABLE_PAGES = ("index.md", "concepts.md", "comparison.md", "causal-maps.md", "saes.md",
+                 "free-form.md")
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 

@@ -10,9 +10,9 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from mmlens.cli import main
-from mmlens.experiments import store as store_module
 from mmlens.experiments import sweep
-from mmlens.experiments.lock import RunLock
+from mmlens.experiments.runfolder import store as store_module
+from mmlens.experiments.runfolder.lock import RunLock
 from mmlens.zoo import BUNDLED
 from mmlens.zoo.build import build_config, build_processor
 
@@ -72,7 +72,7 @@ def test_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_module, "_write_line", full)
+    monkeypatch.setattr(store_module, "_append_line", full)
     assert flow(tmp_path / "run") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("mmlens flow: error: no space left on the device while writing")

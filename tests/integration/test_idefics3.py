@@ -1,16 +1,14 @@
 """Idefics3 / SmolVLM against Hugging Face's own model on the tiny random config
-(``mmlens.zoo.tiny``): float32 parity of every vision block, the connector's features, every
-residual stream and the logits on images cut into several tiles (left-padded batches, examples
-with different numbers of images, tiles with padded pixels); knockout equals HF eager with an
-edited mask; lens, generate, bf16; configs it cannot run are refused."""
+(``mmlens.zoo.tiny``), beside the conformance suite (``tests/conformance``: parity, padded
+batches, generate, knockouts, sweep, lens, flow): the connector's features on examples with
+different numbers of images, tiles with padded pixels (bucketed positions, masked keys), bf16,
+every image-side hook on the data path; configs and pixels it cannot run are refused."""
 
 import pytest
 import torch
 from PIL import Image
 
 from mmlens import HookedMultimodalTransformer
-from mmlens.methods import block_attention
-from mmlens.methods.lens import decode, lens_names, residual_stack
 from mmlens.zoo.tiny import tiny_hf_model, tiny_processor
 from mmlens.zoo.tiny.idefics3 import SPECIALS, TILE, TOKENS_PER_TILE
 
@@ -20,7 +18,6 @@ PROMPT = "<|im_start|>User:{images}{question}<end_of_utterance>\nAssistant:"
 # examples of different lengths (left padding) and with different numbers of images.
 BATCHES = {
     "wide": [[(45, 29)]],
-    "tall": [[(22, 38)]],
     "sizes-left-padded": [[(45, 29)], [(22, 38)], [(40, 40)]],
     "two-images-and-one": [[(22, 38), (45, 29)], [(40, 40)]],
 }
@@ -106,12 +103,11 @@ def _check_parity(hf, model, inputs):
     return cache
 
 
-@pytest.mark.parametrize("batch", list(BATCHES))
-def test_float32_parity_with_hf(hf, model, processor, batch):
-    inputs = _inputs(processor, BATCHES[batch])
+def test_connector_features_are_hfs_on_examples_of_several_images(hf, model, processor):
+    inputs = _inputs(processor, BATCHES["two-images-and-one"])
     cache = _check_parity(hf, model, inputs)
     n_tiles = cache["vision.hook_embed"].shape[0]
-    assert n_tiles >= 7 * len(BATCHES[batch])  # several tiles per image and the global view
+    assert n_tiles >= 7 * 3  # several tiles per image and the global view
     assert int((inputs["input_ids"] == IMAGE).sum()) == n_tiles * TOKENS_PER_TILE
 
 
@@ -131,57 +127,6 @@ def test_padded_tiles_take_bucketed_positions_and_are_masked_as_hf(hf, model):
     cache = _check_parity(hf, model, inputs)
     positions = cache["vision.embed.hook_pos_embed"]
     assert not torch.equal(positions[0], positions[1])  # the 4x5 patches span the table
-
-
-def test_knockout_equals_hf_eager_with_an_edited_mask(hf, model, processor):
-    inputs = _inputs(processor, BATCHES["sizes-left-padded"])
-    layers, n = [0, 2], inputs["input_ids"].shape[0]
-    images = [torch.nonzero(row == IMAGE)[:, 0] for row in inputs["input_ids"]]
-    last = inputs["input_ids"].shape[1] - 1
-
-    def edit(module, args, kwargs):
-        mask = kwargs["attention_mask"]
-        q_len = kwargs["hidden_states"].shape[1]
-        mask = mask.expand(n, model.cfg.n_heads, q_len, q_len).clone()
-        for i, image in enumerate(images):
-            mask[i, :, last, image] = torch.finfo(mask.dtype).min
-        kwargs["attention_mask"] = mask
-        return args, kwargs
-
-    handles = [hf.model.text_model.layers[layer].self_attn.register_forward_pre_hook(
-        edit, with_kwargs=True) for layer in layers]
-    try:
-        with torch.no_grad():
-            reference = hf(**inputs).logits
-    finally:
-        for handle in handles:
-            handle.remove()
-    hooks = block_attention(images, [torch.tensor([last])] * n, layers)
-    with torch.no_grad():
-        clean = model(inputs["input_ids"], inputs["pixel_values"], **_ours(inputs))
-        ours = model.run_with_hooks(inputs["input_ids"], inputs["pixel_values"],
-                                    **_ours(inputs), fwd_hooks=hooks)
-    real = inputs["attention_mask"].bool()
-    assert (reference - ours)[real].abs().max() <= 1e-4
-    assert (clean - ours)[:, -1].abs().max() > 1e-3  # the knockout changed the answer
-
-
-def test_lens_at_the_last_layer_is_the_output(model, processor):
-    inputs = _inputs(processor, BATCHES["sizes-left-padded"])
-    with torch.no_grad():
-        logits, cache = model.run_with_cache(inputs["input_ids"], inputs["pixel_values"],
-                                             **_ours(inputs), names_filter=lens_names(model))
-    stack, _ = residual_stack(cache, layers=[model.cfg.n_layers - 1])
-    assert (decode(model, stack[0]) - logits[:, -1]).abs().max() <= 1e-5
-
-
-def test_generate_equals_hf_greedy(hf, model, processor):
-    inputs = _inputs(processor, BATCHES["two-images-and-one"])
-    ref = hf.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=0,
-                      eos_token_id=None)
-    ours = model.generate(inputs["input_ids"], inputs["pixel_values"], **_ours(inputs),
-                          max_new_tokens=6, stop_at_eos=False)
-    assert torch.equal(ref, ours)
 
 
 def test_bfloat16_runs_close_to_hf(processor):
@@ -215,41 +160,6 @@ def test_every_image_side_hook_is_on_the_data_path(model, processor):
         with torch.no_grad():
             edited = model.run_with_hooks(*args, fwd_hooks=[(name, nudge)], **kwargs)
         assert (edited - clean).abs().max() > 1e-4, name
-
-
-VARIANTS = {
-    "scale-3-mha-biases": dict(scale_factor=3, text_config={"num_key_value_heads": 4,
-                                                            "attention_bias": True}),
-    "tied-embeddings-gelu": dict(tie_word_embeddings=True,
-                                 vision_config={"hidden_act": "gelu"}),
-}
-
-
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_other_configs_match_hf(variant):
-    hf = tiny_hf_model("idefics3", **VARIANTS[variant])
-    processor = tiny_processor("idefics3", hf.config)
-    scale = hf.config.scale_factor
-    processor.image_seq_len = (TILE // hf.config.vision_config.patch_size // scale) ** 2
-    model = HookedMultimodalTransformer.from_hf_model(hf, processor)
-    inputs = _inputs(processor, BATCHES["two-images-and-one"])
-    with torch.no_grad():
-        ref = hf(**inputs).logits
-        ours = model(inputs["input_ids"], inputs["pixel_values"], **_ours(inputs))
-    real = inputs["attention_mask"].bool()
-    assert (ref - ours)[real].abs().max() <= 1e-4
-
-
-def test_smolvlm_matches_hf():
-    hf = tiny_hf_model("smolvlm")
-    model = HookedMultimodalTransformer.from_hf_model(hf)
-    assert model.family.name == "smolvlm"
-    inputs = _inputs(tiny_processor("smolvlm", hf.config), BATCHES["two-images-and-one"])
-    with torch.no_grad():
-        theirs = hf(**inputs).logits
-        ours = model(inputs["input_ids"], inputs["pixel_values"], **_ours(inputs))
-    real = inputs["attention_mask"].bool()
-    assert (theirs - ours)[real].abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -1,10 +1,11 @@
-"""Idefics3 / SmolVLM through the study: a saved tiny folder loads and runs with its own prompt
-and equals HF; spans from boxes follow the processor's tiling (checked against painted images
-and the processor's own tile grid); ``mmlens hooks`` and ``mmlens flow`` offline; the fast sweep
-equals the naive one."""
+"""Idefics3 / SmolVLM through the study, beside the conformance suite (``tests/conformance``):
+a saved tiny folder loads with its own prompt and tile markers; the image-token map
+(``mmlens.inputs.layouts.split_tiles``) follows the processor's tiling, checked against the
+processor's own tile grid and against painted images (related / other spans, every tile a box
+reaches, the vision-tower patches of each token); ``mmlens hooks`` lists the tower and the
+connector; a SmolVLM folder loads without torchvision."""
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -13,10 +14,9 @@ from mmlens import HookedMultimodalTransformer
 from mmlens.cli import main
 from mmlens.core.errors import MMLensError
 from mmlens.core.sizes import ImageSize
-from mmlens.experiments import information_flow
-from mmlens.inputs.idefics3_geometry import TileGeometry
 from mmlens.inputs.templates import IDEFICS3
-from mmlens.zoo.tiny import tiny_checkpoint, tiny_hf_model
+from mmlens.inputs.token_map import check_token_count
+from mmlens.zoo.tiny import tiny_checkpoint
 from mmlens.zoo.tiny.idefics3 import PATCH, SCALE, TOKENS_PER_TILE
 
 QUESTIONS = ["What color is the square?", "Which shape is red?"]
@@ -46,8 +46,7 @@ def _images():
     return images, [[box] for box in boxes]
 
 
-def test_saved_folder_loads_with_its_own_prompt_and_equals_hf(folder, model):
-    hf = type(tiny_hf_model("idefics3")).from_pretrained(folder).eval()
+def test_prepare_writes_the_tile_markers_before_the_image_tokens(model):
     images, boxes = _images()
     batch = model.prepare(images, QUESTIONS, boxes=boxes)
     assert model.family.prompt_template == IDEFICS3.name
@@ -60,25 +59,20 @@ def test_saved_folder_loads_with_its_own_prompt_and_equals_hf(folder, model):
         marker = model.processor.tokenizer.convert_ids_to_tokens(
             int(batch.input_ids[i, last_system]))
         assert marker == "<row_1_col_1>"
-    with torch.no_grad():
-        ref = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                 pixel_values=batch.pixel_values,
-                 pixel_attention_mask=batch.image_sizes).logits
-        ours = model(batch)
-    real = batch.attention_mask.bool()
-    assert (ref - ours)[real].abs().max() <= 1e-4
+        kinds = batch.token_maps[i][0].kinds
+        assert kinds == ["tile"] * 6 * TOKENS_PER_TILE + ["thumbnail"] * TOKENS_PER_TILE
 
 
 @pytest.mark.parametrize("size", [(45, 29), (22, 38), (40, 40), (7, 90), (300, 11), (24, 24),
                                   (13, 13), (72, 48)])
 def test_tile_grid_and_token_count_are_the_processors(model, size):
-    geometry = TileGeometry.from_processor(model.processor.image_processor, model.cfg.vision)
+    layout = model.family.image_layout(model)
     image = Image.new("RGB", size)
     out = model.processor.image_processor([[image]], return_row_col_info=True)
-    assert geometry.grid(size) == (out["rows"][0][0], out["cols"][0][0])
+    assert layout.grid(size) == (out["rows"][0][0], out["cols"][0][0])
     text = model.processor(images=[image], text=["<image>"], return_tensors="pt")
     n_tokens = int((text["input_ids"] == model.cfg.image_token_id).sum())
-    assert geometry.n_tokens(size) == n_tokens == out["pixel_values"].shape[1] * TOKENS_PER_TILE
+    assert len(layout.token_map(size)) == n_tokens == out["pixel_values"].shape[1] * TOKENS_PER_TILE
 
 
 def _lit_tokens(processor, image, threshold):
@@ -96,26 +90,41 @@ def test_related_tokens_are_the_ones_a_painted_box_lights(model, box):
     # the global view (a 3x downscale) lights the tokens the box covers, a fringe only past it.
     image = _painted(72, 48, box)
     lit = _lit_tokens(model.processor, image, 0.25)
-    positions = torch.arange(1000, 1000 + lit.numel())
-    related, other = model.family.box_positions(model, ImageSize.of(image), [box],
-                                                positions, "resize")
-    assert torch.equal(related, positions[lit])
-    assert torch.equal(other, positions[~lit])
+    batch = model.prepare([image], QUESTIONS[:1], boxes=[[box]])
+    positions = batch.positions("image", 0)
+    assert torch.equal(batch.positions("related", 0), positions[lit])
+    assert torch.equal(batch.positions("other", 0), positions[~lit])
     tiles = lit[:-TOKENS_PER_TILE].reshape(6, TOKENS_PER_TILE)
     assert tiles.any(1).sum() >= 1 and lit[-TOKENS_PER_TILE:].any()  # a tile and the global
 
 
 def test_a_box_over_tile_borders_reaches_every_tile_it_touches(model):
     # the centre of a resized 45x29 image (72x48): the box spans all six tiles
-    related, _ = model.family.box_positions(model, ImageSize.of(Image.new("RGB", (45, 29))),
-                                            [(10, 5, 25, 19)], torch.arange(7 * 9), "resize")
-    assert set((related // TOKENS_PER_TILE).tolist()) == set(range(7))
+    token_map = model.family.image_layout(model).token_map(ImageSize(45, 29))
+    related = token_map.related([(10, 5, 25, 19)]).nonzero().flatten().tolist()
+    assert {token_map.tokens[k].tile for k in related} == set(range(7))
+
+
+def test_vision_spans_are_each_tokens_shuffled_patches_in_its_tiles_row(model):
+    # token (r, c) of a tile is the pixel shuffle of patches (SCALE r + i, SCALE c + j)
+    image = _painted(72, 48, (24, 16, 24, 16))
+    lit = _lit_tokens(model.processor, image, 0.25).reshape(7, TOKENS_PER_TILE)
+    batch = model.prepare([image], QUESTIONS[:1], boxes=[[(24, 16, 24, 16)]])
+    rows = batch.vision_positions("related", model)
+    side, per_side = model.cfg.vision.image_size // PATCH, model.cfg.vision.image_size // (
+        PATCH * SCALE)
+    assert len(rows) == 7  # six tiles and the global view, one tower row each
+    for tile, row in enumerate(rows):
+        expected = sorted((SCALE * (k // per_side) + i) * side + SCALE * (k % per_side) + j
+                          for k in lit[tile].nonzero().flatten().tolist()
+                          for i in range(SCALE) for j in range(SCALE))
+        assert row.tolist() == expected, tile
 
 
 def test_spans_refuse_an_image_token_count_of_another_image(model):
+    token_map = model.family.image_layout(model).token_map(ImageSize(45, 29))
     with pytest.raises(MMLensError, match="image tokens"):
-        model.family.box_positions(model, ImageSize.of(Image.new("RGB", (45, 29))), [(0, 0, 4, 4)],
-                                   torch.arange(5 * 9), "resize")
+        check_token_count(token_map, 5 * TOKENS_PER_TILE, "example 0")
 
 
 def test_hooks_lists_the_tower_and_connector(folder, capsys):
@@ -126,53 +135,14 @@ def test_hooks_lists_the_tower_and_connector(folder, capsys):
         assert name in listed
 
 
-def test_flow_runs_offline(folder, tmp_path):
-    out = tmp_path / "run"
-    code = main(["flow", "--model", str(folder), "--per-task", "1", "--no-filter", "--quiet",
-                 "--tasks", "ChooseAttr,QueryAttr", "--flows", "image->last,related->last",
-                 "--out", str(out)])
-    assert code == 0
-    frame = pd.read_csv(out / "flow.csv")
-    assert set(frame.flow) == {"image->last", "related->last"}
-    assert (out / "report.html").is_file()
-
-
-def test_fast_sweep_equals_naive(model):
-    images, boxes = _images()
-    batch = model.prepare(images, QUESTIONS, boxes=boxes)
-    flows = ["image->last", "related->last", "other->last", "question->last"]
-    runs = {method: information_flow(model, batch, flows=flows, window=1, method=method,
-                                     only_correct=False)
-            for method in ("fast", "naive")}
-    fast, naive = (runs[m].sort_values(["example_id", "flow", "layer"]) for m in runs)
-    assert np.abs(fast.p_block.to_numpy() - naive.p_block.to_numpy()).max() <= 1e-5
-    assert (fast.p_block - fast.p_base).abs().max() > 1e-5
-
-
-def test_a_saved_smolvlm_folder_loads_without_torchvision_and_equals_hf(tmp_path):
+def test_a_saved_smolvlm_folder_loads_without_torchvision_and_refuses_a_foreign_seq_len(tmp_path):
     folder = tiny_checkpoint("smolvlm", tmp_path / "smolvlm")
     model = HookedMultimodalTransformer.from_pretrained(str(folder))
     assert model.family.name == "smolvlm" and model.processor.image_seq_len == TOKENS_PER_TILE
-    hf = type(tiny_hf_model("smolvlm")).from_pretrained(folder).eval()
     images, boxes = _images()
     batch = model.prepare(images, QUESTIONS, boxes=boxes)
-    with torch.no_grad():
-        ref = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                 pixel_values=batch.pixel_values,
-                 pixel_attention_mask=batch.image_sizes).logits
-        ours = model(batch)
-    real = batch.attention_mask.bool()
-    assert (ref - ours)[real].abs().max() <= 1e-4
+    assert len(batch.positions("related", 0)) > 0
     config = folder / "processor_config.json"
     config.write_text(config.read_text().replace('"image_seq_len": 9', '"image_seq_len": 16'))
     with pytest.raises(MMLensError, match="image_seq_len 16"):
         HookedMultimodalTransformer.from_pretrained(str(folder))
-
-
-def test_vision_tower_spans_are_refused_not_guessed(model):
-    # the image-token -> tower-patch map through the pixel shuffle is not built yet: a span on
-    # vision hooks is refused with what to do instead
-    images, boxes = _images()
-    batch = model.prepare(images, QUESTIONS, boxes=boxes)
-    with pytest.raises(ValueError, match="explicit patch indices"):
-        batch.vision_positions("related")

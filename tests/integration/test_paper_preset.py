@@ -169,7 +169,8 @@ def test_the_paper_settings_on_an_anyres_model():
         assert batch.prompts[i] == VICUNA_V1_PAPER.format(QUESTIONS[i])
         image, newline = batch.positions("image", i), batch.positions("image_newline", i)
         related, other = batch.positions("related", i), batch.positions("other", i)
-        mask, is_newline = pixel_rule_mask(processor, model.cfg, boxes[i], (w, h), "resize_crop")
+        mask, is_newline = pixel_rule_mask(processor, model.family.image_layout(model), boxes[i],
+                                             (w, h), "resize_crop")
         assert torch.equal(related, image[mask]) and torch.equal(newline, image[is_newline])
         assert sorted(related.tolist() + other.tolist() + newline.tolist()) == image.tolist()
         question = batch.positions("question", i)

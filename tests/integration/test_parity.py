@@ -1,21 +1,11 @@
-"""Numerical parity with Hugging Face's own LlavaForConditionalGeneration on tiny random configs."""
+"""LLaVA-1.5 beyond the conformance suite (``tests/conformance``, which checks float32 parity on
+every tiny variant): bfloat16 parity, the explicit and fast attention paths, generation with and
+without the cache, seeded sampling."""
 
-import pytest
 import torch
 from tiny import hf_image_features, tiny_inputs, tiny_llava
 
 from mmlens import HookedMultimodalTransformer
-
-CONFIGS = {
-    "gqa-penultimate": dict(n_kv_heads=2, feature_layer=-2),
-    "mha-last-layer": dict(n_kv_heads=4, feature_layer=-1),
-    "full-strategy": dict(n_kv_heads=2, feature_layer=-2, strategy="full"),
-    "layer-list": dict(n_kv_heads=1, feature_layer=[-3, -1]),
-    "first-layer": dict(n_kv_heads=2, feature_layer=1, image_size=48),
-    "llama3-rope": dict(n_kv_heads=2, rope_parameters={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
-}
 
 
 def _compare(hf, inputs, dtype_tol):
@@ -43,18 +33,6 @@ def _compare(hf, inputs, dtype_tol):
     return diffs
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_float32_parity(name):
-    hf = tiny_llava(**CONFIGS[name])
-    inputs = tiny_inputs(hf.config, batch=2, pad=[0, 3])
-    diffs = _compare(hf, inputs, 1e-4)
-    assert diffs["logits"] <= 1e-4, diffs
-    assert diffs["softmax"] <= 1e-5, diffs
-    assert diffs["fast_vs_cached"] <= 1e-5, diffs
-    assert diffs["image_features"] <= 1e-5, diffs
-    assert all(v <= 1e-5 for k, v in diffs.items() if k.startswith("resid_pre")), diffs
-
-
 def test_bfloat16_parity():
     hf = tiny_llava(dtype=torch.bfloat16)
     inputs = tiny_inputs(hf.config, batch=2, pad=[0, 2])
@@ -62,20 +40,6 @@ def test_bfloat16_parity():
     diffs = _compare(hf, inputs, 5e-2)
     assert diffs["logits"] <= 5e-2, diffs
     assert diffs["softmax"] <= 1e-2, diffs
-
-
-def test_padded_batch_equals_each_example_alone():
-    hf = tiny_llava()
-    model = HookedMultimodalTransformer.from_hf_model(hf)
-    inputs = tiny_inputs(hf.config, batch=2, pad=[0, 4])
-    with torch.no_grad():
-        batched = model(inputs["input_ids"], inputs["pixel_values"],
-                        attention_mask=inputs["attention_mask"])
-        for row in range(2):
-            keep = inputs["attention_mask"][row].bool()
-            alone = model(inputs["input_ids"][row:row + 1, keep],
-                          inputs["pixel_values"][row:row + 1])
-            assert (alone[0] - batched[row, keep]).abs().max() <= 1e-5
 
 
 def test_explicit_and_fast_attention_paths_agree():
@@ -93,16 +57,13 @@ def test_explicit_and_fast_attention_paths_agree():
     assert (fast - explicit)[real].abs().max() <= 1e-5
 
 
-def test_generate_matches_hf_greedy():
+def test_generate_with_and_without_the_key_value_cache_agree():
     hf = tiny_llava()
     model = HookedMultimodalTransformer.from_hf_model(hf)
     inputs = tiny_inputs(hf.config, batch=2, pad=[0, 3])
-    ref = hf.generate(**inputs, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                      eos_token_id=None)
     ours = model.generate(inputs["input_ids"], inputs["pixel_values"],
                           attention_mask=inputs["attention_mask"], max_new_tokens=8,
                           eos_token_id=None)
-    assert torch.equal(ref, ours)
     no_cache = model.generate(inputs["input_ids"], inputs["pixel_values"],
                               attention_mask=inputs["attention_mask"], max_new_tokens=8,
                               eos_token_id=None, use_past_kv_cache=False)

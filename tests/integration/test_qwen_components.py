@@ -9,7 +9,8 @@ from transformers.vision_utils import get_vision_window_index
 from mmlens.model.components.mrope import MRotaryEmbedding, mrope_position_ids
 from mmlens.model.components.qwen_vision import PatchMerger, QwenVisionTower
 from mmlens.model.config import _rope_parameters
-from mmlens.model.loading.convert_qwen import convert_qwen_vision, qwen_vision_config
+from mmlens.model.families import family_for
+from mmlens.model.loading.convert_qwen import convert_qwen_vision
 
 GRIDS = {
     "square": [(4, 4)],
@@ -22,7 +23,7 @@ GRIDS = {
 class _Vision(nn.Module):
     def __init__(self, hf):
         super().__init__()
-        vc = qwen_vision_config(hf.config)
+        vc = family_for(hf.config.model_type).read_config(hf.config).vision
         self.vision = QwenVisionTower(vc)
         self.merger = PatchMerger(vc)
         self.load_state_dict(convert_qwen_vision(hf.state_dict(), vc), strict=True)

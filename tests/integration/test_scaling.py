@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from mmlens.cli import main
-from mmlens.experiments.store import read_store, shard_files
+from mmlens.experiments.runfolder.store import read_store, shard_files
 from mmlens.experiments.tables import check_run_folder
 from mmlens.zoo import BUNDLED
 

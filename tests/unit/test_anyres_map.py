@@ -66,7 +66,8 @@ def test_position_map_matches_packing(hw):
     patch_index = torch.arange(GRID * GRID)[None].expand(n_tiles, GRID * GRID)
     features = torch.stack([tile_index, patch_index], dim=-1).float()
     cfg = SimpleNamespace(feature_select_strategy="default", image_grid_pinpoints=PINPOINTS,
-                          vision=SimpleNamespace(image_size=TILE, patch_size=PATCH),
+                          vision=SimpleNamespace(image_size=TILE, patch_size=PATCH,
+                                                 has_class_token=True),
                           text=SimpleNamespace(d_model=2))
     packer = AnyresPacker(cfg)
     with torch.no_grad():

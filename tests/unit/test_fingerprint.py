@@ -2,14 +2,22 @@
 
 import copy
 import dataclasses
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import normalizers, pre_tokenizers, processors
 
 from mmlens import HookedMultimodalTransformer
 from mmlens.data.shapes import generate_per_task
-from mmlens.experiments import information_flow
-from mmlens.experiments.fingerprint import tensor_checksum, weights_checksum
+from mmlens.experiments import information_flow, sweep
+from mmlens.experiments.runfolder import fingerprint
+from mmlens.experiments.runfolder.fingerprint import (
+    source_digest,
+    tensor_checksum,
+    weights_checksum,
+)
 from mmlens.inputs.templates import VICUNA_V1
 from mmlens.zoo import BUNDLED
 
@@ -80,6 +88,7 @@ EXAMPLE_CHANGES = {
               "examples.boxes"),
     "image": (_edit_image, "examples.images"),
     "ids": (lambda e: _with(e, 0, example_id="other"), "examples.ids"),
+    "recorded size": (lambda e: _with(e, 1, image_size=(224, 224)), "examples.image_sizes"),
 }
 
 
@@ -87,6 +96,7 @@ EXAMPLE_CHANGES = {
 def test_changed_example_data_is_refused(model, examples, tmp_path, part):
     change, key = EXAMPLE_CHANGES[part]
     store = tmp_path / "flow.jsonl"
+    examples = [dataclasses.replace(e, image_size=e.image.size) for e in examples]
     information_flow(model, examples, store=store, **RUN)
     with pytest.raises(ValueError, match=rf"{key}: stored .* now .*another --out folder"):
         information_flow(model, change(examples), store=store, **RUN)
@@ -132,14 +142,73 @@ def _edit_processor(model):
     model.processor.image_processor.image_mean = [0.5, 0.5, 0.5]
 
 
-@pytest.mark.parametrize("edit, key", [(_edit_weight, "weights"), (_edit_config, "config"),
-                                       (_edit_processor, "processor")],
-                         ids=["weights", "config", "processor"])
+def _edit_normalizer(model):
+    model.processor.tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+
+
+def _edit_pre_tokenizer(model):
+    model.processor.tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Digits()
+
+
+def _edit_post_processor(model):
+    model.processor.tokenizer.backend_tokenizer.post_processor = processors.ByteLevel()
+
+
+def _edit_chat_template(model):
+    model.processor.chat_template = (model.processor.chat_template or "") + " "
+
+
+MODEL_EDITS = {
+    "weights": (_edit_weight, "weights"), "config": (_edit_config, "config"),
+    "processor": (_edit_processor, "processor.image"),
+    "normalizer": (_edit_normalizer, "processor.tokenizer"),
+    "pre-tokenizer": (_edit_pre_tokenizer, "processor.tokenizer"),
+    "post-processor": (_edit_post_processor, "processor.tokenizer"),
+    "chat template": (_edit_chat_template, "processor.chat_template"),
+}
+
+
+@pytest.mark.parametrize("edit, key", MODEL_EDITS.values(), ids=list(MODEL_EDITS))
 def test_changed_model_is_refused(examples, tmp_path, edit, key):
     model = HookedMultimodalTransformer.from_pretrained("shapes-llava").eval()
     store = tmp_path / "flow.jsonl"
     information_flow(model, examples, store=store, **RUN)
     with torch.no_grad():
         edit(model)
+    with pytest.raises(ValueError, match=rf"\({key}: stored"):
+        information_flow(model, examples, store=store, **RUN)
+
+
+def test_the_same_model_from_another_folder_resumes(examples, tmp_path, monkeypatch):
+    """Contents, not paths: a copy of the checkpoint elsewhere resumes the store (its folder's
+    name picks the preset, so it is kept)."""
+    copies = [tmp_path / "a" / "shapes-llava", tmp_path / "b" / "shapes-llava"]
+    for folder in copies:
+        shutil.copytree(BUNDLED["shapes-llava"], folder)
+    store = tmp_path / "flow.jsonl"
+    first = HookedMultimodalTransformer.from_pretrained(str(copies[0])).eval()
+    reference = information_flow(first, examples, store=store, **RUN)
+    second = HookedMultimodalTransformer.from_pretrained(str(copies[1])).eval()
+    monkeypatch.setattr(sweep, "clean_run", lambda *args: pytest.fail("recomputed"))
+    assert information_flow(second, examples, store=store, **RUN).equals(reference)
+
+
+def test_the_source_digest_is_content_not_place(tmp_path):
+    package = Path(fingerprint.__file__).resolve().parents[2]
+    copies = [tmp_path / "site-a" / "mmlens", tmp_path / "site-b" / "mmlens"]
+    for folder in copies:
+        shutil.copytree(package, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    assert source_digest(copies[0]) == source_digest(copies[1])
+    spans = copies[1] / "inputs" / "spans.py"
+    spans.write_text(spans.read_text() + "\n# one more line\n")
+    assert source_digest.__wrapped__(copies[1]) != source_digest(copies[0])
+
+
+@pytest.mark.parametrize("edit, key", [("source_digest", "mmlens.source"),
+                                       ("version_of", "mmlens.version")])
+def test_changed_mmlens_code_is_refused(model, examples, tmp_path, monkeypatch, edit, key):
+    store = tmp_path / "flow.jsonl"
+    information_flow(model, examples, store=store, **RUN)
+    monkeypatch.setattr(fingerprint, edit, lambda *args: "0123456789abcdef")
     with pytest.raises(ValueError, match=rf"\({key}: stored"):
         information_flow(model, examples, store=store, **RUN)

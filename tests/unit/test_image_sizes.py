@@ -64,7 +64,8 @@ def test_landscape_image_gets_the_landscape_tiling():
 
 def test_packer_reads_image_sizes_in_hugging_faces_order():
     cfg = SimpleNamespace(feature_select_strategy="default", image_grid_pinpoints=PINPOINTS,
-                          vision=SimpleNamespace(image_size=100, patch_size=10),
+                          vision=SimpleNamespace(image_size=100, patch_size=10,
+                                                 has_class_token=True),
                           text=SimpleNamespace(d_model=1))
     packed = AnyresPacker(cfg)(torch.zeros(3, 100, 1), image_sizes_tensor([SIZE]))
     assert packed.shape == (10 * 10 + 10 * 17, 1)

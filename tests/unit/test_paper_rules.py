@@ -12,9 +12,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import CLIPImageProcessorPil, LlavaNextImageProcessorPil, PreTrainedTokenizerFast
 
 from mmlens.inputs.image_tokens import chunked_encoding
+from mmlens.inputs.layouts.anyres import AnyresLayout
+from mmlens.inputs.layouts.grid import GridLayout
 from mmlens.inputs.pixel_rule import pixel_rule_mask
 from mmlens.inputs.preprocessing import pad_colour, pad_to_square
 from mmlens.inputs.templates import LLAMA3_PAPER, VICUNA_V1_PAPER
+from mmlens.inputs.tiling import AnyresGeometry
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 
@@ -141,8 +144,8 @@ def test_pixel_rule_matches_the_description(size, boxes, mode):
     processor = SimpleNamespace(image_processor=CLIPImageProcessorPil(
         size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
         image_mean=CLIP_MEAN))
-    cfg = SimpleNamespace(vision=SimpleNamespace(patch_size=14, image_size=336), is_anyres=False)
-    related, newline = pixel_rule_mask(processor, cfg, boxes, size, mode)
+    layout = GridLayout(336, 14, class_token=True)
+    related, newline = pixel_rule_mask(processor, layout, boxes, size, mode)
     expected = expected_single(size, boxes, 336, 14, mode == "pad")
     assert related.numpy().tolist() == expected.tolist()
     assert not newline.any()
@@ -198,9 +201,9 @@ def test_pixel_rule_for_anyres_matches_the_description(size, boxes):
     processor = SimpleNamespace(image_processor=LlavaNextImageProcessorPil(
         size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
         image_grid_pinpoints=pinpoints))
-    cfg = SimpleNamespace(vision=SimpleNamespace(patch_size=patch, image_size=tile),
-                          is_anyres=True, image_grid_pinpoints=pinpoints)
-    related, newline = pixel_rule_mask(processor, cfg, boxes, size, "resize_crop")
+    geometry = AnyresGeometry(tile, patch, tuple(tuple(p) for p in pinpoints))
+    related, newline = pixel_rule_mask(processor, AnyresLayout(geometry), boxes, size,
+                                       "resize_crop")
     expected, expected_newline = expected_anyres(size, boxes, tile, patch, pinpoints)
     assert expected[(tile // patch) ** 2:].any()  # the boxes reach the high-resolution tiles
     assert related.numpy().tolist() == expected.tolist()

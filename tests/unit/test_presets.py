@@ -9,9 +9,11 @@ from mmlens.inputs.checkpoints import default_preprocessing, paper_checkpoint
 
 
 def fake_model(name="", anyres=False, n_layers=32, d_model=4096, d_vocab=32064):
-    cfg = SimpleNamespace(hf_config=SimpleNamespace(_name_or_path=name), is_anyres=anyres,
+    cfg = SimpleNamespace(hf_config=SimpleNamespace(_name_or_path=name),
                           n_layers=n_layers, d_model=d_model, d_vocab=d_vocab)
-    return SimpleNamespace(cfg=cfg, processor=None)
+    family = SimpleNamespace(fixed_preprocessing="anyres" if anyres else None, pixel_rule=True,
+                             name="llava_next" if anyres else "llava")
+    return SimpleNamespace(cfg=cfg, processor=None, family=family)
 
 
 @pytest.mark.parametrize("model,expected", [

@@ -10,7 +10,7 @@ RANK = """
 import datetime, os, sys
 import torch.distributed as dist
 from mmlens.core.errors import MMLensError
-from mmlens.experiments.distributed import Ranks
+from mmlens.experiments.runfolder.distributed import Ranks
 
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2,

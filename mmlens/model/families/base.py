@@ -11,7 +11,7 @@ looks at the model type itself::
         (encode_image_layers: also features added after some decoder layers, DeepStack)
     token embeddings + features ──merge──▶ hook_embed
     input_ids (+ cache, image sizes) ──position_ids──▶ decoder positions ──rotary──▶ cos, sin
-    prepare: stack_pixel_values, add_image_spans, box_positions (the processor's geometry)
+    prepare: stack_pixel_values, add_image_spans, image_layout (the processor's geometry)
 
 Subclasses set the class attributes and override the methods whose rule differs; a new family
 is one module in this package plus an entry in ``FAMILIES``.
@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from mmlens.core.sizes import ImageSize
+from mmlens.inputs.token_map import ImageLayout
 from mmlens.model.components import RotaryEmbedding
 from mmlens.model.config import LanguageConfig, MultimodalConfig
 from mmlens.model.kv_cache import KeyValueCache
@@ -62,6 +62,9 @@ class Family:
     prompt_template: ClassVar[str | None] = None
     """The name of the family's default prompt template (``mmlens.inputs.templates``); None:
     chosen from the tokenizer's vocabulary."""
+    pixel_rule: ClassVar[bool] = False
+    """Whether the paper's red-pixel rule (``related_rule="paper"``) is defined for the family
+    (the paper's own: LLaVA-1.5 and LLaVA-NeXT)."""
 
     # ------------------------------------------------------------- configuration and weights
     def read_config(self, hf_config: Any) -> MultimodalConfig:
@@ -172,8 +175,13 @@ class Family:
         return positions_from_mask(attention_mask)[:, -q_len:]
 
     # ------------------------------------------------------------- the processor's geometry
+    def split_pixel_values(self, pixel_values: Tensor,
+                           image_sizes: Tensor | None) -> list[Tensor]:
+        """One prompt's processor ``pixel_values`` -> one tensor per image (images first)."""
+        return list(pixel_values.split(1))
+
     def stack_pixel_values(self, pixel_values: Sequence[Tensor]) -> Tensor:
-        """The processor's per-example ``pixel_values`` -> one batch tensor."""
+        """The per-image ``pixel_values`` (``split_pixel_values``) -> one batch tensor."""
         return torch.cat(list(pixel_values))
 
     def image_text(self, processor: Any, image: Any, image_token: str, n_image: int) -> str:
@@ -192,19 +200,21 @@ class Family:
         """The preprocessing that boxes are mapped through: ``mode`` checked, or the default.
 
         Families whose processor fixes the geometry (tiling, dynamic resolution) take any known
-        mode; their ``box_positions`` follow the processor itself.
+        mode; their ``image_layout`` follows the processor itself.
         """
         from mmlens.inputs.preprocessing import checked_mode
 
         return checked_mode(mode)
 
-    def box_positions(
-        self, model: Any, image_size: ImageSize, boxes: Sequence[Any],
-        image_positions: Tensor, mode: str,
-    ) -> tuple[Tensor, Tensor]:
-        """Image-token positions a box touches (``related``) and the rest (``other``).
+    def image_layout(self, model: Any) -> ImageLayout | None:
+        """How the processor and the vision tower turn one image into image tokens: an
+        ``ImageLayout`` of ``mmlens.inputs.layouts`` (``GridLayout`` a square crop with or
+        without a class token, ``AnyresLayout`` base tile + tiles + newlines, ``MergedLayout``
+        merged cells of a dynamic resolution), or a new module there. ``prepare`` builds every
+        image's token map from it (``batch.token_maps``); the ``related`` / ``other`` spans,
+        vision-tower spans, the pixel rule, example views and vision knockouts read the map.
 
-        ``image_size`` is the original image's size; ``boxes`` are ``(x, y, w, h)`` in its
-        pixels, mapped through the processor's resizing/tiling as the pixels are.
+        None by default: the family's image tokens have no map, so boxes, vision-tower spans
+        and views are refused with an error naming this method; text spans still work.
         """
-        raise NotImplementedError
+        return None

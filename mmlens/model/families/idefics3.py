@@ -37,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from mmlens.core.sizes import ImageSize
+from mmlens.inputs.layouts.split_tiles import SplitTilesLayout
 from mmlens.model.config import MultimodalConfig, language_config
 from mmlens.model.families.base import Family
 from mmlens.model.idefics3_vision import (
@@ -173,27 +174,19 @@ class Idefics3Family(Family):
         rows, cols = self._geometry(processor, image).grid(ImageSize.of(image))
         return processor.replace_image_token({"rows": [[rows]], "cols": [[cols]]}, 0)
 
-    def box_positions(
-        self, model: Any, image_size: ImageSize, boxes: Sequence[Any],
-        image_positions: Tensor, mode: str,
-    ) -> tuple[Tensor, Tensor]:
-        """Through the processor's tiling: every tile a box reaches, and the global view."""
-        from mmlens.inputs.geometry import other_image_positions
-        from mmlens.inputs.idefics3_geometry import TileGeometry, tile_box_positions
-
-        geometry = TileGeometry.from_processor(model.processor.image_processor,
+    def image_layout(self, model: Any) -> SplitTilesLayout:
+        """The processor's tiling (rows x cols tiles, then the global view), checked against
+        the vision tower."""
+        return SplitTilesLayout.from_processor(model.processor.image_processor,
                                                model.cfg.vision)
-        related = tile_box_positions(geometry, image_size, boxes, image_positions)
-        return related, other_image_positions(image_positions, related)
 
     @staticmethod
-    def _geometry(processor: Any, image: Any) -> Any:
-        from mmlens.inputs.idefics3_geometry import TileGeometry
-
+    def _geometry(processor: Any, image: Any) -> SplitTilesLayout:
+        """The tiling alone (patch and shuffle sizes from ``image_seq_len``)."""
         ip = processor.image_processor
         tokens_a_side = round(processor.image_seq_len ** 0.5)
-        return TileGeometry.from_image_processor(
-            ip, ip.max_image_size["longest_edge"] // tokens_a_side)
+        return SplitTilesLayout.from_image_processor(
+            ip, ip.max_image_size["longest_edge"] // tokens_a_side, 1)
 
 
 def load_smolvlm_processor(name_or_path: str, cfg: MultimodalConfig) -> Any:

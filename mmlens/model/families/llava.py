@@ -5,13 +5,12 @@ Each image is one square crop; its patch features replace the prompt's image tok
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from mmlens.core.sizes import ImageSize
+from mmlens.inputs.layouts.grid import GridLayout
 from mmlens.model.components import Projector
 from mmlens.model.config import (
     MultimodalConfig,
@@ -46,6 +45,7 @@ class LlavaFamily(Family):
     description = "LLaVA-1.5 (CLIP vision tower, MLP projector, Llama decoder)"
     checkpoints = ("llava-hf/llava-1.5-7b-hf", "llava-hf/llava-1.5-13b-hf",
                    "shapes-llava (bundled)")
+    pixel_rule = True
 
     def read_config(self, hf_config: Any) -> MultimodalConfig:
         vc, tc = hf_config.vision_config, hf_config.text_config
@@ -102,16 +102,11 @@ class LlavaFamily(Family):
             mode = "pad"
         return check_preprocessing(model.processor, mode, model.cfg.vision.image_size)
 
-    def box_positions(
-        self, model: Any, image_size: ImageSize, boxes: Sequence[Any],
-        image_positions: Tensor, mode: str,
-    ) -> tuple[Tensor, Tensor]:
-        from mmlens.inputs.geometry import other_image_positions, related_image_positions
-
-        if model.cfg.feature_select_strategy == "full":
-            image_positions = image_positions[1:]  # the CLS feature covers no patch
-        related = related_image_positions(
-            boxes, image_size, image_positions, crop_size=model.cfg.vision.image_size,
-            patch_size=model.cfg.vision.patch_size, mode=mode,
-        )
-        return related, other_image_positions(image_positions, related)
+    def image_layout(self, model: Any) -> GridLayout:
+        """A square crop; the tower's rows start with CLIP's class token, whose feature comes
+        first where the features keep it (strategy ``"full"``)."""
+        vision = model.cfg.vision
+        return GridLayout(vision.image_size, vision.patch_size,
+                          class_token=vision.has_class_token,
+                          class_feature=vision.has_class_token
+                          and model.cfg.feature_select_strategy == "full")

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from mmlens.core.sizes import ImageSize
+from mmlens.inputs.layouts.anyres import AnyresLayout
+from mmlens.inputs.tiling import AnyresGeometry
 from mmlens.model.anyres import AnyresPacker
 from mmlens.model.config import MultimodalConfig
 from mmlens.model.families.base import Family
@@ -62,16 +62,11 @@ class LlavaNextFamily(LlavaFamily):
         add_anyres_spans(model, batch)
 
     def preprocessing_mode(self, model: Any, mode: str | None) -> str:
-        """Any known mode: the tiling is the model's, and ``box_positions`` follows it."""
+        """Any known mode: the tiling is the model's, and its ``image_layout`` follows it."""
         return Family.preprocessing_mode(self, model, mode)
 
-    def box_positions(
-        self, model: Any, image_size: ImageSize, boxes: Sequence[Any],
-        image_positions: Tensor, mode: str,
-    ) -> tuple[Tensor, Tensor]:
-        from mmlens.inputs.anyres_spans import anyres_related_positions
-
-        related, other = anyres_related_positions(boxes, image_size, model.cfg, mode=mode)
-        start = image_positions[0]
-        return (start + torch.as_tensor(related, dtype=torch.long),
-                start + torch.as_tensor(other, dtype=torch.long))
+    def image_layout(self, model: Any) -> AnyresLayout:
+        """Anyres tiles (and OneVision's anyres-max downscale); each tower row starts with a
+        class token where the tower has one (CLIP: yes; SigLIP: no)."""
+        return AnyresLayout(AnyresGeometry.from_config(model.cfg),
+                            class_token=model.cfg.vision.has_class_token)

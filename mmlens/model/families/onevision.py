@@ -169,6 +169,7 @@ class LlavaOnevisionFamily(LlavaNextFamily):
                    "anyres-max tiles)")
     checkpoints = ("llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
                    "llava-hf/llava-onevision-qwen2-7b-ov-hf")
+    pixel_rule = False
 
     def read_config(self, hf_config: Any) -> MultimodalConfig:
         return onevision_config(hf_config)

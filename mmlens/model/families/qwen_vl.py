@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from mmlens.core.sizes import ImageSize
+from mmlens.inputs.layouts.merged import MergedLayout
 from mmlens.model.components.mrope import MRotaryEmbedding, mrope_position_ids
 from mmlens.model.components.qwen_vision import PatchMerger, QwenVisionTower
 from mmlens.model.config import (
@@ -36,7 +36,11 @@ from mmlens.model.config import (
 from mmlens.model.families.base import Family
 from mmlens.model.kv_cache import KeyValueCache
 from mmlens.model.loading.convert import convert_language
-from mmlens.model.loading.convert_qwen import convert_qwen_vision, qwen_vision_config
+from mmlens.model.loading.convert_qwen import (
+    convert_qwen_vision,
+    qwen2_vision_config,
+    qwen25_vision_config,
+)
 
 
 class QwenVLFamily(Family):
@@ -54,7 +58,8 @@ class QwenVLFamily(Family):
         if getattr(tc, "use_sliding_window", False):
             raise ValueError(f"{self.name}: sliding-window attention in the decoder is not "
                              "supported (use_sliding_window is set in the text config)")
-        return self._config(hf_config, qwen_vision_config(hf_config), qkv_bias=True,
+        return self._config(hf_config, self.read_vision_config(hf_config.vision_config),
+                            qkv_bias=True,
                             o_bias=False)
 
     def _config(self, hf_config: Any, vision: QwenVisionConfig,
@@ -75,6 +80,10 @@ class QwenVLFamily(Family):
             feature_select_strategy="full",
             hf_config=hf_config,
         )
+
+    def read_vision_config(self, vc: Any) -> QwenVisionConfig:
+        """The vision transformer's config (Qwen2-VL's: LayerNorm, plain MLP)."""
+        return qwen2_vision_config(vc)
 
     def convert_state_dict(self, state: dict[str, Tensor],
                            cfg: MultimodalConfig) -> dict[str, Tensor]:
@@ -142,8 +151,14 @@ class QwenVLFamily(Family):
                                           cfg.vision.merge_size, attention_mask[:, -q_len:])
         return positions
 
+    def split_pixel_values(self, pixel_values: Tensor,
+                           image_sizes: Tensor | None) -> list[Tensor]:
+        """A prompt's packed patches ``[n, dim]`` -> each image's, by ``image_grid_thw``."""
+        counts = torch.as_tensor(image_sizes).reshape(-1, 3).prod(-1).tolist()
+        return list(pixel_values.split(counts))
+
     def stack_pixel_values(self, pixel_values: Sequence[Tensor]) -> Tensor:
-        """Each example's packed patches ``[n_i, dim]`` -> ``[examples, max n_i, dim]``
+        """Each image's packed patches ``[n_i, dim]`` -> ``[images, max n_i, dim]``
         (zero padded; ``image_grid_thw`` says how many rows are real)."""
         longest = max(p.shape[0] for p in pixel_values)
         out = pixel_values[0].new_zeros(len(pixel_values), longest, pixel_values[0].shape[-1])
@@ -151,16 +166,16 @@ class QwenVLFamily(Family):
             out[i, :patches.shape[0]] = patches
         return out
 
-    def box_positions(
-        self, model: Any, image_size: ImageSize, boxes: Sequence[Any],
-        image_positions: Tensor, mode: str,
-    ) -> tuple[Tensor, Tensor]:
-        """Boxes through ``smart_resize`` onto the 28x28 px cells of the image tokens; Qwen
-        neither pads nor crops, so ``mode`` does not apply."""
-        from mmlens.inputs.qwen_geometry import qwen_box_positions
-
-        return qwen_box_positions(boxes, image_size, model.processor.image_processor,
-                                  image_positions)
+    def image_layout(self, model: Any) -> MergedLayout:
+        """Merged cells of the processor's dynamic resolution (its ``min_pixels`` /
+        ``max_pixels``); without a processor, the vision config's patch geometry with no
+        bound on the pixel count (enough to map a prepared batch's tokens to patches)."""
+        processor = getattr(model, "processor", None)
+        if processor is not None:
+            return MergedLayout.from_image_processor(processor.image_processor)
+        vision = model.cfg.vision
+        return MergedLayout(vision.patch_size, vision.merge_size, vision.temporal_patch_size,
+                            min_pixels=vision.token_size**2, max_pixels=2**62)
 
     def load_processor(self, path: str, **kwargs: Any) -> Any:
         from mmlens.model.loading.qwen_processor import load_qwen_processor
@@ -175,3 +190,6 @@ class Qwen25VLFamily(QwenVLFamily):
     description = ("Qwen2.5-VL (Qwen2-VL with window attention, RMSNorm and gated MLPs in the "
                    "vision transformer)")
     checkpoints = ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct")
+
+    def read_vision_config(self, vc: Any) -> QwenVisionConfig:
+        return qwen25_vision_config(vc)

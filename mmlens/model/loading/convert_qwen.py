@@ -16,6 +16,8 @@ The fused ``qkv`` projection is split into our ``q``/``k``/``v`` weights (rows `
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from mmlens.model.config import QwenVisionConfig
@@ -71,21 +73,25 @@ def convert_qwen_vision(state: dict[str, Tensor], vc: QwenVisionConfig) -> dict[
     return out
 
 
-def qwen_vision_config(hf_config) -> QwenVisionConfig:
-    """Read a ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig``'s vision half."""
-    vc = hf_config.vision_config
+def _common(vc: Any) -> dict[str, Any]:
     rope = getattr(vc, "rope_parameters", None) or {}
-    common = dict(
+    return dict(
         n_heads=vc.num_heads, n_layers=vc.depth, patch_size=vc.patch_size,
         temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size,
         n_channels=vc.in_channels, act_fn=vc.hidden_act, rope_theta=rope.get("rope_theta", 1e4),
     )
-    if hf_config.model_type == "qwen2_vl":
-        return QwenVisionConfig(d_model=vc.embed_dim, d_mlp=int(vc.embed_dim * vc.mlp_ratio),
-                                d_out=vc.hidden_size, **common)
-    if hf_config.model_type == "qwen2_5_vl":
-        return QwenVisionConfig(
-            d_model=vc.hidden_size, d_mlp=vc.intermediate_size, d_out=vc.out_hidden_size,
-            gated_mlp=True, rms_norm=True, window_size=vc.window_size,
-            full_attention_layers=tuple(vc.fullatt_block_indexes), **common)
-    raise ValueError(f"model_type {hf_config.model_type!r} is not Qwen2-VL or Qwen2.5-VL")
+
+
+def qwen2_vision_config(vc: Any) -> QwenVisionConfig:
+    """Read a ``Qwen2VLConfig``'s ``vision_config``: LayerNorm, plain MLP, full attention."""
+    return QwenVisionConfig(d_model=vc.embed_dim, d_mlp=int(vc.embed_dim * vc.mlp_ratio),
+                            d_out=vc.hidden_size, **_common(vc))
+
+
+def qwen25_vision_config(vc: Any) -> QwenVisionConfig:
+    """Read a ``Qwen2_5_VLConfig``'s ``vision_config``: RMSNorm, gated MLP, window attention
+    outside ``fullatt_block_indexes``."""
+    return QwenVisionConfig(
+        d_model=vc.hidden_size, d_mlp=vc.intermediate_size, d_out=vc.out_hidden_size,
+        gated_mlp=True, rms_norm=True, window_size=vc.window_size,
+        full_attention_layers=tuple(vc.fullatt_block_indexes), **_common(vc))

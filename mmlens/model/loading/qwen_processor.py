@@ -22,7 +22,8 @@ def qwen_processor(tokenizer: Any, image_processor: Any,
 
     Each ``<|image_pad|>`` in a text becomes ``t * h * w / merge_size**2`` copies (one per
     merged token of its image, images taken in order). Returns ``input_ids``,
-    ``attention_mask``, ``pixel_values [n_patches, C*T*P*P]`` and ``image_grid_thw [images, 3]``.
+    ``attention_mask``, ``pixel_values [n_patches, C*T*P*P]``, ``image_grid_thw [images, 3]``
+    and ``mm_token_type_ids``.
     """
     merge = image_processor.merge_size**2
 
@@ -34,7 +35,7 @@ def qwen_processor(tokenizer: Any, image_processor: Any,
         tokenizer, image_processor, count_image_tokens=count_image_tokens,
         chat_template=chat_template or getattr(tokenizer, "chat_template", None),
         image_token=getattr(tokenizer, "image_token", None) or IMAGE_TOKEN,
-        sizes_key="image_grid_thw")
+        sizes_key="image_grid_thw", mm_token_type_ids=True)
 
 
 def load_qwen_processor(path: str | Path, **kwargs: Any) -> ComposedProcessor:

@@ -4,10 +4,20 @@ Each family that mmlens supports has one module in this package, named as its re
 (``Family.name``, the HF ``model_type``), saying how to build a tiny Hugging Face config and an
 offline processor for it::
 
-    HF_CLASS: str                                   # the transformers class, e.g. "LlavaForConditionalGeneration"
-    IMAGE_SIZES: tuple[ImageSize, ...]              # images the conformance suite runs (odd sizes, several tiles)
-    def hf_config(**overrides) -> PretrainedConfig  # tiny: a few layers, d_model <= 64, GQA where the family has it
-    def processor(hf_config) -> ProcessorMixin      # tokenizer + image processor + chat template, no download
+    HF_CLASS: str                       # the transformers class ("LlavaForConditionalGeneration")
+    IMAGE_SIZES: tuple[ImageSize, ...]  # images the conformance suite runs (odd sizes, tiles)
+    def hf_config(**overrides)          # tiny HF config: few layers, d_model <= 64, GQA
+    def processor(hf_config)            # tokenizer + image processor + template, no download
+
+and, optionally (the conformance suite and ``tiny_hf_model`` use defaults without them)::
+
+    VARIANTS: dict[str, dict]           # named hf_config overrides parity is also checked on
+    def perturb(model) -> None          # extra weight spread after the common one
+    def hf_vision_rows(hf, inputs)      # our vision rows in HF's block order (Qwen2.5's windows)
+    def hf_vision_layers(hf)            # HF's vision blocks, where the tower has several lists
+    def hf_decoder_layers(hf)           # HF's decoder layers, if not model.language_model.layers
+
+Modules whose name starts with ``_`` hold what several families share (``_qwen``).
 
 ``tiny_checkpoint(family, folder)`` writes the weights (every parameter perturbed, so norms and
 biases are not trivial) and the processor; mmlens and HF's own class both load the folder. The
@@ -33,7 +43,8 @@ _HELPERS = {"tokenizer"}
 
 def tiny_families() -> list[str]:
     """The family names that have a tiny builder, sorted."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _HELPERS)
+    return sorted(m.name for m in pkgutil.iter_modules(__path__)
+                  if m.name not in _HELPERS and not m.name.startswith("_"))
 
 
 def tiny_module(family: str) -> ModuleType:
@@ -56,6 +67,9 @@ def tiny_hf_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32
     with torch.no_grad():
         for param in model.parameters():
             param.add_(torch.randn_like(param) * scale)
+        perturb = getattr(module, "perturb", None)  # optional: e.g. biases HF zeroes
+        if perturb is not None:
+            perturb(model)
     return model.to(dtype).eval()
 
 

@@ -24,6 +24,12 @@ ROW_COL = tuple(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<image>",
             "<fake_token_around_image>", "<global-img>", "<unk>", *ROW_COL)
 VOCAB = 160
+VARIANTS = {  # hf_config overrides the conformance suite checks parity on, beside the default
+    "scale-3-mha-biases": dict(scale_factor=3, text_config={"num_key_value_heads": 4,
+                                                            "attention_bias": True}),
+    "tied-embeddings-gelu": dict(tie_word_embeddings=True,
+                                 vision_config={"hidden_act": "gelu"}),
+}
 CHAT_TEMPLATE = (
     "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
     "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
@@ -82,9 +88,28 @@ def image_processor(cls_name: str = "Idefics3ImageProcessorPil") -> Any:
         image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
+def tokens_per_tile(hf_config: Any = None) -> int:
+    """Image tokens a tile under ``hf_config`` (its patch size and scale factor)."""
+    if hf_config is None:
+        return TOKENS_PER_TILE
+    return (TILE // hf_config.vision_config.patch_size // int(hf_config.scale_factor)) ** 2
+
+
 def processor(hf_config: Any = None) -> Any:
-    """HF's ``Idefics3Processor`` over the tokenizer and the PIL image processor."""
+    """HF's ``Idefics3Processor`` over the tokenizer and the PIL image processor, writing the
+    tokens a tile ``hf_config`` makes."""
     from transformers import Idefics3Processor
 
-    return Idefics3Processor(image_processor(), tokenizer(), image_seq_len=TOKENS_PER_TILE,
+    return Idefics3Processor(image_processor(), tokenizer(),
+                             image_seq_len=tokens_per_tile(hf_config),
                              chat_template=CHAT_TEMPLATE)
+
+
+def hf_vision_layers(hf: Any) -> list[Any]:
+    """HF's vision-tower blocks (``model.vision_model.encoder.layers``)."""
+    return list(hf.model.vision_model.encoder.layers)
+
+
+def hf_decoder_layers(hf: Any) -> list[Any]:
+    """HF's decoder layers (``model.text_model.layers``)."""
+    return list(hf.model.text_model.layers)

@@ -82,3 +82,8 @@ def processor(hf_config: Any = None, *, min_pixels: int = 8 * 8 * 4,
         min_pixels=min_pixels, max_pixels=max_pixels, image_mean=[0.5] * 3,
         image_std=[0.5] * 3)
     return qwen_processor(tokenizer(), image_processor, CHAT_TEMPLATE)
+
+
+def hf_vision_layers(hf: Any) -> list:
+    """HF's vision blocks (the tower also holds the DeepStack mergers' list)."""
+    return list(hf.model.visual.blocks)

@@ -6,8 +6,8 @@
 Under a launcher (``WORLD_SIZE`` > 1 in the environment) ``init_ranks`` joins the
 ``torch.distributed`` group (NCCL on GPUs, gloo on the CPU); the examples still to do are dealt
 out round robin, each to exactly one rank, and each rank appends to its own store shard
-(``mmlens.experiments.store``). Rank 0 waits for the others, then reads every shard. Without a
-launcher everything here is the single process ``Ranks()``.
+(``mmlens.experiments.runfolder.store``). Rank 0 waits for the others, then reads every
+shard. Without a launcher everything here is the single process ``Ranks()``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from mmlens.core.errors import MMLensError
-from mmlens.experiments.store import shard_files
+from mmlens.experiments.runfolder.store import shard_files
 
 # Ranks wait for each other at the end of a sweep that can run for hours.
 TIMEOUT = datetime.timedelta(hours=12)

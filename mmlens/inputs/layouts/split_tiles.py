@@ -1,30 +1,36 @@
-"""Idefics3 / SmolVLM tiling: object boxes -> the image tokens of every tile they reach and of
-the global view, through the processor's own resizing.
+"""The split-tiles layout (Idefics3, SmolVLM): rows x cols tiles after a resize, then a
+global view, each tile pixel-shuffled into tokens.
 
 The image processor (``Idefics3ImageProcessorPil``, SmolVLM's is the same) resizes a ``W x H``
 image so its longest edge is ``size["longest_edge"]`` (the other edge ``int(...)``, rounded up
 to even), then each edge up to a whole number of ``T = max_image_size["longest_edge"]`` tiles;
 when the result is larger than one tile it is cut into ``rows x cols`` tiles, row-major, and the
-whole resized image is resized to ``T x T`` (the global view) and follows them. An image of one
-tile is only that view. Each tile's tokens are its ``(T / patch / scale)^2`` pixel-shuffled
-squares of ``patch * scale`` px, row-major, so a box marks a token when it covers a pixel of
-that square (half-open, exact: ``mmlens.inputs.geometry``).
+whole image is resized (squashed) to ``T x T`` (the global view, token kind ``thumbnail``) and
+follows them; an image of one tile is only that view. The vision tower runs every tile as its
+own row, in that order, without a class token. Each tile's tokens are its
+``(T / patch / scale)^2`` pixel-shuffled squares of ``scale x scale`` patches, row-major. The
+``<row_r_col_c>`` / ``<global-img>`` markers the processor writes are text tokens, not image
+tokens, so the map holds none.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from mmlens.core.errors import MMLensError
 from mmlens.core.sizes import ImageSize, SizeOrPair, as_image_size
-from mmlens.data.example import Box
-from mmlens.inputs.geometry import canvas_patch_mask, corner_box, scale_and_shift
+from mmlens.inputs.token_map import (
+    ImageLayout,
+    ImageTokenMap,
+    TileFrame,
+    TokenPlace,
+)
 
 MAX_IMAGE_SIZE = 4096
 """HF's cap on the resized image's longest edge."""
@@ -54,17 +60,19 @@ def _cap(height: int, width: int, most: int) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class TileGeometry:
-    """What the tiling depends on: the resize target, the tile side, whether images are split,
-    and the tower's patch and pixel-shuffle sizes."""
+class SplitTilesLayout(ImageLayout):
+    """What the tiling depends on: the resize target (None: no resize before tiling), the tile
+    side, whether images are split, and the tower's patch side and pixel-shuffle factor."""
 
-    longest_edge: int | None  # None: no resize before tiling
+    longest_edge: int | None
     tile: int
     splitting: bool
-    token_px: int  # side in tile pixels of one image token: patch * scale_factor
+    patch: int
+    scale: int
 
     @classmethod
-    def from_image_processor(cls, image_processor: Any, token_px: int) -> TileGeometry:
+    def from_image_processor(cls, image_processor: Any, patch: int,
+                             scale: int) -> SplitTilesLayout:
         """From the checkpoint's image processor (``size``, ``max_image_size``,
         ``do_resize``, ``do_image_splitting``)."""
         tile = dict(getattr(image_processor, "max_image_size", None) or {}).get("longest_edge")
@@ -76,22 +84,35 @@ class TileGeometry:
                 f"{getattr(image_processor, 'max_image_size', None)}; mmlens maps boxes through "
                 "Idefics3's longest-edge resize and square tiles only")
         return cls(size["longest_edge"] if resize else None, tile,
-                   bool(getattr(image_processor, "do_image_splitting", True)), token_px)
+                   bool(getattr(image_processor, "do_image_splitting", True)), patch, scale)
 
     @classmethod
-    def from_processor(cls, image_processor: Any, vision: Any) -> TileGeometry:
+    def from_processor(cls, image_processor: Any, vision: Any) -> SplitTilesLayout:
         """From the image processor, checked against the vision config."""
-        geometry = cls.from_image_processor(image_processor,
-                                            vision.patch_size * vision.scale_factor)
-        if geometry.tile != vision.image_size:
+        layout = cls.from_image_processor(image_processor, vision.patch_size,
+                                          vision.scale_factor)
+        if layout.tile != vision.image_size:
             raise MMLensError(
-                f"the image processor cuts {geometry.tile} px tiles but the vision tower takes "
+                f"the image processor cuts {layout.tile} px tiles but the vision tower takes "
                 f"{vision.image_size} px: is preprocessor_config.json from this checkpoint?")
-        return geometry
+        return layout
+
+    @property
+    def grid_side(self) -> int:
+        """Patches a side of a tile."""
+        return self.tile // self.patch
+
+    @property
+    def tower_length(self) -> int:
+        return self.grid_side ** 2
+
+    @property
+    def cell_px(self) -> int:
+        return self.patch * self.scale
 
     @property
     def tokens_per_tile(self) -> int:
-        return (self.tile // self.token_px) ** 2
+        return (self.grid_side // self.scale) ** 2
 
     def resized(self, image_size: SizeOrPair) -> ImageSize:
         """The size the image is tiled at (whole tiles), or ``T x T`` without splitting."""
@@ -123,34 +144,31 @@ class TileGeometry:
         rows, cols = self.grid(image_size)
         return (rows * cols + 1) * self.tokens_per_tile
 
-    def token_mask(self, image_size: SizeOrPair, boxes: Iterable[Box]) -> torch.BoolTensor:
-        """Which of the image's tokens (tiles row-major, then the global view) the boxes
-        touch: ``[n_tokens]``."""
+    def token_map(self, image_size: Any, mode: str | None = None) -> ImageTokenMap:
+        """Tiles row-major (tower rows ``0 .. rows * cols - 1``), then the global view."""
         size = as_image_size(image_size)
         resized, (rows, cols) = self.resized(size), self.grid(size)
-        corners = [corner_box(box) for box in boxes]
-        tile_canvas = ImageSize(self.tile, self.tile)
-        masks = []
+        side, zero = self.grid_side, Fraction(0)
         to_resized = (Fraction(resized.width, size.width), Fraction(resized.height, size.height))
-        for row in range(rows):
-            for col in range(cols):
-                shift = (-col * self.tile, -row * self.tile)
-                in_tile = [scale_and_shift(c, to_resized, shift) for c in corners]
-                masks.append(canvas_patch_mask(in_tile, tile_canvas, self.token_px))
-        to_global = (Fraction(self.tile, size.width), Fraction(self.tile, size.height))
-        masks.append(canvas_patch_mask([scale_and_shift(c, to_global) for c in corners],
-                                       tile_canvas, self.token_px))
-        return torch.cat(masks)
+        frames = [TileFrame(to_resized, (Fraction(-col * self.tile), Fraction(-row * self.tile)),
+                            self.patch, side, side)
+                  for row in range(rows) for col in range(cols)]
+        frames.append(TileFrame((Fraction(self.tile, size.width),
+                                 Fraction(self.tile, size.height)), (zero, zero),
+                                self.patch, side, side))
+        s, per_side = self.scale, side // self.scale
+        tokens = tuple(
+            TokenPlace("tile" if t < len(frames) - 1 else "thumbnail", t, r, c,
+                       tuple((t, frame.index(r * s + i, c * s + j))
+                             for i in range(s) for j in range(s)))
+            for t, frame in enumerate(frames) for r in range(per_side) for c in range(per_side))
+        return ImageTokenMap(size, mode, tokens, tuple(frames), self.tower_length, 0)
 
+    def input_maps(self, batch: Any) -> list[list[ImageTokenMap]]:
+        raise ValueError("an Idefics3 batch's tiles do not tell the image's size, so its image "
+                         "tokens cannot be mapped from the model inputs alone: build the batch "
+                         "with model.prepare")
 
-def tile_box_positions(geometry: TileGeometry, image_size: ImageSize, boxes: Iterable[Box],
-                       image_positions: torch.Tensor) -> torch.LongTensor:
-    """The positions of the tokens the boxes touch, among one image's ``image_positions``."""
-    expected = geometry.n_tokens(image_size)
-    if image_positions.numel() != expected:
-        raise MMLensError(
-            f"the prompt holds {image_positions.numel()} image tokens but an image of "
-            f"{image_size} makes {expected} ({geometry.grid(image_size)} tiles plus the global "
-            "view): spans from boxes need one image per prompt, processed by this checkpoint's "
-            "processor")
-    return image_positions[geometry.token_mask(image_size, boxes)]
+    def view_pixels(self, batch: Any, example: int) -> Float[Tensor, "3 height width"]:
+        """Tile 0: the first tile (the global view of a one-tile image)."""
+        return batch.pixel_values[example, 0]

@@ -5,7 +5,9 @@
 Each shard must be finished (its tables agree with its store and ``run.json``), all must hold
 the same study (equal store signatures: model weights, data, flows, window...), and together
 they must hold every example exactly once. The merged folder then holds what one run would
-have written: the store, the tables and the report.
+have written: the store, the tables and the report. A merge stopped part way is redone by the
+same command in the same folder (the store records that it was merged); a folder holding a
+run of its own is refused.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmlens.experiments.atomic import write_atomic
 from mmlens.experiments.knockouts import parse_flows
-from mmlens.experiments.lock import RunLock
-from mmlens.experiments.store import FORMAT, read_store
+from mmlens.experiments.runfolder.atomic import write_atomic
+from mmlens.experiments.runfolder.lock import RunLock
+from mmlens.experiments.runfolder.store import read_store, store_header, write_store
 from mmlens.experiments.sweep import SharedRecords, dropped_examples, results_frame
 from mmlens.experiments.tables import (
     STORE_NAME,
@@ -57,8 +59,19 @@ def _merged_views(shards: Sequence[tuple], order: Sequence[str]) -> list[dict[st
     return [views[task] for task in sorted(views)] if found else None
 
 
-def merge_shards(out: str | Path, shard_dirs: Sequence[str | Path]) -> Path:
-    """Write the run folder ``out`` from finished shard folders; refuse any mismatch."""
+def _check_target(out: Path, signature: dict[str, Any]) -> None:
+    """``out`` is new, or holds an earlier merge of this study (stopped part way: redone)."""
+    if not (out / STORE_NAME).exists():
+        return
+    header = store_header(out / STORE_NAME)
+    if header is None or not header.get("merged") or header["signature"] != signature:
+        raise ValueError(f"{out} already holds a run: merge into a new folder")
+
+
+def merge_shards(out: str | Path, shard_dirs: Sequence[str | Path], *,
+                 break_lock: bool = False) -> Path:
+    """Write the run folder ``out`` from finished shard folders; refuse any mismatch.
+    ``break_lock``: take ``out``'s lock from a run known to be gone."""
     from mmlens.experiments.report import build_report
 
     out = Path(out)
@@ -91,14 +104,11 @@ def merge_shards(out: str | Path, shard_dirs: Sequence[str | Path]) -> Path:
                          f"{missing[0]!r}; shards given: {have}): finish and pass all "
                          f"{n_shards} shards")
     out.mkdir(parents=True, exist_ok=True)
-    if (out / STORE_NAME).exists():
-        raise ValueError(f"{out} already holds a run: merge into a new folder")
-    with RunLock(out):
+    with RunLock(out, break_lock=break_lock):
+        _check_target(out, reference)
         records = {i: r for _, _, _, done in shards for i, r in done.items()}
-        lines = [json.dumps({"format": FORMAT, "signature": reference}, separators=(",", ":"))]
-        lines += [json.dumps(records[i], separators=(",", ":")) for i in order]
-        write_atomic(out / STORE_NAME, "\n".join(lines) + "\n")
         ordered = [records[i] for i in order]
+        write_store(out / STORE_NAME, reference, ordered, merged=True)
         frame = results_frame(ordered, parse_flows(reference["flows"]), first["window"],
                               first["n_layers"], metric=first.get("metric", "prob"))
         frame.attrs["records"] = SharedRecords(ordered)  # emergence and provenance rows
