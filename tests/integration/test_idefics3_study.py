@@ -14,6 +14,7 @@ from mmlens import HookedMultimodalTransformer
 from mmlens.cli import main
 from mmlens.core.errors import MMLensError
 from mmlens.core.sizes import ImageSize
+from mmlens.experiments.views import view_grid
 from mmlens.inputs.templates import IDEFICS3
 from mmlens.inputs.token_map import check_token_count
 from mmlens.zoo.tiny import tiny_checkpoint
@@ -146,3 +147,17 @@ def test_a_saved_smolvlm_folder_loads_without_torchvision_and_refuses_a_foreign_
     config.write_text(config.read_text().replace('"image_seq_len": 9', '"image_seq_len": 16'))
     with pytest.raises(MMLensError, match="image_seq_len 16"):
         HookedMultimodalTransformer.from_pretrained(str(folder))
+
+
+def test_the_view_draws_the_global_view_whole(model):
+    # tile 0 is only the top-left tile: the view draws the global view, the image's last tile
+    images, boxes = _images()
+    images[1] = _painted(40, 40, (0, 20, 12, 10))  # 3x3 tiles: example 0's frames are padded
+    batch = model.prepare(images, QUESTIONS, boxes=boxes)
+    assert batch.pixel_values.shape[1] == 10 and not batch.image_sizes[0, 7:].any()
+    grid = view_grid(model, batch)
+    side = int(TOKENS_PER_TILE ** 0.5)
+    assert (grid.rows, grid.cols, grid.cell_px) == (side, side, PATCH * SCALE)
+    assert torch.equal(grid.positions, batch.positions("image", 0)[-TOKENS_PER_TILE:])
+    out = model.processor.image_processor([[images[0]]], return_tensors="pt")
+    assert torch.equal(grid.pixels, out["pixel_values"][0, -1])

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -169,6 +170,15 @@ class SplitTilesLayout(ImageLayout):
                          "tokens cannot be mapped from the model inputs alone: build the batch "
                          "with model.prepare")
 
+    def view_tile(self, token_map: ImageTokenMap) -> int:
+        """The global view: the whole image (tile 0 is only its top-left part)."""
+        return token_map.n_tiles - 1
+
     def view_pixels(self, batch: Any, example: int) -> Float[Tensor, "3 height width"]:
-        """Tile 0: the first tile (the global view of a one-tile image)."""
-        return batch.pixel_values[example, 0]
+        """The global view: the example's last real frame (its ``pixel_attention_mask`` not all
+        zero; zero frames pad the image axis)."""
+        frames = batch.pixel_values[example]
+        if batch.image_sizes is None:
+            return frames[-1]
+        real = torch.as_tensor(batch.image_sizes[example]).flatten(1).any(1)
+        return frames[int(real.nonzero().max())]
