@@ -3,8 +3,9 @@
 On the bundled ``shapes-llava``, ``patch_positions`` over every layer and every position of
 one prompt (``resid_pre``, one ChooseAttr pair: the object recoloured). Three ways, same
 numbers: one full forward per cell (a hand-written loop), ``batch_size=1`` (one cell per
-forward, resumed from the corrupted residual stream at the cell's layer) and the default
-batched sweep (``batch_size`` cells stacked in one forward).
+forward, resumed from the corrupted run at the cell's layer and first position) and the
+batched sweep (``batch_size`` cells stacked in one forward). Each is timed ``--repeats``
+times, interleaved, and the fastest run kept (the CPU may be shared).
 
     python benchmarks/bench_batched_patching.py [--threads 1] [--device cuda]
 """
@@ -48,21 +49,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     model = HookedMultimodalTransformer.from_pretrained("shapes-llava", device=args.device)
     clean, corrupted, metric = pair(model, 0)
     clean, corrupted = clean.to(args.device), corrupted.to(args.device)
-    naive, naive_s = timed(lambda: one_forward_per_cell(model, clean, corrupted, metric),
-                           args.device)
-    single, single_s = timed(lambda: patch_positions(model, clean, corrupted, metric,
-                                                     batch_size=1), args.device)
-    batched, batched_s = timed(lambda: patch_positions(model, clean, corrupted, metric,
-                                                       batch_size=args.batch_size), args.device)
+    runs = {
+        "naive": lambda: one_forward_per_cell(model, clean, corrupted, metric),
+        "single": lambda: patch_positions(model, clean, corrupted, metric, batch_size=1),
+        "batched": lambda: patch_positions(model, clean, corrupted, metric,
+                                           batch_size=args.batch_size),
+    }
+    seconds = {label: float("inf") for label in runs}
+    results = {}
+    for _ in range(args.repeats):
+        for label, run in runs.items():
+            results[label], took = timed(run, args.device)
+            seconds[label] = min(seconds[label], took)
+    naive, single, batched = results["naive"], results["single"], results["batched"]
+    naive_s, single_s, batched_s = seconds["naive"], seconds["single"], seconds["batched"]
     n_cells = naive.numel()
-    print(f"\nshapes-llava, {args.device}, {args.threads} thread(s), resid_pre, "
+    print(f"\nshapes-llava, {args.device}, {args.threads} thread(s), fastest of {args.repeats}, "
+          "resid_pre, "
           f"{n_cells} cells ({naive.shape[0]} layers x {naive.shape[1]} positions)")
     for label, seconds in (("one full forward per cell", naive_s),
                            ("patch_positions, batch_size 1 (resumed)", single_s),

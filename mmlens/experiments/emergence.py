@@ -12,6 +12,8 @@ in three ways (the ``reading`` column):
   (which Hugging Face returns after the final norm).
 - ``no_norm``: the residual after each layer ``0..L-1``, no norm (the paper's layer ``l + 1``).
 - ``final_norm``: the residual after each layer through the final norm (the usual logit lens).
+- ``tuned``: with a trained ``TunedLens`` (``tuned_lens=``), the residual after each layer
+  through its translator, then the final norm (``mmlens.methods.tuned_lens``).
 
 The residuals come from the study's one clean run per example (``CleanRun``): the sweep stores
 ``lens_record`` with each example and ``emergence_frame`` turns the records into the table.
@@ -39,6 +41,7 @@ from mmlens.experiments.examples import ExampleSource
 from mmlens.experiments.presets import resolve_settings
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.methods.lens import decode, first_token_ids
+from mmlens.methods.tuned_lens import TunedLens
 from mmlens.model.protocol import HookedModel
 
 COLUMNS = ["example_id", "task", "layer", "variant", "token", "reading", "prob", "rank"]
@@ -55,7 +58,8 @@ def answer_variants(model: HookedModel, answer: str, wrong: str | None) -> dict[
 
 
 @torch.no_grad()
-def lens_record(model: HookedModel, clean: CleanRun, variants: Mapping[str, int]) -> dict[str, Any]:
+def lens_record(model: HookedModel, clean: CleanRun, variants: Mapping[str, int],
+                tuned: TunedLens | None = None) -> dict[str, Any]:
     """Each reading's probability and rank of each variant token, per layer, from one clean run.
 
     Returns ``{"variants": {name: token}, "readings": {reading: {"first_layer": int, "prob":
@@ -68,6 +72,10 @@ def lens_record(model: HookedModel, clean: CleanRun, variants: Mapping[str, int]
     readings = {"paper": (0, paper),
                 "no_norm": (0, decode(model, resid[1:], apply_ln=False).float()),
                 "final_norm": (0, decode(model, resid[1:], apply_ln=True).float())}
+    if tuned is not None:
+        translated = torch.stack([tuned.translate(resid[layer + 1], layer)
+                                  for layer in range(n_layers)])
+        readings["tuned"] = (0, decode(model, translated, apply_ln=True).float())
     tokens = list(variants.values())
     out = {}
     for name, (first_layer, logits) in readings.items():
@@ -108,6 +116,7 @@ def answer_emergence(
     preprocessing: str | None = None,
     tokenization: str | None = None,
     max_new_tokens: int = FILTER_MAX_NEW_TOKENS,
+    tuned_lens: TunedLens | None = None,
 ) -> pd.DataFrame:
     """The answer's probability and rank at the last position, per layer and reading.
 
@@ -139,7 +148,8 @@ def answer_emergence(
                 continue
         wrong = getattr(source.records[index], "wrong_answer", None)
         records.append({"example_id": example_id, "task": task,
-                        "lens": lens_record(model, clean, answer_variants(model, gold, wrong))})
+                        "lens": lens_record(model, clean, answer_variants(model, gold, wrong),
+                                            tuned_lens)})
     frame = emergence_frame(records)
     frame.attrs["dropped"] = dropped
     return frame

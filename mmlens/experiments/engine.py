@@ -136,6 +136,7 @@ def _run_rows(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout]
     # One row of positions broadcasts over the batch in the rotary tables.
     positions = clean.position_ids[..., position:clean.n_positions]
     resid = clean.resid[0].new_empty(0, clean.n_positions - position, model.cfg.d_model)
+    kinds = None if clean.token_type_ids is None else clean.token_type_ids[:, position:]
     with model.hooks(fwd_hooks=hooks):
         for layer in range(starts[0], n_layers + 1):
             joining = bisect_right(starts, layer) - resid.shape[0]
@@ -150,6 +151,7 @@ def _run_rows(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout]
                           past_kv_cache=prefix.expand(n), position_ids=positions,
                           attention_mask=torch.ones(n, resid.shape[1], dtype=torch.long,
                                                     device=device),
+                          token_type_ids=None if kinds is None else kinds.expand(n, -1),
                           injections=_injections(clean, removed, layer, position, n))
     return last_logits(model, resid).softmax(-1)[:, tokens]
 
@@ -173,7 +175,9 @@ def fast_knockout_probs(model: HookedModel, clean: CleanRun, knockouts: Sequence
                  if k.removes_injection else k for k in knockouts]
     groups: dict[int, list[int]] = defaultdict(list)
     for index, knockout in enumerate(knockouts):
-        groups[_start(knockout, clean.n_positions, n_layers)[0]].append(index)
+        position = _start(knockout, clean.n_positions, n_layers)[0]
+        # a bidirectional block (Gemma 3's image) is recomputed whole
+        groups[model.family.exact_suffix_start(clean.token_type_ids, position)].append(index)
     probs = torch.empty(len(knockouts), len(tokens))
     for position, indices in groups.items():
         indices.sort(key=lambda i: _start(knockouts[i], clean.n_positions, n_layers)[1])

@@ -39,9 +39,11 @@ from mmlens.inputs.checkpoints import (
 from mmlens.inputs.image_tokens import TOKENIZATIONS
 from mmlens.inputs.spans import RELATED_RULES
 from mmlens.inputs.templates import (
+    GEMMA3,
     IDEFICS3,
     LLAMA3_PAPER,
     ONEVISION,
+    PALIGEMMA,
     QWEN3_VL,
     QWEN_VL,
     VICUNA_V1,
@@ -111,6 +113,15 @@ FAMILY_PRESETS: dict[str, StudyPreset] = {
                                  ("Qwen/Qwen2-VL-7B-Instruct", 28),
                                  ("Qwen/Qwen2.5-VL-3B-Instruct", 36),
                                  ("Qwen/Qwen2.5-VL-7B-Instruct", 28))),
+        *(StudyPreset(name, GEMMA3, default_window(n_layers), "resize", n_layers, **_NOT_PAPER,
+                      notes="not in the paper: its instruction in Gemma 3's chat template, its "
+                            "window scaled to the depth; the processor resizes without cropping")
+          for name, n_layers in (("google/gemma-3-4b-it", 34), ("google/gemma-3-12b-it", 48))),
+        *(StudyPreset(name, PALIGEMMA, default_window(n_layers), "resize", n_layers, **_NOT_PAPER,
+                      notes="not in the paper: PaliGemma's prompt form (answer en), a prefix "
+                            "that attends both ways; window scaled to the depth")
+          for name, n_layers in (("google/paligemma-3b-pt-224", 18),
+                                 ("google/paligemma2-3b-pt-224", 26))),
         *(StudyPreset(name, QWEN3_VL, default_window(n_layers), "dynamic", n_layers,
                       **_NOT_PAPER,
                       notes="not in the paper: its instruction in Qwen3-VL's chat template, "

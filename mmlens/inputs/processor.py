@@ -24,14 +24,22 @@ class ComposedProcessor:
     ``count_image_tokens(row)`` gives the image tokens of one image from its row of the image
     processor's ``sizes_key`` output: ``(height, width)`` of the original image for
     ``image_sizes`` (LLaVA-OneVision), ``(t, h, w)`` patches for ``image_grid_thw`` (Qwen-VL).
-    Each ``image_token`` in a prompt is expanded to that many, images taken in order.
-    ``mm_token_type_ids=True`` adds HF's ``mm_token_type_ids`` output (1 at image tokens).
+    Each ``image_token`` in a prompt is expanded to that many, images taken in order. With
+    ``sizes_key=None`` every image makes the same number of tokens (``count_image_tokens(())``,
+    Gemma 3). ``mm_token_type_ids=True`` adds HF's ``mm_token_type_ids`` output (1 at image
+    tokens); ``token_type_ids`` adds HF's ``token_type_ids`` as Gemma 3's processor gives them
+    (``"image"``: 1 at image tokens) or PaliGemma's for a prompt without an answer suffix
+    (``"prefix"``: all 0, the whole prompt is the prefix). ``drop``: image-processor outputs
+    the HF processor does not pass on (Gemma 3's ``num_crops``).
     """
 
     def __init__(self, tokenizer: Any, image_processor: Any, *,
                  count_image_tokens: Callable[[tuple[int, ...]], int],
                  chat_template: str | None = None, image_token: str = "<image>",
-                 sizes_key: str = "image_sizes", mm_token_type_ids: bool = False):
+                 sizes_key: str | None = "image_sizes", mm_token_type_ids: bool = False,
+                 token_type_ids: str | None = None, drop: tuple[str, ...] = ()):
+        if token_type_ids not in (None, "image", "prefix"):
+            raise ValueError(f"token_type_ids={token_type_ids!r}: use 'image', 'prefix' or None")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template
@@ -39,6 +47,8 @@ class ComposedProcessor:
         self.count_image_tokens = count_image_tokens
         self.sizes_key = sizes_key
         self.mm_token_type_ids = mm_token_type_ids
+        self.token_type_ids = token_type_ids
+        self.drop = drop
         if tokenizer.convert_tokens_to_ids(image_token) in (None, tokenizer.unk_token_id):
             raise ValueError(f"the tokenizer has no {image_token!r} token: is it the tokenizer of "
                              "this checkpoint?")
@@ -49,21 +59,29 @@ class ComposedProcessor:
         data: dict[str, Any] = {}
         if images:
             pixels = self.image_processor(list(images), return_tensors="pt")
-            data.update(pixels)
-            if self.sizes_key not in pixels:
+            data.update({k: v for k, v in pixels.items() if k not in self.drop})
+            if self.sizes_key is None:
+                texts = self._expand(texts, [()] * len(pixels["pixel_values"]))
+            elif self.sizes_key not in pixels:
                 raise ValueError(f"the image processor returned {', '.join(pixels)} but no "
                                  f"{self.sizes_key!r}: is it this checkpoint's image processor?")
-            sizes = [tuple(int(v) for v in row)
-                     for row in torch.as_tensor(pixels[self.sizes_key])]
-            texts = self._expand(texts, sizes)
+            else:
+                sizes = [tuple(int(v) for v in row)
+                         for row in torch.as_tensor(pixels[self.sizes_key])]
+                texts = self._expand(texts, sizes)
         tokens = self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kwargs)
         if self.mm_token_type_ids:  # as HF's Qwen-VL processors: 1 at image tokens, else 0
-            image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-            ids = tokens["input_ids"]
-            tokens["mm_token_type_ids"] = (
-                (ids == image_id).int() if isinstance(ids, torch.Tensor)
-                else [[int(t == image_id) for t in row] for row in ids])
+            tokens["mm_token_type_ids"] = self._token_types(tokens["input_ids"], "image")
+        if self.token_type_ids is not None:  # as HF's Gemma 3 / PaliGemma processors
+            tokens["token_type_ids"] = self._token_types(tokens["input_ids"], self.token_type_ids)
         return BatchFeature({**tokens, **data})
+
+    def _token_types(self, ids: Any, rule: str) -> Any:
+        """1 at image tokens (``"image"``) or 0 everywhere (``"prefix"``), as ``ids`` is."""
+        image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        if isinstance(ids, torch.Tensor):
+            return (ids == image_id).int() if rule == "image" else torch.zeros_like(ids)
+        return [[int(rule == "image" and t == image_id) for t in row] for row in ids]
 
     def _expand(self, texts: list[str], sizes: list[tuple[int, ...]]) -> list[str]:
         n_placeholders = sum(t.count(self.image_token) for t in texts)

@@ -1,5 +1,6 @@
 """Prompt templates: the paper's Vicuna v1 prompt, the Llama-3 chat prompt, the Qwen chat
-prompt of LLaVA-OneVision, the Qwen-VL and Qwen3-VL chat prompts and SmolVLM's."""
+prompt of LLaVA-OneVision, the Qwen-VL and Qwen3-VL chat prompts, Gemma 3's, PaliGemma's and
+SmolVLM's."""
 
 from __future__ import annotations
 
@@ -116,19 +117,40 @@ LLAMA3_PAPER = PromptTemplate(
 )
 """The Llama-3 conversation with ``PAPER_SUFFIX`` after the question, followed by ``" \n"``."""
 
-TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL, QWEN3_VL, IDEFICS3,
+GEMMA3 = PromptTemplate(
+    "gemma3",
+    "<start_of_turn>user\n\n\n<start_of_image><image><end_of_image>\n\n{question}\nAnswer the "
+    "question using a single word or phrase.<end_of_turn>\n<start_of_turn>model\n",
+)
+"""Gemma 3's chat template for one image and the paper's instruction, generation prompt added,
+the image as its processor expands it (``\n\n<start_of_image>``, ``mm_tokens_per_image``
+soft tokens, ``<end_of_image>\n\n``); ``<image>`` stands for the soft tokens."""
+
+PALIGEMMA = PromptTemplate("paligemma", "<image><bos>answer en {question}\n")
+"""PaliGemma's prompt form (its processor's): the image tokens, then BOS, the task prefix
+``answer en`` and the question, ended by a newline; the whole prompt is the prefix that
+attends both ways."""
+
+TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL, QWEN3_VL, GEMMA3,
+                                 PALIGEMMA, IDEFICS3,
                                  VICUNA_V1_PAPER, LLAMA3_PAPER)}
 
 
 def get_template(template: str | PromptTemplate | None, tokenizer: object = None) -> PromptTemplate:
     """A template by name, or the default for a tokenizer (Llama-3 vocabularies get LLAMA3,
-    Qwen-VL ones QWEN_VL, Qwen chat vocabularies with an ``<image>`` token ONEVISION)."""
+    Qwen-VL ones QWEN_VL, Gemma 3 ones GEMMA3, Qwen chat vocabularies with an ``<image>``
+    token ONEVISION)."""
     if isinstance(template, PromptTemplate):
         return template
     if template is None:
         vocab = getattr(tokenizer, "get_vocab", dict)()
         if "<|vision_start|>" in vocab:
             return QWEN_VL
+        if "<start_of_image>" in vocab:
+            return GEMMA3
+        if "<image>" in vocab and "<bos>" in vocab and "<start_of_turn>" not in vocab and (
+                getattr(tokenizer, "bos_token", None) == "<bos>"):
+            return PALIGEMMA
         if "<|start_header_id|>" in vocab:
             return LLAMA3
         if "<|im_start|>" in vocab and IMAGE_PLACEHOLDER in vocab:

@@ -170,7 +170,8 @@ def _corrupted_batch(model: HookedModel, batch: MultimodalBatch,
 def _blocked_probs(model: HookedModel, clean: CleanRun, regions: list[Tensor], dst: Tensor,
                    layers: list[int], token: int, batch_size: int) -> Float[Tensor, " regions"]:
     """p(token) with each region's edges from ``dst`` blocked in ``layers``, batched."""
-    start, n_keys = int(dst.min()), clean.n_positions
+    start = model.family.exact_suffix_start(clean.token_type_ids, int(dst.min()))
+    n_keys = clean.n_positions
     probs = []
     for first in range(0, len(regions), batch_size):
         chunk = regions[first:first + batch_size]
@@ -194,7 +195,9 @@ def _masker(blocked: Tensor) -> Any:
 def _patched_probs(model: HookedModel, clean: CleanRun, other: CleanRun, regions: list[Tensor],
                    layer: int, token: int, batch_size: int) -> Float[Tensor, " regions"]:
     """p(token) with each region's residual entering ``layer`` taken from ``other``."""
-    start = int(min(int(r.min()) for r in regions))
+    # a bidirectional block (Gemma 3's image, PaliGemma's prefix) is recomputed whole
+    start = model.family.exact_suffix_start(clean.token_type_ids,
+                                            int(min(int(r.min()) for r in regions)))
     probs = []
     for first in range(0, len(regions), batch_size):
         chunk = regions[first:first + batch_size]
@@ -208,14 +211,21 @@ def _patched_probs(model: HookedModel, clean: CleanRun, other: CleanRun, regions
 def _resume(model: HookedModel, clean: CleanRun, suffix: Tensor, start: int, layer: int,
             hooks: list, token: int) -> Float[Tensor, " rows"]:
     """Run ``suffix`` (positions ``start..``) from ``layer`` to the end on the clean keys and
-    values of positions ``< start``; p(token) at the last position per row."""
+    values of positions ``< start``, with the clean run's token kinds (the family's mask rule)
+    and DeepStack features from ``layer`` on; p(token) at the last position per row."""
     n = suffix.shape[0]
+    kinds = None if clean.token_type_ids is None else clean.token_type_ids[:, start:].expand(n, -1)
     with model.hooks(fwd_hooks=hooks):
         final = model(suffix, start_at_layer=layer, stop_at_layer=model.cfg.n_layers,
                       past_kv_cache=clean.cache.truncate(start).expand(n),
+                      # what the family adds after early blocks (DeepStack), for these positions
+                      injections={added: features[:, start:].expand(n, -1, -1)
+                                  for added, features in clean.injections.items()
+                                  if added >= layer},
                       position_ids=clean.position_ids[..., start:clean.n_positions],
                       attention_mask=torch.ones(n, suffix.shape[1], dtype=torch.long,
-                                                device=suffix.device))
+                                                device=suffix.device),
+                      token_type_ids=kinds)
     return last_logits(model, final).softmax(-1)[:, token].cpu()
 
 

@@ -29,7 +29,8 @@ class CleanRun:
     (and of any tokens decoded after it). ``logits`` ``[d_vocab]`` (float32) is the prediction
     at the last prompt position. ``position_ids`` are the decoder positions the model's family
     gave the prompt (``[1, pos]``, or the family's own layout such as M-RoPE's); a knockout's
-    suffix is recomputed at exactly these positions.
+    suffix is recomputed at exactly these positions. ``token_type_ids`` are the token kinds
+    the family's mask rule reads (Gemma 3's image tokens), None where it needs none.
     """
 
     resid: list[Tensor]
@@ -40,6 +41,7 @@ class CleanRun:
     injections: dict[int, Tensor] = field(default_factory=dict)
     """Features the family added after decoder blocks (Qwen3-VL's DeepStack), by layer
     ``[1, pos, d_model]``: a resumed suffix gets its slice of them."""
+    token_type_ids: Tensor | None = None
 
     def prediction(self, exclude: int | None = None) -> int:
         """The argmax token at the last position, never ``exclude`` (the image token)."""
@@ -88,10 +90,12 @@ def clean_run(model: HookedModel, example: MultimodalBatch) -> CleanRun:
                       past_kv_cache=cache, stop_at_layer=n_layers)
     return CleanRun(resid=resid, cache=cache, logits=last_logits(model, final)[0],
                     n_positions=example.input_ids.shape[1], position_ids=cache.position_ids,
-                    injections=injections)
+                    injections=injections,
+                    token_type_ids=model.family.token_type_ids(model.cfg, example.input_ids))
 
 
 def last_logits(model: HookedModel, final_resid: Float[Tensor, "batch pos d_model"]
                 ) -> Float[Tensor, "batch d_vocab"]:
     """Float32 logits at the last position only (the sweep never reads the others)."""
-    return model.unembed(model.ln_final(final_resid[:, -1:]))[:, -1].float()
+    logits = model.unembed(model.ln_final(final_resid[:, -1:]))
+    return model.family.final_logits(logits, model.cfg)[:, -1].float()

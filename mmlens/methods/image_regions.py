@@ -4,7 +4,8 @@ groups of neighbouring tokens.
     cells = image_token_cells(model, batch, 0, image_size)        # one TokenCell per image token
     regions = grid_regions(cells, cell=2)                           # 2x2 neighbouring tokens
 
-A token's grid is the one it was cut from: LLaVA-1.5's ``grid x grid`` patches (tile 0);
+A token's grid is the one it was cut from: LLaVA-1.5's ``grid x grid`` patches, Gemma 3's
+pooled cells, PaliGemma's patches (tile 0, from the family's image-token map);
 LLaVA-NeXT / OneVision's base tile (tile 0) and the packed high-resolution feature grid of
 all the tiles (tile 1; newline tokens belong to no region); Qwen-VL's merged cells of the
 resized image (tile 0); Idefics3's tiles, then its global view (tile ``rows * cols``), from
@@ -89,21 +90,20 @@ def image_token_cells(model: Any, batch: Any, example: int, image_size: SizeOrPa
 
 
 def _fixed_cells(model: Any, image: Tensor, size: ImageSize, mode: str | None) -> list[TokenCell]:
-    from mmlens.inputs.geometry import preprocess_transform
-
-    vision = model.cfg.vision
-    grid, patch = vision.grid_size, vision.patch_size
-    if model.cfg.feature_select_strategy == "full":
-        image = image[1:]  # the CLS feature covers no patch
-    if len(image) != grid**2:
-        raise MMLensError(f"the example has {len(image)} image tokens but the model's "
-                          f"{grid}x{grid} patch grid gives {grid**2}: prepare the batch with "
-                          "this model (model.prepare)")
-    scale, shift = preprocess_transform(size, vision.image_size,
-                                        model.family.preprocessing_mode(model, mode))
-    return [TokenCell(int(image[r * grid + c]), 0, r, c, _to_original(
-        (c * patch, r * patch, (c + 1) * patch, (r + 1) * patch), scale, shift, size))
-        for r in range(grid) for c in range(grid)]
+    """A one-tile layout (LLaVA-1.5's grid, Gemma 3's pooled grid, PaliGemma's): the tokens
+    with a place on tile 0 of the image's token map (a class feature has none)."""
+    layout = model.family.image_layout(model)
+    if layout is None:
+        raise MMLensError(f"{model.family.name} declares no image layout "
+                          "(Family.image_layout): its image tokens have no place on a grid")
+    token_map = layout.token_map(size, model.family.preprocessing_mode(model, mode))
+    if len(image) != len(token_map):
+        raise MMLensError(f"the example has {len(image)} image tokens but the model's image "
+                          f"layout gives {len(token_map)}: prepare the batch with this model "
+                          "(model.prepare)")
+    _, _, placed = token_map.grid_cells(0)
+    return [TokenCell(int(image[k]), 0, token_map.tokens[k].row, token_map.tokens[k].col,
+                      token_map.pixel_box(k)) for k in placed]
 
 
 def _anyres_cells(model: Any, image: Tensor, size: ImageSize,

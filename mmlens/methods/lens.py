@@ -84,8 +84,10 @@ def residual_stack(
 def decode(
     model: HookedModel, resid: Float[Tensor, "... d_model"], *, apply_ln: bool = True
 ) -> Float[Tensor, "... d_vocab"]:
-    """Logits: ``unembed(ln_final(resid))``, or ``unembed(resid)`` without the final norm."""
-    return model.unembed(model.ln_final(resid) if apply_ln else resid)
+    """Logits: ``unembed(ln_final(resid))``, or ``unembed(resid)`` without the final norm,
+    through the family's last step (Gemma 2's soft-cap), as the model's own logits."""
+    return model.family.final_logits(
+        model.unembed(model.ln_final(resid) if apply_ln else resid), model.cfg)
 
 
 def answer_tokens(model: HookedModel, answer: str | Sequence[str],
@@ -135,12 +137,14 @@ def token_probabilities(
     batch: MultimodalBatch | None = None,
     layers: Sequence[Layer] | None = None,
     apply_ln: bool = True,
+    tuned: Any = None,
 ) -> pd.DataFrame:
     """Probability and rank (1 = top) of chosen tokens after each layer, as a tidy frame.
 
     ``tokens``: ``{label: token}`` (a token id, a string, or one per example; see
     ``answer_tokens``) or a list of tokens shared by every example (labelled by themselves).
     Columns: ``example, layer, position, label, token_id, token, logit, prob, rank``.
+    ``tuned``: a ``TunedLens`` (``mmlens.methods.tuned_lens``) read instead of the logit lens.
     """
     if not isinstance(tokens, Mapping):
         tokens = {str(token): token for token in tokens}
@@ -151,7 +155,7 @@ def token_probabilities(
            for label, spec in tokens.items()}
     frames = []
     for layer, resid in zip(layer_labels, stack, strict=True):
-        logits = decode(model, resid, apply_ln=apply_ln).float()
+        logits = decode(model, _translated(tuned, resid, layer), apply_ln=apply_ln).float()
         log_probs = logits.log_softmax(-1)
         for label, token_ids in ids.items():
             token_ids = token_ids.to(logits.device)
@@ -176,14 +180,15 @@ def top_tokens(
     batch: MultimodalBatch | None = None,
     layers: Sequence[Layer] | None = None,
     apply_ln: bool = True,
+    tuned: Any = None,
 ) -> pd.DataFrame:
     """The ``k`` most likely tokens after each layer: columns ``example, layer, position,
-    rank, token_id, token, logit, prob``."""
+    rank, token_id, token, logit, prob``; ``tuned`` as in ``token_probabilities``."""
     stack, index = residual_stack(cache, layers=layers, positions=positions, batch=batch,
                                   n_layers=model.cfg.n_layers)
     frames = []
     for layer, resid in zip(_layer_labels(layers, model.cfg.n_layers), stack, strict=True):
-        logits = decode(model, resid, apply_ln=apply_ln).float()
+        logits = decode(model, _translated(tuned, resid, layer), apply_ln=apply_ln).float()
         probs = logits.softmax(-1)
         top = logits.topk(k, dim=-1)
         for rank in range(k):
@@ -195,6 +200,11 @@ def top_tokens(
     frame = pd.concat(frames, ignore_index=True)
     frame["token"] = _token_strings(model, frame["token_id"])
     return frame[["example", "layer", "position", "rank", "token_id", "token", "logit", "prob"]]
+
+
+def _translated(tuned: Any, resid: Tensor, layer: int) -> Tensor:
+    """The residual through a tuned lens's translator for ``layer``, or unchanged."""
+    return resid if tuned is None else tuned.translate(resid, layer)
 
 
 def _layer_labels(layers: Sequence[Layer] | None, n_layers: int) -> list[int]:

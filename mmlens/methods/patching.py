@@ -28,6 +28,7 @@ from torch import Tensor
 
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.methods.attribution import attribution_patching as attribution_patching
+from mmlens.model.kv_cache import KeyValueCache
 from mmlens.model.protocol import HookedModel
 
 COMPONENTS = {
@@ -121,9 +122,10 @@ def patch_spans(
     positions in clean and corrupted, but must be as long in both).
 
     Every sweep is exact and cheaper than one full forward per cell: the corrupted run is
-    cached once, a patch at layer ``l`` resumes from the corrupted residual stream entering
-    ``l`` (no image encoding, no recomputed lower layers), and the cells of a layer run
-    together, up to ``batch_size`` rows (examples x cells) per forward. The metric is called
+    cached once, a patch at layer ``l`` and positions from ``p`` on resumes from the
+    corrupted residual stream entering ``l`` at ``p`` (no image encoding, no recomputed lower
+    layers or earlier positions), and the cells of a layer run together, up to
+    ``batch_size`` rows (examples x cells) per forward. The metric is called
     once per cell, on that cell's ``[batch, pos, d_vocab]`` logits.
     """
     layers = _check(model, clean, corrupted, component, layers)
@@ -252,47 +254,78 @@ Cell = tuple[Pairs | None, int | None]
 def _sweep(model: HookedModel, clean: MultimodalBatch, corrupted: MultimodalBatch, metric: Metric,
            component: str, layers: list[int], cells: list[Cell],
            batch_size: int) -> Float[Tensor, "layer cell"]:
-    """Score every cell at every layer, resuming from the corrupted run's residual stream."""
+    """Score every cell at every layer, resuming from the corrupted run: a patch at layer
+    ``l`` whose first position is ``p`` changes nothing before ``p`` (causal attention), so
+    its cell reruns only positions ``p..`` from layer ``l`` on, attending to the corrupted
+    run's cached keys/values below ``p``; the positions below ``p`` keep the corrupted logits
+    (so do left-padding positions, whose logits predict nothing).
+    The cells of a layer are sorted by first position and stacked ``batch_size`` rows at a
+    time, each stack starting at its own first position."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     clean_cache = _clean_cache(model, clean, component, layers)
     starts = {COMPONENTS["resid_pre"].format(layer) for layer in layers}
     deepstack = [n for n in model.hook_dict if n.startswith("blocks.") and n.endswith(
         ".hook_deepstack")]  # features added after early blocks (Qwen3-VL), resumed with the run
+    kv_cache = KeyValueCache.empty(model.cfg.n_layers)
     with torch.no_grad():
-        _, corrupted_cache = model.run_with_cache(
-            corrupted, names_filter=lambda n: n in starts or n in deepstack)
-    n = len(corrupted)
+        corrupted_logits, corrupted_cache = model.run_with_cache(
+            corrupted, names_filter=lambda name: name in starts or name in deepstack,
+            past_kv_cache=kv_cache)
+    n, n_pos = corrupted.input_ids.shape
     per_forward = max(1, batch_size // n)
     mask = corrupted.attention_mask
     # Resuming from a residual stream: the prompt's positions (3D for M-RoPE families).
     positions = model.position_ids(corrupted.input_ids, mask, image_sizes=corrupted.image_sizes)
+    # the token kinds a family's mask rule reads (Gemma 3's images, PaliGemma's prefix)
+    kinds = model.family.token_type_ids(model.cfg, corrupted.input_ids)
+    order = sorted(range(len(cells)), key=lambda c: _first_position(cells[c], n_pos))
     scores = torch.zeros(len(layers), len(cells))
     for row, layer in enumerate(layers):
         name = COMPONENTS[component].format(layer)
         start = corrupted_cache[COMPONENTS["resid_pre"].format(layer)]
         for first in range(0, len(cells), per_forward):
-            chunk = cells[first:first + per_forward]
-            hooks = [(name, _stacked_patch(name, clean_cache[name], chunk))]
+            chunk = order[first:first + per_forward]
+            offset = _first_position(cells[chunk[0]], n_pos)
+            if kinds is not None:  # a bidirectional block is rerun whole (one example's)
+                offset = 0 if n > 1 else model.family.exact_suffix_start(kinds, offset)
+            copies = len(chunk)
+            hooks = [(name, _stacked_patch(name, clean_cache[name], [cells[c] for c in chunk],
+                                           offset))]
             with torch.no_grad():
-                injections = {int(n.split(".")[1]): corrupted_cache[n].repeat(len(chunk), 1, 1)
-                              for n in deepstack if n in corrupted_cache.cache_dict}
+                injections = {int(hook_name.split(".")[1]):
+                              corrupted_cache[hook_name][:, offset:].repeat(copies, 1, 1)
+                              for hook_name in deepstack if hook_name in corrupted_cache.cache_dict}
                 logits = model.run_with_hooks(
-                    start.repeat(len(chunk), 1, 1), start_at_layer=layer, fwd_hooks=hooks,
+                    start[:, offset:].repeat(copies, 1, 1), start_at_layer=layer,
+                    fwd_hooks=hooks, past_kv_cache=kv_cache.truncate(offset).tile(copies),
                     injections=injections,
-                    attention_mask=None if mask is None else mask.repeat(len(chunk), 1),
-                    position_ids=positions.repeat(
-                        *[1] * (positions.ndim - 2), len(chunk), 1),
+                    attention_mask=None if mask is None else mask[:, offset:].repeat(copies, 1),
+                    # One example: its row of positions broadcasts in the rotary tables.
+                    position_ids=positions[..., offset:] if n == 1 else positions[
+                        ..., offset:].repeat(*[1] * (positions.ndim - 2), copies, 1),
+                    token_type_ids=None if kinds is None else kinds[:, offset:].repeat(copies, 1),
                 )
-            for offset, part in enumerate(logits.split(n)):
-                scores[row, first + offset] = float(metric(part))
+            for c, part in zip(chunk, logits.split(n), strict=True):
+                full = torch.cat([corrupted_logits[:, :offset].to(part), part], dim=1)
+                scores[row, c] = float(metric(full))
     return scores
 
 
-def _stacked_patch(name: str, clean_activation: Tensor,
-                   cells: list[Cell]) -> Callable[[Tensor, Any], Tensor]:
+def _first_position(cell: Cell, n_pos: int) -> int:
+    """The first corrupted position a cell patches (the last position if it patches none)."""
+    pairs, _ = cell
+    if pairs is None:
+        return 0
+    targets = [int(target.min()) for target, _ in pairs if len(target)]
+    return min(targets, default=n_pos - 1)
+
+
+def _stacked_patch(name: str, clean_activation: Tensor, cells: list[Cell],
+                   offset: int = 0) -> Callable[[Tensor, Any], Tensor]:
     """A hook patching cell ``c`` into rows ``c * n ... c * n + n - 1`` of a batch that stacks
-    ``len(cells)`` copies of the ``n`` corrupted examples (``n`` = the clean batch size)."""
+    ``len(cells)`` copies of the ``n`` corrupted examples (``n`` = the clean batch size), in
+    a run of the positions from ``offset`` on."""
     n = clean_activation.shape[0]
 
     def patch(activation: Tensor, hook: Any) -> Tensor:
@@ -311,7 +344,8 @@ def _stacked_patch(name: str, clean_activation: Tensor,
                 patched[c * n:(c + 1) * n, :, heads] = clean_activation[:, :, heads].to(patched)
                 continue
             for i, (target, source) in enumerate(pairs):
-                patched[c * n + i, target, heads] = clean_activation[i, source, heads].to(patched)
+                patched[c * n + i, target - offset, heads] = clean_activation[
+                    i, source, heads].to(patched)
         return patched
 
     return patch

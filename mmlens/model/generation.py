@@ -8,6 +8,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mmlens.core.errors import MMLensError
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.model.kv_cache import KeyValueCache
 
@@ -20,6 +21,7 @@ def generate(
     *,
     attention_mask: Tensor | None = None,
     image_sizes: Tensor | None = None,
+    token_type_ids: Tensor | None = None,
     max_new_tokens: int = 10,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -44,6 +46,10 @@ def generate(
     decoded prompt + continuation, special tokens such as the image token left out; one string
     for one text input) or ``"input"`` (strings for text input, tokens otherwise).
 
+    ``token_type_ids``: the processor's token kinds of the prompt, for a family whose mask reads
+    them (Gemma 3, PaliGemma); they go with the prompt's step, and the tokens generated after
+    it are text (needs the key/value cache).
+
     The image is encoded once; later steps read the key/value cache. ``fwd_hooks`` (and hooks
     already added) are active at every step; with the cache a step's hooks see only the new
     position.
@@ -64,6 +70,9 @@ def generate(
         attention_mask = encoded["attention_mask"].to(device)
     if return_type == "input":
         return_type = "str" if text_input else "tokens"
+    if token_type_ids is not None and not use_past_kv_cache:
+        raise MMLensError("token_type_ids cover the prompt only: generate with "
+                          "use_past_kv_cache=True, or leave them out")
     if isinstance(input, MultimodalBatch):
         attention_mask = input.attention_mask if attention_mask is None else attention_mask
         pixel_values = input.pixel_values if pixel_values is None else pixel_values
@@ -83,6 +92,7 @@ def generate(
     cache = KeyValueCache.empty(model.cfg.n_layers) if use_past_kv_cache else None
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     step_input, step_mask, step_pixels = tokens, attention_mask, pixel_values
+    step_types = token_type_ids
     steps = range(max_new_tokens)
     if verbose:
         from tqdm.auto import tqdm
@@ -91,7 +101,8 @@ def generate(
     with model.hooks(fwd_hooks=fwd_hooks or []):
         for _ in steps:
             logits = model(step_input, step_pixels, attention_mask=step_mask,
-                           image_sizes=image_sizes, past_kv_cache=cache)[:, -1]
+                           image_sizes=image_sizes, past_kv_cache=cache,
+                           token_type_ids=step_types)[:, -1]
             # The image placeholder is never text: a generated one could not be embedded.
             logits[:, model.cfg.image_token_id] = float("-inf")
             next_token = _choose(logits, do_sample, temperature, top_k, top_p,
@@ -105,6 +116,7 @@ def generate(
             if cache is not None:
                 step_input, step_mask, step_pixels = next_token[:, None], torch.ones_like(
                     next_token[:, None]), None
+                step_types = None
             else:
                 step_input, step_mask = tokens, attention_mask
             if eos_token_id is not None and bool(finished.all()):

@@ -28,12 +28,12 @@ from transformer_lens.hook_points import HookPoint
 
 from mmlens.core.errors import MMLensError
 from mmlens.inputs.batch import MultimodalBatch
-from mmlens.model.components import Embed, RMSNorm, Unembed
+from mmlens.model.components import Unembed
 from mmlens.model.config import MultimodalConfig
 from mmlens.model.families import family_for
 from mmlens.model.kv_cache import KeyValueCache
 from mmlens.model.language import LanguageStack
-from mmlens.model.processor_inputs import CHECKED_NAMES, read_processor_outputs
+from mmlens.model.processor_inputs import CHECKED_NAMES, read_processor_outputs, refuse_unread
 from mmlens.model.tl_api import TransformerLensAPI, check_pretrained_kwargs, language_model_loss
 
 
@@ -53,12 +53,12 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         # Registered in data-flow order (vision, connector...), the order of the hook names.
         for name, module in self.family.build_image_modules(cfg).items():
             self.add_module(name, module)
-        self.embed = Embed(cfg.text.d_vocab, cfg.text.d_model)
+        self.embed = self.family.build_embed(cfg.text)
         self.hook_token_embed = HookPoint()  # [batch, pos, d_model], before the merge
         self.hook_embed = HookPoint()  # [batch, pos, d_model], image features merged in
         self.blocks = self.family.build_blocks(cfg.text)
         self.language = LanguageStack(cfg.text, self.blocks, self.family.rotary(cfg.text))
-        self.ln_final = RMSNorm(cfg.text.d_model, cfg.text.eps)
+        self.ln_final = self.family.build_final_norm(cfg.text)
         self.unembed = Unembed(cfg.text.d_model, cfg.text.d_vocab)
         self._bound_images: dict[str, Any] | None = None
         self.device_map: dict[str, str] | None = None  # set by place()
@@ -126,6 +126,7 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         past_kv_cache: KeyValueCache | None = None,
         tokens: Int[Tensor, "batch pos"] | None = None,
         loss_per_token: bool = False,
+        token_type_ids: Int[Tensor, "batch pos"] | None = None,
         injections: dict[int, Tensor] | None = None,
         **processor_outputs: Any,
     ) -> Tensor | tuple[Tensor, Tensor] | None:
@@ -139,16 +140,23 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         ``[batch, pos - 1]``), ``"both"`` (logits, loss) or None. With ``start_at_layer`` the
         loss needs ``tokens=``. ``stop_at_layer`` returns the residual stream entering it.
         ``position_ids`` default to the family's (``position_ids``); a ``past_kv_cache`` records
-        them. ``injections`` (only with ``start_at_layer``): ``{layer: [batch, pos, d_model]}``
-        added to those blocks' outputs, the ``blocks.{l}.hook_deepstack`` activations of the run
-        being resumed (``{}`` for none); required when resuming before a DeepStack layer.
+        them. ``token_type_ids`` (the processor's token kinds: 1 = image token for Gemma 3, 1 =
+        answer for PaliGemma) tell a family whose mask depends on the token kinds where its
+        bidirectional blocks are; needed when the run resumes from a residual stream.
+        ``injections`` (only with ``start_at_layer``): ``{layer: [batch, pos, d_model]}`` added
+        to those blocks' outputs, the ``blocks.{l}.hook_deepstack`` activations of the run being
+        resumed (``{}`` for none); required when resuming before a DeepStack layer.
 
         A processor's outputs go in under HF's names: ``model(**processor(images=...,
         text=...))`` (``input_ids``, ``pixel_values`` in the processor's layout,
         ``attention_mask`` and the family's geometry key, e.g. Qwen's ``image_grid_thw``;
+        ``token_type_ids`` for a family that reads them, ``Family.processor_keys``;
         ``mm_token_type_ids`` / ``batch_num_images`` are checked, not needed). Any other
         keyword raises, listing the accepted names.
         """
+        if token_type_ids is not None:
+            refuse_unread("token_type_ids", self.family.name, self.family.image_sizes_key,
+                          self.family.processor_keys)
         if processor_outputs:
             input, image_sizes = self._read_processor_outputs(
                 input, processor_outputs, pixel_values=pixel_values,
@@ -203,10 +211,13 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
                 past_kv_cache=past_kv_cache, image_sizes=image_sizes)
         if past_kv_cache is not None:
             past_kv_cache.record_positions(position_ids)
+        masks = self.family.attention_masks(
+            self.cfg, attention_mask=attention_mask, q_len=q_len, input_ids=input_ids,
+            token_type_ids=token_type_ids, past_kv_cache=past_kv_cache)
         resid = self.language(
             resid, attention_mask=attention_mask, position_ids=position_ids,
             start_at_layer=start_at_layer or 0, stop_at_layer=stop_at_layer,
-            past_kv_cache=past_kv_cache, injections=injections,
+            past_kv_cache=past_kv_cache, masks=masks, injections=injections,
         )
         if stop_at_layer is not None:
             return resid
@@ -215,7 +226,7 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         if return_type not in ("logits", "loss", "both"):
             raise ValueError(f"return_type {return_type!r} is not supported: use 'logits', "
                              "'loss', 'both' or None")
-        logits = self.unembed(self.ln_final(resid))
+        logits = self.family.final_logits(self.unembed(self.ln_final(resid)), self.cfg)
         if return_type == "logits":
             return logits
         if tokens is None and start_at_layer is None:
@@ -237,7 +248,7 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         read = read_processor_outputs(
             {k: v for k, v in given.items() if v is not None},
             sizes_key=self.family.image_sizes_key, image_token_id=self.cfg.image_token_id,
-            family=self.family.name)
+            family=self.family.name, family_keys=self.family.processor_keys)
         if "input_ids" in read:
             if input is not None:
                 raise MMLensError("got input and input_ids: pass the tokens once")

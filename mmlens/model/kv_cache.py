@@ -73,6 +73,22 @@ class KeyValueCache:
         return KeyValueCache(layers=layers, attention_mask=mask, frozen=True,
                              position_ids=positions)
 
+    def tile(self, copies: int) -> KeyValueCache:
+        """A frozen cache of ``copies`` copies of the whole batch stacked (``[copy0 rows,
+        copy1 rows, ...]``); a batch-1 cache is expanded without a copy."""
+        if self.length and self.layers[0] is not None and self.layers[0][0].shape[0] == 1:
+            return self.expand(copies)
+
+        def stack(tensor: Tensor | None) -> Tensor | None:
+            if tensor is None:
+                return None
+            return tensor.repeat(*[1] * (tensor.ndim - 2), copies, 1) if tensor.ndim < 4 \
+                else tensor.repeat(copies, 1, 1, 1)
+
+        layers = [None if kv is None else (stack(kv[0]), stack(kv[1])) for kv in self.layers]
+        return KeyValueCache(layers=layers, attention_mask=stack(self.attention_mask),
+                             frozen=True, position_ids=stack(self.position_ids))
+
     def truncate(self, length: int) -> KeyValueCache:
         """A frozen cache of the first ``length`` positions."""
         layers = [None if kv is None else (kv[0][:, :, :length], kv[1][:, :, :length])

@@ -6,6 +6,7 @@ and multimodal rotary schemes alike.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from jaxtyping import Float, Int
@@ -68,20 +69,25 @@ class LanguageStack:
         start_at_layer: int = 0,
         stop_at_layer: int | None = None,
         past_kv_cache: KeyValueCache | None = None,
+        masks: Sequence[Tensor | None] | None = None,
         injections: dict[int, Tensor] | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """``attention_mask`` covers the cached and the new positions; ``position_ids`` are the
         new positions' (``[batch, pos]``, or the family's own layout such as M-RoPE's).
+        ``masks``: one "may attend" mask ``[batch, 1, q_pos, k_pos]`` (or None for plain
+        causal) per layer, from the family's mask rule; default ``build_mask`` for every layer.
         ``injections[l]`` ``[batch, pos, d_model]`` is added to block ``l``'s output
-        (Qwen3-VL's DeepStack features, ``blocks.{l}.hook_deepstack``)."""
+        (Qwen3-VL's DeepStack features, ``blocks.{l}.hook_deepstack``).
+        """
         q_len = resid.shape[1]
         rotary = self.rotary(position_ids, resid.dtype)
-        mask = build_mask(attention_mask, q_len)
+        if masks is None:
+            masks = [build_mask(attention_mask, q_len)] * self.cfg.n_layers
         stop = self.cfg.n_layers if stop_at_layer is None else stop_at_layer
         for layer in range(start_at_layer, stop):
             past = None if past_kv_cache is None else past_kv_cache.layers[layer]
             resid, present = self.blocks[layer](
-                resid, mask=mask, causal=True, rotary=rotary, past_key_value=past,
+                resid, mask=masks[layer], causal=True, rotary=rotary, past_key_value=past,
                 **({"inject": injections[layer]} if injections and layer in injections else {}),
             )
             if past_kv_cache is not None:

@@ -2,8 +2,10 @@
 
 A processor returns ``input_ids``, ``attention_mask``, ``pixel_values`` in its own layout and,
 per family, the images' geometry under the name the family declares (``Family.image_sizes_key``:
-``image_sizes`` for LLaVA-NeXT and OneVision, ``image_grid_thw`` for Qwen-VL), plus bookkeeping
-that the model can check but does not need (``mm_token_type_ids``, ``batch_num_images``).
+``image_sizes`` for LLaVA-NeXT and OneVision, ``image_grid_thw`` for Qwen-VL), the further
+outputs the family reads (``Family.processor_keys``: Gemma 3's and PaliGemma's
+``token_type_ids``, a ``forward`` argument), plus bookkeeping that the model can check but
+does not need (``mm_token_type_ids``, ``batch_num_images``).
 ``read_processor_outputs`` maps them onto ``forward``'s arguments and refuses any other name,
 listing the accepted ones.
 """
@@ -22,19 +24,31 @@ FORWARD_NAMES = ("input_ids", "pixel_values", "attention_mask", "image_sizes")
 CHECKED_NAMES = ("mm_token_type_ids", "batch_num_images")
 """HF names the model does not need; each is checked against the rest of the inputs. A name
 that changes what a model computes (PaliGemma's ``token_type_ids``) is not one of them: the
-family that reads it must take it."""
+family that reads it lists it in ``Family.processor_keys``, and others refuse it."""
 
 
-def accepted_names(sizes_key: str) -> list[str]:
-    """Every processor output name ``forward`` accepts for a family with ``sizes_key``."""
-    return sorted({*FORWARD_NAMES, sizes_key, *CHECKED_NAMES})
+def accepted_names(sizes_key: str, family_keys: tuple[str, ...] = ()) -> list[str]:
+    """Every processor output name ``forward`` accepts for a family with ``sizes_key`` and
+    ``family_keys`` (``Family.processor_keys``)."""
+    return sorted({*FORWARD_NAMES, sizes_key, *family_keys, *CHECKED_NAMES})
+
+
+def refuse_unread(name: str, family: str, sizes_key: str,
+                  family_keys: tuple[str, ...] = ()) -> None:
+    """Raise for a processor output ``name`` that ``forward`` takes but ``family`` does not
+    read (``token_type_ids`` for a family whose mask ignores token kinds)."""
+    if name not in family_keys:
+        raise MMLensError(
+            f"{name} given to a {family} model, which does not read it (a processor of another "
+            f"family?); it accepts the processor outputs "
+            f"{', '.join(accepted_names(sizes_key, family_keys))} and forward's own arguments")
 
 
 def read_processor_outputs(outputs: dict[str, Any], *, sizes_key: str, image_token_id: int,
-                           family: str) -> dict[str, Any]:
+                           family: str, family_keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """``outputs`` (``forward``'s extra keywords) -> ``{"image_sizes": ...}`` plus the names of
     ``FORWARD_NAMES`` given; raises on unknown names and on inconsistent bookkeeping."""
-    accepted = accepted_names(sizes_key)
+    accepted = accepted_names(sizes_key, family_keys)
     unknown = sorted(set(outputs) - set(accepted))
     if unknown:
         other = [k for k in ("image_sizes", "image_grid_thw") if k in unknown]

@@ -13,7 +13,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from mmlens.model.components import SiglipVisionEmbed, VisionBlock
+from mmlens.model.components import LayerNorm, SiglipVisionEmbed, VisionBlock
 from mmlens.model.config import MultimodalConfig
 
 
@@ -47,3 +47,17 @@ class SiglipVisionTower(nn.Module):
         if self.drop_first:
             selected = [h[:, 1:] for h in selected]
         return selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
+
+
+class SiglipPostNormTower(SiglipVisionTower):
+    """The whole SigLIP tower with its ``post_layernorm`` (``ln_post.*``), as Gemma 3 reads it:
+    the last block's output, normed. Every block is built (the last hidden state is used)."""
+
+    def __init__(self, cfg: MultimodalConfig):
+        super().__init__(cfg)
+        self.ln_post = LayerNorm(cfg.vision.d_model, cfg.vision.eps)
+
+    def forward(
+        self, pixel_values: Float[Tensor, "images channels height width"]
+    ) -> Float[Tensor, "images n_patches d_vision"]:
+        return self.ln_post(super().forward(pixel_values))

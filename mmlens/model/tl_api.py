@@ -215,7 +215,7 @@ class TransformerLensAPI:
         that ``(resid / ln_final.hook_scale) @ direction`` is the token's logit."""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
-        return (self.unembed.W_U * self.ln_final.w[:, None]).T[tokens]
+        return (self.unembed.W_U * self.ln_final.gain[:, None]).T[tokens]
 
     def get_token_position(
         self, single_token: str | int, input: str | Tensor | Any, mode: str = "first",

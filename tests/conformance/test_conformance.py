@@ -26,7 +26,7 @@ from mmlens.cli import main
 from mmlens.core.errors import MMLensError
 from mmlens.experiments import DEFAULT_FLOWS, information_flow
 from mmlens.inputs.templates import IMAGE_PLACEHOLDER
-from mmlens.methods import block_attention
+from mmlens.methods import block_attention, causal_map
 from mmlens.methods.lens import decode, lens_names, residual_stack
 from mmlens.model.families import FAMILIES as REGISTERED
 from mmlens.zoo import tiny_checkpoint
@@ -254,6 +254,24 @@ def test_the_lens_last_point_is_the_logits(tiny, prepared):
     stack, index = residual_stack(cache, layers=[model.cfg.n_layers - 1], positions=every)
     expected = logits[torch.tensor(index["example"]), torch.tensor(index["position"])]
     assert (decode(model, stack[0]) - expected).abs().max() <= 1e-5
+
+
+def test_causal_map_equals_one_forward_per_region(tiny, prepared):
+    """The batched causal map (2x2 cells of image tokens blocked from the last position in
+    one layer) equals one full forward per region with ``block_attention``."""
+    batch, _ = prepared
+    one = batch.select(0)
+    layers = [min(1, tiny.model.cfg.n_layers - 1)]
+    frame = causal_map(tiny.model, one, "last", layers=layers, cell=2, images=tiny.images[:1])
+    assert len(frame) > 0
+    with torch.no_grad():
+        token = int(tiny.model(one)[0, -1].argmax())
+        naive = []
+        for positions in frame.position:
+            hooks = block_attention([list(positions)], "last", layers, batch=one)
+            logits = tiny.model.run_with_hooks(one, fwd_hooks=hooks)[0, -1].float()
+            naive.append(float(logits.softmax(-1)[token]))
+    assert (torch.tensor(frame.p_block.to_numpy()) - torch.tensor(naive)).abs().max() <= 1e-6
 
 
 def test_vision_spans_index_the_towers_patches(tiny, prepared):

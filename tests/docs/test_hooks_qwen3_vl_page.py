@@ -11,7 +11,8 @@ from mmlens.zoo.tiny import tiny_hf_model, tiny_processor
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 ROW = re.compile(r"^\| `([^`]+)` \| `\[([^\]]+)\]` \|", re.MULTILINE)
-NEW = re.compile(r"^(vision\.hook_|deepstack\.|blocks\.\{l\}\.(hook_deepstack|attn\.[qk]_norm))")
+NEW = re.compile(r"^(vision\.hook_|deepstack\.|blocks\.\{l\}\.(hook_deepstack|attn\.[qk]_norm|"
+                 r"attn\.hook_[qk]_normed))")
 
 
 def test_pages_list_every_image_side_and_new_decoder_hook_with_its_shape():

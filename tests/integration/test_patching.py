@@ -206,3 +206,37 @@ def test_patching_a_batch_of_another_size_raises(setup):
     with pytest.raises(ValueError, match="pair every corrupted example with one clean example"):
         model.run_with_hooks(corrupted,
                              fwd_hooks=patch_activation("blocks.1.hook_resid_pre", one, pairs))
+
+
+def test_sweeps_from_each_cells_first_position_equal_one_forward_per_cell(setup):
+    """Cells rerun only the positions from their first patched one on, with the corrupted
+    keys/values and logits before it: every position and every head of left-padded prompts
+    against a full forward per cell, with a metric that reads every real position's logits
+    (padding positions attend to nothing real, and their logits stay the corrupted run's)."""
+    model, _, _, _, _, _, _ = setup
+    clean = tiny_batch(model.cfg.hf_config, batch=2, pad=[0, 2], seed=9)
+    corrupted = dataclasses.replace(clean, pixel_values=torch.randn_like(clean.pixel_values))
+
+    real = corrupted.attention_mask.bool()
+
+    def metric(logits):  # every real position counts, so kept earlier logits must be right
+        return logits[real].float().log_softmax(-1)[..., :7].mean()
+
+    layers, name = [0, 2], "blocks.{}.attn.hook_z"
+    _, cache = model.run_with_cache(clean)
+    n_pos, n_heads = clean.input_ids.shape[1], model.cfg.n_heads
+    expected = torch.zeros(len(layers), n_pos, n_heads)
+    for row, layer in enumerate(layers):
+        hook = name.format(layer)
+        for pos in range(n_pos):
+            at = torch.tensor([pos])
+            for head in range(n_heads):
+                with torch.no_grad():
+                    logits = model.run_with_hooks(corrupted, fwd_hooks=patch_activation(
+                        hook, cache[hook], [(at, at)] * 2, head=head))
+                expected[row, pos, head] = metric(logits)
+    for batch_size in (2, 10, 256):
+        got = patch_heads(model, clean, corrupted, metric, layers=layers, by_position=True,
+                          batch_size=batch_size)
+        assert (got - expected).abs().max() <= 1e-6, batch_size
+    assert expected.std() > 1e-4

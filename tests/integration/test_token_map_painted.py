@@ -29,6 +29,7 @@ from transformers import CLIPImageProcessorPil
 
 from mmlens.inputs.preprocessing import pad_to_square
 from mmlens.model.families import family_for
+from mmlens.zoo.tiny import tiny_module
 
 NEAREST = 0
 PAINT = (255, 0, 255)
@@ -62,6 +63,15 @@ def _qwen(family):
     return tiny_qwen_config(family), processor
 
 
+def _zoo(family):
+    """A family's tiny HF config and image processor from ``mmlens.zoo.tiny``."""
+    module = tiny_module(family)
+    hf_config = module.hf_config()
+    processor = module.image_processor(hf_config)
+    processor.resample = NEAREST
+    return hf_config, processor
+
+
 # (family, builder, class_offset of the tower, [(width, height), mode, box (x, y, w, h)])
 CASES = [
     ("llava", lambda: _llava("default"), 1, [((16, 8), "pad", (2, 0, 6, 4)),
@@ -74,6 +84,10 @@ CASES = [
                                         ((32, 32), None, (0, 0, 2, 2))]),
     ("qwen2_vl", lambda: _qwen("qwen2_vl"), 0, [((40, 24), None, (6, 2, 10, 12))]),
     ("qwen2_5_vl", lambda: _qwen("qwen2_5_vl"), 0, [((24, 48), None, (12, 30, 8, 8))]),
+    # Gemma 3: each token pools 2x2 patches; PaliGemma: one token a patch, no class token
+    ("gemma3", lambda: _zoo("gemma3"), 0, [((64, 48), "resize", (10, 6, 20, 16)),
+                                           ((40, 40), "resize", (0, 0, 8, 8))]),
+    ("paligemma", lambda: _zoo("paligemma"), 0, [((48, 64), "resize", (8, 20, 10, 10))]),
 ]
 
 every_family = pytest.mark.parametrize("name, build, offset, images", CASES,

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformer_lens.hook_points import HookPoint
 
-from mmlens.model.components.norms import RMSNorm
 from mmlens.model.components.rotary import apply_rotary
 
 KeyValue = tuple[Tensor, Tensor]
@@ -23,14 +22,21 @@ KeyValue = tuple[Tensor, Tensor]
 
 
 class Attention(nn.Module):
-    """``z = softmax(mask(q k^T / sqrt(d_head))) v``; ``out = z W_O + b_O``.
+    """``z = softmax(mask(q k^T * scale)) v``; ``out = z W_O + b_O``; ``scale`` is
+    ``d_head ** -0.5`` unless given (Gemma: ``query_pre_attn_scalar ** -0.5``).
+
+    Options: ``qk_norm`` (a norm module each for queries and keys, applied per head before
+    rotary: Qwen3's RMSNorm, Gemma 3's ``x * (1 + w)``), ``softcap`` (scores become
+    ``softcap * tanh(scores / softcap)`` before the mask, Gemma 2; it always takes the explicit
+    path, SDPA has no such step).
 
     Hooks (TransformerLens names and shapes): ``hook_q`` ``[batch, pos, n_heads, d_head]``,
-    ``hook_k``/``hook_v`` ``[batch, pos, n_kv_heads, d_head]``, ``q_norm.*``/``k_norm.*``
-    (Qwen3's per-head RMSNorm, between ``hook_q``/``hook_k`` and the rotary), ``hook_rot_q``/
-    ``hook_rot_k`` (after rotary, language only), ``hook_mask`` ``[batch, 1, q_pos, k_pos]``
-    (True = may attend), ``hook_attn_scores``/``hook_pattern`` ``[batch, n_heads, q_pos, k_pos]``,
-    ``hook_z`` ``[batch, q_pos, n_heads, d_head]``; with ``set_use_attn_result(True)`` also
+    ``hook_k``/``hook_v`` ``[batch, pos, n_kv_heads, d_head]``, ``hook_rot_q``/``hook_rot_k``
+    (after rotary, language only), ``hook_mask`` ``[batch, 1, q_pos, k_pos]`` (True = may
+    attend), ``hook_attn_scores``/``hook_pattern`` ``[batch, n_heads, q_pos, k_pos]``,
+    ``hook_z`` ``[batch, q_pos, n_heads, d_head]``; with ``qk_norm`` also ``hook_q_normed`` /
+    ``hook_k_normed`` (after ``q_norm.*`` / ``k_norm.*``, before rotary); with
+    ``set_use_attn_result(True)`` also
     ``hook_result`` ``[batch, q_pos, n_heads, d_model]`` (each head's output; their sum over
     heads plus ``b_O`` is the attention output).
     """
@@ -44,10 +50,14 @@ class Attention(nn.Module):
         qkv_bias: bool = False,
         out_bias: bool = False,
         rotary: bool = False,
-        qk_norm_eps: float | None = None,
+        scale: float | None = None,
+        softcap: float | None = None,
+        qk_norm: tuple[nn.Module, nn.Module] | None = None,
     ):
         super().__init__()
         self.n_heads, self.d_head = n_heads, d_head
+        self.scale = d_head**-0.5 if scale is None else scale
+        self.softcap = softcap
         self.n_kv_heads = n_kv_heads or n_heads
         self.rotary = rotary
         self.q_weight = nn.Parameter(torch.empty(n_heads * d_head, d_model))
@@ -61,9 +71,11 @@ class Attention(nn.Module):
         self.hook_q = HookPoint()  # [batch, pos, n_heads, d_head]
         self.hook_k = HookPoint()  # [batch, pos, n_kv_heads, d_head]
         self.hook_v = HookPoint()  # [batch, pos, n_kv_heads, d_head]
-        # Qwen3: each head's query and key RMS-normalised (own weights) before the rotary.
-        self.q_norm = RMSNorm(d_head, qk_norm_eps) if qk_norm_eps is not None else None
-        self.k_norm = RMSNorm(d_head, qk_norm_eps) if qk_norm_eps is not None else None
+        self.qk_norm = qk_norm is not None
+        if qk_norm is not None:
+            self.q_norm, self.k_norm = qk_norm
+            self.hook_q_normed = HookPoint()  # [batch, pos, n_heads, d_head]
+            self.hook_k_normed = HookPoint()  # [batch, pos, n_kv_heads, d_head]
         if rotary:
             self.hook_rot_q = HookPoint()  # [batch, pos, n_heads, d_head]
             self.hook_rot_k = HookPoint()  # [batch, pos, n_kv_heads, d_head]
@@ -109,7 +121,7 @@ class Attention(nn.Module):
             self.o_weight.shape[0])
 
     def _needs_explicit_pattern(self) -> bool:
-        return any(
+        return self.softcap is not None or any(
             hook.fwd_hooks or hook.bwd_hooks for hook in (self.hook_attn_scores, self.hook_pattern)
         )
 
@@ -132,8 +144,9 @@ class Attention(nn.Module):
         q = self.hook_q(F.linear(x, self.q_weight, self.q_bias).view(batch, q_len, -1, self.d_head))
         k = self.hook_k(F.linear(x, self.k_weight, self.k_bias).view(batch, q_len, -1, self.d_head))
         v = self.hook_v(F.linear(x, self.v_weight, self.v_bias).view(batch, q_len, -1, self.d_head))
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.qk_norm:
+            q = self.hook_q_normed(self.q_norm(q))
+            k = self.hook_k_normed(self.k_norm(k))
         if self.rotary:
             cos, sin = rotary
             q = self.hook_rot_q(apply_rotary(q, cos, sin))
@@ -155,9 +168,16 @@ class Attention(nn.Module):
         if self._needs_explicit_pattern():
             z = self._explicit(q, k, v, mask, use_causal_flag)
         else:
+            grouped = self.n_kv_heads != self.n_heads
+            if grouped and mask is not None:
+                # SDPA's fused kernels take grouped heads only without a mask (CUDA falls back
+                # to the math kernel otherwise); repeat the heads as Hugging Face does
+                repeats = self.n_heads // self.n_kv_heads
+                k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+                grouped = False
             z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=use_causal_flag,
-                enable_gqa=self.n_kv_heads != self.n_heads,
+                q, k, v, attn_mask=mask, is_causal=use_causal_flag, scale=self.scale,
+                enable_gqa=grouped,
             )
         z = self.hook_z(z.transpose(1, 2))  # [batch, q_pos, n_heads, d_head]
         if self.use_attn_result:
@@ -174,7 +194,9 @@ class Attention(nn.Module):
         if repeats > 1:
             k = k.repeat_interleave(repeats, dim=1)
             v = v.repeat_interleave(repeats, dim=1)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.d_head**-0.5
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         if causal:
             mask = default_mask(q.shape[0], q.shape[2], k.shape[2], True, q.device)
         if mask is not None:

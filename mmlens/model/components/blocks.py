@@ -66,7 +66,8 @@ class LanguageBlock(_Block):
             RMSNorm(cfg.d_model, cfg.eps),
             Attention(cfg.d_model, cfg.n_heads, cfg.d_head, cfg.n_key_value_heads,
                       qkv_bias=cfg.qkv_bias, out_bias=cfg.o_bias, rotary=True,
-                      qk_norm_eps=cfg.eps if cfg.qk_norm else None),
+                      qk_norm=(RMSNorm(cfg.d_head, cfg.eps), RMSNorm(cfg.d_head, cfg.eps))
+                      if cfg.qk_norm else None),
             RMSNorm(cfg.d_model, cfg.eps),
             GatedMLP(cfg.d_model, cfg.d_mlp, cfg.act_fn, bias=cfg.mlp_bias),
         )

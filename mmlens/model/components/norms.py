@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+from torch.nn import functional as F
 from transformer_lens.hook_points import HookPoint
 
 
@@ -22,6 +23,11 @@ class RMSNorm(nn.Module):
         self.hook_scale = HookPoint()  # [batch, pos, 1]
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
 
+    @property
+    def gain(self) -> Float[Tensor, " d_model"]:
+        """What multiplies the normalised input: ``w``."""
+        return self.w
+
     def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
         dtype = x.dtype
         x = x.float()
@@ -31,7 +37,11 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """``y = w * (x - mean(x)) / sqrt(var(x) + eps) + b``; ``hook_scale`` is the divisor."""
+    """``y = w * (x - mean(x)) / sqrt(var(x) + eps) + b``; ``hook_scale`` is the divisor.
+
+    While no hook replaces ``hook_scale`` or ``hook_normalized``, the output is torch's fused
+    ``layer_norm`` (Hugging Face's numbers bit for bit); an edit there flows on as computed.
+    """
 
     def __init__(self, d_model: int, eps: float):
         super().__init__()
@@ -43,8 +53,11 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
         dtype = x.dtype
-        x = x.float()
-        x = x - x.mean(-1, keepdim=True)
-        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        normalized = self.hook_normalized((x / scale).to(dtype))
+        centred = x.float() - x.float().mean(-1, keepdim=True)
+        divisor = (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()
+        scale = self.hook_scale(divisor)
+        computed = (centred / scale).to(dtype)
+        normalized = self.hook_normalized(computed)
+        if scale is divisor and normalized is computed:
+            return F.layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
         return normalized * self.w + self.b

@@ -34,3 +34,20 @@ class Projector(nn.Module):
         pre = self.hook_pre(F.linear(x, self.in_weight, self.in_bias))
         post = self.hook_post(self.act(pre))
         return self.hook_out(F.linear(post, self.out_weight, self.out_bias))
+
+
+class LinearProjector(nn.Module):
+    """One linear layer with bias from vision to text width (PaliGemma). Hooks: ``hook_in``
+    ``[images, n_features, d_vision]``, ``hook_out`` ``[images, n_features, d_model]``."""
+
+    def __init__(self, d_vision: int, d_model: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_model, d_vision))
+        self.bias = nn.Parameter(torch.zeros(d_model))
+        self.hook_in = HookPoint()  # [images, n_features, d_vision]
+        self.hook_out = HookPoint()  # [images, n_features, d_model]
+
+    def forward(
+        self, x: Float[Tensor, "images n_features d_vision"]
+    ) -> Float[Tensor, "images n_features d_model"]:
+        return self.hook_out(F.linear(self.hook_in(x), self.weight, self.bias))

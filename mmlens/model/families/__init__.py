@@ -11,10 +11,12 @@ from typing import Any
 
 from mmlens.model.config import MultimodalConfig
 from mmlens.model.families.base import Family
+from mmlens.model.families.gemma3 import Gemma3Family
 from mmlens.model.families.idefics3 import Idefics3Family, SmolVLMFamily
 from mmlens.model.families.llava import LlavaFamily
 from mmlens.model.families.llava_next import LlavaNextFamily
 from mmlens.model.families.onevision import LlavaOnevisionFamily
+from mmlens.model.families.paligemma import PaliGemmaFamily
 from mmlens.model.families.qwen3_vl import Qwen3VLFamily
 from mmlens.model.families.qwen_vl import Qwen25VLFamily, QwenVLFamily
 
@@ -29,7 +31,8 @@ def register(family: Family) -> Family:
 
 
 for _family in (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), QwenVLFamily(),
-                Qwen25VLFamily(), Qwen3VLFamily(), Idefics3Family(), SmolVLMFamily()):
+                Qwen25VLFamily(), Qwen3VLFamily(), Gemma3Family(), PaliGemmaFamily(),
+                Idefics3Family(), SmolVLMFamily()):
     register(_family)
 
 
@@ -59,6 +62,7 @@ def family_for(model_type: str | None) -> Family:
     return family
 
 
-__all__ = ["FAMILIES", "Family", "Idefics3Family", "LlavaFamily", "LlavaNextFamily",
-           "LlavaOnevisionFamily", "Qwen25VLFamily", "Qwen3VLFamily", "QwenVLFamily",
-           "SmolVLMFamily", "family_for", "from_hf_config", "register", "supported_families"]
+__all__ = ["FAMILIES", "Family", "Gemma3Family", "Idefics3Family", "LlavaFamily",
+           "LlavaNextFamily", "LlavaOnevisionFamily", "PaliGemmaFamily", "Qwen25VLFamily",
+           "Qwen3VLFamily", "QwenVLFamily", "SmolVLMFamily", "family_for", "from_hf_config",
+           "register", "supported_families"]

@@ -11,6 +11,8 @@ looks at the model type itself::
         (encode_image_layers: also features added after some decoder layers, DeepStack)
     token embeddings + features ──merge──▶ hook_embed
     input_ids (+ cache, image sizes) ──position_ids──▶ decoder positions ──rotary──▶ cos, sin
+    attention_mask (+ token kinds) ──attention_masks──▶ one "may attend" mask per layer
+    build_embed / build_blocks / build_final_norm / final_logits: the decoder's parts
     prepare: stack_pixel_values, add_image_spans, image_layout (the processor's geometry)
 
 Subclasses set the class attributes and override the methods whose rule differs; a new family
@@ -28,10 +30,10 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from mmlens.inputs.token_map import ImageLayout
-from mmlens.model.components import RotaryEmbedding
+from mmlens.model.components import Embed, RMSNorm, RotaryEmbedding
 from mmlens.model.config import LanguageConfig, MultimodalConfig
 from mmlens.model.kv_cache import KeyValueCache
-from mmlens.model.language import LanguageStack, positions_from_mask
+from mmlens.model.language import LanguageStack, build_mask, positions_from_mask
 from mmlens.model.merge import merge_image_features
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer.json",
@@ -59,6 +61,10 @@ class Family:
     description: ClassVar[str]
     checkpoints: ClassVar[tuple[str, ...]] = ()
     image_sizes_key: ClassVar[str] = "image_sizes"
+    processor_keys: ClassVar[tuple[str, ...]] = ()
+    """Further processor outputs the family reads, each a ``forward`` argument of the same
+    name (Gemma 3, PaliGemma: ``token_type_ids``, which their mask rules read); the model
+    refuses them for a family that does not list them."""
     prompt_template: ClassVar[str | None] = None
     """The name of the family's default prompt template (``mmlens.inputs.templates``); None:
     chosen from the tokenizer's vocabulary."""
@@ -148,6 +154,51 @@ class Family:
         """The decoder blocks (``blocks.{l}.*``); Llama-style by default, options from ``cfg``
         (``qkv_bias``, ``o_bias``, ``mlp_bias``, grouped-query heads)."""
         return LanguageStack.build_blocks(cfg)
+
+    def build_embed(self, cfg: LanguageConfig) -> nn.Module:
+        """The token embedding (``embed``, ``W_E``); Gemma's scales it by ``sqrt(d_model)``."""
+        return Embed(cfg.d_vocab, cfg.d_model)
+
+    def build_final_norm(self, cfg: LanguageConfig) -> nn.Module:
+        """The norm before the unembedding (``ln_final``)."""
+        return RMSNorm(cfg.d_model, cfg.eps)
+
+    def final_logits(self, logits: Tensor, cfg: MultimodalConfig) -> Tensor:
+        """The unembedding's output -> the model's logits (Gemma 2: soft-capped)."""
+        return logits
+
+    def attention_masks(
+        self,
+        cfg: MultimodalConfig,
+        *,
+        attention_mask: Int[Tensor, "batch k_pos"],
+        q_len: int,
+        input_ids: Int[Tensor, "batch pos"] | None,
+        token_type_ids: Int[Tensor, "batch pos"] | None = None,
+        past_kv_cache: KeyValueCache | None = None,
+    ) -> list[Tensor | None]:
+        """The mask rule: one boolean "may attend" mask ``[batch, 1, q_pos, k_pos]`` per
+        decoder layer (None = plain causal), which ``blocks.{l}.attn.hook_mask`` receives and a
+        knockout ANDs its blocked edges into. Causal with padding by default.
+
+        ``attention_mask`` covers the cached and the new positions (new ones last);
+        ``token_type_ids`` (1 = image token, as Gemma's processor gives them) stand in for
+        ``input_ids`` when a run resumes from a residual stream.
+        """
+        return [build_mask(attention_mask, q_len)] * cfg.text.n_layers
+
+    def token_type_ids(self, cfg: MultimodalConfig,
+                       input_ids: Int[Tensor, "batch pos"]) -> Tensor | None:
+        """The token kinds the mask rule reads (``attention_masks``' ``token_type_ids``), for a
+        run that resumes from a residual stream; None where the rule needs none."""
+        return None
+
+    def exact_suffix_start(self, token_type_ids: Tensor | None, position: int) -> int:
+        """The first position from which recomputing a prompt's suffix is exact when queries
+        from ``position`` on change: earlier positions must never attend to later ones. Plain
+        causal attention: ``position`` itself; a bidirectional block containing it moves the
+        start to the block's first position."""
+        return position
 
     def rotary(self, cfg: LanguageConfig) -> Any:
         """The decoder's rotary tables: ``rotary(position_ids, dtype) -> (cos, sin)``, each
