@@ -56,8 +56,9 @@ class ViewGrid:
 
 
 def view_grid(model: Any, batch: Any) -> ViewGrid:
-    """The grid of example 0 of ``batch``: the tokens of tile 0 of its image's token map that
-    have a place in it (``row`` / ``col``; a class token or a newline has none), row-major."""
+    """The grid of example 0 of ``batch``: the tokens of the layout's view tile (tile 0 unless
+    it says otherwise) of its image's token map that have a place in it (``row`` / ``col``; a
+    class token or a newline has none), row-major."""
     layout = batch.image_layout if batch.image_layout is not None else (
         model.family.image_layout(model))
     if layout is None or not batch.token_maps:
@@ -65,7 +66,7 @@ def view_grid(model: Any, batch: Any) -> ViewGrid:
                          "image layout (Family.image_layout), or the batch was not built by "
                          "model.prepare")
     token_map = batch.token_maps[0][0]
-    rows, cols, shown = token_map.grid_cells(0)
+    rows, cols, shown = token_map.grid_cells(layout.view_tile(token_map))
     image = batch.positions("image", 0)
     if len(image) < len(token_map):
         raise ValueError(f"the example's prompt holds {len(image)} image tokens but its image "

@@ -308,9 +308,14 @@ class ImageLayout:
         boxes are in pixels of what the processor produced, its patches are exact."""
         raise NotImplementedError
 
+    def view_tile(self, token_map: ImageTokenMap) -> int:
+        """The tile an example view draws (0 by default; a layout whose tile 0 shows only part
+        of the image may pick the one that shows it whole)."""
+        return 0
+
     def view_pixels(self, batch: Any, example: int) -> Float[Tensor, "3 height width"]:
-        """The pixels tile 0 of example ``example``'s image shows the tower, still
-        normalised (what an example view draws)."""
+        """The pixels the view tile (``view_tile``) of example ``example``'s image shows the
+        tower, still normalised (what an example view draws)."""
         raise NotImplementedError
 
 
