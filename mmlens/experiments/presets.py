@@ -40,6 +40,7 @@ from mmlens.inputs.image_tokens import TOKENIZATIONS
 from mmlens.inputs.spans import RELATED_RULES
 from mmlens.inputs.templates import (
     GEMMA3,
+    IDEFICS3,
     INTERNVL,
     LLAMA3_PAPER,
     ONEVISION,
@@ -129,6 +130,10 @@ FAMILY_PRESETS: dict[str, StudyPreset] = {
           for name, n_layers in (("Qwen/Qwen3-VL-2B-Instruct", 28),
                                  ("Qwen/Qwen3-VL-4B-Instruct", 36),
                                  ("Qwen/Qwen3-VL-8B-Instruct", 36))),
+        StudyPreset("HuggingFaceTB/SmolVLM-256M-Instruct", IDEFICS3, default_window(30),
+                    "tiles", 30, **_NOT_PAPER,
+                    notes="not in the paper: its instruction in SmolVLM's chat template, its "
+                          "window scaled to the depth"),
         *(StudyPreset(name, INTERNVL, default_window(n_layers), "anyres", n_layers,
                       **_NOT_PAPER,
                       notes="not in the paper: its instruction in InternVL 3's chat template, "
@@ -140,7 +145,7 @@ FAMILY_PRESETS: dict[str, StudyPreset] = {
 }
 PRESETS: dict[str, StudyPreset] = {**PAPER_PRESETS, **FAMILY_PRESETS}
 """Every preset, by model name: the paper's four checkpoints, then the other families'."""
-FIXED_BY_MODEL: tuple[str, ...] = ("anyres", "dynamic")
+FIXED_BY_MODEL: tuple[str, ...] = ("anyres", "dynamic", "tiles")
 """Preprocessing a model's own processor fixes (no choice to pass on to ``prepare``)."""
 
 

@@ -59,9 +59,10 @@ class ViewGrid:
 
 
 def view_grid(model: Any, batch: Any) -> ViewGrid:
-    """The grid of example 0 of ``batch``: the tokens of the layout's view tile (tile 0;
-    InternVL's thumbnail) of its image's token map that have a place in it (``row`` / ``col``;
-    a class token or a newline has none), row-major."""
+    """The grid of example 0 of ``batch``: the tokens of the layout's view tile (tile 0 unless
+    it says otherwise: InternVL's thumbnail, Idefics3's global view) of its image's token map
+    that have a place in it (``row`` / ``col``; a class token or a newline has none),
+    row-major."""
     layout = batch.image_layout if batch.image_layout is not None else (
         model.family.image_layout(model))
     if layout is None or not batch.token_maps:

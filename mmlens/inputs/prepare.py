@@ -6,7 +6,8 @@ tokens: the question span is exactly the tokens whose characters overlap the que
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -74,6 +75,7 @@ def _spans_for(ids: list[int], offsets: list[tuple[int, int]], question_range: t
 def encode_prompt(processor: Any, images: Image.Image | Sequence[Image.Image] | None,
                   question: str, template: PromptTemplate, image_token_id: int,
                   tokenization: str = "whole",
+                  image_text: Callable[[Image.Image, str, int], str] | None = None,
                   ) -> tuple[Mapping[str, Any], dict[str, torch.Tensor], str]:
     """Process one prompt (no image, one, or several) + question; returns processor outputs,
     spans and the prompt.
@@ -81,7 +83,8 @@ def encode_prompt(processor: Any, images: Image.Image | Sequence[Image.Image] | 
     ``tokenization="chunks"`` tokenizes the text around ``<image>`` separately, as the original
     LLaVA code does (``mmlens.inputs.image_tokens``; one image only); ``"whole"`` keeps the
     processor's ids. The returned prompt holds the image placeholder once per image, as
-    ``<image>``.
+    ``<image>``. ``image_text(image, image_token, n_image_tokens)``: the text the processor
+    writes for one image (the family's ``image_text``; by default the image token repeated).
     """
     if tokenization not in TOKENIZATIONS:
         raise MMLensError(f"unknown tokenization {tokenization!r}: use one of {TOKENIZATIONS}")
@@ -106,6 +109,10 @@ def encode_prompt(processor: Any, images: Image.Image | Sequence[Image.Image] | 
         spans = _spans_for(ids, offsets, (q_start, q_start + len(question)), image_token_id,
                            processor.tokenizer.bos_token_id)
         return out, spans, prompt
+    if image_text is None:
+        def image_text(_image: Image.Image, token: str, count: int) -> str:
+            return token * count
+
     # Each image's tokens, in order, where its placeholder was.
     pieces = prefix.split(IMAGE_PLACEHOLDER)
     counts = [n_image] if len(images) == 1 else [
@@ -115,10 +122,9 @@ def encode_prompt(processor: Any, images: Image.Image | Sequence[Image.Image] | 
         raise MMLensError(f"the processor gave {n_image} image tokens for {len(images)} images "
                           f"of {counts} tokens each alone: is the template's {IMAGE_PLACEHOLDER} "
                           "a placeholder the processor expands?")
-    start, end = getattr(processor, "image_wrap", ("", ""))  # InternVL's <img> ... </img>
     expanded_prefix = pieces[0] + "".join(
-        start + image_str * count + end + piece
-        for count, piece in zip(counts, pieces[1:], strict=True))
+        image_text(img, image_str, count) + piece
+        for img, count, piece in zip(images, counts, pieces[1:], strict=True))
     expanded = expanded_prefix + question + template.suffix
     tok = processor.tokenizer(expanded, return_offsets_mapping=True)
     if tok["input_ids"] != ids:
@@ -193,7 +199,9 @@ def prepare(model: InputsModel, images: Any, questions: Any, *,
     model_images = per_prompt
     if preprocessing == "pad":
         model_images = [[pad_to_square(img, processor) for img in imgs] for imgs in per_prompt]
-    encoded = [encode_prompt(processor, imgs, q, template, image_token_id, tokenization)
+    image_text = partial(model.family.image_text, processor)
+    encoded = [encode_prompt(processor, imgs, q, template, image_token_id, tokenization,
+                             image_text)
                for imgs, q in zip(model_images, questions, strict=True)]
     for name, (out, _, _) in zip(names, encoded, strict=True):
         _check_context(model, out["input_ids"].shape[1], name)
@@ -237,7 +245,7 @@ def _assemble(model: InputsModel, encoded: list, examples: Sequence[Any] | None,
         # The family knows its processor's layout (LLaVA-NeXT pads the tile axis).
         pixel_values = model.family.stack_pixel_values(per_image)
         if all(size is not None for size in sizes):
-            image_sizes = torch.cat(sizes)
+            image_sizes = model.family.stack_image_sizes(sizes)
     return MultimodalBatch(
         input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
         spans=spans, image_sizes=image_sizes, prompts=[p for _, _, p in encoded],

@@ -1,6 +1,6 @@
 """Prompt templates: the paper's Vicuna v1 prompt, the Llama-3 chat prompt, the Qwen chat
-prompt of LLaVA-OneVision, the Qwen-VL, Qwen3-VL and InternVL 3 chat prompts, Gemma 3's and
-PaliGemma's."""
+prompt of LLaVA-OneVision, the Qwen-VL, Qwen3-VL and InternVL 3 chat prompts, Gemma 3's,
+PaliGemma's and SmolVLM's."""
 
 from __future__ import annotations
 
@@ -97,6 +97,14 @@ INTERNVL = PromptTemplate(
 """InternVL 3's chat template (``-hf`` checkpoints: no default system prompt; the processor
 expands ``<image>``, its ``<IMG_CONTEXT>``, to ``<img>`` + one token per tile's token +
 ``</img>``) for one image and the paper's instruction."""
+IDEFICS3 = PromptTemplate(
+    "idefics3",
+    "<|im_start|>User:<image>{question}\nAnswer the question using a single word or phrase."
+    "<end_of_utterance>\nAssistant:",
+)
+"""What SmolVLM's (and Idefics3's) chat template renders for one image and the question with
+the paper's answer instruction, generation prompt added; the processor expands ``<image>`` to
+the tiles' markers and tokens and the global view."""
 
 PAPER_SUFFIX = " \nAnswer the question using a single word or phrase."
 """What the paper's code appends to every question (note the space before the newline)."""
@@ -132,7 +140,7 @@ PALIGEMMA = PromptTemplate("paligemma", "<image><bos>answer en {question}\n")
 attends both ways."""
 
 TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL, QWEN3_VL, INTERNVL,
-                                 GEMMA3, PALIGEMMA,
+                                 GEMMA3, PALIGEMMA, IDEFICS3,
                                  VICUNA_V1_PAPER, LLAMA3_PAPER)}
 
 

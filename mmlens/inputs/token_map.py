@@ -310,7 +310,8 @@ class ImageLayout:
         raise NotImplementedError
 
     def view_tile(self, token_map: ImageTokenMap) -> int:
-        """The tile an example view draws (``layouts.tiles``: the thumbnail); 0 by default."""
+        """The tile an example view draws (0 by default; a layout whose tile 0 shows only part
+        of the image may pick the one that shows it whole)."""
         return 0
 
     def view_pixels(self, batch: Any, example: int) -> Float[Tensor, "3 height width"]:

@@ -8,11 +8,10 @@ A token's grid is the one it was cut from: LLaVA-1.5's ``grid x grid`` patches, 
 pooled cells, PaliGemma's patches (tile 0, from the family's image-token map);
 LLaVA-NeXT / OneVision's base tile (tile 0) and the packed high-resolution feature grid of
 all the tiles (tile 1; newline tokens belong to no region); Qwen-VL's merged cells of the
-resized image (tile 0); InternVL's tiles and thumbnail, each its own grid (read off the
-image's token map, ``mmlens.inputs.layouts.tiles``). Pixel boxes are half-open
-``(x0, y0, x1, y1)`` in pixels of the original image, clipped to it, from the geometry
-``prepare`` maps object boxes with (``mmlens.inputs.geometry``, ``anyres_spans``,
-``qwen_geometry``).
+resized image (tile 0); InternVL's and Idefics3's tiles, then the thumbnail / global view,
+each its own grid, from the image-token map. Pixel boxes are half-open ``(x0, y0, x1, y1)``
+in pixels of the original image, clipped to it, from the geometry ``prepare`` maps object
+boxes with (``mmlens.inputs.geometry``, ``anyres_spans``, ``qwen_geometry``).
 """
 
 from __future__ import annotations
@@ -84,12 +83,13 @@ def image_token_cells(model: Any, batch: Any, example: int, image_size: SizeOrPa
     if geometry == "anyres":
         from mmlens.inputs.layouts.anyres import AnyresLayout
 
-        layout = model.family.image_layout(model)
-        if not isinstance(layout, AnyresLayout):  # another tiling: read its token map
-            return _map_cells(layout, image, size, mode)
+        if not isinstance(model.family.image_layout(model), AnyresLayout):  # another tiling
+            return _map_cells(model, image, size, mode)
         return _anyres_cells(model, image, size, mode)
     if geometry == "dynamic":
         return _qwen_cells(model, batch, example, image, size)
+    if geometry == "tiles":
+        return _map_cells(model, image, size, mode)
     return _fixed_cells(model, image, size, mode)
 
 
@@ -138,18 +138,16 @@ def _anyres_cells(model: Any, image: Tensor, size: ImageSize,
     return cells
 
 
-def _map_cells(layout: Any, image: Tensor, size: ImageSize,
-               mode: str | None) -> list[TokenCell]:
-    """Every token of the image's map with a pixel box, on its own tile's grid (InternVL: each
-    tile, then the thumbnail)."""
+def _map_cells(model: Any, image: Tensor, size: ImageSize, mode: str | None) -> list[TokenCell]:
+    """Through the family's image-token map (``mmlens.inputs.token_map``): each tile its grid."""
     from mmlens.inputs.token_map import check_token_count
 
-    token_map = layout.token_map(size, mode)
+    token_map = model.family.image_layout(model).token_map(size, mode)
     check_token_count(token_map, len(image), "the example")
-    return [TokenCell(position, place.tile, place.row, place.col, token_map.pixel_box(k))
+    return [TokenCell(int(position), place.tile, place.row, place.col, token_map.pixel_box(k))
             for k, (position, place) in enumerate(zip(image.tolist(), token_map.tokens,
                                                       strict=True))
-            if token_map.box(k) is not None]
+            if place.row >= 0 and place.col >= 0 and place.patches]
 
 
 def _qwen_cells(model: Any, batch: Any, example: int, image: Tensor,

@@ -124,6 +124,41 @@ class InternVisionConfig:
 
 
 @dataclass
+class ShuffleVisionConfig:
+    """The Idefics3 vision tower: square ``image_size`` tiles of ``patch_size`` patches, every
+    block kept, and the connector's ``scale_factor`` (patches folded per side into a token)."""
+
+    d_model: int
+    n_heads: int
+    d_mlp: int
+    n_layers: int
+    image_size: int
+    patch_size: int
+    scale_factor: int
+    n_channels: int = 3
+    eps: float = 1e-6
+    act_fn: str = "gelu_pytorch_tanh"
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side of a tile."""
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_side(self) -> int:
+        """Image tokens per side of a tile, after the pixel shuffle."""
+        return self.grid_size // self.scale_factor
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return self.tokens_per_side**2
+
+
+@dataclass
 class LanguageConfig:
     """The decoder (Llama-style blocks), with TransformerLens field names.
 
@@ -177,7 +212,7 @@ class MultimodalConfig:
     """
 
     model_type: str
-    vision: VisionConfig | QwenVisionConfig | InternVisionConfig
+    vision: VisionConfig | QwenVisionConfig | InternVisionConfig | ShuffleVisionConfig
     text: LanguageConfig
     image_token_id: int
     feature_layers: list[int]

@@ -118,7 +118,8 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         *,
         attention_mask: Shaped[Tensor, "batch pos"] | None = None,
         position_ids: Tensor | None = None,
-        image_sizes: Int[Tensor, "n_images _"] | None = None,
+        image_sizes: Int[Tensor, "n_images _"] | Shaped[Tensor, "*frames mask_h mask_w"]
+        | None = None,
         return_type: str | None = "logits",
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,

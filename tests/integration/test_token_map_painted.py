@@ -81,6 +81,14 @@ def _zoo(family):
     return hf_config, processor
 
 
+def _idefics3():
+    """Idefics3's tiny config and PIL image processor (``image_processor`` takes a class name)."""
+    module = tiny_module("idefics3")
+    processor = module.image_processor()
+    processor.resample = NEAREST
+    return module.hf_config(), processor
+
+
 # (family, builder, class_offset of the tower, [(width, height), mode, box (x, y, w, h)])
 CASES = [
     ("llava", lambda: _llava("default"), 1, [((16, 8), "pad", (2, 0, 6, 4)),
@@ -100,6 +108,10 @@ CASES = [
     ("gemma3", lambda: _zoo("gemma3"), 0, [((64, 48), "resize", (10, 6, 20, 16)),
                                            ((40, 40), "resize", (0, 0, 8, 8))]),
     ("paligemma", lambda: _zoo("paligemma"), 0, [((48, 64), "resize", (8, 20, 10, 10))]),
+    # Idefics3: rows x cols tiles after a longest-edge resize, then the global view
+    ("idefics3", _idefics3, 0, [((72, 48), None, (20, 10, 30, 20)),
+                                ((45, 29), None, (10, 5, 25, 19)),
+                                ((22, 38), None, (0, 20, 12, 10))]),
 ]
 
 every_family = pytest.mark.parametrize("name, build, offset, images", CASES,

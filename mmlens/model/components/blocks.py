@@ -9,7 +9,7 @@ from transformer_lens.hook_points import HookPoint
 from mmlens.model.components.attention import Attention, KeyValue
 from mmlens.model.components.mlp import GatedMLP, VisionMLP
 from mmlens.model.components.norms import LayerNorm, RMSNorm
-from mmlens.model.config import LanguageConfig, VisionConfig
+from mmlens.model.config import LanguageConfig, ShuffleVisionConfig, VisionConfig
 
 
 class _Block(nn.Module):
@@ -75,9 +75,10 @@ class LanguageBlock(_Block):
 
 class VisionBlock(_Block):
     """A CLIP or SigLIP encoder layer: LayerNorm, full (non-causal) attention with biases, an
-    MLP with the tower's activation (quick-GELU for CLIP, tanh-approximated GELU for SigLIP)."""
+    MLP with the tower's activation (quick-GELU for CLIP, tanh-approximated GELU for SigLIP and
+    Idefics3's tower)."""
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig | ShuffleVisionConfig):
         super().__init__()
         self._register(
             LayerNorm(cfg.d_model, cfg.eps),

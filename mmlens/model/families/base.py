@@ -240,6 +240,15 @@ class Family:
         """The per-image ``pixel_values`` (``split_pixel_values``) -> one batch tensor."""
         return torch.cat(list(pixel_values))
 
+    def image_text(self, processor: Any, image: Any, image_token: str, n_image: int) -> str:
+        """The text the processor puts in the prompt for one image, ``n_image`` image tokens
+        (markers included, where the family's processor writes any)."""
+        return image_token * n_image
+
+    def stack_image_sizes(self, image_sizes: Sequence[Tensor]) -> Tensor:
+        """The processor's per-example ``image_sizes_key`` outputs -> one batch tensor."""
+        return torch.cat(list(image_sizes))
+
     def add_image_spans(self, model: Any, batch: Any) -> None:
         """Extra spans over the image tokens (e.g. ``image_newline``); none by default."""
 

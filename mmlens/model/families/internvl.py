@@ -103,6 +103,11 @@ class InternVLFamily(Family):
                              "was it processed with this model's processor?")
         return (runs // per_tile).reshape(-1, 1)
 
+    def image_text(self, processor: Any, image: Any, image_token: str, n_image: int) -> str:
+        """``<img>`` + the image tokens + ``</img>``, as the processor writes an image."""
+        start, end = processor.image_wrap
+        return start + image_token * n_image + end
+
     def split_pixel_values(self, pixel_values: Tensor,
                            image_sizes: Tensor | None) -> list[Tensor]:
         """A prompt's tiles ``[n, 3, S, S]`` -> each image's, by ``num_patches``."""
