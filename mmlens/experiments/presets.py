@@ -41,6 +41,7 @@ from mmlens.inputs.spans import RELATED_RULES
 from mmlens.inputs.templates import (
     GEMMA3,
     IDEFICS3,
+    INTERNVL,
     LLAMA3_PAPER,
     ONEVISION,
     PALIGEMMA,
@@ -133,6 +134,13 @@ FAMILY_PRESETS: dict[str, StudyPreset] = {
                     "tiles", 30, **_NOT_PAPER,
                     notes="not in the paper: its instruction in SmolVLM's chat template, its "
                           "window scaled to the depth"),
+        *(StudyPreset(name, INTERNVL, default_window(n_layers), "anyres", n_layers,
+                      **_NOT_PAPER,
+                      notes="not in the paper: its instruction in InternVL 3's chat template, "
+                            "its window scaled to the depth")
+          for name, n_layers in (("OpenGVLab/InternVL3-1B-hf", 24),
+                                 ("OpenGVLab/InternVL3-2B-hf", 28),
+                                 ("OpenGVLab/InternVL3-8B-hf", 28))),
     )
 }
 PRESETS: dict[str, StudyPreset] = {**PAPER_PRESETS, **FAMILY_PRESETS}

@@ -10,7 +10,8 @@ grid's shape (``rows`` x ``cols``, row-major) and the side in pixels of one of i
 (``cell_px``), the related cells (indices into the grid), and the attention from the question
 positions to each cell's image token, averaged over heads, question positions and layers:
 
-The grid is tile 0 of the image's token map (``mmlens.inputs.token_map``):
+The grid is the view tile (``ImageLayout.view_tile``: tile 0, InternVL's thumbnail) of the
+image's token map (``mmlens.inputs.token_map``):
 
 - LLaVA-1.5: the ``grid x grid`` patches of the one image (a CLS feature is left out);
 - LLaVA-NeXT / LLaVA-OneVision (anyres): the base tile's ``grid x grid`` patches (the whole
@@ -18,7 +19,9 @@ The grid is tile 0 of the image's token map (``mmlens.inputs.token_map``):
 - Qwen2-VL / Qwen2.5-VL: the ``(grid_h / merge) x (grid_w / merge)`` merged cells of the
   resized image (28x28 px each for the released checkpoints), reassembled from the packed
   ``pixel_values`` by undoing the processor's patch packing and normalisation
-  (``mmlens.inputs.qwen_geometry.unpack_patches``).
+  (``mmlens.inputs.qwen_geometry.unpack_patches``);
+- InternVL 3: the thumbnail tile (the whole image squashed to one tile) and its ``g/2 x g/2``
+  pixel-shuffled tokens (2x2 patches each); the other tiles are not shown.
 
 This is one extra forward per task, with attention patterns on, outside the sweep. With the
 sweep's table (``flow=``), each view also holds ``word_maps``: the causal map over the grid of
@@ -57,8 +60,9 @@ class ViewGrid:
 
 def view_grid(model: Any, batch: Any) -> ViewGrid:
     """The grid of example 0 of ``batch``: the tokens of the layout's view tile (tile 0 unless
-    it says otherwise) of its image's token map that have a place in it (``row`` / ``col``; a
-    class token or a newline has none), row-major."""
+    it says otherwise: InternVL's thumbnail, Idefics3's global view) of its image's token map
+    that have a place in it (``row`` / ``col``; a class token or a newline has none),
+    row-major."""
     layout = batch.image_layout if batch.image_layout is not None else (
         model.family.image_layout(model))
     if layout is None or not batch.token_maps:

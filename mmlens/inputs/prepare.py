@@ -234,12 +234,12 @@ def _assemble(model: InputsModel, encoded: list, examples: Sequence[Any] | None,
         input_ids[row, width - n:] = out["input_ids"][0]
         attention_mask[row, width - n:] = 1
         spans.append({k: v + (width - n) for k, v in span.items()})
-    # The per-image geometry the family reads: LLaVA-NeXT's image_sizes, Qwen's image_grid_thw.
-    sizes_key = model.family.image_sizes_key
+    # The per-image geometry the family reads: LLaVA-NeXT's image_sizes, Qwen's image_grid_thw,
+    # InternVL's tile counts.
     with_images = [out for out, _, _ in encoded if "pixel_values" in out]
     pixel_values = image_sizes = None
     if with_images:
-        sizes = [out.get(sizes_key) for out in with_images]
+        sizes = [model.family.processor_sizes(model, out) for out in with_images]
         per_image = [p for out, size in zip(with_images, sizes, strict=True)
                      for p in model.family.split_pixel_values(out["pixel_values"], size)]
         # The family knows its processor's layout (LLaVA-NeXT pads the tile axis).

@@ -24,19 +24,22 @@ class ComposedProcessor:
     ``count_image_tokens(row)`` gives the image tokens of one image from its row of the image
     processor's ``sizes_key`` output: ``(height, width)`` of the original image for
     ``image_sizes`` (LLaVA-OneVision), ``(t, h, w)`` patches for ``image_grid_thw`` (Qwen-VL).
-    Each ``image_token`` in a prompt is expanded to that many, images taken in order. With
-    ``sizes_key=None`` every image makes the same number of tokens (``count_image_tokens(())``,
-    Gemma 3). ``mm_token_type_ids=True`` adds HF's ``mm_token_type_ids`` output (1 at image
-    tokens); ``token_type_ids`` adds HF's ``token_type_ids`` as Gemma 3's processor gives them
-    (``"image"``: 1 at image tokens) or PaliGemma's for a prompt without an answer suffix
-    (``"prefix"``: all 0, the whole prompt is the prefix). ``drop``: image-processor outputs
-    the HF processor does not pass on (Gemma 3's ``num_crops``).
+    Each ``image_token`` in a prompt is expanded to that many, images taken in order, between
+    ``image_wrap`` (InternVL: ``<img>``, ``</img>``); ``image_kwargs`` go to the image processor.
+    With ``sizes_key=None`` every image makes the same number of tokens
+    (``count_image_tokens(())``, Gemma 3). ``mm_token_type_ids=True`` adds HF's
+    ``mm_token_type_ids`` output (1 at image tokens); ``token_type_ids`` adds HF's
+    ``token_type_ids`` as Gemma 3's processor gives them (``"image"``: 1 at image tokens) or
+    PaliGemma's for a prompt without an answer suffix (``"prefix"``: all 0, the whole prompt is
+    the prefix). ``drop``: image-processor outputs the HF processor does not pass on (Gemma 3's
+    ``num_crops``, InternVL's ``num_patches``).
     """
 
     def __init__(self, tokenizer: Any, image_processor: Any, *,
                  count_image_tokens: Callable[[tuple[int, ...]], int],
                  chat_template: str | None = None, image_token: str = "<image>",
-                 sizes_key: str | None = "image_sizes", mm_token_type_ids: bool = False,
+                 sizes_key: str | None = "image_sizes", image_wrap: tuple[str, str] = ("", ""),
+                 image_kwargs: dict[str, Any] | None = None, mm_token_type_ids: bool = False,
                  token_type_ids: str | None = None, drop: tuple[str, ...] = ()):
         if token_type_ids not in (None, "image", "prefix"):
             raise ValueError(f"token_type_ids={token_type_ids!r}: use 'image', 'prefix' or None")
@@ -46,6 +49,8 @@ class ComposedProcessor:
         self.image_token = image_token
         self.count_image_tokens = count_image_tokens
         self.sizes_key = sizes_key
+        self.image_wrap = image_wrap
+        self.image_kwargs = dict(image_kwargs or {})
         self.mm_token_type_ids = mm_token_type_ids
         self.token_type_ids = token_type_ids
         self.drop = drop
@@ -58,16 +63,16 @@ class ComposedProcessor:
         texts = [text] if isinstance(text, str) else list(text)
         data: dict[str, Any] = {}
         if images:
-            pixels = self.image_processor(list(images), return_tensors="pt")
+            pixels = self.image_processor(list(images), return_tensors="pt", **self.image_kwargs)
             data.update({k: v for k, v in pixels.items() if k not in self.drop})
             if self.sizes_key is None:
                 texts = self._expand(texts, [()] * len(pixels["pixel_values"]))
             elif self.sizes_key not in pixels:
                 raise ValueError(f"the image processor returned {', '.join(pixels)} but no "
                                  f"{self.sizes_key!r}: is it this checkpoint's image processor?")
-            else:
-                sizes = [tuple(int(v) for v in row)
-                         for row in torch.as_tensor(pixels[self.sizes_key])]
+            else:  # one row per image (InternVL's num_patches is one number an image)
+                rows = torch.as_tensor(pixels[self.sizes_key])
+                sizes = [tuple(int(v) for v in row) for row in rows.reshape(len(rows), -1)]
                 texts = self._expand(texts, sizes)
         tokens = self.tokenizer(texts, return_tensors=return_tensors, padding=padding, **kwargs)
         if self.mm_token_type_ids:  # as HF's Qwen-VL processors: 1 at image tokens, else 0
@@ -94,7 +99,8 @@ class ComposedProcessor:
             pieces = text.split(self.image_token)
             out = pieces[0]
             for piece in pieces[1:]:
-                out += self.image_token * next(counts) + piece
+                start, end = self.image_wrap
+                out += start + self.image_token * next(counts) + end + piece
             expanded.append(out)
         return expanded
 
@@ -113,6 +119,26 @@ class ComposedProcessor:
         self.image_processor.save_pretrained(folder)
         if self.chat_template is not None:
             (folder / "chat_template.jinja").write_text(self.chat_template)
+
+
+def load_parts(path: str | Path, image_processor_class: type, family: str,
+               **kwargs: Any) -> tuple[Any, Any]:
+    """A checkpoint's tokenizer (``AutoTokenizer``) and its image processor of
+    ``image_processor_class``; raises saying which piece is missing (a model without them is
+    unusable for ``prepare``)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: no usable tokenizer ({error}); a {family} checkpoint needs "
+                         "tokenizer.json / tokenizer_config.json") from error
+    try:
+        image_processor = image_processor_class.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: no usable image processor ({error}); a {family} checkpoint "
+                         "needs preprocessor_config.json") from error
+    return tokenizer, image_processor
 
 
 def read_chat_template(name_or_path: str, tokenizer: Any = None) -> str | None:

@@ -1,6 +1,6 @@
 """Prompt templates: the paper's Vicuna v1 prompt, the Llama-3 chat prompt, the Qwen chat
-prompt of LLaVA-OneVision, the Qwen-VL and Qwen3-VL chat prompts, Gemma 3's, PaliGemma's and
-SmolVLM's."""
+prompt of LLaVA-OneVision, the Qwen-VL, Qwen3-VL and InternVL 3 chat prompts, Gemma 3's,
+PaliGemma's and SmolVLM's."""
 
 from __future__ import annotations
 
@@ -89,6 +89,14 @@ QWEN3_VL = PromptTemplate(
 """Qwen3-VL's chat template (no default system prompt) for one image and the paper's
 instruction."""
 
+INTERNVL = PromptTemplate(
+    "internvl",
+    "<|im_start|>user\n<image>\n{question}\nAnswer the question using a single word or "
+    "phrase.<|im_end|>\n<|im_start|>assistant\n",
+)
+"""InternVL 3's chat template (``-hf`` checkpoints: no default system prompt; the processor
+expands ``<image>``, its ``<IMG_CONTEXT>``, to ``<img>`` + one token per tile's token +
+``</img>``) for one image and the paper's instruction."""
 IDEFICS3 = PromptTemplate(
     "idefics3",
     "<|im_start|>User:<image>{question}\nAnswer the question using a single word or phrase."
@@ -131,8 +139,8 @@ PALIGEMMA = PromptTemplate("paligemma", "<image><bos>answer en {question}\n")
 ``answer en`` and the question, ended by a newline; the whole prompt is the prefix that
 attends both ways."""
 
-TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL, QWEN3_VL, GEMMA3,
-                                 PALIGEMMA, IDEFICS3,
+TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL, QWEN3_VL, INTERNVL,
+                                 GEMMA3, PALIGEMMA, IDEFICS3,
                                  VICUNA_V1_PAPER, LLAMA3_PAPER)}
 
 

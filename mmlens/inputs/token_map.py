@@ -25,8 +25,9 @@ pixels go), and its own box is the union of its patches' boxes.
 One module per layout, each an ``ImageLayout``: ``layouts.grid`` (a square crop, with or
 without a class token: LLaVA-1.5), ``layouts.anyres`` (base tile, tiles, newlines and the
 anyres-max downscale: LLaVA-NeXT / OneVision), ``layouts.merged`` (merged cells of a dynamic
-resolution: Qwen-VL). A new layout (pixel shuffle with tiles and a thumbnail, cross-attention
-towers) adds a module and its token kinds; the consumers above need no change.
+resolution: Qwen-VL), ``layouts.tiles`` (dynamic tiles plus a thumbnail, 2x2 pixel shuffle:
+InternVL). A new layout (cross-attention towers) adds a module and its token kinds; the
+consumers above need no change.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ KINDS: tuple[str, ...] = ("cell", "class", "base", "tile", "newline", "merged", 
                           "separator")
 """Token kinds: ``cell`` a patch feature of a single crop, ``class`` a class-token feature,
 ``base`` / ``tile`` a feature of an anyres base / high-resolution tile, ``newline`` a learned
-row end, ``merged`` a cell of merged patches; ``thumbnail`` / ``separator`` are kept for the
-coming layouts (pixel shuffle with a thumbnail tile, learned separators)."""
+row end, ``merged`` a cell of merged patches, ``thumbnail`` a feature of the whole image squashed to
+one tile (InternVL); ``separator`` is kept for a coming layout (learned separators)."""
 
 CornerBox = tuple[Rational, Rational, Rational, Rational]
 """A box as exact half-open corners ``(x0, y0, x1, y1)``: it covers ``[x0, x1) x [y0, y1)``

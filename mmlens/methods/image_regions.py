@@ -8,10 +8,10 @@ A token's grid is the one it was cut from: LLaVA-1.5's ``grid x grid`` patches, 
 pooled cells, PaliGemma's patches (tile 0, from the family's image-token map);
 LLaVA-NeXT / OneVision's base tile (tile 0) and the packed high-resolution feature grid of
 all the tiles (tile 1; newline tokens belong to no region); Qwen-VL's merged cells of the
-resized image (tile 0); Idefics3's tiles, then its global view (tile ``rows * cols``), from
-the image-token map. Pixel boxes are half-open ``(x0, y0, x1, y1)`` in pixels of the
-original image, clipped to it, from the geometry ``prepare`` maps object boxes with
-(``mmlens.inputs.geometry``, ``anyres_spans``, ``qwen_geometry``).
+resized image (tile 0); InternVL's and Idefics3's tiles, then the thumbnail / global view,
+each its own grid, from the image-token map. Pixel boxes are half-open ``(x0, y0, x1, y1)``
+in pixels of the original image, clipped to it, from the geometry ``prepare`` maps object
+boxes with (``mmlens.inputs.geometry``, ``anyres_spans``, ``qwen_geometry``).
 """
 
 from __future__ import annotations
@@ -81,6 +81,10 @@ def image_token_cells(model: Any, batch: Any, example: int, image_size: SizeOrPa
     image = batch.positions("image", example)
     geometry = model.family.fixed_preprocessing  # the family says how its processor tiles
     if geometry == "anyres":
+        from mmlens.inputs.layouts.anyres import AnyresLayout
+
+        if not isinstance(model.family.image_layout(model), AnyresLayout):  # another tiling
+            return _map_cells(model, image, size, mode)
         return _anyres_cells(model, image, size, mode)
     if geometry == "dynamic":
         return _qwen_cells(model, batch, example, image, size)

@@ -90,6 +90,40 @@ class QwenVisionConfig:
 
 
 @dataclass
+class InternVisionConfig:
+    """InternViT: ``n_layers`` counts the blocks the selected feature needs; ``final_norm``:
+    the tower's last LayerNorm applies to the features (HF: ``use_mean_pooling=False`` with
+    the last layer selected)."""
+
+    d_model: int
+    n_heads: int
+    d_mlp: int
+    n_layers: int
+    image_size: int
+    patch_size: int
+    n_channels: int = 3
+    eps: float = 1e-6
+    act_fn: str = "gelu"
+    rms_norm: bool = False
+    qkv_bias: bool = True
+    final_norm: bool = False
+    shuffle_scale: float = 0.5
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def grid(self) -> int:
+        """Patches along a tile's side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return int(self.grid * self.shuffle_scale) ** 2
+
+
+@dataclass
 class ShuffleVisionConfig:
     """The Idefics3 vision tower: square ``image_size`` tiles of ``patch_size`` patches, every
     block kept, and the connector's ``scale_factor`` (patches folded per side into a token)."""
@@ -178,7 +212,7 @@ class MultimodalConfig:
     """
 
     model_type: str
-    vision: VisionConfig | QwenVisionConfig | ShuffleVisionConfig
+    vision: VisionConfig | QwenVisionConfig | InternVisionConfig | ShuffleVisionConfig
     text: LanguageConfig
     image_token_id: int
     feature_layers: list[int]

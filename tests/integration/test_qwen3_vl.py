@@ -5,6 +5,7 @@ knockout equals HF eager with an edited mask; lens, generate, bf16, resuming."""
 
 import pytest
 import torch
+from hf_reference import hf_knockout_logits, hf_run
 
 from mmlens import HookedMultimodalTransformer
 from mmlens.core.errors import MMLensError
@@ -60,23 +61,7 @@ def model(hf):
 
 
 def _hf_run(hf, inputs):
-    """HF's logits, vision block outputs, decoder layer inputs and outputs, DeepStack features."""
-    seen = {"vision": [], "pre": [], "post": []}
-    handles = [b.register_forward_hook(lambda m, a, out: seen["vision"].append(out))
-               for b in hf.model.visual.blocks]
-    for layer in hf.model.language_model.layers:
-        handles.append(layer.register_forward_pre_hook(
-            lambda m, args, kwargs: seen["pre"].append(args[0] if args else
-                                                       kwargs["hidden_states"]),
-            with_kwargs=True))
-        handles.append(layer.register_forward_hook(lambda m, a, out: seen["post"].append(out)))
-    try:
-        with torch.no_grad():
-            out = hf(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return out, seen
+    return hf_run(hf, inputs, hf.model.visual.blocks)
 
 
 @pytest.mark.parametrize("batch", list(BATCHES))
@@ -160,24 +145,7 @@ def test_knockout_equals_hf_eager_with_an_edited_mask(hf, model):
     layers, n = [0, 2], inputs["input_ids"].shape[0]
     images = [torch.nonzero(row == IMAGE)[:, 0] for row in inputs["input_ids"]]
     last = inputs["input_ids"].shape[1] - 1
-
-    def edit(module, args, kwargs):
-        mask = kwargs["attention_mask"]
-        q_len = kwargs["hidden_states"].shape[1]
-        mask = mask.expand(n, model.cfg.n_heads, q_len, q_len).clone()
-        for i, image in enumerate(images):
-            mask[i, :, last, image] = torch.finfo(mask.dtype).min
-        kwargs["attention_mask"] = mask
-        return args, kwargs
-
-    handles = [hf.model.language_model.layers[layer].self_attn.register_forward_pre_hook(
-        edit, with_kwargs=True) for layer in layers]
-    try:
-        with torch.no_grad():
-            reference = hf(**inputs).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+    reference = hf_knockout_logits(hf, inputs, layers, images, last, model.cfg.n_heads)
     hooks = block_attention(images, [torch.tensor([last])] * n, layers)
     with torch.no_grad():
         ours = model.run_with_hooks(inputs["input_ids"], inputs["pixel_values"],

@@ -63,6 +63,15 @@ def _qwen(family):
     return tiny_qwen_config(family), processor
 
 
+def _internvl():
+    from mmlens.zoo.tiny import internvl
+
+    hf_config = internvl.hf_config()
+    processor = internvl.processor(hf_config).image_processor
+    processor.resample = NEAREST
+    return hf_config, processor
+
+
 def _zoo(family):
     """A family's tiny HF config and image processor from ``mmlens.zoo.tiny``."""
     module = tiny_module(family)
@@ -92,6 +101,9 @@ CASES = [
                                         ((32, 32), None, (0, 0, 2, 2))]),
     ("qwen2_vl", lambda: _qwen("qwen2_vl"), 0, [((40, 24), None, (6, 2, 10, 12))]),
     ("qwen2_5_vl", lambda: _qwen("qwen2_5_vl"), 0, [((24, 48), None, (12, 30, 8, 8))]),
+    ("internvl", _internvl, 1, [((40, 20), None, (10, 4, 12, 8)),
+                                ((20, 36), "pad", (2, 6, 8, 10)), ((30, 30), None, (4, 4, 6, 6)),
+                                ((16, 16), None, (2, 2, 4, 4))]),
     # Gemma 3: each token pools 2x2 patches; PaliGemma: one token a patch, no class token
     ("gemma3", lambda: _zoo("gemma3"), 0, [((64, 48), "resize", (10, 6, 20, 16)),
                                            ((40, 40), "resize", (0, 0, 8, 8))]),
@@ -136,8 +148,9 @@ def _patch(pixels, ref, offset, patch):
 def _family_case(name, build):
     """The case's image processor, its family's layout and the tower's patch side."""
     hf_config, image_processor = build()
+    patch = hf_config.vision_config.patch_size  # InternViT's is (height, width)
     return (image_processor, _layout(name, hf_config, image_processor),
-            hf_config.vision_config.patch_size)
+            patch[0] if isinstance(patch, (tuple, list)) else patch)
 
 
 @every_family

@@ -13,6 +13,7 @@ from mmlens.model.config import MultimodalConfig
 from mmlens.model.families.base import Family
 from mmlens.model.families.gemma3 import Gemma3Family
 from mmlens.model.families.idefics3 import Idefics3Family, SmolVLMFamily
+from mmlens.model.families.internvl import InternVLFamily
 from mmlens.model.families.llava import LlavaFamily
 from mmlens.model.families.llava_next import LlavaNextFamily
 from mmlens.model.families.onevision import LlavaOnevisionFamily
@@ -31,8 +32,8 @@ def register(family: Family) -> Family:
 
 
 for _family in (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), QwenVLFamily(),
-                Qwen25VLFamily(), Qwen3VLFamily(), Gemma3Family(), PaliGemmaFamily(),
-                Idefics3Family(), SmolVLMFamily()):
+                Qwen25VLFamily(), Qwen3VLFamily(), InternVLFamily(), Gemma3Family(),
+                PaliGemmaFamily(), Idefics3Family(), SmolVLMFamily()):
     register(_family)
 
 
@@ -62,7 +63,7 @@ def family_for(model_type: str | None) -> Family:
     return family
 
 
-__all__ = ["FAMILIES", "Family", "Gemma3Family", "Idefics3Family", "LlavaFamily",
-           "LlavaNextFamily", "LlavaOnevisionFamily", "PaliGemmaFamily", "Qwen25VLFamily",
-           "Qwen3VLFamily", "QwenVLFamily", "SmolVLMFamily", "family_for", "from_hf_config",
-           "register", "supported_families"]
+__all__ = ["FAMILIES", "Family", "Gemma3Family", "Idefics3Family", "InternVLFamily",
+           "LlavaFamily", "LlavaNextFamily", "LlavaOnevisionFamily", "PaliGemmaFamily",
+           "Qwen25VLFamily", "Qwen3VLFamily", "QwenVLFamily", "SmolVLMFamily", "family_for",
+           "from_hf_config", "register", "supported_families"]

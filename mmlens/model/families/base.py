@@ -231,6 +231,11 @@ class Family:
         """One prompt's processor ``pixel_values`` -> one tensor per image (images first)."""
         return list(pixel_values.split(1))
 
+    def processor_sizes(self, model: Any, out: Any) -> Tensor | None:
+        """One prompt's per-image geometry from the processor's outputs (its
+        ``image_sizes_key``), what ``split_pixel_values`` and the forward read."""
+        return out.get(self.image_sizes_key)
+
     def stack_pixel_values(self, pixel_values: Sequence[Tensor]) -> Tensor:
         """The per-image ``pixel_values`` (``split_pixel_values``) -> one batch tensor."""
         return torch.cat(list(pixel_values))

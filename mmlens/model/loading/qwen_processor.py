@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmlens.inputs.processor import ComposedProcessor, read_chat_template
+from mmlens.inputs.processor import ComposedProcessor, load_parts, read_chat_template
 
 IMAGE_TOKEN = "<|image_pad|>"
 
@@ -44,16 +44,7 @@ def load_qwen_processor(path: str | Path, **kwargs: Any) -> ComposedProcessor:
     Raises when the tokenizer or the image processor cannot be loaded: the model is then
     unusable for ``prepare``, and the error says which piece is missing.
     """
-    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+    from transformers import Qwen2VLImageProcessorPil
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: no usable tokenizer ({error}); a Qwen-VL checkpoint needs "
-                         "tokenizer.json / tokenizer_config.json") from error
-    try:
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: no usable image processor ({error}); a Qwen-VL checkpoint "
-                         "needs preprocessor_config.json") from error
+    tokenizer, image_processor = load_parts(path, Qwen2VLImageProcessorPil, "Qwen-VL", **kwargs)
     return qwen_processor(tokenizer, image_processor, read_chat_template(str(path), tokenizer))
