@@ -58,7 +58,7 @@ def test_linear_estimate_is_the_mask_logit_derivative(run, flow):
 
         name = f"blocks.{layer}.attn.hook_attn_scores"
 
-        def central(step):
+        def central(step, name=name, shift=shift):
             up = value(model, batch, metric, [(name, lambda s, hook: shift(s, hook, step))])
             down = value(model, batch, metric, [(name, lambda s, hook: shift(s, hook, -step))])
             return (up - down) / (2 * step)
