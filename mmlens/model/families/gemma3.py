@@ -71,6 +71,22 @@ def gemma3_processor(tokenizer: Any, image_processor: Any, hf_config: Any,
         image_token=tokenizer.convert_ids_to_tokens(hf_config.image_token_id))
 
 
+
+def siglip_config(vc: Any) -> Any:
+    """The SigLIP tower's config (no class token; every layer runs): Gemma 3's and PaliGemma's."""
+    return dataclasses.replace(clip_vision_config(vc, [vc.num_hidden_layers]),
+                               has_class_token=False)
+
+
+def convert_siglip_post_norm(state: dict[str, Tensor], cfg: MultimodalConfig
+                             ) -> dict[str, Tensor]:
+    """SigLIP's weights with its final ``post_layernorm`` (``vision.ln_post``)."""
+    vision = convert_siglip_vision(state, cfg)
+    v = find_prefix(state, "model.vision_tower.vision_model.", "model.vision_tower.")
+    vision["vision.ln_post.w"] = take(state, v + "post_layernorm.weight")
+    vision["vision.ln_post.b"] = take(state, v + "post_layernorm.bias")
+    return vision
+
 class Gemma3Family(LlavaFamily):
     name = "gemma3"
     model_types = ("gemma3",)
@@ -86,8 +102,7 @@ class Gemma3Family(LlavaFamily):
         if vc.model_type != "siglip_vision_model":
             raise MMLensError(f"vision tower {vc.model_type!r} is not supported for Gemma 3: "
                               "mmlens supports siglip_vision_model")
-        vision = dataclasses.replace(clip_vision_config(vc, [vc.num_hidden_layers]),
-                                     has_class_token=False)
+        vision = siglip_config(vc)
         return MultimodalConfig(
             model_type="gemma3", vision=vision, text=gemma3_text(hf_config.text_config),
             image_token_id=hf_config.image_token_id, feature_layers=[vc.num_hidden_layers],
@@ -96,10 +111,7 @@ class Gemma3Family(LlavaFamily):
 
     def convert_state_dict(self, state: dict[str, Tensor],
                            cfg: MultimodalConfig) -> dict[str, Tensor]:
-        vision = convert_siglip_vision(state, cfg)
-        v = find_prefix(state, "model.vision_tower.vision_model.", "model.vision_tower.")
-        vision["vision.ln_post.w"] = take(state, v + "post_layernorm.weight")
-        vision["vision.ln_post.b"] = take(state, v + "post_layernorm.bias")
+        vision = convert_siglip_post_norm(state, cfg)
         p = find_prefix(state, "model.multi_modal_projector.")
         projector = {"projector.W": take(state, p + "mm_input_projection_weight"),
                      "projector.norm.w": take(state, p + "mm_soft_emb_norm.weight")}

@@ -20,7 +20,6 @@ Prompts are HF's form ``<image> * n + <bos> + prompt + "\\n"`` (``templates.PALI
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -31,10 +30,8 @@ from mmlens.inputs.layouts.grid import GridLayout
 from mmlens.inputs.processor import ComposedProcessor
 from mmlens.model.components.projector import LinearProjector
 from mmlens.model.config import MultimodalConfig
-from mmlens.model.families.gemma3 import Gemma3Family
+from mmlens.model.families.gemma3 import Gemma3Family, convert_siglip_post_norm, siglip_config
 from mmlens.model.families.gemma_text import convert_gemma_language, gemma_masks, gemma_text_config
-from mmlens.model.families.llava import clip_vision_config
-from mmlens.model.families.onevision import convert_siglip_vision
 from mmlens.model.kv_cache import KeyValueCache
 from mmlens.model.language import positions_from_mask
 from mmlens.model.loading.convert import find_prefix, take
@@ -71,8 +68,7 @@ class PaliGemmaFamily(Gemma3Family):
         if tc.model_type not in ("gemma", "gemma2"):
             raise MMLensError(f"text model {tc.model_type!r} is not supported for PaliGemma: "
                               "mmlens supports gemma and gemma2")
-        vision = dataclasses.replace(clip_vision_config(vc, [vc.num_hidden_layers]),
-                                     has_class_token=False)
+        vision = siglip_config(vc)
         return MultimodalConfig(
             model_type="paligemma", vision=vision, text=gemma_text_config(tc),
             image_token_id=hf_config.image_token_id, feature_layers=[vc.num_hidden_layers],
@@ -81,10 +77,7 @@ class PaliGemmaFamily(Gemma3Family):
 
     def convert_state_dict(self, state: dict[str, Tensor],
                            cfg: MultimodalConfig) -> dict[str, Tensor]:
-        vision = convert_siglip_vision(state, cfg)
-        v = find_prefix(state, "model.vision_tower.vision_model.", "model.vision_tower.")
-        vision["vision.ln_post.w"] = take(state, v + "post_layernorm.weight")
-        vision["vision.ln_post.b"] = take(state, v + "post_layernorm.bias")
+        vision = convert_siglip_post_norm(state, cfg)
         p = find_prefix(state, "model.multi_modal_projector.")
         projector = {"projector.weight": take(state, p + "linear.weight"),
                      "projector.bias": take(state, p + "linear.bias")}
