@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import statistics
 import threading
@@ -159,3 +160,19 @@ def sweep_speedup(model: object, batch: object, flows: tuple[str, ...], naive_la
           f"window {window}); naive ran {len(chosen)}, time extrapolated")
     print(f"  fast {fast_s:.2f} s/example, naive {naive_s:.2f} s/example, speed-up "
           f"{naive_s / fast_s:.1f}x, max |p_block fast - naive| {gap:.1e}")
+
+
+def family_bench_args(doc: str | None) -> tuple[argparse.Namespace, torch.dtype]:
+    """The options every family benchmark takes (device, dtype, real shapes, the naive path's
+    layers, threads), parsed, with the thread count applied and the dtype resolved."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--real-shapes", action="store_true")
+    parser.add_argument("--naive-layers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args, getattr(torch, args.dtype)
+

@@ -14,11 +14,10 @@ a 12-token question. ``--real-shapes`` uses InternVL3-1B's widths and depths.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
-from _common import measure, sweep_speedup, timed
+from _common import family_bench_args, measure, sweep_speedup, timed
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from mmlens import HookedMultimodalTransformer
@@ -68,16 +67,7 @@ def layout(device: str, dtype: torch.dtype) -> MultimodalBatch:
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--real-shapes", action="store_true")
-    parser.add_argument("--naive-layers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    args, dtype = family_bench_args(__doc__)
     torch.manual_seed(0)
     hf = InternVLForConditionalGeneration(config(args.real_shapes)).to(args.device, dtype).eval()
     model = HookedMultimodalTransformer.from_hf_model(hf).eval()

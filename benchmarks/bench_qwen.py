@@ -11,10 +11,8 @@ system prompt and a 12-token question. ``--real-shapes`` uses Qwen2.5-VL-7B's wi
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from _common import sweep_speedup, timed
+from _common import family_bench_args, sweep_speedup, timed
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from mmlens import HookedMultimodalTransformer
@@ -61,16 +59,7 @@ def layout(device: str, dtype: torch.dtype, *, patch: int = 14, before: int = BE
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--real-shapes", action="store_true")
-    parser.add_argument("--naive-layers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    args, dtype = family_bench_args(__doc__)
     torch.manual_seed(0)
     hf = Qwen2_5_VLForConditionalGeneration(config(args.real_shapes)).to(args.device, dtype)
     hf.eval()
