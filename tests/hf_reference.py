@@ -9,13 +9,14 @@ from collections.abc import Sequence
 import torch
 
 
-def hf_run(hf, inputs: dict, vision_layers: Sequence[torch.nn.Module]) -> tuple[object, dict]:
+def hf_run(hf, inputs: dict, vision_layers: Sequence[torch.nn.Module],
+           decoder_layers: Sequence[torch.nn.Module] | None = None) -> tuple[object, dict]:
     """HF's output, the outputs of ``vision_layers`` and every decoder layer's input and
-    output, in call order."""
+    output, in call order (``decoder_layers``: default ``hf.model.language_model.layers``)."""
     seen = {"vision": [], "pre": [], "post": []}
     handles = [b.register_forward_hook(lambda m, a, out: seen["vision"].append(out))
                for b in vision_layers]
-    for layer in hf.model.language_model.layers:
+    for layer in hf.model.language_model.layers if decoder_layers is None else decoder_layers:
         handles.append(layer.register_forward_pre_hook(
             lambda m, args, kwargs: seen["pre"].append(args[0] if args else
                                                        kwargs["hidden_states"]),

@@ -6,6 +6,7 @@ every image-side hook on the data path; configs and pixels it cannot run are ref
 
 import pytest
 import torch
+from hf_reference import hf_run
 from PIL import Image
 
 from mmlens import HookedMultimodalTransformer
@@ -63,22 +64,7 @@ def model(hf, processor):
 
 def _hf_run(hf, inputs):
     """HF's logits, vision block outputs, decoder layer inputs and outputs."""
-    seen = {"vision": [], "pre": [], "post": []}
-    handles = [b.register_forward_hook(lambda m, a, out: seen["vision"].append(out))
-               for b in hf.model.vision_model.encoder.layers]
-    for layer in hf.model.text_model.layers:
-        handles.append(layer.register_forward_pre_hook(
-            lambda m, args, kwargs: seen["pre"].append(args[0] if args else
-                                                       kwargs["hidden_states"]),
-            with_kwargs=True))
-        handles.append(layer.register_forward_hook(lambda m, a, out: seen["post"].append(out)))
-    try:
-        with torch.no_grad():
-            out = hf(**inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return out, seen
+    return hf_run(hf, inputs, hf.model.vision_model.encoder.layers, hf.model.text_model.layers)
 
 
 def _check_parity(hf, model, inputs):
