@@ -10,6 +10,8 @@
     torchrun --nproc-per-node 4 -m mmlens.cli flow --device cuda ...   # data parallel
     mmlens report runs/small                     # rebuild report.html from the saved tables
     mmlens hooks --model shapes-llava            # every hook point and its shape
+    mmlens tuned-lens --model shapes-llava --out lenses/shapes-llava --steps 300
+    mmlens flow --tuned-lens lenses/shapes-llava # emergence gains the tuned reading
 """
 
 from __future__ import annotations
@@ -154,10 +156,25 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--break-lock", action="store_true", help=BREAK_LOCK_HELP)
     report = commands.add_parser("report", help="rebuild report.html from a run's tables")
     report.add_argument("dir", help="output folder of `mmlens flow`")
+    lens = commands.add_parser("tuned-lens", help="train a tuned lens on shapes questions "
+                               "(for flow --tuned-lens)")
+    lens.add_argument("--model", default=DEFAULT_MODEL)
+    lens.add_argument("--out", required=True, help="folder for tuned_lens.safetensors/.json")
+    lens.add_argument("--steps", type=int, default=300, help="Adam steps (default 300)")
+    lens.add_argument("--per-task", type=int, default=20,
+                      help="shapes questions per task to train on (default 20)")
+    lens.add_argument("--seed", type=int, default=0, help="data and training seed")
+    lens.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    lens.add_argument("--device", default=None)
+    lens.add_argument("--dtype", default=None)
     hooks = commands.add_parser("hooks", help="list hook names and activation shapes")
     hooks.add_argument("--model", default=DEFAULT_MODEL)
     hooks.add_argument("--device", default=None)
     return parser
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(1, len(values))
 
 
 def _batch_size(value: str) -> int | str:
@@ -267,6 +284,18 @@ def main(argv: list[str] | None = None) -> int:
             from mmlens.experiments.report import build_report
 
             print(f"report written to {build_report(args.dir)}")
+        elif args.command == "tuned-lens":
+            from mmlens.experiments.lens_training import make_tuned_lens
+            from mmlens.experiments.study import check_device
+
+            check_device(args.device)
+            folder, kl = make_tuned_lens(args.model, args.out, steps=args.steps,
+                                         per_task=args.per_task, seed=args.seed, lr=args.lr,
+                                         device=args.device, dtype=args.dtype)
+            inner = slice(0, -1)  # the last layer through the final norm is the output itself
+            print(f"tuned lens written to {folder}: held-out KL to the final layer, mean over "
+                  f"layers -1..L-2, {_mean(kl['tuned'][inner]):.4f} (logit lens "
+                  f"{_mean(kl['logit'][inner]):.4f})")
         else:
             from mmlens.experiments.study import check_device, hook_shapes
             from mmlens.model.hooked import HookedMultimodalTransformer
