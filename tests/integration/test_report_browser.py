@@ -126,9 +126,9 @@ def test_picking_a_flow_moves_the_map_to_its_window_and_draws_its_curve(run):
             if browser.run(PLOT_READY, "view-0-curve"):
                 break
         before = browser.run(CURVE, "view-0")
-        browser.click(".words[data-plot='view-0'] .word[data-index='%d']" % word)
+        browser.click(f".words[data-plot='view-0'] .word[data-index='{word}']")
         first = browser.run(CURVE, "view-0")
-        browser.click(".words[data-plot='view-0'] .flow[data-flow='%d']" % pick)
+        browser.click(f".words[data-plot='view-0'] .flow[data-flow='{pick}']")
         after = browser.run(CURVE, "view-0")
     states = {0: (before, first), pick: (after, after)}
     for index, (curve_state, map_state) in states.items():
