@@ -267,6 +267,9 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
     hooked = HookedMultimodalTransformer.from_pretrained(model, dtype=dtype, device=device,
                                                          device_map=device_map)
     lens = None if tuned_lens is None else load_tuned_lens(tuned_lens, hooked)
+    if lens is not None and hooked.tokenizer is None:
+        raise MMLensError(f"--tuned-lens adds a reading to answer emergence, which tracks answer "
+                          f"words: {model} has no tokenizer; drop --tuned-lens")
     on_cpu = hooked.embed.W_E.device.type == "cpu"
     if threads is None and on_cpu and hooked.cfg.d_model <= SMALL_WIDTH:
         threads = 1
