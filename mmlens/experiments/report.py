@@ -143,11 +143,16 @@ def _emergence_figures(emergence: pd.DataFrame) -> list:
             figures.append((title, explain + emergence_caption(rows),
                             lens_trajectories(rows, title=title, by="label",
                                               xaxis_title=AXES.get(reading, "layer"))))
-    both = labelled[labelled["reading"].isin(["final_norm", "tuned"])
-                    & (labelled["variant"] == "lower")]
-    if set(both["reading"]) == {"final_norm", "tuned"}:
+    lenses = labelled[labelled["reading"].isin(list(LENSES))]
+    if set(lenses["reading"]) == set(LENSES):
+        # the answer in the form the model gives: the likelier one at the output
+        output = lenses[(lenses["reading"] == "final_norm")
+                        & (lenses["layer"] == lenses["layer"].max())
+                        & lenses["variant"].isin(["lower", "capitalised"])]
+        variant = output.groupby("variant")["prob"].mean().idxmax()
+        both = lenses[lenses["variant"] == variant]
         title = "Answer emergence: the tuned lens beside the logit lens"
-        figures.append((title, lens_comparison_caption(both),
+        figures.append((title, lens_comparison_caption(both, VARIANT_LABELS[variant]),
                         lens_trajectories(both.assign(label=both["reading"].map(LENSES)),
                                           title=title, by="label")))
     paper = labelled[labelled["reading"] == "paper"]
