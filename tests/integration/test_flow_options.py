@@ -2,7 +2,8 @@
 by the command is the one the study reads (its tuned emergence rows equal answer_emergence
 with that lens), its digest is in run.json and the signature (another lens, or none, refuses
 a resume naming it; a lens for another model is refused); the word maps change no row, so a
-resume may switch them, and the report says when they were not computed."""
+resume may switch them, and the report says when they were not computed; every map and curve
+in the views equals causal_map and flow.csv computed independently."""
 
 import json
 
@@ -17,6 +18,8 @@ from mmlens.data.shapes import generate_per_task
 from mmlens.experiments import sweep
 from mmlens.experiments.emergence import answer_emergence
 from mmlens.experiments.word_picker import NOT_COMPUTED
+from mmlens.inputs.prepare import prepare
+from mmlens.methods import causal_map, window_layers
 from mmlens.methods.tuned_lens import TunedLens, load_tuned_lens
 from mmlens.zoo.build import build_config, build_processor
 
@@ -119,3 +122,36 @@ def test_word_maps_can_be_skipped_and_added_on_resume(model_dir, tmp_path, monke
     assert view["word_maps"] and "word_maps_skipped" not in view
     assert json.loads((out / "run.json").read_text())["word_maps"] is True
     assert NOT_COMPUTED.replace("'", "&#x27;") not in (out / "report.html").read_text()
+    check_every_map_and_curve(model_dir, out, rows)
+
+
+def check_every_map_and_curve(model_dir, out, table):
+    """Each flow's curve is the example's rows of flow.csv, its window centred at their
+    minimum; each word's map in each window equals causal_map over the view's grid."""
+    view = json.loads((out / "views.json").read_text())[0]
+    window = json.loads((out / "run.json").read_text())["window"]
+    mine = table[table["example_id"].astype(str) == view["example_id"]]
+    names = [name for name in dict.fromkeys(table["flow"]) if not name.startswith("random_")]
+    assert [flow["name"] for flow in view["flows"]] == names
+    windows = []
+    for flow in view["flows"]:
+        rows = mine[mine["flow"] == flow["name"]].sort_values("layer")
+        assert flow["centres"] == rows["layer"].tolist()
+        assert flow["values"] == pytest.approx(rows["rel_change"].tolist(), abs=1e-6)
+        centre = int(rows.loc[rows["rel_change"].idxmin(), "layer"])
+        assert flow["centre"] == centre and flow["layers"] == window_layers(centre, window, 4)
+        windows += [flow["layers"]] if flow["layers"] not in windows else []
+    model = HookedMultimodalTransformer.from_pretrained(model_dir)
+    record = next(e for e in generate_per_task(1, seed=0, tasks=["QueryAttr"])
+                  if str(e.example_id) == view["example_id"])
+    image = record.load_image()
+    batch = prepare(model, [image], [record.question], boxes=[record.boxes_for(image.size)])
+    maps = view["word_maps"]
+    n_words = len(maps) // len(windows)
+    assert len(maps) == n_words * len(windows) and maps[n_words - 1]["word"] == "last position"
+    for index, entry in enumerate(maps):
+        assert entry["layers"] == windows[index // n_words]
+        dst = "last" if entry["span"] == "last" else [entry["positions"]]
+        frame = causal_map(model, batch, dst=dst, layers=entry["layers"], images=[image])
+        grid = frame[frame["tile"] == 0].sort_values(["row", "col"])
+        assert entry["values"] == pytest.approx(grid["value"].tolist(), abs=2e-6)
