@@ -10,6 +10,8 @@
     torchrun --nproc-per-node 4 -m mmlens.cli flow --device cuda ...   # data parallel
     mmlens report runs/small                     # rebuild report.html from the saved tables
     mmlens hooks --model shapes-llava            # every hook point and its shape
+    mmlens tuned-lens --model shapes-llava --out lenses/shapes-llava --steps 300
+    mmlens flow --tuned-lens lenses/shapes-llava # emergence gains the tuned reading
 """
 
 from __future__ import annotations
@@ -111,6 +113,12 @@ def _parser() -> argparse.ArgumentParser:
                       "folder and arguments to resume")
     flow.add_argument("--quiet", action="store_true", help="no progress bars")
     flow.add_argument("--rescale-boxes", action="store_true", help=RESCALE_HELP)
+    flow.add_argument("--no-word-maps", action="store_true",
+                      help="skip the causal maps of the example views' words (faster; the "
+                      "report says they were not computed)")
+    flow.add_argument("--tuned-lens", default=None, metavar="PATH",
+                      help="a tuned lens saved for this model (mmlens tuned-lens): answer "
+                      "emergence gains its 'tuned' reading")
     flow.add_argument("--shard", type=_shard, default=None, metavar="K/N",
                       help="run only the K-th (from 0) of N disjoint shares of the examples; "
                       "join the shards' folders with `mmlens merge`")
@@ -148,10 +156,25 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--break-lock", action="store_true", help=BREAK_LOCK_HELP)
     report = commands.add_parser("report", help="rebuild report.html from a run's tables")
     report.add_argument("dir", help="output folder of `mmlens flow`")
+    lens = commands.add_parser("tuned-lens", help="train a tuned lens on shapes questions "
+                               "(for flow --tuned-lens)")
+    lens.add_argument("--model", default=DEFAULT_MODEL)
+    lens.add_argument("--out", required=True, help="folder for tuned_lens.safetensors/.json")
+    lens.add_argument("--steps", type=int, default=300, help="Adam steps (default 300)")
+    lens.add_argument("--per-task", type=int, default=20,
+                      help="shapes questions per task to train on (default 20)")
+    lens.add_argument("--seed", type=int, default=0, help="data and training seed")
+    lens.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    lens.add_argument("--device", default=None)
+    lens.add_argument("--dtype", default=None)
     hooks = commands.add_parser("hooks", help="list hook names and activation shapes")
     hooks.add_argument("--model", default=DEFAULT_MODEL)
     hooks.add_argument("--device", default=None)
     return parser
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(1, len(values))
 
 
 def _batch_size(value: str) -> int | str:
@@ -223,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                 max_memory=None if args.max_memory is None else parse_memory(args.max_memory),
                 device_map=_device_map(args.device_map),
                 rescale_boxes=args.rescale_boxes,
-                shard=args.shard, **_settings(args),
+                shard=args.shard, word_maps=not args.no_word_maps,
+                tuned_lens=args.tuned_lens, **_settings(args),
             )
             if main_process:
                 print(f"results in {out}: flow.csv, summary.csv, dropped.csv, emergence.csv, "
@@ -260,6 +284,18 @@ def main(argv: list[str] | None = None) -> int:
             from mmlens.experiments.report import build_report
 
             print(f"report written to {build_report(args.dir)}")
+        elif args.command == "tuned-lens":
+            from mmlens.experiments.lens_training import make_tuned_lens
+            from mmlens.experiments.study import check_device
+
+            check_device(args.device)
+            folder, kl = make_tuned_lens(args.model, args.out, steps=args.steps,
+                                         per_task=args.per_task, seed=args.seed, lr=args.lr,
+                                         device=args.device, dtype=args.dtype)
+            inner = slice(0, -1)  # the last layer through the final norm is the output itself
+            print(f"tuned lens written to {folder}: held-out KL to the final layer, mean over "
+                  f"layers -1..L-2, {_mean(kl['tuned'][inner]):.4f} (logit lens "
+                  f"{_mean(kl['logit'][inner]):.4f})")
         else:
             from mmlens.experiments.study import check_device, hook_shapes
             from mmlens.model.hooked import HookedMultimodalTransformer

@@ -6,9 +6,10 @@
 Figures (plotly, its script inlined once so the file opens offline): flows to the last
 position; image to question; related vs other image patches to the question (each with its
 random control when the run has one); every flow per task; answer emergence per reading and
-per task. Every caption is computed from the tables (``mmlens.experiments.captions``). Under
-each example view, its question's words: clicking one shows its causal map over the image
-(``mmlens.experiments.word_picker``).
+per task (with a tuned lens, its reading beside the logit lens). Every caption is computed
+from the tables (``mmlens.experiments.captions``). Under each example view, its flows and its
+question's words: clicking a word shows its causal map over the image in the picked flow's
+window, beside the example's curve for that flow (``mmlens.experiments.word_picker``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmlens.experiments.captions import VARIANT_LABELS, emergence_caption, flow_caption
+from mmlens.experiments.captions import (
+    LENSES,
+    VARIANT_LABELS,
+    emergence_caption,
+    flow_caption,
+    lens_comparison_caption,
+)
 from mmlens.experiments.controls import control_flow, is_control
 from mmlens.experiments.knockouts import parse_flow
 from mmlens.experiments.runfolder.atomic import write_atomic
@@ -38,6 +45,8 @@ READINGS = {
              "the embeddings; the last layer: the model's output)",
     "final_norm": "with the final norm (the usual logit lens)",
     "no_norm": "after each layer, no norm",
+    "tuned": "through the run's tuned lens (a trained translator per layer, then the final "
+             "norm)",
 }
 AXES = {"paper": "hidden_states index (0: the embeddings, L: the output)"}
 REQUIRED = ("flow.csv", "dropped.csv", "emergence.csv")
@@ -134,6 +143,18 @@ def _emergence_figures(emergence: pd.DataFrame) -> list:
             figures.append((title, explain + emergence_caption(rows),
                             lens_trajectories(rows, title=title, by="label",
                                               xaxis_title=AXES.get(reading, "layer"))))
+    lenses = labelled[labelled["reading"].isin(list(LENSES))]
+    if set(lenses["reading"]) == set(LENSES):
+        # the answer in the form the model gives: the likelier one at the output
+        output = lenses[(lenses["reading"] == "final_norm")
+                        & (lenses["layer"] == lenses["layer"].max())
+                        & lenses["variant"].isin(["lower", "capitalised"])]
+        variant = output.groupby("variant")["prob"].mean().idxmax()
+        both = lenses[lenses["variant"] == variant]
+        title = "Answer emergence: the tuned lens beside the logit lens"
+        figures.append((title, lens_comparison_caption(both, VARIANT_LABELS[variant]),
+                        lens_trajectories(both.assign(label=both["reading"].map(LENSES)),
+                                          title=title, by="label")))
     paper = labelled[labelled["reading"] == "paper"]
     for task, rows in paper.groupby("task", sort=True):
         title = f"Answer emergence, {task} (the paper's reading)"
@@ -159,6 +180,10 @@ def _header(summary: dict, flow: pd.DataFrame, dropped: pd.DataFrame) -> str:
         "empty spans": summary.get("empty_spans"), "metric": summary.get("metric"),
         "control seed": summary.get("control_seed"),
         "filter decodes up to": summary.get("filter_max_new_tokens"),
+        "word maps": {True: "computed", False: "not computed (--no-word-maps)"}.get(
+            summary.get("word_maps")),
+        "tuned lens": summary.get("tuned_lens") and (
+            f"{arguments.get('tuned_lens')} (digest {summary['tuned_lens']})"),
         "seconds": summary.get("seconds"),
     }
     items = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>"

@@ -187,6 +187,8 @@ def run_study(
     control_seed: int | None = None,
     filter_max_new_tokens: int | None = None,
     break_lock: bool = False,
+    word_maps: bool = True,
+    tuned_lens: str | Path | None = None,
     **settings: str | None,
 ) -> Path:
     """Run the information-flow study and write its tables and report into ``out``.
@@ -205,7 +207,10 @@ def run_study(
     from the size the data records (same aspect ratio) gets its boxes rescaled, not refused.
     ``shard=(K, N)``: only the K-th of N disjoint shares of the examples (``mmlens merge``
     joins the shards' folders; each shard needs its own folder). ``break_lock``: take the
-    folder's lock from a run known to be gone (``mmlens.experiments.runfolder.lock``). Under
+    folder's lock from a run known to be gone (``mmlens.experiments.runfolder.lock``).
+    ``word_maps=False``: no causal maps of the example views' words (they change no row of the
+    tables, so a resume may switch them). ``tuned_lens``: a folder saved by ``TunedLens.save``
+    for this model; emergence gains its ``tuned`` reading (its digest joins the signature). Under
     ``torchrun`` the examples are dealt out over the ranks and rank 0 writes the tables and
     report.
     """
@@ -241,7 +246,7 @@ def run_study(
                       max_memory=max_memory, device_map=device_map, rescale_boxes=rescale_boxes,
                       preset=preset, metric=metric, controls=controls,
                       control_seed=control_seed, filter_max_new_tokens=filter_max_new_tokens,
-                      settings=settings)
+                      word_maps=word_maps, tuned_lens=tuned_lens, settings=settings)
     finally:
         lock.release()
         close_ranks(ranks)
@@ -253,12 +258,18 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
            threads: int | None, shard: tuple[int, int] | None, ranks,
            max_memory: int | None, device_map: str | dict | None, rescale_boxes: bool,
            preset: str | None, metric: str, controls: bool, control_seed: int | None,
-           filter_max_new_tokens: int | None, settings: dict[str, Any]) -> Path:
+           filter_max_new_tokens: int | None, word_maps: bool, tuned_lens: str | Path | None,
+           settings: dict[str, Any]) -> Path:
     from mmlens.experiments.report import build_report
+    from mmlens.methods.tuned_lens import load_tuned_lens
     from mmlens.model.hooked import HookedMultimodalTransformer
 
     hooked = HookedMultimodalTransformer.from_pretrained(model, dtype=dtype, device=device,
                                                          device_map=device_map)
+    lens = None if tuned_lens is None else load_tuned_lens(tuned_lens, hooked)
+    if lens is not None and hooked.tokenizer is None:
+        raise MMLensError(f"--tuned-lens adds a reading to answer emergence, which tracks answer "
+                          f"words: {model} has no tokenizer; drop --tuned-lens")
     on_cpu = hooked.embed.W_E.device.type == "cpu"
     if threads is None and on_cpu and hooked.cfg.d_model <= SMALL_WIDTH:
         threads = 1
@@ -273,7 +284,8 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
                  "rescale_boxes": rescale_boxes, "shard": list(shard) if shard else None,
                  "preset": preset, "metric": metric, "controls": controls,
                  "control_seed": control_seed, "filter_max_new_tokens": filter_max_new_tokens,
-                 **settings}
+                 "word_maps": word_maps,
+                 "tuned_lens": None if tuned_lens is None else str(tuned_lens), **settings}
     # The store's signature covers every example, so the shards of one study can be merged.
     mine = examples[shard[0]::shard[1]] if shard is not None else examples
     with torch_threads(threads), warnings.catch_warnings():
@@ -284,7 +296,7 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
             store=out / STORE_NAME, batch_size=batch_size, max_memory=max_memory,
             progress=progress, ranks=ranks, shard=shard, metric=metric, controls=controls,
             seed=seed, control_seed=control_seed, max_new_tokens=filter_max_new_tokens,
-            lens=hooked.tokenizer is not None,
+            lens=hooked.tokenizer is not None, tuned_lens=lens,
         )
         sweep_seconds = round(time.time() - started, 2)
         if not ranks.is_main:
@@ -294,6 +306,8 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
         summary = {
             "arguments": arguments, **frame.attrs["settings"], "metric": metric,
             "controls": controls, **run_provenance(hooked), "window": frame.attrs["window"],
+            "word_maps": word_maps,
+            **({} if lens is None else {"tuned_lens": lens.digest}),
             "n_layers": hooked.cfg.n_layers, "n_examples": len(mine),
             "n_kept": int(frame.example_id.nunique()),
             "n_dropped": int((dropped["flow"] == "all").sum()),
@@ -306,7 +320,8 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
             raise MMLensError(all_dropped_message(dropped, len(mine), out))
         if hooked.processor is not None:
             views = example_views(hooked, mine, frame.attrs["records"],
-                                  resolved.prepare_options(), flow=frame)
+                                  resolved.prepare_options(), flow=frame,
+                                  word_maps=word_maps)
             data = json.dumps(views).encode("utf-8")
             write_atomic(out / "views.json", data)
             digests["views.json"] = hashlib.sha256(data).hexdigest()[:16]
