@@ -58,7 +58,7 @@ def vocabulary() -> list[str]:
     prompt_words = pre_tokenizers.Split(
         Regex(WORD_PATTERN), behavior="removed", invert=True
     ).pre_tokenize_str(PROMPT_TEMPLATE.replace("<image>", "").replace("{question}", ""))
-    answers = {a for task in ANSWERS.values() for a in task}
+    answers = {word for task in ANSWERS.values() for a in task for word in a.split()}
     words = {w for w, _ in prompt_words} | set(QUESTION_WORDS) | answers
     words |= {a.capitalize() for a in answers}
     return [*SPECIAL_TOKENS, *sorted(words)]

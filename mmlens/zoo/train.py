@@ -2,15 +2,22 @@
 
     python -m mmlens.zoo.train --out mmlens/zoo/shapes-llava             # CPU, about 40 minutes
     python -m mmlens.zoo.train --out runs/x --device cuda --workers 8    # GPU
+    python -m mmlens.zoo.train --out runs/d --init-from mmlens/zoo/shapes-llava \
+        --tasks ChooseAttr,ChooseCat,ChooseRel,CompareAttr,LogicalObj,QueryAttr,Describe:3 \
+        --steps 700 --lr 5e-4 --probe-weight 0.3 --threads 1               # fine-tune
 
 Every step draws new examples (index ``step * batch_size + j`` of the training seed) and the
 weights are initialised from ``--seed``, so a run is reproducible. The prompt is the paper's;
-the loss is on the answer tokens (the capitalised answer word and ``</s>``) plus two
-training-only probes (``Probes``) that give the image pathway a dense signal: without them,
-training from scratch stalls where answers come from the question alone. ``--ramp`` optionally
-grows scenes from one object to five over the first part of training. ``--init-from
-model.safetensors --steps 0`` evaluates given weights and saves them in this transformers
-version's format. Needs only torch, transformers, tokenizers, PIL and safetensors from outside
+the loss is on the answer tokens (the capitalised answer, one word or several, and ``</s>``)
+plus two training-only probes (``Probes``) that give the image pathway a dense signal: without
+them, training from scratch stalls where answers come from the question alone. ``--ramp``
+optionally grows scenes from one object to five over the first part of training.
+``--init-from`` starts from saved weights (a model folder or its ``model.safetensors``;
+``--steps 0`` evaluates them and saves them in this transformers version's format).
+``--tasks`` sets the task mix, ``Task:k`` (or a task named k times) drawn k times as
+often; free-form tasks (``Describe``) are also scored by greedy decoding of the whole answer
+(``mmlens.zoo.free_form_eval``). Needs only torch, transformers, tokenizers, PIL and
+safetensors from outside
 mmlens (but ``import mmlens`` itself must work).
 """
 
@@ -32,7 +39,8 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
 
 from mmlens.data.example import TASKS
-from mmlens.data.shapes import ANSWERS, DEFAULT_N_OBJECTS, generate_one
+from mmlens.data.shapes import DEFAULT_N_OBJECTS, generate_one
+from mmlens.data.shapes_questions import ANSWERS, FREE_FORM_TASKS
 from mmlens.zoo.build import (
     CLIP_MEAN,
     CLIP_STD,
@@ -41,17 +49,49 @@ from mmlens.zoo.build import (
     build_processor,
     model_card,
 )
+from mmlens.zoo.free_form_eval import evaluate_free_form
 from mmlens.zoo.probes import IGNORE, Probes, object_labels, patch_labels
 
 TRAIN_SEED, EVAL_SEED = 1000, 2000
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # data loader workers are forked
 
 
+def answer_tokens(tokenizer: PreTrainedTokenizerFast, answer: str) -> list[int]:
+    """Ids of the capitalised answer ("small red circle" -> Small, red, circle), then ``</s>``."""
+    ids = tokenizer(answer.capitalize(), add_special_tokens=False).input_ids
+    if tokenizer.unk_token_id in ids:
+        raise ValueError(f"answer {answer!r} has a word the tokenizer lacks")
+    return [*ids, tokenizer.eos_token_id]
+
+
+def task_slot(tasks: tuple[str, ...], i: int) -> tuple[str, int]:
+    """Item ``i`` of a dataset cycling over ``tasks``: its task and index within that task.
+
+    A task named k times in ``tasks`` takes k of every ``len(tasks)`` items, on distinct indices.
+    """
+    slot, turn = i % len(tasks), i // len(tasks)
+    task = tasks[slot]
+    return task, turn * tasks.count(task) + tasks[:slot].count(task)
+
+
+def task_mix(text: str) -> tuple[str, ...]:
+    """``"A,B:3"`` -> ``("A", "B", "B", "B")``: each task as often as it is to be drawn."""
+    tasks: list[str] = []
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        name, _, count = entry.partition(":")
+        if name not in ANSWERS or (count and not count.isdigit()):
+            raise SystemExit(f"--tasks {entry!r}: use task names ({', '.join(ANSWERS)}), each "
+                             "optionally followed by :k to draw it k times as often")
+        tasks += [name] * int(count or 1)
+    return tuple(tasks)
+
+
 class ShapesQuestions(Dataset):
-    """Item ``i``: example ``i // 6`` of task ``i % 6`` of ``seed``, encoded for LLaVA.
+    """Item ``i``: example of ``task_slot(tasks, i)`` of ``seed``, encoded for LLaVA.
 
     Returns a dict: ``pixels [3, H, W]`` uint8, ``ids`` (the prompt's token ids with the image
-    token expanded), ``answer`` (lowercase), ``patches [n_image, 3]`` (``patch_labels``) and
+    token expanded), ``answer`` (lowercase), ``answer_ids`` (``answer_tokens``),
+    ``patches [n_image, 3]`` (``patch_labels``) and
     ``mentions``: per phrase naming an object, ``(position in ids, shape, color, size, side,
     exists)`` (``object_labels``; attributes ``IGNORE`` for a phrase naming nothing).
     """
@@ -63,9 +103,10 @@ class ShapesQuestions(Dataset):
         size: int,
         n_image: int,
         ramp: int = 0,
+        tasks: tuple[str, ...] = TASKS,
     ):
         self.tokenizer, self.seed, self.size, self.n_image = tokenizer, seed, size, n_image
-        self.ramp = ramp
+        self.ramp, self.tasks = ramp, tuple(tasks)
         self.image_id = tokenizer.convert_tokens_to_ids("<image>")
         self.grid = math.isqrt(n_image)
 
@@ -84,7 +125,7 @@ class ShapesQuestions(Dataset):
         return 10**9
 
     def __getitem__(self, i: int) -> dict:
-        task, index = TASKS[i % len(TASKS)], i // len(TASKS)
+        task, index = task_slot(self.tasks, i)
         example = generate_one(task, index, self.seed, self.size, self.n_objects(i))
         prompt = PROMPT_TEMPLATE.format(question=example.question)
         encoded = self.tokenizer(prompt, return_offsets_mapping=True)
@@ -112,7 +153,9 @@ class ShapesQuestions(Dataset):
         return {
             "pixels": pixels,
             "ids": ids,
+            "task": task,
             "answer": example.answer,
+            "answer_ids": answer_tokens(self.tokenizer, example.answer),
             "patches": patch_labels(example, self.size, self.size // self.grid),
             "mentions": mentions,
         }
@@ -125,23 +168,28 @@ def pixel_values(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.float() / 255 - mean) / std
 
 
-def collate(items: list[dict], pad_id: int, answer_ids: dict[str, int]) -> dict:
-    """Right-padded batch; ``answer_at [B]`` is the position whose next token is the answer.
+def collate(items: list[dict], pad_id: int) -> dict:
+    """Right-padded batch of prompts followed by their answers (teacher forcing).
+
+    ``answer_at [B]`` is the position whose next token is the answer's first, ``answer [B]``
+    that token; ``targets [B, T]`` holds at each answer position the next token (the answer's
+    words, then ``</s>``) and ``IGNORE`` elsewhere.
 
     ``mentions [B, 2, 6]`` holds (position, shape, color, size, side, exists) of each phrase
     of the question that names an object, padded with -1 positions.
     """
     ids = [item["ids"] for item in items]
-    length = max(len(x) for x in ids) + 1
+    length = max(len(item["ids"]) + len(item["answer_ids"]) - 1 for item in items)
     input_ids = torch.full((len(ids), length), pad_id)
     mask = torch.zeros((len(ids), length), dtype=torch.long)
-    answer = torch.tensor([answer_ids[item["answer"]] for item in items])
+    targets = torch.full((len(ids), length), IGNORE)
     mentions = torch.full((len(ids), 2, 6), -1)
     for row, item in enumerate(items):
-        x = item["ids"]
-        input_ids[row, : len(x)] = torch.tensor(x)
-        input_ids[row, len(x)] = answer[row]
-        mask[row, : len(x) + 1] = 1
+        x, answer = item["ids"], item["answer_ids"]
+        sequence = [*x, *answer[:-1]]
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        mask[row, : len(sequence)] = 1
+        targets[row, len(x) - 1 : len(sequence)] = torch.tensor(answer)
         for k, labels in enumerate(item["mentions"]):
             mentions[row, k] = torch.tensor(labels)
     return {
@@ -149,7 +197,8 @@ def collate(items: list[dict], pad_id: int, answer_ids: dict[str, int]) -> dict:
         "input_ids": input_ids,
         "attention_mask": mask,
         "answer_at": torch.tensor([len(x) - 1 for x in ids]),
-        "answer": answer,
+        "answer": torch.tensor([item["answer_ids"][0] for item in items]),
+        "targets": targets,
         "answers": [item["answer"] for item in items],
         "patches": torch.stack([item["patches"] for item in items]),
         "mentions": mentions,
@@ -157,10 +206,11 @@ def collate(items: list[dict], pad_id: int, answer_ids: dict[str, int]) -> dict:
 
 
 def answer_logits(model, batch: dict, device: str, probe_layer: int | None = None):
-    """Logits ``[B, 2, vocab]``: at the answer position and at the answer token.
+    """Logits ``[B, vocab]`` at the answer position (predicting the answer's first token).
 
-    With ``probe_layer``, also returns the projected image tokens ``[B, n_image, d]`` and the
-    residual stream after that language layer ``[B, T, d]``, for the training probes.
+    With ``probe_layer``, returns instead the logits at every position ``[B, T, vocab]``, the
+    projected image tokens ``[B, n_image, d]`` and the residual stream after that language
+    layer ``[B, T, d]``, for the answer loss and the training probes.
     """
     captured = []
     handle = None
@@ -177,40 +227,42 @@ def answer_logits(model, batch: dict, device: str, probe_layer: int | None = Non
     finally:
         if handle is not None:
             handle.remove()
-    at = batch["answer_at"].to(device)
-    rows = torch.arange(len(at), device=device)
-    logits = torch.stack([out.logits[rows, at], out.logits[rows, at + 1]], dim=1)
     if probe_layer is None:
-        return logits
-    return logits, captured[0], out.hidden_states[probe_layer]
+        at = batch["answer_at"].to(device)
+        return out.logits[torch.arange(len(at), device=device), at]
+    return out.logits, captured[0], out.hidden_states[probe_layer]
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, n_per_task: int, device: str, seed: int = EVAL_SEED) -> dict:
-    """Greedy first-token exact match per task on fresh questions of ``seed``."""
+def evaluate(
+    model, tokenizer, n_per_task: int, device: str, seed: int = EVAL_SEED, tasks=TASKS
+) -> dict:
+    """Greedy first-token exact match per one-word task on fresh questions of ``seed``.
+
+    Each free-form task among ``tasks`` adds ``{task}`` (whole answer greedily decoded equals
+    the reference) and ``{task}/word`` (share of reference words decoded at their place).
+    """
     model.eval()
     config = model.config
     n_image = config.image_seq_length
+    one_word = tuple(t for t in dict.fromkeys(tasks) if t not in FREE_FORM_TASKS)
     data = ShapesQuestions(tokenizer, seed, config.vision_config.image_size, n_image)
-    answer_ids = _answer_ids(tokenizer)
-    correct = dict.fromkeys(TASKS, 0)
+    correct = dict.fromkeys(one_word, 0)
     items = [data[i] for i in range(n_per_task * len(TASKS))]
+    items = [item for i, item in enumerate(items) if TASKS[i % len(TASKS)] in one_word]
     for start in range(0, len(items), 64):
         chunk = items[start : start + 64]
-        batch = collate(chunk, tokenizer.pad_token_id, answer_ids)
-        predicted = answer_logits(model, batch, device)[:, 0].argmax(-1).tolist()
-        for offset, token in enumerate(predicted):
-            gold = chunk[offset]["answer"]
-            task = TASKS[(start + offset) % len(TASKS)]
-            correct[task] += tokenizer.decode([token]).strip().lower() == gold
+        batch = collate(chunk, tokenizer.pad_token_id)
+        predicted = answer_logits(model, batch, device).argmax(-1).tolist()
+        for item, token in zip(chunk, predicted, strict=True):
+            correct[item["task"]] += tokenizer.decode([token]).strip().lower() == item["answer"]
+    accuracy = {task: correct[task] / n_per_task for task in one_word}
+    for task in dict.fromkeys(t for t in tasks if t in FREE_FORM_TASKS):
+        free = ShapesQuestions(tokenizer, seed, config.vision_config.image_size, n_image,
+                               tasks=(task,))
+        accuracy.update(evaluate_free_form(model, tokenizer, free, n_per_task, device, task))
     model.train()
-    return {task: correct[task] / n_per_task for task in TASKS}
-
-
-def _answer_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
-    """Gold answer (lowercase) -> id of its capitalised token, the training target."""
-    vocab = tokenizer.get_vocab()
-    return {a: vocab[a.capitalize()] for answers in ANSWERS.values() for a in answers}
+    return accuracy
 
 
 def init_position_embeddings(model: LlavaForConditionalGeneration, std: float) -> None:
@@ -227,6 +279,8 @@ def init_position_embeddings(model: LlavaForConditionalGeneration, std: float) -
 
 def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     processor = build_processor(args.image_size)
     tokenizer = processor.tokenizer
     config = build_config(
@@ -239,18 +293,24 @@ def train(args: argparse.Namespace) -> None:
     model.to(args.device)
     probes.to(args.device)
     if args.init_from:
-        model.load_state_dict(load_file(args.init_from), strict=True)
+        if Path(args.init_from).is_dir():  # a saved model folder, keys as it stores them
+            saved = LlavaForConditionalGeneration.from_pretrained(args.init_from)
+            model.load_state_dict(saved.state_dict(), strict=True)
+        else:
+            model.load_state_dict(load_file(args.init_from), strict=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters on {args.device}", flush=True)
 
-    answer_ids = _answer_ids(tokenizer)
     ramp = int(args.ramp * args.steps * args.batch_size)
-    data = ShapesQuestions(tokenizer, TRAIN_SEED, args.image_size, config.image_seq_length, ramp)
+    tasks = task_mix(args.tasks)
+    data = ShapesQuestions(
+        tokenizer, TRAIN_SEED, args.image_size, config.image_seq_length, ramp, tasks
+    )
     loader = DataLoader(
         data,
         batch_size=args.batch_size,
         num_workers=args.workers,
-        collate_fn=functools.partial(collate, pad_id=tokenizer.pad_token_id, answer_ids=answer_ids),
+        collate_fn=functools.partial(collate, pad_id=tokenizer.pad_token_id),
         sampler=range(args.steps * args.batch_size),
         persistent_workers=args.workers > 0,
     )
@@ -268,14 +328,14 @@ def train(args: argparse.Namespace) -> None:
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    eos = torch.tensor(tokenizer.eos_token_id, device=args.device)
     model.train()
     start, running, steps_done = time.time(), 0.0, 0
     for step, batch in enumerate(loader):
         logits, image_tokens, hidden = answer_logits(model, batch, args.device, probe_layer)
-        answer = batch["answer"].to(args.device)
-        targets = torch.stack([answer, eos.expand_as(answer)], dim=1)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        targets = batch["targets"].to(args.device)
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE
+        )
         probe_loss = probes.loss(image_tokens, hidden, batch)
         optimizer.zero_grad(set_to_none=True)
         (loss + args.probe_weight * probe_loss).backward()
@@ -294,14 +354,16 @@ def train(args: argparse.Namespace) -> None:
             )
         if args.eval_every and (step + 1) % args.eval_every == 0:
             print(
-                "  eval", _fmt(evaluate(model, tokenizer, args.eval_quick, args.device)), flush=True
+                "  eval",
+                _fmt(evaluate(model, tokenizer, args.eval_quick, args.device, tasks=tasks)),
+                flush=True,
             )
             model.save_pretrained(Path(args.out) / "checkpoint")
         if args.max_minutes and time.time() - start > 60 * args.max_minutes:
             print(f"stopped after {step + 1} steps: --max-minutes reached", flush=True)
             break
 
-    accuracy = evaluate(model, tokenizer, args.eval_per_task, args.device)
+    accuracy = evaluate(model, tokenizer, args.eval_per_task, args.device, tasks=tasks)
     print("held-out accuracy", _fmt(accuracy), flush=True)
     args.steps_done = steps_done
     save(model, processor, Path(args.out), accuracy, args, time.time() - start)
@@ -323,6 +385,8 @@ def save(model, processor, out: Path, accuracy: dict, args, seconds: float) -> N
         "batch_size": args.batch_size,
         "lr": args.lr,
         "seed": args.seed,
+        "tasks": args.tasks,
+        "init_from": args.init_from,
         "probe_weight": args.probe_weight,
         "probe_layer": args.probe_layer,
         "device": args.device,
@@ -373,7 +437,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--eval-quick", type=int, default=50, help="questions per task, quick evals"
     )
     parser.add_argument("--log-every", type=int, default=50)
-    parser.add_argument("--init-from", help="start from these weights (model.safetensors)")
+    parser.add_argument(
+        "--init-from", help="start from these weights (a model folder or its model.safetensors)"
+    )
+    parser.add_argument(
+        "--tasks",
+        default=",".join(TASKS),
+        help="comma-separated training tasks; Task:k draws a task k times as often",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser.parse_args(argv)
 
 

@@ -12,7 +12,7 @@ from mmlens.data import TASKS
 from mmlens.data.shapes import COLORS, SHAPES, SIZES, draw_scene, generate_one
 from mmlens.zoo.build import build_processor
 from mmlens.zoo.probes import IGNORE, Probes, object_labels
-from mmlens.zoo.train import ShapesQuestions, _answer_ids, collate
+from mmlens.zoo.train import ShapesQuestions, collate
 
 SIZE, PATCH, N_IMAGE = 112, 14, 64
 WHITE = (255, 255, 255)
@@ -92,7 +92,7 @@ def test_mentions_point_at_the_last_word_of_each_named_phrase(data, tokenizer):
 
 
 def test_probe_loss_is_finite_and_reaches_the_inputs(data, tokenizer):
-    batch = collate([data[i] for i in range(12)], tokenizer.pad_token_id, _answer_ids(tokenizer))
+    batch = collate([data[i] for i in range(12)], tokenizer.pad_token_id)
     torch.manual_seed(0)
     probes = Probes(16, 8)
     image_tokens = torch.randn(12, N_IMAGE, 16, requires_grad=True)
