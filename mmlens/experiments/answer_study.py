@@ -99,10 +99,14 @@ def _one_example(model: HookedModel, source: ExampleSource, index: int, *, flows
                  forced: str, only_correct: bool, max_new_tokens: int) -> dict[str, Any]:
     example_id, task, gold = source.example_id(index), source.task(index), source.gold(index)
     one = source.prepare(index)
-    generated = answer_tokens(model, one, None, max_new_tokens)
-    said = model.tokenizer.decode(generated.tolist(), skip_special_tokens=True)
     record: dict[str, Any] = {"example_id": example_id, "task": task, "reference": gold,
-                              "model_answer": said, "forced": forced}
+                              "model_answer": "", "forced": forced}
+    try:
+        generated = answer_tokens(model, one, None, max_new_tokens)
+    except MMLensError:  # the model ended its answer at once
+        return {**record, "dropped": "empty answer (the model ended at once)"}
+    said = model.tokenizer.decode(generated.tolist(), skip_special_tokens=True)
+    record["model_answer"] = said
     if forced == "generated" and only_correct:
         reason = wrong_answer_reason(said, gold)
         if reason is not None:
@@ -134,13 +138,15 @@ def answer_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
             continue
         dropped += [(record["example_id"], record["task"], flow, why)
                     for flow, why in record.get("skipped", {}).items()]
-        for flow, layers in record["logprob_block"].items():
-            for layer, values in enumerate(layers):
+        blocked = record["logprob_block"]
+        n_layers = len(next(iter(blocked.values())))
+        for layer in range(n_layers):  # as answer_flow orders them: layer, flow, token
+            for flow, layers in blocked.items():
                 rows += [(record["example_id"], record["task"], record["answer"], flow, layer,
                           index, token, word, base, value)
                          for index, (token, word, base, value) in enumerate(zip(
-                             record["tokens"], record["words"], record["logprob_base"], values,
-                             strict=True))]
+                             record["tokens"], record["words"], record["logprob_base"],
+                             layers[layer], strict=True))]
     frame = pd.DataFrame(rows, columns=ROW_COLUMNS)
     frame.attrs["records"] = list(records)
     frame.attrs["dropped"] = dropped
