@@ -303,6 +303,11 @@ def train(args: argparse.Namespace) -> None:
 
     ramp = int(args.ramp * args.steps * args.batch_size)
     tasks = task_mix(args.tasks)
+    if args.init_from and args.steps:  # a fine-tune: held-out accuracy before it, to compare
+        args.accuracy_before = evaluate(
+            model, tokenizer, args.eval_per_task, args.device, tasks=tasks
+        )
+        print("held-out accuracy before", _fmt(args.accuracy_before), flush=True)
     data = ShapesQuestions(
         tokenizer, TRAIN_SEED, args.image_size, config.image_seq_length, ramp, tasks
     )
@@ -391,7 +396,14 @@ def save(model, processor, out: Path, accuracy: dict, args, seconds: float) -> N
         "probe_layer": args.probe_layer,
         "device": args.device,
         "seconds": round(seconds),
+        "max_minutes": args.max_minutes,
+        "threads": args.threads,
     }
+    if getattr(args, "accuracy_before", None) is not None:
+        log["accuracy_before"] = args.accuracy_before
+    base = Path(args.init_from or "") / "training_log.json"
+    if args.init_from and base.is_file():  # a fine-tune: keep the starting point's log
+        log["base"] = json.loads(base.read_text())
     (out / "training_log.json").write_text(json.dumps(log, indent=1))
     n_params = sum(p.numel() for p in model.parameters())
     (out / "README.md").write_text(model_card(model.config, n_params, log))
