@@ -70,3 +70,30 @@ def test_answers_cycle_over_every_description_and_words_are_known(examples):
     # the task added no word: the vocabulary is the one the bundled model was trained with
     saved = json.loads((BUNDLED["shapes-llava"] / "tokenizer.json").read_text())["model"]
     assert vocabulary() == sorted(saved["vocab"], key=saved["vocab"].get)
+
+
+def test_the_training_scripts_decoding_is_hf_greedy_generation():
+    """``greedy_answers`` (batched, right-padded) equals ``generate`` one example at a time."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from mmlens.zoo.free_form_eval import greedy_answers
+    from mmlens.zoo.train import ShapesQuestions, pixel_values
+
+    folder = BUNDLED["shapes-llava"]
+    if not (folder / "config.json").is_file():
+        pytest.skip("shapes-llava is not bundled here")
+    model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    tokenizer = build_tokenizer()
+    data = ShapesQuestions(tokenizer, seed=3, size=112, n_image=64,
+                           tasks=("Describe", "ChooseCat"))
+    items = [data[i] for i in range(4)]
+    batched = greedy_answers(model, tokenizer, items, "cpu", max_new_tokens=5)
+    for item, answer in zip(items, batched, strict=True):
+        ids = torch.tensor([item["ids"]])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             pixel_values=pixel_values(item["pixels"][None]),
+                             max_new_tokens=5, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id)
+        expected = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        assert answer == expected.strip().lower()
