@@ -23,6 +23,8 @@ import sys
 import warnings
 
 from mmlens.data.example import TASKS
+from mmlens.data.shapes_questions import FREE_FORM_TASKS
+from mmlens.experiments.answer_study import ANSWER_FLOWS
 from mmlens.experiments.knockouts import DEFAULT_FLOWS
 from mmlens.experiments.metrics import METRICS
 from mmlens.experiments.presets import EMPTY_SPANS, PRESETS
@@ -86,7 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     flow.add_argument("--data", default="shapes",
                       help="'shapes' (fresh synthetic questions) or a GQA folder")
     flow.add_argument("--tasks", default=None,
-                      help=f"comma-separated tasks (default all: {','.join(TASKS)})")
+                      help=f"comma-separated tasks (default all: {','.join(TASKS)}); the "
+                      f"free-form {','.join(FREE_FORM_TASKS)} runs flows into every answer token")
+    flow.add_argument("--reference", action="store_true",
+                      help="free-form tasks: force the dataset's reference answer instead of "
+                      "the model's own (no correctness filter)")
+    flow.add_argument("--answer-flows", default=",".join(ANSWER_FLOWS),
+                      help="free-form tasks: comma-separated 'SPAN->answer' flows "
+                      "(default %(default)s)")
     flow.add_argument("--per-task", type=int, default=DEFAULT_PER_TASK,
                       help="questions per task (default %(default)s)")
     flow.add_argument("--flows", default=",".join(DEFAULT_FLOWS),
@@ -234,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             from mmlens.experiments.study import default_out_dir, run_study
 
             tasks = _tasks(args.tasks)
+            if args.reference and not set(tasks or ()) & set(FREE_FORM_TASKS):
+                raise ValueError("--reference forces the reference answer of free-form tasks: "
+                                 f"add one of {', '.join(FREE_FORM_TASKS)} to --tasks")
             out = args.out = args.out or default_out_dir()
             if main_process:
                 print(f"mmlens flow: writing to {out} (if stopped, the same command with --out "
@@ -247,11 +259,15 @@ def main(argv: list[str] | None = None) -> int:
                 device_map=_device_map(args.device_map),
                 rescale_boxes=args.rescale_boxes,
                 shard=args.shard, word_maps=not args.no_word_maps,
-                tuned_lens=args.tuned_lens, **_settings(args),
+                tuned_lens=args.tuned_lens, reference=args.reference,
+                answer_flows=args.answer_flows, **_settings(args),
             )
             if main_process:
-                print(f"results in {out}: flow.csv, summary.csv, dropped.csv, emergence.csv, "
-                      "examples.jsonl, report.html")
+                free = set(tasks or ()) & set(FREE_FORM_TASKS)
+                print(f"results in {out}: " + ("answer_flow.csv, answer_summary.csv, "
+                      "answer_peaks.csv, " if free else "") + ("flow.csv, summary.csv, "
+                      "dropped.csv, emergence.csv, examples.jsonl, " if set(tasks or TASKS)
+                      - free else "") + "report.html")
         elif args.command == "reproduce":
             from mmlens.experiments.memory import parse_memory
             from mmlens.experiments.reproduce import reproduce

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from mmlens.experiments.answer_report import answer_figures, answer_tables, has_free_form
 from mmlens.experiments.captions import (
     LENSES,
     VARIANT_LABELS,
@@ -57,14 +58,17 @@ def build_report(run_dir: str | Path) -> Path:
     from mmlens.experiments.tables import check_run_folder
 
     run_dir = Path(run_dir)
-    missing = [name for name in REQUIRED if not (run_dir / name).is_file()]
+    # a run of free-form tasks only has no one-word tables (mmlens.experiments.answer_report)
+    one_word = not has_free_form(run_dir) or (run_dir / "flow.csv").is_file()
+    missing = [name for name in REQUIRED if one_word and not (run_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{run_dir} lacks {', '.join(missing)}: pass the output folder "
                                 "of `mmlens flow` (rerun it with --out there to finish the run)")
     summary = check_run_folder(run_dir)  # tables, run.json and store of one finished run
-    flow = pd.read_csv(run_dir / "flow.csv")
-    dropped = pd.read_csv(run_dir / "dropped.csv")
-    emergence = pd.read_csv(run_dir / "emergence.csv")
+    flow, dropped, emergence = (
+        [pd.read_csv(run_dir / name) for name in REQUIRED] if one_word else
+        [pd.DataFrame(columns=["example_id", "task", "flow", "layer", "rel_change"]),
+         pd.DataFrame(columns=["example_id", "task", "flow", "reason"]), pd.DataFrame()])
     window, n_layers = summary.get("window"), summary.get("n_layers")
     value = "change" if "change" in flow.columns else "rel_change"
     unit = "%" if value == "rel_change" else ""
@@ -101,6 +105,7 @@ def build_report(run_dir: str | Path) -> Path:
                         "gives each task's peak.", curves(flow, "Every flow per task")))
     figures += _view_figures(run_dir)
     figures += _emergence_figures(emergence)
+    figures += answer_figures(run_dir, summary)
     for index, (title, note, figure, *picker) in enumerate(figures):
         div_id, after = picker or (None, "")
         parts.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(note)}</p>")
@@ -109,6 +114,7 @@ def build_report(run_dir: str | Path) -> Path:
     if any(len(entry) > 3 and entry[4] for entry in figures):
         parts.append(PICKER_SCRIPT)
     parts.append(_tables(peaks, dropped, unit))
+    parts.append(answer_tables(run_dir))
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>mmlens information flow"
             "</title><style>body{font-family:sans-serif;max-width:1200px;margin:auto}"
             "table{border-collapse:collapse}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 from mmlens.core.errors import MMLensError
+from mmlens.data.shapes_questions import FREE_FORM_TASKS
+from mmlens.experiments.answer_study import ANSWER_FLOWS
 from mmlens.experiments.controls import control_seed_of
 from mmlens.experiments.knockouts import DEFAULT_FLOWS, parse_flows
 from mmlens.experiments.presets import resolve_settings
@@ -113,7 +115,11 @@ def load_examples(data: str, *, tasks: Sequence[str] | None, per_task: int | Non
     """Fresh synthetic shapes (``"shapes"``) or a GQA folder, ``per_task`` questions per task."""
     from mmlens.data.gqa import check_tasks, is_gqa_folder, load_gqa
 
-    tasks = list(check_tasks(tasks))
+    free = [t for t in tasks or () if t in FREE_FORM_TASKS]
+    if free and data != "shapes":
+        raise MMLensError(f"the free-form task(s) {free} come with the bundled data: pass "
+                          "--data shapes")
+    tasks = list(check_tasks([t for t in tasks if t not in free] if free else tasks)) + free
     if per_task is None and is_paper_subsets_folder(data):
         return _paper_examples(data, images, tasks, None, seed)
     if not isinstance(per_task, int) or per_task < 1:
@@ -189,6 +195,8 @@ def run_study(
     break_lock: bool = False,
     word_maps: bool = True,
     tuned_lens: str | Path | None = None,
+    reference: bool = False,
+    answer_flows: Sequence[str] | str = ANSWER_FLOWS,
     **settings: str | None,
 ) -> Path:
     """Run the information-flow study and write its tables and report into ``out``.
@@ -213,6 +221,11 @@ def run_study(
     for this model; emergence gains its ``tuned`` reading (its digest joins the signature). Under
     ``torchrun`` the examples are dealt out over the ranks and rank 0 writes the tables and
     report.
+
+    Examples of free-form tasks (``Describe``) go to the free-form study
+    (``mmlens.experiments.answer_run``) over ``answer_flows``, teacher-forced on the model's
+    own answer, or on the reference with ``reference=True``; the one-word tasks of the same
+    run to the study above.
     """
     check_device(device)
     check_count(threads, "threads", "--threads")
@@ -239,7 +252,13 @@ def run_study(
         refusal = ranks.from_main(refusal)
         if refusal is not None:
             raise FolderBusyError(refusal)
-        return _study(out, examples, model=model, data=data, tasks=tasks, per_task=per_task,
+        free = [e for e in examples if e.task in FREE_FORM_TASKS]
+        examples = [e for e in examples if e.task not in FREE_FORM_TASKS]
+        if free and (shard is not None or ranks.world > 1):
+            raise MMLensError("the free-form tasks run in one process: drop --shard and "
+                              "torchrun, or run the one-word tasks alone")
+        if examples:
+            _study(out, examples, model=model, data=data, tasks=tasks, per_task=per_task,
                       flow_names=flow_names, window=window, device=rank_device(device, ranks),
                       dtype=dtype, seed=seed, only_correct=only_correct, batch_size=batch_size,
                       progress=progress, threads=threads, shard=shard, ranks=ranks,
@@ -247,9 +266,29 @@ def run_study(
                       preset=preset, metric=metric, controls=controls,
                       control_seed=control_seed, filter_max_new_tokens=filter_max_new_tokens,
                       word_maps=word_maps, tuned_lens=tuned_lens, settings=settings)
+        if free:
+            _free_form(out, free, model=model, answer_flows=answer_flows, reference=reference,
+                       only_correct=only_correct, window=window, device=device, dtype=dtype,
+                       seed=seed, progress=progress, preset=preset,
+                       filter_max_new_tokens=filter_max_new_tokens, threads=threads,
+                       settings=settings)
+        return out
     finally:
         lock.release()
         close_ranks(ranks)
+
+
+def _free_form(out: Path, free: list[Any], *, answer_flows: Sequence[str] | str,
+               reference: bool, threads: int | None, **options: Any) -> None:
+    """The free-form study's part of the folder (``run_free_form``), then the report."""
+    from mmlens.experiments.answer_run import run_free_form
+    from mmlens.experiments.report import build_report
+
+    flows = answer_flows.split(",") if isinstance(answer_flows, str) else list(answer_flows)
+    with torch_threads(threads if threads is not None else 1):
+        run_free_form(out, free, flows=[f.strip() for f in flows if f.strip()],
+                      forced="reference" if reference else "generated", **options)
+    build_report(out)
 
 
 def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_task,
