@@ -1,8 +1,8 @@
 """Write the README's knockout figure from a finished `mmlens flow` run.
 
 mmlens flow --out runs/flow
-pip install kaleido==0.2.1   # plotly's static image export
-python docs/gen_figures.py runs/flow docs/img/knockout_shapes_llava.png
+pip install "kaleido>=1"     # plotly's static image export; it drives a Chrome or Chromium
+BROWSER_PATH=$(which chromium) python docs/gen_figures.py runs/flow docs/img/knockout_shapes_llava.png
 """
 
 from __future__ import annotations
