@@ -53,7 +53,7 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         # Registered in data-flow order (vision, connector...), the order of the hook names.
         for name, module in self.family.build_image_modules(cfg).items():
             self.add_module(name, module)
-        self.embed = Embed(cfg.text.d_vocab, cfg.text.d_model)
+        self.embed = Embed(cfg.text.d_vocab_embed or cfg.text.d_vocab, cfg.text.d_model)
         self.hook_token_embed = HookPoint()  # [batch, pos, d_model], before the merge
         self.hook_embed = HookPoint()  # [batch, pos, d_model], image features merged in
         self.blocks = self.family.build_blocks(cfg.text)
@@ -176,9 +176,14 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
             if injections is not None:
                 raise ValueError("injections= resumes a run (with start_at_layer); a run from "
                                  "input_ids computes its own from the images")
-            resid, injections = self._embed(input, pixel_values, image_sizes)
+            resid, injections, cross = self._embed(input, pixel_values, image_sizes)
         else:
-            resid = input
+            resid, cross = input, None
+            if any(layer >= start_at_layer for layer in self.cfg.text.cross_attention_layers):
+                raise MMLensError(
+                    f"resuming at layer {start_at_layer} would skip the image in the "
+                    f"cross-attention layers {list(self.cfg.text.cross_attention_layers)}: "
+                    "resume after the last of them, or run from input_ids")
             if injections is None and start_at_layer < self.cfg.text.deepstack_layers:
                 raise MMLensError(
                     f"resuming at layer {start_at_layer} skips the image features DeepStack "
@@ -205,7 +210,7 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         resid = self.language(
             resid, attention_mask=attention_mask, position_ids=position_ids,
             start_at_layer=start_at_layer or 0, stop_at_layer=stop_at_layer,
-            past_kv_cache=past_kv_cache, injections=injections,
+            past_kv_cache=past_kv_cache, injections=injections, cross=cross,
         )
         if stop_at_layer is not None:
             return resid
@@ -267,18 +272,21 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
 
     def _embed(
         self, input_ids: Tensor, pixel_values: Tensor | None, image_sizes: Tensor | None
-    ) -> tuple[Tensor, dict[int, Tensor] | None]:
-        """``embed_inputs`` and the features the family adds after decoder layers
-        (``{layer: [batch, pos, d_model]}``, zero off the image tokens), or None."""
+    ) -> tuple[Tensor, dict[int, Tensor] | None, Any]:
+        """``embed_inputs``, the features the family adds after decoder layers
+        (``{layer: [batch, pos, d_model]}``, zero off the image tokens) or None, and what its
+        cross-attention layers attend to (``Family.cross_attention``) or None."""
         embeds = self.hook_token_embed(self.embed(input_ids))
-        features, injections = None, None
+        features, injections, cross = None, None, None
         if pixel_values is not None:
             features, per_layer = self.family.encode_image_layers(
                 self, pixel_values.to(input_ids.device), image_sizes)
             injections = {layer: self.family.merge(input_ids, torch.zeros_like(embeds), added,
                                                    self.cfg)
                           for layer, added in per_layer.items()} or None
-        return self.hook_embed(self.family.merge(input_ids, embeds, features, self.cfg)), injections
+            cross = self.family.cross_attention(self, input_ids, features, image_sizes)
+        merged = self.hook_embed(self.family.merge(input_ids, embeds, features, self.cfg))
+        return merged, injections, cross
 
     def position_ids(
         self, input_ids: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None, *,

@@ -69,11 +69,14 @@ class LanguageStack:
         stop_at_layer: int | None = None,
         past_kv_cache: KeyValueCache | None = None,
         injections: dict[int, Tensor] | None = None,
+        cross: Any = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """``attention_mask`` covers the cached and the new positions; ``position_ids`` are the
         new positions' (``[batch, pos]``, or the family's own layout such as M-RoPE's).
         ``injections[l]`` ``[batch, pos, d_model]`` is added to block ``l``'s output
-        (Qwen3-VL's DeepStack features, ``blocks.{l}.hook_deepstack``)."""
+        (Qwen3-VL's DeepStack features, ``blocks.{l}.hook_deepstack``). ``cross``: what the
+        blocks of ``cfg.cross_attention_layers`` attend to (``CrossAttentionInputs``; None
+        without images)."""
         q_len = resid.shape[1]
         rotary = self.rotary(position_ids, resid.dtype)
         mask = build_mask(attention_mask, q_len)
@@ -83,6 +86,7 @@ class LanguageStack:
             resid, present = self.blocks[layer](
                 resid, mask=mask, causal=True, rotary=rotary, past_key_value=past,
                 **({"inject": injections[layer]} if injections and layer in injections else {}),
+                **({"cross": cross} if layer in self.cfg.cross_attention_layers else {}),
             )
             if past_kv_cache is not None:
                 past_kv_cache.update(layer, present)

@@ -144,6 +144,13 @@ class Family:
         """Features replace the image tokens' embeddings, in order (the common rule)."""
         return merge_image_features(input_ids, embeds, features, cfg.image_token_id)
 
+    def cross_attention(self, model: Any, input_ids: Tensor, features: Tensor,
+                        image_sizes: Tensor | None) -> Any:
+        """What the cross-attention layers attend to (``CrossAttentionInputs``: the image
+        keys, which text rows see which keys), from ``encode_image_layers``'s features; None
+        for a family whose image tokens sit in the sequence."""
+        return None
+
     def build_blocks(self, cfg: LanguageConfig) -> nn.ModuleList:
         """The decoder blocks (``blocks.{l}.*``); Llama-style by default, options from ``cfg``
         (``qkv_bias``, ``o_bias``, ``mlp_bias``, grouped-query heads)."""
