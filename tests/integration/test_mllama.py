@@ -242,3 +242,64 @@ def test_resuming_before_a_cross_attention_layer_is_refused(model, batch):
     resid = torch.zeros(2, inputs["input_ids"].shape[1], model.cfg.d_model)
     with pytest.raises(MMLensError, match="cross-attention layers"):
         model(resid, start_at_layer=2, attention_mask=inputs["attention_mask"])
+
+
+# ---------------------------------------------------------------- block_attention
+def _hf_self_edit(block):
+    """HF with ``block`` ``[batch, 1, q, k]`` added to its self-attention layers' masks."""
+    def edit(module):
+        def pre(m, args, kwargs):
+            mask = kwargs["attention_mask"]
+            kwargs["attention_mask"] = mask.masked_fill(block, torch.finfo(mask.dtype).min)
+            return args, kwargs
+        return module.register_forward_pre_hook(pre, with_kwargs=True)
+    return edit
+
+
+def test_block_attention_from_the_image_zeroes_the_cross_attention_of_the_window(
+        hf, model, batch):
+    from mmlens.methods import block_attention
+
+    inputs, positions = batch
+    last = inputs["input_ids"].shape[1] - 1
+    hooks = block_attention("image", [last - 1, last], [0, 1, 2], model=model)
+    assert [name for name, _ in hooks] == ["blocks.1.cross_attn.hook_mask"]
+    zero = torch.zeros(2, last + 1, dtype=torch.bool)
+    zero[:, last - 1:] = True
+
+    def only_layer_1(layer, module):
+        return _hf_edit(torch.zeros(2, 1, last + 1, 1, dtype=torch.bool), zero)(
+            layer, module) if layer == 1 else []
+
+    out, _ = _hf_run(hf, inputs, positions, only_layer_1)
+    logits, _ = _ours(model, inputs, hooks)
+    assert _close(model, inputs, logits, out.logits)
+    plain, _ = _ours(model, inputs)
+    assert not _close(model, inputs, plain, out.logits)
+
+
+def test_block_attention_from_text_edits_only_the_self_attention_layers(hf, model, batch):
+    from mmlens.methods import block_attention
+
+    inputs, positions = batch
+    last = inputs["input_ids"].shape[1] - 1
+    hooks = block_attention([3, 4, 5], last, range(4), model=model)
+    assert [name for name, _ in hooks] == ["blocks.0.attn.hook_mask", "blocks.2.attn.hook_mask"]
+    block = torch.zeros(2, 1, last + 1, last + 1, dtype=torch.bool)
+    block[:, 0, last, 3:6] = True
+    handles = [_hf_self_edit(block)(hf.model.language_model.layers[i].self_attn)
+               for i in (0, 2)]
+    try:
+        out, _ = _hf_run(hf, inputs, positions)
+    finally:
+        for handle in handles:
+            handle.remove()
+    logits, _ = _ours(model, inputs, hooks)
+    assert _close(model, inputs, logits, out.logits)
+
+
+def test_related_spans_on_the_image_keys_are_refused_with_a_reason(model):
+    from mmlens.methods import block_attention
+
+    with pytest.raises(MMLensError, match="image-token map of its tiles"):
+        block_attention("related", [5], [1], model=model)
