@@ -121,7 +121,7 @@ FAMILY_PRESETS: dict[str, StudyPreset] = {
 }
 PRESETS: dict[str, StudyPreset] = {**PAPER_PRESETS, **FAMILY_PRESETS}
 """Every preset, by model name: the paper's four checkpoints, then the other families'."""
-FIXED_BY_MODEL: tuple[str, ...] = ("anyres", "dynamic")
+FIXED_BY_MODEL: tuple[str, ...] = ("anyres", "dynamic", "tiles")
 """Preprocessing a model's own processor fixes (no choice to pass on to ``prepare``)."""
 
 
@@ -270,7 +270,8 @@ def _found_preset(model: Any) -> tuple[StudyPreset | None, str]:
 
 
 def _fixed_preprocessing(model: Any) -> str | None:
-    """``"anyres"`` / ``"dynamic"`` where the model's processor fixes the geometry."""
+    """``"anyres"`` / ``"dynamic"`` / ``"tiles"`` where the model's processor fixes the
+    geometry."""
     family = getattr(model, "family", None)
     return None if family is None else family.fixed_preprocessing
 

@@ -1,5 +1,5 @@
 """Prompt templates: the paper's Vicuna v1 prompt, the Llama-3 chat prompt, the Qwen chat
-prompt of LLaVA-OneVision and the Qwen-VL and Qwen3-VL chat prompts."""
+prompt of LLaVA-OneVision, the Qwen-VL and Qwen3-VL chat prompts and Llama-3.2-Vision's."""
 
 from __future__ import annotations
 
@@ -88,6 +88,16 @@ QWEN3_VL = PromptTemplate(
 """Qwen3-VL's chat template (no default system prompt) for one image and the paper's
 instruction."""
 
+MLLAMA = PromptTemplate(
+    "mllama",
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>{question}\nAnswer the "
+    "question using a single word or phrase.<|eot_id|><|start_header_id|>assistant"
+    "<|end_header_id|>\n\n",
+)
+"""Llama-3.2-Vision's chat template (no system prompt; the processor's ``<|image|>`` where
+``<image>`` is, an ordinary token the cross-attention mask starts from) with the paper's
+instruction."""
+
 PAPER_SUFFIX = " \nAnswer the question using a single word or phrase."
 """What the paper's code appends to every question (note the space before the newline)."""
 
@@ -107,7 +117,7 @@ LLAMA3_PAPER = PromptTemplate(
 )
 """The Llama-3 conversation with ``PAPER_SUFFIX`` after the question, followed by ``" \n"``."""
 
-TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL, QWEN3_VL,
+TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL, QWEN3_VL, MLLAMA,
                                  VICUNA_V1_PAPER, LLAMA3_PAPER)}
 
 

@@ -78,6 +78,11 @@ class LanguageStack:
         blocks of ``cfg.cross_attention_layers`` attend to (``CrossAttentionInputs``; None
         without images)."""
         q_len = resid.shape[1]
+        if past_kv_cache is not None and self.cfg.cross_attention_layers:
+            if cross is not None and not past_kv_cache.frozen:
+                past_kv_cache.cross = cross
+            elif cross is None and past_kv_cache.cross is not None:  # positions after an image
+                cross = past_kv_cache.cross.continued(q_len)
         rotary = self.rotary(position_ids, resid.dtype)
         mask = build_mask(attention_mask, q_len)
         stop = self.cfg.n_layers if stop_at_layer is None else stop_at_layer

@@ -196,6 +196,11 @@ def _hf_edit(block, zero_rows):
     return edit
 
 
+def _in_layer(index, edit):
+    """``edit`` applied in decoder layer ``index`` only."""
+    return lambda layer, module: edit(layer, module) if layer == index else []
+
+
 def _mask_hooks(block):
     return [(f"blocks.{layer}.cross_attn.hook_mask", lambda m, hook: m & ~block)
             for layer in CROSS]
@@ -267,11 +272,8 @@ def test_block_attention_from_the_image_zeroes_the_cross_attention_of_the_window
     zero = torch.zeros(2, last + 1, dtype=torch.bool)
     zero[:, last - 1:] = True
 
-    def only_layer_1(layer, module):
-        return _hf_edit(torch.zeros(2, 1, last + 1, 1, dtype=torch.bool), zero)(
-            layer, module) if layer == 1 else []
-
-    out, _ = _hf_run(hf, inputs, positions, only_layer_1)
+    none = torch.zeros(2, 1, last + 1, 1, dtype=torch.bool)
+    out, _ = _hf_run(hf, inputs, positions, _in_layer(1, _hf_edit(none, zero)))
     logits, _ = _ours(model, inputs, hooks)
     assert _close(model, inputs, logits, out.logits)
     plain, _ = _ours(model, inputs)
@@ -303,3 +305,51 @@ def test_related_spans_on_the_image_keys_are_refused_with_a_reason(model):
 
     with pytest.raises(MMLensError, match="image-token map of its tiles"):
         block_attention("related", [5], [1], model=model)
+
+
+# ---------------------------------------------------------------- the study
+def _cell(frame, example, flow, layer):
+    return frame[(frame.example_id == example) & (frame.flow == flow) & (frame.layer == layer)]
+
+
+def test_the_sweep_knocks_out_the_image_keys_and_the_self_attention_edges_as_hf(hf, model):
+    from mmlens.experiments import information_flow
+
+    images = _images()[:2]
+    prepared = model.prepare(images, ["What color is the square?", "Which shape is red?"])
+    flows = ["image->question", "image->last", "question->last", "last->last"]
+    kwargs = dict(flows=flows, window=1, only_correct=False, progress=False)
+    fast = information_flow(model, prepared, **kwargs)
+    naive = information_flow(model, prepared, method="naive", **kwargs)
+    assert len(fast) == 2 * len(flows) * 4
+    assert (fast.p_block - naive.p_block).abs().max() < 1e-6
+    # image flows change nothing in self-attention layers; text flows nothing in cross layers
+    image_rows = fast.flow.str.startswith("image") & ~fast.layer.isin(CROSS)
+    text_rows = ~fast.flow.str.startswith("image") & fast.layer.isin(CROSS)
+    assert (fast[image_rows | text_rows].rel_change == 0).all()
+    for i, (image, example) in enumerate(zip(images, fast.example_id.unique(), strict=True)):
+        text = prepared.prompts[i].replace("<image>", "<|image|>")
+        inputs = _inputs(model, [[image]], [text])
+        ids = prepared.input_ids[i][prepared.attention_mask[i].bool()]
+        assert torch.equal(inputs["input_ids"][0], ids)
+        last = len(ids) - 1
+        question = prepared.span("question")[i] - (prepared.input_ids.shape[1] - len(ids))
+        positions = torch.arange(len(ids))[None]
+        zero = torch.zeros(1, len(ids), dtype=torch.bool)
+        zero[0, last] = True
+        none = torch.zeros(1, 1, len(ids), 1, dtype=torch.bool)
+        out, _ = _hf_run(hf, inputs, positions, _in_layer(3, _hf_edit(none, zero)))
+        row = _cell(fast, example, "image->last", 3)
+        token = int(row.answer_token.iloc[0])
+        expected = out.logits[0, -1].softmax(-1)[token]
+        assert abs(float(row.p_block.iloc[0]) - float(expected)) < 1e-5
+        block = torch.zeros(1, 1, len(ids), len(ids), dtype=torch.bool)
+        block[0, 0, last, question] = True
+        handle = _hf_self_edit(block)(hf.model.language_model.layers[0].self_attn)
+        try:
+            out, _ = _hf_run(hf, inputs, positions)
+        finally:
+            handle.remove()
+        row = _cell(fast, example, "question->last", 0)
+        expected = out.logits[0, -1].softmax(-1)[token]
+        assert abs(float(row.p_block.iloc[0]) - float(expected)) < 1e-5

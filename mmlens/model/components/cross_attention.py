@@ -43,6 +43,22 @@ class CrossAttentionInputs:
         """The inputs of the last ``q_len`` text positions (a run with a key/value cache)."""
         return CrossAttentionInputs(self.states, self.mask[:, :, -q_len:], self.rows[:, -q_len:])
 
+    def first(self, length: int) -> CrossAttentionInputs:
+        """The inputs of the first ``length`` text positions (a truncated cache)."""
+        return CrossAttentionInputs(self.states, self.mask[:, :, :length], self.rows[:, :length])
+
+    def continued(self, q_len: int) -> CrossAttentionInputs:
+        """The inputs of ``q_len`` positions after these: each sees what the last one sees
+        (HF's generate repeats the last row of the cross-attention mask)."""
+        return CrossAttentionInputs(self.states, self.mask[:, :, -1:].expand(-1, -1, q_len, -1),
+                                    self.rows[:, -1:].expand(-1, q_len))
+
+    def expand(self, batch: int) -> CrossAttentionInputs:
+        """A batch-1 input repeated ``batch`` times (no copy)."""
+        return CrossAttentionInputs(self.states.expand(batch, -1, -1),
+                                    self.mask.expand(batch, -1, -1, -1),
+                                    self.rows.expand(batch, -1))
+
 
 class CrossAttention(Attention):
     """Grouped-query attention from text to image keys, with per-head q/k RMSNorm and no

@@ -53,7 +53,8 @@ class Family:
 
     name: ClassVar[str]
     fixed_preprocessing: ClassVar[str | None] = None
-    """The geometry the family's processor fixes ("anyres", "dynamic"), else None."""
+    """The geometry the family's processor fixes ("anyres", "dynamic", "tiles": Mllama's
+    tiling, images never padded by ``prepare``), else None."""
     model_types: ClassVar[tuple[str, ...]]
     hf_class: ClassVar[str]
     description: ClassVar[str]

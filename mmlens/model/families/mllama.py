@@ -82,11 +82,19 @@ class MllamaFamily(Family):
     model_types = ("mllama",)
     hf_class = "MllamaForConditionalGeneration"
     image_sizes_key = "aspect_ratio_ids"
+    prompt_template = "mllama"
     fixed_preprocessing = "tiles"
     description = ("Llama-3.2-Vision (tiled vision encoder with gated positions and a gated "
                    "global transformer, gated cross-attention layers in a Llama decoder)")
     checkpoints = ("meta-llama/Llama-3.2-11B-Vision-Instruct",
                    "meta-llama/Llama-3.2-11B-Vision")
+
+    def preprocessing_mode(self, model: Any, mode: str | None) -> str:
+        """``"tiles"``: the processor tiles every image itself; any other mode is refused."""
+        if mode not in (None, "tiles"):
+            raise MMLensError(f"preprocessing {mode!r} does not fit mllama, whose processor "
+                              "tiles each image itself: leave preprocessing unset")
+        return "tiles"
 
     def read_config(self, hf_config: Any) -> MultimodalConfig:
         tc = hf_config.text_config
