@@ -353,3 +353,54 @@ def test_the_sweep_knocks_out_the_image_keys_and_the_self_attention_edges_as_hf(
         row = _cell(fast, example, "question->last", 0)
         expected = out.logits[0, -1].softmax(-1)[token]
         assert abs(float(row.p_block.iloc[0]) - float(expected)) < 1e-5
+
+
+def test_generate_with_a_cache_matches_hf_greedy(hf, model, batch):
+    """New positions see the image through the cached image keys, as in HF's generate."""
+    inputs, _ = batch
+    single = {k: v[:1] for k, v in inputs.items()}
+    with torch.no_grad():
+        theirs = hf.generate(**single, max_new_tokens=4, do_sample=False)
+        ours = model.generate(single["input_ids"], single["pixel_values"],
+                              image_sizes=single["aspect_ratio_ids"], max_new_tokens=4,
+                              do_sample=False)
+    assert torch.equal(ours, theirs)
+
+
+def test_the_processor_mask_rule_is_hfs():
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense,
+        get_cross_attention_token_mask,
+    )
+
+    from mmlens.model.families.mllama import cross_attention_token_mask
+
+    image = 9
+    rows = [[1, image, 2, 3, image, 4], [image, image, 2, 3, 4, 5], [1, 2, image, 3, 4, 5]]
+    tiles = torch.tensor([[2, 1], [1, 2], [2, 0]])
+    ours = cross_attention_token_mask(torch.tensor(rows), image, tiles, 2)
+    sparse = [get_cross_attention_token_mask(row, image) for row in rows]
+    theirs = convert_sparse_cross_attention_mask_to_dense(
+        sparse, [[int(n) for n in t if n] for t in tiles], 2, len(rows[0]))
+    assert torch.equal(ours, torch.from_numpy(theirs).bool())
+
+
+def test_positions_after_a_cached_prompt_see_the_image_through_the_cache(model, batch):
+    from mmlens.model.kv_cache import KeyValueCache
+
+    inputs, _ = batch
+    ids, pixels, ratios = inputs["input_ids"][:1], inputs["pixel_values"][:1], \
+        inputs["aspect_ratio_ids"][:1]
+    following = torch.tensor([[14, 17]])
+    with torch.no_grad():
+        full = model(torch.cat([ids, following], 1), pixels, image_sizes=ratios)[:, -2:]
+        cache = KeyValueCache.empty(model.cfg.n_layers)
+        model(ids, pixels, image_sizes=ratios, past_kv_cache=cache)
+        assert cache.cross is not None
+        resumed = model(following, past_kv_cache=cache)
+        cache = KeyValueCache.empty(model.cfg.n_layers)
+        model(ids, pixels, image_sizes=ratios, past_kv_cache=cache)
+        cache.cross = None
+        blind = model(following, past_kv_cache=cache)
+    assert (resumed - full).abs().max() <= 1e-5
+    assert (blind - full).abs().max() > 1e-4
