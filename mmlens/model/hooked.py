@@ -238,10 +238,11 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         geometry key), the rest checked (``mmlens.model.processor_inputs``)."""
         given = {"pixel_values": pixel_values, "attention_mask": attention_mask,
                  "image_sizes": image_sizes, **outputs}
+        given = {k: v for k, v in given.items() if v is not None}
         read = read_processor_outputs(
-            {k: v for k, v in given.items() if v is not None},
-            sizes_key=self.family.image_sizes_key, image_token_id=self.cfg.image_token_id,
-            family=self.family.name)
+            given, sizes_key=self.family.image_sizes_key, image_token_id=self.cfg.image_token_id,
+            family=self.family.name, derived=self.family.derived_names)
+        self.family.check_derived(self, {**given, **read})
         if "input_ids" in read:
             if input is not None:
                 raise MMLensError("got input and input_ids: pass the tokens once")
@@ -383,7 +384,8 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         as in ``forward``: ``model.generate(**processor(...), max_new_tokens=5)``."""
         from mmlens.model.generation import generate
 
-        hf_names = {"input_ids", self.family.image_sizes_key, *CHECKED_NAMES} - {"image_sizes"}
+        hf_names = {"input_ids", self.family.image_sizes_key, *CHECKED_NAMES,
+                    *self.family.derived_names} - {"image_sizes"}
         outputs = {k: kwargs.pop(k) for k in list(kwargs) if k in hf_names}
         if outputs:
             input, kwargs["image_sizes"] = self._read_processor_outputs(

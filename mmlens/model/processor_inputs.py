@@ -25,16 +25,18 @@ that changes what a model computes (PaliGemma's ``token_type_ids``) is not one o
 family that reads it must take it."""
 
 
-def accepted_names(sizes_key: str) -> list[str]:
-    """Every processor output name ``forward`` accepts for a family with ``sizes_key``."""
-    return sorted({*FORWARD_NAMES, sizes_key, *CHECKED_NAMES})
+def accepted_names(sizes_key: str, derived: tuple[str, ...] = ()) -> list[str]:
+    """Every processor output name ``forward`` accepts for a family with ``sizes_key`` (and
+    the outputs it recomputes itself, ``Family.derived_names``)."""
+    return sorted({*FORWARD_NAMES, sizes_key, *CHECKED_NAMES, *derived})
 
 
 def read_processor_outputs(outputs: dict[str, Any], *, sizes_key: str, image_token_id: int,
-                           family: str) -> dict[str, Any]:
+                           family: str, derived: tuple[str, ...] = ()) -> dict[str, Any]:
     """``outputs`` (``forward``'s extra keywords) -> ``{"image_sizes": ...}`` plus the names of
-    ``FORWARD_NAMES`` given; raises on unknown names and on inconsistent bookkeeping."""
-    accepted = accepted_names(sizes_key)
+    ``FORWARD_NAMES`` given; raises on unknown names and on inconsistent bookkeeping (the
+    family checks its ``derived`` names itself)."""
+    accepted = accepted_names(sizes_key, derived)
     unknown = sorted(set(outputs) - set(accepted))
     if unknown:
         other = [k for k in ("image_sizes", "image_grid_thw") if k in unknown]

@@ -404,3 +404,15 @@ def test_positions_after_a_cached_prompt_see_the_image_through_the_cache(model, 
         blind = model(following, past_kv_cache=cache)
     assert (resumed - full).abs().max() <= 1e-5
     assert (blind - full).abs().max() > 1e-4
+
+
+def test_the_processor_outputs_go_in_under_hf_names_and_edited_masks_are_refused(model, batch):
+    inputs, _ = batch
+    with torch.no_grad():
+        by_name = model(**inputs)
+        logits, _ = _ours(model, inputs)
+    assert torch.equal(by_name, logits)
+    edited = dict(inputs, cross_attention_mask=inputs["cross_attention_mask"].clone())
+    edited["cross_attention_mask"][0, -1] = 0
+    with pytest.raises(MMLensError, match="cross_attention_mask differs"):
+        model(**edited)

@@ -63,6 +63,10 @@ class Family:
     prompt_template: ClassVar[str | None] = None
     """The name of the family's default prompt template (``mmlens.inputs.templates``); None:
     chosen from the tokenizer's vocabulary."""
+    derived_names: ClassVar[tuple[str, ...]] = ()
+    """Processor outputs the family recomputes from the others (Llama-3.2-Vision's
+    ``aspect_ratio_mask``, ``cross_attention_mask``): accepted at the door and checked
+    (``check_derived``)."""
     pixel_rule: ClassVar[bool] = False
     """Whether the paper's red-pixel rule (``related_rule="paper"``) is defined for the family
     (the paper's own: LLaVA-1.5 and LLaVA-NeXT)."""
@@ -110,6 +114,10 @@ class Family:
             raise MMLensError(f"the processor of {path} has no tokenizer or no image processor: "
                               "save the checkpoint's full processor beside its weights")
         return processor
+
+    def check_derived(self, model: Any, outputs: dict[str, Any]) -> None:
+        """Raise where a processor output of ``derived_names`` disagrees with what the family
+        computes from the others (``outputs``: the keywords, ``image_sizes`` read)."""
 
     def hf_model_class(self) -> type:
         import transformers

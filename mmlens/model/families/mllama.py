@@ -83,6 +83,7 @@ class MllamaFamily(Family):
     hf_class = "MllamaForConditionalGeneration"
     image_sizes_key = "aspect_ratio_ids"
     prompt_template = "mllama"
+    derived_names = ("aspect_ratio_mask", "cross_attention_mask")
     fixed_preprocessing = "tiles"
     description = ("Llama-3.2-Vision (tiled vision encoder with gated positions and a gated "
                    "global transformer, gated cross-attention layers in a Llama decoder)")
@@ -95,6 +96,27 @@ class MllamaFamily(Family):
             raise MMLensError(f"preprocessing {mode!r} does not fit mllama, whose processor "
                               "tiles each image itself: leave preprocessing unset")
         return "tiles"
+
+    def check_derived(self, model: Any, outputs: dict[str, Any]) -> None:
+        """The processor's ``aspect_ratio_mask`` and ``cross_attention_mask`` must be what the
+        tokens and ``aspect_ratio_ids`` give: the model recomputes them (a hand-edited mask
+        would be silently ignored otherwise)."""
+        ids, ratios = outputs.get("input_ids"), outputs.get("image_sizes")
+        if ratios is None or ids is None:
+            return
+        vision, ratios = model.cfg.vision, torch.as_tensor(ratios)
+        tiles = model.vision.tile_mask(ratios.reshape(-1)).view(*ratios.shape, -1)
+        computed = {"aspect_ratio_mask": tiles,
+                    "cross_attention_mask": cross_attention_token_mask(
+                        ids, model.cfg.image_token_id, vision.n_tiles(ratios), vision.max_tiles)}
+        for name, ours in computed.items():
+            given = outputs.get(name)
+            if given is not None and not torch.equal(torch.as_tensor(given).bool().cpu(),
+                                                     ours.cpu()):
+                raise MMLensError(
+                    f"{name} differs from what input_ids and aspect_ratio_ids give: mllama "
+                    f"recomputes it (to block image keys use block_attention); pass the "
+                    "processor's outputs together, unedited")
 
     def read_config(self, hf_config: Any) -> MultimodalConfig:
         tc = hf_config.text_config
