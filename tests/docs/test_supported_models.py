@@ -8,7 +8,8 @@ from mmlens.model.families import FAMILIES
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 NAMES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision": "OneVision",
-         "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
+         "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL",
+         "mllama": "Llama-3.2-Vision"}
 """How the pages name each family (README's model table)."""
 
 
