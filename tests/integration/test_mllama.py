@@ -416,3 +416,26 @@ def test_the_processor_outputs_go_in_under_hf_names_and_edited_masks_are_refused
     edited["cross_attention_mask"][0, -1] = 0
     with pytest.raises(MMLensError, match="cross_attention_mask differs"):
         model(**edited)
+
+
+# ---------------------------------------------------------------- bad input
+def test_pixel_values_without_tiles_or_aspect_ratios_are_refused(model, batch):
+    inputs, _ = batch
+    with pytest.raises(MMLensError, match="aspect_ratio_ids"):
+        model(inputs["input_ids"], inputs["pixel_values"], attention_mask=inputs["attention_mask"])
+    with pytest.raises(MMLensError, match=r"\[batch, images, tiles, 3, H, W\]"):
+        model(inputs["input_ids"], inputs["pixel_values"].flatten(0, 1),
+              attention_mask=inputs["attention_mask"], image_sizes=inputs["aspect_ratio_ids"])
+
+
+def test_a_preprocessing_mode_other_than_the_tiling_is_refused(model):
+    with pytest.raises(MMLensError, match="tiles each image itself"):
+        model.prepare(_images()[:1], ["Which shape is red?"], preprocessing="pad")
+
+
+def test_intermediate_layers_outside_the_local_transformer_are_refused():
+    from mmlens.zoo.tiny.mllama import hf_config
+
+    config = hf_config(vision_config=dict(intermediate_layers_indices=[0, 5]))
+    with pytest.raises(MMLensError, match="must be local vision layers"):
+        MllamaFamily().read_config(config)

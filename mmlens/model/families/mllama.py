@@ -36,7 +36,8 @@ from mmlens.model.loading.convert_mllama import convert_mllama
 
 
 def mllama_vision_config(vc: Any) -> MllamaVisionConfig:
-    """Read an ``MllamaVisionConfig``; raises on settings HF itself runs wrongly."""
+    """Read an ``MllamaVisionConfig``; raises on settings the tower cannot run. (A tile always
+    has padding rows: patches + 1 is never a multiple of 8 for a square grid.)"""
     cfg = MllamaVisionConfig(
         d_model=vc.hidden_size, n_heads=vc.attention_heads, d_mlp=vc.intermediate_size,
         n_layers=vc.num_hidden_layers, n_global_layers=vc.num_global_layers,
@@ -44,9 +45,6 @@ def mllama_vision_config(vc: Any) -> MllamaVisionConfig:
         supported_aspect_ratios=tuple(tuple(r) for r in vc.supported_aspect_ratios),
         intermediate_layers=tuple(vc.intermediate_layers_indices), n_channels=vc.num_channels,
         eps=vc.norm_eps, act_fn=vc.hidden_act)
-    if cfg.n_tokens % 8 == 0:
-        raise MMLensError(f"mllama: {cfg.n_tokens} rows per tile leave no padding rows, where "
-                          "HF's vision mask blocks every pair of rows; not supported")
     if cfg.d_out != vc.vision_output_dim:
         raise MMLensError(f"mllama: vision_output_dim {vc.vision_output_dim} is not "
                           f"hidden_size x (1 + {len(cfg.intermediate_layers)} intermediate "
