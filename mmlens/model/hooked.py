@@ -179,7 +179,9 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
             resid, injections, cross = self._embed(input, pixel_values, image_sizes)
         else:
             resid, cross = input, None
-            if any(layer >= start_at_layer for layer in self.cfg.text.cross_attention_layers):
+            stop = self.cfg.text.n_layers if stop_at_layer is None else stop_at_layer
+            if any(start_at_layer <= layer < stop
+                   for layer in self.cfg.text.cross_attention_layers):
                 raise MMLensError(
                     f"resuming at layer {start_at_layer} would skip the image in the "
                     f"cross-attention layers {list(self.cfg.text.cross_attention_layers)}: "

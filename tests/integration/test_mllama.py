@@ -247,6 +247,9 @@ def test_resuming_before_a_cross_attention_layer_is_refused(model, batch):
     resid = torch.zeros(2, inputs["input_ids"].shape[1], model.cfg.d_model)
     with pytest.raises(MMLensError, match="cross-attention layers"):
         model(resid, start_at_layer=2, attention_mask=inputs["attention_mask"])
+    # a resumed run that stops before the next cross-attention layer needs no image
+    out = model(resid, start_at_layer=2, stop_at_layer=3, attention_mask=inputs["attention_mask"])
+    assert out.shape == resid.shape
 
 
 # ---------------------------------------------------------------- block_attention
