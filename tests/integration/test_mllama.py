@@ -442,3 +442,25 @@ def test_intermediate_layers_outside_the_local_transformer_are_refused():
     config = hf_config(vision_config=dict(intermediate_layers_indices=[0, 5]))
     with pytest.raises(MMLensError, match="must be local vision layers"):
         MllamaFamily().read_config(config)
+
+
+def test_block_attention_from_the_image_in_chosen_heads_zeroes_those_heads(hf, model, batch):
+    from mmlens.methods import block_attention
+
+    inputs, positions = batch
+    last = inputs["input_ids"].shape[1] - 1
+    hooks = block_attention("image", [last], [3], heads=[1, 2], model=model)
+    d_head = model.cfg.d_head
+
+    def zero_heads(layer, module):
+        def pre(m, args):  # o_proj's input [batch, text, heads * d_head]: heads 1-2 at last
+            z = args[0].clone()
+            z[:, last, d_head:3 * d_head] = 0
+            return (z,)
+        return [module.o_proj.register_forward_pre_hook(pre)]
+
+    out, _ = _hf_run(hf, inputs, positions, _in_layer(3, zero_heads))
+    logits, _ = _ours(model, inputs, hooks)
+    assert _close(model, inputs, logits, out.logits)
+    plain, _ = _ours(model, inputs)
+    assert not _close(model, inputs, plain, out.logits)
