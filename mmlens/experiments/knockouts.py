@@ -69,6 +69,10 @@ class Knockout:
     removes_injection: bool = False
     """A ``deepstack->...`` flow: the DeepStack features added at ``target`` after ``layers``
     are removed; no attention edge is blocked."""
+    image_keys: bool = False
+    """An ``image->...`` flow on a model whose image reaches the text only by cross-attention
+    (Llama-3.2-Vision): ``target`` is blocked from every image key in the window's
+    cross-attention layers (``source`` is the image token, unused)."""
 
     @property
     def is_empty(self) -> bool:
@@ -135,9 +139,12 @@ def check_flow_spans(flows: Iterable[Flow], span_names: Iterable[str]) -> None:
 
 
 def window_knockouts(
-    flows: Iterable[Flow], spans: Mapping[str, Tensor], window: int, n_layers: int
+    flows: Iterable[Flow], spans: Mapping[str, Tensor], window: int, n_layers: int, *,
+    cross_attention: bool = False,
 ) -> list[WindowKnockout]:
-    """Every (flow, centre layer) knockout of one example, flows outer, layers inner."""
+    """Every (flow, centre layer) knockout of one example, flows outer, layers inner;
+    ``cross_attention``: the model's image is in its cross-attention keys, not in the prompt
+    (flows from ``image`` block those keys, ``Knockout.image_keys``)."""
     cells = []
     for flow in flows:
         source = torch.as_tensor(spans[flow.source], dtype=torch.long).cpu()
@@ -145,7 +152,8 @@ def window_knockouts(
         for centre in range(n_layers):
             layers = tuple(window_layers(centre, window, n_layers))
             cells.append(WindowKnockout(flow.name, centre, Knockout(
-                source, target, layers, removes_injection=flow.source == DEEPSTACK)))
+                source, target, layers, removes_injection=flow.source == DEEPSTACK,
+                image_keys=cross_attention and flow.source == "image")))
     return cells
 
 

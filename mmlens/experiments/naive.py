@@ -29,6 +29,11 @@ def knockout_hooks(knockout: Knockout, model: HookedModel | None = None) -> list
     if knockout.removes_injection:
         layers = [layer for layer in knockout.layers if layer in deepstack_layers(model)]
         return remove_deepstack(model, layers, knockout.target) if layers else []
+    if knockout.image_keys:  # the image's cross-attention keys (Llama-3.2-Vision)
+        return block_attention("image", knockout.target, list(knockout.layers), model=model)
+    if model is not None and model.cfg.text.cross_attention_layers:  # self-attention layers
+        return block_attention(knockout.source, knockout.target, list(knockout.layers),
+                               model=model)
     return block_attention(knockout.source, knockout.target, list(knockout.layers))
 
 

@@ -294,7 +294,8 @@ def _found_preset(model: Any) -> tuple[StudyPreset | None, str]:
 
 
 def _fixed_preprocessing(model: Any) -> str | None:
-    """``"anyres"`` / ``"dynamic"`` where the model's processor fixes the geometry."""
+    """``"anyres"`` / ``"dynamic"`` / ``"tiles"`` where the model's processor fixes the
+    geometry."""
     family = getattr(model, "family", None)
     return None if family is None else family.fixed_preprocessing
 

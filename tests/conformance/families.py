@@ -18,9 +18,12 @@ from PIL import Image
 
 from mmlens import HookedMultimodalTransformer
 from mmlens.inputs.templates import IMAGE_PLACEHOLDER, get_template
+from mmlens.model.families import FAMILIES as REGISTERED
 from mmlens.zoo.tiny import tiny_families, tiny_module
 
-FAMILIES = tiny_families()
+FAMILIES = [family for family in tiny_families() if family in REGISTERED]
+"""Every registered family with a tiny builder (a builder may come before its family is
+registered; the suite runs it once it is)."""
 VARIANTS = [(family, name) for family in FAMILIES
             for name in getattr(tiny_module(family), "VARIANTS", {})]
 """Every (family, variant) of the tiny modules' ``VARIANTS``: hf_config overrides."""
