@@ -51,7 +51,8 @@ def greedy_continue(model: HookedModel, clean: CleanRun, first_token: int, *, ma
             break
         step = torch.tensor([[tokens[-1]]], device=clean.resid[0].device)
         logits = model(step, past_kv_cache=clean.cache)[0, -1].float().to(device)
-        logits[model.cfg.image_token_id] = float("-inf")
+        if model.cfg.image_token_id < logits.shape[-1]:  # past the logits on Mllama
+            logits[model.cfg.image_token_id] = float("-inf")
         tokens.append(int(logits.argmax()))
     return tokens
 

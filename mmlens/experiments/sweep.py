@@ -280,7 +280,7 @@ def _one_example(model: HookedModel, source: ExampleSource, index: int, *, flows
             tokens += [answer_id, foil_id]
     cross = bool(model.cfg.text.cross_attention_layers)
     cells = window_knockouts(run, spans, settings.window, model.cfg.n_layers,
-                             cross_attention=cross)
+                             cross_attention=cross, key_spans=example.key_spans)
     knockouts = [cell.knockout for cell in cells]
     if not knockouts:
         probs = clean.logits.softmax(-1)[tokens][None].cpu()[:0]

@@ -7,8 +7,10 @@ sees it only in its cross-attention layers, whose keys are the image tokens of e
 
 - ``"image"``: every key of the prompt's images (the row then gets zero cross-attention
   output: the layer's rule for a row whose every key is blocked); it needs no ``batch=``;
-- ``"related"`` / ``"other"`` (patches of tiles) are refused until the family builds an
-  image-token map over its keys.
+- ``"related"`` / ``"other"`` (patches of tiles, from boxes through the image-token map of
+  the tiles, ``mmlens.inputs.layouts.cross_tiles``): the keys the batch's key span holds
+  (``MultimodalBatch.key_spans``); they need ``batch=``. A span of keys is also a source by
+  itself: any span name of ``batch.key_spans``.
 
 A text source (``"question"``, explicit positions) is a self-attention edge: the
 cross-attention layers of the window are left alone, as an image source leaves the
@@ -32,19 +34,35 @@ IMAGE_SOURCES = ("image",)
 KEY_MAP_SPANS = ("related", "other")
 
 
-def is_image_source(src: Any) -> bool:
-    """Whether ``src`` names image keys (a span name of ``IMAGE_SOURCES`` or the map's)."""
-    return isinstance(src, str) and src in (*IMAGE_SOURCES, *KEY_MAP_SPANS)
+def is_image_source(src: Any, batch: Any = None) -> bool:
+    """Whether ``src`` names image keys (``"image"``, ``"related"`` / ``"other"``, or a key
+    span of ``batch``)."""
+    return isinstance(src, str) and (src in (*IMAGE_SOURCES, *KEY_MAP_SPANS) or (
+        batch is not None and src in batch.key_spans))
 
 
-def image_keys(src: str) -> Tensor | list[Tensor] | None:
-    """The key indices the image source ``src`` names: None for every key (``"image"``)."""
-    if src in KEY_MAP_SPANS:
-        raise MMLensError(
-            f"src={src!r} on a cross-attention model needs the image-token map of its tiles "
-            "(patches of tiles), which this family does not build yet: block 'image' (every "
-            "image key)")
-    return None
+def image_keys(src: str, batch: Any = None) -> list[Tensor] | None:
+    """The key indices the image source ``src`` names, one tensor per example: None for
+    every key (``"image"``)."""
+    if src in IMAGE_SOURCES:
+        return None
+    if batch is None:
+        raise MMLensError(f"src={src!r} on a cross-attention model names image keys of each "
+                          "example: pass batch= (a batch prepared with boxes)")
+    if src not in batch.key_spans:
+        raise MMLensError(f"span {src!r} of this batch holds no cross-attention keys: prepare "
+                          "the batch with boxes= for related / other")
+    return [batch.positions(src, i) for i in range(len(batch))]
+
+
+def cross_key_hooks(keys: list[Tensor] | None, dst: Tensor | list[Tensor], layers: Any,
+                    cross: Any, heads: list[int] | None = None,
+                    n_heads: int | None = None) -> list[tuple[str, Callable]]:
+    """``hook_mask`` edits blocking ``dst`` from ``keys`` (per example; None = every key) in
+    the cross-attention layers among ``layers``."""
+    return [(f"blocks.{layer}.cross_attn.hook_mask",
+             cross_mask_editor(keys, dst, heads, n_heads, layer))
+            for layer in layers if layer in cross]
 
 
 def cross_mask_editor(keys: Tensor | list[Tensor] | None, dst: Tensor | list[Tensor],

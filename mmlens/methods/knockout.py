@@ -28,7 +28,7 @@ from torch import Tensor
 
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.inputs.token_map import ImageLayout
-from mmlens.methods.cross_knockout import cross_mask_editor, image_keys, is_image_source
+from mmlens.methods.cross_knockout import cross_key_hooks, image_keys, is_image_source
 from mmlens.methods.edges import blocked_edges, check_attendable
 
 PositionSpec = str | int | Sequence[int] | Tensor | Sequence[Sequence[int] | Tensor]
@@ -213,11 +213,8 @@ def _cross_attention_model(src: PositionSpec, dst: PositionSpec, layers: list[in
     dst_pos = resolve_positions(dst, batch, role="dst")
     if batch is not None:
         _check_range(dst_pos, "dst", batch.input_ids.shape[1], "the batch")
-    if is_image_source(src):
-        keys = image_keys(src)
-        return [(f"blocks.{layer}.cross_attn.hook_mask",
-                 cross_mask_editor(keys, dst_pos, heads, n_heads, layer))
-                for layer in layers if layer in cross]
+    if is_image_source(src, batch):
+        return cross_key_hooks(image_keys(src, batch), dst_pos, layers, cross, heads, n_heads)
     src_pos = resolve_positions(src, batch, role="src")
     if batch is not None:
         _check_range(src_pos, "src", batch.input_ids.shape[1], "the batch")

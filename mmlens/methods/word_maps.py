@@ -81,6 +81,8 @@ def word_maps(model: HookedModel, batch: MultimodalBatch, layers: Sequence[int],
     boxes; default the example's record's image.
     """
     offset = batch.input_ids.shape[1] - int(batch.attention_mask[example].sum())
+    if model.cfg.text.cross_attention_layers:  # the image tokens are keys: no padding shift
+        offset = 0
     grid = batch.positions("image", example) if grid is None else torch.as_tensor(grid)
     regions = {str(i): [(grid[i:i + 1] - offset).cpu()] for i in range(len(grid))}
     return [{"word": word, "positions": positions.tolist(),

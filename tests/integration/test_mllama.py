@@ -3,10 +3,7 @@
 decoder layer and the logits on a left-padded batch of different images (odd sizes, one and
 two tiles, several images in one prompt, none); the layer numbering; the gates on the data
 path; a row whose every image key is blocked gets zero cross-attention output, a partly
-blocked row is HF eager with the blocked keys added to its own mask; bf16 runs.
-
-The family is not yet registered in ``FAMILIES`` (not every conformance check holds for it):
-these tests register it for their own run."""
+blocked row is HF eager with the blocked keys added to its own mask; bf16 runs."""
 
 import numpy as np
 import pytest
@@ -15,23 +12,15 @@ from PIL import Image
 
 from mmlens import HookedMultimodalTransformer
 from mmlens.core.errors import MMLensError
-from mmlens.model import families
 from mmlens.model.families.mllama import MllamaFamily
 from mmlens.zoo.tiny import tiny_hf_model, tiny_processor
 from mmlens.zoo.tiny.mllama import IMAGE_SIZES
 
-CROSS = (1, 3)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def registered():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(families.FAMILIES, "mllama", MllamaFamily())
-        yield
+CROSS = (1, 2)
 
 
 @pytest.fixture(scope="module")
-def hf(registered):
+def hf():
     model = tiny_hf_model("mllama")
     model.set_attn_implementation("eager")
     return model
@@ -153,7 +142,7 @@ def _close(model, inputs, logits, theirs):
 def test_a_gate_set_by_its_hook_is_hf_with_that_gate(hf, model, batch, gate):
     inputs, positions = batch
     hf_name = {"hook_attn_gate": "cross_attn_attn_gate", "hook_mlp_gate": "cross_attn_mlp_gate"}
-    param = getattr(hf.model.language_model.layers[3], hf_name[gate])
+    param = getattr(hf.model.language_model.layers[2], hf_name[gate])
     saved = param.detach().clone()
     with torch.no_grad():
         param.fill_(float(np.arctanh(0.75)))
@@ -162,7 +151,7 @@ def test_a_gate_set_by_its_hook_is_hf_with_that_gate(hf, model, batch, gate):
     finally:
         with torch.no_grad():
             param.copy_(saved)
-    hooks = [(f"blocks.3.{gate}", lambda g, hook: torch.full_like(g, 0.75))]
+    hooks = [(f"blocks.2.{gate}", lambda g, hook: torch.full_like(g, 0.75))]
     logits, _ = _ours(model, inputs, hooks)
     assert _close(model, inputs, logits, out.logits)
     plain, _ = _ours(model, inputs)
@@ -248,8 +237,11 @@ def test_resuming_before_a_cross_attention_layer_is_refused(model, batch):
     with pytest.raises(MMLensError, match="cross-attention layers"):
         model(resid, start_at_layer=2, attention_mask=inputs["attention_mask"])
     # a resumed run that stops before the next cross-attention layer needs no image
-    out = model(resid, start_at_layer=2, stop_at_layer=3, attention_mask=inputs["attention_mask"])
+    out = model(resid, start_at_layer=0, stop_at_layer=1, attention_mask=inputs["attention_mask"])
     assert out.shape == resid.shape
+    # nor one resumed after the last of them
+    logits = model(resid, start_at_layer=3, attention_mask=inputs["attention_mask"])
+    assert logits.shape[:2] == resid.shape[:2]
 
 
 # ---------------------------------------------------------------- block_attention
@@ -270,7 +262,7 @@ def test_block_attention_from_the_image_zeroes_the_cross_attention_of_the_window
 
     inputs, positions = batch
     last = inputs["input_ids"].shape[1] - 1
-    hooks = block_attention("image", [last - 1, last], [0, 1, 2], model=model)
+    hooks = block_attention("image", [last - 1, last], [0, 1], model=model)
     assert [name for name, _ in hooks] == ["blocks.1.cross_attn.hook_mask"]
     zero = torch.zeros(2, last + 1, dtype=torch.bool)
     zero[:, last - 1:] = True
@@ -289,11 +281,11 @@ def test_block_attention_from_text_edits_only_the_self_attention_layers(hf, mode
     inputs, positions = batch
     last = inputs["input_ids"].shape[1] - 1
     hooks = block_attention([3, 4, 5], last, range(4), model=model)
-    assert [name for name, _ in hooks] == ["blocks.0.attn.hook_mask", "blocks.2.attn.hook_mask"]
+    assert [name for name, _ in hooks] == ["blocks.0.attn.hook_mask", "blocks.3.attn.hook_mask"]
     block = torch.zeros(2, 1, last + 1, last + 1, dtype=torch.bool)
     block[:, 0, last, 3:6] = True
     handles = [_hf_self_edit(block)(hf.model.language_model.layers[i].self_attn)
-               for i in (0, 2)]
+               for i in (0, 3)]
     try:
         out, _ = _hf_run(hf, inputs, positions)
     finally:
@@ -303,11 +295,14 @@ def test_block_attention_from_text_edits_only_the_self_attention_layers(hf, mode
     assert _close(model, inputs, logits, out.logits)
 
 
-def test_related_spans_on_the_image_keys_are_refused_with_a_reason(model):
+def test_related_spans_on_the_image_keys_need_a_batch_with_boxes(model):
     from mmlens.methods import block_attention
 
-    with pytest.raises(MMLensError, match="image-token map of its tiles"):
+    with pytest.raises(MMLensError, match="pass batch="):
         block_attention("related", [5], [1], model=model)
+    batch = model.prepare(_images()[:1], ["What color is the square?"])
+    with pytest.raises(MMLensError, match="boxes="):
+        block_attention("related", "last", [1], batch=batch, model=model)
 
 
 # ---------------------------------------------------------------- the study
@@ -449,7 +444,7 @@ def test_block_attention_from_the_image_in_chosen_heads_zeroes_those_heads(hf, m
 
     inputs, positions = batch
     last = inputs["input_ids"].shape[1] - 1
-    hooks = block_attention("image", [last], [3], heads=[1, 2], model=model)
+    hooks = block_attention("image", [last], [2], heads=[1, 2], model=model)
     d_head = model.cfg.d_head
 
     def zero_heads(layer, module):
@@ -459,8 +454,37 @@ def test_block_attention_from_the_image_in_chosen_heads_zeroes_those_heads(hf, m
             return (z,)
         return [module.o_proj.register_forward_pre_hook(pre)]
 
-    out, _ = _hf_run(hf, inputs, positions, _in_layer(3, zero_heads))
+    out, _ = _hf_run(hf, inputs, positions, _in_layer(2, zero_heads))
     logits, _ = _ours(model, inputs, hooks)
     assert _close(model, inputs, logits, out.logits)
     plain, _ = _ours(model, inputs)
     assert not _close(model, inputs, plain, out.logits)
+
+
+def test_prompts_with_different_image_counts_in_one_batch_are_hfs_batch(hf, model):
+    """Two images beside one, and one beside a text-only prompt (``prepare`` pads the image
+    axis with padding images as HF's processor does) equal HF on the same batch. Not each
+    prompt alone: a text row that sees no image (before the image token, or a text-only
+    prompt) averages every key of its prompt, the padding images' included (HF's rule), so
+    such rows depend on the batch's padding images, in HF as here."""
+    a, b, c = _images()
+    questions = ["What color is the square?", "Which shape is red?"]
+    for images, per_prompt in (([[a, b], c], [[a, b], [c]]), ([c, None], [[c], []])):
+        batch = model.prepare(images, questions)
+        text = [p.replace("<image>", "<|image|>") for p in batch.prompts]
+        inputs = _inputs(model, per_prompt, text)
+        assert torch.equal(batch.input_ids * batch.attention_mask,
+                           inputs["input_ids"] * inputs["attention_mask"])
+        with torch.no_grad():
+            ours, reference = model(batch), hf(**inputs).logits
+            alone = model(model.prepare(images[1:], questions[1:]))
+        real = batch.attention_mask.bool()
+        assert (ours - reference)[real].abs().max() <= 1e-4
+        assert (ours[1, -alone.shape[1]:] - alone[0]).abs().max() > 1e-4  # HF's rule
+
+
+def test_pixel_values_for_fewer_prompts_than_have_an_image_are_refused(model):
+    batch = model.prepare([_images()[0], _images()[1]], ["What color?", "Which shape?"])
+    with pytest.raises(MMLensError, match="one row per prompt"):
+        model(batch.input_ids, batch.pixel_values[:1], attention_mask=batch.attention_mask,
+              image_sizes=batch.image_sizes[:1])

@@ -16,6 +16,7 @@ geometry key is ``aspect_ratio_ids`` ``[batch, images]`` (0 for a padding image)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from mmlens.core.errors import MMLensError
+from mmlens.inputs.layouts.cross_tiles import CrossTilesLayout
 from mmlens.model.components import Embed
 from mmlens.model.components.blocks import LanguageBlock
 from mmlens.model.components.cross_attention import CrossAttentionBlock, CrossAttentionInputs
@@ -171,9 +173,52 @@ class MllamaFamily(Family):
         to every key, HF's rule (its MLP output is zeroed: ``rows``)."""
         vision = model.cfg.vision
         ids = image_sizes.to(input_ids.device)
+        states = features.view(ids.shape[0], -1, features.shape[-1])
+        if ids.shape[0] != input_ids.shape[0]:  # prompts without an image among the batch
+            states, ids = self._pad_text_only_rows(model, input_ids, states, ids)
         tokens = cross_attention_token_mask(input_ids, model.cfg.image_token_id,
                                             vision.n_tiles(ids), vision.max_tiles)
         mask = tokens.repeat_interleave(vision.n_tokens, dim=3).flatten(2)[:, None]
         rows = mask.any(-1)[:, 0]
-        states = features.view(input_ids.shape[0], -1, features.shape[-1])
         return CrossAttentionInputs(states, mask | ~rows[:, None, :, None], rows)
+
+    def _pad_text_only_rows(self, model: Any, input_ids: Tensor, states: Tensor,
+                            ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Image keys for a batch whose pixel values hold only the prompts with images (in
+        order): the text-only prompts get what HF's processor gives them, padding images
+        (zero pixels, aspect ratio id 0); a text row that sees no image averages every key
+        of its prompt, HF's rule, so these keys count."""
+        has_image = (input_ids == model.cfg.image_token_id).any(-1)
+        if int(has_image.sum()) != ids.shape[0]:
+            raise MMLensError(
+                f"pixel_values hold {ids.shape[0]} prompts' images but {int(has_image.sum())} "
+                f"of the {input_ids.shape[0]} prompts have an image token: pass pixel_values "
+                "[batch, images, tiles, 3, H, W] with one row per prompt (the processor's), or "
+                "one row per prompt with an image (prepare's)")
+        vision = model.cfg.vision
+        blank = torch.zeros(1, ids.shape[1], vision.max_tiles, vision.n_channels,
+                            vision.image_size, vision.image_size, device=states.device,
+                            dtype=model.embed.W_E.dtype)
+        padding = self.encode_images(model, blank, ids.new_zeros(1, ids.shape[1]))
+        full = padding.view(1, -1, states.shape[-1]).repeat(input_ids.shape[0], 1, 1)
+        full[has_image] = states
+        full_ids = ids.new_zeros(input_ids.shape[0], ids.shape[1])
+        full_ids[has_image] = ids
+        return full, full_ids
+
+    def image_layout(self, model: Any) -> CrossTilesLayout:
+        """The processor's tiling; the map's tokens are the cross-attention keys (tile class
+        tokens and patches, padding tiles included)."""
+        return CrossTilesLayout.from_image_processor(model.processor.image_processor,
+                                                     model.cfg.vision)
+
+    def stack_pixel_values(self, pixel_values: Sequence[Tensor]) -> Tensor:
+        """Per-prompt ``[1, images, tiles, 3, H, W]`` -> one batch, the image axis padded with
+        zero frames (padding images) as HF's processor pads it."""
+        most = max(p.shape[1] for p in pixel_values)
+        return torch.cat([torch.cat([p, p.new_zeros(1, most - p.shape[1], *p.shape[2:])], 1)
+                          for p in pixel_values])
+
+    def stack_image_sizes(self, image_sizes: Sequence[Tensor]) -> Tensor:
+        """Per-prompt ``aspect_ratio_ids [1, images]``, padded with 0 (a padding image)."""
+        return self.stack_pixel_values(image_sizes)

@@ -2,8 +2,9 @@
 (16 patches and a class token per tile, padded to 24 rows), at most 2 tiles per image, a
 3-layer local and a 2-layer gated global vision transformer (local layers 0 and 2
 concatenated to the output); a 4-layer decoder with grouped-query attention whose layers 1
-and 3 are gated cross-attention layers; a word-level tokenizer whose ``<|image|>`` token is
-past the logits, as in the real checkpoints (the embedding has 8 extra rows)."""
+and 2 are gated cross-attention layers (0 and 3 self-attention); a word-level tokenizer
+whose ``<|image|>`` token is past the logits, as in the real checkpoints (the embedding has 8
+extra rows)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from mmlens.core.sizes import ImageSize
 
 HF_CLASS = "MllamaForConditionalGeneration"
 IMAGE_SIZES = (ImageSize(45, 19), ImageSize(13, 30), ImageSize(21, 21))
+PER_PROMPT_IMAGES = True
+"""The processor takes ``images=`` as one list per prompt."""
 
 SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>",
             "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|python_tag|>", "<unk>")
@@ -50,7 +53,7 @@ def hf_config(**overrides: Any) -> Any:
     vision.update(overrides.pop("vision_config", {}))
     text = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2, vocab_size=_tokenizer_size(),
-                cross_attention_layers=[1, 3], max_position_embeddings=512, rms_norm_eps=1e-5,
+                cross_attention_layers=[1, 2], max_position_embeddings=512, rms_norm_eps=1e-5,
                 pad_token_id=SPECIALS.index("<|finetune_right_pad_id|>"),
                 bos_token_id=0, eos_token_id=SPECIALS.index("<|eot_id|>"),
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
@@ -82,6 +85,15 @@ def processor(hf_config: Any = None) -> Any:
         size={"height": TILE, "width": TILE}, max_image_tiles=MAX_TILES,
         image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return MllamaProcessor(image_processor, tokenizer(), chat_template=CHAT_TEMPLATE)
+
+
+def hf_tower_slots(hf: Any, n_seq: int) -> range | list[int]:
+    """The tower positions of an image's keys: per tile (``n_seq`` positions over the tiles,
+    each padded to a multiple of 8 rows) its class token and patches, not its padding rows."""
+    vc = hf.config.vision_config
+    n_tokens = (vc.image_size // vc.patch_size) ** 2 + 1
+    n_padded = -(-n_tokens // 8) * 8
+    return [t * n_padded + k for t in range(n_seq // n_padded) for k in range(n_tokens)]
 
 
 def hf_vision_layers(hf: Any) -> list:
