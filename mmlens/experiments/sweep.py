@@ -6,8 +6,7 @@
 
 Per example: one clean run (the image encoded once), the correctness filter (greedy decode,
 ``strip().lower()`` equal to the gold answer), then every (flow, centre layer) knockout by the
-fast engine (``method="fast"``) or one full forward each (``method="naive"``; also what
-``"fast"`` runs on a model with cross-attention layers, which the engine does not cover). The
+fast engine (``method="fast"``) or one full forward each (``method="naive"``). The
 same clean run gives the answer-emergence readings (``lens=True``) and the example's
 provenance. With ``store`` the results are appended to disk per example and a restarted run
 resumes.
@@ -284,7 +283,7 @@ def _one_example(model: HookedModel, source: ExampleSource, index: int, *, flows
     knockouts = [cell.knockout for cell in cells]
     if not knockouts:
         probs = clean.logits.softmax(-1)[tokens][None].cpu()[:0]
-    elif method == "fast" and not cross:  # cross-attention: the exact path, one run each
+    elif method == "fast":
         probs = fast_knockout_probs(model, clean, knockouts, tokens, batch_size=batching[0],
                                     max_memory=batching[1])
     else:

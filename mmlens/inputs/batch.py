@@ -105,6 +105,16 @@ class MultimodalBatch:
                            f"{', '.join(self.span_names)}; add your own with batch.add_span")
         return spans[name]
 
+    def prompt_span(self, name: str, where: str) -> list[Tensor]:
+        """``span(name)``, refused with a reason when it holds cross-attention keys instead of
+        prompt positions (``key_spans``) and ``where`` (a method's name) reads positions."""
+        if name in self.key_spans:
+            raise MMLensError(
+                f"{where}: span {name!r} holds the image's cross-attention keys, not positions "
+                "of the prompt (the image is read by cross-attention): knock those keys out "
+                "with block_attention, information_flow or causal_map, or use a text span")
+        return self.span(name)
+
     def span(self, name: str) -> list[Tensor]:
         """Positions of span ``name`` for every example."""
         return [self.positions(name, i) for i in range(len(self))]

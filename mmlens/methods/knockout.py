@@ -52,7 +52,7 @@ def resolve_positions(
         if batch is None:
             raise ValueError(f"{role}={spec!r} is a span name: pass batch= (the MultimodalBatch "
                              "whose spans it names), or give explicit positions")
-        per_example = batch.span(spec)
+        per_example = batch.prompt_span(spec, role)
         for i, positions in enumerate(per_example):
             if positions.numel() == 0:
                 raise ValueError(f"{role}: span {spec!r} is empty in example {i}: there is "

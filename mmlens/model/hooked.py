@@ -189,12 +189,14 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         else:
             resid, cross = input, None
             stop = self.cfg.text.n_layers if stop_at_layer is None else stop_at_layer
-            if any(start_at_layer <= layer < stop
-                   for layer in self.cfg.text.cross_attention_layers):
+            held = past_kv_cache is not None and past_kv_cache.cross is not None
+            if not held and any(start_at_layer <= layer < stop
+                                for layer in self.cfg.text.cross_attention_layers):
                 raise MMLensError(
                     f"resuming at layer {start_at_layer} would skip the image in the "
                     f"cross-attention layers {list(self.cfg.text.cross_attention_layers)}: "
-                    "resume after the last of them, or run from input_ids")
+                    "resume after the last of them, on a key/value cache of a run with the "
+                    "image (it holds the image keys), or run from input_ids")
             if injections is None and start_at_layer < self.cfg.text.deepstack_layers:
                 raise MMLensError(
                     f"resuming at layer {start_at_layer} skips the image features DeepStack "

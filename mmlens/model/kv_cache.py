@@ -101,6 +101,6 @@ class KeyValueCache:
                   for kv in self.layers]
         mask = None if self.attention_mask is None else self.attention_mask[:, :length]
         positions = None if self.position_ids is None else self.position_ids[..., :length]
-        cross = None if self.cross is None else self.cross.first(length)
+        # the cross-attention inputs keep every row: a resumed suffix reads its own rows
         return KeyValueCache(layers=layers, attention_mask=mask, frozen=True,
-                             position_ids=positions, cross=cross)
+                             position_ids=positions, cross=self.cross)

@@ -87,7 +87,7 @@ class LanguageStack:
             if cross is not None and not past_kv_cache.frozen:
                 past_kv_cache.cross = cross
             elif cross is None and past_kv_cache.cross is not None:  # positions after an image
-                cross = past_kv_cache.cross.continued(q_len)
+                cross = past_kv_cache.cross.after(attention_mask.shape[1] - q_len, q_len)
         rotary = self.rotary(position_ids, resid.dtype)
         if masks is None:
             masks = [build_mask(attention_mask, q_len)] * self.cfg.n_layers

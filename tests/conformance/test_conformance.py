@@ -210,8 +210,13 @@ def _hf_logits_with_mask_edit(tiny, inputs, layers, blocked, image_keys=False):
         return args, kwargs
 
     decoder = hf_decoder_layers(tiny.module, tiny.hf)
-    handles = [decoder[layer].self_attn.register_forward_pre_hook(edit, with_kwargs=True)
-               for layer in layers]
+    return _hf_logits_with(tiny, inputs, [
+        decoder[layer].self_attn.register_forward_pre_hook(edit, with_kwargs=True)
+        for layer in layers])
+
+
+def _hf_logits_with(tiny, inputs, handles):
+    """HF's logits on ``inputs`` with the hooks of ``handles``, which are removed after."""
     try:
         with torch.no_grad():
             return tiny.hf(**inputs).logits
@@ -221,6 +226,9 @@ def _hf_logits_with_mask_edit(tiny, inputs, layers, blocked, image_keys=False):
 
 
 def _hf_logits_with_cross_edit(tiny, inputs, layers, blocked):
+    """HF's logits with ``blocked(row) -> (dst, keys or None for all, heads)`` cut from the
+    cross-attention mask of ``layers``, a (row, head) then cut from every key zeroed before
+    ``o_proj``."""
     n_heads, d_head = tiny.model.cfg.n_heads, tiny.model.cfg.d_head
     zeroed = {}
 
@@ -250,13 +258,7 @@ def _hf_logits_with_cross_edit(tiny, inputs, layers, blocked):
         return [module.register_forward_pre_hook(pre, with_kwargs=True),
                 module.o_proj.register_forward_pre_hook(zero_heads)]
 
-    handles = [handle for layer in layers for handle in edit(layer)]
-    try:
-        with torch.no_grad():
-            return tiny.hf(**inputs).logits
-    finally:
-        for handle in handles:
-            handle.remove()
+    return _hf_logits_with(tiny, inputs, [handle for layer in layers for handle in edit(layer)])
 
 
 @pytest.mark.parametrize("src, dst, layers, heads", [

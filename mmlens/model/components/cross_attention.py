@@ -43,13 +43,14 @@ class CrossAttentionInputs:
         """The inputs of the last ``q_len`` text positions (a run with a key/value cache)."""
         return CrossAttentionInputs(self.states, self.mask[:, :, -q_len:], self.rows[:, -q_len:])
 
-    def first(self, length: int) -> CrossAttentionInputs:
-        """The inputs of the first ``length`` text positions (a truncated cache)."""
-        return CrossAttentionInputs(self.states, self.mask[:, :, :length], self.rows[:, :length])
-
-    def continued(self, q_len: int) -> CrossAttentionInputs:
-        """The inputs of ``q_len`` positions after these: each sees what the last one sees
-        (HF's generate repeats the last row of the cross-attention mask)."""
+    def after(self, past: int, q_len: int) -> CrossAttentionInputs:
+        """The inputs of the ``q_len`` positions after the first ``past`` (a run resumed on a
+        key/value cache): these rows where they are held (the cached prompt's own positions,
+        the knockout engine's suffixes), else each sees what the last held row sees (HF's
+        generate repeats the last row of the cross-attention mask)."""
+        if past + q_len <= self.mask.shape[2]:
+            return CrossAttentionInputs(self.states, self.mask[:, :, past:past + q_len],
+                                        self.rows[:, past:past + q_len])
         return CrossAttentionInputs(self.states, self.mask[:, :, -1:].expand(-1, -1, q_len, -1),
                                     self.rows[:, -1:].expand(-1, q_len))
 

@@ -40,6 +40,15 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokeniz
                    "tokenizer_config.json", "tokenizer.model")
 
 
+def stack_padding_images(per_prompt: Sequence[Tensor]) -> Tensor:
+    """Per-prompt ``[1, images, ...]`` -> one batch, the image axis padded with zero frames as
+    HF's processors pad it (Idefics3's pixels and masks, Mllama's pixels and aspect ratio
+    ids)."""
+    most = max(p.shape[1] for p in per_prompt)
+    return torch.cat([torch.cat([p, p.new_zeros(1, most - p.shape[1], *p.shape[2:])], 1)
+                      for p in per_prompt])
+
+
 class Family:
     """The adapter of one family of checkpoints; instances are stateless singletons.
 

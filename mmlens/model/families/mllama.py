@@ -34,7 +34,7 @@ from mmlens.model.components.mllama_vision import (
     MllamaVisionTower,
 )
 from mmlens.model.config import LanguageConfig, MultimodalConfig, language_config
-from mmlens.model.families.base import Family
+from mmlens.model.families.base import Family, stack_padding_images
 from mmlens.model.loading.convert_mllama import convert_mllama
 
 
@@ -215,9 +215,7 @@ class MllamaFamily(Family):
     def stack_pixel_values(self, pixel_values: Sequence[Tensor]) -> Tensor:
         """Per-prompt ``[1, images, tiles, 3, H, W]`` -> one batch, the image axis padded with
         zero frames (padding images) as HF's processor pads it."""
-        most = max(p.shape[1] for p in pixel_values)
-        return torch.cat([torch.cat([p, p.new_zeros(1, most - p.shape[1], *p.shape[2:])], 1)
-                          for p in pixel_values])
+        return stack_padding_images(pixel_values)
 
     def stack_image_sizes(self, image_sizes: Sequence[Tensor]) -> Tensor:
         """Per-prompt ``aspect_ratio_ids [1, images]``, padded with 0 (a padding image)."""
