@@ -25,9 +25,10 @@ from transformers import MllamaConfig, MllamaForConditionalGeneration
 from mmlens import HookedMultimodalTransformer
 from mmlens.experiments import DEFAULT_FLOWS
 from mmlens.inputs.batch import MultimodalBatch
+from mmlens.methods import block_attention
 
 IMAGE_TOKEN, BEFORE, QUESTION, AFTER = 128256, 6, 12, 6
-RATIOS = [[w, h] for w in range(1, 5) for h in range(1, 5) if w * h <= 4]  # HF's order
+RATIOS = [[a, b] for a in range(1, 5) for b in range(1, 5) if a * b <= 4]  # HF's order
 
 
 def config(real_shapes: bool) -> MllamaConfig:
@@ -62,7 +63,7 @@ def layout(cfg: MllamaConfig, tiles: int, device: str,
     ids = torch.cat([torch.randint(0, IMAGE_TOKEN, (BEFORE,), generator=gen),
                      torch.tensor([IMAGE_TOKEN]),
                      torch.randint(0, IMAGE_TOKEN, (QUESTION + AFTER,), generator=gen)])[None]
-    ratio = RATIOS.index([tiles, 1]) + 1
+    ratio = RATIOS.index([1, tiles]) + 1  # (rows, cols), as HF's processor looks them up
     grid = vc.image_size // vc.patch_size
     n_tokens = grid**2 + 1
     keys = torch.arange(vc.max_num_tiles * n_tokens)
@@ -98,7 +99,12 @@ def main() -> None:
     args, dtype = family_bench_args(__doc__)
     torch.manual_seed(0)
     cfg = config(args.real_shapes)
-    hf = MllamaForConditionalGeneration(cfg).to(args.device, dtype).eval()
+    hf = MllamaForConditionalGeneration(cfg)
+    with torch.no_grad():  # HF starts every gate at 0, which would keep the image out
+        for name, param in hf.named_parameters():
+            if "gate" in name.rsplit(".", 1)[-1]:
+                param.uniform_(0.5, 1.0)
+    hf = hf.to(args.device, dtype).eval()
     model = HookedMultimodalTransformer.from_hf_model(hf).eval()
     batch, hf_inputs = layout(cfg, tiles, args.device, dtype)
     n_keys = cfg.vision_config.max_num_tiles * ((cfg.vision_config.image_size // 14) ** 2 + 1)
@@ -128,6 +134,10 @@ def main() -> None:
 
     flows = (*DEFAULT_FLOWS, "related->last", "other->last")
     sweep_speedup(model, batch, flows, args.naive_layers, args.device, IMAGE_TOKEN)
+    blocked = model.run_with_hooks(batch, fwd_hooks=block_attention(
+        "image", "last", list(model.cfg.text.cross_attention_layers), batch=batch, model=model))
+    print(f"  the image matters: blocking it from the last position changes its logits by "
+          f"{(blocked[0, -1] - model(batch)[0, -1]).abs().max().item():.2e}")
 
 
 if __name__ == "__main__":

@@ -122,3 +122,15 @@ def test_a_causal_map_patch_is_refused(model):
     clean = _boxed(model, "red")
     with pytest.raises(MMLensError, match="mode='knockout'"):
         causal_map(model, clean, mode="patch", corrupted=clean)
+
+
+def test_maps_from_the_inputs_alone_follow_the_aspect_ratio_ids(model):
+    """Without the original images (``input_maps``), each example's tiles are read off its
+    aspect ratio id in HF's (rows, cols) order: a wide image is one row of two tiles."""
+    layout = model.family.image_layout(model)
+    batch = model.prepare([Image.new("RGB", (45, 19)), Image.new("RGB", (13, 30))],
+                          ["What color?", "Which shape?"])
+    wide, tall = (maps[0] for maps in layout.input_maps(batch))
+    assert wide.image_size == (32, 16) and tall.image_size == (16, 32)
+    assert [f.shift for f in wide.frames] == [(0, 0), (-16, 0)]
+    assert [f.shift for f in tall.frames] == [(0, 0), (0, -16)]

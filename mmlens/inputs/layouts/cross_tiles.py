@@ -32,7 +32,8 @@ from mmlens.inputs.token_map import ImageLayout, ImageTokenMap, TileFrame, Token
 class CrossTilesLayout(ImageLayout):
     """``tile_size`` px tiles of ``patch_size`` px patches, at most ``max_tiles`` an image,
     each ``n_padded`` positions of the tower row; ``aspect_ratios``: the config's
-    ``supported_aspect_ratios`` (``(cols, rows)``, aspect ratio id ``k`` is entry ``k - 1``)."""
+    ``supported_aspect_ratios`` (``(rows, cols)``, as HF's processor looks them up; aspect
+    ratio id ``k`` is entry ``k - 1``)."""
 
     tile_size: int
     patch_size: int
@@ -115,12 +116,13 @@ class CrossTilesLayout(ImageLayout):
                              self.class_offset, one_row=True)
 
     def _tiles(self, batch: Any) -> list[tuple[int, int]]:
+        """``(cols, rows)`` of each example's image, from its aspect ratio id."""
         if batch.image_sizes is None:
             raise ValueError("the batch's image keys cannot be mapped onto Mllama's tiles: it "
                              "has no aspect_ratio_ids (image_sizes); build it with "
                              "model.prepare")
         ids = torch.as_tensor(batch.image_sizes).reshape(len(batch), -1)[:, 0].tolist()
-        return [self.aspect_ratios[i - 1] if i > 0 else (0, 0) for i in ids]
+        return [tuple(self.aspect_ratios[i - 1])[::-1] if i > 0 else (0, 0) for i in ids]
 
     def input_maps(self, batch: Any) -> list[list[ImageTokenMap]]:
         """One map per example from its aspect ratio id alone: boxes in pixels of the padded

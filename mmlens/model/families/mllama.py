@@ -208,9 +208,14 @@ class MllamaFamily(Family):
 
     def image_layout(self, model: Any) -> CrossTilesLayout:
         """The processor's tiling; the map's tokens are the cross-attention keys (tile class
-        tokens and patches, padding tiles included)."""
-        return CrossTilesLayout.from_image_processor(model.processor.image_processor,
-                                                     model.cfg.vision)
+        tokens and patches, padding tiles included). Without a processor, the vision config's
+        tiles (HF's processor tiles the same way)."""
+        vision = model.cfg.vision
+        processor = getattr(model, "processor", None)
+        if processor is not None:
+            return CrossTilesLayout.from_image_processor(processor.image_processor, vision)
+        return CrossTilesLayout(vision.image_size, vision.patch_size, vision.max_tiles,
+                                vision.n_padded, vision.supported_aspect_ratios)
 
     def stack_pixel_values(self, pixel_values: Sequence[Tensor]) -> Tensor:
         """Per-prompt ``[1, images, tiles, 3, H, W]`` -> one batch, the image axis padded with
