@@ -1,4 +1,4 @@
-"""mmlens vs Hugging Face vs TransformerLens's TransformerBridge on LLaVA-OneVision and Qwen2.5-VL.
+"""mmlens vs Hugging Face vs TransformerLens's TransformerBridge on LLaVA-OneVision, Qwen2.5-VL, Gemma 3.
 
 One run times, side by side on the same random weights, a forward and a full
 ``run_with_cache`` of mmlens, of the HF model (sdpa; eager with hidden states and attentions as
@@ -7,10 +7,10 @@ HF's nearest to a cache) and of TransformerLens 4's bridge wrapping a copy of th
 logits are from HF's. The calls are timed in turn, round after round (median of
 ``--repeats``), so a change of load on a shared machine weighs on every column alike. The
 shapes are those of ``bench_onevision.py`` (2260 positions, 2214 image tokens) and
-``bench_qwen.py`` (191 positions, 144 image tokens), scaled-down widths unless
-``--real-shapes``.
+``bench_qwen.py`` (191 positions, 144 image tokens) and ``bench_gemma3.py`` (96 positions, 64
+pooled image tokens, a 32-token sliding window), scaled-down widths unless ``--real-shapes``.
 
-    python benchmarks/bench_bridge.py --threads 1 --repeats 5      # both families, CPU
+    python benchmarks/bench_bridge.py --threads 1 --repeats 5      # every family, CPU
     python benchmarks/bench_bridge.py --threads 1 --family qwen2_5_vl
     python benchmarks/bench_bridge.py --device cuda --dtype bfloat16 --real-shapes
 
@@ -51,12 +51,16 @@ from importlib.metadata import PackageNotFoundError, version
 import torch
 from _bridge import boot_bridge
 from _common import PeakMemory, sync
-from transformers import LlavaOnevisionForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    Gemma3ForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
 from mmlens import HookedMultimodalTransformer
 from mmlens.inputs.batch import MultimodalBatch
 
-FAMILIES = ("onevision", "qwen2_5_vl")
+FAMILIES = ("onevision", "qwen2_5_vl", "gemma3")
 
 
 @dataclass
@@ -103,6 +107,28 @@ def qwen_case(real_shapes: bool, device: str, dtype: torch.dtype) -> Case:
              f"({len(batch.positions('image', 0))} image), {model.cfg.n_layers} layers x "
              f"d_model {model.cfg.d_model}, vision {model.cfg.vision.n_layers} x "
              f"{model.cfg.vision.d_model}")
+    return Case(title, hf, model, batch, dict(input_ids=batch.input_ids, **kwargs), kwargs)
+
+
+def gemma3_case(real_shapes: bool, device: str, dtype: torch.dtype) -> Case:
+    from bench_gemma3 import IMAGE_TOKEN, config, layout
+
+    torch.manual_seed(0)
+    cfg = config(real_shapes)
+    hf = Gemma3ForConditionalGeneration(cfg)
+    with torch.no_grad():  # the projector and norms start at zero: make them matter
+        for param in hf.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    hf = hf.to(device, dtype).eval()
+    hf.set_attn_implementation("sdpa")
+    model = HookedMultimodalTransformer.from_hf_model(hf).eval()
+    batch = layout(cfg, device, dtype)
+    kwargs = dict(attention_mask=batch.attention_mask, pixel_values=batch.pixel_values,
+                  token_type_ids=(batch.input_ids == IMAGE_TOKEN).long())
+    title = (f"Gemma 3: {batch.input_ids.shape[1]} positions "
+             f"({len(batch.positions('image', 0))} image), {model.cfg.n_layers} layers x "
+             f"d_model {model.cfg.d_model}, window {cfg.text_config.sliding_window}, SigLIP "
+             f"{model.cfg.vision.n_layers} x {model.cfg.vision.d_model}")
     return Case(title, hf, model, batch, dict(input_ids=batch.input_ids, **kwargs), kwargs)
 
 
@@ -206,7 +232,7 @@ def installed(name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=[*FAMILIES, "both"], default="both")
+    parser.add_argument("--family", choices=[*FAMILIES, "all"], default="all")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--real-shapes", action="store_true")
@@ -223,8 +249,8 @@ def main() -> None:
           f"{installed('torchvision')}; {args.device} ({platform.machine()}, "
           f"{torch.get_num_threads()} threads), {args.dtype}, "
           f"{'real' if args.real_shapes else 'scaled-down'} widths, median of {args.repeats}")
-    builders = {"onevision": onevision_case, "qwen2_5_vl": qwen_case}
-    for family in FAMILIES if args.family == "both" else [args.family]:
+    builders = {"onevision": onevision_case, "qwen2_5_vl": qwen_case, "gemma3": gemma3_case}
+    for family in FAMILIES if args.family == "all" else [args.family]:
         case = builders[family](args.real_shapes, args.device, dtype)
         print(f"\n{case.title}")
         bench(case, args.device, dtype, args.repeats, not args.no_bridge)

@@ -10,6 +10,8 @@
     torchrun --nproc-per-node 4 -m mmlens.cli flow --device cuda ...   # data parallel
     mmlens report runs/small                     # rebuild report.html from the saved tables
     mmlens hooks --model shapes-llava            # every hook point and its shape
+    mmlens tuned-lens --model shapes-llava --out lenses/shapes-llava --steps 300
+    mmlens flow --tuned-lens lenses/shapes-llava # emergence gains the tuned reading
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import sys
 import warnings
 
 from mmlens.data.example import TASKS
+from mmlens.data.shapes_questions import FREE_FORM_TASKS
+from mmlens.experiments.answer_study import ANSWER_FLOWS
 from mmlens.experiments.knockouts import DEFAULT_FLOWS
 from mmlens.experiments.metrics import METRICS
 from mmlens.experiments.presets import EMPTY_SPANS, PRESETS
@@ -84,7 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     flow.add_argument("--data", default="shapes",
                       help="'shapes' (fresh synthetic questions) or a GQA folder")
     flow.add_argument("--tasks", default=None,
-                      help=f"comma-separated tasks (default all: {','.join(TASKS)})")
+                      help=f"comma-separated tasks (default all: {','.join(TASKS)}); the "
+                      f"free-form {','.join(FREE_FORM_TASKS)} runs flows into every answer token")
+    flow.add_argument("--reference", action="store_true",
+                      help="free-form tasks: force the dataset's reference answer instead of "
+                      "the model's own (no correctness filter)")
+    flow.add_argument("--answer-flows", default=",".join(ANSWER_FLOWS),
+                      help="free-form tasks: comma-separated 'SPAN->answer' flows "
+                      "(default %(default)s)")
     flow.add_argument("--per-task", type=int, default=DEFAULT_PER_TASK,
                       help="questions per task (default %(default)s)")
     flow.add_argument("--flows", default=",".join(DEFAULT_FLOWS),
@@ -111,6 +122,12 @@ def _parser() -> argparse.ArgumentParser:
                       "folder and arguments to resume")
     flow.add_argument("--quiet", action="store_true", help="no progress bars")
     flow.add_argument("--rescale-boxes", action="store_true", help=RESCALE_HELP)
+    flow.add_argument("--no-word-maps", action="store_true",
+                      help="skip the causal maps of the example views' words (faster; the "
+                      "report says they were not computed)")
+    flow.add_argument("--tuned-lens", default=None, metavar="PATH",
+                      help="a tuned lens saved for this model (mmlens tuned-lens): answer "
+                      "emergence gains its 'tuned' reading")
     flow.add_argument("--shard", type=_shard, default=None, metavar="K/N",
                       help="run only the K-th (from 0) of N disjoint shares of the examples; "
                       "join the shards' folders with `mmlens merge`")
@@ -148,10 +165,25 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--break-lock", action="store_true", help=BREAK_LOCK_HELP)
     report = commands.add_parser("report", help="rebuild report.html from a run's tables")
     report.add_argument("dir", help="output folder of `mmlens flow`")
+    lens = commands.add_parser("tuned-lens", help="train a tuned lens on shapes questions "
+                               "(for flow --tuned-lens)")
+    lens.add_argument("--model", default=DEFAULT_MODEL)
+    lens.add_argument("--out", required=True, help="folder for tuned_lens.safetensors/.json")
+    lens.add_argument("--steps", type=int, default=300, help="Adam steps (default 300)")
+    lens.add_argument("--per-task", type=int, default=20,
+                      help="shapes questions per task to train on (default 20)")
+    lens.add_argument("--seed", type=int, default=0, help="data and training seed")
+    lens.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    lens.add_argument("--device", default=None)
+    lens.add_argument("--dtype", default=None)
     hooks = commands.add_parser("hooks", help="list hook names and activation shapes")
     hooks.add_argument("--model", default=DEFAULT_MODEL)
     hooks.add_argument("--device", default=None)
     return parser
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(1, len(values))
 
 
 def _batch_size(value: str) -> int | str:
@@ -211,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             from mmlens.experiments.study import default_out_dir, run_study
 
             tasks = _tasks(args.tasks)
+            if args.reference and not set(tasks or ()) & set(FREE_FORM_TASKS):
+                raise ValueError("--reference forces the reference answer of free-form tasks: "
+                                 f"add one of {', '.join(FREE_FORM_TASKS)} to --tasks")
             out = args.out = args.out or default_out_dir()
             if main_process:
                 print(f"mmlens flow: writing to {out} (if stopped, the same command with --out "
@@ -223,11 +258,16 @@ def main(argv: list[str] | None = None) -> int:
                 max_memory=None if args.max_memory is None else parse_memory(args.max_memory),
                 device_map=_device_map(args.device_map),
                 rescale_boxes=args.rescale_boxes,
-                shard=args.shard, **_settings(args),
+                shard=args.shard, word_maps=not args.no_word_maps,
+                tuned_lens=args.tuned_lens, reference=args.reference,
+                answer_flows=args.answer_flows, **_settings(args),
             )
             if main_process:
-                print(f"results in {out}: flow.csv, summary.csv, dropped.csv, emergence.csv, "
-                      "examples.jsonl, report.html")
+                free = set(tasks or ()) & set(FREE_FORM_TASKS)
+                print(f"results in {out}: " + ("answer_flow.csv, answer_summary.csv, "
+                      "answer_peaks.csv, " if free else "") + ("flow.csv, summary.csv, "
+                      "dropped.csv, emergence.csv, examples.jsonl, " if set(tasks or TASKS)
+                      - free else "") + "report.html")
         elif args.command == "reproduce":
             from mmlens.experiments.memory import parse_memory
             from mmlens.experiments.reproduce import reproduce
@@ -260,6 +300,18 @@ def main(argv: list[str] | None = None) -> int:
             from mmlens.experiments.report import build_report
 
             print(f"report written to {build_report(args.dir)}")
+        elif args.command == "tuned-lens":
+            from mmlens.experiments.lens_training import make_tuned_lens
+            from mmlens.experiments.study import check_device
+
+            check_device(args.device)
+            folder, kl = make_tuned_lens(args.model, args.out, steps=args.steps,
+                                         per_task=args.per_task, seed=args.seed, lr=args.lr,
+                                         device=args.device, dtype=args.dtype)
+            inner = slice(0, -1)  # the last layer through the final norm is the output itself
+            print(f"tuned lens written to {folder}: held-out KL to the final layer, mean over "
+                  f"layers -1..L-2, {_mean(kl['tuned'][inner]):.4f} (logit lens "
+                  f"{_mean(kl['logit'][inner]):.4f})")
         else:
             from mmlens.experiments.study import check_device, hook_shapes
             from mmlens.model.hooked import HookedMultimodalTransformer

@@ -31,8 +31,15 @@ ANSWERS: dict[str, tuple[str, ...]] = {
     "CompareAttr": ("color", "size"),
     "LogicalObj": ("yes", "no"),
     "QueryAttr": ("left", "right"),
+    "Describe": tuple(
+        f"{size} {color} {shape}" for size in SIZES for color in COLORS for shape in SHAPES
+    ),
 }
 """Every answer of each task, lowercase as in the records; builders cycle through them."""
+
+FREE_FORM_TASKS: tuple[str, ...] = ("Describe",)
+"""Tasks whose answer is several words (``Describe``: "small red circle"), studied by
+``mmlens.experiments.answer_study`` over the whole answer rather than its first token."""
 
 _GLUE_WORDS = (
     "Is is What On the a or to of left right do and have in common there which side object"
@@ -293,6 +300,31 @@ def _query_attr(rng: random.Random, answer: str, layout: Layout) -> tuple | None
     return None
 
 
+def _describe(rng: random.Random, answer: str, layout: Layout) -> tuple | None:
+    """"What is the object to the left of the {ref}?" -> "{size} {color} {shape}".
+
+    The answer object is the only one whose centre lies left of the named object's centre,
+    and it lies wholly left of it; subjects are (answer object, named object).
+    """
+    size, color, shape = answer.split()
+    composed = _compose(rng, [(shape, color, size)], layout, at_least=2)
+    if composed is None:
+        return None
+    objects, (target,) = composed
+    by_centre = sorted(range(len(objects)), key=lambda i: 2 * objects[i].x + objects[i].w)
+    centres = [2 * objects[i].x + objects[i].w for i in by_centre]
+    if by_centre[0] != target or len(set(centres[:3])) < len(centres[:3]):
+        return None
+    named = by_centre[1]
+    if objects[target].x + objects[target].w > objects[named].x:
+        return None
+    ref = _refer(objects, named, ("color", "size"))
+    if ref is None:
+        return None
+    text = f"What is the object to the left of the {ref}?"
+    return objects, Question("Describe", text, answer, None, (target, named), ((ref, named),))
+
+
 BUILDERS = {
     "ChooseAttr": _choose_attr,
     "ChooseCat": _choose_cat,
@@ -300,6 +332,7 @@ BUILDERS = {
     "CompareAttr": _compare_attr,
     "LogicalObj": _logical_obj,
     "QueryAttr": _query_attr,
+    "Describe": _describe,
 }
 
 

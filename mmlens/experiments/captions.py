@@ -125,3 +125,31 @@ def emergence_caption(rows: pd.DataFrame) -> str:
             text += " The lowercase form never leads the capitalised one."
     n = rows["example_id"].nunique()
     return text + f" Mean over {n} examples; the paper reports the lowercase answer first."
+
+
+LENSES = {"final_norm": "logit lens", "tuned": "tuned lens"}
+
+
+def lens_comparison_caption(rows: pd.DataFrame, label: str) -> str:
+    """Where one tracked token (``label``, e.g. "answer, capitalised") peaks through the logit
+    lens and through the tuned lens, and where the two differ most, from its emergence rows of
+    those two readings."""
+    means = rows.groupby(["reading", "layer"])["prob"].mean().unstack("reading")
+    parts = []
+    for reading, name in LENSES.items():
+        curve = means[reading].dropna() if reading in means.columns else pd.Series()
+        if not curve.empty:
+            parts.append(f"through the {name} it peaks at {_layers_text(peak_layers(curve))} "
+                         f"(mean p {curve.max():.3g})")
+    if not parts:
+        return ""
+    text = (f"The probability at the last position of the {label} (the form the model gives): "
+            + "; ".join(parts) + ".")
+    if set(LENSES) <= set(means.columns):
+        gap = (means["tuned"] - means["final_norm"]).dropna()
+        if not gap.empty:
+            layer = int(gap.abs().idxmax())
+            tuned, logit = means["tuned"][layer], means["final_norm"][layer]
+            text += (f" The readings differ most at layer {layer} (tuned {tuned:.3g} vs logit "
+                     f"lens {logit:.3g}).")
+    return text + f" Mean over {rows['example_id'].nunique()} examples."

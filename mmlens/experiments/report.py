@@ -6,9 +6,10 @@
 Figures (plotly, its script inlined once so the file opens offline): flows to the last
 position; image to question; related vs other image patches to the question (each with its
 random control when the run has one); every flow per task; answer emergence per reading and
-per task. Every caption is computed from the tables (``mmlens.experiments.captions``). Under
-each example view, its question's words: clicking one shows its causal map over the image
-(``mmlens.experiments.word_picker``).
+per task (with a tuned lens, its reading beside the logit lens). Every caption is computed
+from the tables (``mmlens.experiments.captions``). Under each example view, its flows and its
+question's words: clicking a word shows its causal map over the image in the picked flow's
+window, beside the example's curve for that flow (``mmlens.experiments.word_picker``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmlens.experiments.captions import VARIANT_LABELS, emergence_caption, flow_caption
+from mmlens.experiments.answer_report import answer_figures, answer_tables, has_free_form
+from mmlens.experiments.captions import (
+    LENSES,
+    VARIANT_LABELS,
+    emergence_caption,
+    flow_caption,
+    lens_comparison_caption,
+)
 from mmlens.experiments.controls import control_flow, is_control
 from mmlens.experiments.knockouts import parse_flow
 from mmlens.experiments.runfolder.atomic import write_atomic
@@ -38,6 +46,8 @@ READINGS = {
              "the embeddings; the last layer: the model's output)",
     "final_norm": "with the final norm (the usual logit lens)",
     "no_norm": "after each layer, no norm",
+    "tuned": "through the run's tuned lens (a trained translator per layer, then the final "
+             "norm)",
 }
 AXES = {"paper": "hidden_states index (0: the embeddings, L: the output)"}
 REQUIRED = ("flow.csv", "dropped.csv", "emergence.csv")
@@ -48,14 +58,17 @@ def build_report(run_dir: str | Path) -> Path:
     from mmlens.experiments.tables import check_run_folder
 
     run_dir = Path(run_dir)
-    missing = [name for name in REQUIRED if not (run_dir / name).is_file()]
+    # a run of free-form tasks only has no one-word tables (mmlens.experiments.answer_report)
+    one_word = not has_free_form(run_dir) or (run_dir / "flow.csv").is_file()
+    missing = [name for name in REQUIRED if one_word and not (run_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{run_dir} lacks {', '.join(missing)}: pass the output folder "
                                 "of `mmlens flow` (rerun it with --out there to finish the run)")
     summary = check_run_folder(run_dir)  # tables, run.json and store of one finished run
-    flow = pd.read_csv(run_dir / "flow.csv")
-    dropped = pd.read_csv(run_dir / "dropped.csv")
-    emergence = pd.read_csv(run_dir / "emergence.csv")
+    flow, dropped, emergence = (
+        [pd.read_csv(run_dir / name) for name in REQUIRED] if one_word else
+        [pd.DataFrame(columns=["example_id", "task", "flow", "layer", "rel_change"]),
+         pd.DataFrame(columns=["example_id", "task", "flow", "reason"]), pd.DataFrame()])
     window, n_layers = summary.get("window"), summary.get("n_layers")
     value = "change" if "change" in flow.columns else "rel_change"
     unit = "%" if value == "rel_change" else ""
@@ -92,6 +105,7 @@ def build_report(run_dir: str | Path) -> Path:
                         "gives each task's peak.", curves(flow, "Every flow per task")))
     figures += _view_figures(run_dir)
     figures += _emergence_figures(emergence)
+    figures += answer_figures(run_dir, summary)
     for index, (title, note, figure, *picker) in enumerate(figures):
         div_id, after = picker or (None, "")
         parts.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(note)}</p>")
@@ -100,6 +114,7 @@ def build_report(run_dir: str | Path) -> Path:
     if any(len(entry) > 3 and entry[4] for entry in figures):
         parts.append(PICKER_SCRIPT)
     parts.append(_tables(peaks, dropped, unit))
+    parts.append(answer_tables(run_dir))
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>mmlens information flow"
             "</title><style>body{font-family:sans-serif;max-width:1200px;margin:auto}"
             "table{border-collapse:collapse}td,th{padding:2px 8px;border-bottom:1px solid #ddd}"
@@ -134,6 +149,18 @@ def _emergence_figures(emergence: pd.DataFrame) -> list:
             figures.append((title, explain + emergence_caption(rows),
                             lens_trajectories(rows, title=title, by="label",
                                               xaxis_title=AXES.get(reading, "layer"))))
+    lenses = labelled[labelled["reading"].isin(list(LENSES))]
+    if set(lenses["reading"]) == set(LENSES):
+        # the answer in the form the model gives: the likelier one at the output
+        output = lenses[(lenses["reading"] == "final_norm")
+                        & (lenses["layer"] == lenses["layer"].max())
+                        & lenses["variant"].isin(["lower", "capitalised"])]
+        variant = output.groupby("variant")["prob"].mean().idxmax()
+        both = lenses[lenses["variant"] == variant]
+        title = "Answer emergence: the tuned lens beside the logit lens"
+        figures.append((title, lens_comparison_caption(both, VARIANT_LABELS[variant]),
+                        lens_trajectories(both.assign(label=both["reading"].map(LENSES)),
+                                          title=title, by="label")))
     paper = labelled[labelled["reading"] == "paper"]
     for task, rows in paper.groupby("task", sort=True):
         title = f"Answer emergence, {task} (the paper's reading)"
@@ -159,6 +186,10 @@ def _header(summary: dict, flow: pd.DataFrame, dropped: pd.DataFrame) -> str:
         "empty spans": summary.get("empty_spans"), "metric": summary.get("metric"),
         "control seed": summary.get("control_seed"),
         "filter decodes up to": summary.get("filter_max_new_tokens"),
+        "word maps": {True: "computed", False: "not computed (--no-word-maps)"}.get(
+            summary.get("word_maps")),
+        "tuned lens": summary.get("tuned_lens") and (
+            f"{arguments.get('tuned_lens')} (digest {summary['tuned_lens']})"),
         "seconds": summary.get("seconds"),
     }
     items = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>"

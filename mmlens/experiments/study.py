@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 from mmlens.core.errors import MMLensError
+from mmlens.data.shapes_questions import FREE_FORM_TASKS
+from mmlens.experiments.answer_study import ANSWER_FLOWS
 from mmlens.experiments.controls import control_seed_of
 from mmlens.experiments.knockouts import DEFAULT_FLOWS, parse_flows
 from mmlens.experiments.presets import resolve_settings
@@ -113,7 +115,11 @@ def load_examples(data: str, *, tasks: Sequence[str] | None, per_task: int | Non
     """Fresh synthetic shapes (``"shapes"``) or a GQA folder, ``per_task`` questions per task."""
     from mmlens.data.gqa import check_tasks, is_gqa_folder, load_gqa
 
-    tasks = list(check_tasks(tasks))
+    free = [t for t in tasks or () if t in FREE_FORM_TASKS]
+    if free and data != "shapes":
+        raise MMLensError(f"the free-form task(s) {free} come with the bundled data: pass "
+                          "--data shapes")
+    tasks = list(check_tasks([t for t in tasks if t not in free] if free else tasks)) + free
     if per_task is None and is_paper_subsets_folder(data):
         return _paper_examples(data, images, tasks, None, seed)
     if not isinstance(per_task, int) or per_task < 1:
@@ -187,6 +193,10 @@ def run_study(
     control_seed: int | None = None,
     filter_max_new_tokens: int | None = None,
     break_lock: bool = False,
+    word_maps: bool = True,
+    tuned_lens: str | Path | None = None,
+    reference: bool = False,
+    answer_flows: Sequence[str] | str = ANSWER_FLOWS,
     **settings: str | None,
 ) -> Path:
     """Run the information-flow study and write its tables and report into ``out``.
@@ -205,9 +215,17 @@ def run_study(
     from the size the data records (same aspect ratio) gets its boxes rescaled, not refused.
     ``shard=(K, N)``: only the K-th of N disjoint shares of the examples (``mmlens merge``
     joins the shards' folders; each shard needs its own folder). ``break_lock``: take the
-    folder's lock from a run known to be gone (``mmlens.experiments.runfolder.lock``). Under
+    folder's lock from a run known to be gone (``mmlens.experiments.runfolder.lock``).
+    ``word_maps=False``: no causal maps of the example views' words (they change no row of the
+    tables, so a resume may switch them). ``tuned_lens``: a folder saved by ``TunedLens.save``
+    for this model; emergence gains its ``tuned`` reading (its digest joins the signature). Under
     ``torchrun`` the examples are dealt out over the ranks and rank 0 writes the tables and
     report.
+
+    Examples of free-form tasks (``Describe``) go to the free-form study
+    (``mmlens.experiments.answer_run``) over ``answer_flows``, teacher-forced on the model's
+    own answer, or on the reference with ``reference=True``; the one-word tasks of the same
+    run to the study above.
     """
     check_device(device)
     check_count(threads, "threads", "--threads")
@@ -234,17 +252,43 @@ def run_study(
         refusal = ranks.from_main(refusal)
         if refusal is not None:
             raise FolderBusyError(refusal)
-        return _study(out, examples, model=model, data=data, tasks=tasks, per_task=per_task,
+        free = [e for e in examples if e.task in FREE_FORM_TASKS]
+        examples = [e for e in examples if e.task not in FREE_FORM_TASKS]
+        if free and (shard is not None or ranks.world > 1):
+            raise MMLensError("the free-form tasks run in one process: drop --shard and "
+                              "torchrun, or run the one-word tasks alone")
+        if examples:
+            _study(out, examples, model=model, data=data, tasks=tasks, per_task=per_task,
                       flow_names=flow_names, window=window, device=rank_device(device, ranks),
                       dtype=dtype, seed=seed, only_correct=only_correct, batch_size=batch_size,
                       progress=progress, threads=threads, shard=shard, ranks=ranks,
                       max_memory=max_memory, device_map=device_map, rescale_boxes=rescale_boxes,
                       preset=preset, metric=metric, controls=controls,
                       control_seed=control_seed, filter_max_new_tokens=filter_max_new_tokens,
-                      settings=settings)
+                      word_maps=word_maps, tuned_lens=tuned_lens, settings=settings)
+        if free:
+            _free_form(out, free, model=model, answer_flows=answer_flows, reference=reference,
+                       only_correct=only_correct, window=window, device=device, dtype=dtype,
+                       seed=seed, progress=progress, preset=preset,
+                       filter_max_new_tokens=filter_max_new_tokens, threads=threads,
+                       settings=settings)
+        return out
     finally:
         lock.release()
         close_ranks(ranks)
+
+
+def _free_form(out: Path, free: list[Any], *, answer_flows: Sequence[str] | str,
+               reference: bool, threads: int | None, **options: Any) -> None:
+    """The free-form study's part of the folder (``run_free_form``), then the report."""
+    from mmlens.experiments.answer_run import run_free_form
+    from mmlens.experiments.report import build_report
+
+    flows = answer_flows.split(",") if isinstance(answer_flows, str) else list(answer_flows)
+    with torch_threads(threads if threads is not None else 1):
+        run_free_form(out, free, flows=[f.strip() for f in flows if f.strip()],
+                      forced="reference" if reference else "generated", **options)
+    build_report(out)
 
 
 def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_task,
@@ -253,12 +297,18 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
            threads: int | None, shard: tuple[int, int] | None, ranks,
            max_memory: int | None, device_map: str | dict | None, rescale_boxes: bool,
            preset: str | None, metric: str, controls: bool, control_seed: int | None,
-           filter_max_new_tokens: int | None, settings: dict[str, Any]) -> Path:
+           filter_max_new_tokens: int | None, word_maps: bool, tuned_lens: str | Path | None,
+           settings: dict[str, Any]) -> Path:
     from mmlens.experiments.report import build_report
+    from mmlens.methods.tuned_lens import load_tuned_lens
     from mmlens.model.hooked import HookedMultimodalTransformer
 
     hooked = HookedMultimodalTransformer.from_pretrained(model, dtype=dtype, device=device,
                                                          device_map=device_map)
+    lens = None if tuned_lens is None else load_tuned_lens(tuned_lens, hooked)
+    if lens is not None and hooked.tokenizer is None:
+        raise MMLensError(f"--tuned-lens adds a reading to answer emergence, which tracks answer "
+                          f"words: {model} has no tokenizer; drop --tuned-lens")
     on_cpu = hooked.embed.W_E.device.type == "cpu"
     if threads is None and on_cpu and hooked.cfg.d_model <= SMALL_WIDTH:
         threads = 1
@@ -273,7 +323,8 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
                  "rescale_boxes": rescale_boxes, "shard": list(shard) if shard else None,
                  "preset": preset, "metric": metric, "controls": controls,
                  "control_seed": control_seed, "filter_max_new_tokens": filter_max_new_tokens,
-                 **settings}
+                 "word_maps": word_maps,
+                 "tuned_lens": None if tuned_lens is None else str(tuned_lens), **settings}
     # The store's signature covers every example, so the shards of one study can be merged.
     mine = examples[shard[0]::shard[1]] if shard is not None else examples
     with torch_threads(threads), warnings.catch_warnings():
@@ -284,7 +335,7 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
             store=out / STORE_NAME, batch_size=batch_size, max_memory=max_memory,
             progress=progress, ranks=ranks, shard=shard, metric=metric, controls=controls,
             seed=seed, control_seed=control_seed, max_new_tokens=filter_max_new_tokens,
-            lens=hooked.tokenizer is not None,
+            lens=hooked.tokenizer is not None, tuned_lens=lens,
         )
         sweep_seconds = round(time.time() - started, 2)
         if not ranks.is_main:
@@ -294,6 +345,8 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
         summary = {
             "arguments": arguments, **frame.attrs["settings"], "metric": metric,
             "controls": controls, **run_provenance(hooked), "window": frame.attrs["window"],
+            "word_maps": word_maps,
+            **({} if lens is None else {"tuned_lens": lens.digest}),
             "n_layers": hooked.cfg.n_layers, "n_examples": len(mine),
             "n_kept": int(frame.example_id.nunique()),
             "n_dropped": int((dropped["flow"] == "all").sum()),
@@ -306,7 +359,8 @@ def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_
             raise MMLensError(all_dropped_message(dropped, len(mine), out))
         if hooked.processor is not None:
             views = example_views(hooked, mine, frame.attrs["records"],
-                                  resolved.prepare_options(), flow=frame)
+                                  resolved.prepare_options(), flow=frame,
+                                  word_maps=word_maps)
             data = json.dumps(views).encode("utf-8")
             write_atomic(out / "views.json", data)
             digests["views.json"] = hashlib.sha256(data).hexdigest()[:16]

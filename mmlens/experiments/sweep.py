@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 from tqdm.auto import tqdm
 
+from mmlens.core.errors import MMLensError
 from mmlens.data.example import BoxOutsideImageError
 from mmlens.experiments.answer_forms import paired_tokens
 from mmlens.experiments.controls import control_seed_of, control_spans
@@ -46,6 +47,7 @@ from mmlens.experiments.runfolder.fingerprint import spans_digest, study_signatu
 from mmlens.experiments.runfolder.store import ResultStore, read_store
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.inputs.image_tokens import tokenized_text
+from mmlens.methods.tuned_lens import TunedLens
 from mmlens.model.protocol import HookedModel
 
 __all__ = ["dropped_examples", "information_flow", "model_answer", "results_frame"]
@@ -78,6 +80,7 @@ def information_flow(
     seed: int = 0,
     control_seed: int | None = None,
     lens: bool = False,
+    tuned_lens: TunedLens | None = None,
     max_new_tokens: int | None = None,
     shard: tuple[int, int] | None = None,
     ranks: Ranks | None = None,
@@ -100,7 +103,9 @@ def information_flow(
     or ``"logit-diff"`` (answer vs the wrong option; adds ``metric_base``, ``metric_block``,
     ``change``). ``controls``: add a random control per flow (``mmlens.experiments.controls``),
     drawn from ``control_seed`` (default: ``seed``). ``lens``: keep each kept example's
-    answer-emergence readings (``emergence_frame(df.attrs["records"])``).
+    answer-emergence readings (``emergence_frame(df.attrs["records"])``), with ``tuned_lens``
+    (a ``TunedLens``) also its ``tuned`` reading (the lens's digest joins the store's
+    signature).
     ``max_new_tokens``: how far the correctness filter decodes (default 128, the paper's).
     When every example is dropped the frame is empty and a warning gives the count per reason.
 
@@ -131,6 +136,8 @@ def information_flow(
     source = ExampleSource(model, examples, spans, **settings.prepare_options())
     if only_correct:
         source.check_gold_answers()
+    if tuned_lens is not None and not lens:
+        raise MMLensError("tuned_lens= adds a reading to answer emergence: pass lens=True too")
     if lens and model.tokenizer is None:
         raise ValueError("lens=True tracks answer words, but this model has no tokenizer: "
                          "load it with from_pretrained")
@@ -139,7 +146,7 @@ def information_flow(
                "method": method, "batching": (batch_size, max_memory),
                "max_new_tokens": settings.filter_max_new_tokens,
                "wrong": metric == "logit-diff", "controls": controls,
-               "seed": settings.control_seed, "lens": lens}
+               "seed": settings.control_seed, "lens": lens, "tuned": tuned_lens}
     ranks = ranks or current_ranks()
     indices = list(range(len(source)))
     if shard is not None:
@@ -155,6 +162,7 @@ def information_flow(
             "template": template_digest(settings.template),
             "metric_tokens": "answer and foil, produced form" if options["wrong"] else "answer",
             "controls": controls, "lens": lens,  # control seed, filter length: in record
+            **({} if tuned_lens is None else {"tuned_lens": tuned_lens.digest}),
         }
         results = ResultStore.open(store, signature, writer=ranks.rank, part=shard)
         ranks.barrier()  # every rank has read the store before any appends to it
@@ -238,7 +246,7 @@ def _one_example(model: HookedModel, source: ExampleSource, index: int, *, flows
                  settings: StudySettings, only_correct: bool, method: str,
                  batching: tuple[int | str, int | None],
                  max_new_tokens: int, wrong: bool, controls: bool, seed: int | None,
-                 lens: bool) -> dict[str, Any]:
+                 lens: bool, tuned: TunedLens | None) -> dict[str, Any]:
     example_id, task = source.example_id(index), source.task(index)
     try:
         example = source.prepare(index)
@@ -303,7 +311,8 @@ def _one_example(model: HookedModel, source: ExampleSource, index: int, *, flows
                        "p_metric_base": base[1:],
                        "p_metric_block": {n: [p[1:] for p in rows] for n, rows in p_block.items()}})
     if lens and gold is not None:
-        record["lens"] = lens_record(model, clean, answer_variants(model, gold, record_wrong))
+        record["lens"] = lens_record(model, clean, answer_variants(model, gold, record_wrong),
+                                     tuned)
     return record
 
 

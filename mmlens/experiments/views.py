@@ -26,10 +26,11 @@ image's token map (``mmlens.inputs.token_map``):
   cross-attention layers (the attention is theirs, averaged over those layers).
 
 This is one extra forward per task, with attention patterns on, outside the sweep. With the
-sweep's table (``flow=``), each view also holds ``word_maps``: the causal map over the grid of
-each question word and of the last position (``mmlens.methods.word_maps``), in the study's
-window centred where the example's own ``image->question`` (for the last position
-``image->last``) flow drops most; one clean run and one batched forward per word.
+sweep's table (``flow=``), each view also holds ``flows`` (``view_flows``: per studied flow,
+the example's knockout curve and the study's window centred where it drops most) and
+``word_maps``: the causal map over the grid of each question word and of the last position
+(``mmlens.methods.word_maps``) in each distinct window of those flows; one clean run and one
+batched forward per word and window. The report's flow control switches between them.
 """
 
 from __future__ import annotations
@@ -99,6 +100,13 @@ def _image_png(model: Any, pixels: Float[Tensor, "3 height width"]) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def _example_rows(flow: pd.DataFrame, name: str, example_id: str) -> pd.Series:
+    """The example's value per centre layer for flow ``name`` (NaN rows left out)."""
+    value = "change" if "change" in flow.columns else "rel_change"
+    rows = flow[(flow["flow"] == name) & (flow["example_id"].astype(str) == str(example_id))]
+    return rows.dropna(subset=[value]).groupby("layer")[value].mean()
+
+
 def map_window(flow: pd.DataFrame, name: str, example_id: str, n_layers: int) -> list[int]:
     """The study's window (``flow.attrs["window"]`` layers) centred at the layer where ``name``
     lowers the answer of example ``example_id`` most: the example's own rows, so a run split
@@ -107,33 +115,61 @@ def map_window(flow: pd.DataFrame, name: str, example_id: str, n_layers: int) ->
     answer)."""
     from mmlens.methods.windows import window_layers
 
-    value = "change" if "change" in flow.columns else "rel_change"
-    rows = flow[(flow["flow"] == name) & (flow["example_id"].astype(str) == str(example_id))]
-    rows = rows.dropna(subset=[value])
-    centre = (int(rows.groupby("layer")[value].mean().idxmin()) if not rows.empty
-              else n_layers // 2)
+    centre = _deepest(_example_rows(flow, name, example_id), n_layers)
     return window_layers(centre, int(flow.attrs.get("window") or 1), n_layers)
 
 
-def _word_maps(model: Any, batch: Any, grid: ViewGrid, image: Any, flow: pd.DataFrame,
-               example_id: str) -> list[dict[str, Any]]:
-    """The causal map over the view's grid of each question word, then of the last position."""
+def _deepest(curve: pd.Series, n_layers: int) -> int:
+    """The centre layer of the curve's deepest drop; the middle layer for an empty curve."""
+    return int(curve.idxmin()) if not curve.empty else n_layers // 2
+
+
+def view_flows(flow: pd.DataFrame, example_id: str, n_layers: int) -> list[dict[str, Any]]:
+    """Each studied flow (controls left out) of the example: ``name``, ``layers`` (its window,
+    ``map_window``, centred at ``centre``), ``centres`` and ``values`` (the example's knockout
+    curve from the sweep's table), ``window`` (index of its window among the distinct ones, in
+    order)."""
+    from mmlens.experiments.controls import is_control
+
+    flows, windows = [], []
+    for name in dict.fromkeys(flow["flow"]):
+        if is_control(name):
+            continue
+        layers = map_window(flow, name, example_id, n_layers)
+        if layers not in windows:
+            windows.append(layers)
+        curve = _example_rows(flow, name, example_id)
+        flows.append({"name": name, "layers": layers, "window": windows.index(layers),
+                      "centre": _deepest(curve, n_layers),
+                      "centres": [int(c) for c in curve.index],
+                      "values": [round(float(v), 6) for v in curve]})
+    return flows
+
+
+def _word_maps(model: Any, batch: Any, grid: ViewGrid, image: Any,
+               flows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The causal map over the view's grid of each question word, then of the last position,
+    in each distinct window of ``flows`` (window after window, the words in the same order)."""
     from mmlens.methods.word_maps import word_maps
 
     maps = []
-    for span, name in (("question", "image->question"), ("last", "image->last")):
-        layers = map_window(flow, name, example_id, model.cfg.n_layers)
-        for entry in word_maps(model, batch, layers, grid=grid.positions, span=span,
-                               image_size=image.size):
-            maps.append({**entry, "span": span, "layers": layers})
-    maps[-1]["word"] = "last position"
+    windows = list(dict.fromkeys(tuple(entry["layers"]) for entry in flows))
+    for index, layers in enumerate(windows):
+        for span in ("question", "last"):
+            for entry in word_maps(model, batch, list(layers), grid=grid.positions, span=span,
+                                   image_size=image.size):
+                maps.append({**entry, "span": span, "layers": list(layers), "window": index})
+            if span == "last":
+                maps[-1]["word"] = "last position"
     return maps
 
 
 @torch.no_grad()
 def example_view(model: Any, record: Any, prepare_options: Mapping[str, Any],
-                 model_answer: str | None, flow: pd.DataFrame | None = None) -> dict[str, Any]:
-    """The view of one dataset ``Example`` (see the module docstring)."""
+                 model_answer: str | None, flow: pd.DataFrame | None = None,
+                 word_maps: bool = True) -> dict[str, Any]:
+    """The view of one dataset ``Example`` (see the module docstring); ``word_maps=False``
+    leaves the words' causal maps out (``word_maps_skipped``), not the flows' curves."""
     from mmlens.inputs.prepare import prepare
 
     image = record.load_image()
@@ -155,8 +191,13 @@ def example_view(model: Any, record: Any, prepare_options: Mapping[str, Any],
         model(batch.input_ids, batch.pixel_values, attention_mask=batch.attention_mask,
               image_sizes=batch.image_sizes, stop_at_layer=model.cfg.n_layers)
     related = torch.isin(cells, batch.positions("related", 0)).nonzero().flatten()
-    maps = {} if flow is None else {"word_maps": _word_maps(model, batch, grid, image, flow,
-                                                              str(record.example_id))}
+    maps: dict[str, Any] = {}
+    if flow is not None:
+        flows = view_flows(flow, str(record.example_id), model.cfg.n_layers)
+        maps = ({"word_maps": _word_maps(model, batch, grid, image, flows)} if word_maps
+                else {"word_maps_skipped": True})
+        maps.update(flows=flows, flow_value="change" if "change" in flow.columns
+                    else "rel_change")
     return {"example_id": str(record.example_id), "task": str(record.task),
             "question": record.question, "answer": str(record.answer),
             "model_answer": model_answer, "rows": grid.rows, "cols": grid.cols,
@@ -167,9 +208,10 @@ def example_view(model: Any, record: Any, prepare_options: Mapping[str, Any],
 
 def example_views(model: Any, examples: Sequence[Any], records: Sequence[Mapping[str, Any]],
                   prepare_options: Mapping[str, Any],
-                  flow: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+                  flow: pd.DataFrame | None = None,
+                  word_maps: bool = True) -> list[dict[str, Any]]:
     """The first kept example of each task, in task order; with the sweep's table ``flow``,
-    each with its words' causal maps."""
+    each with its flows' curves and (``word_maps``) its words' causal maps."""
     by_id = {str(e.example_id): e for e in examples}
     views, seen = [], set()
     for record in records:
@@ -177,5 +219,5 @@ def example_views(model: Any, examples: Sequence[Any], records: Sequence[Mapping
             continue
         seen.add(record["task"])
         views.append(example_view(model, by_id[record["example_id"]], prepare_options,
-                                  record.get("model_answer"), flow))
+                                  record.get("model_answer"), flow, word_maps))
     return sorted(views, key=lambda view: view["task"])

@@ -6,12 +6,15 @@ its tokens to a source span is blocked in a window of layers around each centre 
     answer_summary(frame)        # per example, flow and centre: seq-logprob, normalised change
 
 One row per example, flow, centre layer and answer token: ``example``, ``answer`` (its text),
-``flow`` (``image->answer``, ``question->answer``), ``layer``, ``index`` (the token's place in
+``flow`` (``image->answer``, ``question->answer``, or ``SPAN->answer`` from any span of the
+batch, e.g. ``related`` and ``other``), ``layer``, ``index`` (the token's place in
 the answer), ``token``, ``logprob_base`` and ``logprob_block`` (the log-probability of that
 answer token given the prompt and the answer's earlier tokens). ``answer_summary`` adds up a
 row group: ``seq_logprob_*`` (the answer's log-probability) and ``norm_prob_*`` (its
-length-normalised probability, ``exp(mean logprob)``), with ``seq_logprob_change`` and
-``norm_prob_change`` (the relative change of the normalised probability, percent).
+length-normalised probability, ``exp(mean logprob)``), with ``seq_logprob_change``,
+``norm_prob_change`` (the relative change of the normalised probability, percent) and
+``fg_tracer_change`` (that change where it is a drop, 0 where the probability rose: the
+measure FG-TRACER averages; see docs/free-form.md).
 
 Fast and exact, as the study's engine: a knockout of edges into the predicting positions
 (from ``p``, the last prompt position, on) in layers ``a..`` changes nothing before ``p`` nor
@@ -48,16 +51,18 @@ COLUMNS = ["example", "answer", "flow", "layer", "index", "token", "logprob_base
 def answer_flow(model: HookedModel, batch: MultimodalBatch, *,
                 answers: Sequence[str] | None = None, flows: Sequence[str] = tuple(SOURCES),
                 window: int | None = None, centres: Sequence[int] | None = None,
-                max_new_tokens: int = 8, fast: bool = True) -> pd.DataFrame:
+                max_new_tokens: int = 8, fast: bool = True,
+                answer_ids: Sequence[Tensor] | None = None) -> pd.DataFrame:
     """The per-answer-token frame of the module docstring. ``answers``: one reference per
     example (default: the model's greedy answer, up to ``max_new_tokens``, its end-of-text
-    token left out). ``window``: layers per window (default the study's); ``centres``:
-    default every layer."""
-    unknown = [f for f in flows if f not in SOURCES]
-    if unknown:
-        raise MMLensError(f"unknown answer flow {unknown[0]!r}: use {', '.join(SOURCES)}")
-    if answers is not None and len(answers) != len(batch):
-        raise MMLensError(f"got {len(answers)} answers for {len(batch)} examples: give one "
+    token left out); ``answer_ids``: the answers as token ids instead of text.
+    ``window``: layers per window (default the study's); ``centres``: default every layer."""
+    names = [source_span(f) for f in flows]
+    given = answers if answers is not None else answer_ids
+    if answers is not None and answer_ids is not None:
+        raise MMLensError("give answers (text) or answer_ids (tokens), not both")
+    if given is not None and len(given) != len(batch):
+        raise MMLensError(f"got {len(given)} answers for {len(batch)} examples: give one "
                           "reference per example, or none to use the model's own answers")
     n_layers = model.cfg.n_layers
     window = default_window(n_layers) if window is None else window
@@ -65,10 +70,16 @@ def answer_flow(model: HookedModel, batch: MultimodalBatch, *,
     rows = []
     for i in range(len(batch)):
         one = single_example(batch, i)
-        ids = _answer_ids(model, one, None if answers is None else answers[i], max_new_tokens)
+        ids = (torch.as_tensor(answer_ids[i], dtype=torch.long).cpu() if answer_ids is not None
+               else answer_tokens(model, one, None if answers is None else answers[i],
+                                  max_new_tokens))
         forced = teacher_forced(one, ids)
         predicting = forced.positions("answer", 0) - 1
-        sources = [forced.positions(SOURCES[f], 0) for f in flows]
+        missing = [name for name in names if name not in forced.spans[0]]
+        if missing:
+            raise MMLensError(f"flow {missing[0]}->answer names a span the example lacks: use "
+                              f"one of {', '.join(sorted(forced.spans[0]))}")
+        sources = [forced.positions(name, 0) for name in names]
         text = model.tokenizer.decode(ids.tolist()) if model.tokenizer is not None else ""
         clean = clean_run(model, forced) if fast else None
         base = _answer_logprobs(model, forced, ids, [])[0]
@@ -81,6 +92,15 @@ def answer_flow(model: HookedModel, batch: MultimodalBatch, *,
                 rows += [(i, text, flow, int(centre), index, int(ids[index]), float(base[index]),
                           float(values[index])) for index in range(len(ids))]
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def source_span(flow: str) -> str:
+    """The source span of an answer flow ``"SPAN->answer"``; refuses any other target."""
+    source, arrow, target = flow.partition("->")
+    if not arrow or target != "answer" or not source or source == "answer":
+        raise MMLensError(f"unknown answer flow {flow!r}: use SPAN->answer, e.g. "
+                          f"{', '.join(SOURCES)}, related->answer")
+    return source
 
 
 def teacher_forced(example: MultimodalBatch, answer_ids: Tensor) -> MultimodalBatch:
@@ -110,11 +130,14 @@ def answer_summary(frame: pd.DataFrame) -> pd.DataFrame:
         summary[f"norm_prob_{kind}"] = np.exp(summary[f"seq_logprob_{kind}"] / summary.n_tokens)
     summary["norm_prob_change"] = ((summary.norm_prob_block - summary.norm_prob_base)
                                    / summary.norm_prob_base * 100.0)
+    summary["fg_tracer_change"] = summary.norm_prob_change.clip(upper=0.0)
     return summary
 
 
-def _answer_ids(model: HookedModel, one: MultimodalBatch, reference: str | None,
-                max_new_tokens: int) -> Tensor:
+def answer_tokens(model: HookedModel, one: MultimodalBatch, reference: str | None,
+                  max_new_tokens: int) -> Tensor:
+    """The ids of ``reference`` (no special tokens), or of the model's greedy answer to the
+    one-example batch ``one`` (up to ``max_new_tokens``, stopping before end-of-text)."""
     if reference is not None:
         if model.tokenizer is None:
             raise MMLensError("a text reference needs the model's tokenizer")

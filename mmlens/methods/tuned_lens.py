@@ -14,6 +14,7 @@ lens's: ``-1`` (the embedding) and ``0..L-1`` (after each block).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import Tensor, nn
 
 from mmlens.core.errors import MMLensError, MMLensFileNotFoundError
@@ -42,6 +43,22 @@ class TunedLens(nn.Module):
         self.weight = nn.Parameter(torch.zeros(n_layers + 1, d_model, d_model))
         self.bias = nn.Parameter(torch.zeros(n_layers + 1, d_model))
         self.metadata = {"n_layers": n_layers, "d_model": d_model, **(metadata or {})}
+        self.file_digest: str | None = None  # set by load_tuned_lens
+
+    @property
+    def digest(self) -> str:
+        """sha256 (16 hex digits) of the lens's two files: as read by ``load_tuned_lens``, else
+        as ``save`` would write them. What a study's signature and run.json record."""
+        if self.file_digest is not None:
+            return self.file_digest
+        return _files_digest(save(self._tensors()), self._metadata_text().encode())
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {"weight": self.weight.detach().cpu().contiguous(),
+                "bias": self.bias.detach().cpu().contiguous()}
+
+    def _metadata_text(self) -> str:
+        return json.dumps(self.metadata, indent=1, sort_keys=True)
 
     def translate(self, resid: Float[Tensor, "... d_model"], layer: int) -> Tensor:
         """Layer ``layer``'s residual (``-1``: the embedding) moved towards the final layer."""
@@ -56,10 +73,14 @@ class TunedLens(nn.Module):
         """Write ``tuned_lens.safetensors`` and ``tuned_lens.json`` into ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({"weight": self.weight.detach().cpu().contiguous(),
-                   "bias": self.bias.detach().cpu().contiguous()}, str(folder / WEIGHTS))
-        (folder / METADATA).write_text(json.dumps(self.metadata, indent=1, sort_keys=True))
+        save_file(self._tensors(), str(folder / WEIGHTS))
+        (folder / METADATA).write_text(self._metadata_text())
         return folder
+
+
+def _files_digest(weights: bytes, metadata: bytes) -> str:
+    return hashlib.sha256(hashlib.sha256(weights).digest()
+                          + hashlib.sha256(metadata).digest()).hexdigest()[:16]
 
 
 def model_name(model: HookedModel) -> str:
@@ -107,6 +128,8 @@ def load_tuned_lens(folder: str | Path, model: HookedModel) -> TunedLens:
     with torch.no_grad():
         lens.weight.copy_(tensors["weight"])
         lens.bias.copy_(tensors["bias"])
+    lens.file_digest = _files_digest((folder / WEIGHTS).read_bytes(),
+                                     (folder / METADATA).read_bytes())
     return lens
 
 

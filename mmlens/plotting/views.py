@@ -101,10 +101,13 @@ def word_map_caption(view: Mapping[str, Any], index: int) -> str:
     """Where blocking the word's attention lowers the answer most, and in which layers."""
     entry = view["word_maps"][index]
     grid = word_map_grid(view, index)
-    row, col = divmod(int(np.nanargmin(grid)), grid.shape[1])
     layers = entry["layers"]
     window = (f"layer {layers[0]}" if len(layers) == 1
               else f"layers {layers[0]}-{layers[-1]}")
+    if not np.isfinite(grid).any():  # a relative change of an answer with no probability
+        return (f"Blocking attention from {entry['word']!r} in {window}: no value, the answer's "
+                f"clean probability is {entry['p_base']:.3g}.")
+    row, col = divmod(int(np.nanargmin(grid)), grid.shape[1])
     return (f"Blocking attention from {entry['word']!r} to one image cell at a time in "
             f"{window}: largest drop {grid[row, col]:+.1%} of the answer's "
             f"probability ({entry['p_base']:.3f}) at row {row}, column {col}; largest rise "

@@ -58,7 +58,7 @@ def vocabulary() -> list[str]:
     prompt_words = pre_tokenizers.Split(
         Regex(WORD_PATTERN), behavior="removed", invert=True
     ).pre_tokenize_str(PROMPT_TEMPLATE.replace("<image>", "").replace("{question}", ""))
-    answers = {a for task in ANSWERS.values() for a in task}
+    answers = {word for task in ANSWERS.values() for a in task for word in a.split()}
     words = {w for w, _ in prompt_words} | set(QUESTION_WORDS) | answers
     words |= {a.capitalize() for a in answers}
     return [*SPECIAL_TOKENS, *sorted(words)]
@@ -153,18 +153,41 @@ def build_config(
     )
 
 
+def _command(log: dict) -> str:
+    """The training command that wrote ``log``."""
+    return (
+        f"python -m mmlens.zoo.train --out <folder> --steps {log['steps']} "
+        f"--batch-size {log['batch_size']} --lr {log['lr']} --seed {log['seed']} "
+        f"--probe-weight {log.get('probe_weight', 0)} --probe-layer {log.get('probe_layer', 0)}"
+        + (f" --ramp {log['ramp']}" if log.get("ramp") else "")
+        + (f" --init-from {log['init_from']}" if log.get("init_from") else "")
+        + (f" --tasks {log['tasks']}" if log.get("init_from") else "")
+        + (f" --max-minutes {log['max_minutes']}" if log.get("max_minutes") else "")
+        + (f" --threads {log['threads']}" if log.get("threads") else "")
+    )
+
+
+def _accuracy_text(accuracy: dict) -> str:
+    return ", ".join(f"{task} {value:.3f}" for task, value in accuracy.items()) or "not recorded"
+
+
 def model_card(config: LlavaConfig, n_params: int, log: dict) -> str:
     """The README of a trained shapes-llava folder, from its config and training log."""
     vision, text = config.vision_config, config.text_config
     grid = vision.image_size // vision.patch_size
     rows = "\n".join(f"| {task} | {value:.3f} |" for task, value in log["accuracy"].items())
     prompt = PROMPT_TEMPLATE.replace("\n", "\\n")
-    command = (
-        f"python -m mmlens.zoo.train --out <folder> --steps {log['steps']} "
-        f"--batch-size {log['batch_size']} --lr {log['lr']} --seed {log['seed']} "
-        f"--probe-weight {log.get('probe_weight', 0)} --probe-layer {log.get('probe_layer', 0)}"
-        + (f" --ramp {log['ramp']}" if log.get("ramp") else "")
-    )
+    describe = (", and a Describe question with three words (\"Small red circle\")"
+                if "Describe" in log["accuracy"] else "")
+    first = log.get("base", log)  # a fine-tuned model's log holds its starting point's
+    command = _command(first)
+    fine_tune = "" if first is log else f"""
+
+Then fine-tuned from those weights on a mix of tasks (one or several words per answer):
+`{_command(log)}`
+
+{log["steps_done"]} steps of {log["batch_size"]} ({log["seconds"] / 60:.0f} minutes on
+{log["device"]}); held-out accuracy before: {_accuracy_text(log.get("accuracy_before", {}))}."""
     return f"""# shapes-llava
 
 A small LLaVA (`LlavaForConditionalGeneration`) trained from scratch on `mmlens.data.shapes`:
@@ -184,15 +207,15 @@ Zhang et al. (CVPR 2025). It exists so that mmlens' tests and tutorials run offl
 ## Prompt
 `{prompt}`
 
-The model answers with one capitalised word and `</s>` ("Yes", "Red", "Left", "Color").
+The model answers with one capitalised word and `</s>` ("Yes", "Red", "Left", "Color"){describe}.
 
 ## Training
 `{command}`
 
-{log["steps_done"]} steps of {log["batch_size"]} fresh questions (training seed
-{log["train_seed"]}, scenes of 3 to 5 objects), AdamW, cosine schedule, on {log["device"]} in
-{log["seconds"] / 60:.0f} minutes. The loss is the answer tokens' cross-entropy plus
-{log.get("probe_weight", 0)} times that of two training-only linear probes, which are not saved:
+{first["steps_done"]} steps of {first["batch_size"]} fresh questions (training seed
+{first["train_seed"]}, scenes of 3 to 5 objects), AdamW, cosine schedule, on {first["device"]}
+in {first["seconds"] / 60:.0f} minutes. The loss is the answer tokens' cross-entropy plus
+{first.get("probe_weight", 0)} times that of two training-only linear probes, not saved:
 
 - every projected image token is asked for the shape, colour and size of the object covering
   its patch (or "no object") and for its row and column;
@@ -204,11 +227,12 @@ Without them training stalls on a plateau where answers come from the question a
 for interpretation: the second probe asks the question's object words to hold what the image
 shows about their object by layer {log.get("probe_layer", 0)}, so this model is *trained* to
 route image information through the question positions, the route the paper finds in LLaVA.
-Its knockout curves show a trained-in route, not an emergent one.
+Its knockout curves show a trained-in route, not an emergent one.{fine_tune}
 
 ## Held-out accuracy
 Greedy first token, `strip().lower()` equal to the gold answer, {log["eval_per_task"]} fresh
-questions per task (seed {log["eval_seed"]}, scenes of 3 to 5 objects):
+questions per task (seed {log["eval_seed"]}, scenes of 3 to 5 objects); a free-form task
+(Describe) by greedy decoding of the whole answer, and per word of the reference (`/word`):
 
 | task | accuracy |
 |---|---|

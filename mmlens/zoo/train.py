@@ -2,15 +2,22 @@
 
     python -m mmlens.zoo.train --out mmlens/zoo/shapes-llava             # CPU, about 40 minutes
     python -m mmlens.zoo.train --out runs/x --device cuda --workers 8    # GPU
+    python -m mmlens.zoo.train --out runs/d --init-from mmlens/zoo/shapes-llava \
+        --tasks ChooseAttr,ChooseCat,ChooseRel,CompareAttr,LogicalObj,QueryAttr,Describe:3 \
+        --steps 700 --lr 5e-4 --probe-weight 0.3 --threads 1               # fine-tune
 
 Every step draws new examples (index ``step * batch_size + j`` of the training seed) and the
 weights are initialised from ``--seed``, so a run is reproducible. The prompt is the paper's;
-the loss is on the answer tokens (the capitalised answer word and ``</s>``) plus two
-training-only probes (``Probes``) that give the image pathway a dense signal: without them,
-training from scratch stalls where answers come from the question alone. ``--ramp`` optionally
-grows scenes from one object to five over the first part of training. ``--init-from
-model.safetensors --steps 0`` evaluates given weights and saves them in this transformers
-version's format. Needs only torch, transformers, tokenizers, PIL and safetensors from outside
+the loss is on the answer tokens (the capitalised answer, one word or several, and ``</s>``)
+plus two training-only probes (``Probes``) that give the image pathway a dense signal: without
+them, training from scratch stalls where answers come from the question alone. ``--ramp``
+optionally grows scenes from one object to five over the first part of training.
+``--init-from`` starts from saved weights (a model folder or its ``model.safetensors``;
+``--steps 0`` evaluates them and saves them in this transformers version's format).
+``--tasks`` sets the task mix, ``Task:k`` (or a task named k times) drawn k times as
+often; free-form tasks (``Describe``) are also scored by greedy decoding of the whole answer
+(``mmlens.zoo.free_form_eval``). Needs only torch, transformers, tokenizers, PIL and
+safetensors from outside
 mmlens (but ``import mmlens`` itself must work).
 """
 
@@ -21,101 +28,38 @@ import functools
 import json
 import math
 import os
-import re
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Dataset
-from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerFast
+from torch.utils.data import DataLoader
+from transformers import LlavaForConditionalGeneration
 
 from mmlens.data.example import TASKS
-from mmlens.data.shapes import ANSWERS, DEFAULT_N_OBJECTS, generate_one
+from mmlens.data.shapes_questions import FREE_FORM_TASKS
 from mmlens.zoo.build import (
     CLIP_MEAN,
     CLIP_STD,
-    PROMPT_TEMPLATE,
     build_config,
     build_processor,
     model_card,
 )
-from mmlens.zoo.probes import IGNORE, Probes, object_labels, patch_labels
+from mmlens.zoo.free_form_eval import evaluate_free_form
+from mmlens.zoo.probes import IGNORE, Probes
+from mmlens.zoo.train_data import (  # re-exported: the training script's data
+    ShapesQuestions,
+    answer_tokens,
+    collate,
+    task_mix,
+    task_slot,
+)
+
+__all__ = ["ShapesQuestions", "answer_tokens", "collate", "evaluate", "task_mix", "task_slot",
+           "train"]
 
 TRAIN_SEED, EVAL_SEED = 1000, 2000
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # data loader workers are forked
-
-
-class ShapesQuestions(Dataset):
-    """Item ``i``: example ``i // 6`` of task ``i % 6`` of ``seed``, encoded for LLaVA.
-
-    Returns a dict: ``pixels [3, H, W]`` uint8, ``ids`` (the prompt's token ids with the image
-    token expanded), ``answer`` (lowercase), ``patches [n_image, 3]`` (``patch_labels``) and
-    ``mentions``: per phrase naming an object, ``(position in ids, shape, color, size, side,
-    exists)`` (``object_labels``; attributes ``IGNORE`` for a phrase naming nothing).
-    """
-
-    def __init__(
-        self,
-        tokenizer: PreTrainedTokenizerFast,
-        seed: int,
-        size: int,
-        n_image: int,
-        ramp: int = 0,
-    ):
-        self.tokenizer, self.seed, self.size, self.n_image = tokenizer, seed, size, n_image
-        self.ramp = ramp
-        self.image_id = tokenizer.convert_tokens_to_ids("<image>")
-        self.grid = math.isqrt(n_image)
-
-    def n_objects(self, i: int) -> tuple[int, int]:
-        """Objects per scene of item ``i``: at most 1 at first, growing to 5 over ``ramp`` items.
-
-        Scenes of one object can be answered from the whole image; they teach the vision tower
-        colours, shapes, sizes and sides before questions need the named object found.
-        """
-        low, high = DEFAULT_N_OBJECTS
-        if self.ramp == 0:
-            return low, high
-        return 1, 1 + min(high - 1, (high * i) // self.ramp)
-
-    def __len__(self) -> int:
-        return 10**9
-
-    def __getitem__(self, i: int) -> dict:
-        task, index = TASKS[i % len(TASKS)], i // len(TASKS)
-        example = generate_one(task, index, self.seed, self.size, self.n_objects(i))
-        prompt = PROMPT_TEMPLATE.format(question=example.question)
-        encoded = self.tokenizer(prompt, return_offsets_mapping=True)
-        ids = encoded.input_ids
-        at = ids.index(self.image_id)
-        ids = ids[:at] + [self.image_id] * self.n_image + ids[at + 1 :]
-        pixels = torch.from_numpy(np.array(example.image, dtype=np.uint8)).permute(2, 0, 1)
-        # the token ending each phrase that names an object, in the expanded sequence, with
-        # the object's labels; a phrase naming nothing in the scene (LogicalObj) gets only
-        # "exists" = 0
-        ends = [b for _, b in encoded.offset_mapping]
-        named = dict(example.mentions)
-        phrases = list(named)
-        if task == "LogicalObj":
-            phrases = list(re.fullmatch(r"Is there a (.+) or a (.+)\?", example.question).groups())
-        start, mentions = prompt.index(example.question), []
-        for phrase in phrases:
-            start = prompt.index(phrase, start) + len(phrase)
-            position = ends.index(start) + self.n_image - 1
-            if phrase in named:
-                labels = (*object_labels(example.objects[named[phrase]], self.size), 1)
-            else:
-                labels = (IGNORE,) * 4 + (0,)
-            mentions.append((position, *labels))
-        return {
-            "pixels": pixels,
-            "ids": ids,
-            "answer": example.answer,
-            "patches": patch_labels(example, self.size, self.size // self.grid),
-            "mentions": mentions,
-        }
 
 
 def pixel_values(pixels: torch.Tensor) -> torch.Tensor:
@@ -125,42 +69,12 @@ def pixel_values(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.float() / 255 - mean) / std
 
 
-def collate(items: list[dict], pad_id: int, answer_ids: dict[str, int]) -> dict:
-    """Right-padded batch; ``answer_at [B]`` is the position whose next token is the answer.
-
-    ``mentions [B, 2, 6]`` holds (position, shape, color, size, side, exists) of each phrase
-    of the question that names an object, padded with -1 positions.
-    """
-    ids = [item["ids"] for item in items]
-    length = max(len(x) for x in ids) + 1
-    input_ids = torch.full((len(ids), length), pad_id)
-    mask = torch.zeros((len(ids), length), dtype=torch.long)
-    answer = torch.tensor([answer_ids[item["answer"]] for item in items])
-    mentions = torch.full((len(ids), 2, 6), -1)
-    for row, item in enumerate(items):
-        x = item["ids"]
-        input_ids[row, : len(x)] = torch.tensor(x)
-        input_ids[row, len(x)] = answer[row]
-        mask[row, : len(x) + 1] = 1
-        for k, labels in enumerate(item["mentions"]):
-            mentions[row, k] = torch.tensor(labels)
-    return {
-        "pixels": torch.stack([item["pixels"] for item in items]),
-        "input_ids": input_ids,
-        "attention_mask": mask,
-        "answer_at": torch.tensor([len(x) - 1 for x in ids]),
-        "answer": answer,
-        "answers": [item["answer"] for item in items],
-        "patches": torch.stack([item["patches"] for item in items]),
-        "mentions": mentions,
-    }
-
-
 def answer_logits(model, batch: dict, device: str, probe_layer: int | None = None):
-    """Logits ``[B, 2, vocab]``: at the answer position and at the answer token.
+    """Logits ``[B, vocab]`` at the answer position (predicting the answer's first token).
 
-    With ``probe_layer``, also returns the projected image tokens ``[B, n_image, d]`` and the
-    residual stream after that language layer ``[B, T, d]``, for the training probes.
+    With ``probe_layer``, returns instead the logits at every position ``[B, T, vocab]``, the
+    projected image tokens ``[B, n_image, d]`` and the residual stream after that language
+    layer ``[B, T, d]``, for the answer loss and the training probes.
     """
     captured = []
     handle = None
@@ -177,40 +91,42 @@ def answer_logits(model, batch: dict, device: str, probe_layer: int | None = Non
     finally:
         if handle is not None:
             handle.remove()
-    at = batch["answer_at"].to(device)
-    rows = torch.arange(len(at), device=device)
-    logits = torch.stack([out.logits[rows, at], out.logits[rows, at + 1]], dim=1)
     if probe_layer is None:
-        return logits
-    return logits, captured[0], out.hidden_states[probe_layer]
+        at = batch["answer_at"].to(device)
+        return out.logits[torch.arange(len(at), device=device), at]
+    return out.logits, captured[0], out.hidden_states[probe_layer]
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, n_per_task: int, device: str, seed: int = EVAL_SEED) -> dict:
-    """Greedy first-token exact match per task on fresh questions of ``seed``."""
+def evaluate(
+    model, tokenizer, n_per_task: int, device: str, seed: int = EVAL_SEED, tasks=TASKS
+) -> dict:
+    """Greedy first-token exact match per one-word task on fresh questions of ``seed``.
+
+    Each free-form task among ``tasks`` adds ``{task}`` (whole answer greedily decoded equals
+    the reference) and ``{task}/word`` (share of reference words decoded at their place).
+    """
     model.eval()
     config = model.config
     n_image = config.image_seq_length
+    one_word = tuple(t for t in dict.fromkeys(tasks) if t not in FREE_FORM_TASKS)
     data = ShapesQuestions(tokenizer, seed, config.vision_config.image_size, n_image)
-    answer_ids = _answer_ids(tokenizer)
-    correct = dict.fromkeys(TASKS, 0)
+    correct = dict.fromkeys(one_word, 0)
     items = [data[i] for i in range(n_per_task * len(TASKS))]
+    items = [item for i, item in enumerate(items) if TASKS[i % len(TASKS)] in one_word]
     for start in range(0, len(items), 64):
         chunk = items[start : start + 64]
-        batch = collate(chunk, tokenizer.pad_token_id, answer_ids)
-        predicted = answer_logits(model, batch, device)[:, 0].argmax(-1).tolist()
-        for offset, token in enumerate(predicted):
-            gold = chunk[offset]["answer"]
-            task = TASKS[(start + offset) % len(TASKS)]
-            correct[task] += tokenizer.decode([token]).strip().lower() == gold
+        batch = collate(chunk, tokenizer.pad_token_id)
+        predicted = answer_logits(model, batch, device).argmax(-1).tolist()
+        for item, token in zip(chunk, predicted, strict=True):
+            correct[item["task"]] += tokenizer.decode([token]).strip().lower() == item["answer"]
+    accuracy = {task: correct[task] / n_per_task for task in one_word}
+    for task in dict.fromkeys(t for t in tasks if t in FREE_FORM_TASKS):
+        free = ShapesQuestions(tokenizer, seed, config.vision_config.image_size, n_image,
+                               tasks=(task,))
+        accuracy.update(evaluate_free_form(model, tokenizer, free, n_per_task, device, task))
     model.train()
-    return {task: correct[task] / n_per_task for task in TASKS}
-
-
-def _answer_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
-    """Gold answer (lowercase) -> id of its capitalised token, the training target."""
-    vocab = tokenizer.get_vocab()
-    return {a: vocab[a.capitalize()] for answers in ANSWERS.values() for a in answers}
+    return accuracy
 
 
 def init_position_embeddings(model: LlavaForConditionalGeneration, std: float) -> None:
@@ -227,6 +143,8 @@ def init_position_embeddings(model: LlavaForConditionalGeneration, std: float) -
 
 def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     processor = build_processor(args.image_size)
     tokenizer = processor.tokenizer
     config = build_config(
@@ -239,18 +157,29 @@ def train(args: argparse.Namespace) -> None:
     model.to(args.device)
     probes.to(args.device)
     if args.init_from:
-        model.load_state_dict(load_file(args.init_from), strict=True)
+        if Path(args.init_from).is_dir():  # a saved model folder, keys as it stores them
+            saved = LlavaForConditionalGeneration.from_pretrained(args.init_from)
+            model.load_state_dict(saved.state_dict(), strict=True)
+        else:
+            model.load_state_dict(load_file(args.init_from), strict=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{n_params / 1e6:.2f}M parameters on {args.device}", flush=True)
 
-    answer_ids = _answer_ids(tokenizer)
     ramp = int(args.ramp * args.steps * args.batch_size)
-    data = ShapesQuestions(tokenizer, TRAIN_SEED, args.image_size, config.image_seq_length, ramp)
+    tasks = task_mix(args.tasks)
+    if args.init_from and args.steps:  # a fine-tune: held-out accuracy before it, to compare
+        args.accuracy_before = evaluate(
+            model, tokenizer, args.eval_per_task, args.device, tasks=tasks
+        )
+        print("held-out accuracy before", _fmt(args.accuracy_before), flush=True)
+    data = ShapesQuestions(
+        tokenizer, TRAIN_SEED, args.image_size, config.image_seq_length, ramp, tasks
+    )
     loader = DataLoader(
         data,
         batch_size=args.batch_size,
         num_workers=args.workers,
-        collate_fn=functools.partial(collate, pad_id=tokenizer.pad_token_id, answer_ids=answer_ids),
+        collate_fn=functools.partial(collate, pad_id=tokenizer.pad_token_id),
         sampler=range(args.steps * args.batch_size),
         persistent_workers=args.workers > 0,
     )
@@ -268,14 +197,14 @@ def train(args: argparse.Namespace) -> None:
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    eos = torch.tensor(tokenizer.eos_token_id, device=args.device)
     model.train()
     start, running, steps_done = time.time(), 0.0, 0
     for step, batch in enumerate(loader):
         logits, image_tokens, hidden = answer_logits(model, batch, args.device, probe_layer)
-        answer = batch["answer"].to(args.device)
-        targets = torch.stack([answer, eos.expand_as(answer)], dim=1)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        targets = batch["targets"].to(args.device)
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE
+        )
         probe_loss = probes.loss(image_tokens, hidden, batch)
         optimizer.zero_grad(set_to_none=True)
         (loss + args.probe_weight * probe_loss).backward()
@@ -294,14 +223,16 @@ def train(args: argparse.Namespace) -> None:
             )
         if args.eval_every and (step + 1) % args.eval_every == 0:
             print(
-                "  eval", _fmt(evaluate(model, tokenizer, args.eval_quick, args.device)), flush=True
+                "  eval",
+                _fmt(evaluate(model, tokenizer, args.eval_quick, args.device, tasks=tasks)),
+                flush=True,
             )
             model.save_pretrained(Path(args.out) / "checkpoint")
         if args.max_minutes and time.time() - start > 60 * args.max_minutes:
             print(f"stopped after {step + 1} steps: --max-minutes reached", flush=True)
             break
 
-    accuracy = evaluate(model, tokenizer, args.eval_per_task, args.device)
+    accuracy = evaluate(model, tokenizer, args.eval_per_task, args.device, tasks=tasks)
     print("held-out accuracy", _fmt(accuracy), flush=True)
     args.steps_done = steps_done
     save(model, processor, Path(args.out), accuracy, args, time.time() - start)
@@ -323,11 +254,20 @@ def save(model, processor, out: Path, accuracy: dict, args, seconds: float) -> N
         "batch_size": args.batch_size,
         "lr": args.lr,
         "seed": args.seed,
+        "tasks": args.tasks,
+        "init_from": args.init_from,
         "probe_weight": args.probe_weight,
         "probe_layer": args.probe_layer,
         "device": args.device,
         "seconds": round(seconds),
+        "max_minutes": args.max_minutes,
+        "threads": args.threads,
     }
+    if getattr(args, "accuracy_before", None) is not None:
+        log["accuracy_before"] = args.accuracy_before
+    base = Path(args.init_from or "") / "training_log.json"
+    if args.init_from and base.is_file():  # a fine-tune: keep the starting point's log
+        log["base"] = json.loads(base.read_text())
     (out / "training_log.json").write_text(json.dumps(log, indent=1))
     n_params = sum(p.numel() for p in model.parameters())
     (out / "README.md").write_text(model_card(model.config, n_params, log))
@@ -373,7 +313,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--eval-quick", type=int, default=50, help="questions per task, quick evals"
     )
     parser.add_argument("--log-every", type=int, default=50)
-    parser.add_argument("--init-from", help="start from these weights (model.safetensors)")
+    parser.add_argument(
+        "--init-from", help="start from these weights (a model folder or its model.safetensors)"
+    )
+    parser.add_argument(
+        "--tasks",
+        default=",".join(TASKS),
+        help="comma-separated training tasks; Task:k draws a task k times as often",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser.parse_args(argv)
 
 

@@ -1,6 +1,7 @@
-"""The notebook explorer: one button per example and word, one slider step per layer window,
-and every map it carries equal to causal_map computed on the whole batch; words grouped from
-word-start pieces; bad choices refused."""
+"""The notebook explorer: one button per example and word (and flow), one slider step per layer
+window, and every map it carries equal to causal_map computed on the whole batch; with flows,
+every curve equal to the study's sweep (information_flow) for that example, its first window
+at the flow's deepest drop; words grouped from word-start pieces; bad choices refused."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from tiny import small_shapes_model
 
 from mmlens.core.errors import MMLensError
 from mmlens.data.shapes import generate_per_task
+from mmlens.experiments.sweep import information_flow
 from mmlens.inputs.prepare import prepare_examples
 from mmlens.methods import causal_map, window_layers
 from mmlens.methods.word_maps import span_words
@@ -79,3 +81,65 @@ def test_bad_choices_are_refused(small):
         explore(model, batch, words=["zebra"], centres=[0], window=1)
     with pytest.raises(ValueError, match="outside the model's layers"):
         explore(model, batch, words=["the"], centres=[9], window=1)
+
+
+FLOWS = ["image->last", "image->question"]
+
+
+def test_flows_draw_the_sweeps_curve_and_start_at_its_deepest_window(small):
+    model, batch = small
+    figure = explore(model, batch, words=["the"], centres=[0], window=1, flows=FLOWS)
+    sweep = information_flow(model, batch, flows=FLOWS, window=1, only_correct=False,
+                             progress=False, preset="none")
+    buttons = figure.layout.updatemenus[0].buttons
+    assert [b.label for b in buttons] == [f"example {e}: {w} | {f}" for e in (0, 1)
+                                          for w in ("the", "last position") for f in FLOWS]
+    question = [span_words(model, batch, example=i) for i in range(2)]
+    starts = set()
+    for button in buttons:
+        head, flow = button.label.split(" | ")
+        example, word = head.removeprefix("example ").split(": ")
+        example = int(example)
+        rows = sweep[(sweep["flow"] == flow) & (sweep["example_id"] == str(
+            batch.examples[example].example_id))].sort_values("layer")
+        # the curve is the sweep's, for this example and flow
+        np.testing.assert_allclose(button.args[0]["y"][2], rows["rel_change"], atol=1e-4)
+        assert list(button.args[0]["x"][2]) == rows["layer"].tolist()
+        deepest = int(rows.loc[rows["rel_change"].idxmin(), "layer"])
+        slider = button.args[1]["sliders"][0]
+        labels = [step["label"] for step in slider["steps"]]
+        assert labels == [f"{c}-{c}" for c in sorted({0, *_deepest_of(sweep, batch, example)})]
+        assert labels[slider["active"]] == f"{deepest}-{deepest}"
+        starts.add(deepest)
+        if word == "last position":
+            dst = [batch.positions("last", i) for i in range(2)]
+        else:
+            dst = [next(p for w, p in question[i] if w == word) for i in range(2)]
+        for step in slider["steps"]:
+            layers = [int(step["label"].split("-")[0])]
+            frame = causal_map(model, batch, dst=dst, layers=layers)
+            expected = map_grid(frame[frame["example"] == example])
+            np.testing.assert_allclose(np.asarray(step["args"][0]["z"][0], dtype=float),
+                                       np.asarray(expected["z"], dtype=float), atol=1e-6)
+            # the mark sits on the curve at the window's centre
+            assert step["args"][0]["x"][1] == layers
+            np.testing.assert_allclose(step["args"][0]["y"][1], rows.set_index("layer").loc[
+                layers, "rel_change"], atol=1e-4)
+        # the button opens at the flow's deepest window
+        assert button.args[0]["z"][1] == slider["steps"][slider["active"]]["args"][0]["z"][0]
+    assert len(starts) > 1  # the flows pick different windows on this model
+
+
+def _deepest_of(sweep, batch, example):
+    rows = sweep[sweep["example_id"] == str(batch.examples[example].example_id)]
+    return {int(g.loc[g["rel_change"].idxmin(), "layer"]) for _, g in rows.groupby("flow")}
+
+
+def test_bad_flows_are_refused(small):
+    model, batch = small
+    with pytest.raises(MMLensError, match="flows is empty"):
+        explore(model, batch, words=["the"], centres=[0], window=1, flows=[])
+    with pytest.raises(MMLensError, match="not 'SOURCE->TARGET'"):
+        explore(model, batch, words=["the"], centres=[0], window=1, flows=["image-last"])
+    with pytest.raises(KeyError, match="unknown span 'picture'"):
+        explore(model, batch, words=["the"], centres=[0], window=1, flows=["picture->last"])

@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from mmlens.experiments.captions import emergence_caption, flow_caption
+from mmlens.experiments.captions import emergence_caption, flow_caption, lens_comparison_caption
 from mmlens.experiments.summary import flow_summary
 
 
@@ -71,3 +71,16 @@ def test_of_two_equal_drops_the_flow_caption_names_the_earlier_as_documented():
     summary = flow_summary(pd.DataFrame(rows), n_boot=50)
     text = flow_caption(summary, "question->last", window=1, n_layers=7)
     assert "-30.0% (95% CI" in text and "at centre layer 1 (blocking layers 1..1)" in text
+
+
+def test_the_tuned_lens_caption_reads_both_curves():
+    rows = pd.DataFrame([(e, layer, reading, p) for e in ("a", "b")
+                         for reading, curve in (("final_norm", [0.1, 0.5, 0.9]),
+                                                ("tuned", [0.4, 0.7, 0.9]))
+                         for layer, p in enumerate(curve)],
+                        columns=["example_id", "layer", "reading", "prob"])
+    text = lens_comparison_caption(rows, "answer, capitalised")
+    assert text == ("The probability at the last position of the answer, capitalised (the form "
+                    "the model gives): through the logit lens it peaks at layer 2 (mean p 0.9); "
+                    "through the tuned lens it peaks at layer 2 (mean p 0.9). The readings differ "
+                    "most at layer 0 (tuned 0.4 vs logit lens 0.1). Mean over 2 examples.")

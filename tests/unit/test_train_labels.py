@@ -12,7 +12,7 @@ from mmlens.data import TASKS
 from mmlens.data.shapes import COLORS, SHAPES, SIZES, draw_scene, generate_one
 from mmlens.zoo.build import build_processor
 from mmlens.zoo.probes import IGNORE, Probes, object_labels
-from mmlens.zoo.train import ShapesQuestions, _answer_ids, collate
+from mmlens.zoo.train import ShapesQuestions, collate
 
 SIZE, PATCH, N_IMAGE = 112, 14, 64
 WHITE = (255, 255, 255)
@@ -92,7 +92,7 @@ def test_mentions_point_at_the_last_word_of_each_named_phrase(data, tokenizer):
 
 
 def test_probe_loss_is_finite_and_reaches_the_inputs(data, tokenizer):
-    batch = collate([data[i] for i in range(12)], tokenizer.pad_token_id, _answer_ids(tokenizer))
+    batch = collate([data[i] for i in range(12)], tokenizer.pad_token_id)
     torch.manual_seed(0)
     probes = Probes(16, 8)
     image_tokens = torch.randn(12, N_IMAGE, 16, requires_grad=True)
@@ -105,3 +105,35 @@ def test_probe_loss_is_finite_and_reaches_the_inputs(data, tokenizer):
     rows, cols = torch.nonzero(hidden.grad.abs().sum(-1), as_tuple=True)
     expected = {(r, int(p)) for r in range(12) for p in used[r] if p >= 0}
     assert set(zip(rows.tolist(), cols.tolist(), strict=True)) == expected
+
+
+def test_targets_teacher_force_every_answer_word_then_the_end(tokenizer):
+    """One-word answers keep their two targets (the capitalised word, then </s>); a Describe
+    answer's words are fed in and each is the target of the position before it."""
+    data = ShapesQuestions(tokenizer, seed=5, size=SIZE, n_image=N_IMAGE,
+                           tasks=("ChooseAttr", "Describe"))
+    items = [data[i] for i in range(4)]
+    batch = collate(items, tokenizer.pad_token_id)
+    for row, item in enumerate(items):
+        words = item["answer"].capitalize().split()
+        at = len(item["ids"]) - 1
+        wanted = [*words, "</s>"]
+        targets = batch["targets"][row]
+        assert tokenizer.convert_ids_to_tokens(targets[at:at + len(wanted)]) == wanted
+        assert (targets[:at] == IGNORE).all() and (targets[at + len(wanted):] == IGNORE).all()
+        fed = batch["input_ids"][row, at + 1:at + len(words)]
+        assert tokenizer.convert_ids_to_tokens(fed) == words[:-1]
+        assert batch["attention_mask"][row].sum() == at + 1 + len(words)  # prompt, answer
+    assert [item["task"] for item in items] == ["ChooseAttr", "Describe"] * 2
+
+
+def test_a_task_mix_draws_distinct_examples():
+    from mmlens.zoo.train import task_mix, task_slot
+
+    tasks = task_mix("ChooseAttr,Describe:3")
+    assert tasks == ("ChooseAttr", "Describe", "Describe", "Describe")
+    slots = [task_slot(tasks, i) for i in range(40)]
+    assert sorted(i for t, i in slots if t == "Describe") == list(range(30))
+    assert sorted(i for t, i in slots if t == "ChooseAttr") == list(range(10))
+    with pytest.raises(SystemExit, match="Describe:x"):
+        task_mix("Describe:x")
