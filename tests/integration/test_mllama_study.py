@@ -134,3 +134,19 @@ def test_maps_from_the_inputs_alone_follow_the_aspect_ratio_ids(model):
     assert wide.image_size == (32, 16) and tall.image_size == (16, 32)
     assert [f.shift for f in wide.frames] == [(0, 0), (-16, 0)]
     assert [f.shift for f in tall.frames] == [(0, 0), (0, -16)]
+
+
+def test_word_maps_default_to_every_tile_patch_and_equal_the_causal_map(model):
+    """Without ``grid=``, a word's map covers every key made from pixels (the tiles' patches,
+    not their class tokens nor the padding tiles), each value the causal map's for that key."""
+    from mmlens.methods import causal_map
+    from mmlens.methods.word_maps import word_maps
+
+    batch = _boxed(model, "red")
+    token_map = batch.token_maps[0][0]
+    keys = token_map.sees_pixels().nonzero().flatten()
+    maps = word_maps(model, batch, [1, 2], span="last", image_size=(37, 29))
+    assert len(maps) == 1 and len(maps[0]["values"]) == len(keys)
+    frame = causal_map(model, batch, dst="last", layers=[1, 2], images=[(37, 29)],
+                       regions={"k": [keys[:1]]})
+    assert maps[0]["values"][0] == round(float(frame["value"].iloc[0]), 6)
