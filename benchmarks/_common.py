@@ -144,7 +144,9 @@ def sweep_speedup(model: object, batch: object, flows: tuple[str, ...], naive_la
 
     n_layers = model.cfg.n_layers
     window = default_window(n_layers)
-    cells = window_knockouts(parse_flows(flows), batch.spans[0], window, n_layers)
+    cells = window_knockouts(parse_flows(flows), batch.spans[0], window, n_layers,
+                             cross_attention=bool(model.cfg.text.cross_attention_layers),
+                             key_spans=batch.key_spans)
     step = max(1, n_layers // naive_layers)
     centres = list(range(0, n_layers, step))[:naive_layers]
     chosen = [i for i, cell in enumerate(cells) if cell.layer in centres]

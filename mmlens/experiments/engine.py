@@ -51,7 +51,8 @@ def greedy_continue(model: HookedModel, clean: CleanRun, first_token: int, *, ma
             break
         step = torch.tensor([[tokens[-1]]], device=clean.resid[0].device)
         logits = model(step, past_kv_cache=clean.cache)[0, -1].float().to(device)
-        logits[model.cfg.image_token_id] = float("-inf")
+        if model.cfg.image_token_id < logits.shape[-1]:  # past the logits on Mllama
+            logits[model.cfg.image_token_id] = float("-inf")
         tokens.append(int(logits.argmax()))
     return tokens
 
@@ -70,10 +71,27 @@ def _edge_masks(knockouts: Sequence[Knockout], position: int, n_keys: int) -> Te
     undefined), as ``block_attention`` does.
     """
     nothing = torch.zeros(0, dtype=torch.long)  # a DeepStack removal blocks no edge
-    blocked = blocked_edges([nothing if k.removes_injection else k.source for k in knockouts],
+    blocked = blocked_edges([nothing if k.removes_injection or k.image_keys else k.source
+                             for k in knockouts],
                             [k.target for k in knockouts], n_keys - position, n_keys)
     causal = torch.arange(n_keys)[None, :] <= torch.arange(position, n_keys)[:, None]
     check_attendable((causal & ~blocked)[:, None], position, "knockout sweep", "knockout")
+    return blocked
+
+
+def _key_masks(knockouts: Sequence[Knockout], position: int, n_positions: int,
+               n_keys: int) -> Tensor:
+    """Per row, the image keys to block in the cross-attention layers ``[rows, q_len, keys]``
+    (``Knockout.image_keys``: from every key, or the keys ``source`` holds); a query whose
+    every key is blocked gets zero output there, the layer's rule."""
+    blocked = torch.zeros(len(knockouts), n_positions - position, n_keys, dtype=torch.bool)
+    for row, knockout in enumerate(knockouts):
+        if knockout.image_keys:
+            dst = knockout.target - position
+            if knockout.key_source:
+                blocked[row, dst[:, None], knockout.source[None, :]] = True
+            else:
+                blocked[row, dst] = True
     return blocked
 
 
@@ -129,7 +147,13 @@ def _run_rows(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout]
     # Built on the host and moved once: no device sync inside the layer loop.
     blocked = _edge_masks(knockouts, position, clean.n_positions).to(device)
     active = torch.tensor([[layer in k.layers for k in knockouts] for layer in range(n_layers)])
-    hooks = [(f"blocks.{layer}.attn.hook_mask", _mask_hook(blocked, active[layer].to(device)))
+    cross = model.cfg.text.cross_attention_layers  # these attend to the image keys instead
+    if cross:
+        keys = _key_masks(knockouts, position, clean.n_positions,
+                          clean.cache.cross.states.shape[1]).to(device)
+    hooks = [(f"blocks.{layer}.cross_attn.hook_mask" if layer in cross else
+              f"blocks.{layer}.attn.hook_mask",
+              _mask_hook(keys if layer in cross else blocked, active[layer].to(device)))
              for layer in range(starts[0], n_layers) if bool(active[layer].any())]
     removed = _removed_injections(knockouts, position, clean.n_positions, list(clean.injections))
     prefix = clean.cache.truncate(position)
@@ -173,6 +197,12 @@ def fast_knockout_probs(model: HookedModel, clean: CleanRun, knockouts: Sequence
     knockouts = [replace(k, layers=tuple(layer for layer in k.layers
                                          if layer in clean.injections))
                  if k.removes_injection else k for k in knockouts]
+    # With cross-attention layers an image knockout changes only those, a text one the others.
+    cross = model.cfg.text.cross_attention_layers
+    if cross:
+        knockouts = [replace(k, layers=tuple(layer for layer in k.layers
+                                             if (layer in cross) == k.image_keys))
+                     for k in knockouts]
     groups: dict[int, list[int]] = defaultdict(list)
     for index, knockout in enumerate(knockouts):
         position = _start(knockout, clean.n_positions, n_layers)[0]

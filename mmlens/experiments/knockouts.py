@@ -13,7 +13,7 @@ blocks every attention edge from a target position to a source position in the l
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +69,12 @@ class Knockout:
     removes_injection: bool = False
     """A ``deepstack->...`` flow: the DeepStack features added at ``target`` after ``layers``
     are removed; no attention edge is blocked."""
+    image_keys: bool = False
+    """An image flow on a model whose image reaches the text only by cross-attention
+    (Llama-3.2-Vision): ``target`` is blocked from image keys in the window's cross-attention
+    layers: from every key (``image->...``; ``source`` is the image token, unused), or with
+    ``key_source`` from the keys ``source`` holds (a key span: ``related`` / ``other``)."""
+    key_source: bool = False
 
     @property
     def is_empty(self) -> bool:
@@ -135,9 +141,13 @@ def check_flow_spans(flows: Iterable[Flow], span_names: Iterable[str]) -> None:
 
 
 def window_knockouts(
-    flows: Iterable[Flow], spans: Mapping[str, Tensor], window: int, n_layers: int
+    flows: Iterable[Flow], spans: Mapping[str, Tensor], window: int, n_layers: int, *,
+    cross_attention: bool = False, key_spans: Collection[str] = (),
 ) -> list[WindowKnockout]:
-    """Every (flow, centre layer) knockout of one example, flows outer, layers inner."""
+    """Every (flow, centre layer) knockout of one example, flows outer, layers inner;
+    ``cross_attention``: the model's image is in its cross-attention keys, not in the prompt
+    (flows from ``image`` or from a span of ``key_spans``, which hold key indices, block those
+    keys, ``Knockout.image_keys``)."""
     cells = []
     for flow in flows:
         source = torch.as_tensor(spans[flow.source], dtype=torch.long).cpu()
@@ -145,7 +155,10 @@ def window_knockouts(
         for centre in range(n_layers):
             layers = tuple(window_layers(centre, window, n_layers))
             cells.append(WindowKnockout(flow.name, centre, Knockout(
-                source, target, layers, removes_injection=flow.source == DEEPSTACK)))
+                source, target, layers, removes_injection=flow.source == DEEPSTACK,
+                image_keys=cross_attention and (flow.source == "image"
+                                                or flow.source in key_spans),
+                key_source=flow.source in key_spans)))
     return cells
 
 

@@ -17,6 +17,7 @@ from mmlens.experiments.engine import last_logits
 from mmlens.experiments.knockouts import Knockout
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.methods import block_attention, remove_deepstack
+from mmlens.methods.cross_knockout import cross_key_hooks
 from mmlens.methods.deepstack import deepstack_layers
 from mmlens.model.protocol import HookedModel
 
@@ -29,6 +30,13 @@ def knockout_hooks(knockout: Knockout, model: HookedModel | None = None) -> list
     if knockout.removes_injection:
         layers = [layer for layer in knockout.layers if layer in deepstack_layers(model)]
         return remove_deepstack(model, layers, knockout.target) if layers else []
+    if knockout.image_keys:  # the image's cross-attention keys (Llama-3.2-Vision)
+        keys = [knockout.source] if knockout.key_source else None
+        return cross_key_hooks(keys, knockout.target, knockout.layers,
+                               model.cfg.text.cross_attention_layers)
+    if model is not None and model.cfg.text.cross_attention_layers:  # self-attention layers
+        return block_attention(knockout.source, knockout.target, list(knockout.layers),
+                               model=model)
     return block_attention(knockout.source, knockout.target, list(knockout.layers))
 
 

@@ -43,6 +43,7 @@ from mmlens.inputs.templates import (
     IDEFICS3,
     INTERNVL,
     LLAMA3_PAPER,
+    MLLAMA,
     ONEVISION,
     PALIGEMMA,
     QWEN3_VL,
@@ -141,6 +142,11 @@ FAMILY_PRESETS: dict[str, StudyPreset] = {
           for name, n_layers in (("OpenGVLab/InternVL3-1B-hf", 24),
                                  ("OpenGVLab/InternVL3-2B-hf", 28),
                                  ("OpenGVLab/InternVL3-8B-hf", 28))),
+        StudyPreset("meta-llama/Llama-3.2-11B-Vision-Instruct", MLLAMA, default_window(40),
+                    "tiles", 40, **_NOT_PAPER,
+                    notes="not in the paper: its instruction in Llama-3.2-Vision's chat "
+                          "template, its window scaled to the depth (cross-attention layers "
+                          "counted); the image is read by cross-attention only"),
     )
 }
 PRESETS: dict[str, StudyPreset] = {**PAPER_PRESETS, **FAMILY_PRESETS}
@@ -294,7 +300,8 @@ def _found_preset(model: Any) -> tuple[StudyPreset | None, str]:
 
 
 def _fixed_preprocessing(model: Any) -> str | None:
-    """``"anyres"`` / ``"dynamic"`` where the model's processor fixes the geometry."""
+    """``"anyres"`` / ``"dynamic"`` / ``"tiles"`` where the model's processor fixes the
+    geometry."""
     family = getattr(model, "family", None)
     return None if family is None else family.fixed_preprocessing
 

@@ -6,9 +6,10 @@
 
 Per example: one clean run (the image encoded once), the correctness filter (greedy decode,
 ``strip().lower()`` equal to the gold answer), then every (flow, centre layer) knockout by the
-fast engine (``method="fast"``) or one full forward each (``method="naive"``). The same clean
-run gives the answer-emergence readings (``lens=True``) and the example's provenance. With
-``store`` the results are appended to disk per example and a restarted run resumes.
+fast engine (``method="fast"``) or one full forward each (``method="naive"``). The
+same clean run gives the answer-emergence readings (``lens=True``) and the example's
+provenance. With ``store`` the results are appended to disk per example and a restarted run
+resumes.
 """
 
 from __future__ import annotations
@@ -284,7 +285,9 @@ def _one_example(model: HookedModel, source: ExampleSource, index: int, *, flows
         answer_id, foil_id = paired_tokens(model.tokenizer, token, gold, record_wrong)
         if foil_id is not None:
             tokens += [answer_id, foil_id]
-    cells = window_knockouts(run, spans, settings.window, model.cfg.n_layers)
+    cross = bool(model.cfg.text.cross_attention_layers)
+    cells = window_knockouts(run, spans, settings.window, model.cfg.n_layers,
+                             cross_attention=cross, key_spans=example.key_spans)
     knockouts = [cell.knockout for cell in cells]
     if not knockouts:
         probs = clean.logits.softmax(-1)[tokens][None].cpu()[:0]

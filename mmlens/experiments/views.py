@@ -22,6 +22,8 @@ image's token map (``mmlens.inputs.token_map``):
   (``mmlens.inputs.qwen_geometry.unpack_patches``);
 - InternVL 3: the thumbnail tile (the whole image squashed to one tile) and its ``g/2 x g/2``
   pixel-shuffled tokens (2x2 patches each); the other tiles are not shown.
+- Llama-3.2-Vision: the first tile's ``grid x grid`` patches, which are keys of the
+  cross-attention layers (the attention is theirs, averaged over those layers).
 
 This is one extra forward per task, with attention patterns on, outside the sweep. With the
 sweep's table (``flow=``), each view also holds ``flows`` (``view_flows``: per studied flow,
@@ -73,6 +75,8 @@ def view_grid(model: Any, batch: Any) -> ViewGrid:
     token_map = batch.token_maps[0][0]
     rows, cols, shown = token_map.grid_cells(layout.view_tile(token_map))
     image = batch.positions("image", 0)
+    if not layout.in_sequence:  # the map's tokens are the image's cross-attention keys
+        image = torch.arange(len(token_map), device=image.device)
     if len(image) < len(token_map):
         raise ValueError(f"the example's prompt holds {len(image)} image tokens but its image "
                          f"map {len(token_map)}: was the batch prepared with this model's "
@@ -180,7 +184,9 @@ def example_view(model: Any, record: Any, prepare_options: Mapping[str, Any],
     def keep(pattern: torch.Tensor, hook) -> None:
         total.add_(pattern[0][:, question][:, :, cells].float().mean((0, 1)))
 
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)]
+    cross = model.cfg.text.cross_attention_layers  # there the cells are keys of these layers
+    names = ([f"blocks.{layer}.cross_attn.hook_pattern" for layer in cross] if cross else
+             [f"blocks.{layer}.attn.hook_pattern" for layer in range(model.cfg.n_layers)])
     with model.hooks(fwd_hooks=[(name, keep) for name in names]):
         model(batch.input_ids, batch.pixel_values, attention_mask=batch.attention_mask,
               image_sizes=batch.image_sizes, stop_at_layer=model.cfg.n_layers)
@@ -197,7 +203,7 @@ def example_view(model: Any, record: Any, prepare_options: Mapping[str, Any],
             "model_answer": model_answer, "rows": grid.rows, "cols": grid.cols,
             "cell_px": grid.cell_px, "image_png": _image_png(model, grid.pixels),
             "related": related.tolist(),
-            "attention": (total / model.cfg.n_layers).cpu().tolist(), **maps}
+            "attention": (total / len(names)).cpu().tolist(), **maps}
 
 
 def example_views(model: Any, examples: Sequence[Any], records: Sequence[Mapping[str, Any]],

@@ -26,7 +26,10 @@ class MultimodalBatch:
     ``spans[i][name]`` is a sorted LongTensor of absolute positions in row ``i``: ``image``,
     ``question`` (the raw question's tokens only), ``last``, ``bos``, ``system``, ``suffix``
     (instruction after the question), ``text``, and any span added with ``add_span`` (e.g.
-    ``related`` / ``other`` image patches).
+    ``related`` / ``other`` image patches). ``key_spans``: the names of spans that hold
+    indices of the image's cross-attention keys instead of prompt positions (a family whose
+    image is not in the prompt, ``ImageLayout.in_sequence`` False: Llama-3.2-Vision's
+    ``related`` / ``other``); ``block_attention`` and the vision-tower spans read them as keys.
     """
 
     input_ids: Tensor
@@ -39,6 +42,7 @@ class MultimodalBatch:
     tokenizer: Any = field(default=None, repr=False, compare=False)
     image_layout: Any = field(default=None, repr=False, compare=False)
     token_maps: list[list[Any]] | None = field(default=None, repr=False, compare=False)
+    key_spans: frozenset[str] = frozenset()
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -101,22 +105,38 @@ class MultimodalBatch:
                            f"{', '.join(self.span_names)}; add your own with batch.add_span")
         return spans[name]
 
+    def prompt_span(self, name: str, where: str) -> list[Tensor]:
+        """``span(name)``, refused with a reason when it holds cross-attention keys instead of
+        prompt positions (``key_spans``) and ``where`` (a method's name) reads positions."""
+        if name in self.key_spans:
+            raise MMLensError(
+                f"{where}: span {name!r} holds the image's cross-attention keys, not positions "
+                "of the prompt (the image is read by cross-attention): knock those keys out "
+                "with block_attention, information_flow or causal_map, or use a text span")
+        return self.span(name)
+
     def span(self, name: str) -> list[Tensor]:
         """Positions of span ``name`` for every example."""
         return [self.positions(name, i) for i in range(len(self))]
 
-    def add_span(self, name: str, positions: Sequence[Sequence[int] | Tensor]) -> None:
-        """Name a set of positions per example (absolute positions in the padded batch)."""
+    def add_span(self, name: str, positions: Sequence[Sequence[int] | Tensor], *,
+                 keys: int | None = None) -> None:
+        """Name a set of positions per example (absolute positions in the padded batch);
+        with ``keys``, indices of the ``keys`` cross-attention keys of each example's image
+        instead (``key_spans``)."""
         if len(positions) != len(self):
             raise ValueError(f"add_span({name!r}) got positions for {len(positions)} examples "
                              f"but the batch has {len(self)}")
-        seq_len = self.input_ids.shape[1]
+        seq_len = self.input_ids.shape[1] if keys is None else keys
         for i, pos in enumerate(positions):
             pos = torch.as_tensor(pos, dtype=torch.long).reshape(-1).unique(sorted=True)
             if len(pos) and (pos.min() < 0 or pos.max() >= seq_len):
-                raise IndexError(f"span {name!r} of example {i} has positions outside "
+                raise IndexError(f"span {name!r} of example {i} has "
+                                 f"{'positions' if keys is None else 'image keys'} outside "
                                  f"0..{seq_len - 1}")
             self.spans[i][name] = pos
+        self.key_spans = (self.key_spans | {name}) if keys is not None else (
+            self.key_spans - {name})
 
     def select(self, indices: int | Sequence[int]) -> MultimodalBatch:
         """A sub-batch, padding trimmed, spans shifted to match."""
@@ -132,7 +152,8 @@ class MultimodalBatch:
             attention_mask=mask[:, start:],
             pixel_values=pixel_values,
             image_sizes=None if self.image_sizes is None else self.image_sizes[indices],
-            spans=[{k: v - start for k, v in self.spans[i].items()} for i in indices],
+            spans=[{k: v if k in self.key_spans else v - start
+                    for k, v in self.spans[i].items()} for i in indices],
             prompts=[self.prompts[i] for i in indices] if self.prompts else [],
             examples=[self.examples[i] for i in indices] if self.examples else None,
             token_maps=None if self.token_maps is None else [self.token_maps[i]

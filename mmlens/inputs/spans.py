@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from mmlens.core.errors import MMLensError
 from mmlens.core.sizes import ImageSize
 from mmlens.data.example import Box, check_box
@@ -42,17 +44,22 @@ def add_patch_spans(model: InputsModel, batch: Any, images: Sequence[Any],
         add_pixel_rule_spans(model, batch, images, checked, maps, mode=mode)
         return
     related, other = [], []
+    in_sequence = model.family.image_layout(model).in_sequence
     for i, (image, example_boxes) in enumerate(zip(images, boxes, strict=True)):
         example = batch.examples[i] if batch.examples else None
         where = f"example {getattr(example, 'example_id', i)!r}"
         example_boxes = [check_box(box, where, ImageSize.of(image)) for box in example_boxes]
         # The image's token map follows the processor's resizing/tiling, as the pixels go.
-        positions, token_map = batch.positions("image", i), maps[i]
+        token_map = maps[i]
+        # Where the image is not in the prompt, its tokens are cross-attention keys.
+        positions = (batch.positions("image", i) if in_sequence
+                     else torch.arange(len(token_map)))
         touched = token_map.related(example_boxes)
         related.append(positions[touched])
         other.append(positions[token_map.sees_pixels() & ~touched])
-    batch.add_span("related", related)
-    batch.add_span("other", other)
+    keys = None if in_sequence else len(maps[0])
+    batch.add_span("related", related, keys=keys)
+    batch.add_span("other", other, keys=keys)
 
 
 def _token_maps(model: InputsModel, batch: Any, images: Sequence[Any],

@@ -1,6 +1,6 @@
 """Prompt templates: the paper's Vicuna v1 prompt, the Llama-3 chat prompt, the Qwen chat
 prompt of LLaVA-OneVision, the Qwen-VL, Qwen3-VL and InternVL 3 chat prompts, Gemma 3's,
-PaliGemma's and SmolVLM's."""
+PaliGemma's, SmolVLM's and Llama-3.2-Vision's."""
 
 from __future__ import annotations
 
@@ -105,6 +105,15 @@ IDEFICS3 = PromptTemplate(
 """What SmolVLM's (and Idefics3's) chat template renders for one image and the question with
 the paper's answer instruction, generation prompt added; the processor expands ``<image>`` to
 the tiles' markers and tokens and the global view."""
+MLLAMA = PromptTemplate(
+    "mllama",
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>{question}\nAnswer the "
+    "question using a single word or phrase.<|eot_id|><|start_header_id|>assistant"
+    "<|end_header_id|>\n\n",
+)
+"""Llama-3.2-Vision's chat template (no system prompt; the processor's ``<|image|>`` where
+``<image>`` is, an ordinary token the cross-attention mask starts from) with the paper's
+instruction."""
 
 PAPER_SUFFIX = " \nAnswer the question using a single word or phrase."
 """What the paper's code appends to every question (note the space before the newline)."""
@@ -140,7 +149,7 @@ PALIGEMMA = PromptTemplate("paligemma", "<image><bos>answer en {question}\n")
 attends both ways."""
 
 TEMPLATES = {t.name: t for t in (VICUNA_V1, LLAMA3, ONEVISION, QWEN_VL, QWEN3_VL, INTERNVL,
-                                 GEMMA3, PALIGEMMA, IDEFICS3,
+                                 GEMMA3, PALIGEMMA, IDEFICS3, MLLAMA,
                                  VICUNA_V1_PAPER, LLAMA3_PAPER)}
 
 

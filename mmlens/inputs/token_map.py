@@ -26,8 +26,9 @@ One module per layout, each an ``ImageLayout``: ``layouts.grid`` (a square crop,
 without a class token: LLaVA-1.5), ``layouts.anyres`` (base tile, tiles, newlines and the
 anyres-max downscale: LLaVA-NeXT / OneVision), ``layouts.merged`` (merged cells of a dynamic
 resolution: Qwen-VL), ``layouts.tiles`` (dynamic tiles plus a thumbnail, 2x2 pixel shuffle:
-InternVL). A new layout (cross-attention towers) adds a module and its token kinds; the
-consumers above need no change.
+InternVL), ``layouts.cross_tiles`` (tiles whose patches are cross-attention keys, not prompt
+tokens: Llama-3.2-Vision, ``ImageLayout.in_sequence`` False). A new layout adds a module and its
+token kinds; the consumers above need no change.
 """
 
 from __future__ import annotations
@@ -49,11 +50,12 @@ from mmlens.core.sizes import ImageSize, SizeOrPair, as_image_size
 from mmlens.data.example import Box
 
 KINDS: tuple[str, ...] = ("cell", "class", "base", "tile", "newline", "merged", "thumbnail",
-                          "separator")
+                          "separator", "padding")
 """Token kinds: ``cell`` a patch feature of a single crop, ``class`` a class-token feature,
 ``base`` / ``tile`` a feature of an anyres base / high-resolution tile, ``newline`` a learned
 row end, ``merged`` a cell of merged patches, ``thumbnail`` a feature of the whole image squashed to
-one tile (InternVL); ``separator`` is kept for a coming layout (learned separators)."""
+one tile (InternVL); ``separator`` is kept for a coming layout (learned separators); ``padding``
+a cross-attention key of a padding tile, made from no pixel (Llama-3.2-Vision)."""
 
 CornerBox = tuple[Rational, Rational, Rational, Rational]
 """A box as exact half-open corners ``(x0, y0, x1, y1)``: it covers ``[x0, x1) x [y0, y1)``
@@ -178,7 +180,9 @@ class ImageTokenMap:
     tower: 1, its patches in the processor's order); ``tower_length``: positions in each row
     (class token included; a packed tower: this image's patches); ``packed``: whether every
     image of a call shares one tower row (Qwen-VL), so ``index`` counts from the image's first
-    patch in that row. ``mode``: the preprocessing the map was built for.
+    patch in that row. ``mode``: the preprocessing the map was built for. ``one_row``: every
+    tile of the image is one tower row (Llama-3.2-Vision's tower attends across tiles), so
+    ``tower_positions`` gives one list.
     """
 
     image_size: ImageSize
@@ -188,6 +192,7 @@ class ImageTokenMap:
     tower_length: int
     class_offset: int
     packed: bool = False
+    one_row: bool = False
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -271,6 +276,8 @@ class ImageTokenMap:
         for k in tokens:
             for tile, index in self.tokens[k].patches:
                 per_tile[tile].add(index)
+        if self.one_row:
+            return [sorted(set().union(*per_tile))]
         return [sorted(p) for p in per_tile]
 
 
@@ -280,11 +287,14 @@ class ImageLayout:
     ``class_token``: the tower's rows start with a class token; ``packed``: every image of a
     call is one tower row (no fixed length); ``tower_length``: positions of one tower row
     (class token included), None when packed; ``cell_px``: side, in pixels of the tile the
-    tower sees, of the square one view cell (a ``row``/``col`` of tile 0) covers.
+    tower sees, of the square one view cell (a ``row``/``col`` of tile 0) covers;
+    ``in_sequence``: the image tokens are positions of the prompt (False: the map's tokens are
+    the keys of cross-attention layers, and spans over them hold key indices).
     """
 
     class_token: bool = False
     packed: bool = False
+    in_sequence: bool = True
 
     @property
     def class_offset(self) -> int:
@@ -357,6 +367,7 @@ def build_token_maps(layout: ImageLayout | None, batch: Any, images: Sequence[An
     maps = []
     for i, image in enumerate(images):
         token_map = layout.token_map(ImageSize.of(image), mode)
-        check_token_count(token_map, len(batch.positions("image", i)), f"example {i}")
+        if layout.in_sequence:  # else the map's tokens are cross-attention keys
+            check_token_count(token_map, len(batch.positions("image", i)), f"example {i}")
         maps.append([token_map])
     return maps

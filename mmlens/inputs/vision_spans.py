@@ -24,8 +24,19 @@ from torch import Tensor
 from mmlens.inputs.token_map import ImageLayout, ImageTokenMap
 
 
-def _feature_indices(batch: Any, name: str, index: int) -> Tensor:
-    """Indices into example ``index``'s image positions of span ``name``'s positions."""
+def _feature_indices(batch: Any, name: str, index: int, layout: ImageLayout,
+                     n_tokens: int) -> Tensor:
+    """Indices into example ``index``'s image positions of span ``name``'s positions (where
+    the image is not in the prompt: its cross-attention keys, ``n_tokens`` of them, which a
+    key span holds directly and ``image`` names all of)."""
+    if not layout.in_sequence:
+        if name == "image":
+            return torch.arange(n_tokens)
+        if name not in batch.key_spans:
+            raise ValueError(f"span {name!r} of example {index} holds prompt positions, but "
+                             "this model's image is not in the prompt: use a span over its "
+                             "cross-attention keys (image, related, other) on vision hooks")
+        return batch.positions(name, index)
     positions = batch.positions(name, index)
     image = batch.positions("image", index)
     is_image = torch.isin(positions, image)
@@ -52,7 +63,8 @@ def vision_positions(batch: Any, name: str, layout: ImageLayout,
     packed: list[int] = []
     offset = 0
     for i, example_maps in enumerate(maps):
-        tokens = _feature_indices(batch, name, i).tolist()
+        tokens = _feature_indices(batch, name, i, layout,
+                                  sum(len(m) for m in example_maps)).tolist()
         start = 0
         for token_map in example_maps:
             local = [k - start for k in tokens if start <= k < start + len(token_map)]

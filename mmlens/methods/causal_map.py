@@ -19,6 +19,12 @@ each, from ``resid[a][:, p:]`` with the clean keys/values of positions ``< p``: 
 numbers as one full forward per region (``block_attention`` + ``run_with_hooks``). A patch
 replaces the region's residual stream entering layer ``a`` (``a = 0``: the embeddings) with
 the corrupted run's and resumes from the first image position.
+
+Where the image reaches the text only by cross-attention (Llama-3.2-Vision), a region is a set
+of the image's cross-attention keys (patches of tiles, ``position`` holds key indices): the
+regions' variants run as rows of full forwards, each row's ``dst`` blocked from its keys in the
+window's cross-attention layers (a run cannot resume past them); ``mode="patch"`` is refused
+(the image has no residual stream to patch).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from torch import Tensor
 from mmlens.core.errors import MMLensError
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.methods.clean_run import CleanRun, clean_run, last_logits, single_example
+from mmlens.methods.cross_knockout import cross_key_hooks
 from mmlens.methods.edges import blocked_edges, check_attendable
 from mmlens.methods.image_regions import (
     Region,
@@ -84,6 +91,11 @@ def causal_map(
     layers = _check_layers(range(n_layers) if layers is None else layers, n_layers, "language")
     if not layers:
         raise MMLensError("layers is empty: give the window's layers (window_layers(...))")
+    cross = model.cfg.text.cross_attention_layers
+    if cross and mode == "patch":
+        raise MMLensError(f"mode='patch' replaces the image tokens' residual stream, but the "
+                          f"image of a {model.family.name} model is not in the prompt (it is "
+                          "read by cross-attention): use mode='knockout'")
     corrupted_batch = _corrupted_batch(model, batch, corrupted) if mode == "patch" else None
     targets = _per_example(dst, batch)
     tokens = _targets(model, target, len(batch))
@@ -92,11 +104,16 @@ def causal_map(
         one = single_example(batch, i)
         offset = batch.input_ids.shape[1] - one.input_ids.shape[1]
         cells = image_token_cells(model, one, 0, original_size(batch, images, i), preprocessing)
+        if cross:  # regions are key indices, which no padding shifts
+            offset = 0
         example_regions = _regions(cells, cell, regions, batch, i, offset)
         clean = clean_run(model, one)
         token = clean.prediction() if tokens[i] is None else tokens[i]
         positions = [r.positions for r in example_regions]
-        if mode == "knockout":
+        if cross:
+            probs = _cross_blocked_probs(model, one, positions, targets[i] - (
+                batch.input_ids.shape[1] - one.input_ids.shape[1]), layers, token, batch_size)
+        elif mode == "knockout":
             probs = _blocked_probs(model, clean, positions, targets[i] - offset, layers, token,
                                    batch_size)
         else:
@@ -182,6 +199,26 @@ def _blocked_probs(model: HookedModel, clean: CleanRun, regions: list[Tensor], d
         hooks = [(f"blocks.{layer}.attn.hook_mask", _masker(blocked)) for layer in layers]
         suffix = clean.resid[layers[0]][:, start:].expand(len(chunk), -1, -1)
         probs.append(_resume(model, clean, suffix, start, layers[0], hooks, token))
+    return torch.cat(probs)
+
+
+def _cross_blocked_probs(model: HookedModel, one: MultimodalBatch, regions: list[Tensor],
+                         dst: Tensor, layers: list[int], token: int,
+                         batch_size: int) -> Float[Tensor, " regions"]:
+    """p(token) with ``dst`` blocked from each region's image keys in the cross-attention
+    layers of ``layers``: one full forward per ``batch_size`` regions, a region a row."""
+    cross = [layer for layer in layers if layer in model.cfg.text.cross_attention_layers]
+    probs = []
+    for first in range(0, len(regions), batch_size):
+        chunk = regions[first:first + batch_size]
+        n = len(chunk)
+        keys = [torch.as_tensor(r, dtype=torch.long) for r in chunk]
+        hooks = cross_key_hooks(keys, dst, cross, set(cross))
+        rows = [None if t is None else t.expand(n, *t.shape[1:]) for t in (
+            one.input_ids, one.pixel_values, one.attention_mask, one.image_sizes)]
+        logits = model.run_with_hooks(rows[0], rows[1], fwd_hooks=hooks,
+                                      attention_mask=rows[2], image_sizes=rows[3])
+        probs.append(logits[:, -1].float().softmax(-1)[:, token].cpu())
     return torch.cat(probs)
 
 

@@ -44,9 +44,10 @@ class CleanRun:
     token_type_ids: Tensor | None = None
 
     def prediction(self, exclude: int | None = None) -> int:
-        """The argmax token at the last position, never ``exclude`` (the image token)."""
+        """The argmax token at the last position, never ``exclude`` (the image token; past
+        the logits where it is only an input embedding, as Llama-3.2-Vision's)."""
         logits = self.logits.clone()
-        if exclude is not None:
+        if exclude is not None and exclude < logits.shape[-1]:
             logits[exclude] = float("-inf")
         return int(logits.argmax())
 

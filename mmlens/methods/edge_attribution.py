@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from mmlens.core.errors import MMLensError
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.methods.edges import blocked_edges, check_attendable
 from mmlens.model.protocol import HookedModel
@@ -71,6 +72,12 @@ def edge_attribution(
         raise ValueError("graddrop applies to method 'atp' or 'atp*', not to 'ig'")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be at least 1, got {steps}, {batch_size}")
+    if model.cfg.text.cross_attention_layers:
+        raise MMLensError(
+            f"edge attribution scores self-attention edges of the prompt, but a "
+            f"{model.family.name} model reads its image by cross-attention (layers "
+            f"{list(model.cfg.text.cross_attention_layers)}): measure its flows exactly with "
+            "information_flow (the knockout sweep)")
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     layers = list(range(n_layers)) if layers is None else list(layers)
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
@@ -117,7 +124,8 @@ def _blocked(batch: MultimodalBatch, flows: list[str]) -> Tensor:
         if missing:
             raise ValueError(f"flow {flow!r}: the batch has no span {missing[0]!r}; its spans "
                              f"are {', '.join(batch.span_names)}")
-        edges = blocked_edges(batch.span(source), batch.span(target), n_pos, n_pos)
+        edges = blocked_edges(batch.prompt_span(source, "edge attribution"),
+                              batch.prompt_span(target, "edge attribution"), n_pos, n_pos)
         causal = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()
         check_attendable((causal & ~edges)[:, None], 0, f"edge attribution of {flow!r}")
         per_flow.append(edges)

@@ -79,6 +79,9 @@ def image_token_cells(model: Any, batch: Any, example: int, image_size: SizeOrPa
     """
     size = as_image_size(image_size, "image size")
     image = batch.positions("image", example)
+    if model.cfg.text.cross_attention_layers:  # the image's tokens are cross-attention keys
+        layout = model.family.image_layout(model)
+        return _map_cells(model, torch.arange(len(layout.token_map(size, mode))), size, mode)
     geometry = model.family.fixed_preprocessing  # the family says how its processor tiles
     if geometry == "anyres":
         from mmlens.inputs.layouts.anyres import AnyresLayout

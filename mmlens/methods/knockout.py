@@ -28,6 +28,7 @@ from torch import Tensor
 
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.inputs.token_map import ImageLayout
+from mmlens.methods.cross_knockout import cross_key_hooks, image_keys, is_image_source
 from mmlens.methods.edges import blocked_edges, check_attendable
 
 PositionSpec = str | int | Sequence[int] | Tensor | Sequence[Sequence[int] | Tensor]
@@ -51,7 +52,7 @@ def resolve_positions(
         if batch is None:
             raise ValueError(f"{role}={spec!r} is a span name: pass batch= (the MultimodalBatch "
                              "whose spans it names), or give explicit positions")
-        per_example = batch.span(spec)
+        per_example = batch.prompt_span(spec, role)
         for i, positions in enumerate(per_example):
             if positions.numel() == 0:
                 raise ValueError(f"{role}: span {spec!r} is empty in example {i}: there is "
@@ -160,7 +161,9 @@ def block_attention(
     token to the ``merge_size**2`` patches it merges.
     ``heads`` limits the block to these heads (the mask becomes ``[batch, n_heads, q, k]``;
     this needs ``model=`` for the head count). ``model`` also lets layers, heads and vision
-    positions be checked before anything runs. Compose with ``+``::
+    positions be checked before anything runs; on a model with cross-attention layers
+    (Llama-3.2-Vision) it is required: ``"image"`` then means the cross-attention keys
+    (``mmlens.methods.cross_knockout``). Compose with ``+``::
 
         hooks = block_attention("image", "last", window_layers(l, 9, n), batch=batch)
         model.run_with_hooks(batch, fwd_hooks=hooks)
@@ -176,6 +179,9 @@ def block_attention(
         n_positions = layout.tower_length  # None on a packed tower: checked at each run
     layers = _check_layers(layers, n_layers, tower)
     head_list = _check_heads(heads, n_heads)
+    cross = () if model is None or tower != "language" else model.cfg.text.cross_attention_layers
+    if cross:
+        return _cross_attention_model(src, dst, layers, set(cross), batch, head_list, n_heads)
     if tower == "vision":
         src_pos = _vision_spec(src, batch, model, "src")
         dst_pos = _vision_spec(dst, batch, model, "dst")
@@ -196,6 +202,25 @@ def block_attention(
     return [(f"{prefix}blocks.{layer}.attn.hook_mask",
              _mask_editor(src_pos, dst_pos, head_list, n_heads, layer, strict))
             for layer in layers]
+
+
+def _cross_attention_model(src: PositionSpec, dst: PositionSpec, layers: list[int],
+                           cross: set[int], batch: MultimodalBatch | None,
+                           heads: list[int] | None, n_heads: int | None) -> list[Hook]:
+    """On a model whose image reaches the text only by cross-attention: an image source blocks
+    the image keys in the window's cross-attention layers, a text source the self-attention
+    edges in its other layers (``mmlens.methods.cross_knockout``)."""
+    dst_pos = resolve_positions(dst, batch, role="dst")
+    if batch is not None:
+        _check_range(dst_pos, "dst", batch.input_ids.shape[1], "the batch")
+    if is_image_source(src, batch):
+        return cross_key_hooks(image_keys(src, batch), dst_pos, layers, cross, heads, n_heads)
+    src_pos = resolve_positions(src, batch, role="src")
+    if batch is not None:
+        _check_range(src_pos, "src", batch.input_ids.shape[1], "the batch")
+    return [(f"blocks.{layer}.attn.hook_mask",
+             _mask_editor(src_pos, dst_pos, heads, n_heads, layer, batch is None))
+            for layer in layers if layer not in cross]
 
 
 def _check_layers(layers: int | Sequence[int], n_layers: int | None, tower: str) -> list[int]:

@@ -229,7 +229,8 @@ def _same_position(batch: MultimodalBatch, position: int) -> Pairs:
 
 def _span_pairs(clean: MultimodalBatch, corrupted: MultimodalBatch, name: str) -> Pairs:
     pairs = []
-    for i, (source, target) in enumerate(zip(clean.span(name), corrupted.span(name),
+    for i, (source, target) in enumerate(zip(clean.prompt_span(name, "patching"),
+                                             corrupted.prompt_span(name, "patching"),
                                              strict=True)):
         if len(source) != len(target):
             raise ValueError(f"span {name!r} of example {i} has {len(source)} positions in the "

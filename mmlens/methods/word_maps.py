@@ -77,10 +77,19 @@ def word_maps(model: HookedModel, batch: MultimodalBatch, layers: Sequence[int],
     ``p_base``.
 
     ``grid``: image-token positions (a view's row-major grid); default every image token of
-    the example. ``image_size``: the original image (or ``(width, height)``), for the pixel
+    the example (on a model that reads its image by cross-attention: key indices, default
+    every tile patch). ``image_size``: the original image (or ``(width, height)``), for the pixel
     boxes; default the example's record's image.
     """
     offset = batch.input_ids.shape[1] - int(batch.attention_mask[example].sum())
+    if model.cfg.text.cross_attention_layers:  # the image tokens are keys: no padding shift
+        offset = 0
+        if grid is None:  # every key made from pixels (tile patches), from the image's map
+            if not batch.token_maps:
+                raise MMLensError("word_maps on a model that reads its image by "
+                                  "cross-attention needs grid= (image key indices) or a batch "
+                                  "built by model.prepare (its image-token map)")
+            grid = batch.token_maps[example][0].sees_pixels().nonzero().flatten()
     grid = batch.positions("image", example) if grid is None else torch.as_tensor(grid)
     regions = {str(i): [(grid[i:i + 1] - offset).cpu()] for i in range(len(grid))}
     return [{"word": word, "positions": positions.tolist(),

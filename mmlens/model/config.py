@@ -7,6 +7,7 @@ The language half carries the TransformerLens field names (``n_layers``, ``d_mod
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,6 +160,51 @@ class ShuffleVisionConfig:
 
 
 @dataclass
+class MllamaVisionConfig:
+    """The Mllama vision encoder: ``n_layers`` local and ``n_global_layers`` gated global
+    blocks; ``intermediate_layers`` (local block outputs) are concatenated to the output."""
+
+    d_model: int
+    n_heads: int
+    d_mlp: int
+    n_layers: int
+    n_global_layers: int
+    image_size: int
+    patch_size: int
+    max_tiles: int
+    supported_aspect_ratios: tuple[tuple[int, int], ...]
+    intermediate_layers: tuple[int, ...]
+    n_channels: int = 3
+    eps: float = 1e-5
+    act_fn: str = "gelu"
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_tokens(self) -> int:
+        """Rows per tile: the patches and the class token (HF's ``num_patches``)."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def n_padded(self) -> int:
+        return math.ceil(self.n_tokens / 8) * 8
+
+    @property
+    def d_out(self) -> int:
+        return self.d_model * (1 + len(self.intermediate_layers))
+
+    def n_tiles(self, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
+        """Real tiles per image (0 for a padding image, id 0)."""
+        counts = torch.tensor([0] + [w * h for w, h in self.supported_aspect_ratios],
+                              device=aspect_ratio_ids.device)
+        return counts[aspect_ratio_ids.long()]
+
+
+
+
+@dataclass
 class LanguageConfig:
     """The decoder (Llama-style blocks), with TransformerLens field names.
 
@@ -168,7 +214,10 @@ class LanguageConfig:
     ``mrope_section`` frequencies per axis, in blocks or, ``mrope_interleaved``, as Qwen3-VL's
     t, h, w, t, h, w... interleave). ``qk_norm``: an RMSNorm over each head's queries and keys
     before the rotary (Qwen3). ``deepstack_layers``: how many of the first blocks receive
-    Qwen3-VL's DeepStack features (``blocks.{l}.hook_deepstack``).
+    Qwen3-VL's DeepStack features (``blocks.{l}.hook_deepstack``). ``cross_attention_layers``:
+    the blocks that attend to the image instead of the text (Llama-3.2-Vision's gated
+    cross-attention); ``d_vocab_embed``: rows of the token embedding where it has more than
+    the unembedding (None: ``d_vocab``).
     """
 
     n_layers: int
@@ -189,6 +238,8 @@ class LanguageConfig:
     mrope_interleaved: bool = False
     qk_norm: bool = False
     deepstack_layers: int = 0
+    cross_attention_layers: tuple[int, ...] = ()
+    d_vocab_embed: int | None = None
     act_fn: str = "silu"
     normalization_type: str = "RMS"
     positional_embedding_type: str = "rotary"
@@ -212,7 +263,8 @@ class MultimodalConfig:
     """
 
     model_type: str
-    vision: VisionConfig | QwenVisionConfig | InternVisionConfig | ShuffleVisionConfig
+    vision: (VisionConfig | QwenVisionConfig | InternVisionConfig | ShuffleVisionConfig
+             | MllamaVisionConfig)
     text: LanguageConfig
     image_token_id: int
     feature_layers: list[int]

@@ -103,8 +103,10 @@ def generate(
             logits = model(step_input, step_pixels, attention_mask=step_mask,
                            image_sizes=image_sizes, past_kv_cache=cache,
                            token_type_ids=step_types)[:, -1]
-            # The image placeholder is never text: a generated one could not be embedded.
-            logits[:, model.cfg.image_token_id] = float("-inf")
+            # The image placeholder is never text: a generated one could not be embedded
+            # (past the logits on Llama-3.2-Vision, where it is an input embedding only).
+            if model.cfg.image_token_id < logits.shape[-1]:
+                logits[:, model.cfg.image_token_id] = float("-inf")
             next_token = _choose(logits, do_sample, temperature, top_k, top_p,
                                  generator).to(tokens.device)
             if eos_token_id is not None:

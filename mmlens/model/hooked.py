@@ -185,9 +185,18 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
             if injections is not None:
                 raise ValueError("injections= resumes a run (with start_at_layer); a run from "
                                  "input_ids computes its own from the images")
-            resid, injections = self._embed(input, pixel_values, image_sizes)
+            resid, injections, cross = self._embed(input, pixel_values, image_sizes)
         else:
-            resid = input
+            resid, cross = input, None
+            stop = self.cfg.text.n_layers if stop_at_layer is None else stop_at_layer
+            held = past_kv_cache is not None and past_kv_cache.cross is not None
+            if not held and any(start_at_layer <= layer < stop
+                                for layer in self.cfg.text.cross_attention_layers):
+                raise MMLensError(
+                    f"resuming at layer {start_at_layer} would skip the image in the "
+                    f"cross-attention layers {list(self.cfg.text.cross_attention_layers)}: "
+                    "resume after the last of them, on a key/value cache of a run with the "
+                    "image (it holds the image keys), or run from input_ids")
             if injections is None and start_at_layer < self.cfg.text.deepstack_layers:
                 raise MMLensError(
                     f"resuming at layer {start_at_layer} skips the image features DeepStack "
@@ -217,7 +226,7 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         resid = self.language(
             resid, attention_mask=attention_mask, position_ids=position_ids,
             start_at_layer=start_at_layer or 0, stop_at_layer=stop_at_layer,
-            past_kv_cache=past_kv_cache, masks=masks, injections=injections,
+            past_kv_cache=past_kv_cache, masks=masks, injections=injections, cross=cross,
         )
         if stop_at_layer is not None:
             return resid
@@ -245,10 +254,12 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         geometry key), the rest checked (``mmlens.model.processor_inputs``)."""
         given = {"pixel_values": pixel_values, "attention_mask": attention_mask,
                  "image_sizes": image_sizes, **outputs}
+        given = {k: v for k, v in given.items() if v is not None}
         read = read_processor_outputs(
-            {k: v for k, v in given.items() if v is not None},
-            sizes_key=self.family.image_sizes_key, image_token_id=self.cfg.image_token_id,
-            family=self.family.name, family_keys=self.family.processor_keys)
+            given, sizes_key=self.family.image_sizes_key, image_token_id=self.cfg.image_token_id,
+            family=self.family.name,
+            family_keys=self.family.processor_keys + self.family.derived_names)
+        self.family.check_derived(self, {**given, **read})
         if "input_ids" in read:
             if input is not None:
                 raise MMLensError("got input and input_ids: pass the tokens once")
@@ -279,18 +290,21 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
 
     def _embed(
         self, input_ids: Tensor, pixel_values: Tensor | None, image_sizes: Tensor | None
-    ) -> tuple[Tensor, dict[int, Tensor] | None]:
-        """``embed_inputs`` and the features the family adds after decoder layers
-        (``{layer: [batch, pos, d_model]}``, zero off the image tokens), or None."""
+    ) -> tuple[Tensor, dict[int, Tensor] | None, Any]:
+        """``embed_inputs``, the features the family adds after decoder layers
+        (``{layer: [batch, pos, d_model]}``, zero off the image tokens) or None, and what its
+        cross-attention layers attend to (``Family.cross_attention``) or None."""
         embeds = self.hook_token_embed(self.embed(input_ids))
-        features, injections = None, None
+        features, injections, cross = None, None, None
         if pixel_values is not None:
             features, per_layer = self.family.encode_image_layers(
                 self, pixel_values.to(input_ids.device), image_sizes)
             injections = {layer: self.family.merge(input_ids, torch.zeros_like(embeds), added,
                                                    self.cfg)
                           for layer, added in per_layer.items()} or None
-        return self.hook_embed(self.family.merge(input_ids, embeds, features, self.cfg)), injections
+            cross = self.family.cross_attention(self, input_ids, features, image_sizes)
+        merged = self.hook_embed(self.family.merge(input_ids, embeds, features, self.cfg))
+        return merged, injections, cross
 
     def position_ids(
         self, input_ids: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None, *,
@@ -387,7 +401,8 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         as in ``forward``: ``model.generate(**processor(...), max_new_tokens=5)``."""
         from mmlens.model.generation import generate
 
-        hf_names = {"input_ids", self.family.image_sizes_key, *CHECKED_NAMES} - {"image_sizes"}
+        hf_names = {"input_ids", self.family.image_sizes_key, *CHECKED_NAMES,
+                    *self.family.derived_names} - {"image_sizes"}
         outputs = {k: kwargs.pop(k) for k in list(kwargs) if k in hf_names}
         if outputs:
             input, kwargs["image_sizes"] = self._read_processor_outputs(

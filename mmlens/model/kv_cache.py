@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,6 +27,9 @@ class KeyValueCache:
     attention_mask: Tensor | None = None
     frozen: bool = False
     position_ids: Tensor | None = None
+    cross: Any = None
+    """What cross-attention layers attend to (``CrossAttentionInputs``: the image keys, the
+    cached rows' mask; Llama-3.2-Vision), kept for the positions that follow; None without."""
 
     @classmethod
     def empty(cls, n_layers: int) -> KeyValueCache:
@@ -36,7 +40,8 @@ class KeyValueCache:
         first = next((kv for kv in self.layers if kv is not None), None)
         return 0 if first is None else first[0].shape[2]
 
-    def update(self, layer: int, present: KeyValue) -> None:
+    def update(self, layer: int, present: KeyValue | None) -> None:
+        """Store a layer's keys and values (None: a cross-attention layer, nothing cached)."""
         if not self.frozen:
             self.layers[layer] = present
 
@@ -70,8 +75,9 @@ class KeyValueCache:
         positions = self.position_ids
         if positions is not None:
             positions = positions.expand(*positions.shape[:-2], batch, positions.shape[-1])
+        cross = None if self.cross is None else self.cross.expand(batch)
         return KeyValueCache(layers=layers, attention_mask=mask, frozen=True,
-                             position_ids=positions)
+                             position_ids=positions, cross=cross)
 
     def tile(self, copies: int) -> KeyValueCache:
         """A frozen cache of ``copies`` copies of the whole batch stacked (``[copy0 rows,
@@ -95,5 +101,6 @@ class KeyValueCache:
                   for kv in self.layers]
         mask = None if self.attention_mask is None else self.attention_mask[:, :length]
         positions = None if self.position_ids is None else self.position_ids[..., :length]
+        # the cross-attention inputs keep every row: a resumed suffix reads its own rows
         return KeyValueCache(layers=layers, attention_mask=mask, frozen=True,
-                             position_ids=positions)
+                             position_ids=positions, cross=self.cross)

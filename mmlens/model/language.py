@@ -71,15 +71,23 @@ class LanguageStack:
         past_kv_cache: KeyValueCache | None = None,
         masks: Sequence[Tensor | None] | None = None,
         injections: dict[int, Tensor] | None = None,
+        cross: Any = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """``attention_mask`` covers the cached and the new positions; ``position_ids`` are the
         new positions' (``[batch, pos]``, or the family's own layout such as M-RoPE's).
         ``masks``: one "may attend" mask ``[batch, 1, q_pos, k_pos]`` (or None for plain
         causal) per layer, from the family's mask rule; default ``build_mask`` for every layer.
         ``injections[l]`` ``[batch, pos, d_model]`` is added to block ``l``'s output
-        (Qwen3-VL's DeepStack features, ``blocks.{l}.hook_deepstack``).
+        (Qwen3-VL's DeepStack features, ``blocks.{l}.hook_deepstack``). ``cross``: what the
+        blocks of ``cfg.cross_attention_layers`` attend to (``CrossAttentionInputs``; None
+        without images).
         """
         q_len = resid.shape[1]
+        if past_kv_cache is not None and self.cfg.cross_attention_layers:
+            if cross is not None and not past_kv_cache.frozen:
+                past_kv_cache.cross = cross
+            elif cross is None and past_kv_cache.cross is not None:  # positions after an image
+                cross = past_kv_cache.cross.after(attention_mask.shape[1] - q_len, q_len)
         rotary = self.rotary(position_ids, resid.dtype)
         if masks is None:
             masks = [build_mask(attention_mask, q_len)] * self.cfg.n_layers
@@ -89,6 +97,7 @@ class LanguageStack:
             resid, present = self.blocks[layer](
                 resid, mask=masks[layer], causal=True, rotary=rotary, past_key_value=past,
                 **({"inject": injections[layer]} if injections and layer in injections else {}),
+                **({"cross": cross} if layer in self.cfg.cross_attention_layers else {}),
             )
             if past_kv_cache is not None:
                 past_kv_cache.update(layer, present)

@@ -18,9 +18,12 @@ from PIL import Image
 
 from mmlens import HookedMultimodalTransformer
 from mmlens.inputs.templates import IMAGE_PLACEHOLDER, get_template
+from mmlens.model.families import FAMILIES as REGISTERED
 from mmlens.zoo.tiny import tiny_families, tiny_module
 
-FAMILIES = tiny_families()
+FAMILIES = [family for family in tiny_families() if family in REGISTERED]
+"""Every registered family with a tiny builder (a builder may come before its family is
+registered; the suite runs it once it is)."""
 VARIANTS = [(family, name) for family in FAMILIES
             for name in getattr(tiny_module(family), "VARIANTS", {})]
 """Every (family, variant) of the tiny modules' ``VARIANTS``: hf_config overrides."""
@@ -68,11 +71,43 @@ def hf_decoder_layers(module: ModuleType, hf: Any) -> list[torch.nn.Module]:
     return list(hf.model.language_model.layers)
 
 
+def images_argument(model: HookedMultimodalTransformer,
+                    per_prompt: list[list[Image.Image]]) -> list[Any]:
+    """The processor's ``images=`` for ``per_prompt`` images of each prompt: one flat list by
+    default; one list per prompt where the tiny module sets ``PER_PROMPT_IMAGES`` (Mllama's
+    processor counts the images of each prompt)."""
+    if getattr(tiny_module(model.family.name), "PER_PROMPT_IMAGES", False):
+        return per_prompt
+    return [image for images in per_prompt for image in images]
+
+
+def hf_cross_attention(module: ModuleType, hf: Any, layer: int) -> torch.nn.Module | None:
+    """HF's cross-attention module in decoder layer ``layer`` (a family whose image reaches the
+    text by cross-attention), None in a self-attention layer (default: the layer's
+    ``cross_attn``)."""
+    if hasattr(module, "hf_cross_attention"):
+        return module.hf_cross_attention(hf, layer)
+    return getattr(hf_decoder_layers(module, hf)[layer], "cross_attn", None)
+
+
+def hf_tower_slots(module: ModuleType, hf: Any, n_seq: int) -> set[int]:
+    """The positions of a vision-tower row that an image's span may hold (default: the last
+    ``(image_size // patch_size) ** 2``, the patches after the class tokens; all ``n_seq`` on a
+    packed tower)."""
+    if hasattr(module, "hf_tower_slots"):
+        return set(module.hf_tower_slots(hf, n_seq))
+    vc = hf.config.vision_config
+    side = getattr(vc, "image_size", None)
+    n_patches = (side // vc.patch_size) ** 2 if isinstance(side, int) else n_seq
+    return set(range(n_seq - n_patches, n_seq))
+
+
 def processor_inputs(model: HookedMultimodalTransformer, images: list[Image.Image],
                      questions: list[str]) -> dict[str, torch.Tensor]:
     """The model's processor's outputs for one image per question, left padded."""
     text = prompts(model, questions)
-    return dict(model.processor(images=images, text=text, padding=True, return_tensors="pt"))
+    return dict(model.processor(images=images_argument(model, [[image] for image in images]),
+                                text=text, padding=True, return_tensors="pt"))
 
 
 @dataclass

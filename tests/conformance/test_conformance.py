@@ -13,9 +13,12 @@ import pytest
 import torch
 from families import (
     VARIANTS,
+    hf_cross_attention,
     hf_decoder_layers,
+    hf_tower_slots,
     hf_vision_layers,
     hf_vision_rows,
+    images_argument,
     processor_inputs,
     prompts,
     random_images,
@@ -151,7 +154,8 @@ def test_several_images_and_a_text_only_prompt_match_hf(tiny):
     assert len(batch.spans[1]["image"]) == 0 and "image_0" not in batch.spans[1]
     image = model.processor.tokenizer.convert_ids_to_tokens(model.cfg.image_token_id)
     text = [prompt.replace(IMAGE_PLACEHOLDER, image) for prompt in batch.prompts]
-    inputs = dict(model.processor(images=images, text=text, padding=True, return_tensors="pt"))
+    inputs = dict(model.processor(images=images_argument(model, [images, []]), text=text,
+                                  padding=True, return_tensors="pt"))
     with torch.no_grad():
         ours = model(batch)
         reference = tiny.hf(**inputs).logits
@@ -181,10 +185,17 @@ def test_prepare_matches_the_processor_outputs(tiny, prepared):
         assert (tiny.model(batch) - tiny.model(**inputs))[_real(inputs)].abs().max() <= 1e-5
 
 
-def _hf_logits_with_mask_edit(tiny, inputs, layers, blocked):
+def _hf_logits_with_mask_edit(tiny, inputs, layers, blocked, image_keys=False):
     """HF's logits with ``blocked(row) -> (dst, src, heads)`` cut from the eager attention
-    mask of ``layers``."""
+    mask of ``layers``. On a model whose image reaches the text by cross-attention, the
+    self-attention layers of ``layers`` are cut, or with ``image_keys`` (``src``: key indices,
+    None for every key) its cross-attention layers, where a row and head whose every key is
+    then cut gets zero output (the rule of ``mmlens.model.components.cross_attention``)."""
     n_heads = tiny.model.cfg.n_heads
+    cross = [layer for layer in layers if hf_cross_attention(tiny.module, tiny.hf, layer)]
+    if image_keys:
+        return _hf_logits_with_cross_edit(tiny, inputs, cross, blocked)
+    layers = [layer for layer in layers if layer not in cross]
 
     def edit(module, args, kwargs):
         mask = kwargs["attention_mask"]
@@ -199,14 +210,55 @@ def _hf_logits_with_mask_edit(tiny, inputs, layers, blocked):
         return args, kwargs
 
     decoder = hf_decoder_layers(tiny.module, tiny.hf)
-    handles = [decoder[layer].self_attn.register_forward_pre_hook(edit, with_kwargs=True)
-               for layer in layers]
+    return _hf_logits_with(tiny, inputs, [
+        decoder[layer].self_attn.register_forward_pre_hook(edit, with_kwargs=True)
+        for layer in layers])
+
+
+def _hf_logits_with(tiny, inputs, handles):
+    """HF's logits on ``inputs`` with the hooks of ``handles``, which are removed after."""
     try:
         with torch.no_grad():
             return tiny.hf(**inputs).logits
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _hf_logits_with_cross_edit(tiny, inputs, layers, blocked):
+    """HF's logits with ``blocked(row) -> (dst, keys or None for all, heads)`` cut from the
+    cross-attention mask of ``layers``, a (row, head) then cut from every key zeroed before
+    ``o_proj``."""
+    n_heads, d_head = tiny.model.cfg.n_heads, tiny.model.cfg.d_head
+    zeroed = {}
+
+    def edit(layer):
+        def pre(module, args, kwargs):
+            mask = kwargs["attention_mask"]
+            low = torch.finfo(mask.dtype).min
+            n, _, q_len, k_len = mask.shape
+            mask = mask.expand(n, n_heads, q_len, k_len).clone()
+            before = (mask == low).all(-1)
+            for row in range(n):
+                dst, src, heads = blocked(row)
+                for head in heads:
+                    if src is None:
+                        mask[row, head, dst] = low
+                    else:
+                        mask[row, head, dst[:, None], src[None, :]] = low
+            zeroed[layer] = (mask == low).all(-1) & ~before  # [n, heads, q]
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+
+        def zero_heads(module, args):
+            z = args[0].view(*args[0].shape[:2], n_heads, d_head)
+            return (z.masked_fill(zeroed[layer].transpose(1, 2)[..., None], 0).flatten(2),)
+
+        module = hf_cross_attention(tiny.module, tiny.hf, layer)
+        return [module.register_forward_pre_hook(pre, with_kwargs=True),
+                module.o_proj.register_forward_pre_hook(zero_heads)]
+
+    return _hf_logits_with(tiny, inputs, [handle for layer in layers for handle in edit(layer)])
 
 
 @pytest.mark.parametrize("src, dst, layers, heads", [
@@ -221,8 +273,12 @@ def test_block_attention_is_hf_eager_attention_with_an_edited_mask(tiny, prepare
     if src not in batch.span_names:
         pytest.skip(f"{tiny.name} has no span {src!r}")
     every = range(tiny.model.cfg.n_heads)
+    # Where the image is not in the prompt, an image source is its cross-attention keys.
+    keys = src == "image" and not batch.image_layout.in_sequence or src in batch.key_spans
     reference = _hf_logits_with_mask_edit(tiny, inputs, layers, lambda row: (
-        batch.positions(dst, row), batch.positions(src, row), heads or every))
+        batch.positions(dst, row),
+        None if keys and src == "image" else batch.positions(src, row), heads or every),
+        image_keys=keys)
     with torch.no_grad():
         ours = tiny.model.run_with_hooks(batch, fwd_hooks=block_attention(
             src, dst, layers, batch=batch, heads=heads, model=tiny.model))
@@ -258,9 +314,11 @@ def test_the_lens_last_point_is_the_logits(tiny, prepared):
 
 def test_causal_map_equals_one_forward_per_region(tiny, prepared):
     """The batched causal map (2x2 cells of image tokens blocked from the last position in
-    one layer) equals one full forward per region with ``block_attention``."""
+    one layer) equals one full forward per region with ``block_attention`` (where the image
+    is not in the prompt, a region is a span of its cross-attention keys)."""
     batch, _ = prepared
     one = batch.select(0)
+    keys = None if one.image_layout.in_sequence else len(one.token_maps[0][0])
     layers = [min(1, tiny.model.cfg.n_layers - 1)]
     frame = causal_map(tiny.model, one, "last", layers=layers, cell=2, images=tiny.images[:1])
     assert len(frame) > 0
@@ -268,7 +326,8 @@ def test_causal_map_equals_one_forward_per_region(tiny, prepared):
         token = int(tiny.model(one)[0, -1].argmax())
         naive = []
         for positions in frame.position:
-            hooks = block_attention([list(positions)], "last", layers, batch=one)
+            one.add_span("region", [list(positions)], keys=keys)
+            hooks = block_attention("region", "last", layers, batch=one, model=tiny.model)
             logits = tiny.model.run_with_hooks(one, fwd_hooks=hooks)[0, -1].float()
             naive.append(float(logits.softmax(-1)[token]))
     assert (torch.tensor(frame.p_block.to_numpy()) - torch.tensor(naive)).abs().max() <= 1e-6
@@ -281,14 +340,11 @@ def test_vision_spans_index_the_towers_patches(tiny, prepared):
     with torch.no_grad():
         _, cache = tiny.model.run_with_cache(batch, names_filter="vision.blocks.0.hook_resid_pre")
     n_rows, n_seq = cache["vision.blocks.0.hook_resid_pre"].shape[:2]
-    vc = tiny.hf.config.vision_config
-    side = getattr(vc, "image_size", None)
-    n_patches = (side // vc.patch_size) ** 2 if isinstance(side, int) else n_seq
-    first_patch = n_seq - n_patches
+    slots = hf_tower_slots(tiny.module, tiny.hf, n_seq)
     positions = batch.vision_positions("image", tiny.model)
     assert len(positions) == n_rows
     for row in positions:
-        assert len(row) and first_patch <= int(row.min()) and int(row.max()) < n_seq
+        assert len(row) and set(row.tolist()) <= slots
 
 
 # ---------------------------------------------------------------- a saved checkpoint

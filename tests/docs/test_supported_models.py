@@ -10,7 +10,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 NAMES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision": "OneVision",
          "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL",
          "internvl": "InternVL 3", "gemma3": "Gemma 3", "paligemma": "PaliGemma",
-         "idefics3": "Idefics3", "smolvlm": "SmolVLM"}
+         "idefics3": "Idefics3", "smolvlm": "SmolVLM", "mllama": "Llama-3.2-Vision"}
 """How the pages name each family (README's model table)."""
 
 

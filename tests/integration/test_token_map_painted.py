@@ -89,6 +89,17 @@ def _idefics3():
     return module.hf_config(), processor
 
 
+def _mllama():
+    """Llama-3.2-Vision's tiny config and PIL image processor (its tiles' patches are the
+    cross-attention keys)."""
+    from mmlens.zoo.tiny import mllama
+
+    hf_config = mllama.hf_config()
+    processor = mllama.processor(hf_config).image_processor
+    processor.resample = NEAREST
+    return hf_config, processor
+
+
 # (family, builder, class_offset of the tower, [(width, height), mode, box (x, y, w, h)])
 CASES = [
     ("llava", lambda: _llava("default"), 1, [((16, 8), "pad", (2, 0, 6, 4)),
@@ -112,6 +123,10 @@ CASES = [
     ("idefics3", _idefics3, 0, [((72, 48), None, (20, 10, 30, 20)),
                                 ((45, 29), None, (10, 5, 25, 19)),
                                 ((22, 38), None, (0, 20, 12, 10))]),
+    # Llama-3.2-Vision: up to 2 tiles, resized keeping the aspect ratio (halved, or kept where
+    # it fits the canvas), padded right and bottom
+    ("mllama", _mllama, 1, [((64, 32), None, (10, 4, 20, 8)), ((24, 12), None, (4, 2, 10, 6)),
+                            ((12, 20), None, (2, 10, 8, 8)), ((32, 32), None, (16, 0, 10, 10))]),
 ]
 
 every_family = pytest.mark.parametrize("name, build, offset, images", CASES,
@@ -135,13 +150,16 @@ def _process(image_processor, image, mode):
     return pixels if pixels.ndim == 2 else pixels.reshape(-1, *pixels.shape[-3:])
 
 
-def _patch(pixels, ref, offset, patch):
-    """The ``[3, patch, patch]`` pixels at tower position ``ref = (tile, index)``."""
+def _patch(pixels, ref, offset, patch, token_map=None):
+    """The ``[3, patch, patch]`` pixels at tower position ``ref = (tile, index)`` (where every
+    tile of the image is one tower row, ``token_map.one_row``, the tile's frame places it)."""
     tile, index = ref
     if pixels.ndim == 2:  # Qwen-VL: row = patch, (C, temporal, p, p), the still frame twice
         return pixels[index].reshape(3, -1, patch, patch)[:, 0]
     cols = pixels.shape[-1] // patch
     row, col = divmod(index - offset, cols)
+    if token_map is not None and token_map.one_row:
+        row, col = token_map.frames[tile].place(index)
     return pixels[tile, :, row * patch:(row + 1) * patch, col * patch:(col + 1) * patch]
 
 
@@ -163,7 +181,7 @@ def test_each_patch_holds_the_pixels_of_its_box(name, build, offset, images):
         assert token_map.class_offset == offset
         pixels = _process(image_processor, Image.fromarray(coded), mode)
         for ref, (x0, y0, x1, y1) in token_map.patch_boxes.items():
-            region = _patch(pixels, ref, offset, patch)
+            region = _patch(pixels, ref, offset, patch, token_map)
             inside = region[2] == 255  # image pixels (padding is never 255 blue)
             x, y = region[0][inside] - 1, region[1][inside] - 1
             if x1 > x0 and y1 > y0:
@@ -185,7 +203,7 @@ def test_related_tokens_are_those_the_painted_box_reaches(name, build, offset, i
         pixels = _process(image_processor, Image.fromarray(noise), mode)
         token_map = layout.token_map((width, height), mode)
         painted = {ref for ref in token_map.patch_boxes
-                   if bool((_patch(pixels, ref, offset, patch)
+                   if bool((_patch(pixels, ref, offset, patch, token_map)
                             == torch.tensor(PAINT, dtype=torch.float)[:, None, None])
                            .all(0).any())}
         related = token_map.related([box])

@@ -16,6 +16,7 @@ from mmlens.model.families.idefics3 import Idefics3Family, SmolVLMFamily
 from mmlens.model.families.internvl import InternVLFamily
 from mmlens.model.families.llava import LlavaFamily
 from mmlens.model.families.llava_next import LlavaNextFamily
+from mmlens.model.families.mllama import MllamaFamily
 from mmlens.model.families.onevision import LlavaOnevisionFamily
 from mmlens.model.families.paligemma import PaliGemmaFamily
 from mmlens.model.families.qwen3_vl import Qwen3VLFamily
@@ -33,7 +34,7 @@ def register(family: Family) -> Family:
 
 for _family in (LlavaFamily(), LlavaNextFamily(), LlavaOnevisionFamily(), QwenVLFamily(),
                 Qwen25VLFamily(), Qwen3VLFamily(), InternVLFamily(), Gemma3Family(),
-                PaliGemmaFamily(), Idefics3Family(), SmolVLMFamily()):
+                PaliGemmaFamily(), Idefics3Family(), SmolVLMFamily(), MllamaFamily()):
     register(_family)
 
 

@@ -40,6 +40,15 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokeniz
                    "tokenizer_config.json", "tokenizer.model")
 
 
+def stack_padding_images(per_prompt: Sequence[Tensor]) -> Tensor:
+    """Per-prompt ``[1, images, ...]`` -> one batch, the image axis padded with zero frames as
+    HF's processors pad it (Idefics3's pixels and masks, Mllama's pixels and aspect ratio
+    ids)."""
+    most = max(p.shape[1] for p in per_prompt)
+    return torch.cat([torch.cat([p, p.new_zeros(1, most - p.shape[1], *p.shape[2:])], 1)
+                      for p in per_prompt])
+
+
 class Family:
     """The adapter of one family of checkpoints; instances are stateless singletons.
 
@@ -55,7 +64,8 @@ class Family:
 
     name: ClassVar[str]
     fixed_preprocessing: ClassVar[str | None] = None
-    """The geometry the family's processor fixes ("anyres", "dynamic"), else None."""
+    """The geometry the family's processor fixes ("anyres", "dynamic", "tiles": Mllama's
+    tiling, images never padded by ``prepare``), else None."""
     model_types: ClassVar[tuple[str, ...]]
     hf_class: ClassVar[str]
     description: ClassVar[str]
@@ -68,6 +78,10 @@ class Family:
     prompt_template: ClassVar[str | None] = None
     """The name of the family's default prompt template (``mmlens.inputs.templates``); None:
     chosen from the tokenizer's vocabulary."""
+    derived_names: ClassVar[tuple[str, ...]] = ()
+    """Processor outputs the family recomputes from the others (Llama-3.2-Vision's
+    ``aspect_ratio_mask``, ``cross_attention_mask``): accepted at the door and checked
+    (``check_derived``)."""
     pixel_rule: ClassVar[bool] = False
     """Whether the paper's red-pixel rule (``related_rule="paper"``) is defined for the family
     (the paper's own: LLaVA-1.5 and LLaVA-NeXT)."""
@@ -116,6 +130,10 @@ class Family:
                               "save the checkpoint's full processor beside its weights")
         return processor
 
+    def check_derived(self, model: Any, outputs: dict[str, Any]) -> None:
+        """Raise where a processor output of ``derived_names`` disagrees with what the family
+        computes from the others (``outputs``: the keywords, ``image_sizes`` read)."""
+
     def hf_model_class(self) -> type:
         import transformers
 
@@ -149,6 +167,13 @@ class Family:
     ) -> Float[Tensor, "batch pos d_model"]:
         """Features replace the image tokens' embeddings, in order (the common rule)."""
         return merge_image_features(input_ids, embeds, features, cfg.image_token_id)
+
+    def cross_attention(self, model: Any, input_ids: Tensor, features: Tensor,
+                        image_sizes: Tensor | None) -> Any:
+        """What the cross-attention layers attend to (``CrossAttentionInputs``: the image
+        keys, which text rows see which keys), from ``encode_image_layers``'s features; None
+        for a family whose image tokens sit in the sequence."""
+        return None
 
     def build_blocks(self, cfg: LanguageConfig) -> nn.ModuleList:
         """The decoder blocks (``blocks.{l}.*``); Llama-style by default, options from ``cfg``

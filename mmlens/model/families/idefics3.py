@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from mmlens.core.sizes import ImageSize
 from mmlens.inputs.layouts.split_tiles import SplitTilesLayout
 from mmlens.model.config import MultimodalConfig, language_config
-from mmlens.model.families.base import Family
+from mmlens.model.families.base import Family, stack_padding_images
 from mmlens.model.idefics3_vision import (
     PixelShuffleConnector,
     ShuffleVisionConfig,
@@ -160,9 +160,7 @@ class Idefics3Family(Family):
     def stack_pixel_values(self, pixel_values: Sequence[Tensor]) -> Tensor:
         """Per-example ``[1, images, 3, T, T]`` -> one batch, the image axis padded with zero
         frames as HF's processor pads it."""
-        most = max(p.shape[1] for p in pixel_values)
-        return torch.cat([torch.cat([p, p.new_zeros(1, most - p.shape[1], *p.shape[2:])], 1)
-                          for p in pixel_values])
+        return stack_padding_images(pixel_values)
 
     def stack_image_sizes(self, image_sizes: Sequence[Tensor]) -> Tensor:
         """Per-example ``pixel_attention_mask`` ``[1, images, T, T]``, padded as the pixels."""

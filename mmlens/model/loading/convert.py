@@ -96,13 +96,15 @@ def convert_projector(state: dict[str, Tensor], cfg: MultimodalConfig) -> dict[s
     return out
 
 
-def convert_language(state: dict[str, Tensor], cfg: MultimodalConfig) -> dict[str, Tensor]:
-    """The Llama / Qwen2 decoder, final norm and unembedding (tied to the embedding when absent)."""
+def convert_language(state: dict[str, Tensor], cfg: MultimodalConfig,
+                     skip: set[int] | frozenset[int] = frozenset()) -> dict[str, Tensor]:
+    """The Llama / Qwen2 decoder, final norm and unembedding (tied to the embedding when absent);
+    the layers of ``skip`` are left to the caller (Mllama's cross-attention layers)."""
     p = _prefix(state, "model.language_model.", "language_model.model.", "model.")
     tc = cfg.text
     out = {"embed.W_E": _take(state, p + "embed_tokens.weight"),
            "ln_final.w": _take(state, p + "norm.weight")}
-    for layer in range(tc.n_layers):
+    for layer in (layer for layer in range(tc.n_layers) if layer not in skip):
         for ours, theirs in _LANGUAGE_BLOCK.items():
             optional = ours.endswith("_bias")
             weight = _take(state, f"{p}layers.{layer}.{theirs}", optional=optional)

@@ -1,0 +1,152 @@
+"""Llama-3.2-Vision in the study's entry points: its preset, ``mmlens hooks`` on a saved tiny
+folder, and a run resumed on a key/value cache that holds the image keys."""
+
+import pytest
+import torch
+from PIL import Image
+
+from mmlens import HookedMultimodalTransformer
+from mmlens.cli import main
+from mmlens.core.errors import MMLensError
+from mmlens.inputs.templates import MLLAMA
+from mmlens.methods.clean_run import clean_run
+from mmlens.zoo.tiny import tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_checkpoint("mllama", tmp_path_factory.mktemp("mllama") / "model")
+
+
+def test_the_preset_uses_the_familys_prompt_and_a_scaled_window():
+    from mmlens.experiments.presets import PRESETS
+    from mmlens.methods.windows import default_window
+
+    preset = PRESETS["meta-llama/Llama-3.2-11B-Vision-Instruct"]
+    assert preset.template is MLLAMA and preset.preprocessing == "tiles"
+    assert (preset.n_layers, preset.window) == (40, default_window(40))
+
+
+def test_hooks_lists_the_cross_attention_and_tower_hooks(folder, capsys):
+    assert main(["hooks", "--model", str(folder)]) == 0
+    listed = capsys.readouterr().out
+    for name in ("vision.pre_tile.hook_embed", "vision.global_blocks.1.hook_attn_gate",
+                 "blocks.1.cross_attn.hook_mask", "blocks.2.hook_mlp_gate",
+                 "blocks.3.attn.hook_pattern"):
+        assert name in listed
+
+
+def test_a_run_resumed_on_the_cache_reads_the_image_keys_it_holds(folder):
+    """From the clean run's cache, the positions from the question on resumed at layer 0
+    (before both cross-attention layers) give the clean logits; without a cache the resume is
+    refused."""
+    model = HookedMultimodalTransformer.from_pretrained(str(folder))
+    batch = model.prepare(Image.new("RGB", (37, 29), "red"), "What color is the square?")
+    clean = clean_run(model, batch)
+    start = int(batch.positions("question", 0)[0])
+    with torch.no_grad():
+        final = model(clean.resid[0][:, start:], start_at_layer=0,
+                      stop_at_layer=model.cfg.n_layers, past_kv_cache=clean.cache.truncate(start),
+                      position_ids=clean.position_ids[..., start:],
+                      attention_mask=torch.ones(1, clean.n_positions - start, dtype=torch.long))
+        logits = model.unembed(model.ln_final(final))[0, -1]
+        full = model(batch)[0, -1]
+    assert (logits - full).abs().max() <= 1e-5
+    with pytest.raises(MMLensError, match="cross-attention layers"):
+        model(clean.resid[0][:, start:], start_at_layer=0)
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    return HookedMultimodalTransformer.from_pretrained(str(folder))
+
+
+def _boxed(model, colour):
+    image = Image.new("RGB", (37, 29), colour)
+    return model.prepare([image], ["What color is the square?"], boxes=[[(4, 4, 12, 10)]])
+
+
+def test_patching_the_question_equals_a_full_forward_with_its_residual_patched_in(model):
+    """``patch_spans`` resumes runs on the corrupted run's cache, through the cross-attention
+    layers (the cache holds the image keys): equal to one full corrupted forward per layer
+    with the question's residual stream replaced by the clean run's."""
+    from mmlens.methods.patching import patch_spans
+
+    clean, corrupted = _boxed(model, "red"), _boxed(model, "blue")
+    token = int(model(clean)[0, -1].argmax())
+
+    def metric(logits):
+        return logits[:, -1].log_softmax(-1)[:, token]
+
+    scores = patch_spans(model, clean, corrupted, metric, spans=["question"])
+    question = clean.positions("question", 0)
+    _, cache = model.run_with_cache(clean)
+    for layer in range(model.cfg.n_layers):
+        def replace(resid, hook, layer=layer):
+            resid = resid.clone()
+            resid[:, question] = cache[f"blocks.{layer}.hook_resid_pre"][:, question]
+            return resid
+        with torch.no_grad():
+            logits = model.run_with_hooks(corrupted, fwd_hooks=[
+                (f"blocks.{layer}.hook_resid_pre", replace)])
+        assert abs(float(scores[layer, 0]) - float(metric(logits)[0])) <= 1e-4, layer
+
+
+def test_methods_reading_prompt_positions_refuse_a_span_of_image_keys(model):
+    from mmlens.methods.edge_attribution import edge_attribution
+    from mmlens.methods.knockout import resolve_positions
+    from mmlens.methods.patching import patch_spans
+
+    clean, corrupted = _boxed(model, "red"), _boxed(model, "blue")
+    assert clean.key_spans == {"related", "other"}
+    with pytest.raises(MMLensError, match="cross-attention keys"):
+        patch_spans(model, clean, corrupted, lambda logits: logits[:, -1, 0], spans=["related"])
+    with pytest.raises(MMLensError, match="cross-attention keys"):  # the lens, causal maps...
+        resolve_positions("related", clean, role="positions")
+    with pytest.raises(MMLensError, match="information_flow"):
+        edge_attribution(model, clean, lambda logits: logits[:, -1, 0])
+
+
+def test_key_spans_keep_their_indices_when_a_batch_is_cut_down(model):
+    images = [Image.new("RGB", (37, 29), "red"), Image.new("RGB", (13, 30), "blue")]
+    batch = model.prepare(images, ["What color is the square?", "Which shape?"],
+                          boxes=[[(4, 4, 12, 10)], [(2, 10, 6, 8)]])
+    one = batch.select(1)
+    assert torch.equal(one.positions("related", 0), batch.positions("related", 1))
+    assert not torch.equal(one.positions("question", 0), batch.positions("question", 1))
+
+
+def test_a_causal_map_patch_is_refused(model):
+    from mmlens.methods import causal_map
+
+    clean = _boxed(model, "red")
+    with pytest.raises(MMLensError, match="mode='knockout'"):
+        causal_map(model, clean, mode="patch", corrupted=clean)
+
+
+def test_maps_from_the_inputs_alone_follow_the_aspect_ratio_ids(model):
+    """Without the original images (``input_maps``), each example's tiles are read off its
+    aspect ratio id in HF's (rows, cols) order: a wide image is one row of two tiles."""
+    layout = model.family.image_layout(model)
+    batch = model.prepare([Image.new("RGB", (45, 19)), Image.new("RGB", (13, 30))],
+                          ["What color?", "Which shape?"])
+    wide, tall = (maps[0] for maps in layout.input_maps(batch))
+    assert wide.image_size == (32, 16) and tall.image_size == (16, 32)
+    assert [f.shift for f in wide.frames] == [(0, 0), (-16, 0)]
+    assert [f.shift for f in tall.frames] == [(0, 0), (0, -16)]
+
+
+def test_word_maps_default_to_every_tile_patch_and_equal_the_causal_map(model):
+    """Without ``grid=``, a word's map covers every key made from pixels (the tiles' patches,
+    not their class tokens nor the padding tiles), each value the causal map's for that key."""
+    from mmlens.methods import causal_map
+    from mmlens.methods.word_maps import word_maps
+
+    batch = _boxed(model, "red")
+    token_map = batch.token_maps[0][0]
+    keys = token_map.sees_pixels().nonzero().flatten()
+    maps = word_maps(model, batch, [1, 2], span="last", image_size=(37, 29))
+    assert len(maps) == 1 and len(maps[0]["values"]) == len(keys)
+    frame = causal_map(model, batch, dst="last", layers=[1, 2], images=[(37, 29)],
+                       regions={"k": [keys[:1]]})
+    assert maps[0]["values"][0] == round(float(frame["value"].iloc[0]), 6)
