@@ -58,6 +58,12 @@ def answer_flow(model: HookedModel, batch: MultimodalBatch, *,
     token left out); ``answer_ids``: the answers as token ids instead of text.
     ``window``: layers per window (default the study's); ``centres``: default every layer."""
     names = [source_span(f) for f in flows]
+    if model.cfg.text.cross_attention_layers:
+        raise MMLensError(
+            "answer_flow blocks prompt positions, and this model's image is not in the prompt "
+            f"(cross-attention layers {list(model.cfg.text.cross_attention_layers)}): block its "
+            "image keys with block_attention('image', 'answer-positions', layers, model=model) "
+            "and run_with_hooks, or study one-word answers with information_flow")
     given = answers if answers is not None else answer_ids
     if answers is not None and answer_ids is not None:
         raise MMLensError("give answers (text) or answer_ids (tokens), not both")

@@ -68,17 +68,26 @@ def image_attention(
 
     The grid is tile 0 of the example's first image map (``batch.token_maps``, from
     ``model.prepare``): LLaVA-1.5's patches, the base tile of LLaVA-NeXT / OneVision, Qwen-VL's
-    merged cells. For a batch without maps give ``grid_size``: the first ``grid_size**2`` image
-    positions (after CLS when the features keep it) are then read as a square patch grid.
+    merged cells; Llama-3.2-Vision's tile patches, read from ``blocks.{layer}.cross_attn`` (a
+    cross-attention layer). For a batch without maps give ``grid_size``: the first
+    ``grid_size**2`` image positions (after CLS when the features keep it) are then read as a
+    square patch grid.
     ``head=None`` averages the heads; several query positions are averaged. With ``image`` (a
     PIL image or ``[H, W, 3]`` array, ideally the model's resized view) the heatmap is laid over
     it with ``opacity``.
     """
-    name = f"blocks.{layer}.attn.hook_pattern"
+    cross = batch.image_layout is not None and not batch.image_layout.in_sequence
+    name = f"blocks.{layer}.{'cross_attn' if cross else 'attn'}.hook_pattern"
+    if cross and name not in cache:
+        raise KeyError(f"layer {layer} is not a cross-attention layer: this model's image is "
+                       "not in the prompt, so only its cross-attention layers attend to it "
+                       "(layer= one of the cache's blocks.{l}.cross_attn.hook_pattern)")
     if name not in cache:
         raise KeyError(f"the cache has no {name}: run model.run_with_cache(batch)")
     queries = _per_example(resolve_positions(query, batch, role="query"), len(batch))[example]
     image_positions = batch.positions("image", example)
+    if cross:  # the image-token map's tokens are the cross-attention keys
+        image_positions = torch.arange(len(batch.token_maps[example][0]))
     if batch.token_maps:
         rows, cols, cells = batch.token_maps[example][0].grid_cells(0)
         image_positions = image_positions[torch.tensor(cells)]

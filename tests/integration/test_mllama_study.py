@@ -150,3 +150,35 @@ def test_word_maps_default_to_every_tile_patch_and_equal_the_causal_map(model):
     frame = causal_map(model, batch, dst="last", layers=[1, 2], images=[(37, 29)],
                        regions={"k": [keys[:1]]})
     assert maps[0]["values"][0] == round(float(frame["value"].iloc[0]), 6)
+
+
+def test_image_attention_reads_the_cross_attention_over_the_tile_patches(folder):
+    """In a cross-attention layer the heatmap is the mean cross-attention pattern from the
+    last position to tile 0's patches, in the map's grid order; a self-attention layer, which
+    never sees the image, is refused instead of drawing the one image token."""
+    from mmlens.plotting import image_attention
+
+    model = HookedMultimodalTransformer.from_pretrained(str(folder))
+    batch = model.prepare(Image.new("RGB", (37, 29), "red"), "What color is the square?",
+                          boxes=[[(2, 2, 20, 20)]])
+    _, cache = model.run_with_cache(batch)
+    layer = model.cfg.text.cross_attention_layers[0]
+    figure = image_attention(cache, batch, layer=layer)
+    rows, cols, cells = batch.token_maps[0][0].grid_cells(0)
+    pattern = cache[f"blocks.{layer}.cross_attn.hook_pattern"][0].mean(0)
+    expected = pattern[-1][torch.tensor(cells)].reshape(rows, cols)
+    heat = [trace for trace in figure.data if trace.type == "heatmap"][0]
+    assert torch.allclose(torch.tensor(heat.z, dtype=torch.float32), expected, atol=1e-6)
+    self_layer = next(i for i in range(model.cfg.n_layers)
+                      if i not in model.cfg.text.cross_attention_layers)
+    with pytest.raises(KeyError, match="not a cross-attention layer"):
+        image_attention(cache, batch, layer=self_layer)
+
+
+def test_answer_flow_refuses_a_model_whose_image_is_not_in_the_prompt(folder):
+    from mmlens.methods.answer_flow import answer_flow
+
+    model = HookedMultimodalTransformer.from_pretrained(str(folder))
+    batch = model.prepare(Image.new("RGB", (37, 29), "red"), "What color is the square?")
+    with pytest.raises(MMLensError, match="image is not in the prompt"):
+        answer_flow(model, batch, answers=["red"])
