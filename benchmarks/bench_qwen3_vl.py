@@ -14,7 +14,7 @@ tokens) between a prompt and a 12-token question. ``--real-shapes`` uses Qwen3-V
 from __future__ import annotations
 
 import torch
-from _common import family_bench_args, measure, sweep_speedup
+from _common import family_bench_args, forward_table, sweep_speedup
 from bench_qwen import GRID, IMAGE_TOKEN, layout
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
@@ -59,14 +59,13 @@ def main() -> None:
           f"{cfg.vision.n_layers} x {cfg.vision.d_model}, DeepStack into blocks "
           f"0-{cfg.text.deepstack_layers - 1}, {batch.input_ids.shape[1]} positions "
           f"({GRID * GRID // 4} image tokens), {args.dtype} on {args.device}")
-    diff = hf(**hf_inputs).logits.float() - model(batch).float()
+    results = forward_table({
+        "HF sdpa forward": lambda: hf(**hf_inputs).logits,
+        "mmlens forward": lambda: model(batch),
+        "mmlens run_with_cache (every hook)": lambda: model.run_with_cache(batch)[0],
+    }, args.device, args.rounds)
+    diff = results["HF sdpa forward"][0].float() - results["mmlens forward"][0].float()
     print(f"max |logits mmlens - HF|: {diff.abs().max().item():.2e}")
-    hf_s, _ = measure(lambda: hf(**hf_inputs).logits, args.device, repeats=3)
-    ours_s, _ = measure(lambda: model(batch), args.device, repeats=3)
-    cache_s, _ = measure(lambda: model.run_with_cache(batch)[0], args.device, repeats=3)
-    print(f"  HF sdpa forward                       {hf_s:8.3f} s")
-    print(f"  mmlens forward                        {ours_s:8.3f} s   {ours_s / hf_s:.2f}x HF")
-    print(f"  mmlens run_with_cache (every hook)    {cache_s:8.3f} s   {cache_s / hf_s:.2f}x HF")
 
     sweep_speedup(model, batch, FLOWS, args.naive_layers, args.device, IMAGE_TOKEN)
 
