@@ -158,6 +158,23 @@ def forward_table(runs: dict[str, Callable[[], object]], device: str, rounds: in
     return {name: (results[name], best[name]) for name in runs}
 
 
+def family_forward_table(hf_forward: Callable[[], torch.Tensor], model: object, batch: object,
+                         device: str, rounds: int,
+                         extra: dict[str, Callable[[], object]] | None = None
+                         ) -> dict[str, tuple[object, float]]:
+    """The family benchmarks' table (``forward_table``): HF's sdpa forward (``hf_forward``
+    returns its logits), any ``extra`` rows, mmlens's forward and ``run_with_cache`` with every
+    hook; then the largest difference of the logits."""
+    results = forward_table({
+        "HF sdpa forward": hf_forward, **(extra or {}),
+        "mmlens forward": lambda: model(batch),
+        "mmlens run_with_cache (every hook)": lambda: model.run_with_cache(batch)[0],
+    }, device, rounds)
+    diff = results["HF sdpa forward"][0].float() - results["mmlens forward"][0].float()
+    print(f"max |logits mmlens - HF|: {diff.abs().max().item():.2e}")
+    return results
+
+
 @torch.no_grad()
 def sweep_speedup(model: object, batch: object, flows: tuple[str, ...], naive_layers: int,
                   device: str, exclude: int) -> None:

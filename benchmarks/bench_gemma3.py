@@ -14,7 +14,7 @@ sliding window (so the window cuts the prompt), grouped-query attention, q/k nor
 from __future__ import annotations
 
 import torch
-from _common import family_bench_args, forward_table, sweep_speedup
+from _common import family_bench_args, family_forward_table, sweep_speedup
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
 from mmlens import HookedMultimodalTransformer
@@ -90,16 +90,9 @@ def main() -> None:
             return hf(**hf_inputs).logits
         return run
 
-    rows = {
-        "HF sdpa forward": hf_forward("sdpa"),
-        "HF eager forward": hf_forward("eager"),
-        "mmlens forward": lambda: model(batch),
-        "mmlens run_with_cache (every hook)": lambda: model.run_with_cache(batch)[0],
-    }
-    results = forward_table(rows, args.device, args.rounds)
+    family_forward_table(hf_forward("sdpa"), model, batch, args.device, args.rounds,
+                         extra={"HF eager forward": hf_forward("eager")})
     hf.set_attn_implementation("sdpa")
-    diff = results["HF sdpa forward"][0].float() - results["mmlens forward"][0].float()
-    print(f"max |logits mmlens - HF|: {diff.abs().max().item():.2e}")
 
     sweep_speedup(model, batch, DEFAULT_FLOWS, args.naive_layers, args.device, IMAGE_TOKEN)
 

@@ -15,7 +15,7 @@ a 12-token question. ``--real-shapes`` uses InternVL3-1B's widths and depths.
 from __future__ import annotations
 
 import torch
-from _common import family_bench_args, forward_table, sweep_speedup
+from _common import family_bench_args, family_forward_table, sweep_speedup
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from mmlens import HookedMultimodalTransformer
@@ -77,13 +77,8 @@ def main() -> None:
           f"{cfg.vision.n_layers} x {cfg.vision.d_model}, {TILES} tiles of {TILE} px, "
           f"{batch.input_ids.shape[1]} positions ({TILES * PER_TILE} image tokens), "
           f"{args.dtype} on {args.device}")
-    results = forward_table({
-        "HF sdpa forward": lambda: hf(**hf_inputs).logits,
-        "mmlens forward": lambda: model(batch),
-        "mmlens run_with_cache (every hook)": lambda: model.run_with_cache(batch)[0],
-    }, args.device, args.rounds)
-    diff = results["HF sdpa forward"][0].float() - results["mmlens forward"][0].float()
-    print(f"max |logits mmlens - HF|: {diff.abs().max().item():.2e}")
+    family_forward_table(lambda: hf(**hf_inputs).logits, model, batch, args.device,
+                         args.rounds)
 
     sweep_speedup(model, batch, DEFAULT_FLOWS, args.naive_layers, args.device, IMAGE_TOKEN)
 

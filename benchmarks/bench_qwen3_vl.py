@@ -14,7 +14,7 @@ tokens) between a prompt and a 12-token question. ``--real-shapes`` uses Qwen3-V
 from __future__ import annotations
 
 import torch
-from _common import family_bench_args, forward_table, sweep_speedup
+from _common import family_bench_args, family_forward_table, sweep_speedup
 from bench_qwen import GRID, IMAGE_TOKEN, layout
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
@@ -59,13 +59,8 @@ def main() -> None:
           f"{cfg.vision.n_layers} x {cfg.vision.d_model}, DeepStack into blocks "
           f"0-{cfg.text.deepstack_layers - 1}, {batch.input_ids.shape[1]} positions "
           f"({GRID * GRID // 4} image tokens), {args.dtype} on {args.device}")
-    results = forward_table({
-        "HF sdpa forward": lambda: hf(**hf_inputs).logits,
-        "mmlens forward": lambda: model(batch),
-        "mmlens run_with_cache (every hook)": lambda: model.run_with_cache(batch)[0],
-    }, args.device, args.rounds)
-    diff = results["HF sdpa forward"][0].float() - results["mmlens forward"][0].float()
-    print(f"max |logits mmlens - HF|: {diff.abs().max().item():.2e}")
+    family_forward_table(lambda: hf(**hf_inputs).logits, model, batch, args.device,
+                         args.rounds)
 
     sweep_speedup(model, batch, FLOWS, args.naive_layers, args.device, IMAGE_TOKEN)
 
