@@ -191,9 +191,12 @@ def fast_knockout_probs(model: HookedModel, clean: CleanRun, knockouts: Sequence
     knockouts = [replace(k, layers=tuple(layer for layer in k.layers
                                          if layer in clean.injections))
                  if k.removes_injection else k for k in knockouts]
+    # Knockouts alike run once (removals whose windows cover the same injected blocks).
+    first: dict[tuple, int] = {}
+    same = [first.setdefault(_key(k), i) for i, k in enumerate(knockouts)]
     groups: dict[int, list[int]] = defaultdict(list)
     for index, knockout in enumerate(knockouts):
-        if knockout.is_empty:
+        if knockout.is_empty or same[index] != index:
             continue
         position = _start(knockout, clean.n_positions, n_layers)[0]
         # a bidirectional block (Gemma 3's image) is recomputed whole
@@ -211,5 +214,11 @@ def fast_knockout_probs(model: HookedModel, clean: CleanRun, knockouts: Sequence
             chunk = indices[chunk_start:chunk_start + size]
             rows = [knockouts[i] for i in chunk]
             probs[chunk] = _run_rows(model, clean, rows, position, tokens).cpu()
+    probs = probs[same]
     return probs[:, 0] if isinstance(token, int) else probs
+
+
+def _key(knockout: Knockout) -> tuple:
+    return (tuple(knockout.source.tolist()), tuple(knockout.target.tolist()), knockout.layers,
+            knockout.removes_injection)
 
