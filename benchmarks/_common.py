@@ -205,10 +205,11 @@ def sweep_speedup(model: object, batch: object, flows: tuple[str, ...], naive_la
           f"{naive_s / fast_s:.1f}x, max |p_block fast - naive| {gap:.1e}")
 
 
-def family_bench_args(doc: str | None) -> tuple[argparse.Namespace, torch.dtype]:
+def family_bench_args(doc: str | None, text_layers: bool = False
+                      ) -> tuple[argparse.Namespace, torch.dtype]:
     """The options every family benchmark takes (device, dtype, real shapes, the naive path's
-    layers, threads, timing rounds), parsed, with the thread count applied and the dtype
-    resolved."""
+    layers, threads, timing rounds; ``--text-layers`` where ``text_layers``), parsed, with the
+    thread count applied and the dtype resolved."""
     parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -216,6 +217,9 @@ def family_bench_args(doc: str | None) -> tuple[argparse.Namespace, torch.dtype]
     parser.add_argument("--naive-layers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3, help="alternated timing rounds")
+    if text_layers:
+        parser.add_argument("--text-layers", type=int, default=None,
+                            help="the decoder's depth (default: the layout's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
