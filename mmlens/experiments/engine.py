@@ -12,7 +12,9 @@ clean keys/values of positions ``< p``:
 Knockouts with the same ``p`` share a batch (``* -> last``: one-token suffixes; ``* ->
 question``: the prompt from the question on). Rows of a batch are sorted by their first
 layer and each joins the batch there with the clean residual, so no row runs a layer its
-knockout cannot change.
+knockout cannot change (a DeepStack removal joins after its first block, with the clean
+residual less the features it drops). A knockout that blocks nothing takes the clean run's
+numbers, and knockouts alike run once.
 """
 
 from __future__ import annotations
