@@ -101,6 +101,14 @@ class PeakMemory:
             self.peak = max(self.peak, self.proc.memory_info().rss - self.start)
 
 
+def clock(device: str) -> Callable[[], float]:
+    """What timings read: on CPU at one thread the process's CPU time (on a shared machine
+    the wall clock also counts the other processes' load), else the wall clock."""
+    if device == "cpu" and torch.get_num_threads() == 1:
+        return time.process_time
+    return time.perf_counter
+
+
 def measure(fn: Callable[[], object], device: str, repeats: int = 5,
             warmup: int = 1) -> tuple[float, float]:
     """Median seconds per call and peak extra memory (MiB) of one call."""
@@ -108,12 +116,12 @@ def measure(fn: Callable[[], object], device: str, repeats: int = 5,
         for _ in range(warmup):
             fn()
         sync(device)
-        times = []
+        times, now = [], clock(device)
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = now()
             fn()
             sync(device)
-            times.append(time.perf_counter() - start)
+            times.append(now() - start)
         with PeakMemory(device) as mem:
             fn()
             sync(device)
@@ -122,14 +130,49 @@ def measure(fn: Callable[[], object], device: str, repeats: int = 5,
 
 def timed(fn: Callable[[], object], device: str, repeats: int = 1) -> tuple[object, float]:
     """The result of ``fn`` and its best time over ``repeats`` calls, in seconds."""
-    best = float("inf")
+    best, now = float("inf"), clock(device)
     for _ in range(repeats):
         sync(device)
-        start = time.perf_counter()
+        start = now()
         result = fn()
         sync(device)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, now() - start)
     return result, best
+
+
+def forward_table(runs: dict[str, Callable[[], object]], device: str, rounds: int = 3,
+                  baseline: str = "HF sdpa forward") -> dict[str, tuple[object, float]]:
+    """Time each run in alternated rounds after a warm-up, best of each (on a shared machine
+    the load drifts between blocks of one run), and print a line per run with its ratio to
+    ``baseline``. Returns each run's result and best seconds."""
+    results = {name: fn() for name, fn in runs.items()}
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            results[name], seconds = timed(fn, device)
+            best[name] = min(best[name], seconds)
+    print(f"forward, best of {rounds} alternated rounds "
+          f"({'CPU time' if clock(device) is time.process_time else 'wall clock'}):")
+    for name, seconds in best.items():
+        print(f"  {name:38}{seconds:8.3f} s   {seconds / best[baseline]:5.2f}x {baseline}")
+    return {name: (results[name], best[name]) for name in runs}
+
+
+def family_forward_table(hf_forward: Callable[[], torch.Tensor], model: object, batch: object,
+                         device: str, rounds: int,
+                         extra: dict[str, Callable[[], object]] | None = None
+                         ) -> dict[str, tuple[object, float]]:
+    """The family benchmarks' table (``forward_table``): HF's sdpa forward (``hf_forward``
+    returns its logits), any ``extra`` rows, mmlens's forward and ``run_with_cache`` with every
+    hook; then the largest difference of the logits."""
+    results = forward_table({
+        "HF sdpa forward": hf_forward, **(extra or {}),
+        "mmlens forward": lambda: model(batch),
+        "mmlens run_with_cache (every hook)": lambda: model.run_with_cache(batch)[0],
+    }, device, rounds)
+    diff = results["HF sdpa forward"][0].float() - results["mmlens forward"][0].float()
+    print(f"max |logits mmlens - HF|: {diff.abs().max().item():.2e}")
+    return results
 
 
 @torch.no_grad()
@@ -164,15 +207,21 @@ def sweep_speedup(model: object, batch: object, flows: tuple[str, ...], naive_la
           f"{naive_s / fast_s:.1f}x, max |p_block fast - naive| {gap:.1e}")
 
 
-def family_bench_args(doc: str | None) -> tuple[argparse.Namespace, torch.dtype]:
+def family_bench_args(doc: str | None, text_layers: bool = False
+                      ) -> tuple[argparse.Namespace, torch.dtype]:
     """The options every family benchmark takes (device, dtype, real shapes, the naive path's
-    layers, threads), parsed, with the thread count applied and the dtype resolved."""
+    layers, threads, timing rounds; ``--text-layers`` where ``text_layers``), parsed, with the
+    thread count applied and the dtype resolved."""
     parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--real-shapes", action="store_true")
     parser.add_argument("--naive-layers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=3, help="alternated timing rounds")
+    if text_layers:
+        parser.add_argument("--text-layers", type=int, default=None,
+                            help="the decoder's depth (default: the layout's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -13,17 +13,12 @@ sliding window (so the window cuts the prompt), grouped-query attention, q/k nor
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from bench_qwen import timed
+from _common import family_bench_args, family_forward_table, sweep_speedup
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
 from mmlens import HookedMultimodalTransformer
-from mmlens.experiments import DEFAULT_FLOWS, default_window, parse_flows
-from mmlens.experiments.engine import clean_run, fast_knockout_probs
-from mmlens.experiments.knockouts import window_knockouts
-from mmlens.experiments.naive import naive_knockout_probs
+from mmlens.experiments import DEFAULT_FLOWS
 from mmlens.inputs.batch import MultimodalBatch
 
 IMAGE_TOKEN, BEFORE, QUESTION, AFTER = 6, 8, 12, 6
@@ -72,17 +67,7 @@ def layout(cfg: Gemma3Config, device: str, dtype: torch.dtype) -> MultimodalBatc
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--real-shapes", action="store_true")
-    parser.add_argument("--naive-layers", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    args, dtype = family_bench_args(__doc__)
     torch.manual_seed(0)
     cfg = config(args.real_shapes)
     hf = Gemma3ForConditionalGeneration(cfg).to(args.device, dtype).eval()
@@ -105,40 +90,11 @@ def main() -> None:
             return hf(**hf_inputs).logits
         return run
 
-    rows = {
-        "HF sdpa forward": hf_forward("sdpa"),
-        "HF eager forward": hf_forward("eager"),
-        "mmlens forward": lambda: model(batch),
-        "mmlens run_with_cache (every hook)": lambda: model.run_with_cache(batch)[0],
-    }
-    results = {name: timed(fn, args.device, repeats=args.repeats) for name, fn in rows.items()}
+    family_forward_table(hf_forward("sdpa"), model, batch, args.device, args.rounds,
+                         extra={"HF eager forward": hf_forward("eager")})
     hf.set_attn_implementation("sdpa")
-    diff = results["HF sdpa forward"][0].float() - results["mmlens forward"][0].float()
-    print(f"max |logits mmlens - HF|: {diff.abs().max().item():.2e}")
-    base = results["HF sdpa forward"][1]
-    for name, (_, seconds) in results.items():
-        print(f"  {name:38}{seconds:8.3f} s   {seconds / base:5.2f}x HF sdpa")
 
-    n_layers = model.cfg.n_layers
-    window = default_window(n_layers)
-    cells = window_knockouts(parse_flows(DEFAULT_FLOWS), batch.spans[0], window, n_layers)
-    step = max(1, n_layers // args.naive_layers)
-    centres = list(range(0, n_layers, step))[:args.naive_layers]
-    chosen = [i for i, cell in enumerate(cells) if cell.layer in centres]
-    clean = clean_run(model, batch)
-    token = clean.prediction(exclude=IMAGE_TOKEN)
-    knockouts = [cell.knockout for cell in cells]
-    fast, fast_s = timed(lambda: fast_knockout_probs(
-        model, clean_run(model, batch), knockouts, token), args.device)
-    naive, naive_s = timed(lambda: naive_knockout_probs(
-        model, batch, [knockouts[i] for i in chosen], token), args.device)
-    naive_s *= len(cells) / len(chosen)
-    gap = (fast[chosen] - naive).abs().max().item()
-    print(f"sweep: {len(cells)} knockouts ({len(DEFAULT_FLOWS)} flows x {n_layers} layers, "
-          f"window {window}); naive ran {len(chosen)}, time extrapolated")
-    print(f"  fast {fast_s:.2f} s/example, naive {naive_s:.2f} s/example, speed-up "
-          f"{naive_s / fast_s:.1f}x, max |p_block fast - naive| {gap:.1e}")
-
+    sweep_speedup(model, batch, DEFAULT_FLOWS, args.naive_layers, args.device, IMAGE_TOKEN)
 
 if __name__ == "__main__":
     main()

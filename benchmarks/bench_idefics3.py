@@ -14,10 +14,8 @@ between a prompt and a 12-token question; a Llama decoder with grouped-query att
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from _common import sweep_speedup, timed
+from _common import family_bench_args, family_forward_table, sweep_speedup
 from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
 
 from mmlens import HookedMultimodalTransformer
@@ -75,17 +73,7 @@ def layout(device: str, dtype: torch.dtype) -> MultimodalBatch:
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--real-shapes", action="store_true")
-    parser.add_argument("--naive-layers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    args, dtype = family_bench_args(__doc__)
     torch.manual_seed(0)
     hf = SmolVLMForConditionalGeneration(config(args.real_shapes)).to(args.device, dtype).eval()
     model = HookedMultimodalTransformer.from_hf_model(hf).eval()
@@ -97,21 +85,8 @@ def main() -> None:
           f"{cfg.vision.n_layers} x {cfg.vision.d_model} on {ROWS}x{COLS} tiles + global "
           f"({TILE} px, {PER_TILE} tokens each), {batch.input_ids.shape[1]} positions, "
           f"{args.dtype} on {args.device}")
-    diff = hf(**hf_inputs).logits.float() - model(batch).float()
-    print(f"max |logits mmlens - HF|: {diff.abs().max().item():.2e}")
-    # alternated rounds after a warm-up, best of each: on a shared machine the load drifts
-    runs = {"hf": lambda: hf(**hf_inputs).logits, "ours": lambda: model(batch),
-            "cache": lambda: model.run_with_cache(batch)[0]}
-    best = dict.fromkeys(runs, float("inf"))
-    for fn in runs.values():
-        fn()
-    for _ in range(args.rounds):
-        for name, fn in runs.items():
-            best[name] = min(best[name], timed(fn, args.device)[1])
-    hf_s, ours_s, cache_s = best["hf"], best["ours"], best["cache"]
-    print(f"  HF sdpa forward                       {hf_s:8.3f} s")
-    print(f"  mmlens forward                        {ours_s:8.3f} s   {ours_s / hf_s:.2f}x HF")
-    print(f"  mmlens run_with_cache (every hook)    {cache_s:8.3f} s   {cache_s / hf_s:.2f}x HF")
+    family_forward_table(lambda: hf(**hf_inputs).logits, model, batch, args.device,
+                         args.rounds)
 
     sweep_speedup(model, batch, DEFAULT_FLOWS, args.naive_layers, args.device, IMAGE_TOKEN)
 

@@ -14,10 +14,8 @@ a 12-token question. ``--real-shapes`` uses InternVL3-1B's widths and depths.
 
 from __future__ import annotations
 
-import statistics
-
 import torch
-from _common import family_bench_args, measure, sweep_speedup, timed
+from _common import family_bench_args, family_forward_table, sweep_speedup
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from mmlens import HookedMultimodalTransformer
@@ -79,19 +77,8 @@ def main() -> None:
           f"{cfg.vision.n_layers} x {cfg.vision.d_model}, {TILES} tiles of {TILE} px, "
           f"{batch.input_ids.shape[1]} positions ({TILES * PER_TILE} image tokens), "
           f"{args.dtype} on {args.device}")
-    diff = hf(**hf_inputs).logits.float() - model(batch).float()
-    print(f"max |logits mmlens - HF|: {diff.abs().max().item():.2e}")
-    hf_s, _ = measure(lambda: hf(**hf_inputs).logits, args.device, repeats=3)
-    ours_s, _ = measure(lambda: model(batch), args.device, repeats=3)
-    cache_s, _ = measure(lambda: model.run_with_cache(batch)[0], args.device, repeats=3)
-    print(f"  HF sdpa forward                       {hf_s:8.3f} s")
-    print(f"  mmlens forward                        {ours_s:8.3f} s   {ours_s / hf_s:.2f}x HF")
-    print(f"  mmlens run_with_cache (every hook)    {cache_s:8.3f} s   {cache_s / hf_s:.2f}x HF")
-    # on a shared machine the load drifts between the blocks above: alternate the two forwards
-    ratios = [timed(lambda: model(batch), args.device)[1]
-              / timed(lambda: hf(**hf_inputs).logits, args.device)[1] for _ in range(4)]
-    print(f"  mmlens forward / HF, alternated 4 rounds: median {statistics.median(ratios):.2f}x "
-          f"(rounds {', '.join(f'{r:.2f}' for r in ratios)})")
+    family_forward_table(lambda: hf(**hf_inputs).logits, model, batch, args.device,
+                         args.rounds)
 
     sweep_speedup(model, batch, DEFAULT_FLOWS, args.naive_layers, args.device, IMAGE_TOKEN)
 

@@ -12,7 +12,7 @@ system prompt and a 12-token question. ``--real-shapes`` uses Qwen2.5-VL-7B's wi
 from __future__ import annotations
 
 import torch
-from _common import family_bench_args, sweep_speedup, timed
+from _common import family_bench_args, family_forward_table, sweep_speedup
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from mmlens import HookedMultimodalTransformer
@@ -72,16 +72,8 @@ def main() -> None:
     print(f"Qwen2.5-VL, {model.cfg.n_layers} layers x d_model {model.cfg.d_model}, vision "
           f"{model.cfg.vision.n_layers} x {model.cfg.vision.d_model}, {batch.input_ids.shape[1]} "
           f"positions ({GRID * GRID // 4} image tokens), {args.dtype} on {args.device}")
-    rows = {
-        "HF sdpa forward": lambda: hf(**hf_inputs).logits,
-        "mmlens forward": lambda: model(batch),
-        "mmlens run_with_cache (every hook)": lambda: model.run_with_cache(batch)[0],
-    }
-    results = {name: timed(fn, args.device, repeats=3) for name, fn in rows.items()}
-    diff = (results["HF sdpa forward"][0].float() - results["mmlens forward"][0].float())
-    print(f"max |logits mmlens - HF|: {diff.abs().max().item():.2e}")
-    for name, (_, seconds) in results.items():
-        print(f"  {name:38}{seconds:8.3f} s")
+    family_forward_table(lambda: hf(**hf_inputs).logits, model, batch, args.device,
+                         args.rounds)
 
     sweep_speedup(model, batch, DEFAULT_FLOWS, args.naive_layers, args.device, IMAGE_TOKEN)
 

@@ -5,16 +5,18 @@ knockout), as ratios measured in one run.
 Qwen3-VL-2B's layout at scaled-down widths by default (learned vision positions from a 48x48
 table, DeepStack from three vision blocks into the first three decoder blocks, Qwen3 decoder
 with q/k norm and interleaved M-RoPE), one 384x384 image (24x24 patches of 16 px -> 144 image
-tokens) between a prompt and a 12-token question. ``--real-shapes`` uses Qwen3-VL-2B's widths.
+tokens) between a prompt and a 12-token question. ``--real-shapes`` uses Qwen3-VL-2B's widths;
+``--text-layers 28`` its depth at the scaled-down widths.
 
     python benchmarks/bench_qwen3_vl.py --threads 1 --naive-layers 2
+    python benchmarks/bench_qwen3_vl.py --threads 1 --naive-layers 2 --text-layers 28
     python benchmarks/bench_qwen3_vl.py --device cuda --dtype bfloat16 --real-shapes
 """
 
 from __future__ import annotations
 
 import torch
-from _common import family_bench_args, measure, sweep_speedup
+from _common import family_bench_args, family_forward_table, sweep_speedup
 from bench_qwen import GRID, IMAGE_TOKEN, layout
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
@@ -25,14 +27,15 @@ PATCH = 16
 FLOWS = (*DEFAULT_FLOWS, "deepstack->image")
 
 
-def config(real_shapes: bool) -> Qwen3VLConfig:
+def config(real_shapes: bool, text_layers: int | None = None) -> Qwen3VLConfig:
     scale = 1 if real_shapes else 4
+    n_layers = text_layers or (28 if real_shapes else 8)
     vision = dict(depth=24 if real_shapes else 8, hidden_size=1024 // scale,
                   intermediate_size=4096 // scale, num_heads=16 // scale, patch_size=PATCH,
                   out_hidden_size=2048 // scale, num_position_embeddings=2304,
                   deepstack_visual_indexes=[5, 11, 17] if real_shapes else [1, 3, 5])
     text = dict(hidden_size=2048 // scale, intermediate_size=6144 // scale,
-                num_hidden_layers=28 if real_shapes else 8,
+                num_hidden_layers=n_layers,
                 num_attention_heads=16 if real_shapes else 8,
                 num_key_value_heads=8 if real_shapes else 4,
                 head_dim=128 if real_shapes else 64,
@@ -45,9 +48,10 @@ def config(real_shapes: bool) -> Qwen3VLConfig:
 
 @torch.no_grad()
 def main() -> None:
-    args, dtype = family_bench_args(__doc__)
+    args, dtype = family_bench_args(__doc__, text_layers=True)
     torch.manual_seed(0)
-    hf = Qwen3VLForConditionalGeneration(config(args.real_shapes)).to(args.device, dtype).eval()
+    hf = Qwen3VLForConditionalGeneration(config(args.real_shapes, args.text_layers))
+    hf = hf.to(args.device, dtype).eval()
     model = HookedMultimodalTransformer.from_hf_model(hf).eval()
     batch = layout(args.device, dtype, patch=PATCH, before=12, after=6)
     batch.spans[0]["deepstack"] = batch.spans[0]["image"]  # where DeepStack adds its features
@@ -59,14 +63,8 @@ def main() -> None:
           f"{cfg.vision.n_layers} x {cfg.vision.d_model}, DeepStack into blocks "
           f"0-{cfg.text.deepstack_layers - 1}, {batch.input_ids.shape[1]} positions "
           f"({GRID * GRID // 4} image tokens), {args.dtype} on {args.device}")
-    diff = hf(**hf_inputs).logits.float() - model(batch).float()
-    print(f"max |logits mmlens - HF|: {diff.abs().max().item():.2e}")
-    hf_s, _ = measure(lambda: hf(**hf_inputs).logits, args.device, repeats=3)
-    ours_s, _ = measure(lambda: model(batch), args.device, repeats=3)
-    cache_s, _ = measure(lambda: model.run_with_cache(batch)[0], args.device, repeats=3)
-    print(f"  HF sdpa forward                       {hf_s:8.3f} s")
-    print(f"  mmlens forward                        {ours_s:8.3f} s   {ours_s / hf_s:.2f}x HF")
-    print(f"  mmlens run_with_cache (every hook)    {cache_s:8.3f} s   {cache_s / hf_s:.2f}x HF")
+    family_forward_table(lambda: hf(**hf_inputs).logits, model, batch, args.device,
+                         args.rounds)
 
     sweep_speedup(model, batch, FLOWS, args.naive_layers, args.device, IMAGE_TOKEN)
 

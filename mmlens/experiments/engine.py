@@ -12,7 +12,9 @@ clean keys/values of positions ``< p``:
 Knockouts with the same ``p`` share a batch (``* -> last``: one-token suffixes; ``* ->
 question``: the prompt from the question on). Rows of a batch are sorted by their first
 layer and each joins the batch there with the clean residual, so no row runs a layer its
-knockout cannot change.
+knockout cannot change (a DeepStack removal joins after its first block, with the clean
+residual less the features it drops). A knockout that blocks nothing takes the clean run's
+numbers, and knockouts alike run once.
 """
 
 from __future__ import annotations
@@ -58,10 +60,14 @@ def greedy_continue(model: HookedModel, clean: CleanRun, first_token: int, *, ma
 
 
 def _start(knockout: Knockout, n_positions: int, n_layers: int) -> tuple[int, int]:
-    """(first position, first layer) the knockout can change; no layers: only the final norm."""
+    """(first position, first layer) the knockout can change; no layers: only the final norm.
+
+    A DeepStack removal starts after its first block: that block computes what the clean run
+    did, only the features added to its output differ (``_entry``)."""
     position = int(knockout.target.min()) if len(knockout.target) else n_positions - 1
-    layer = min(knockout.layers) if knockout.layers else n_layers
-    return position, layer
+    if not knockout.layers:
+        return position, n_layers
+    return position, min(knockout.layers) + int(knockout.removes_injection)
 
 
 def _edge_masks(knockouts: Sequence[Knockout], position: int, n_keys: int) -> Tensor:
@@ -136,6 +142,20 @@ def _injections(clean: CleanRun, removed: dict[int, Tensor], layer: int, positio
     return {layer: added}
 
 
+def _entry(clean: CleanRun, knockouts: Sequence[Knockout], layer: int, position: int
+           ) -> Float[Tensor, "rows suffix d_model"]:
+    """The residual suffix entering ``layer`` for rows joining there: the clean run's, less
+    the DeepStack features a removal drops from the output of block ``layer - 1``."""
+    resid = clean.resid[layer][:, position:clean.n_positions].expand(len(knockouts), -1, -1)
+    if layer - 1 not in clean.injections:
+        return resid
+    removed = _removed_injections(knockouts, position, clean.n_positions, [layer - 1])
+    if not removed:
+        return resid
+    dropped = clean.injections[layer - 1][:, position:].to(resid.device)
+    return resid - dropped.masked_fill(~removed[layer - 1][..., None].to(resid.device), 0)
+
+
 @torch.no_grad()
 def _run_rows(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout], position: int,
               tokens: list[int]) -> Float[Tensor, "rows n_tokens"]:
@@ -163,11 +183,11 @@ def _run_rows(model: HookedModel, clean: CleanRun, knockouts: Sequence[Knockout]
     kinds = None if clean.token_type_ids is None else clean.token_type_ids[:, position:]
     with model.hooks(fwd_hooks=hooks):
         for layer in range(starts[0], n_layers + 1):
-            joining = bisect_right(starts, layer) - resid.shape[0]
-            if joining:
-                clean_suffix = clean.resid[layer][:, position:clean.n_positions]
-                resid = torch.cat([resid.to(clean_suffix.device),
-                                   clean_suffix.expand(joining, -1, -1)])
+            joined = resid.shape[0]
+            if bisect_right(starts, layer) > joined:
+                entry = _entry(clean, knockouts[joined:bisect_right(starts, layer)], layer,
+                               position)
+                resid = torch.cat([resid.to(entry.device), entry])
             if layer == n_layers:
                 break
             n = resid.shape[0]
@@ -203,12 +223,20 @@ def fast_knockout_probs(model: HookedModel, clean: CleanRun, knockouts: Sequence
         knockouts = [replace(k, layers=tuple(layer for layer in k.layers
                                              if (layer in cross) == k.image_keys))
                      for k in knockouts]
+    # Knockouts alike run once (removals whose windows cover the same injected blocks).
+    first: dict[tuple, int] = {}
+    same = [first.setdefault(_key(k), i) for i, k in enumerate(knockouts)]
     groups: dict[int, list[int]] = defaultdict(list)
     for index, knockout in enumerate(knockouts):
+        if knockout.is_empty or same[index] != index:
+            continue
         position = _start(knockout, clean.n_positions, n_layers)[0]
         # a bidirectional block (Gemma 3's image) is recomputed whole
         groups[model.family.exact_suffix_start(clean.token_type_ids, position)].append(index)
     probs = torch.empty(len(knockouts), len(tokens))
+    # a knockout that blocks nothing gives the clean run's numbers: no rows to run
+    probs[[i for i, k in enumerate(knockouts) if k.is_empty]] = clean.logits.softmax(-1)[
+        tokens].cpu()
     for position, indices in groups.items():
         indices.sort(key=lambda i: _start(knockouts[i], clean.n_positions, n_layers)[1])
         size = batch_size if batch_size != "auto" else auto_batch_size(
@@ -218,5 +246,11 @@ def fast_knockout_probs(model: HookedModel, clean: CleanRun, knockouts: Sequence
             chunk = indices[chunk_start:chunk_start + size]
             rows = [knockouts[i] for i in chunk]
             probs[chunk] = _run_rows(model, clean, rows, position, tokens).cpu()
+    probs = probs[same]
     return probs[:, 0] if isinstance(token, int) else probs
+
+
+def _key(knockout: Knockout) -> tuple:
+    return (tuple(knockout.source.tolist()), tuple(knockout.target.tolist()), knockout.layers,
+            knockout.removes_injection, knockout.image_keys, knockout.key_source)
 

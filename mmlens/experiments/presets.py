@@ -66,8 +66,10 @@ class StudyPreset:
     ``preprocessing`` is how images (and so boxes) reach the vision tower: ``"pad"`` (original
     LLaVA-1.5: pad to a square with the mean colour, then resize), ``"resize_crop"`` (what a
     Hugging Face CLIP processor does), ``"anyres"`` (LLaVA-NeXT / LLaVA-OneVision tiling,
-    fixed by the model) or ``"dynamic"`` (Qwen-VL's aspect-preserving resize to 28 px
-    multiples, fixed by the model).
+    fixed by the model), ``"dynamic_tiles"`` (InternVL's tiles chosen by aspect ratio plus a
+    thumbnail, fixed by the model), ``"tiles"`` (Idefics3's rows x columns of tiles plus a
+    global view, fixed by the model) or ``"dynamic"`` (Qwen-VL's aspect-preserving resize to
+    28 px multiples, fixed by the model).
     """
 
     model: str
@@ -135,7 +137,7 @@ FAMILY_PRESETS: dict[str, StudyPreset] = {
                     "tiles", 30, **_NOT_PAPER,
                     notes="not in the paper: its instruction in SmolVLM's chat template, its "
                           "window scaled to the depth"),
-        *(StudyPreset(name, INTERNVL, default_window(n_layers), "anyres", n_layers,
+        *(StudyPreset(name, INTERNVL, default_window(n_layers), "dynamic_tiles", n_layers,
                       **_NOT_PAPER,
                       notes="not in the paper: its instruction in InternVL 3's chat template, "
                             "its window scaled to the depth")
@@ -151,7 +153,7 @@ FAMILY_PRESETS: dict[str, StudyPreset] = {
 }
 PRESETS: dict[str, StudyPreset] = {**PAPER_PRESETS, **FAMILY_PRESETS}
 """Every preset, by model name: the paper's four checkpoints, then the other families'."""
-FIXED_BY_MODEL: tuple[str, ...] = ("anyres", "dynamic", "tiles")
+FIXED_BY_MODEL: tuple[str, ...] = ("anyres", "dynamic", "tiles", "dynamic_tiles")
 """Preprocessing a model's own processor fixes (no choice to pass on to ``prepare``)."""
 
 
@@ -185,8 +187,8 @@ class StudySettings:
     """Every choice that decides a study's numbers, resolved once (``resolve_settings``).
 
     ``preset``: the preset in force (None: none), ``preset_source``: why.
-    ``preprocessing``: ``"pad"`` / ``"resize_crop"`` / ``"resize"``, or ``"anyres"`` /
-    ``"dynamic"`` (fixed by the model's own processor).
+    ``preprocessing``: ``"pad"`` / ``"resize_crop"`` / ``"resize"``, or one of
+    ``FIXED_BY_MODEL`` (fixed by the model's own processor).
     """
 
     preset: str | None
@@ -300,8 +302,7 @@ def _found_preset(model: Any) -> tuple[StudyPreset | None, str]:
 
 
 def _fixed_preprocessing(model: Any) -> str | None:
-    """``"anyres"`` / ``"dynamic"`` / ``"tiles"`` where the model's processor fixes the
-    geometry."""
+    """One of ``FIXED_BY_MODEL`` where the model's processor fixes the geometry."""
     family = getattr(model, "family", None)
     return None if family is None else family.fixed_preprocessing
 
@@ -317,9 +318,11 @@ def _check(settings: StudySettings, model: Any) -> None:
             raise ValueError(f"unknown {name} {value!r}: use one of {allowed}")
     fixed = _fixed_preprocessing(model)
     if (settings.preprocessing in FIXED_BY_MODEL or fixed) and settings.preprocessing != fixed:
+        renamed = (" (InternVL's tiling was recorded as 'anyres' before it had its own name)"
+                   if (settings.preprocessing, fixed) == ("anyres", "dynamic_tiles") else "")
         raise ValueError(f"preprocessing {settings.preprocessing!r} does not fit this model "
-                         f"(its processor's is {fixed or 'pad, resize_crop or resize'!r}): "
-                         "leave preprocessing unset")
+                         f"(its processor's is {fixed or 'pad, resize_crop or resize'!r}"
+                         f"{renamed}): leave preprocessing unset")
     family = getattr(model, "family", None)
     if settings.related_rule == "paper" and family is not None and not family.pixel_rule:
         raise ValueError(f"the paper's pixel rule (related_rule 'paper') is defined for the "

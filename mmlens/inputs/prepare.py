@@ -194,7 +194,7 @@ def prepare(model: InputsModel, images: Any, questions: Any, *,
                           "several images or none without boxes")
     if preprocessing is not None or boxes is not None:
         preprocessing = model.family.preprocessing_mode(model, preprocessing)
-    elif model.family.fixed_preprocessing not in ("anyres", "tiles"):
+    elif model.family.fixed_preprocessing not in ("anyres", "tiles", "dynamic_tiles"):
         preprocessing = default_preprocessing(model)
     model_images = per_prompt
     if preprocessing == "pad":

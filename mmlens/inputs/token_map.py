@@ -270,6 +270,26 @@ class ImageTokenMap:
                              "downscaled tile?)")
         return rows, cols, cells
 
+    def grid_places(self) -> list[tuple[int, int, int] | None]:
+        """Per token, ``(grid, row, col)``: the grid a map of the image draws it on and its
+        place there; None for a token that sees no pixels (a class token, a newline). Each
+        tile is its own grid, except features whose rows end in newlines (anyres), which are
+        drawn packed as the decoder reads them: grid 1, a row per newline."""
+        packed = "newline" in self.kinds
+        places: list[tuple[int, int, int] | None] = []
+        row, col = 0, 0
+        for token in self.tokens:
+            if token.kind == "newline":
+                row, col = row + 1, 0
+            if not token.patches or token.kind == "class" or token.row < 0 or token.col < 0:
+                places.append(None)
+            elif packed and token.kind == "tile":
+                places.append((1, row, col))
+                col += 1
+            else:
+                places.append((token.tile, token.row, token.col))
+        return places
+
     def tower_positions(self, tokens: Sequence[int]) -> list[list[int]]:
         """The tower patches of image tokens ``tokens``: one sorted list per tile."""
         per_tile: list[set[int]] = [set() for _ in range(self.n_tiles)]

@@ -15,7 +15,7 @@ from mmlens import HookedMultimodalTransformer
 from mmlens.core.errors import MMLensError
 from mmlens.data.shapes import generate_per_task
 from mmlens.methods import block_attention, causal_map
-from mmlens.methods.image_regions import image_token_cells
+from mmlens.methods.image_regions import grid_regions, image_token_cells
 
 
 @pytest.fixture(scope="module")
@@ -244,3 +244,24 @@ def test_next_map_equals_one_forward_per_region(next_model):
     frame = causal_map(model, batch, "last", layers=[0, 1], cell=2, images=images)
     assert set(frame.tile) == {0, 1}
     _check(frame, _naive(model, batch, frame, "last", [0, 1]))
+
+
+def test_cells_follow_the_examples_image_token_map(shapes):
+    """Cells are read off the example's image-token map (``batch.token_maps``), whatever the
+    layout: a map whose grid is transposed moves every cell, and its regions, with it."""
+    model, batch = shapes
+    token_map = batch.token_maps[0][0]
+    cells = image_token_cells(model, batch, 0, token_map.image_size)
+    image = batch.positions("image", 0).tolist()
+    assert [c.position for c in cells] == [
+        image[k] for k, place in enumerate(token_map.grid_places()) if place is not None]
+    assert [c.box for c in cells] == [token_map.pixel_box(image.index(c.position))
+                                      for c in cells]
+    transposed = dataclasses.replace(token_map, tokens=tuple(
+        dataclasses.replace(t, row=t.col, col=t.row) for t in token_map.tokens))
+    moved = dataclasses.replace(batch, token_maps=[[transposed], *batch.token_maps[1:]])
+    moved_cells = image_token_cells(model, moved, 0, token_map.image_size)
+    assert [(c.row, c.col) for c in moved_cells] == [(c.col, c.row) for c in cells]
+    assert [c.box for c in moved_cells] == [c.box for c in cells]
+    first = {r.label: set(r.positions.tolist()) for r in grid_regions(moved_cells, 2)}
+    assert first["0:0,1"] == {c.position for c in cells if c.col < 2 and 2 <= c.row < 4}

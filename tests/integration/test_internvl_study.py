@@ -147,5 +147,19 @@ def test_presets_use_internvls_prompt_and_a_scaled_window(name, n_layers):
     from mmlens.methods.windows import default_window
 
     preset = PRESETS[name]
-    assert preset.template is INTERNVL and preset.preprocessing == "anyres"
+    assert preset.template is INTERNVL and preset.preprocessing == "dynamic_tiles"
     assert (preset.n_layers, preset.window) == (n_layers, default_window(n_layers))
+
+
+def test_internvls_tiling_has_its_own_preprocessing_name(model):
+    """InternVL's dynamic tiles plus thumbnail are recorded as ``dynamic_tiles`` (not
+    LLaVA-NeXT's ``anyres``); the old name, as an old run folder holds it, is refused with
+    the new one named."""
+    from mmlens.experiments.presets import resolve_settings
+
+    settings = resolve_settings(model, "none")
+    assert settings.preprocessing == "dynamic_tiles"
+    assert settings.prepare_options()["preprocessing"] is None
+    with pytest.raises(ValueError, match="its processor's is 'dynamic_tiles'.*recorded as "
+                                         "'anyres'"):
+        resolve_settings(model, "none", preprocessing="anyres")

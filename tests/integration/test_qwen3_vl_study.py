@@ -14,6 +14,9 @@ from mmlens import HookedMultimodalTransformer
 from mmlens.cli import main
 from mmlens.core.errors import MMLensError
 from mmlens.experiments import information_flow
+from mmlens.experiments.engine import clean_run, fast_knockout_probs
+from mmlens.experiments.knockouts import Knockout
+from mmlens.experiments.naive import naive_knockout_probs
 from mmlens.inputs.templates import QWEN3_VL
 from mmlens.methods.patching import logit_diff_metric, patch_activation, patch_spans
 from mmlens.zoo.tiny import tiny_checkpoint, tiny_hf_model
@@ -129,3 +132,31 @@ def test_patching_resumes_with_the_runs_deepstack_features(model):
                 patched = model.run_with_hooks(
                     corrupted, fwd_hooks=patch_activation(name, cache[name], pairs))
             assert scores[row, col] == pytest.approx(float(metric(patched)), abs=1e-4)
+
+
+def test_fast_engine_skips_what_a_knockout_cannot_change(model):
+    """A DeepStack removal after block 0 resumes at block 1 (block 0 computes what the clean
+    run did; only the features added to its output differ), a knockout that blocks nothing
+    runs no block, a knockout given twice runs once; all give the naive path's numbers."""
+    images, boxes = _images()
+    batch = model.prepare(images[:1], ["What color is the square?"], boxes=boxes[:1])
+    image = batch.positions("image", 0)
+    knockouts = [Knockout(image, image, (0,), removes_injection=True),
+                 Knockout(image, image, (0, 1), removes_injection=True),
+                 Knockout(image[:0], image, (1,)),
+                 Knockout(image, image, (0, 1), removes_injection=True)]
+    clean = clean_run(model, batch)
+    token = clean.prediction(exclude=model.cfg.image_token_id)
+    rows = dict.fromkeys(range(model.cfg.n_layers), 0)
+
+    def count(resid, hook):
+        rows[int(hook.name.split(".")[1])] += resid.shape[0]
+
+    with model.hooks(fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", count)
+                                for layer in rows]):
+        fast = fast_knockout_probs(model, clean, knockouts, token)
+    assert rows == {0: 0, 1: 2, 2: 2, 3: 2}
+    naive = naive_knockout_probs(model, batch, knockouts, token)
+    assert torch.allclose(fast, naive, atol=1e-5)
+    assert fast[2] == pytest.approx(clean.prob(token)) and fast[3] == fast[1]
+    assert (fast[:2] - clean.prob(token)).abs().max() > 1e-4  # the removals change p

@@ -169,9 +169,10 @@ class Attention(nn.Module):
             z = self._explicit(q, k, v, mask, use_causal_flag)
         else:
             grouped = self.n_kv_heads != self.n_heads
-            if grouped and mask is not None:
-                # SDPA's fused kernels take grouped heads only without a mask (CUDA falls back
-                # to the math kernel otherwise); repeat the heads as Hugging Face does
+            if grouped and mask is not None and q.device.type != "cpu":
+                # SDPA's fused GPU kernels take grouped heads only without a mask (CUDA falls
+                # back to the math kernel otherwise); repeat the heads as Hugging Face does.
+                # The CPU kernel takes both, with the same numbers, and no copy of the keys.
                 repeats = self.n_heads // self.n_kv_heads
                 k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
                 grouped = False

@@ -40,7 +40,8 @@ class LayerNorm(nn.Module):
     """``y = w * (x - mean(x)) / sqrt(var(x) + eps) + b``; ``hook_scale`` is the divisor.
 
     While no hook replaces ``hook_scale`` or ``hook_normalized``, the output is torch's fused
-    ``layer_norm`` (Hugging Face's numbers bit for bit); an edit there flows on as computed.
+    ``layer_norm`` (Hugging Face's numbers bit for bit), and with no hook on them at all the
+    intermediates are not computed; an edit there flows on as computed.
     """
 
     def __init__(self, d_model: int, eps: float):
@@ -52,6 +53,10 @@ class LayerNorm(nn.Module):
         self.hook_normalized = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
+        if not any(hook.fwd_hooks or hook.bwd_hooks
+                   for hook in (self.hook_scale, self.hook_normalized)):
+            # nothing reads or edits the intermediates: skip computing them (the same output)
+            return F.layer_norm(x, (x.shape[-1],), self.w, self.b, self.eps)
         dtype = x.dtype
         centred = x.float() - x.float().mean(-1, keepdim=True)
         divisor = (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()

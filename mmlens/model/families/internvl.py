@@ -30,7 +30,7 @@ from mmlens.model.loading.convert_internvl import convert_internvl, internvl_vis
 
 class InternVLFamily(Family):
     name = "internvl"
-    fixed_preprocessing = "anyres"
+    fixed_preprocessing = "dynamic_tiles"
     model_types = ("internvl",)
     hf_class = "InternVLForConditionalGeneration"
     description = ("InternVL 3 (InternViT on dynamic tiles plus a thumbnail, 2x2 pixel "
