@@ -58,9 +58,11 @@ def filter_rule(forced: str, only_correct: bool) -> str:
 def answer_study(model: HookedModel, examples: Sequence[Any], *, settings: StudySettings,
                  flows: Sequence[str] = ANSWER_FLOWS, forced: str = "generated",
                  only_correct: bool = True, store: str | Path | None = None,
-                 max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = True) -> pd.DataFrame:
+                 max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = True,
+                 signature: dict[str, Any] | None = None) -> pd.DataFrame:
     """One row per kept example, flow, centre layer and answer token (``ROW_COLUMNS``);
-    ``frame.attrs["records"]`` the stored records, ``["dropped"]`` what was left out."""
+    ``frame.attrs["records"]`` the stored records, ``["dropped"]`` what was left out.
+    ``signature``: more entries for the store's signature (e.g. the data file's digest)."""
     if forced not in FORCED:
         raise MMLensError(f"forced={forced!r}: use 'generated' (the model's own answer) or "
                           "'reference' (the dataset's)")
@@ -78,7 +80,7 @@ def answer_study(model: HookedModel, examples: Sequence[Any], *, settings: Study
                      "flows": list(flows), "forced": forced,
                      "only_correct": only_correct and forced == "generated",
                      "max_new_tokens": max_new_tokens, **record,
-                     "template": template_digest(settings.template)}
+                     "template": template_digest(settings.template), **(signature or {})}
         results = ResultStore.open(store, signature)
     done = {} if results is None else results.done
     records = []

@@ -14,6 +14,7 @@ from mmlens.cli import main
 from mmlens.experiments.answer_report import answer_figures
 from mmlens.experiments.captions import flow_caption
 from mmlens.experiments.tables import check_run_folder
+from mmlens.model.hooked import HookedMultimodalTransformer
 from mmlens.zoo import BUNDLED
 
 pytestmark = pytest.mark.skipif(not (BUNDLED["shapes-llava"] / "config.json").is_file(),
@@ -23,10 +24,23 @@ MIXED = ["--tasks", "ChooseAttr,Describe", "--per-task", "2", "--window", "3", "
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def loads():
+    return []
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, loads):
     out = tmp_path_factory.mktemp("mixed")
-    assert main(["flow", *MIXED, "--out", str(out)]) == 0
+    load = HookedMultimodalTransformer.from_pretrained
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(HookedMultimodalTransformer, "from_pretrained",
+                      lambda *a, **k: loads.append(a) or load(*a, **k))
+        assert main(["flow", *MIXED, "--out", str(out)]) == 0
     return out
+
+
+def test_a_mixed_run_loads_the_model_once(run_dir, loads):
+    assert loads == [("shapes-llava",)]
 
 
 def test_a_mixed_run_writes_both_studies_into_one_folder(run_dir):
@@ -79,7 +93,8 @@ def test_forcing_the_reference_into_a_folder_of_generated_answers_is_refused(run
     (["--tasks", "ChooseAttr", "--reference"], "add one of Describe to --tasks"),
     (["--tasks", "Describe", "--answer-flows", "image->last"], "unknown answer flow"),
     (["--tasks", "Describe", "--data", "tests/fixtures/gqa_mini"], "pass --data shapes"),
-    (["--tasks", "Describe", "--shard", "0/2"], "free-form tasks run in one process"),
+    (["--tasks", "Describe", "--shard", "0/2"], "free-form study runs in one process"),
+    (["--tasks", "ChooseAttr,Describe", "--shard", "0/2"], "shard the one-word tasks"),
 ])
 def test_bad_free_form_arguments_are_one_line(tmp_path, capsys, extra, message):
     assert main(["flow", "--per-task", "1", "--quiet", "--out", str(tmp_path), *extra]) == 2
