@@ -97,6 +97,23 @@ def test_a_file_without_boxes_runs_the_flows_that_need_none(tmp_path):
         ).str.strip().tolist()
 
 
+def test_a_line_without_boxes_skips_the_boxed_flows_for_itself(tmp_path):
+    path = write_answers(tmp_path)
+    first, second = path.read_text().splitlines()
+    path.write_text(first + "\n" + json.dumps(json.loads(second) | {"boxes": []}) + "\n")
+    out = tmp_path / "run"
+    assert main([*RUN, "--data", str(path), "--no-filter", "--out", str(out)]) == 0
+    unboxed = load_answers_jsonl(path)[1].example_id
+    tokens = pd.read_csv(out / "answer_flow.csv")
+    assert set(tokens[tokens.example_id == unboxed]["flow"]) == {"image->answer",
+                                                                  "question->answer"}
+    assert len(set(tokens[tokens.example_id != unboxed]["flow"])) == 4
+    dropped = pd.read_csv(out / "answer_dropped.csv").set_index("flow")
+    assert (dropped["example_id"] == unboxed).all()
+    assert dropped.loc["related->answer", "reason"] == "empty span 'related'"
+    assert dropped.loc["other->answer", "reason"].startswith("no related patches (no boxes)")
+
+
 @pytest.mark.parametrize("extra, lines, message", [
     (["--answer-flows", "image->answer,other->answer"], None,
      "answers.jsonl has no boxes: the flows other->answer"),
