@@ -110,9 +110,11 @@ def run_free_form(out: Path, examples: Sequence[Any], *, model: str, flows: Sequ
                   forced: str, only_correct: bool, window: int | None, device: str | None,
                   dtype: str | None, seed: int, progress: bool, preset: str | None,
                   filter_max_new_tokens: int | None, settings: dict[str, Any],
-                  data: str | Path = "shapes", hooked: HookedModel | None = None) -> Path:
+                  data: str | Path = "shapes", hooked: HookedModel | None = None,
+                  shard: tuple[int, int] | None = None) -> Path:
     """Run the free-form study on ``examples`` into ``out`` and record it in ``run.json``;
-    ``hooked``: the model ``model`` already loaded (a mixed run loads it once)."""
+    ``hooked``: the model ``model`` already loaded (a mixed run loads it once); ``shard``:
+    only the K-th of N shares of the examples (``mmlens merge`` joins the shards)."""
     from mmlens.experiments.views import example_views
     from mmlens.model.hooked import HookedMultimodalTransformer
 
@@ -126,12 +128,13 @@ def run_free_form(out: Path, examples: Sequence[Any], *, model: str, flows: Sequ
     frame = answer_study(hooked, examples, settings=resolved, flows=flows, forced=forced,
                          only_correct=only_correct, store=out / ANSWER_STORE,
                          max_new_tokens=filter_max_new_tokens or MAX_NEW_TOKENS,
-                         progress=progress, signature=signed)
+                         progress=progress, signature=signed, shard=shard)
     digests = write_answer_tables(out, frame, seed)
     records = frame.attrs["records"]
     n_kept = int(frame["example_id"].nunique())
+    mine = list(examples) if shard is None else list(examples)[shard[0]::shard[1]]
     if hooked.processor is not None and n_kept:
-        views = example_views(hooked, examples, records, resolved.prepare_options())
+        views = example_views(hooked, mine, records, resolved.prepare_options())
         written = json.dumps(views).encode("utf-8")
         write_atomic(out / "answer_views.json", written)
         digests["answer_views.json"] = hashlib.sha256(written).hexdigest()[:16]
@@ -139,17 +142,19 @@ def run_free_form(out: Path, examples: Sequence[Any], *, model: str, flows: Sequ
         "arguments": {"model": model, "data": data,
                       "tasks": sorted({str(e.task) for e in examples}),
                       "flows": list(flows), "forced": forced, "only_correct": only_correct,
-                      "window": window, "seed": seed},
+                      "window": window, "seed": seed,
+                      "shard": None if shard is None else list(shard)},
         "forced": forced, "filter": filter_rule(forced, only_correct),
         "window": resolved.window, "n_layers": hooked.cfg.n_layers,
-        "n_examples": len(examples), "n_kept": n_kept,
+        "n_examples": len(mine), "n_kept": n_kept,
         "n_dropped": sum(1 for r in records if r.get("dropped")),
         "seconds": round(time.time() - started, 1),
         "example_ids": [str(e.example_id) for e in examples],
     }
     run_file = out / "run.json"
     summary = json.loads(run_file.read_text()) if run_file.is_file() else {
-        "arguments": {"model": model, "data": data, "seed": seed},
+        "arguments": {"model": model, "data": data, "seed": seed,
+                      "shard": None if shard is None else list(shard)},
         **run_provenance(hooked), "window": resolved.window,
         "n_layers": hooked.cfg.n_layers}
     tables = {name: digest for name, digest in summary.pop("tables", {}).items()
@@ -157,7 +162,7 @@ def run_free_form(out: Path, examples: Sequence[Any], *, model: str, flows: Sequ
     write_run_json(out, {**summary, "free_form": section}, {**tables, **digests})
     if not n_kept:
         reasons = sorted({str(r["dropped"]) for r in records if r.get("dropped")})
-        raise MMLensError(f"all {len(examples)} free-form examples were dropped (e.g. "
+        raise MMLensError(f"all {len(mine)} free-form examples were dropped (e.g. "
                           f"{reasons[0] if reasons else 'no flows'}); see "
                           f"{out / 'answer_dropped.csv'}; pass --no-filter to keep answers "
                           "that differ from the reference, or --reference to force it")

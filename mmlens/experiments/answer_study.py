@@ -60,10 +60,13 @@ def answer_study(model: HookedModel, examples: Sequence[Any], *, settings: Study
                  flows: Sequence[str] = ANSWER_FLOWS, forced: str = "generated",
                  only_correct: bool = True, store: str | Path | None = None,
                  max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = True,
-                 signature: dict[str, Any] | None = None) -> pd.DataFrame:
+                 signature: dict[str, Any] | None = None,
+                 shard: tuple[int, int] | None = None) -> pd.DataFrame:
     """One row per kept example, flow, centre layer and answer token (``ROW_COLUMNS``);
     ``frame.attrs["records"]`` the stored records, ``["dropped"]`` what was left out.
-    ``signature``: more entries for the store's signature (e.g. the data file's digest)."""
+    ``signature``: more entries for the store's signature (e.g. the data file's digest).
+    ``shard=(K, N)``: only examples ``K, K+N, ...``; the signature still covers every
+    example, so ``mmlens merge`` joins the shards."""
     if forced not in FORCED:
         raise MMLensError(f"forced={forced!r}: use 'generated' (the model's own answer) or "
                           "'reference' (the dataset's)")
@@ -82,10 +85,11 @@ def answer_study(model: HookedModel, examples: Sequence[Any], *, settings: Study
                      "only_correct": only_correct and forced == "generated",
                      "max_new_tokens": max_new_tokens, **record,
                      "template": template_digest(settings.template), **(signature or {})}
-        results = ResultStore.open(store, signature)
+        results = ResultStore.open(store, signature, part=shard)
     done = {} if results is None else results.done
     records = []
-    for index in tqdm(range(len(source)), disable=not progress, desc="answer flow", unit="ex"):
+    indices = range(len(source)) if shard is None else range(shard[0], len(source), shard[1])
+    for index in tqdm(indices, disable=not progress, desc="answer flow", unit="ex"):
         example_id = source.example_id(index)
         if example_id not in done:
             row = _one_example(model, source, index, flows=flows, window=settings.window,

@@ -263,8 +263,13 @@ def run_study(
         answers = is_answers_file(data)
         free = [e for e in examples if answers or e.task in FREE_FORM_TASKS]
         examples = [e for e in examples if not answers and e.task not in FREE_FORM_TASKS]
-        if free and (shard is not None or ranks.world > 1):
+        if free and ranks.world > 1:
             raise MMLensError(FREE_FORM_ONE_PROCESS)
+        for part, name in ((free, "free-form"), (examples, "one-word")):
+            if part and shard is not None and shard[0] >= len(part):
+                raise MMLensError(f"shard {shard[0]}/{shard[1]} holds none of the {len(part)} "
+                                  f"{name} examples: split into at most {len(part)} shards, "
+                                  "or run the free-form and one-word tasks in separate folders")
         if free:
             answer_flows = free_form_flows(free, answer_flows, data)
         hooked = _load(model, dtype=dtype, device=rank_device(device, ranks),
@@ -285,7 +290,7 @@ def run_study(
                        only_correct=only_correct, window=window, device=device, dtype=dtype,
                        seed=seed, progress=progress, preset=preset,
                        filter_max_new_tokens=filter_max_new_tokens, threads=threads,
-                       settings=settings)
+                       shard=shard, settings=settings)
         return out
     finally:
         lock.release()
@@ -293,11 +298,9 @@ def run_study(
 
 
 FREE_FORM_ONE_PROCESS = (
-    "the free-form study runs in one process (--shard and torchrun split only the one-word "
-    "tasks): run the free-form part without --shard, e.g. `mmlens flow --tasks Describe --out "
-    "runs/free` (or `--data answers.jsonl`), and shard the one-word tasks into their own "
-    "folders, e.g. `mmlens flow --tasks ChooseAttr,CompareAttr --shard 0/4 --out runs/part-0`, "
-    "joined by `mmlens merge`")
+    "the free-form study does not run under torchrun (it deals out only the one-word tasks): "
+    "split it over processes with a job array instead, `mmlens flow --tasks Describe --shard "
+    "K/N --out runs/part-K` for K = 0..N-1, then `mmlens merge runs/all runs/part-*`")
 
 
 def _load(model: str, **options: Any) -> HookedModel:

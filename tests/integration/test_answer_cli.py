@@ -84,6 +84,20 @@ def test_the_report_section_shows_the_tables_numbers(run_dir):
             assert list(trace.y) == pytest.approx(change["image->answer", index].tolist())
 
 
+def test_shards_of_a_mixed_run_merge_into_its_tables(run_dir, tmp_path):
+    parts = [tmp_path / f"part-{k}" for k in range(2)]
+    for k, part in enumerate(parts):
+        assert main(["flow", *MIXED, "--no-word-maps", "--shard", f"{k}/2", "--out",
+                     str(part)]) == 0
+    assert main(["merge", str(tmp_path / "all"), *map(str, parts)]) == 0
+    merged = check_run_folder(tmp_path / "all")
+    assert merged["n_examples"] == 2 and merged["free_form"]["n_examples"] == 2
+    for table in ("flow.csv", "summary.csv", "answer_flow.csv", "answer_summary.csv",
+                  "answer_peaks.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "all" / table),
+                                      pd.read_csv(run_dir / table))
+
+
 def test_forcing_the_reference_into_a_folder_of_generated_answers_is_refused(run_dir, capsys):
     assert main(["flow", *MIXED, "--reference", "--out", str(run_dir)]) == 2
     assert "forced: stored 'generated', now 'reference'" in capsys.readouterr().err
@@ -93,8 +107,8 @@ def test_forcing_the_reference_into_a_folder_of_generated_answers_is_refused(run
     (["--tasks", "ChooseAttr", "--reference"], "add one of Describe to --tasks"),
     (["--tasks", "Describe", "--answer-flows", "image->last"], "unknown answer flow"),
     (["--tasks", "Describe", "--data", "tests/fixtures/gqa_mini"], "pass --data shapes"),
-    (["--tasks", "Describe", "--shard", "0/2"], "free-form study runs in one process"),
-    (["--tasks", "ChooseAttr,Describe", "--shard", "0/2"], "shard the one-word tasks"),
+    (["--tasks", "ChooseAttr,Describe", "--shard", "1/2"],
+     "shard 1/2 holds none of the 1 free-form examples: split into at most 1 shards"),
 ])
 def test_bad_free_form_arguments_are_one_line(tmp_path, capsys, extra, message):
     assert main(["flow", "--per-task", "1", "--quiet", "--out", str(tmp_path), *extra]) == 2

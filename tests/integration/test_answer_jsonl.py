@@ -97,6 +97,28 @@ def test_a_file_without_boxes_runs_the_flows_that_need_none(tmp_path):
         ).str.strip().tolist()
 
 
+def test_shards_merge_into_the_single_runs_tables(boxed, tmp_path, capsys):
+    path, single = boxed
+    parts = [tmp_path / f"part-{k}" for k in range(2)]
+    for k, part in enumerate(parts):
+        assert main([*RUN, "--data", str(path), "--shard", f"{k}/2", "--out", str(part)]) == 0
+        assert check_run_folder(part)["free_form"]["n_examples"] == 1
+    assert main(["merge", str(tmp_path / "all"), *map(str, parts)]) == 0
+    merged = check_run_folder(tmp_path / "all")
+    assert merged["free_form"]["n_examples"] == 2 and merged["free_form"]["arguments"][
+        "shard"] is None
+    for table in ("answer_flow.csv", "answer_summary.csv", "answer_peaks.csv",
+                  "answer_dropped.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "all" / table),
+                                      pd.read_csv(single / table))
+    assert (tmp_path / "all" / "answer_views.json").read_text() == (
+        single / "answer_views.json").read_text()
+    assert "Free-form answers" in (tmp_path / "all" / "report.html").read_text()
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "half"), str(parts[0])]) == 2
+    assert "1 of 2 free-form examples are in no shard" in capsys.readouterr().err
+
+
 def test_a_line_without_boxes_skips_the_boxed_flows_for_itself(tmp_path):
     path = write_answers(tmp_path)
     first, second = path.read_text().splitlines()
@@ -118,7 +140,6 @@ def test_a_line_without_boxes_skips_the_boxed_flows_for_itself(tmp_path):
     (["--answer-flows", "image->answer,other->answer"], None,
      "answers.jsonl has no boxes: the flows other->answer"),
     (["--tasks", "Describe"], None, "drop --tasks"),
-    (["--shard", "0/2"], None, "free-form study runs in one process"),
     ([], ["{not json"], "answers.jsonl, line 1 is not JSON"),
     ([], ['{"image": "a.png", "prompt": "p"}'], "line 1 lacks reference"),
     ([], ['{"image": "gone.png", "prompt": "p", "reference": "r"}'], "'gone.png' is not in"),
