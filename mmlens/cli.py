@@ -133,8 +133,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="a tuned lens saved for this model (mmlens tuned-lens): answer "
                       "emergence gains its 'tuned' reading")
     flow.add_argument("--shard", type=_shard, default=None, metavar="K/N",
-                      help="run only the K-th (from 0) of N disjoint shares of the examples; "
-                      "join the shards' folders with `mmlens merge`")
+                      help="run only the K-th (from 0) of N disjoint shares of the examples "
+                      "(free-form ones too); join the shards' folders with `mmlens merge`")
     _study_options(flow)
     reproduce = commands.add_parser(
         "reproduce", help="the paper's study on its released GQA question subsets")

@@ -233,7 +233,8 @@ def run_study(
     (``mmlens.experiments.answer_run``) over ``answer_flows``, teacher-forced on the model's
     own answer, or on the reference with ``reference=True``; the one-word tasks of the same
     run to the study above, on the same loaded model. ``data`` a ``.jsonl`` file of
-    ``{image, prompt, reference, boxes?}`` runs the free-form study on all its lines.
+    ``{image, prompt, reference, boxes?}`` runs the free-form study on all its lines. Both
+    parts take ``shard``; the free-form one refuses torchrun.
     """
     check_device(device)
     check_count(threads, "threads", "--threads")

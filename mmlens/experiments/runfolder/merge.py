@@ -7,7 +7,8 @@ the same study (equal store signatures: model weights, data, flows, window...), 
 they must hold every example exactly once. The merged folder then holds what one run would
 have written: the store, the tables and the report. A merge stopped part way is redone by the
 same command in the same folder (the store records that it was merged); a folder holding a
-run of its own is refused.
+run of its own is refused. Shards holding the free-form study (``answer_flow.jsonl``, alone or
+beside the one-word study) have that part joined by ``mmlens.experiments.answer_merge``.
 """
 
 from __future__ import annotations
