@@ -2,7 +2,8 @@
 {image, prompt, reference, boxes?} lines, built here from shapes images. Its tables equal the
 study run in Python on the loaded examples, a resume after the file changed is refused naming
 the file, a file without boxes runs only the flows that need none (naming one is refused), and
-each bad input ends in one line saying what to do."""
+shards merge into the single run's tables, and each bad input ends in one line saying what
+to do."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import pytest
 from mmlens.cli import main
 from mmlens.data.answers_jsonl import load_answers_jsonl
 from mmlens.data.shapes import generate_per_task
+from mmlens.experiments import study
 from mmlens.experiments.answer_study import answer_study
 from mmlens.experiments.presets import resolve_settings
+from mmlens.experiments.runfolder.distributed import Ranks
 from mmlens.experiments.tables import check_run_folder
 from mmlens.model.hooked import HookedMultimodalTransformer
 from mmlens.zoo import BUNDLED
@@ -159,3 +162,19 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, extra, lines, message):
 def test_a_missing_file_is_refused(tmp_path, capsys):
     assert main([*RUN, "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)]) == 2
     assert "none.jsonl is not a file: give a JSONL file" in capsys.readouterr().err
+
+
+class FirstOfTwo(Ranks):
+    """Rank 0 of a torchrun of two, without a process group (the refusal comes first)."""
+
+    def from_main(self, value):
+        return value
+
+
+def test_torchrun_is_refused_saying_to_use_shards(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(study, "init_ranks", lambda device: FirstOfTwo(0, 2))
+    path = write_answers(tmp_path)
+    assert main([*RUN, "--data", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "does not run under torchrun" in err and "--shard K/N" in err
+    assert "mmlens merge" in err and err.count("error:") == 1
