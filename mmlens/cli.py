@@ -5,6 +5,7 @@
     mmlens flow --flows "image->last,question->last" --window 3 --out runs/small
     mmlens reproduce --model llava-hf/llava-1.5-7b-hf --gqa-images gqa/images \
         --subsets paper-subsets --out runs/llava-1.5-7b --device cuda --dtype float16
+    mmlens flow --data answers.jsonl --out runs/mine   # free-form study on your own answers
     mmlens flow --shard 0/4 --out runs/part-0    # one of 4 job-array shares; then:
     mmlens merge runs/all runs/part-0 runs/part-1 runs/part-2 runs/part-3
     torchrun --nproc-per-node 4 -m mmlens.cli flow --device cuda ...   # data parallel
@@ -24,6 +25,7 @@ import warnings
 
 from mmlens.data.example import TASKS
 from mmlens.data.shapes_questions import FREE_FORM_TASKS
+from mmlens.experiments.answer_run import is_answers_file
 from mmlens.experiments.answer_study import ANSWER_FLOWS
 from mmlens.experiments.knockouts import DEFAULT_FLOWS
 from mmlens.experiments.metrics import METRICS
@@ -86,16 +88,18 @@ def _parser() -> argparse.ArgumentParser:
     flow.add_argument("--model", default=DEFAULT_MODEL,
                       help="bundled short name, local folder or hub name (default %(default)s)")
     flow.add_argument("--data", default="shapes",
-                      help="'shapes' (fresh synthetic questions) or a GQA folder")
+                      help="'shapes' (fresh synthetic questions), a GQA folder, or a .jsonl "
+                      "file of {image, prompt, reference, boxes?} lines (the free-form study "
+                      "on every line; images relative to the file's folder)")
     flow.add_argument("--tasks", default=None,
                       help=f"comma-separated tasks (default all: {','.join(TASKS)}); the "
                       f"free-form {','.join(FREE_FORM_TASKS)} runs flows into every answer token")
     flow.add_argument("--reference", action="store_true",
-                      help="free-form tasks: force the dataset's reference answer instead of "
-                      "the model's own (no correctness filter)")
-    flow.add_argument("--answer-flows", default=",".join(ANSWER_FLOWS),
-                      help="free-form tasks: comma-separated 'SPAN->answer' flows "
-                      "(default %(default)s)")
+                      help="free-form tasks and --data FILE.jsonl: force the reference answer "
+                      "instead of the model's own (no correctness filter)")
+    flow.add_argument("--answer-flows", default=None,
+                      help="free-form tasks: comma-separated 'SPAN->answer' flows (default "
+                      f"{','.join(ANSWER_FLOWS)}; without boxes in the data, the first two)")
     flow.add_argument("--per-task", type=int, default=DEFAULT_PER_TASK,
                       help="questions per task (default %(default)s)")
     flow.add_argument("--flows", default=",".join(DEFAULT_FLOWS),
@@ -129,8 +133,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="a tuned lens saved for this model (mmlens tuned-lens): answer "
                       "emergence gains its 'tuned' reading")
     flow.add_argument("--shard", type=_shard, default=None, metavar="K/N",
-                      help="run only the K-th (from 0) of N disjoint shares of the examples; "
-                      "join the shards' folders with `mmlens merge`")
+                      help="run only the K-th (from 0) of N disjoint shares of the examples "
+                      "(free-form ones too); join the shards' folders with `mmlens merge`")
     _study_options(flow)
     reproduce = commands.add_parser(
         "reproduce", help="the paper's study on its released GQA question subsets")
@@ -243,9 +247,11 @@ def main(argv: list[str] | None = None) -> int:
             from mmlens.experiments.study import default_out_dir, run_study
 
             tasks = _tasks(args.tasks)
-            if args.reference and not set(tasks or ()) & set(FREE_FORM_TASKS):
+            answers = is_answers_file(args.data)
+            if args.reference and not answers and not set(tasks or ()) & set(FREE_FORM_TASKS):
                 raise ValueError("--reference forces the reference answer of free-form tasks: "
-                                 f"add one of {', '.join(FREE_FORM_TASKS)} to --tasks")
+                                 f"add one of {', '.join(FREE_FORM_TASKS)} to --tasks, or pass "
+                                 "--data a JSONL file of answers")
             out = args.out = args.out or default_out_dir()
             if main_process:
                 print(f"mmlens flow: writing to {out} (if stopped, the same command with --out "
@@ -263,11 +269,11 @@ def main(argv: list[str] | None = None) -> int:
                 answer_flows=args.answer_flows, **_settings(args),
             )
             if main_process:
-                free = set(tasks or ()) & set(FREE_FORM_TASKS)
+                free = answers or set(tasks or ()) & set(FREE_FORM_TASKS)
                 print(f"results in {out}: " + ("answer_flow.csv, answer_summary.csv, "
                       "answer_peaks.csv, " if free else "") + ("flow.csv, summary.csv, "
-                      "dropped.csv, emergence.csv, examples.jsonl, " if set(tasks or TASKS)
-                      - free else "") + "report.html")
+                      "dropped.csv, emergence.csv, examples.jsonl, " if not answers and
+                      set(tasks or TASKS) - set(FREE_FORM_TASKS) else "") + "report.html")
         elif args.command == "reproduce":
             from mmlens.experiments.memory import parse_memory
             from mmlens.experiments.reproduce import reproduce

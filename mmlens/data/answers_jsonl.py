@@ -27,7 +27,7 @@ def load_answers_jsonl(path: str | Path, images: str | Path | None = None) -> li
         raise FileNotFoundError(f"{path} is not a file: give a JSONL file of "
                                 "{image, prompt, reference, boxes?} objects")
     folder = Path(images) if images is not None else path.parent
-    examples = []
+    examples, seen = [], {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -50,8 +50,13 @@ def load_answers_jsonl(path: str | Path, images: str | Path | None = None) -> li
         boxes = record.get("boxes") or []
         if not isinstance(boxes, list):
             raise MMLensError(f"{where}: boxes must be a list of [x, y, w, h]")
+        example_id = str(record.get("id", f"{path.stem}-{number}"))
+        if example_id in seen:
+            raise MMLensError(f"{where} repeats the id {example_id!r} of line "
+                              f"{seen[example_id]}: give each line its own id")
+        seen[example_id] = number
         examples.append(Example(
-            example_id=str(record.get("id", f"{path.stem}-{number}")),
+            example_id=example_id,
             question=record["prompt"], answer=record["reference"],
             task=str(record.get("task", "FreeForm")), image_id=image,
             boxes=[check_box(box, where) for box in boxes], image_path=folder / image))

@@ -10,7 +10,8 @@ one-word study's); then ``answer_flow`` teacher-forces the answer and blocks eac
 every centre layer. ``forced="generated"`` (default) forces the model's own answer;
 ``"reference"`` forces the dataset's reference instead, in the case the model writes its
 answers in (``mmlens.experiments.answer_forms``), and filters nothing. A flow whose source
-span is empty for an example (no related patches) is skipped for it, and listed.
+span is empty for an example (no related patches) is skipped for it, and listed; so is
+``other`` where ``related`` is empty (it would be the whole image).
 
 With ``store`` each example's rows are one line of a ``ResultStore`` (row checks, and a
 signature that includes ``forced``: a folder of generated answers refuses a run that forces
@@ -58,9 +59,14 @@ def filter_rule(forced: str, only_correct: bool) -> str:
 def answer_study(model: HookedModel, examples: Sequence[Any], *, settings: StudySettings,
                  flows: Sequence[str] = ANSWER_FLOWS, forced: str = "generated",
                  only_correct: bool = True, store: str | Path | None = None,
-                 max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = True) -> pd.DataFrame:
+                 max_new_tokens: int = MAX_NEW_TOKENS, progress: bool = True,
+                 signature: dict[str, Any] | None = None,
+                 shard: tuple[int, int] | None = None) -> pd.DataFrame:
     """One row per kept example, flow, centre layer and answer token (``ROW_COLUMNS``);
-    ``frame.attrs["records"]`` the stored records, ``["dropped"]`` what was left out."""
+    ``frame.attrs["records"]`` the stored records, ``["dropped"]`` what was left out.
+    ``signature``: more entries for the store's signature (e.g. the data file's digest).
+    ``shard=(K, N)``: only examples ``K, K+N, ...``; the signature still covers every
+    example, so ``mmlens merge`` joins the shards."""
     if forced not in FORCED:
         raise MMLensError(f"forced={forced!r}: use 'generated' (the model's own answer) or "
                           "'reference' (the dataset's)")
@@ -78,11 +84,12 @@ def answer_study(model: HookedModel, examples: Sequence[Any], *, settings: Study
                      "flows": list(flows), "forced": forced,
                      "only_correct": only_correct and forced == "generated",
                      "max_new_tokens": max_new_tokens, **record,
-                     "template": template_digest(settings.template)}
-        results = ResultStore.open(store, signature)
+                     "template": template_digest(settings.template), **(signature or {})}
+        results = ResultStore.open(store, signature, part=shard)
     done = {} if results is None else results.done
     records = []
-    for index in tqdm(range(len(source)), disable=not progress, desc="answer flow", unit="ex"):
+    indices = range(len(source)) if shard is None else range(shard[0], len(source), shard[1])
+    for index in tqdm(indices, disable=not progress, desc="answer flow", unit="ex"):
         example_id = source.example_id(index)
         if example_id not in done:
             row = _one_example(model, source, index, flows=flows, window=settings.window,
@@ -115,9 +122,8 @@ def _one_example(model: HookedModel, source: ExampleSource, index: int, *, flows
     if forced == "reference":
         case, space = answer_form(model.tokenizer, int(generated[0]), gold)
         ids = answer_tokens(model, one, space + CASES[case](gold.strip()), max_new_tokens)
-    empty = [flow for flow in flows if len(one.spans[0].get(source_span(flow), [1])) == 0]
-    run = [flow for flow in flows if flow not in empty]
-    record["skipped"] = {flow: f"empty span {source_span(flow)!r}" for flow in empty}
+    record["skipped"] = _skipped(one.spans[0], flows)
+    run = [flow for flow in flows if flow not in record["skipped"]]
     if not run:
         return {**record, "dropped": "; ".join(sorted(set(record["skipped"].values())))}
     frame = answer_flow(model, one, answer_ids=[ids], flows=run, window=window)
@@ -127,6 +133,22 @@ def _one_example(model: HookedModel, source: ExampleSource, index: int, *, flows
                .to_numpy().tolist() for flow, rows in frame.groupby("flow", sort=False)}
     return {**record, "answer": str(frame["answer"].iloc[0]), "tokens": ids.tolist(),
             "words": words, "logprob_base": base.tolist(), "logprob_block": blocked}
+
+
+def _skipped(spans: dict[str, Any], flows: Sequence[str]) -> dict[str, str]:
+    """The flows an example cannot run, and why: an empty source span, or ``other`` where
+    ``related`` is empty (no boxes: it would be the whole image, ``image->answer`` again)."""
+    def size(name: str) -> int:
+        return len(spans.get(name, [1]))
+
+    skipped = {}
+    for flow in flows:
+        name = source_span(flow)
+        if size(name) == 0:
+            skipped[flow] = f"empty span {name!r}"
+        elif name == "other" and size("related") == 0:
+            skipped[flow] = "no related patches (no boxes): 'other' would be the whole image"
+    return skipped
 
 
 def answer_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:

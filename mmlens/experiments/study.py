@@ -29,7 +29,7 @@ import torch
 
 from mmlens.core.errors import MMLensError
 from mmlens.data.shapes_questions import FREE_FORM_TASKS
-from mmlens.experiments.answer_study import ANSWER_FLOWS
+from mmlens.experiments.answer_run import free_form_flows, is_answers_file
 from mmlens.experiments.controls import control_seed_of
 from mmlens.experiments.knockouts import DEFAULT_FLOWS, parse_flows
 from mmlens.experiments.presets import resolve_settings
@@ -112,9 +112,16 @@ def is_paper_subsets_folder(path: str | Path) -> bool:
 
 def load_examples(data: str, *, tasks: Sequence[str] | None, per_task: int | None,
                   seed: int, images: str | Path | None = None) -> list[Any]:
-    """Fresh synthetic shapes (``"shapes"``) or a GQA folder, ``per_task`` questions per task."""
+    """Fresh synthetic shapes (``"shapes"``) or a GQA folder, ``per_task`` questions per task;
+    or every line of a JSONL file of free-form answers (``load_answers_jsonl``)."""
+    from mmlens.data.answers_jsonl import load_answers_jsonl
     from mmlens.data.gqa import check_tasks, is_gqa_folder, load_gqa
 
+    if is_answers_file(data):
+        if tasks:
+            raise MMLensError(f"--data {data} runs the free-form study on every line of the "
+                              "file: drop --tasks (a line's task is its \"task\" field)")
+        return load_answers_jsonl(data)
     free = [t for t in tasks or () if t in FREE_FORM_TASKS]
     if free and data != "shapes":
         raise MMLensError(f"the free-form task(s) {free} come with the bundled data: pass "
@@ -196,7 +203,7 @@ def run_study(
     word_maps: bool = True,
     tuned_lens: str | Path | None = None,
     reference: bool = False,
-    answer_flows: Sequence[str] | str = ANSWER_FLOWS,
+    answer_flows: Sequence[str] | str | None = None,
     **settings: str | None,
 ) -> Path:
     """Run the information-flow study and write its tables and report into ``out``.
@@ -225,7 +232,9 @@ def run_study(
     Examples of free-form tasks (``Describe``) go to the free-form study
     (``mmlens.experiments.answer_run``) over ``answer_flows``, teacher-forced on the model's
     own answer, or on the reference with ``reference=True``; the one-word tasks of the same
-    run to the study above.
+    run to the study above, on the same loaded model. ``data`` a ``.jsonl`` file of
+    ``{image, prompt, reference, boxes?}`` runs the free-form study on all its lines. Both
+    parts take ``shard``; the free-form one refuses torchrun.
     """
     check_device(device)
     check_count(threads, "threads", "--threads")
@@ -252,59 +261,79 @@ def run_study(
         refusal = ranks.from_main(refusal)
         if refusal is not None:
             raise FolderBusyError(refusal)
-        free = [e for e in examples if e.task in FREE_FORM_TASKS]
-        examples = [e for e in examples if e.task not in FREE_FORM_TASKS]
-        if free and (shard is not None or ranks.world > 1):
-            raise MMLensError("the free-form tasks run in one process: drop --shard and "
-                              "torchrun, or run the one-word tasks alone")
+        answers = is_answers_file(data)
+        free = [e for e in examples if answers or e.task in FREE_FORM_TASKS]
+        examples = [e for e in examples if not answers and e.task not in FREE_FORM_TASKS]
+        if free and ranks.world > 1:
+            raise MMLensError(FREE_FORM_ONE_PROCESS)
+        for part, name in ((free, "free-form"), (examples, "one-word")):
+            if part and shard is not None and shard[0] >= len(part):
+                raise MMLensError(f"shard {shard[0]}/{shard[1]} holds none of the {len(part)} "
+                                  f"{name} examples: split into at most {len(part)} shards, "
+                                  "or run the free-form and one-word tasks in separate folders")
+        if free:
+            answer_flows = free_form_flows(free, answer_flows, data)
+        hooked = _load(model, dtype=dtype, device=rank_device(device, ranks),
+                       device_map=device_map)
         if examples:
-            _study(out, examples, model=model, data=data, tasks=tasks, per_task=per_task,
-                      flow_names=flow_names, window=window, device=rank_device(device, ranks),
+            _study(out, examples, hooked=hooked, model=model, data=data, tasks=tasks,
+                      per_task=per_task, flow_names=flow_names, window=window,
+                      device=rank_device(device, ranks),
                       dtype=dtype, seed=seed, only_correct=only_correct, batch_size=batch_size,
                       progress=progress, threads=threads, shard=shard, ranks=ranks,
-                      max_memory=max_memory, device_map=device_map, rescale_boxes=rescale_boxes,
+                      max_memory=max_memory, rescale_boxes=rescale_boxes,
                       preset=preset, metric=metric, controls=controls,
                       control_seed=control_seed, filter_max_new_tokens=filter_max_new_tokens,
                       word_maps=word_maps, tuned_lens=tuned_lens, settings=settings)
         if free:
-            _free_form(out, free, model=model, answer_flows=answer_flows, reference=reference,
+            _free_form(out, free, hooked=hooked, model=model, data=data,
+                       answer_flows=answer_flows, reference=reference,
                        only_correct=only_correct, window=window, device=device, dtype=dtype,
                        seed=seed, progress=progress, preset=preset,
                        filter_max_new_tokens=filter_max_new_tokens, threads=threads,
-                       settings=settings)
+                       shard=shard, settings=settings)
         return out
     finally:
         lock.release()
         close_ranks(ranks)
 
 
-def _free_form(out: Path, free: list[Any], *, answer_flows: Sequence[str] | str,
+FREE_FORM_ONE_PROCESS = (
+    "the free-form study does not run under torchrun (it deals out only the one-word tasks): "
+    "split it over processes with a job array instead, `mmlens flow --tasks Describe --shard "
+    "K/N --out runs/part-K` for K = 0..N-1, then `mmlens merge runs/all runs/part-*`")
+
+
+def _load(model: str, **options: Any) -> HookedModel:
+    """The model both parts of a run use, loaded once."""
+    from mmlens.model.hooked import HookedMultimodalTransformer
+
+    return HookedMultimodalTransformer.from_pretrained(model, **options)
+
+
+def _free_form(out: Path, free: list[Any], *, answer_flows: list[str],
                reference: bool, threads: int | None, **options: Any) -> None:
     """The free-form study's part of the folder (``run_free_form``), then the report."""
     from mmlens.experiments.answer_run import run_free_form
     from mmlens.experiments.report import build_report
 
-    flows = answer_flows.split(",") if isinstance(answer_flows, str) else list(answer_flows)
     with torch_threads(threads if threads is not None else 1):
-        run_free_form(out, free, flows=[f.strip() for f in flows if f.strip()],
+        run_free_form(out, free, flows=answer_flows,
                       forced="reference" if reference else "generated", **options)
     build_report(out)
 
 
-def _study(out: Path, examples: list[Any], *, model: str, data: str, tasks, per_task,
-           flow_names: list[str], window: int | None, device: str | None, dtype: str | None,
-           seed: int, only_correct: bool, batch_size: int | str, progress: bool,
+def _study(out: Path, examples: list[Any], *, hooked: HookedModel, model: str, data: str,
+           tasks, per_task, flow_names: list[str], window: int | None, device: str | None,
+           dtype: str | None, seed: int, only_correct: bool, batch_size: int | str, progress: bool,
            threads: int | None, shard: tuple[int, int] | None, ranks,
-           max_memory: int | None, device_map: str | dict | None, rescale_boxes: bool,
+           max_memory: int | None, rescale_boxes: bool,
            preset: str | None, metric: str, controls: bool, control_seed: int | None,
            filter_max_new_tokens: int | None, word_maps: bool, tuned_lens: str | Path | None,
            settings: dict[str, Any]) -> Path:
     from mmlens.experiments.report import build_report
     from mmlens.methods.tuned_lens import load_tuned_lens
-    from mmlens.model.hooked import HookedMultimodalTransformer
 
-    hooked = HookedMultimodalTransformer.from_pretrained(model, dtype=dtype, device=device,
-                                                         device_map=device_map)
     lens = None if tuned_lens is None else load_tuned_lens(tuned_lens, hooked)
     if lens is not None and hooked.tokenizer is None:
         raise MMLensError(f"--tuned-lens adds a reading to answer emergence, which tracks answer "

@@ -14,6 +14,7 @@ from mmlens.cli import main
 from mmlens.experiments.answer_report import answer_figures
 from mmlens.experiments.captions import flow_caption
 from mmlens.experiments.tables import check_run_folder
+from mmlens.model.hooked import HookedMultimodalTransformer
 from mmlens.zoo import BUNDLED
 
 pytestmark = pytest.mark.skipif(not (BUNDLED["shapes-llava"] / "config.json").is_file(),
@@ -23,10 +24,23 @@ MIXED = ["--tasks", "ChooseAttr,Describe", "--per-task", "2", "--window", "3", "
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def loads():
+    return []
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, loads):
     out = tmp_path_factory.mktemp("mixed")
-    assert main(["flow", *MIXED, "--out", str(out)]) == 0
+    load = HookedMultimodalTransformer.from_pretrained
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(HookedMultimodalTransformer, "from_pretrained",
+                      lambda *a, **k: loads.append(a) or load(*a, **k))
+        assert main(["flow", *MIXED, "--out", str(out)]) == 0
     return out
+
+
+def test_a_mixed_run_loads_the_model_once(run_dir, loads):
+    assert loads == [("shapes-llava",)]
 
 
 def test_a_mixed_run_writes_both_studies_into_one_folder(run_dir):
@@ -70,6 +84,20 @@ def test_the_report_section_shows_the_tables_numbers(run_dir):
             assert list(trace.y) == pytest.approx(change["image->answer", index].tolist())
 
 
+def test_shards_of_a_mixed_run_merge_into_its_tables(run_dir, tmp_path):
+    parts = [tmp_path / f"part-{k}" for k in range(2)]
+    for k, part in enumerate(parts):
+        assert main(["flow", *MIXED, "--no-word-maps", "--shard", f"{k}/2", "--out",
+                     str(part)]) == 0
+    assert main(["merge", str(tmp_path / "all"), *map(str, parts)]) == 0
+    merged = check_run_folder(tmp_path / "all")
+    assert merged["n_examples"] == 2 and merged["free_form"]["n_examples"] == 2
+    for table in ("flow.csv", "summary.csv", "answer_flow.csv", "answer_summary.csv",
+                  "answer_peaks.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "all" / table),
+                                      pd.read_csv(run_dir / table))
+
+
 def test_forcing_the_reference_into_a_folder_of_generated_answers_is_refused(run_dir, capsys):
     assert main(["flow", *MIXED, "--reference", "--out", str(run_dir)]) == 2
     assert "forced: stored 'generated', now 'reference'" in capsys.readouterr().err
@@ -79,7 +107,8 @@ def test_forcing_the_reference_into_a_folder_of_generated_answers_is_refused(run
     (["--tasks", "ChooseAttr", "--reference"], "add one of Describe to --tasks"),
     (["--tasks", "Describe", "--answer-flows", "image->last"], "unknown answer flow"),
     (["--tasks", "Describe", "--data", "tests/fixtures/gqa_mini"], "pass --data shapes"),
-    (["--tasks", "Describe", "--shard", "0/2"], "free-form tasks run in one process"),
+    (["--tasks", "ChooseAttr,Describe", "--shard", "1/2"],
+     "shard 1/2 holds none of the 1 free-form examples: split into at most 1 shards"),
 ])
 def test_bad_free_form_arguments_are_one_line(tmp_path, capsys, extra, message):
     assert main(["flow", "--per-task", "1", "--quiet", "--out", str(tmp_path), *extra]) == 2

@@ -7,7 +7,8 @@ the same study (equal store signatures: model weights, data, flows, window...), 
 they must hold every example exactly once. The merged folder then holds what one run would
 have written: the store, the tables and the report. A merge stopped part way is redone by the
 same command in the same folder (the store records that it was merged); a folder holding a
-run of its own is refused.
+run of its own is refused. Shards holding the free-form study (``answer_flow.jsonl``, alone or
+beside the one-word study) have that part joined by ``mmlens.experiments.answer_merge``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mmlens.experiments.answer_merge import merge_answer_shards
+from mmlens.experiments.answer_study import ANSWER_STORE
 from mmlens.experiments.knockouts import parse_flows
 from mmlens.experiments.runfolder.atomic import write_atomic
 from mmlens.experiments.runfolder.lock import RunLock
@@ -31,25 +34,29 @@ from mmlens.experiments.tables import (
 )
 
 
-def _shard(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict]]:
-    if not (folder / STORE_NAME).is_file():
-        raise FileNotFoundError(f"{folder} holds no {STORE_NAME}: pass the --out folders of "
-                                "`mmlens flow --shard K/N` runs")
+def _shard(folder: Path) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, dict]]:
+    """The shard's ``run.json`` and its one-word store (None, {} for a free-form-only one)."""
+    if not (folder / STORE_NAME).is_file() and not (folder / ANSWER_STORE).is_file():
+        raise FileNotFoundError(f"{folder} holds no {STORE_NAME} or {ANSWER_STORE}: pass the "
+                                "--out folders of `mmlens flow --shard K/N` runs")
     summary = check_run_folder(folder)
-    signature, done = read_store(folder / STORE_NAME)
+    signature, done = (read_store(folder / STORE_NAME) if (folder / STORE_NAME).is_file()
+                       else (None, {}))
     if not summary.get("arguments", {}).get("shard"):
         raise ValueError(f"{folder} is not a shard (it was run without --shard K/N)")
     return summary, signature, done
 
 
-def _merged_views(shards: Sequence[tuple], order: Sequence[str]) -> list[dict[str, Any]] | None:
+def _merged_views(shards: Sequence[tuple], order: Sequence[str],
+                  name: str = "views.json") -> list[dict[str, Any]] | None:
     """Per task, the view of its first kept example in ``order``, as one run would pick: each
-    shard's view is its own first kept example of the task, so the earliest of those."""
+    shard's view (in file ``name``) is its own first kept example of the task, so the
+    earliest of those."""
     rank = {example_id: position for position, example_id in enumerate(order)}
     views: dict[str, dict[str, Any]] = {}
     found = False
     for folder, *_ in shards:
-        path = Path(folder) / "views.json"
+        path = Path(folder) / name
         if path.is_file():
             found = True
             for view in json.loads(path.read_text()):
@@ -59,12 +66,14 @@ def _merged_views(shards: Sequence[tuple], order: Sequence[str]) -> list[dict[st
     return [views[task] for task in sorted(views)] if found else None
 
 
-def _check_target(out: Path, signature: dict[str, Any]) -> None:
+def _check_target(out: Path, signature: dict[str, Any] | None) -> None:
     """``out`` is new, or holds an earlier merge of this study (stopped part way: redone)."""
-    if not (out / STORE_NAME).exists():
+    name = STORE_NAME if signature is not None else ANSWER_STORE
+    if not (out / name).exists():
         return
-    header = store_header(out / STORE_NAME)
-    if header is None or not header.get("merged") or header["signature"] != signature:
+    header = store_header(out / name)
+    if header is None or not header.get("merged") or (
+            signature is not None and header["signature"] != signature):
         raise ValueError(f"{out} already holds a run: merge into a new folder")
 
 
@@ -82,6 +91,9 @@ def merge_shards(out: str | Path, shard_dirs: Sequence[str | Path], *,
     n_shards = first["arguments"]["shard"][1]
     owner: dict[str, Path] = {}
     for folder, summary, signature, done in shards:
+        if (signature is None) != (reference is None):
+            raise ValueError(f"{folder} and {first_dir} are shards of different runs (one "
+                             "holds the one-word study, the other not): merge shards of one run")
         if signature != reference:
             changed = sorted(k for k in set(signature) | set(reference)
                              if signature.get(k) != reference.get(k))
@@ -96,7 +108,7 @@ def merge_shards(out: str | Path, shard_dirs: Sequence[str | Path], *,
                 raise ValueError(f"example {example_id!r} is in both {owner[example_id]} and "
                                  f"{folder}: the shards overlap; pass each shard once")
             owner[example_id] = folder
-    order = [str(i) for i in first["example_ids"]]
+    order = [str(i) for i in first.get("example_ids", [])]
     missing = [i for i in order if i not in owner]
     if missing:
         have = sorted(tuple(s[1]["arguments"]["shard"]) for s in shards)
@@ -106,30 +118,47 @@ def merge_shards(out: str | Path, shard_dirs: Sequence[str | Path], *,
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out, break_lock=break_lock):
         _check_target(out, reference)
-        records = {i: r for _, _, _, done in shards for i, r in done.items()}
-        ordered = [records[i] for i in order]
-        write_store(out / STORE_NAME, reference, ordered, merged=True)
-        frame = results_frame(ordered, parse_flows(reference["flows"]), first["window"],
-                              first["n_layers"], metric=first.get("metric", "prob"))
-        frame.attrs["records"] = SharedRecords(ordered)  # emergence and provenance rows
-        digests = write_flow_tables(out, frame, seed=first["arguments"].get("seed", 0))
-        views = _merged_views(shards, order)
-        if views is not None:
-            data = json.dumps(views).encode("utf-8")
-            write_atomic(out / "views.json", data)
-            digests["views.json"] = hashlib.sha256(data).hexdigest()[:16]
-        dropped = dropped_examples(frame)
-        arguments = {**first["arguments"], "shard": None}
-        shard_only = ("arguments", "tables", "n_examples", "n_kept", "n_dropped", "world_size",
-                      "examples_per_rank", "sweep_seconds", "seconds", "example_ids")
-        write_run_json(out, {
-            **{k: v for k, v in first.items() if k not in shard_only},
-            "arguments": arguments, "window": first["window"], "n_layers": first["n_layers"],
-            "n_examples": len(order), "n_kept": int(frame.example_id.nunique()),
-            "n_dropped": int((dropped["flow"] == "all").sum()),
-            "merged_from": [str(folder) for folder, *_ in shards],
-            "examples_per_shard": [s[1]["n_examples"] for s in shards],
-            "example_ids": order,
-        }, digests)
+        summary, digests = {**first, "arguments": {**first["arguments"], "shard": None},
+                            "merged_from": [str(folder) for folder, *_ in shards]}, {}
+        if reference is not None:
+            summary, digests = _merge_one_word(out, shards, order, summary)
+        if "free_form" in first:
+            summary["free_form"], free = merge_answer_shards(
+                out, [folder for folder, *_ in shards], [s[1] for s in shards],
+                lambda name, ids: _merged_views(shards, ids, name))
+            digests.update(free)
+        summary.pop("tables", None)
+        write_run_json(out, summary, digests)
         build_report(out)
     return out
+
+
+def _merge_one_word(out: Path, shards: Sequence[tuple], order: Sequence[str],
+                    first: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The one-word study's merged store and tables; its ``run.json`` and digests."""
+    reference = shards[0][2]
+    records = {i: r for _, _, _, done in shards for i, r in done.items()}
+    ordered = [records[i] for i in order]
+    write_store(out / STORE_NAME, reference, ordered, merged=True)
+    frame = results_frame(ordered, parse_flows(reference["flows"]), first["window"],
+                          first["n_layers"], metric=first.get("metric", "prob"))
+    frame.attrs["records"] = SharedRecords(ordered)  # emergence and provenance rows
+    digests = write_flow_tables(out, frame, seed=first["arguments"].get("seed", 0))
+    views = _merged_views(shards, order)
+    if views is not None:
+        data = json.dumps(views).encode("utf-8")
+        write_atomic(out / "views.json", data)
+        digests["views.json"] = hashlib.sha256(data).hexdigest()[:16]
+    dropped = dropped_examples(frame)
+    arguments = {**first["arguments"], "shard": None}
+    shard_only = ("arguments", "tables", "n_examples", "n_kept", "n_dropped", "world_size",
+                  "examples_per_rank", "sweep_seconds", "seconds", "example_ids")
+    return {
+        **{k: v for k, v in first.items() if k not in shard_only},
+        "arguments": arguments, "window": first["window"], "n_layers": first["n_layers"],
+        "n_examples": len(order), "n_kept": int(frame.example_id.nunique()),
+        "n_dropped": int((dropped["flow"] == "all").sum()),
+        "merged_from": first["merged_from"],
+        "examples_per_shard": [s[1]["n_examples"] for s in shards],
+        "example_ids": order,
+    }, digests
