@@ -97,8 +97,8 @@ def causal_map(
         token = clean.prediction() if tokens[i] is None else tokens[i]
         positions = [r.positions for r in example_regions]
         if mode == "knockout":
-            probs = _blocked_probs(model, clean, positions, targets[i] - offset, layers, token,
-                                   batch_size)
+            probs = blocked_probs(model, clean, positions, [(targets[i] - offset, layers)],
+                                  token, batch_size)[0]
         else:
             other = clean_run(model, single_example(corrupted_batch, i))
             probs = _patched_probs(model, clean, other, positions, layers[0], token, batch_size)
@@ -167,22 +167,43 @@ def _corrupted_batch(model: HookedModel, batch: MultimodalBatch,
     return corrupted
 
 
-def _blocked_probs(model: HookedModel, clean: CleanRun, regions: list[Tensor], dst: Tensor,
-                   layers: list[int], token: int, batch_size: int) -> Float[Tensor, " regions"]:
-    """p(token) with each region's edges from ``dst`` blocked in ``layers``, batched."""
-    start = model.family.exact_suffix_start(clean.token_type_ids, int(dst.min()))
+def blocked_probs(model: HookedModel, clean: CleanRun, regions: list[Tensor],
+                  groups: Sequence[tuple[Tensor, Sequence[int]]], token: int,
+                  batch_size: int = 64) -> Float[Tensor, "groups regions"]:
+    """p(token) with each region's edges from each group's ``dst`` positions blocked in the
+    group's layers (``groups``: ``(dst, layers)`` pairs, layers sorted), batched from one clean
+    run: the ``len(groups) * len(regions)`` variants, ordered by their first layer, resume
+    ``batch_size`` at a time from the chunk's earliest first layer and dst position (a row is
+    blocked only in its own layers)."""
+    starts = [model.family.exact_suffix_start(clean.token_type_ids, int(dst.min()))
+              for dst, _ in groups]
+    variants = sorted(((g, r) for g in range(len(groups)) for r in range(len(regions))),
+                      key=lambda v: (groups[v[0]][1][0], v[0], v[1]))
     n_keys = clean.n_positions
-    probs = []
-    for first in range(0, len(regions), batch_size):
-        chunk = regions[first:first + batch_size]
-        blocked = blocked_edges(chunk, [dst] * len(chunk), n_keys - start, n_keys)
+    probs: Tensor | None = None
+    for first in range(0, len(variants), batch_size):
+        chunk = variants[first:first + batch_size]
+        start = min(starts[g] for g, _ in chunk)
+        layer = min(groups[g][1][0] for g, _ in chunk)
+        blocked = blocked_edges([regions[r] for _, r in chunk], [groups[g][0] for g, _ in chunk],
+                                n_keys - start, n_keys)
         causal = torch.arange(n_keys)[None, :] <= torch.arange(start, n_keys)[:, None]
         check_attendable((causal & ~blocked)[:, None], start, "causal_map", "region")
         blocked = blocked.to(clean.resid[0].device)[:, None]
-        hooks = [(f"blocks.{layer}.attn.hook_mask", _masker(blocked)) for layer in layers]
-        suffix = clean.resid[layers[0]][:, start:].expand(len(chunk), -1, -1)
-        probs.append(_resume(model, clean, suffix, start, layers[0], hooks, token))
-    return torch.cat(probs)
+        hooks = []
+        for blocked_layer in sorted({a for g, _ in chunk for a in groups[g][1]}):
+            rows = torch.tensor([blocked_layer in groups[g][1] for g, _ in chunk],
+                                device=blocked.device)
+            hooks.append((f"blocks.{blocked_layer}.attn.hook_mask",
+                          _masker(blocked & rows[:, None, None, None])))
+        suffix = clean.resid[layer][:, start:].expand(len(chunk), -1, -1)
+        chunk_probs = _resume(model, clean, suffix, start, layer, hooks, token)
+        if probs is None:
+            probs = chunk_probs.new_empty(len(groups), len(regions))
+        for (g, r), p in zip(chunk, chunk_probs, strict=True):
+            probs[g, r] = p
+    assert probs is not None  # groups and regions are never empty here
+    return probs
 
 
 def _masker(blocked: Tensor) -> Any:
