@@ -167,6 +167,7 @@ def _corrupted_batch(model: HookedModel, batch: MultimodalBatch,
     return corrupted
 
 
+@torch.no_grad()
 def blocked_probs(model: HookedModel, clean: CleanRun, regions: list[Tensor],
                   groups: Sequence[tuple[Tensor, Sequence[int]]], token: int,
                   batch_size: int = 64) -> Float[Tensor, "groups regions"]:
