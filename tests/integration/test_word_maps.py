@@ -18,7 +18,6 @@ from mmlens.methods.clean_run import clean_run
 from mmlens.methods.word_maps import span_words, window_word_maps, word_maps
 from mmlens.zoo.tiny import tiny_hf_model, tiny_processor
 
-
 SIZE = (37, 29)  # the Gemma 3 image's, for causal_map's pixel boxes
 
 
