@@ -7,7 +7,8 @@ the same study (equal store signatures: model weights, data, flows, window...), 
 they must hold every example exactly once. The merged folder then holds what one run would
 have written: the store, the tables and the report. A merge stopped part way is redone by the
 same command in the same folder (the store records that it was merged); a folder holding a
-run of its own is refused.
+run of its own is refused. Shards run with and without ``--no-word-maps`` merge (the maps
+change no row): run.json's ``word_maps`` then says ``"mixed"``, with each shard's value.
 """
 
 from __future__ import annotations
@@ -57,6 +58,17 @@ def _merged_views(shards: Sequence[tuple], order: Sequence[str]) -> list[dict[st
                 if held is None or rank[view["example_id"]] < rank[held["example_id"]]:
                     views[view["task"]] = view
     return [views[task] for task in sorted(views)] if found else None
+
+
+def _word_maps(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """run.json's ``word_maps`` for the merge: the shards' value when they agree; ``"mixed"``
+    and ``word_maps_per_shard`` when some ran with ``--no-word-maps`` (word maps change no row,
+    so such shards hold one study; each merged view keeps its maps or says they were not
+    computed)."""
+    values = [summary.get("word_maps", True) for summary in summaries]
+    if len(set(values)) == 1:
+        return {"word_maps": values[0]}
+    return {"word_maps": "mixed", "word_maps_per_shard": values}
 
 
 def _check_target(out: Path, signature: dict[str, Any]) -> None:
@@ -119,12 +131,14 @@ def merge_shards(out: str | Path, shard_dirs: Sequence[str | Path], *,
             write_atomic(out / "views.json", data)
             digests["views.json"] = hashlib.sha256(data).hexdigest()[:16]
         dropped = dropped_examples(frame)
-        arguments = {**first["arguments"], "shard": None}
+        word_maps = _word_maps([summary for _, summary, *_ in shards])
+        arguments = {**first["arguments"], "shard": None, "word_maps": word_maps["word_maps"]}
         shard_only = ("arguments", "tables", "n_examples", "n_kept", "n_dropped", "world_size",
                       "examples_per_rank", "sweep_seconds", "seconds", "example_ids")
         write_run_json(out, {
             **{k: v for k, v in first.items() if k not in shard_only},
-            "arguments": arguments, "window": first["window"], "n_layers": first["n_layers"],
+            "arguments": arguments, **word_maps,
+            "window": first["window"], "n_layers": first["n_layers"],
             "n_examples": len(order), "n_kept": int(frame.example_id.nunique()),
             "n_dropped": int((dropped["flow"] == "all").sum()),
             "merged_from": [str(folder) for folder, *_ in shards],
