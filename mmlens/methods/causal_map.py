@@ -172,31 +172,33 @@ def blocked_probs(model: HookedModel, clean: CleanRun, regions: list[Tensor],
                   groups: Sequence[tuple[Tensor, Sequence[int]]], token: int,
                   batch_size: int = 64) -> Float[Tensor, "groups regions"]:
     """p(token) with each region's edges from each group's ``dst`` positions blocked in the
-    group's layers (``groups``: ``(dst, layers)`` pairs, layers sorted), batched from one clean
-    run: the ``len(groups) * len(regions)`` variants, ordered by their first layer, resume
-    ``batch_size`` at a time from the chunk's earliest first layer and dst position (a row is
-    blocked only in its own layers)."""
+    group's layers (``groups``: ``(dst, layers)`` pairs), batched from one clean run: the
+    ``len(groups) * len(regions)`` variants, ordered by their first layer, resume
+    ``batch_size`` at a time from the chunk's earliest first layer and exact suffix start (a
+    row is blocked only in its own layers; earlier layers recompute the clean stream)."""
     starts = [model.family.exact_suffix_start(clean.token_type_ids, int(dst.min()))
               for dst, _ in groups]
+    firsts = [min(layers) for _, layers in groups]
     variants = sorted(((g, r) for g in range(len(groups)) for r in range(len(regions))),
-                      key=lambda v: (groups[v[0]][1][0], v[0], v[1]))
+                      key=lambda v: (firsts[v[0]], v[0], v[1]))
     n_keys = clean.n_positions
     probs: Tensor | None = None
     for first in range(0, len(variants), batch_size):
         chunk = variants[first:first + batch_size]
         start = min(starts[g] for g, _ in chunk)
-        layer = min(groups[g][1][0] for g, _ in chunk)
+        layer = min(firsts[g] for g, _ in chunk)
         blocked = blocked_edges([regions[r] for _, r in chunk], [groups[g][0] for g, _ in chunk],
                                 n_keys - start, n_keys)
         causal = torch.arange(n_keys)[None, :] <= torch.arange(start, n_keys)[:, None]
         check_attendable((causal & ~blocked)[:, None], start, "causal_map", "region")
         blocked = blocked.to(clean.resid[0].device)[:, None]
-        hooks = []
+        hooks, masks = [], {}  # one mask per set of rows blocked at a layer
         for blocked_layer in sorted({a for g, _ in chunk for a in groups[g][1]}):
-            rows = torch.tensor([blocked_layer in groups[g][1] for g, _ in chunk],
-                                device=blocked.device)
-            hooks.append((f"blocks.{blocked_layer}.attn.hook_mask",
-                          _masker(blocked & rows[:, None, None, None])))
+            rows = tuple(blocked_layer in groups[g][1] for g, _ in chunk)
+            if rows not in masks:
+                masks[rows] = blocked if all(rows) else blocked & torch.tensor(
+                    rows, device=blocked.device)[:, None, None, None]
+            hooks.append((f"blocks.{blocked_layer}.attn.hook_mask", _masker(masks[rows])))
         suffix = clean.resid[layer][:, start:].expand(len(chunk), -1, -1)
         chunk_probs = _resume(model, clean, suffix, start, layer, hooks, token)
         if probs is None:
