@@ -7,7 +7,7 @@ view's grid, in each distinct window of the view's flows, two ways, same numbers
 and ``window_word_maps`` (one clean run, every word x window x grid token variant resumed
 ``--batch-size`` at a time). The windows are the run's (``--run``: a finished ``mmlens flow``
 folder, its ``views.json``) or, without one, four windows of three layers. Prints per view the
-time of each, their ratio and the largest difference of the values.
+time of each, their ratio and the largest difference of the values (the views keep 6 decimals).
 
     python benchmarks/bench_word_maps.py [--run runs/flow-default] [--threads 1]
 """
@@ -48,7 +48,7 @@ def compare(model, batch, windows, image_size, batch_size) -> tuple[float, float
     new, new_s = timed(lambda: window_word_maps(model, batch, windows, grid=grid,
                                                 spans=("question", "last"),
                                                 batch_size=batch_size), "cpu")
-    diff = max(abs(a - b) for old_w, new_w in zip(old, new, strict=True)
+    diff = max(abs(round(a, 6) - b) for old_w, new_w in zip(old, new, strict=True)
                for values, entry in zip(old_w, new_w, strict=True)
                for a, b in zip(values, entry["values"], strict=True))
     return old_s, new_s, len(new[0]), diff
