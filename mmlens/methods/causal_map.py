@@ -176,13 +176,18 @@ def blocked_probs(model: HookedModel, clean: CleanRun, regions: list[Tensor],
     ``len(groups) * len(regions)`` variants, ordered by their first layer, resume
     ``batch_size`` at a time from the chunk's earliest first layer and exact suffix start (a
     row is blocked only in its own layers; earlier layers recompute the clean stream)."""
+    if batch_size < 1:
+        raise MMLensError(f"batch_size must be at least 1, got {batch_size}")
+    if not groups or not regions or not all(len(layers) for _, layers in groups):
+        raise MMLensError("blocked_probs needs regions and (dst, layers) groups, each with "
+                          "layers: none may be empty")
     starts = [model.family.exact_suffix_start(clean.token_type_ids, int(dst.min()))
               for dst, _ in groups]
     firsts = [min(layers) for _, layers in groups]
     variants = sorted(((g, r) for g in range(len(groups)) for r in range(len(regions))),
                       key=lambda v: (firsts[v[0]], v[0], v[1]))
     n_keys = clean.n_positions
-    probs: Tensor | None = None
+    probs = torch.empty(0)
     for first in range(0, len(variants), batch_size):
         chunk = variants[first:first + batch_size]
         start = min(starts[g] for g, _ in chunk)
@@ -201,11 +206,10 @@ def blocked_probs(model: HookedModel, clean: CleanRun, regions: list[Tensor],
             hooks.append((f"blocks.{blocked_layer}.attn.hook_mask", _masker(masks[rows])))
         suffix = clean.resid[layer][:, start:].expand(len(chunk), -1, -1)
         chunk_probs = _resume(model, clean, suffix, start, layer, hooks, token)
-        if probs is None:
+        if first == 0:
             probs = chunk_probs.new_empty(len(groups), len(regions))
         for (g, r), p in zip(chunk, chunk_probs, strict=True):
             probs[g, r] = p
-    assert probs is not None  # groups and regions are never empty here
     return probs
 
 

@@ -100,6 +100,8 @@ def window_word_maps(model: HookedModel, batch: MultimodalBatch,
     offset = batch.input_ids.shape[1] - one.input_ids.shape[1]
     image = batch.positions("image", example)
     grid = image if grid is None else torch.as_tensor(grid).reshape(-1).to(image.device)
+    if len(grid) == 0:
+        raise MMLensError(f"the grid is empty: give image-token positions of example {example}")
     outside = grid[~torch.isin(grid, image)]
     if len(outside):
         raise MMLensError(f"grid position {int(outside[0])} is not an image token of example "

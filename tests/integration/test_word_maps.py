@@ -114,3 +114,7 @@ def test_bad_grids_and_windows_are_refused(shapes):
         window_word_maps(model, batch, [])
     with pytest.raises(ValueError, match="outside the language tower"):
         window_word_maps(model, batch, [[model.cfg.n_layers]])
+    with pytest.raises(MMLensError, match="the grid is empty"):
+        window_word_maps(model, batch, [[1]], grid=question[:0])
+    with pytest.raises(MMLensError, match="batch_size must be at least 1"):
+        window_word_maps(model, batch, [[1]], batch_size=0)
