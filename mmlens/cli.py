@@ -62,6 +62,12 @@ def _study_options(command: argparse.ArgumentParser) -> None:
                          help="tokens the correctness filter decodes at most (default 128, "
                          "the paper's)")
     command.add_argument("--break-lock", action="store_true", help=BREAK_LOCK_HELP)
+    command.add_argument("--no-word-maps", action="store_true",
+                         help="skip the causal maps of the example views' words (faster; the "
+                         "report says they were not computed)")
+    command.add_argument("--tuned-lens", default=None, metavar="PATH",
+                         help="a tuned lens saved for this model (mmlens tuned-lens): answer "
+                         "emergence gains its 'tuned' reading")
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -71,7 +77,8 @@ def _settings(args: argparse.Namespace) -> dict:
             "metric": args.metric, "controls": args.controls,
             "control_seed": args.control_seed,
             "filter_max_new_tokens": args.filter_max_new_tokens,
-            "break_lock": args.break_lock}
+            "break_lock": args.break_lock, "word_maps": not args.no_word_maps,
+            "tuned_lens": args.tuned_lens}
 
 
 BREAK_LOCK_HELP = ("take over the output folder's lock from a run known to be gone (killed, or "
@@ -126,12 +133,6 @@ def _parser() -> argparse.ArgumentParser:
                       "folder and arguments to resume")
     flow.add_argument("--quiet", action="store_true", help="no progress bars")
     flow.add_argument("--rescale-boxes", action="store_true", help=RESCALE_HELP)
-    flow.add_argument("--no-word-maps", action="store_true",
-                      help="skip the causal maps of the example views' words (faster; the "
-                      "report says they were not computed)")
-    flow.add_argument("--tuned-lens", default=None, metavar="PATH",
-                      help="a tuned lens saved for this model (mmlens tuned-lens): answer "
-                      "emergence gains its 'tuned' reading")
     flow.add_argument("--shard", type=_shard, default=None, metavar="K/N",
                       help="run only the K-th (from 0) of N disjoint shares of the examples "
                       "(free-form ones too); join the shards' folders with `mmlens merge`")
@@ -264,8 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_memory=None if args.max_memory is None else parse_memory(args.max_memory),
                 device_map=_device_map(args.device_map),
                 rescale_boxes=args.rescale_boxes,
-                shard=args.shard, word_maps=not args.no_word_maps,
-                tuned_lens=args.tuned_lens, reference=args.reference,
+                shard=args.shard, reference=args.reference,
                 answer_flows=args.answer_flows, **_settings(args),
             )
             if main_process:

@@ -186,8 +186,9 @@ def _header(summary: dict, flow: pd.DataFrame, dropped: pd.DataFrame) -> str:
         "empty spans": summary.get("empty_spans"), "metric": summary.get("metric"),
         "control seed": summary.get("control_seed"),
         "filter decodes up to": summary.get("filter_max_new_tokens"),
-        "word maps": {True: "computed", False: "not computed (--no-word-maps)"}.get(
-            summary.get("word_maps")),
+        "word maps": {True: "computed", False: "not computed (--no-word-maps)",
+                      "mixed": "computed by some shards only (others ran --no-word-maps): "
+                      "a view without them says so"}.get(summary.get("word_maps")),
         "tuned lens": summary.get("tuned_lens") and (
             f"{arguments.get('tuned_lens')} (digest {summary['tuned_lens']})"),
         "seconds": summary.get("seconds"),

@@ -44,6 +44,8 @@ def reproduce(
     control_seed: int | None = None,
     filter_max_new_tokens: int | None = None,
     break_lock: bool = False,
+    word_maps: bool = True,
+    tuned_lens: str | Path | None = None,
     **settings: str | None,
 ) -> Path:
     """Run the paper's study for one model; resumable like ``mmlens flow``.
@@ -51,8 +53,8 @@ def reproduce(
     ``preset``: the paper preset (default: found from the model's name or config; ``"none"``
     for none); ``settings`` (``template``, ``preprocessing``, ``tokenization``,
     ``related_rule``, ``empty_spans``, ``window``) override its choices. ``only_correct=False``
-    keeps the examples the model answers wrongly. ``control_seed``, ``filter_max_new_tokens``:
-    as in ``run_study``. ``rescale_boxes``: images at another
+    keeps the examples the model answers wrongly. ``control_seed``, ``filter_max_new_tokens``,
+    ``word_maps``, ``tuned_lens``: as in ``run_study``. ``rescale_boxes``: images at another
     resolution than the subsets record (same aspect ratio) get their boxes rescaled instead of
     being refused.
     """
@@ -66,5 +68,6 @@ def reproduce(
         batch_size=batch_size, max_memory=max_memory, device_map=device_map, progress=progress,
         rescale_boxes=rescale_boxes, shard=shard, preset=preset, metric=metric,
         controls=controls, control_seed=control_seed,
-        filter_max_new_tokens=filter_max_new_tokens, break_lock=break_lock, **settings,
+        filter_max_new_tokens=filter_max_new_tokens, break_lock=break_lock,
+        word_maps=word_maps, tuned_lens=tuned_lens, **settings,
     )

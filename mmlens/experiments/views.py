@@ -30,7 +30,8 @@ sweep's table (``flow=``), each view also holds ``flows`` (``view_flows``: per s
 the example's knockout curve and the study's window centred where it drops most) and
 ``word_maps``: the causal map over the grid of each question word and of the last position
 (``mmlens.methods.word_maps``) in each distinct window of those flows; one clean run and one
-batched forward per word and window. The report's flow control switches between them.
+batched forward per 64 variants (word x window x grid token). The report's flow control
+switches between them.
 """
 
 from __future__ import annotations
@@ -146,21 +147,20 @@ def view_flows(flow: pd.DataFrame, example_id: str, n_layers: int) -> list[dict[
     return flows
 
 
-def _word_maps(model: Any, batch: Any, grid: ViewGrid, image: Any,
+def _word_maps(model: Any, batch: Any, grid: ViewGrid,
                flows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The causal map over the view's grid of each question word, then of the last position,
-    in each distinct window of ``flows`` (window after window, the words in the same order)."""
-    from mmlens.methods.word_maps import word_maps
+    in each distinct window of ``flows`` (window after window, the words in the same order),
+    all from one clean run (``window_word_maps``)."""
+    from mmlens.methods.word_maps import window_word_maps
 
+    windows = [list(layers) for layers in dict.fromkeys(tuple(e["layers"]) for e in flows)]
     maps = []
-    windows = list(dict.fromkeys(tuple(entry["layers"]) for entry in flows))
-    for index, layers in enumerate(windows):
-        for span in ("question", "last"):
-            for entry in word_maps(model, batch, list(layers), grid=grid.positions, span=span,
-                                   image_size=image.size):
-                maps.append({**entry, "span": span, "layers": list(layers), "window": index})
-            if span == "last":
-                maps[-1]["word"] = "last position"
+    per_window = window_word_maps(model, batch, windows, grid=grid.positions,
+                                  spans=("question", "last"))
+    for index, (layers, entries) in enumerate(zip(windows, per_window, strict=True)):
+        maps += [{**entry, "layers": layers, "window": index} for entry in entries]
+        maps[-1]["word"] = "last position"
     return maps
 
 
@@ -194,7 +194,7 @@ def example_view(model: Any, record: Any, prepare_options: Mapping[str, Any],
     maps: dict[str, Any] = {}
     if flow is not None:
         flows = view_flows(flow, str(record.example_id), model.cfg.n_layers)
-        maps = ({"word_maps": _word_maps(model, batch, grid, image, flows)} if word_maps
+        maps = ({"word_maps": _word_maps(model, batch, grid, flows)} if word_maps
                 else {"word_maps_skipped": True})
         maps.update(flows=flows, flow_value="change" if "change" in flow.columns
                     else "rel_change")

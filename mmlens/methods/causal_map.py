@@ -114,8 +114,8 @@ def causal_map(
             probs = _cross_blocked_probs(model, one, positions, targets[i] - (
                 batch.input_ids.shape[1] - one.input_ids.shape[1]), layers, token, batch_size)
         elif mode == "knockout":
-            probs = _blocked_probs(model, clean, positions, targets[i] - offset, layers, token,
-                                   batch_size)
+            probs = blocked_probs(model, clean, positions, [(targets[i] - offset, layers)],
+                                  token, batch_size)[0]
         else:
             other = clean_run(model, single_example(corrupted_batch, i))
             probs = _patched_probs(model, clean, other, positions, layers[0], token, batch_size)
@@ -184,22 +184,50 @@ def _corrupted_batch(model: HookedModel, batch: MultimodalBatch,
     return corrupted
 
 
-def _blocked_probs(model: HookedModel, clean: CleanRun, regions: list[Tensor], dst: Tensor,
-                   layers: list[int], token: int, batch_size: int) -> Float[Tensor, " regions"]:
-    """p(token) with each region's edges from ``dst`` blocked in ``layers``, batched."""
-    start = model.family.exact_suffix_start(clean.token_type_ids, int(dst.min()))
+@torch.no_grad()
+def blocked_probs(model: HookedModel, clean: CleanRun, regions: list[Tensor],
+                  groups: Sequence[tuple[Tensor, Sequence[int]]], token: int,
+                  batch_size: int = 64) -> Float[Tensor, "groups regions"]:
+    """p(token) with each region's edges from each group's ``dst`` positions blocked in the
+    group's layers (``groups``: ``(dst, layers)`` pairs), batched from one clean run: the
+    ``len(groups) * len(regions)`` variants, ordered by their first layer, resume
+    ``batch_size`` at a time from the chunk's earliest first layer and exact suffix start (a
+    row is blocked only in its own layers; earlier layers recompute the clean stream)."""
+    if batch_size < 1:
+        raise MMLensError(f"batch_size must be at least 1, got {batch_size}")
+    if not groups or not regions or not all(len(layers) for _, layers in groups):
+        raise MMLensError("blocked_probs needs regions and (dst, layers) groups, each with "
+                          "layers: none may be empty")
+    starts = [model.family.exact_suffix_start(clean.token_type_ids, int(dst.min()))
+              for dst, _ in groups]
+    firsts = [min(layers) for _, layers in groups]
+    variants = sorted(((g, r) for g in range(len(groups)) for r in range(len(regions))),
+                      key=lambda v: (firsts[v[0]], v[0], v[1]))
     n_keys = clean.n_positions
-    probs = []
-    for first in range(0, len(regions), batch_size):
-        chunk = regions[first:first + batch_size]
-        blocked = blocked_edges(chunk, [dst] * len(chunk), n_keys - start, n_keys)
+    probs = torch.empty(0)
+    for first in range(0, len(variants), batch_size):
+        chunk = variants[first:first + batch_size]
+        start = min(starts[g] for g, _ in chunk)
+        layer = min(firsts[g] for g, _ in chunk)
+        blocked = blocked_edges([regions[r] for _, r in chunk], [groups[g][0] for g, _ in chunk],
+                                n_keys - start, n_keys)
         causal = torch.arange(n_keys)[None, :] <= torch.arange(start, n_keys)[:, None]
         check_attendable((causal & ~blocked)[:, None], start, "causal_map", "region")
         blocked = blocked.to(clean.resid[0].device)[:, None]
-        hooks = [(f"blocks.{layer}.attn.hook_mask", _masker(blocked)) for layer in layers]
-        suffix = clean.resid[layers[0]][:, start:].expand(len(chunk), -1, -1)
-        probs.append(_resume(model, clean, suffix, start, layers[0], hooks, token))
-    return torch.cat(probs)
+        hooks, masks = [], {}  # one mask per set of rows blocked at a layer
+        for blocked_layer in sorted({a for g, _ in chunk for a in groups[g][1]}):
+            rows = tuple(blocked_layer in groups[g][1] for g, _ in chunk)
+            if rows not in masks:
+                masks[rows] = blocked if all(rows) else blocked & torch.tensor(
+                    rows, device=blocked.device)[:, None, None, None]
+            hooks.append((f"blocks.{blocked_layer}.attn.hook_mask", _masker(masks[rows])))
+        suffix = clean.resid[layer][:, start:].expand(len(chunk), -1, -1)
+        chunk_probs = _resume(model, clean, suffix, start, layer, hooks, token)
+        if first == 0:
+            probs = chunk_probs.new_empty(len(groups), len(regions))
+        for (g, r), p in zip(chunk, chunk_probs, strict=True):
+            probs[g, r] = p
+    return probs
 
 
 def _cross_blocked_probs(model: HookedModel, one: MultimodalBatch, regions: list[Tensor],

@@ -19,7 +19,7 @@ import torch
 
 from mmlens.core.errors import MMLensError
 from mmlens.inputs.batch import MultimodalBatch
-from mmlens.methods.causal_map import _blocked_probs
+from mmlens.methods.causal_map import blocked_probs
 from mmlens.methods.clean_run import clean_run, single_example
 from mmlens.methods.windows import check_window, window_layers
 from mmlens.model.protocol import HookedModel
@@ -51,12 +51,13 @@ def flow_curve(model: HookedModel, batch: MultimodalBatch, flow: str, *,
     clean = clean_run(model, one)
     token = clean.prediction(exclude=model.cfg.image_token_id)
     p_base = clean.prob(token)
+    windows = [window_layers(centre, window, n_layers) for centre in range(n_layers)]
+    blocked = (None if len(src) == 0 or len(dst) == 0 else  # every window in one batched run
+               blocked_probs(model, clean, [src.cpu()], [(dst.cpu(), w) for w in windows],
+                             token, batch_size)[:, 0])
     rows = []
-    for centre in range(n_layers):
-        layers = window_layers(centre, window, n_layers)
-        p_block = (float("nan") if len(src) == 0 or len(dst) == 0 else
-                   float(_blocked_probs(model, clean, [src.cpu()], dst.cpu(), layers, token,
-                                        batch_size)[0]))
+    for centre, layers in enumerate(windows):
+        p_block = float("nan") if blocked is None else float(blocked[centre])
         change = (p_block - p_base) / p_base * 100 if p_base > 0 else float("nan")
         rows.append((flow, centre, layers[0], layers[-1] + 1, p_base, p_block, change))
     return pd.DataFrame(rows, columns=COLUMNS)

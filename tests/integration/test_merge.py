@@ -1,5 +1,6 @@
 """`mmlens merge` and shards: a killed merge is redone in place, mixed code or hand-edited rows
-are refused, an empty shard is named as such."""
+are refused, an empty shard is named as such, shards with and without word maps merge and
+run.json says which."""
 
 import json
 
@@ -9,6 +10,7 @@ from mmlens.cli import main
 from mmlens.experiments import report
 from mmlens.experiments.runfolder import fingerprint
 from mmlens.experiments.tables import check_run_folder
+from mmlens.experiments.word_picker import NOT_COMPUTED
 from mmlens.zoo import BUNDLED
 
 pytestmark = pytest.mark.skipif(not (BUNDLED["shapes-llava"] / "config.json").is_file(),
@@ -39,6 +41,7 @@ def test_a_killed_merge_is_redone_in_the_same_folder(shards, tmp_path, monkeypat
     assert summary["n_examples"] == 2 and (out / "report.html").is_file()
     assert summary["mmlens_source"] == fingerprint.source_digest()  # the code, in run.json
     assert summary["versions"]["mmlens"] == fingerprint.version_of("mmlens")
+    assert summary["word_maps"] is True and "word_maps_per_shard" not in summary
 
 
 def test_a_folder_holding_a_run_is_not_merged_into(shards, capsys):
@@ -74,3 +77,25 @@ def test_an_empty_shard_is_named_as_such(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "shard 5/6 is empty: the 2 examples fill only shards 0 to 1" in err
     assert "flows" not in err
+
+
+def test_shards_with_and_without_word_maps_merge_as_mixed(shards, tmp_path):
+    """The maps change no row: the merge keeps each view as its shard made it, and run.json and
+    the report say the maps are mixed, shard by shard."""
+    bare = tmp_path / "no-maps"
+    assert main([*ARGS, "--shard", "1/2", "--no-word-maps", "--out", str(bare)]) == 0
+    out = tmp_path / "merged"
+    assert main(["merge", str(out), str(shards[0]), str(bare)]) == 0
+    summary = check_run_folder(out)
+    assert summary["word_maps"] == "mixed" and summary["word_maps_per_shard"] == [True, False]
+    assert summary["arguments"]["word_maps"] == "mixed"
+    views = json.loads((out / "views.json").read_text())
+    shard_views = [json.loads((folder / "views.json").read_text())[0]
+                   for folder in (shards[0], bare)]
+    assert sorted(views, key=lambda v: v["example_id"]) == sorted(
+        shard_views, key=lambda v: v["example_id"])
+    assert [("word_maps" in v, bool(v.get("word_maps_skipped"))) for v in shard_views] == [
+        (True, False), (False, True)]
+    page = (out / "report.html").read_text()
+    assert "computed by some shards only" in page
+    assert NOT_COMPUTED.replace("'", "&#x27;") in page

@@ -145,7 +145,7 @@ def test_word_maps_default_to_every_tile_patch_and_equal_the_causal_map(model):
     batch = _boxed(model, "red")
     token_map = batch.token_maps[0][0]
     keys = token_map.sees_pixels().nonzero().flatten()
-    maps = word_maps(model, batch, [1, 2], span="last", image_size=(37, 29))
+    maps = word_maps(model, batch, [1, 2], span="last")
     assert len(maps) == 1 and len(maps[0]["values"]) == len(keys)
     frame = causal_map(model, batch, dst="last", layers=[1, 2], images=[(37, 29)],
                        regions={"k": [keys[:1]]})

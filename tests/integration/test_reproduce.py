@@ -107,3 +107,26 @@ def test_reproduce_refuses_changing_a_paper_setting(tmp_path, capsys):
             "--related-rule", "geometry"]
     assert main(args) == 2
     assert "use `mmlens flow` with --preset" in capsys.readouterr().err
+
+
+def test_reproduce_takes_no_word_maps_and_a_tuned_lens(tmp_path):
+    """The two flags reach the study as under `mmlens flow`: the views' word maps skipped,
+    the lens's digest in run.json and its reading in emergence.csv."""
+    from mmlens import HookedMultimodalTransformer
+    from mmlens.methods.tuned_lens import TunedLens, load_tuned_lens, model_name
+
+    subsets, images, out = tmp_path / "subsets", tmp_path / "images", tmp_path / "run"
+    write_paper_subsets(subsets, images, generate_per_task(1, seed=5, tasks=["QueryAttr"]))
+    model = HookedMultimodalTransformer.from_pretrained("shapes-llava")
+    lens = TunedLens(model.cfg.n_layers, model.cfg.d_model, {"model": model_name(model)})
+    folder = lens.save(tmp_path / "lens")
+    assert main(["reproduce", "--model", "shapes-llava", "--gqa-images", str(images),
+                 "--subsets", str(subsets), "--out", str(out), "--quiet", "--no-filter",
+                 "--no-word-maps", "--tuned-lens", str(folder)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["word_maps"] is False and run["arguments"]["word_maps"] is False
+    assert run["tuned_lens"] == load_tuned_lens(folder, model).digest
+    assert run["arguments"]["tuned_lens"] == str(folder)
+    view = json.loads((out / "views.json").read_text())[0]
+    assert view["word_maps_skipped"] and "word_maps" not in view
+    assert "tuned" in set(pd.read_csv(out / "emergence.csv")["reading"])

@@ -9,6 +9,8 @@ have written: the store, the tables and the report. A merge stopped part way is 
 same command in the same folder (the store records that it was merged); a folder holding a
 run of its own is refused. Shards holding the free-form study (``answer_flow.jsonl``, alone or
 beside the one-word study) have that part joined by ``mmlens.experiments.answer_merge``.
+Shards run with and without ``--no-word-maps`` merge (the maps
+change no row): run.json's ``word_maps`` then says ``"mixed"``, with each shard's value.
 """
 
 from __future__ import annotations
@@ -64,6 +66,17 @@ def _merged_views(shards: Sequence[tuple], order: Sequence[str],
                 if held is None or rank[view["example_id"]] < rank[held["example_id"]]:
                     views[view["task"]] = view
     return [views[task] for task in sorted(views)] if found else None
+
+
+def _word_maps(summaries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """run.json's ``word_maps`` for the merge: the shards' value when they agree; ``"mixed"``
+    and ``word_maps_per_shard`` when some ran with ``--no-word-maps`` (word maps change no row,
+    so such shards hold one study; each merged view keeps its maps or says they were not
+    computed)."""
+    values = [summary.get("word_maps", True) for summary in summaries]
+    if len(set(values)) == 1:
+        return {"word_maps": values[0]}
+    return {"word_maps": "mixed", "word_maps_per_shard": values}
 
 
 def _check_target(out: Path, signature: dict[str, Any] | None) -> None:
@@ -127,6 +140,9 @@ def merge_shards(out: str | Path, shard_dirs: Sequence[str | Path], *,
                 out, [folder for folder, *_ in shards], [s[1] for s in shards],
                 lambda name, ids: _merged_views(shards, ids, name))
             digests.update(free)
+        word_maps = _word_maps([shard_summary for _, shard_summary, *_ in shards])
+        summary.update(word_maps)
+        summary["arguments"] = {**summary["arguments"], "word_maps": word_maps["word_maps"]}
         summary.pop("tables", None)
         write_run_json(out, summary, digests)
         build_report(out)
