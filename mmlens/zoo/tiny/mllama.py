@@ -12,6 +12,7 @@ from functools import cache
 from typing import Any
 
 from mmlens.core.sizes import ImageSize
+from mmlens.zoo.tiny.llava import LLAMA3_ROPE
 
 HF_CLASS = "MllamaForConditionalGeneration"
 IMAGE_SIZES = (ImageSize(45, 19), ImageSize(13, 30), ImageSize(21, 21))
@@ -24,6 +25,15 @@ VOCAB = 120
 TILE = 16
 PATCH = 4
 MAX_TILES = 2
+VARIANTS = {  # hf_config overrides the conformance suite checks parity on, beside the default
+    "mha-llama3-rope": dict(text_config=dict(num_key_value_heads=4, rope_parameters=LLAMA3_ROPE)),
+    "cross-first-and-last": dict(text_config=dict(num_hidden_layers=5,
+                                                  cross_attention_layers=[0, 4])),
+    "four-tiles-one-intermediate": dict(vision_config=dict(
+        max_num_tiles=4, intermediate_layers_indices=[1], vision_output_dim=64,
+        supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1],
+                                 [4, 1]])),  # the processor's order for 4 tiles
+}
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}"
     "<|end_header_id|>\n\n{% if message['content'] is string %}{{ message['content'] }}"
@@ -81,8 +91,9 @@ def processor(hf_config: Any = None) -> Any:
     """The tokenizer and Mllama's PIL image processor at the tiny tile size."""
     from transformers import MllamaImageProcessorPil, MllamaProcessor
 
+    max_tiles = MAX_TILES if hf_config is None else hf_config.vision_config.max_num_tiles
     image_processor = MllamaImageProcessorPil(
-        size={"height": TILE, "width": TILE}, max_image_tiles=MAX_TILES,
+        size={"height": TILE, "width": TILE}, max_image_tiles=max_tiles,
         image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return MllamaProcessor(image_processor, tokenizer(), chat_template=CHAT_TEMPLATE)
 
