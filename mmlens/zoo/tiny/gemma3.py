@@ -13,6 +13,16 @@ from mmlens.zoo.tiny.tokenizer import word_tokenizer
 HF_CLASS = "Gemma3ForConditionalGeneration"
 IMAGE_SIZES = (ImageSize(37, 29), ImageSize(20, 45), ImageSize(64, 64))
 
+VARIANTS = {  # hf_config overrides the conformance suite checks parity on, beside the default
+    "mha-soft-capped": dict(text_config=dict(num_key_value_heads=4, attn_logit_softcapping=20.0,
+                                             final_logit_softcapping=15.0)),
+    "wide-window-four-tokens": dict(text_config=dict(sliding_window=16, head_dim=16,
+                                                     query_pre_attn_scalar=16),
+                                    mm_tokens_per_image=4),
+    "default-rope-every-layer": dict(text_config=dict(rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
+        "full_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
+}
 SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_image>", "<end_of_image>",
             "<image_soft_token>", "<start_of_turn>", "<end_of_turn>")
 VOCAB = 96
