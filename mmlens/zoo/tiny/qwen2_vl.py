@@ -9,7 +9,11 @@ from mmlens.zoo.tiny._qwen import IMAGE_SIZES, MERGE, PATCH, TEMPORAL, processor
 from mmlens.zoo.tiny._qwen import token_ids as _token_ids
 
 HF_CLASS = "Qwen2VLForConditionalGeneration"
-__all__ = ["HF_CLASS", "IMAGE_SIZES", "hf_config", "processor"]
+__all__ = ["HF_CLASS", "IMAGE_SIZES", "VARIANTS", "hf_config", "processor"]
+VARIANTS = {  # hf_config overrides the conformance suite checks parity on, beside the default
+    "mha-deeper-text": dict(n_kv_heads=4, text_layers=4, vision_layers=2),
+    "mqa": dict(n_kv_heads=1),
+}
 
 
 def hf_config(*, vision_layers: int = 3, text_layers: int = 3,

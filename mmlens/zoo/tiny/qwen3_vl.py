@@ -30,6 +30,11 @@ CHAT_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 """Qwen3-VL's chat template for images and text (no default system prompt)."""
+VARIANTS = {  # hf_config overrides the conformance suite checks parity on, beside the default
+    "mha-one-deepstack": dict(text_config=dict(num_key_value_heads=4),
+                              vision_config=dict(deepstack_visual_indexes=[1])),
+    "deeper-text": dict(text_config=dict(num_hidden_layers=5)),
+}
 
 
 def hf_config(**overrides: Any) -> Any:
