@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "flow":
             from mmlens.experiments.memory import parse_memory
-            from mmlens.experiments.study import default_out_dir, run_study
+            from mmlens.experiments.run_options import default_out_dir
+            from mmlens.experiments.study import run_study
 
             tasks = _tasks(args.tasks)
             answers = is_answers_file(args.data)
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report written to {build_report(args.dir)}")
         elif args.command == "tuned-lens":
             from mmlens.experiments.lens_training import make_tuned_lens
-            from mmlens.experiments.study import check_device
+            from mmlens.experiments.run_options import check_device
 
             check_device(args.device)
             folder, kl = make_tuned_lens(args.model, args.out, steps=args.steps,
@@ -319,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"layers -1..L-2, {_mean(kl['tuned'][inner]):.4f} (logit lens "
                   f"{_mean(kl['logit'][inner]):.4f})")
         else:
-            from mmlens.experiments.study import check_device, hook_shapes
+            from mmlens.experiments.run_options import check_device
+            from mmlens.experiments.study import hook_shapes
             from mmlens.model.hooked import HookedMultimodalTransformer
 
             check_device(args.device)

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mmlens.experiments.presets import PAPER_FLOWS
-from mmlens.experiments.study import is_paper_subsets_folder, run_study
+from mmlens.experiments.study import run_study
+from mmlens.experiments.study_data import is_paper_subsets_folder
 
 
 def reproduce(

@@ -10,167 +10,37 @@ flow x centre layer), ``summary.csv``, ``dropped.csv``, ``emergence.csv``, ``exa
 ``report.html``. Running it again with the same arguments and folder resumes the sweep. Every
 example gets one clean run, shared by the correctness filter, the knockouts and answer
 emergence. The folder is locked while the study runs, and every file is replaced atomically.
+
+This module routes: it checks the options (``run_options``), loads the examples
+(``study_data``) and the model once, takes the folder's lock and the ranks, and hands the
+one-word tasks to ``one_word.run_one_word`` and the free-form ones to
+``answer_run.run_free_form``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import sys
-import time
-import warnings
-from collections.abc import Iterator, Sequence
-from numbers import Integral
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from mmlens.core.errors import MMLensError
 from mmlens.data.shapes_questions import FREE_FORM_TASKS
 from mmlens.experiments.answer_run import free_form_flows, is_answers_file
-from mmlens.experiments.controls import control_seed_of
 from mmlens.experiments.knockouts import DEFAULT_FLOWS, parse_flows
-from mmlens.experiments.presets import resolve_settings
-from mmlens.experiments.provenance import run_provenance
-from mmlens.experiments.runfolder.atomic import write_atomic
+from mmlens.experiments.one_word import run_one_word
+from mmlens.experiments.run_options import (
+    check_count,
+    check_device,
+    default_out_dir,
+    torch_threads,
+)
 from mmlens.experiments.runfolder.distributed import close_ranks, init_ranks, rank_device
 from mmlens.experiments.runfolder.lock import FolderBusyError, RunLock
-from mmlens.experiments.sweep import AllDroppedWarning, dropped_examples, information_flow
-from mmlens.experiments.tables import (
-    STORE_NAME,
-    all_dropped_message,
-    write_flow_tables,
-    write_run_json,
-)
-from mmlens.experiments.views import example_views
+from mmlens.experiments.study_data import load_examples
 from mmlens.model.protocol import HookedModel
 
 DEFAULT_MODEL = "shapes-llava"
 DEFAULT_PER_TASK = 60
-SMALL_WIDTH = 1024
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run the block on ``threads`` CPU threads (None: unchanged), then restore the count."""
-    check_count(threads, "threads", "--threads")
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def check_count(value: Any, name: str, flag: str, *, least: int = 1) -> None:
-    """Refuse ``value`` unless it is None or a whole number >= ``least``, naming the flag."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)
-                              or value < least):
-        raise MMLensError(f"{name}={value!r} ({flag}): give a whole number of at least {least}")
-
-
-DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
-"""The device types mmlens runs on (each where torch finds its backend)."""
-
-
-def check_device(device: str | None) -> None:
-    """Refuse a device torch cannot run here (unknown, or no such GPU), before any loading."""
-    if device is None:
-        return
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        parsed = None
-    if parsed is None or parsed.type not in DEVICE_TYPES:
-        raise MMLensError(f"--device {device!r} is not a device mmlens runs on: pass cpu, "
-                          "cuda, cuda:N, mps or xpu")
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for, but torch sees no CUDA GPU here: pass "
-                         "--device cpu, or run where a GPU and a CUDA build of torch are")
-    backend = {"mps": torch.backends.mps, "xpu": getattr(torch, "xpu", None)}.get(parsed.type)
-    if parsed.type in ("mps", "xpu") and not (backend and backend.is_available()):
-        raise MMLensError(f"--device {device} asked for, but torch has no {parsed.type} "
-                          "backend here: pass --device cpu")
-    if parsed.type == "cuda" and parsed.index is not None and (
-            parsed.index >= torch.cuda.device_count()):
-        raise MMLensError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA "
-                          f"GPU(s), numbered from 0: pass cuda:0 to "
-                          f"cuda:{torch.cuda.device_count() - 1}")
-
-
-def default_out_dir() -> Path:
-    return Path("runs") / time.strftime("flow-%Y%m%d-%H%M%S")
-
-
-def is_paper_subsets_folder(path: str | Path) -> bool:
-    """A folder holding the paper's released question subsets (one CSV per task)."""
-    return Path(path).is_dir() and any(Path(path).glob("GQA_*_*.csv"))
-
-
-def load_examples(data: str, *, tasks: Sequence[str] | None, per_task: int | None,
-                  seed: int, images: str | Path | None = None) -> list[Any]:
-    """Fresh synthetic shapes (``"shapes"``) or a GQA folder, ``per_task`` questions per task;
-    or every line of a JSONL file of free-form answers (``load_answers_jsonl``)."""
-    from mmlens.data.answers_jsonl import load_answers_jsonl
-    from mmlens.data.gqa import check_tasks, is_gqa_folder, load_gqa
-
-    if is_answers_file(data):
-        if tasks:
-            raise MMLensError(f"--data {data} runs the free-form study on every line of the "
-                              "file: drop --tasks (a line's task is its \"task\" field)")
-        return load_answers_jsonl(data)
-    free = [t for t in tasks or () if t in FREE_FORM_TASKS]
-    if free and data != "shapes":
-        raise MMLensError(f"the free-form task(s) {free} come with the bundled data: pass "
-                          "--data shapes")
-    tasks = list(check_tasks([t for t in tasks if t not in free] if free else tasks)) + free
-    if per_task is None and is_paper_subsets_folder(data):
-        return _paper_examples(data, images, tasks, None, seed)
-    if not isinstance(per_task, int) or per_task < 1:
-        raise ValueError(f"per_task must be a positive integer, got {per_task!r}")
-    if data == "shapes":
-        from mmlens.data.shapes import generate_per_task
-
-        return generate_per_task(per_task, seed=seed, tasks=tasks)
-    if not Path(data).exists():
-        raise FileNotFoundError(f"data {data!r} is neither 'shapes' nor an existing folder: "
-                                "pass --data shapes or the path of a GQA folder")
-    if is_paper_subsets_folder(data):
-        return _paper_examples(data, images, tasks, per_task, seed)
-    if not is_gqa_folder(data):
-        raise ValueError(f"{data} is not a GQA folder: it needs a questions JSON file "
-                         "(e.g. val_balanced_questions.json), a scene graphs JSON file and "
-                         "images/ in it or one folder down")
-    examples = load_gqa(data, tasks=tasks, n_per_task=per_task, seed=seed)
-    if not examples:
-        raise ValueError(f"{data} holds no question of the tasks {tasks}")
-    missing = [e for e in examples if e.image is None and not Path(e.image_path).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} images are missing, e.g. {missing[0].image_path}"
-                                ": put the GQA images in the folder's images/")
-    return examples
-
-
-def _paper_examples(folder: str | Path, images: str | Path | None, tasks: Sequence[str],
-                    per_task: int | None, seed: int) -> list[Any]:
-    """The paper's question subsets joined with GQA images by ``img_id``; images checked first."""
-    from mmlens.data.paper_subsets import load_paper_subsets
-
-    if images is None or not Path(images).is_dir():
-        raise FileNotFoundError(f"GQA images folder {images!r} not found: pass --gqa-images, the "
-                                "folder holding {img_id}.jpg for the subsets' questions")
-    examples = load_paper_subsets(folder, images, tasks=tasks, n_per_task=per_task, seed=seed)
-    if not examples:
-        raise MMLensError(f"the task filter {list(tasks)} left none of the questions in {folder}"
-                          ": its CSV files hold other tasks (file names end in _<task>.csv)")
-    missing = [e for e in examples if not Path(e.image_path).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(examples)} images are missing from "
-                                f"{images}, e.g. {missing[0].image_path}")
-    return examples
 
 
 def run_study(
@@ -276,15 +146,15 @@ def run_study(
         hooked = _load(model, dtype=dtype, device=rank_device(device, ranks),
                        device_map=device_map)
         if examples:
-            _study(out, examples, hooked=hooked, model=model, data=data, tasks=tasks,
-                      per_task=per_task, flow_names=flow_names, window=window,
-                      device=rank_device(device, ranks),
-                      dtype=dtype, seed=seed, only_correct=only_correct, batch_size=batch_size,
-                      progress=progress, threads=threads, shard=shard, ranks=ranks,
-                      max_memory=max_memory, rescale_boxes=rescale_boxes,
-                      preset=preset, metric=metric, controls=controls,
-                      control_seed=control_seed, filter_max_new_tokens=filter_max_new_tokens,
-                      word_maps=word_maps, tuned_lens=tuned_lens, settings=settings)
+            run_one_word(out, examples, hooked=hooked, model=model, data=data, tasks=tasks,
+                         per_task=per_task, flow_names=flow_names, window=window,
+                         device=rank_device(device, ranks), dtype=dtype, seed=seed,
+                         only_correct=only_correct, batch_size=batch_size, progress=progress,
+                         threads=threads, shard=shard, ranks=ranks, max_memory=max_memory,
+                         rescale_boxes=rescale_boxes, preset=preset, metric=metric,
+                         controls=controls, control_seed=control_seed,
+                         filter_max_new_tokens=filter_max_new_tokens, word_maps=word_maps,
+                         tuned_lens=tuned_lens, settings=settings)
         if free:
             _free_form(out, free, hooked=hooked, model=model, data=data,
                        answer_flows=answer_flows, reference=reference,
@@ -321,81 +191,6 @@ def _free_form(out: Path, free: list[Any], *, answer_flows: list[str],
         run_free_form(out, free, flows=answer_flows,
                       forced="reference" if reference else "generated", **options)
     build_report(out)
-
-
-def _study(out: Path, examples: list[Any], *, hooked: HookedModel, model: str, data: str,
-           tasks, per_task, flow_names: list[str], window: int | None, device: str | None,
-           dtype: str | None, seed: int, only_correct: bool, batch_size: int | str, progress: bool,
-           threads: int | None, shard: tuple[int, int] | None, ranks,
-           max_memory: int | None, rescale_boxes: bool,
-           preset: str | None, metric: str, controls: bool, control_seed: int | None,
-           filter_max_new_tokens: int | None, word_maps: bool, tuned_lens: str | Path | None,
-           settings: dict[str, Any]) -> Path:
-    from mmlens.experiments.report import build_report
-    from mmlens.methods.tuned_lens import load_tuned_lens
-
-    lens = None if tuned_lens is None else load_tuned_lens(tuned_lens, hooked)
-    if lens is not None and hooked.tokenizer is None:
-        raise MMLensError(f"--tuned-lens adds a reading to answer emergence, which tracks answer "
-                          f"words: {model} has no tokenizer; drop --tuned-lens")
-    on_cpu = hooked.embed.W_E.device.type == "cpu"
-    if threads is None and on_cpu and hooked.cfg.d_model <= SMALL_WIDTH:
-        threads = 1
-    resolved = resolve_settings(hooked, preset, window=window,
-                                control_seed=control_seed_of(controls, control_seed, seed),
-                                filter_max_new_tokens=filter_max_new_tokens, **settings)
-    if ranks.is_main:
-        print(f"mmlens: {resolved.describe()}", file=sys.stderr)
-    arguments = {"model": model, "data": data, "tasks": tasks, "per_task": per_task,
-                 "flows": flow_names, "window": window, "device": device, "dtype": dtype,
-                 "seed": seed, "only_correct": only_correct, "threads": threads,
-                 "rescale_boxes": rescale_boxes, "shard": list(shard) if shard else None,
-                 "preset": preset, "metric": metric, "controls": controls,
-                 "control_seed": control_seed, "filter_max_new_tokens": filter_max_new_tokens,
-                 "word_maps": word_maps,
-                 "tuned_lens": None if tuned_lens is None else str(tuned_lens), **settings}
-    # The store's signature covers every example, so the shards of one study can be merged.
-    mine = examples[shard[0]::shard[1]] if shard is not None else examples
-    with torch_threads(threads), warnings.catch_warnings():
-        warnings.simplefilter("ignore", AllDroppedWarning)  # refused below, with the folder
-        started = time.time()
-        frame = information_flow(
-            hooked, examples, flows=flow_names, preset=resolved, only_correct=only_correct,
-            store=out / STORE_NAME, batch_size=batch_size, max_memory=max_memory,
-            progress=progress, ranks=ranks, shard=shard, metric=metric, controls=controls,
-            seed=seed, control_seed=control_seed, max_new_tokens=filter_max_new_tokens,
-            lens=hooked.tokenizer is not None, tuned_lens=lens,
-        )
-        sweep_seconds = round(time.time() - started, 2)
-        if not ranks.is_main:
-            return out
-        digests = write_flow_tables(out, frame, seed=seed)
-        dropped = dropped_examples(frame)
-        summary = {
-            "arguments": arguments, **frame.attrs["settings"], "metric": metric,
-            "controls": controls, **run_provenance(hooked), "window": frame.attrs["window"],
-            "word_maps": word_maps,
-            **({} if lens is None else {"tuned_lens": lens.digest}),
-            "n_layers": hooked.cfg.n_layers, "n_examples": len(mine),
-            "n_kept": int(frame.example_id.nunique()),
-            "n_dropped": int((dropped["flow"] == "all").sum()),
-            "world_size": ranks.world, "examples_per_rank": frame.attrs["examples_per_rank"],
-            "sweep_seconds": sweep_seconds,
-            "example_ids": [str(e.example_id) for e in examples],
-        }
-        if frame.empty:
-            write_run_json(out, summary, digests)
-            raise MMLensError(all_dropped_message(dropped, len(mine), out))
-        if hooked.processor is not None:
-            views = example_views(hooked, mine, frame.attrs["records"],
-                                  resolved.prepare_options(), flow=frame,
-                                  word_maps=word_maps)
-            data = json.dumps(views).encode("utf-8")
-            write_atomic(out / "views.json", data)
-            digests["views.json"] = hashlib.sha256(data).hexdigest()[:16]
-        write_run_json(out, {**summary, "seconds": round(time.time() - started, 1)}, digests)
-    build_report(out)
-    return out
 
 
 def hook_shapes(model: HookedModel) -> list[tuple[str, tuple[int, ...]]]:

@@ -15,28 +15,43 @@ import torch
 
 
 @dataclass
-class VisionConfig:
-    """The CLIP or SigLIP vision tower. ``n_layers`` counts only the blocks the selected features
-    need. SigLIP has no class token and a bias on its patch embedding."""
+class VisionTowerConfig:
+    """What every vision tower has: width, heads, MLP width and the blocks kept. Each family's
+    config adds its own fields after these four (so their order, and with it ``repr`` and
+    equality, is the family config's own)."""
 
     d_model: int
     n_heads: int
     d_mlp: int
     n_layers: int
-    image_size: int
-    patch_size: int
-    n_channels: int = 3
-    eps: float = 1e-5
-    act_fn: str = "quick_gelu"
-    has_class_token: bool = True
 
     @property
     def d_head(self) -> int:
         return self.d_model // self.n_heads
 
+
+@dataclass
+class SquarePatchConfig(VisionTowerConfig):
+    """A tower cutting square ``image_size`` images (or tiles) into ``patch_size`` patches."""
+
+    image_size: int
+    patch_size: int
+
     @property
     def grid_size(self) -> int:
+        """Patches per side of an image (or tile)."""
         return self.image_size // self.patch_size
+
+
+@dataclass
+class VisionConfig(SquarePatchConfig):
+    """The CLIP or SigLIP vision tower. ``n_layers`` counts only the blocks the selected features
+    need. SigLIP has no class token and a bias on its patch embedding."""
+
+    n_channels: int = 3
+    eps: float = 1e-5
+    act_fn: str = "quick_gelu"
+    has_class_token: bool = True
 
     @property
     def n_patches(self) -> int:
@@ -44,7 +59,7 @@ class VisionConfig:
 
 
 @dataclass
-class QwenVisionConfig:
+class QwenVisionConfig(VisionTowerConfig):
     """The Qwen vision transformer. ``full_attention_layers`` None: every layer is full.
 
     ``window_size`` is in pixels of the resized image (Qwen2.5-VL: 112, i.e. 4x4 merged tokens).
@@ -53,10 +68,6 @@ class QwenVisionConfig:
     the vision blocks whose outputs are merged and added into the first decoder layers.
     """
 
-    d_model: int
-    n_heads: int
-    d_mlp: int
-    n_layers: int
     d_out: int
     patch_size: int
     temporal_patch_size: int
@@ -74,10 +85,6 @@ class QwenVisionConfig:
     deepstack_layers: tuple[int, ...] = ()
 
     @property
-    def d_head(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
     def patch_dim(self) -> int:
         return self.n_channels * self.temporal_patch_size * self.patch_size**2
 
@@ -91,17 +98,11 @@ class QwenVisionConfig:
 
 
 @dataclass
-class InternVisionConfig:
+class InternVisionConfig(SquarePatchConfig):
     """InternViT: ``n_layers`` counts the blocks the selected feature needs; ``final_norm``:
     the tower's last LayerNorm applies to the features (HF: ``use_mean_pooling=False`` with
     the last layer selected)."""
 
-    d_model: int
-    n_heads: int
-    d_mlp: int
-    n_layers: int
-    image_size: int
-    patch_size: int
     n_channels: int = 3
     eps: float = 1e-6
     act_fn: str = "gelu"
@@ -111,13 +112,9 @@ class InternVisionConfig:
     shuffle_scale: float = 0.5
 
     @property
-    def d_head(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
     def grid(self) -> int:
         """Patches along a tile's side."""
-        return self.image_size // self.patch_size
+        return self.grid_size
 
     @property
     def tokens_per_tile(self) -> int:
@@ -125,29 +122,14 @@ class InternVisionConfig:
 
 
 @dataclass
-class ShuffleVisionConfig:
+class ShuffleVisionConfig(SquarePatchConfig):
     """The Idefics3 vision tower: square ``image_size`` tiles of ``patch_size`` patches, every
     block kept, and the connector's ``scale_factor`` (patches folded per side into a token)."""
 
-    d_model: int
-    n_heads: int
-    d_mlp: int
-    n_layers: int
-    image_size: int
-    patch_size: int
     scale_factor: int
     n_channels: int = 3
     eps: float = 1e-6
     act_fn: str = "gelu_pytorch_tanh"
-
-    @property
-    def d_head(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def grid_size(self) -> int:
-        """Patches per side of a tile."""
-        return self.image_size // self.patch_size
 
     @property
     def tokens_per_side(self) -> int:
@@ -160,14 +142,10 @@ class ShuffleVisionConfig:
 
 
 @dataclass
-class MllamaVisionConfig:
+class MllamaVisionConfig(VisionTowerConfig):
     """The Mllama vision encoder: ``n_layers`` local and ``n_global_layers`` gated global
     blocks; ``intermediate_layers`` (local block outputs) are concatenated to the output."""
 
-    d_model: int
-    n_heads: int
-    d_mlp: int
-    n_layers: int
     n_global_layers: int
     image_size: int
     patch_size: int
@@ -177,10 +155,6 @@ class MllamaVisionConfig:
     n_channels: int = 3
     eps: float = 1e-5
     act_fn: str = "gelu"
-
-    @property
-    def d_head(self) -> int:
-        return self.d_model // self.n_heads
 
     @property
     def n_tokens(self) -> int:
@@ -200,8 +174,6 @@ class MllamaVisionConfig:
         counts = torch.tensor([0] + [w * h for w, h in self.supported_aspect_ratios],
                               device=aspect_ratio_ids.device)
         return counts[aspect_ratio_ids.long()]
-
-
 
 
 @dataclass
@@ -263,8 +235,7 @@ class MultimodalConfig:
     """
 
     model_type: str
-    vision: (VisionConfig | QwenVisionConfig | InternVisionConfig | ShuffleVisionConfig
-             | MllamaVisionConfig)
+    vision: VisionTowerConfig  # the family's: VisionConfig, QwenVisionConfig, ...
     text: LanguageConfig
     image_token_id: int
     feature_layers: list[int]
@@ -286,7 +257,6 @@ class MultimodalConfig:
         if text is not None and hasattr(text, name):
             return getattr(text, name)
         raise AttributeError(f"MultimodalConfig has no field {name!r}")
-
 
 
 def _rope_parameters(text_config: Any) -> tuple[torch.Tensor, float]:

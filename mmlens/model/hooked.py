@@ -16,28 +16,33 @@ stream, so TransformerLens's ``decompose_resid`` / ``accumulated_resid`` add up 
 from __future__ import annotations
 
 import contextlib
-import difflib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from jaxtyping import Float, Int, Shaped
 from torch import Tensor
-from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from mmlens.core.errors import MMLensError
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.model.components import Unembed
 from mmlens.model.config import MultimodalConfig
+from mmlens.model.door import (
+    check_input_ids,
+    check_resume,
+    forward_inputs,
+    full_attention_mask,
+    generate_inputs,
+)
 from mmlens.model.families import family_for
+from mmlens.model.hook_names import CheckedHooks
 from mmlens.model.kv_cache import KeyValueCache
 from mmlens.model.language import LanguageStack
-from mmlens.model.processor_inputs import CHECKED_NAMES, read_processor_outputs, refuse_unread
 from mmlens.model.tl_api import TransformerLensAPI, check_pretrained_kwargs, language_model_loss
 
 
-class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
+class HookedMultimodalTransformer(TransformerLensAPI, CheckedHooks, HookedRootModule):
     """A multimodal model (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, ...) whose every
     activation is a named, editable hook point.
 
@@ -100,14 +105,6 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
 
         return convert_hf_model(cls, hf_model, processor)
 
-    @property
-    def tokenizer(self) -> Any:
-        return getattr(self.processor, "tokenizer", None)
-
-    @property
-    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        return self.unembed.W_U
-
     # ----------------------------------------------------------------- running
     def forward(
         self,
@@ -154,66 +151,23 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         ``mm_token_type_ids`` / ``batch_num_images`` are checked, not needed). Any other
         keyword raises, listing the accepted names.
         """
-        if token_type_ids is not None:
-            refuse_unread("token_type_ids", self.family.name, self.family.image_sizes_key,
-                          self.family.processor_keys)
-        if processor_outputs:
-            input, image_sizes = self._read_processor_outputs(
-                input, processor_outputs, pixel_values=pixel_values,
-                attention_mask=attention_mask, image_sizes=image_sizes)
-        if input is None:
-            raise MMLensError("no input: pass input_ids (or a prepared batch, or text), e.g. "
-                              "model(**processor(images=..., text=...))")
-        if isinstance(input, str) or (isinstance(input, list | tuple) and input
-                                      and all(isinstance(t, str) for t in input)):
-            input = self.to_tokens(list(input) if not isinstance(input, str) else input)
-            input = input.to(self.embed.W_E.device)
-        if isinstance(input, MultimodalBatch):
-            attention_mask = input.attention_mask if attention_mask is None else attention_mask
-            pixel_values = input.pixel_values if pixel_values is None else pixel_values
-            image_sizes = input.image_sizes if image_sizes is None else image_sizes
-            input = input.input_ids
+        input, pixel_values, attention_mask, image_sizes = forward_inputs(
+            self, input, pixel_values=pixel_values, attention_mask=attention_mask,
+            image_sizes=image_sizes, token_type_ids=token_type_ids,
+            processor_outputs=processor_outputs)
         input_ids = None
         if start_at_layer is None:
-            if input.ndim != 2 or input.dtype not in (torch.long, torch.int):
-                raise ValueError("input_ids must be an integer tensor [batch, pos]; to resume "
-                                 "from a residual stream pass start_at_layer")
+            check_input_ids(input, injections)
             if self._bound_images is not None and pixel_values is None:
                 pixel_values = self._bound_images["pixel_values"]
                 image_sizes = self._bound_images.get("image_sizes")
             input_ids = input
-            if injections is not None:
-                raise ValueError("injections= resumes a run (with start_at_layer); a run from "
-                                 "input_ids computes its own from the images")
             resid, injections, cross = self._embed(input, pixel_values, image_sizes)
         else:
             resid, cross = input, None
-            stop = self.cfg.text.n_layers if stop_at_layer is None else stop_at_layer
-            held = past_kv_cache is not None and past_kv_cache.cross is not None
-            if not held and any(start_at_layer <= layer < stop
-                                for layer in self.cfg.text.cross_attention_layers):
-                raise MMLensError(
-                    f"resuming at layer {start_at_layer} would skip the image in the "
-                    f"cross-attention layers {list(self.cfg.text.cross_attention_layers)}: "
-                    "resume after the last of them, on a key/value cache of a run with the "
-                    "image (it holds the image keys), or run from input_ids")
-            if injections is None and start_at_layer < self.cfg.text.deepstack_layers:
-                raise MMLensError(
-                    f"resuming at layer {start_at_layer} skips the image features DeepStack "
-                    f"adds after blocks 0-{self.cfg.text.deepstack_layers - 1}: pass "
-                    "injections={layer: the run's blocks.{layer}.hook_deepstack activation} "
-                    "for the layers from start_at_layer on (sliced to the resumed positions), "
-                    "or injections={} for a prompt without images")
-        batch, q_len = resid.shape[:2]
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, q_len, dtype=torch.long, device=resid.device)
-        elif attention_mask.shape[0] != batch:
-            raise ValueError(f"attention_mask has batch size {attention_mask.shape[0]} but the "
-                             f"input has {batch}: give one mask row per example")
-        elif attention_mask.dtype != torch.long:
-            attention_mask = attention_mask.long()
-        if past_kv_cache is not None:
-            attention_mask = past_kv_cache.extend_mask(attention_mask)
+            check_resume(self.cfg, start_at_layer, stop_at_layer, past_kv_cache, injections)
+        q_len = resid.shape[1]
+        attention_mask = full_attention_mask(attention_mask, resid, past_kv_cache)
         if position_ids is None:
             position_ids = self.family.position_ids(
                 self.cfg, input_ids=input_ids, attention_mask=attention_mask, q_len=q_len,
@@ -246,25 +200,6 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         loss = language_model_loss(logits, tokens, attention_mask, self.cfg.image_token_id,
                                    per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
-
-    def _read_processor_outputs(self, input: Any, outputs: dict[str, Any], *,
-                                pixel_values: Tensor | None, attention_mask: Tensor | None,
-                                image_sizes: Tensor | None) -> tuple[Any, Tensor | None]:
-        """``input`` and ``image_sizes`` from HF-named keywords (``input_ids``, the family's
-        geometry key), the rest checked (``mmlens.model.processor_inputs``)."""
-        given = {"pixel_values": pixel_values, "attention_mask": attention_mask,
-                 "image_sizes": image_sizes, **outputs}
-        given = {k: v for k, v in given.items() if v is not None}
-        read = read_processor_outputs(
-            given, sizes_key=self.family.image_sizes_key, image_token_id=self.cfg.image_token_id,
-            family=self.family.name,
-            family_keys=self.family.processor_keys + self.family.derived_names)
-        self.family.check_derived(self, {**given, **read})
-        if "input_ids" in read:
-            if input is not None:
-                raise MMLensError("got input and input_ids: pass the tokens once")
-            input = read["input_ids"]
-        return input, read.get("image_sizes")
 
     def encode_images(
         self, pixel_values: Tensor, image_sizes: Tensor | None = None
@@ -334,42 +269,6 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         finally:
             self._bound_images = previous
 
-    def run_with_cache(self, *model_args: Any, **kwargs: Any) -> tuple[Any, ActivationCache]:
-        """Run and cache every (or the selected) activation; returns ``(out, ActivationCache)``."""
-        names = kwargs.get("names_filter")
-        if isinstance(names, str | list | tuple):  # names, not a predicate: check them first
-            self.check_hook_names([names] if isinstance(names, str) else list(names))
-        out, cache = super().run_with_cache(*model_args, **kwargs)
-        if isinstance(cache, ActivationCache):
-            return out, cache
-        return out, ActivationCache(cache, self, has_batch_dim=not kwargs.get("remove_batch_dim"))
-
-    def check_hook_names(self, names: list[str]) -> None:
-        """Raise a helpful error for any name that is not a hook point of this model."""
-        for name in names:
-            if name not in self.hook_dict:
-                close = difflib.get_close_matches(name, list(self.hook_dict), n=3, cutoff=0.5)
-                hint = f" Did you mean {', '.join(close)}?" if close else ""
-                raise KeyError(f"unknown hook name {name!r}.{hint} model.hook_dict lists them all")
-
-    def add_hook(self, name: Any, hook: Any, dir: str = "fwd", is_permanent: bool = False,
-                 **kwargs: Any) -> None:
-        if isinstance(name, str):
-            self.check_hook_names([name])
-        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, **kwargs)
-
-    def run_with_hooks(self, *model_args: Any, fwd_hooks: list = (), bwd_hooks: list = (),
-                       **kwargs: Any) -> Any:
-        """Run with temporary ``(name or filter, fn)`` hooks; unknown names raise first."""
-        self.check_hook_names([n for n, _ in [*fwd_hooks, *bwd_hooks] if isinstance(n, str)])
-        return super().run_with_hooks(*model_args, fwd_hooks=list(fwd_hooks),
-                                      bwd_hooks=list(bwd_hooks), **kwargs)
-
-    def hooks(self, fwd_hooks: list = (), bwd_hooks: list = (), *args: Any, **kwargs: Any) -> Any:
-        """Context manager adding hooks for its block; unknown names raise first."""
-        self.check_hook_names([n for n, _ in [*fwd_hooks, *bwd_hooks] if isinstance(n, str)])
-        return super().hooks(list(fwd_hooks), list(bwd_hooks), *args, **kwargs)
-
     def saes(self, saes: Any, use_error_term: bool = True) -> Any:
         """Context manager splicing sparse autoencoders into their hooks
         (``mmlens.methods.saes``; each SAE names its hook). With ``use_error_term`` the
@@ -401,37 +300,5 @@ class HookedMultimodalTransformer(TransformerLensAPI, HookedRootModule):
         as in ``forward``: ``model.generate(**processor(...), max_new_tokens=5)``."""
         from mmlens.model.generation import generate
 
-        hf_names = {"input_ids", self.family.image_sizes_key, *CHECKED_NAMES,
-                    *self.family.derived_names} - {"image_sizes"}
-        outputs = {k: kwargs.pop(k) for k in list(kwargs) if k in hf_names}
-        if outputs:
-            input, kwargs["image_sizes"] = self._read_processor_outputs(
-                input, outputs, pixel_values=pixel_values,
-                attention_mask=kwargs.get("attention_mask"),
-                image_sizes=kwargs.get("image_sizes"))
+        input = generate_inputs(self, input, pixel_values, kwargs)
         return generate(self, input, pixel_values, **kwargs)
-
-    def to_tokens(self, text: str | list[str], prepend_bos: bool = True) -> Tensor:
-        """Token ids ``[batch, pos]`` of text, with the tokenizer's BOS unless ``prepend_bos``
-        is False."""
-        tok = self._require_tokenizer()
-        return tok(text, return_tensors="pt", padding=True,
-                   add_special_tokens=prepend_bos)["input_ids"]
-
-    def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
-        tok = self._require_tokenizer()
-        if isinstance(tokens, Tensor) and tokens.ndim == 2:
-            return tok.batch_decode(tokens)
-        return tok.decode(tokens)
-
-    def to_single_token(self, text: str) -> int:
-        ids = self._require_tokenizer()(text, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise ValueError(f"{text!r} is {len(ids)} tokens, not one: {ids}")
-        return ids[0]
-
-    def _require_tokenizer(self) -> Any:
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: load it with from_pretrained or pass "
-                             "processor= to from_hf_model")
-        return self.tokenizer

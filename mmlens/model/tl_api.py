@@ -1,5 +1,5 @@
 """TransformerLens's daily vocabulary on the hooked model: weight stacks, factored circuits,
-token strings, per-head results, accumulated biases, the language-model loss.
+tokens and token strings, per-head results, accumulated biases, the language-model loss.
 
 Names, shapes and meanings follow ``transformer_lens.HookedTransformer`` (language model
 only; the vision tower keeps its weights on ``model.vision.blocks[l]``):
@@ -9,7 +9,7 @@ only; the vision tower keeps its weights on ``model.vision.blocks[l]``):
     model.W_O                          [n_layers, n_heads, d_head, d_model]
     model.W_in, model.W_gate           [n_layers, d_model, d_mlp]
     model.W_out                        [n_layers, d_mlp, d_model]
-    model.W_E                          [d_vocab, d_model]
+    model.W_E, model.W_U               [d_vocab, d_model], [d_model, d_vocab]
     model.QK, model.OV                 FactoredMatrix [n_layers, n_heads, d_model, d_model]
 """
 
@@ -151,6 +151,10 @@ class TransformerLensAPI:
         return self.embed.W_E
 
     @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.unembed.W_U
+
+    @property
     def QK(self) -> FactoredMatrix:
         """``W_Q W_K^T`` per layer and head: ``[n_layers, n_heads, d_model, d_model]``."""
         return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
@@ -246,3 +250,32 @@ class TransformerLensAPI:
         if len(found) == 0:
             raise ValueError(f"token {token} ({single_token!r}) does not occur in the input")
         return int(found[0] if mode == "first" else found[-1])
+
+    @property
+    def tokenizer(self) -> Any:
+        return getattr(self.processor, "tokenizer", None)
+
+    def to_tokens(self, text: str | list[str], prepend_bos: bool = True) -> Tensor:
+        """Token ids ``[batch, pos]`` of text, with the tokenizer's BOS unless ``prepend_bos``
+        is False."""
+        tok = self._require_tokenizer()
+        return tok(text, return_tensors="pt", padding=True,
+                   add_special_tokens=prepend_bos)["input_ids"]
+
+    def to_string(self, tokens: Tensor | list[int]) -> str | list[str]:
+        tok = self._require_tokenizer()
+        if isinstance(tokens, Tensor) and tokens.ndim == 2:
+            return tok.batch_decode(tokens)
+        return tok.decode(tokens)
+
+    def to_single_token(self, text: str) -> int:
+        ids = self._require_tokenizer()(text, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{text!r} is {len(ids)} tokens, not one: {ids}")
+        return ids[0]
+
+    def _require_tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: load it with from_pretrained or pass "
+                             "processor= to from_hf_model")
+        return self.tokenizer

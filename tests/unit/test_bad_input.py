@@ -47,6 +47,31 @@ def test_mismatched_batch_sizes(model_and_inputs):
               attention_mask=inputs["attention_mask"][:1])
 
 
+def test_float_input_ids_without_start_at_layer_are_refused(model_and_inputs):
+    model, inputs = model_and_inputs
+    with pytest.raises(ValueError, match="input_ids must be an integer tensor"), unchecked():
+        model(inputs["input_ids"].float(), inputs["pixel_values"])
+
+
+def test_injections_on_a_run_from_input_ids_are_refused(model_and_inputs):
+    model, inputs = model_and_inputs
+    with pytest.raises(ValueError, match="injections= resumes a run"):
+        model(inputs["input_ids"], inputs["pixel_values"], injections={})
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int32])
+def test_a_mask_of_any_dtype_gives_the_long_masks_logits(model_and_inputs, dtype):
+    model, inputs = model_and_inputs
+    mask = inputs["attention_mask"].clone()
+    mask[0, :2] = 0  # left padding on the first example, so the mask matters
+    with torch.no_grad():
+        expected = model(inputs["input_ids"], inputs["pixel_values"], attention_mask=mask.long())
+        got = model(inputs["input_ids"], inputs["pixel_values"], attention_mask=mask.to(dtype))
+        unmasked = model(inputs["input_ids"], inputs["pixel_values"])
+    assert not torch.allclose(unmasked[0], expected[0])  # the padding is read
+    assert torch.equal(got, expected)
+
+
 def test_unknown_hook_name_suggests_close_matches(model_and_inputs):
     model, inputs = model_and_inputs
     with pytest.raises(KeyError, match="Did you mean blocks.0.hook_resid_pre"):
