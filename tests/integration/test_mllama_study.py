@@ -103,8 +103,9 @@ def test_methods_reading_prompt_positions_refuse_a_span_of_image_keys(model):
         patch_spans(model, clean, corrupted, lambda logits: logits[:, -1, 0], spans=["related"])
     with pytest.raises(MMLensError, match="cross-attention keys"):  # the lens, causal maps...
         resolve_positions("related", clean, role="positions")
-    with pytest.raises(MMLensError, match="information_flow"):
-        edge_attribution(model, clean, lambda logits: logits[:, -1, 0])
+    with pytest.raises(MMLensError, match="cross-attention keys"):
+        edge_attribution(model, clean, lambda logits: logits[:, -1, 0],
+                         flows=["question->related"])
 
 
 def test_key_spans_keep_their_indices_when_a_batch_is_cut_down(model):
