@@ -3,9 +3,10 @@ Llama-3.2-Vision in float64, left-padded, two tilings: as for self-attention edg
 estimate of a key span is the derivative (autograd through an edit written here) of a shift of
 its keys' logits; a row that loses every key (``"image"``) is scaled by ``1 - a`` to zero
 output, its linear term the derivative of that scaling; AtP* the one along the recomputed
-pattern; integrated gradients sum to the exact knockout ``block_attention(...,
-model=)`` gives, per layer and per head. Text flows are self-attention edges, image flows
-cross-attention ones: each scores 0 in layers of the other kind."""
+pattern; GradDrop the sum of those with each layer's gradient cut; integrated gradients sum to
+the exact knockout ``block_attention(..., model=)`` gives, per layer and per head. Text flows
+are self-attention edges, image flows cross-attention ones: each scores 0 in layers of the
+other kind."""
 
 import dataclasses
 
@@ -62,13 +63,14 @@ def edges_of(model, batch, flow):
     return blocked & mask
 
 
-def derivative(model, batch, metric, name, edit) -> float:
-    """``d metric / d t`` at ``t = 0`` of the run with ``edit(activation, t)`` at ``name``, by
-    autograd through that edit alone (finite differences would see the model's float32
-    softmax)."""
+def derivative(model, batch, metric, name, edit, extra=()) -> float:
+    """``d metric / d t`` at ``t = 0`` of the run with ``edit(activation, t)`` at ``name`` (and
+    the ``extra`` hooks), by autograd through that edit alone (finite differences would see the
+    model's float32 softmax)."""
     t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     with torch.enable_grad():
-        out = metric(model.run_with_hooks(batch, fwd_hooks=[(name, lambda a, hook: edit(a, t))]))
+        hooks = [(name, lambda a, hook: edit(a, t)), *extra]
+        out = metric(model.run_with_hooks(batch, fwd_hooks=hooks))
         return float(torch.autograd.grad(out, t)[0])
 
 
@@ -110,6 +112,22 @@ def test_a_row_losing_every_key_is_scaled_down_linearly(run):
     assert score == pytest.approx(expected, rel=1e-5)
     assert edge_attribution(model, batch, metric, flows=[flow], layers=[layer],
                             method="atp*")["score"].item() == pytest.approx(score, rel=1e-9)
+
+
+def test_graddrop_sums_the_estimates_with_each_layers_gradient_cut(run):
+    """``image->last`` in layer 2 of 4: cutting layer 0 or 1 (below) changes nothing, cutting
+    layer 2 itself leaves no path, cutting layer 3 is computed here by hand."""
+    model, batch, metric = run
+    flow, layer = "image->last", 2
+    plain = edge_attribution(model, batch, metric, flows=[flow], layers=[layer])["score"].item()
+    dropped = edge_attribution(model, batch, metric, flows=[flow], layers=[layer],
+                               graddrop=True)["score"].item()
+    edges = edges_of(model, batch, flow)
+    cut = [(f"blocks.3.hook_{part}_out", lambda a, hook: a.detach()) for part in ("attn", "mlp")]
+    above = -derivative(model, batch, metric, f"blocks.{layer}.cross_attn.hook_pattern",
+                        lambda p, t: torch.where(edges, p * (1 + t), p), cut)
+    assert abs(above) > 1e-6 and abs(above - plain) > 1e-6
+    assert dropped == pytest.approx((2 * abs(plain) + abs(above)) / 3, rel=1e-5)
 
 
 def test_atp_star_of_a_key_span_is_the_derivative_along_the_recomputed_pattern(run):
