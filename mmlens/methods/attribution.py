@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mmlens.methods.cross_knockout import layer_hook
 from mmlens.model.protocol import HookedModel
 
 ATTRIBUTION_NAMES = {
@@ -60,9 +61,9 @@ def attribution_patching(
         raise ValueError(f"clean prompts are {tuple(clean.input_ids.shape)} but corrupted ones "
                          f"{tuple(corrupted.input_ids.shape)}: attribution patching compares "
                          "activations position by position, so both need the same shape")
-    hooks = {name: [ATTRIBUTION_NAMES[name].format(layer) for layer in range(_n_layers(model,
-                                                                                     name))]
-             for name in names}
+    hooks = {name: [ATTRIBUTION_NAMES[name].format(layer) if name.startswith("vision") else
+                    layer_hook(model, ATTRIBUTION_NAMES[name], layer)
+                    for layer in range(_n_layers(model, name))] for name in names}
     wanted = {hook for per_name in hooks.values() for hook in per_name}
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(clean, names_filter=wanted.__contains__)

@@ -23,8 +23,11 @@ the corrupted run's and resumes from the first image position.
 Where the image reaches the text only by cross-attention (Llama-3.2-Vision), a region is a set
 of the image's cross-attention keys (patches of tiles, ``position`` holds key indices): the
 regions' variants run as rows of full forwards, each row's ``dst`` blocked from its keys in the
-window's cross-attention layers (a run cannot resume past them); ``mode="patch"`` is refused
-(the image has no residual stream to patch).
+window's cross-attention layers (a run cannot resume past them). There ``mode="patch"``
+replaces what the window's cross-attention layers read for the region's keys (every text
+position reads them) with the corrupted image's: those keys' keys and values (``hook_k`` /
+``hook_v``, linear in the keys' vision features, the per-key norm after), the rest of the run
+clean; the corrupted image must give as many keys (tiles alike).
 """
 
 from __future__ import annotations
@@ -92,10 +95,6 @@ def causal_map(
     if not layers:
         raise MMLensError("layers is empty: give the window's layers (window_layers(...))")
     cross = model.cfg.text.cross_attention_layers
-    if cross and mode == "patch":
-        raise MMLensError(f"mode='patch' replaces the image tokens' residual stream, but the "
-                          f"image of a {model.family.name} model is not in the prompt (it is "
-                          "read by cross-attention): use mode='knockout'")
     corrupted_batch = _corrupted_batch(model, batch, corrupted) if mode == "patch" else None
     targets = _per_example(dst, batch)
     tokens = _targets(model, target, len(batch))
@@ -110,9 +109,12 @@ def causal_map(
         clean = clean_run(model, one)
         token = clean.prediction() if tokens[i] is None else tokens[i]
         positions = [r.positions for r in example_regions]
-        if cross:
+        if cross and mode == "knockout":
             probs = _cross_blocked_probs(model, one, positions, targets[i] - (
                 batch.input_ids.shape[1] - one.input_ids.shape[1]), layers, token, batch_size)
+        elif cross:
+            probs = _cross_patched_probs(model, one, single_example(corrupted_batch, i),
+                                         positions, layers, token, batch_size)
         elif mode == "knockout":
             probs = blocked_probs(model, clean, positions, [(targets[i] - offset, layers)],
                                   token, batch_size)[0]
@@ -236,12 +238,50 @@ def _cross_blocked_probs(model: HookedModel, one: MultimodalBatch, regions: list
     """p(token) with ``dst`` blocked from each region's image keys in the cross-attention
     layers of ``layers``: one full forward per ``batch_size`` regions, a region a row."""
     cross = [layer for layer in layers if layer in model.cfg.text.cross_attention_layers]
+    return _cross_rows(model, one, regions, token, batch_size,
+                       lambda keys: cross_key_hooks(keys, dst, cross, set(cross)))
+
+
+@torch.no_grad()
+def _cross_patched_probs(model: HookedModel, one: MultimodalBatch, other: MultimodalBatch,
+                         regions: list[Tensor], layers: list[int], token: int,
+                         batch_size: int) -> Float[Tensor, " regions"]:
+    """p(token) with each region's image keys read from ``other``'s image in the
+    cross-attention layers of ``layers``: their keys and values (``hook_k`` / ``hook_v``,
+    linear in the vision features of those keys; the per-key norm follows) are the corrupted
+    run's."""
+    names = [f"blocks.{layer}.cross_attn.hook_{kv}" for layer in layers
+             if layer in model.cfg.text.cross_attention_layers for kv in "kv"]
+    if other.pixel_values.shape != one.pixel_values.shape or not torch.equal(
+            other.image_sizes, one.image_sizes):
+        raise MMLensError("the corrupted image is tiled otherwise than the clean one (pixel "
+                          f"values {tuple(other.pixel_values.shape)}, tiling "
+                          f"{other.image_sizes.tolist()} against {tuple(one.pixel_values.shape)}, "
+                          f"{one.image_sizes.tolist()}): its keys would be other places of the "
+                          "image; patch from images tiled alike (of the same aspect ratio)")
+    _, cache = model.run_with_cache(other, names_filter=names.__contains__)
+
+    def hooks(keys: list[Tensor]) -> list:
+        def write(activation: Tensor, hook: Any) -> Tensor:
+            patched = activation.clone()
+            for row, positions in enumerate(keys):
+                patched[row, positions] = cache[hook.name][0, positions].to(patched)
+            return patched
+
+        return [(name, write) for name in names]
+
+    return _cross_rows(model, one, regions, token, batch_size, hooks)
+
+
+def _cross_rows(model: HookedModel, one: MultimodalBatch, regions: list[Tensor], token: int,
+                batch_size: int, hooks_for: Any) -> Float[Tensor, " regions"]:
+    """p(token) from full forwards of ``one``, a region a row, ``batch_size`` rows at a time,
+    each chunk under ``hooks_for(the chunk's key indices)``."""
     probs = []
     for first in range(0, len(regions), batch_size):
         chunk = regions[first:first + batch_size]
         n = len(chunk)
-        keys = [torch.as_tensor(r, dtype=torch.long) for r in chunk]
-        hooks = cross_key_hooks(keys, dst, cross, set(cross))
+        hooks = hooks_for([torch.as_tensor(r, dtype=torch.long) for r in chunk])
         rows = [None if t is None else t.expand(n, *t.shape[1:]) for t in (
             one.input_ids, one.pixel_values, one.attention_mask, one.image_sizes)]
         logits = model.run_with_hooks(rows[0], rows[1], fwd_hooks=hooks,

@@ -96,3 +96,12 @@ def cross_mask_editor(keys: Tensor | list[Tensor] | None, dst: Tensor | list[Ten
         return mask & ~blocked
 
     return block_keys
+
+
+def layer_hook(model: Any, template: str, layer: int) -> str:
+    """``template`` (``"blocks.{}.attn.hook_z"``) at ``layer``: in a cross-attention layer the
+    same hook of its ``cross_attn`` module (per head, over the text positions)."""
+    name = template.format(layer)
+    if layer in model.cfg.text.cross_attention_layers:
+        return name.replace(".attn.", ".cross_attn.")
+    return name

@@ -26,6 +26,15 @@ Heads are the query heads (``hook_pattern``'s); with grouped-query attention the
 share a key/value head are blocked and scored one by one, as ``block_attention(heads=...)``
 blocks them.
 
+Where the image is read by cross-attention (Llama-3.2-Vision), a flow from an image source
+(``"image"``: every key, or a key span such as ``"related"``) is a set of cross-attention edges
+(text query, image key) scored in the cross-attention layers (``cross_attn.hook_pattern``),
+and a flow between text spans self-attention edges scored in the other layers; a flow scores 0
+in layers of the other kind, as ``block_attention(..., model=)`` leaves them alone. A row that
+loses every key (``"image"``) gets zero output at ``a = 1`` (the knockout's rule): its pattern
+is ``p * (1 - a)``, so there the linear term is ``-sum p * d metric / d p``. These runs are
+full forwards (a run cannot resume before a cross-attention layer without the image).
+
     frame = edge_attribution(model, batch, answer_prob_metric(answer), method="atp*")
 """
 
@@ -39,8 +48,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from mmlens.core.errors import MMLensError
 from mmlens.inputs.batch import MultimodalBatch
+from mmlens.methods.cross_knockout import cross_mask_editor, image_keys, is_image_source
 from mmlens.methods.edges import blocked_edges, check_attendable
 from mmlens.model.protocol import HookedModel
 
@@ -72,12 +81,6 @@ def edge_attribution(
         raise ValueError("graddrop applies to method 'atp' or 'atp*', not to 'ig'")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be at least 1, got {steps}, {batch_size}")
-    if model.cfg.text.cross_attention_layers:
-        raise MMLensError(
-            f"edge attribution scores self-attention edges of the prompt, but a "
-            f"{model.family.name} model reads its image by cross-attention (layers "
-            f"{list(model.cfg.text.cross_attention_layers)}): measure its flows exactly with "
-            "information_flow (the knockout sweep)")
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     layers = list(range(n_layers)) if layers is None else list(layers)
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
@@ -86,7 +89,13 @@ def edge_attribution(
                          f"0..{n_layers - 1}")
     head_list = _heads(heads, n_heads)
     flows = list(flows)
-    blocked = _blocked(batch, flows)
+    if not flows:
+        raise ValueError("no flows given: pass at least one 'SOURCE->TARGET'")
+    cross = model.cfg.text.cross_attention_layers
+    blocked = _blocked(batch, [f for f in flows if not _is_cross(f, batch, cross)])
+    blocked = {"attn": _with_zeros(blocked, flows, batch, cross)}
+    if cross:
+        blocked["cross_attn"] = _cross_blocked(model, batch, flows)
     shape = (len(flows), len(layers), 1 if head_list is None else len(head_list))
     run = _Run(model, batch, metric, blocked, layers, head_list)
     if method == "ig":
@@ -110,20 +119,63 @@ def _heads(heads: bool | Sequence[int], n_heads: int) -> list[int] | None:
     return head_list
 
 
-def _blocked(batch: MultimodalBatch, flows: list[str]) -> Tensor:
+def _split(flow: Any, batch: MultimodalBatch) -> tuple[str, str]:
+    if not isinstance(flow, str) or flow.count("->") != 1:
+        raise ValueError(f"cannot read flow {flow!r}: write it as 'SOURCE->TARGET'")
+    source, target = (part.strip() for part in flow.split("->"))
+    missing = [name for name in (source, target) if name not in batch.span_names]
+    if missing:
+        raise ValueError(f"flow {flow!r}: the batch has no span {missing[0]!r}; its spans "
+                         f"are {', '.join(batch.span_names)}")
+    return source, target
+
+
+def _is_cross(flow: Any, batch: MultimodalBatch, cross: Sequence[int]) -> bool:
+    """Whether ``flow`` is a set of cross-attention edges (an image source, on a model that
+    reads its image by cross-attention)."""
+    return bool(cross) and is_image_source(_split(flow, batch)[0], batch)
+
+
+def _with_zeros(blocked: Tensor | None, flows: list[str], batch: MultimodalBatch,
+                cross: Sequence[int]) -> Tensor:
+    """``blocked`` (the self-attention flows') with an empty entry for each cross flow."""
+    n, n_pos = batch.input_ids.shape
+    rows = iter([] if blocked is None else blocked)
+    return torch.stack([torch.zeros(n, n_pos, n_pos, dtype=torch.bool)
+                        if _is_cross(f, batch, cross) else next(rows) for f in flows])
+
+
+def _cross_blocked(model: HookedModel, batch: MultimodalBatch, flows: list[str]) -> Tensor:
+    """The cross-attention edges of each flow ``[flows, batch, text, keys]`` (empty for a
+    text flow): every (target, key) edge of its image source."""
+    name = f"blocks.{model.cfg.text.cross_attention_layers[0]}.cross_attn.hook_mask"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch, names_filter=name.__eq__)
+    opened = torch.ones_like(cache[name][:, :1], dtype=torch.bool).cpu()
+    per_flow = []
+    for flow in flows:
+        source, target = _split(flow, batch)
+        if not is_image_source(source, batch):
+            per_flow.append(torch.zeros_like(opened[:, 0]))
+            continue
+        block = cross_mask_editor(image_keys(source, batch), batch.prompt_span(
+            target, "edge attribution"), None, None, 0)
+        per_flow.append(~block(opened, None)[:, 0])
+    blocked = torch.stack(per_flow)
+    if bool((blocked.sum(0) > 1).any()):
+        raise ValueError(f"flows {flows} share edges: score flows that block different edges "
+                         "(or score them in separate calls)")
+    return blocked
+
+
+def _blocked(batch: MultimodalBatch, flows: list[str]) -> Tensor | None:
     """The edges of each flow ``[flows, batch, q_pos, k_pos]`` (True = blocked)."""
     if not flows:
-        raise ValueError("no flows given: pass at least one 'SOURCE->TARGET'")
+        return None
     n_pos = batch.input_ids.shape[1]
     per_flow = []
     for flow in flows:
-        if not isinstance(flow, str) or flow.count("->") != 1:
-            raise ValueError(f"cannot read flow {flow!r}: write it as 'SOURCE->TARGET'")
-        source, target = (part.strip() for part in flow.split("->"))
-        missing = [name for name in (source, target) if name not in batch.span_names]
-        if missing:
-            raise ValueError(f"flow {flow!r}: the batch has no span {missing[0]!r}; its spans "
-                             f"are {', '.join(batch.span_names)}")
+        source, target = _split(flow, batch)
         edges = blocked_edges(batch.prompt_span(source, "edge attribution"),
                               batch.prompt_span(target, "edge attribution"), n_pos, n_pos)
         causal = torch.ones(n_pos, n_pos, dtype=torch.bool).tril()
@@ -145,15 +197,21 @@ class _Run:
     summed, so each copy's gradient is its own.
     """
 
-    def __init__(self, model: Any, batch: MultimodalBatch, metric: Metric, blocked: Tensor,
-                 layers: list[int], head_list: list[int] | None):
+    def __init__(self, model: Any, batch: MultimodalBatch, metric: Metric,
+                 blocked: dict[str, Tensor], layers: list[int], head_list: list[int] | None):
         self.model, self.metric = model, metric
-        self.blocked, self.layers, self.head_list = blocked, layers, head_list
-        self.first = min(layers)
+        self.layers, self.head_list = layers, head_list
+        cross = model.cfg.text.cross_attention_layers
+        # per scored layer: its attention module and the flows' edges there
+        self.kinds = ["cross_attn" if layer in cross else "attn" for layer in layers]
+        self.blocked = [blocked[kind] for kind in self.kinds]
+        self.first = 0 if cross else min(layers)
+        self.batch, self.n = batch, len(batch)
         start = f"blocks.{self.first}.hook_resid_pre"
-        with torch.no_grad():
-            _, cache = model.run_with_cache(batch, names_filter=start.__eq__)
-        self.start, self.n = cache[start], len(batch)
+        if not cross:
+            with torch.no_grad():
+                _, cache = model.run_with_cache(batch, names_filter=start.__eq__)
+            self.start = cache[start]
         self.mask = batch.attention_mask
         self.positions = model.position_ids(batch.input_ids, batch.attention_mask,
                                             image_sizes=batch.image_sizes)
@@ -165,15 +223,12 @@ class _Run:
         copies = strength.shape[0]
         strength = strength.clone().requires_grad_(True)
         patterns: list[Tensor] = []
-        hooks = [(f"blocks.{layer}.attn.hook_pattern", self._edit(strength, i, patterns))
-                 for i, layer in enumerate(self.layers)]
+        hooks = [(f"blocks.{layer}.{kind}.hook_pattern", self._edit(strength, i, patterns))
+                 for i, (layer, kind) in enumerate(zip(self.layers, self.kinds, strict=True))]
         if drop is not None:
             hooks += [(f"blocks.{drop}.hook_{part}_out", _cut_gradient) for part in ("attn", "mlp")]
         with torch.enable_grad(), self.model.hooks(fwd_hooks=hooks):
-            logits = self.model(
-                self.start.repeat(copies, 1, 1), start_at_layer=self.first,
-                attention_mask=self.mask.repeat(copies, 1),
-                position_ids=self.positions.repeat(*[1] * (self.positions.ndim - 2), copies, 1))
+            logits = self._forward(copies)
             values = [self.metric(part) for part in logits.split(self.n)]
             if values[0].ndim != 0:
                 raise ValueError(f"the metric returned shape {tuple(values[0].shape)}: edge "
@@ -183,6 +238,22 @@ class _Run:
                 for p, g in zip(patterns, grads[1:], strict=True)]
         first = grads[0] if grads[0] is not None else torch.zeros_like(strength)
         return first.detach(), kept
+
+    def _forward(self, copies: int) -> Tensor:
+        """Logits of ``copies`` stacked copies of the batch: resumed at the first scored layer,
+        or whole where the image is read by cross-attention."""
+        if self.model.cfg.text.cross_attention_layers:
+            batch = self.batch
+            return self.model(
+                batch.input_ids.repeat(copies, 1),
+                batch.pixel_values.repeat(copies, *[1] * (batch.pixel_values.ndim - 1)),
+                attention_mask=self.mask.repeat(copies, 1),
+                image_sizes=None if batch.image_sizes is None else batch.image_sizes.repeat(
+                    copies, *[1] * (batch.image_sizes.ndim - 1)))
+        return self.model(
+            self.start.repeat(copies, 1, 1), start_at_layer=self.first,
+            attention_mask=self.mask.repeat(copies, 1),
+            position_ids=self.positions.repeat(*[1] * (self.positions.ndim - 2), copies, 1))
 
     def integrated_gradients(self, shape: tuple[int, ...], steps: int,
                              per_pass: int) -> Tensor:
@@ -208,12 +279,14 @@ class _Run:
         for i, (pattern, pattern_grad) in enumerate(kept):
             dtype = torch.promote_types(pattern.dtype, torch.float32)
             pattern, pattern_grad = pattern.to(dtype), pattern_grad.to(dtype)
-            for f, edges in enumerate(self.blocked.to(pattern.device)):
+            for f, edges in enumerate(self.blocked[i].to(pattern.device)):
                 edges = edges[:, None]  # [batch, 1, q, k]
                 if corrected:
                     terms = (_knocked_out(pattern, edges) - pattern) * pattern_grad
-                else:  # d metric / d (logits of the blocked keys), times -1: they go down
-                    weighted = (pattern * pattern_grad).sum(-1, keepdim=True)
+                else:  # d metric / d (logits of the blocked keys), times -1: they go down;
+                    # a row left with no key (cross-attention) only loses its mass
+                    kept_mass = (pattern.masked_fill(edges, 0).sum(-1, keepdim=True) > 0)
+                    weighted = (pattern * pattern_grad).sum(-1, keepdim=True) * kept_mass
                     terms = -(pattern * edges) * (pattern_grad - weighted)
                 per_head = terms.sum((0, 2, 3)).cpu()
                 scores[f, i] = (per_head.sum(0, keepdim=True) if self.head_list is None
@@ -221,7 +294,7 @@ class _Run:
         return scores
 
     def _edit(self, strength: Tensor, index: int, patterns: list[Tensor]):
-        blocked, head_list = self.blocked, self.head_list
+        blocked, head_list = self.blocked[index], self.head_list
 
         def hook(pattern: Tensor, hook: Any) -> Tensor:
             n_heads = pattern.shape[1]
@@ -234,7 +307,8 @@ class _Run:
                     2, torch.tensor(head_list, device=pattern.device), per_head)
             edges = blocked.to(pattern.device, pattern.dtype)
             # Flows block disjoint edges: edge weights 1 - sum_f a_f B_f; the mass taken off
-            # goes to the keys no flow blocks, in proportion, so a = 1 is the knockout itself.
+            # goes to the keys no flow blocks, in proportion, so a = 1 is the knockout itself
+            # (a row with no such key keeps p * (1 - a): zero output at a = 1, as knocked out).
             cut = torch.einsum("rfh,fbqk->rbhqk", per_head, edges).flatten(0, 1)
             removed = pattern * cut
             free = pattern * (1 - edges.sum(0)).repeat(len(per_head), 1, 1)[:, None]
@@ -250,7 +324,10 @@ def _knocked_out(pattern: Tensor, edges: Tensor) -> Tensor:
     """Each row of ``pattern`` with its blocked keys removed and renormalised."""
     remaining = pattern.masked_fill(edges, 0)
     total = remaining.sum(-1, keepdim=True)
-    return torch.where(edges.any(-1, keepdim=True), remaining / total, pattern)
+    # a row with no key left (cross-attention) is zero, the knockout's rule
+    renormalised = torch.where(total > 0, remaining / total.clamp_min(torch.finfo(
+        total.dtype).tiny), remaining)
+    return torch.where(edges.any(-1, keepdim=True), renormalised, pattern)
 
 
 def _cut_gradient(activation: Tensor, hook: Any) -> Tensor:

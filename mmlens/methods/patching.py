@@ -28,6 +28,7 @@ from torch import Tensor
 
 from mmlens.inputs.batch import MultimodalBatch
 from mmlens.methods.attribution import attribution_patching as attribution_patching
+from mmlens.methods.cross_knockout import layer_hook
 from mmlens.model.kv_cache import KeyValueCache
 from mmlens.model.protocol import HookedModel
 
@@ -242,7 +243,7 @@ def _span_pairs(clean: MultimodalBatch, corrupted: MultimodalBatch, name: str) -
 
 def _clean_cache(model: HookedModel, clean: MultimodalBatch, component: str,
                  layers: list[int]) -> Any:
-    names = {COMPONENTS[component].format(layer) for layer in layers}
+    names = {layer_hook(model, COMPONENTS[component], layer) for layer in layers}
     with torch.no_grad():
         _, cache = model.run_with_cache(clean, names_filter=lambda name: name in names)
     return cache
@@ -283,7 +284,7 @@ def _sweep(model: HookedModel, clean: MultimodalBatch, corrupted: MultimodalBatc
     order = sorted(range(len(cells)), key=lambda c: _first_position(cells[c], n_pos))
     scores = torch.zeros(len(layers), len(cells))
     for row, layer in enumerate(layers):
-        name = COMPONENTS[component].format(layer)
+        name = layer_hook(model, COMPONENTS[component], layer)
         start = corrupted_cache[COMPONENTS["resid_pre"].format(layer)]
         for first in range(0, len(cells), per_forward):
             chunk = order[first:first + per_forward]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,8 +93,11 @@ class KeyValueCache:
                 else tensor.repeat(copies, 1, 1, 1)
 
         layers = [None if kv is None else (stack(kv[0]), stack(kv[1])) for kv in self.layers]
+        cross = None if self.cross is None else dataclasses.replace(  # the image keys, per copy
+            self.cross, states=self.cross.states.repeat(copies, 1, 1),
+            mask=self.cross.mask.repeat(copies, 1, 1, 1), rows=self.cross.rows.repeat(copies, 1))
         return KeyValueCache(layers=layers, attention_mask=stack(self.attention_mask),
-                             frozen=True, position_ids=stack(self.position_ids))
+                             frozen=True, position_ids=stack(self.position_ids), cross=cross)
 
     def truncate(self, length: int) -> KeyValueCache:
         """A frozen cache of the first ``length`` positions."""

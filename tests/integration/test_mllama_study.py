@@ -103,8 +103,9 @@ def test_methods_reading_prompt_positions_refuse_a_span_of_image_keys(model):
         patch_spans(model, clean, corrupted, lambda logits: logits[:, -1, 0], spans=["related"])
     with pytest.raises(MMLensError, match="cross-attention keys"):  # the lens, causal maps...
         resolve_positions("related", clean, role="positions")
-    with pytest.raises(MMLensError, match="information_flow"):
-        edge_attribution(model, clean, lambda logits: logits[:, -1, 0])
+    with pytest.raises(MMLensError, match="cross-attention keys"):
+        edge_attribution(model, clean, lambda logits: logits[:, -1, 0],
+                         flows=["question->related"])
 
 
 def test_key_spans_keep_their_indices_when_a_batch_is_cut_down(model):
@@ -116,12 +117,60 @@ def test_key_spans_keep_their_indices_when_a_batch_is_cut_down(model):
     assert not torch.equal(one.positions("question", 0), batch.positions("question", 1))
 
 
-def test_a_causal_map_patch_is_refused(model):
+def _patched_prob(model, batch, token, hooks):
+    with torch.no_grad():
+        logits = model.run_with_hooks(batch, fwd_hooks=hooks)
+    return float(logits[0, -1].softmax(-1)[token])
+
+
+def test_a_causal_map_patch_reads_the_regions_keys_from_the_corrupted_image(model):
+    """Over every layer: each region's rows of the projected vision features
+    (``projector.hook_out``, one row per key) taken from the corrupted run, by hand; in a
+    window holding one cross-attention layer, that layer's keys and values of the region; a
+    window without one changes nothing."""
     from mmlens.methods import causal_map
 
-    clean = _boxed(model, "red")
-    with pytest.raises(MMLensError, match="mode='knockout'"):
-        causal_map(model, clean, mode="patch", corrupted=clean)
+    clean, corrupted = _boxed(model, "red"), _boxed(model, "blue")
+    _, cache = model.run_with_cache(corrupted, names_filter=lambda n: n in (
+        "projector.hook_out", "blocks.1.cross_attn.hook_k", "blocks.1.cross_attn.hook_v"))
+    regions = ["related", "other"]
+    frame = causal_map(model, clean, mode="patch", corrupted=corrupted, regions=regions,
+                       images=[(37, 29)])
+    token = int(model(clean)[0, -1].argmax())
+
+    def rows(keys, names):
+        def write(activation, hook):
+            flat = activation.clone().reshape(-1, *activation.shape[-1:]) \
+                if hook.name == "projector.hook_out" else activation.clone()
+            source = cache[hook.name].reshape(flat.shape) if hook.name == "projector.hook_out" \
+                else cache[hook.name]
+            if hook.name == "projector.hook_out":
+                flat[keys] = source[keys]
+            else:
+                flat[:, keys] = source[:, keys]
+            return flat.reshape(activation.shape)
+        return [(name, write) for name in names]
+
+    for row in frame.itertuples():
+        keys = clean.positions(row.region, 0)
+        assert row.position == keys.tolist()
+        expected = _patched_prob(model, clean, token, rows(keys, ["projector.hook_out"]))
+        assert abs(row.p_block - expected) <= 1e-6
+    assert (frame["p_block"] - frame["p_base"]).abs().max() > 1e-6
+    one = causal_map(model, clean, mode="patch", corrupted=corrupted, regions=regions,
+                     images=[(37, 29)], layers=[0, 1])
+    for row in one.itertuples():
+        expected = _patched_prob(model, clean, token, rows(
+            clean.positions(row.region, 0),
+            ["blocks.1.cross_attn.hook_k", "blocks.1.cross_attn.hook_v"]))
+        assert abs(row.p_block - expected) <= 1e-6
+    none = causal_map(model, clean, mode="patch", corrupted=corrupted, regions=regions,
+                      images=[(37, 29)], layers=[3])
+    assert (none["p_block"] - none["p_base"]).abs().max() <= 1e-6
+    tall = model.prepare([Image.new("RGB", (13, 30), "blue")], ["What color is the square?"])
+    with pytest.raises(MMLensError, match="tiled alike"):
+        causal_map(model, clean, mode="patch", corrupted=tall, regions=regions,
+                   images=[(37, 29)])
 
 
 def test_maps_from_the_inputs_alone_follow_the_aspect_ratio_ids(model):
