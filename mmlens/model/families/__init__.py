@@ -56,12 +56,27 @@ def from_hf_config(hf_config: Any) -> MultimodalConfig:
 
 
 def family_for(model_type: str | None) -> Family:
-    """The adapter for a Hugging Face ``model_type``; raises listing the supported families."""
+    """The adapter for a Hugging Face ``model_type``; raises listing the supported families,
+    or when the installed ``transformers`` is older than the family's ``min_transformers``."""
     family = FAMILIES.get(model_type)  # type: ignore[arg-type]
     if family is None:
         raise ValueError(f"checkpoint of model_type {model_type!r} is not a supported model "
                          f"family: mmlens supports {supported_families()}")
+    check_transformers(family)
     return family
+
+
+def check_transformers(family: Family) -> None:
+    """Refuse a family on a ``transformers`` older than the one its parity is verified on."""
+    import transformers
+    from packaging.version import Version
+
+    needed = family.min_transformers
+    if needed is not None and Version(transformers.__version__) < Version(needed):
+        raise ImportError(
+            f"{family.name} needs transformers>={needed} (found {transformers.__version__}): "
+            "mmlens's parity with Hugging Face is verified from that version on for this "
+            f"family; pip install -U 'transformers>={needed}'")
 
 
 __all__ = ["FAMILIES", "Family", "Gemma3Family", "Idefics3Family", "InternVLFamily",

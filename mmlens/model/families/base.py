@@ -70,6 +70,9 @@ class Family:
     hf_class: ClassVar[str]
     description: ClassVar[str]
     checkpoints: ClassVar[tuple[str, ...]] = ()
+    min_transformers: ClassVar[str | None] = None
+    """The oldest ``transformers`` the conformance suite passes on for this family, where it
+    is newer than the package's own lower bound; an older one is refused at load time."""
     image_sizes_key: ClassVar[str] = "image_sizes"
     processor_keys: ClassVar[tuple[str, ...]] = ()
     """Further processor outputs the family reads, each a ``forward`` argument of the same

@@ -133,6 +133,7 @@ class Idefics3Family(Family):
     description = ("Idefics3 (SigLIP-like vision transformer on rows x columns of tiles plus a "
                    "global view, pixel-shuffle connector, Llama decoder)")
     checkpoints = ("HuggingFaceM4/Idefics3-8B-Llama3",)
+    min_transformers = "5.18"  # 5.14's PIL image processor still needs torchvision
 
     def read_config(self, hf_config: Any) -> MultimodalConfig:
         return idefics3_config(hf_config)

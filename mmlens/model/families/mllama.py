@@ -88,6 +88,7 @@ class MllamaFamily(Family):
     fixed_preprocessing = "tiles"
     description = ("Llama-3.2-Vision (tiled vision encoder with gated positions and a gated "
                    "global transformer, gated cross-attention layers in a Llama decoder)")
+    min_transformers = "5.23"  # before it, HF's rows that see no image differ (5.22.2)
     checkpoints = ("meta-llama/Llama-3.2-11B-Vision-Instruct",
                    "meta-llama/Llama-3.2-11B-Vision")
 

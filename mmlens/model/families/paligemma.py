@@ -58,6 +58,7 @@ class PaliGemmaFamily(Gemma3Family):
     description = ("PaliGemma / PaliGemma 2 (SigLIP vision tower, linear projector, Gemma or "
                    "Gemma 2 decoder as a prefix LM)")
     checkpoints = ("google/paligemma-3b-pt-224", "google/paligemma2-3b-pt-224")
+    min_transformers = "5.23"  # before it, HF's own PaliGemma gives other logits (5.22.2)
     prompt_template = "paligemma"
 
     def read_config(self, hf_config: Any) -> MultimodalConfig:
