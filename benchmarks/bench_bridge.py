@@ -1,4 +1,4 @@
-"""mmlens vs Hugging Face vs TransformerLens's TransformerBridge on LLaVA-OneVision, Qwen2.5-VL, Gemma 3.
+"""mmlens vs Hugging Face vs TransformerLens's TransformerBridge on OneVision, Qwen2.5-VL, Gemma 3.
 
 One run times, side by side on the same random weights, a forward and a full
 ``run_with_cache`` of mmlens, of the HF model (sdpa; eager with hidden states and attentions as

@@ -24,7 +24,7 @@ from bench_batched_patching import timed
 from mmlens import HookedMultimodalTransformer
 from mmlens.data.shapes import generate_per_task
 from mmlens.experiments.presets import resolve_settings
-from mmlens.experiments.views import view_grid
+from mmlens.experiments.report.views import view_grid
 from mmlens.inputs.prepare import prepare
 from mmlens.methods import window_layers
 from mmlens.methods.word_maps import window_word_maps, word_frames

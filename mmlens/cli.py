@@ -25,8 +25,8 @@ import warnings
 
 from mmlens.data.example import TASKS
 from mmlens.data.shapes_questions import FREE_FORM_TASKS
-from mmlens.experiments.answer_run import is_answers_file
-from mmlens.experiments.answer_study import ANSWER_FLOWS
+from mmlens.experiments.free_form.run import is_answers_file
+from mmlens.experiments.free_form.study import ANSWER_FLOWS
 from mmlens.experiments.knockouts import DEFAULT_FLOWS
 from mmlens.experiments.metrics import METRICS
 from mmlens.experiments.presets import EMPTY_SPANS, PRESETS
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"merged into {merge_shards(args.out, args.shards, break_lock=args.break_lock)}")
         elif args.command == "report":
-            from mmlens.experiments.report import build_report
+            from mmlens.experiments.report.page import build_report
 
             print(f"report written to {build_report(args.dir)}")
         elif args.command == "tuned-lens":

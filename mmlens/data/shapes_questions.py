@@ -39,7 +39,7 @@ ANSWERS: dict[str, tuple[str, ...]] = {
 
 FREE_FORM_TASKS: tuple[str, ...] = ("Describe",)
 """Tasks whose answer is several words (``Describe``: "small red circle"), studied by
-``mmlens.experiments.answer_study`` over the whole answer rather than its first token."""
+``mmlens.experiments.free_form.study`` over the whole answer rather than its first token."""
 
 _GLUE_WORDS = (
     "Is is What On the a or to of left right do and have in common there which side object"

@@ -19,6 +19,7 @@ from mmlens.core.errors import MMLensError
 from mmlens.experiments.controls import control_seed_of
 from mmlens.experiments.presets import resolve_settings
 from mmlens.experiments.provenance import run_provenance
+from mmlens.experiments.report.views import example_views
 from mmlens.experiments.run_options import torch_threads
 from mmlens.experiments.runfolder.atomic import write_atomic
 from mmlens.experiments.sweep import AllDroppedWarning, dropped_examples, information_flow
@@ -28,7 +29,6 @@ from mmlens.experiments.tables import (
     write_flow_tables,
     write_run_json,
 )
-from mmlens.experiments.views import example_views
 from mmlens.model.protocol import HookedModel
 
 SMALL_WIDTH = 1024
@@ -48,7 +48,7 @@ def run_one_word(
     """Sweep the one-word ``examples`` (all of them, or ``shard``'s share; dealt out over
     ``ranks``) on ``hooked`` and write their tables, views and report into ``out``; the
     arguments are ``run_study``'s, recorded in ``run.json``."""
-    from mmlens.experiments.report import build_report
+    from mmlens.experiments.report.page import build_report
     from mmlens.methods.tuned_lens import load_tuned_lens
 
     lens = None if tuned_lens is None else load_tuned_lens(tuned_lens, hooked)

@@ -25,7 +25,7 @@ from typing import Any
 
 from mmlens.core.errors import MMLensError
 from mmlens.data.shapes_questions import FREE_FORM_TASKS
-from mmlens.experiments.answer_run import free_form_flows, is_answers_file
+from mmlens.experiments.free_form.run import free_form_flows, is_answers_file
 from mmlens.experiments.knockouts import DEFAULT_FLOWS, parse_flows
 from mmlens.experiments.one_word import run_one_word
 from mmlens.experiments.run_options import (
@@ -100,7 +100,7 @@ def run_study(
     report.
 
     Examples of free-form tasks (``Describe``) go to the free-form study
-    (``mmlens.experiments.answer_run``) over ``answer_flows``, teacher-forced on the model's
+    (``mmlens.experiments.free_form.run``) over ``answer_flows``, teacher-forced on the model's
     own answer, or on the reference with ``reference=True``; the one-word tasks of the same
     run to the study above, on the same loaded model. ``data`` a ``.jsonl`` file of
     ``{image, prompt, reference, boxes?}`` runs the free-form study on all its lines. Both
@@ -184,8 +184,8 @@ def _load(model: str, **options: Any) -> HookedModel:
 def _free_form(out: Path, free: list[Any], *, answer_flows: list[str],
                reference: bool, threads: int | None, **options: Any) -> None:
     """The free-form study's part of the folder (``run_free_form``), then the report."""
-    from mmlens.experiments.answer_run import run_free_form
-    from mmlens.experiments.report import build_report
+    from mmlens.experiments.free_form.run import run_free_form
+    from mmlens.experiments.report.page import build_report
 
     with torch_threads(threads if threads is not None else 1):
         run_free_form(out, free, flows=answer_flows,

@@ -9,7 +9,7 @@ from typing import Any
 
 from mmlens.core.errors import MMLensError
 from mmlens.data.shapes_questions import FREE_FORM_TASKS
-from mmlens.experiments.answer_run import is_answers_file
+from mmlens.experiments.free_form.run import is_answers_file
 
 
 def is_paper_subsets_folder(path: str | Path) -> bool:

@@ -1,5 +1,5 @@
 """An example image with its related patches outlined and the question's attention over the
-patch grid (the views ``mmlens.experiments.views`` saves).
+patch grid (the views ``mmlens.experiments.report.views`` saves).
 
 A view's grid is ``rows`` x ``cols`` cells in row-major order over the whole image; views saved
 before grids could be rectangular hold a square ``grid`` instead, and still draw.

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from mmlens.cli import main
-from mmlens.experiments.answer_report import answer_figures
-from mmlens.experiments.captions import flow_caption
+from mmlens.experiments.report.answers import answer_figures
+from mmlens.experiments.report.captions import flow_caption
 from mmlens.experiments.tables import check_run_folder
 from mmlens.model.hooked import HookedMultimodalTransformer
 from mmlens.zoo import BUNDLED

@@ -16,7 +16,7 @@ from mmlens.cli import main
 from mmlens.data.answers_jsonl import load_answers_jsonl
 from mmlens.data.shapes import generate_per_task
 from mmlens.experiments import study
-from mmlens.experiments.answer_study import answer_study
+from mmlens.experiments.free_form.study import answer_study
 from mmlens.experiments.presets import resolve_settings
 from mmlens.experiments.runfolder.distributed import Ranks
 from mmlens.experiments.tables import check_run_folder

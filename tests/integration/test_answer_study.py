@@ -11,8 +11,8 @@ import pytest
 from tiny import small_shapes_model
 
 from mmlens.data.shapes import generate_per_task
-from mmlens.experiments import answer_study as study_module
-from mmlens.experiments.answer_study import answer_study, answer_summary_frame
+from mmlens.experiments.free_form import study as study_module
+from mmlens.experiments.free_form.study import answer_study, answer_summary_frame
 from mmlens.experiments.presets import resolve_settings
 from mmlens.experiments.runfolder.store import read_store
 from mmlens.inputs.prepare import prepare_examples

@@ -17,7 +17,7 @@ from mmlens.cli import main
 from mmlens.data.shapes import generate_per_task
 from mmlens.experiments import sweep
 from mmlens.experiments.emergence import answer_emergence
-from mmlens.experiments.word_picker import NOT_COMPUTED
+from mmlens.experiments.report.word_picker import NOT_COMPUTED
 from mmlens.inputs.prepare import prepare
 from mmlens.methods import causal_map, window_layers
 from mmlens.methods.tuned_lens import TunedLens, load_tuned_lens

@@ -14,7 +14,7 @@ from mmlens import HookedMultimodalTransformer
 from mmlens.cli import main
 from mmlens.core.errors import MMLensError
 from mmlens.core.sizes import ImageSize
-from mmlens.experiments.views import view_grid
+from mmlens.experiments.report.views import view_grid
 from mmlens.inputs.templates import IDEFICS3
 from mmlens.inputs.token_map import check_token_count
 from mmlens.zoo.tiny import tiny_checkpoint

@@ -131,7 +131,7 @@ def test_vision_spans_are_each_tokens_four_patches_after_the_class_token(model):
 
 
 def test_view_is_the_thumbnail(model):
-    from mmlens.experiments.views import view_grid
+    from mmlens.experiments.report.views import view_grid
 
     batch = _prepared(model)
     view = view_grid(model, batch)

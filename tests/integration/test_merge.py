@@ -7,10 +7,10 @@ import json
 import pytest
 
 from mmlens.cli import main
-from mmlens.experiments import report
+from mmlens.experiments.report import page as report
+from mmlens.experiments.report.word_picker import NOT_COMPUTED
 from mmlens.experiments.runfolder import fingerprint
 from mmlens.experiments.tables import check_run_folder
-from mmlens.experiments.word_picker import NOT_COMPUTED
 from mmlens.zoo import BUNDLED
 
 pytestmark = pytest.mark.skipif(not (BUNDLED["shapes-llava"] / "config.json").is_file(),

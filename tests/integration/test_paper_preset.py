@@ -135,7 +135,7 @@ def test_without_a_preset_the_study_says_so(tmp_path, capsys):
 @needs_bundled
 def test_example_views_outline_the_related_patches_and_hold_attention(tmp_path):
     from mmlens.data.shapes import generate_per_task
-    from mmlens.experiments.views import example_view
+    from mmlens.experiments.report.views import example_view
     from mmlens.plotting.views import example_view_figure, view_caption
 
     model = HookedMultimodalTransformer.from_pretrained("shapes-llava")

@@ -12,7 +12,7 @@ from tiny_qwen import FAMILIES, MERGE, PATCH, tiny_qwen, tiny_qwen_processor
 
 from mmlens import HookedMultimodalTransformer
 from mmlens.data.example import Example
-from mmlens.experiments.views import example_view
+from mmlens.experiments.report.views import example_view
 from mmlens.inputs.qwen_geometry import unpack_patches
 from mmlens.plotting.views import example_view_figure, view_caption
 

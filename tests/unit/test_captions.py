@@ -2,7 +2,11 @@
 
 import pandas as pd
 
-from mmlens.experiments.captions import emergence_caption, flow_caption, lens_comparison_caption
+from mmlens.experiments.report.captions import (
+    emergence_caption,
+    flow_caption,
+    lens_comparison_caption,
+)
 from mmlens.experiments.summary import flow_summary
 
 

@@ -4,7 +4,7 @@
 import pandas as pd
 import pytest
 
-from mmlens.experiments.captions import flow_caption
+from mmlens.experiments.report.captions import flow_caption
 from mmlens.experiments.summary import flow_summary
 
 

@@ -5,7 +5,7 @@ answer) left out, the middle layer without any."""
 import numpy as np
 import pandas as pd
 
-from mmlens.experiments.views import map_window
+from mmlens.experiments.report.views import map_window
 
 
 def _flow(values, column="change"):

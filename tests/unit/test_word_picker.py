@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from mmlens.experiments.word_picker import NOT_COMPUTED, word_picker
+from mmlens.experiments.report.word_picker import NOT_COMPUTED, word_picker
 
 
 def strict(text: str):

@@ -8,7 +8,7 @@ they must hold every example exactly once. The merged folder then holds what one
 have written: the store, the tables and the report. A merge stopped part way is redone by the
 same command in the same folder (the store records that it was merged); a folder holding a
 run of its own is refused. Shards holding the free-form study (``answer_flow.jsonl``, alone or
-beside the one-word study) have that part joined by ``mmlens.experiments.answer_merge``.
+beside the one-word study) have that part joined by ``mmlens.experiments.free_form.merge``.
 Shards run with and without ``--no-word-maps`` merge (the maps
 change no row): run.json's ``word_maps`` then says ``"mixed"``, with each shard's value.
 """
@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mmlens.experiments.answer_merge import merge_answer_shards
-from mmlens.experiments.answer_study import ANSWER_STORE
+from mmlens.experiments.free_form.merge import merge_answer_shards
+from mmlens.experiments.free_form.study import ANSWER_STORE
 from mmlens.experiments.knockouts import parse_flows
 from mmlens.experiments.runfolder.atomic import write_atomic
 from mmlens.experiments.runfolder.lock import RunLock
@@ -94,7 +94,7 @@ def merge_shards(out: str | Path, shard_dirs: Sequence[str | Path], *,
                  break_lock: bool = False) -> Path:
     """Write the run folder ``out`` from finished shard folders; refuse any mismatch.
     ``break_lock``: take ``out``'s lock from a run known to be gone."""
-    from mmlens.experiments.report import build_report
+    from mmlens.experiments.report.page import build_report
 
     out = Path(out)
     if not shard_dirs:

@@ -7,9 +7,9 @@ Figures (plotly, its script inlined once so the file opens offline): flows to th
 position; image to question; related vs other image patches to the question (each with its
 random control when the run has one); every flow per task; answer emergence per reading and
 per task (with a tuned lens, its reading beside the logit lens). Every caption is computed
-from the tables (``mmlens.experiments.captions``). Under each example view, its flows and its
+from the tables (``mmlens.experiments.report.captions``). Under each example view, its flows and its
 question's words: clicking a word shows its causal map over the image in the picked flow's
-window, beside the example's curve for that flow (``mmlens.experiments.word_picker``).
+window, beside the example's curve for that flow (``mmlens.experiments.report.word_picker``).
 """
 
 from __future__ import annotations
@@ -20,19 +20,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmlens.experiments.answer_report import answer_figures, answer_tables, has_free_form
-from mmlens.experiments.captions import (
+from mmlens.experiments.controls import control_flow, is_control
+from mmlens.experiments.knockouts import parse_flow
+from mmlens.experiments.report.answers import answer_figures, answer_tables, has_free_form
+from mmlens.experiments.report.captions import (
     LENSES,
     VARIANT_LABELS,
     emergence_caption,
     flow_caption,
     lens_comparison_caption,
 )
-from mmlens.experiments.controls import control_flow, is_control
-from mmlens.experiments.knockouts import parse_flow
+from mmlens.experiments.report.word_picker import PICKER_SCRIPT, word_picker
 from mmlens.experiments.runfolder.atomic import write_atomic
 from mmlens.experiments.summary import flow_summary
-from mmlens.experiments.word_picker import PICKER_SCRIPT, word_picker
 from mmlens.plotting import knockout_curves, lens_trajectories
 from mmlens.plotting.views import example_view_figure, view_caption
 
@@ -58,7 +58,7 @@ def build_report(run_dir: str | Path) -> Path:
     from mmlens.experiments.tables import check_run_folder
 
     run_dir = Path(run_dir)
-    # a run of free-form tasks only has no one-word tables (mmlens.experiments.answer_report)
+    # a run of free-form tasks only has no one-word tables (mmlens.experiments.report.answers)
     one_word = not has_free_form(run_dir) or (run_dir / "flow.csv").is_file()
     missing = [name for name in REQUIRED if one_word and not (run_dir / name).is_file()]
     if missing:

@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 
 from mmlens.core.errors import MMLensError
-from mmlens.experiments.answer_study import (
+from mmlens.experiments.free_form.study import (
     ANSWER_FLOWS,
     ANSWER_STORE,
     MAX_NEW_TOKENS,
@@ -115,7 +115,7 @@ def run_free_form(out: Path, examples: Sequence[Any], *, model: str, flows: Sequ
     """Run the free-form study on ``examples`` into ``out`` and record it in ``run.json``;
     ``hooked``: the model ``model`` already loaded (a mixed run loads it once); ``shard``:
     only the K-th of N shares of the examples (``mmlens merge`` joins the shards)."""
-    from mmlens.experiments.views import example_views
+    from mmlens.experiments.report.views import example_views
     from mmlens.model.hooked import HookedMultimodalTransformer
 
     if hooked is None:

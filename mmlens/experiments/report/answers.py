@@ -1,4 +1,4 @@
-"""The report's free-form section, from the tables ``mmlens.experiments.answer_run`` saved.
+"""The report's free-form section, from the tables ``mmlens.experiments.free_form.run`` saved.
 
 Curves (``knockout_curves``: mean over examples, 95% band) of each measure in
 ``answer_run.METRICS`` per flow against the centre layer, per task; the change of each answer
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from mmlens.experiments.answer_run import METRICS
-from mmlens.experiments.answer_study import per_token_rows
-from mmlens.experiments.captions import flow_caption
+from mmlens.experiments.free_form.run import METRICS
+from mmlens.experiments.free_form.study import per_token_rows
+from mmlens.experiments.report.captions import flow_caption
 from mmlens.plotting import knockout_curves
 from mmlens.plotting.views import example_view_figure, view_caption
 

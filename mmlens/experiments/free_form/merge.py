@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from mmlens.core.errors import MMLensError
-from mmlens.experiments.answer_run import write_answer_tables
-from mmlens.experiments.answer_study import ANSWER_STORE, answer_frame
+from mmlens.experiments.free_form.run import write_answer_tables
+from mmlens.experiments.free_form.study import ANSWER_STORE, answer_frame
 from mmlens.experiments.runfolder.atomic import write_atomic
 from mmlens.experiments.runfolder.store import read_store, write_store
 
